@@ -1,0 +1,42 @@
+# Two commands do all the setup from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install jars test unit demo bench bench-quick lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The Kafka broker jars, fetched through Maven into ~/.cache/refold (outside the repo).
+jars: $(STAMP)
+	$(BIN)/python -c "from streams.broker import ensure_jars; print('kafka jars:', ensure_jars())"
+
+# The whole suite against a real broker that the test session starts (or REFOLD_BOOTSTRAP_SERVERS).
+test: jars
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+demo: jars
+	$(BIN)/refold demo
+
+bench: jars
+	$(BIN)/python -m bench.run
+
+bench-quick: jars
+	$(BIN)/python -m bench.run --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check streams projections tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .refold build *.egg-info

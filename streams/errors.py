@@ -1,0 +1,57 @@
+"""One error root for refold; each area has its own subclass carrying context."""
+
+from __future__ import annotations
+
+
+class RefoldError(Exception):
+    """Root of every error refold raises on purpose.
+
+    `hint` is a short suggestion the CLI prints after the message.
+    """
+
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(RefoldError):
+    """The environment or flags do not describe a usable setup."""
+
+
+class BrokerError(RefoldError):
+    """The local Kafka broker could not be assembled, started, stopped or reached."""
+
+
+class SchemaError(RefoldError):
+    """A schema file is invalid or clashes with another, or a type is unknown."""
+
+
+class EncodeError(RefoldError):
+    """An event does not match its schema (missing field, wrong type, ...)."""
+
+
+class DecodeError(RefoldError):
+    """Bytes on a topic could not be decoded as a refold event."""
+
+
+class InputError(RefoldError):
+    """User input (a JSON event, a JSONL file, an HTTP body) is malformed."""
+
+
+class TopicError(RefoldError):
+    """A topic is missing or could not be created."""
+
+
+class PublishError(RefoldError):
+    """Kafka did not acknowledge a record; carries topic and key."""
+
+
+class StoreError(RefoldError):
+    """A projection store could not be opened, read or written."""
+
+
+class ProjectionError(RefoldError):
+    """A projection is malformed, failed to import or failed while folding."""
