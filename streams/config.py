@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from streams.errors import ConfigError
 #: Where `refold broker start` records the address of the broker it started.
 BROKER_RECORD = "broker/broker.json"
 
+_LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 _REPO_SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 
@@ -73,7 +75,11 @@ class Config:
 
     def kafka(self, **extra: object) -> dict[str, object]:
         """librdkafka settings shared by every client, plus `extra`."""
-        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap_servers}
+        conf: dict[str, object] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            # librdkafka's own messages go through Python logging ("librdkafka"), not raw stderr.
+            "logger": _LIBRDKAFKA_LOG,
+        }
         conf.update(self.client_overrides)
         conf.update(extra)
         return conf

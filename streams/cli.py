@@ -1,0 +1,390 @@
+"""`refold` command line: every failure exits non-zero with one line naming what was wrong."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from streams.config import Config
+from streams.errors import InputError, RefoldError
+
+log = logging.getLogger("refold")
+
+EXIT_ERROR = 1
+EXIT_INPUT = 2
+
+Command = Callable[[argparse.Namespace, Config], int]
+
+
+def _out(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
+
+
+# -- broker ---------------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace, config: Config) -> int:
+    from streams import broker
+
+    if args.action == "start":
+        info = broker.start(config, nodes=args.nodes, port=args.port, fresh=args.fresh)
+        print(f"Kafka {broker.kafka_version()} ({len(info.nodes)} node(s)) at {info.bootstrap_servers}")
+        print(f"recorded in {config.broker_record}; data in {config.data_dir / 'broker'}")
+    elif args.action == "stop":
+        stopped = broker.stop(config)
+        print(f"stopped {stopped} node(s)" if stopped else "no broker of ours was running")
+    else:
+        st = broker.status(config)
+        print(broker.describe_status(st))
+        return 0 if st.answering else EXIT_ERROR
+    return 0
+
+
+# -- topics ---------------------------------------------------------------------------------
+
+
+def cmd_topics(args: argparse.Namespace, config: Config) -> int:
+    from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+
+    specs = list(INTERNAL_TOPICS) + [event_topic(t, args.partitions) for t in args.topics]
+    specs += [event_topic(t, args.partitions) for t in _declared_topics(config)]
+    created = Topics(config).ensure(specs)
+    names = sorted({s.name for s in specs})
+    print(f"{len(names)} topic(s) ready ({len(created)} created): {', '.join(names)}")
+    return 0
+
+
+def _declared_topics(config: Config) -> list[str]:
+    """Source topics of the bundled and the user's projections."""
+    try:
+        from projections.loader import load_projections
+    except ImportError:
+        return ["bank.accounts"]
+    return sorted({t for p in load_projections(config.app_modules) for t in p.topics})
+
+
+# -- publish / tail -------------------------------------------------------------------------
+
+
+def cmd_publish(args: argparse.Namespace, config: Config) -> int:
+    from streams.inputs import event_from_json, events_from_lines
+    from streams.publisher import Publisher
+    from streams.registry import codec_for
+    from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+
+    codec = codec_for(config)
+    if args.file:
+        if args.type or args.key or args.data:
+            raise InputError("give either --file or --type/--key/--data, not both")
+        path = Path(args.file)
+        try:
+            with (sys.stdin if args.file == "-" else path.open(encoding="utf-8")) as fh:
+                events, problems = events_from_lines(fh, codec)
+        except OSError as exc:
+            raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+        if problems:
+            for problem in problems:
+                print(f"{args.file}:{problem.line}: {problem.reason}", file=sys.stderr)
+            print(
+                f"refold: error: {len(problems)} invalid line(s) in {args.file}; nothing published",
+                file=sys.stderr,
+            )
+            return EXIT_INPUT
+    else:
+        if not (args.type and args.key and args.data is not None):
+            raise InputError(
+                "publish needs --file FILE, or --type, --key and --data",
+                hint="refold publish bank.accounts --type bank.MoneyDeposited --key acc-1 "
+                "--data '{\"account_id\": \"acc-1\", \"amount_cents\": 500}'",
+            )
+        try:
+            data = json.loads(args.data)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+        events = [event_from_json({"type": args.type, "key": args.key, "data": data}, codec)]
+    if args.create:
+        Topics(config).ensure([*INTERNAL_TOPICS, event_topic(args.topic)])
+    with Publisher(config, codec) as publisher:
+        positions = publisher.publish_encoded(args.topic, events)
+    per_partition: dict[int, list[int]] = {}
+    for pos in positions:
+        per_partition.setdefault(pos.partition, []).append(pos.offset)
+    where = ", ".join(
+        f"{p}:{min(o)}-{max(o)}" if len(o) > 1 else f"{p}:{o[0]}"
+        for p, o in sorted(per_partition.items())
+    )
+    print(f"published {len(positions)} event(s) to {args.topic} (partition:offsets {where})")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace, config: Config) -> int:
+    from streams.reader import tail
+    from streams.registry import codec_for
+
+    codec = codec_for(config)
+    for item in tail(
+        config,
+        codec,
+        args.topic,
+        from_beginning=args.from_beginning,
+        follow=args.follow or not args.from_beginning,
+        limit=args.limit,
+    ):
+        _out(item.to_json())
+        sys.stdout.flush()
+    return 0
+
+
+# -- worker / query / status --------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    import signal
+    import threading
+
+    from streams.worker import Worker
+
+    if args.app:
+        config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
+    worker = Worker(config, only=args.only.split(",") if args.only else None)
+    server = None
+    worker.start()
+    if args.http:
+        from projections.server import QueryServer
+
+        host, _, port = args.http.rpartition(":")
+        if not port.isdigit():
+            raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
+        server = QueryServer(worker, host or "127.0.0.1", int(port))
+        server.start()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    names = ", ".join(f"{r.name} v{r.version}" for r in worker.runners.values())
+    http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
+    print(f"worker running {names}{http}", flush=True)
+    while not done.wait(0.5):
+        failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
+        for runner in failed:
+            log.error("projection %s failed: %s", runner.name, runner.stats.error)
+    if server:
+        server.stop()
+    worker.stop()
+    return 0
+
+
+def _open_reader(config: Config, name: str):  # type: ignore[no-untyped-def]
+    import tempfile
+
+    from projections.store import RocksStore
+    from streams.runtime import live_version, store_path
+
+    version = live_version(config, name)
+    path = store_path(config, name, version)
+    if not path.is_dir():
+        raise InputError(
+            f"projection {name!r} has no store under {config.data_dir}",
+            hint="run `refold worker` first, or check REFOLD_DATA_DIR",
+        )
+    scratch = Path(tempfile.mkdtemp(prefix="refold-query-"))
+    return RocksStore.open_secondary(path, scratch), version
+
+
+def cmd_query(args: argparse.Namespace, config: Config) -> int:
+    store, _version = _open_reader(config, args.name)
+    try:
+        if args.key is not None:
+            state = store.get(args.key)
+            if state is None:
+                raise InputError(f"no state for key {args.key!r} in {args.name}")
+            _out({"key": args.key, "state": state})
+        else:
+            for key, state in store.scan(prefix=args.prefix or "", limit=args.limit):
+                _out({"key": key, "state": state})
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from projections.loader import load_projections
+    from streams.runtime import live_version, store_path
+
+    consumer = Consumer(config.kafka(**{"group.id": "refold-status"}))
+    rows = []
+    try:
+        for projection in load_projections(config.app_modules):
+            version = live_version(config, projection.name)
+            offsets: dict[tuple[str, int], int] = {}
+            dead = folded = 0
+            if store_path(config, projection.name, version).is_dir():
+                store, _ = _open_reader(config, projection.name)
+                try:
+                    offsets = store.offsets()
+                    dead = int(store.meta("dead_letters") or 0)
+                    folded = int(store.meta("events_folded") or 0)
+                finally:
+                    store.close()
+            lag = 0
+            for topic in projection.topics:
+                md = consumer.list_topics(topic, timeout=10).topics.get(topic)
+                for p in sorted(md.partitions if md and md.partitions else ()):
+                    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    lag += max(0, high - offsets.get((topic, p), 0))
+            rows.append(
+                {
+                    "projection": projection.name,
+                    "version": version,
+                    "code_version": projection.version,
+                    "events_folded": folded,
+                    "lag": lag,
+                    "dead_letters": dead,
+                    "offsets": {f"{t}:{p}": o for (t, p), o in sorted(offsets.items())},
+                }
+            )
+    finally:
+        consumer.close()
+    if args.json:
+        for row in rows:
+            _out(row)
+    else:
+        print(f"{'PROJECTION':<16} {'VERSION':>7} {'FOLDED':>10} {'LAG':>8} {'DEAD':>6}  OFFSETS")
+        for row in rows:
+            offs = " ".join(f"{k}={v}" for k, v in row["offsets"].items()) or "-"
+            print(
+                f"{row['projection']:<16} {row['version']:>7} {row['events_folded']:>10} "
+                f"{row['lag']:>8} {row['dead_letters']:>6}  {offs}"
+            )
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
+    from streams.reader import dead_letters
+
+    for record in dead_letters(config, args.name, limit=args.limit):
+        _out(record)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(config, keep_broker=args.keep_broker)
+
+
+# -- wiring ---------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    "broker": cmd_broker,
+    "topics": cmd_topics,
+    "publish": cmd_publish,
+    "tail": cmd_tail,
+    "worker": cmd_worker,
+    "query": cmd_query,
+    "status": cmd_status,
+    "dead-letters": cmd_dead_letters,
+    "demo": cmd_demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refold",
+        description="Kafka event sourcing: publish events, fold projections, replay, query.",
+    )
+    parser.add_argument("--data-dir", help="data directory (env REFOLD_DATA_DIR, default .refold)")
+    parser.add_argument("--bootstrap-servers", help="Kafka address (env REFOLD_BOOTSTRAP_SERVERS)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="run a local Apache Kafka broker (KRaft) from Maven jars")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--nodes", type=int, choices=[1, 3], default=1, help="1 node or a 3-node cluster")
+    p.add_argument("--port", type=int, help="client port of the first node (default 19092)")
+    p.add_argument("--fresh", action="store_true", help="wipe the broker's data first")
+
+    p = sub.add_parser("topics", help="create the declared topics")
+    p.add_argument("action", choices=["ensure"])
+    p.add_argument("topics", nargs="*", metavar="TOPIC", help="more event topics to create")
+    p.add_argument("--partitions", type=int, default=6, help="partitions for new topics")
+
+    p = sub.add_parser("publish", help="publish events (one, or a JSONL file)")
+    p.add_argument("topic")
+    p.add_argument("--type", help="event type, e.g. bank.MoneyDeposited")
+    p.add_argument("--key", help="aggregate id, e.g. acc-1")
+    p.add_argument("--data", help="event data as a JSON object")
+    p.add_argument("--file", help='JSON lines {"type", "key", "data"}; - for stdin')
+    p.add_argument("--create", action="store_true", help="create the topic if it is missing")
+
+    p = sub.add_parser("tail", help="print a topic's events as JSON lines")
+    p.add_argument("topic")
+    p.add_argument("--from-beginning", action="store_true", help="start at offset 0 and stop at the end")
+    p.add_argument("--follow", action="store_true", help="with --from-beginning: keep waiting")
+    p.add_argument("--limit", type=int, help="stop after N records")
+
+    p = sub.add_parser("worker", help="fold projections into RocksDB and serve queries")
+    p.add_argument("--app", help="comma-separated modules with projections (env REFOLD_APP)")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API, e.g. 127.0.0.1:8080")
+    p.add_argument("--only", help="comma-separated projection names to run (default: all)")
+
+    p = sub.add_parser("query", help="read a projection's state (JSON)")
+    p.add_argument("name")
+    p.add_argument("key", nargs="?")
+    p.add_argument("--prefix", help="list keys starting with this")
+    p.add_argument("--limit", type=int, default=100)
+
+    p = sub.add_parser("status", help="every projection with version, offsets, lag, dead letters")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    p = sub.add_parser("dead-letters", help="list a projection's dead-lettered records")
+    p.add_argument("name")
+    p.add_argument("--limit", type=int)
+
+    p = sub.add_parser("demo", help="the bank passbook story, end to end, on a local broker")
+    p.add_argument("--keep-broker", action="store_true", help="leave the broker running after")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Connection churn (broker restarts, coordinator loading) is normal and retried by librdkafka.
+    logging.getLogger("librdkafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+    config = Config.from_env()
+    if args.data_dir:
+        config = config.with_(data_dir=Path(args.data_dir))
+    if args.bootstrap_servers:
+        config = config.with_(bootstrap_override=args.bootstrap_servers)
+    try:
+        return COMMANDS[args.command](args, config)
+    except InputError as exc:
+        _fail(exc)
+        return EXIT_INPUT
+    except RefoldError as exc:
+        _fail(exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _fail(exc: RefoldError) -> None:
+    hint = f" (hint: {exc.hint})" if exc.hint else ""
+    print(f"refold: error: {exc}{hint}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

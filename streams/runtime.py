@@ -1,0 +1,380 @@
+"""The projection runtime: Kafka records folded into a store with exactly-once effect.
+
+Commit steps, in order, for every batch (the order is what makes a crash at any point harmless):
+
+1. consume up to `batch_size` records from the partitions this worker owns (read_committed);
+2. decode each record and fold it into an in-memory write-back cache; records at offsets the
+   store has already folded (redelivered after a rebalance) are skipped;
+3. poison records (undecodable, a fold exception) are produced to the dead-letter topic, and the
+   producer is flushed, before anything else is written;
+4. ONE RocksDB WriteBatch stores the changed states, the re-key links, the counters and every
+   partition's next offset — the store is the truth, a crash before this step re-folds the batch
+   from Kafka, a crash after it finds the offsets already moved;
+5. the same offsets are committed to Kafka asynchronously; they are advisory (monitoring, lag);
+   on assignment the consumer always seeks to the store's offsets, never to Kafka's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from projections.projection import Projection
+from projections.store import RocksStore, Store
+from streams.config import Config
+from streams.errors import DecodeError, ProjectionError
+from streams.reader import event_from_message
+from streams.serde import Codec
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+_MISSING = object()
+MAX_CACHED_STATES = 200_000
+
+
+def group_id(name: str, version: int) -> str:
+    return f"refold.{name}.v{version}"
+
+
+def dead_letter_topic_name(name: str) -> str:
+    return f"refold.dlq.{name}"
+
+
+def store_path(config: Config, name: str, version: int) -> Path:
+    return config.data_dir / "projections" / name / f"v{version}"
+
+
+def live_version(config: Config, name: str, default: int = 1) -> int:
+    """The version queries read: the `LIVE` pointer file, else the only version on disk."""
+    root = config.data_dir / "projections" / name
+    try:
+        return int((root / "LIVE").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        versions = sorted(int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit())
+        return versions[-1] if versions else default
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    """Counters and positions a runner publishes for status, metrics and read-your-writes."""
+
+    state: str = "starting"  # starting | running | stopped | failed
+    error: str | None = None
+    folded: int = 0
+    dead_letters: int = 0
+    skipped: int = 0
+    batches: int = 0
+    positions: dict[TP, int] = field(default_factory=dict)  # next offset per owned partition
+    assigned: tuple[TP, ...] = ()
+    high_watermarks: dict[TP, int] = field(default_factory=dict)
+    last_commit_ms: float = 0.0
+
+
+class _Poison(Exception):  # noqa: N818 - internal signal between the fold and its batch loop
+    def __init__(self, index: int, reason: str) -> None:
+        self.index = index
+        self.reason = reason
+
+
+class ProjectionRunner:
+    """Runs one projection version: a consumer in group `refold.<name>.v<version>` and a store."""
+
+    def __init__(
+        self,
+        config: Config,
+        codec: Codec,
+        projection: Projection,
+        *,
+        dead_letters: Producer,
+        store: Store | None = None,
+        version: int | None = None,
+        batch_size: int = 5000,
+        consumer_conf: Mapping[str, object] | None = None,
+    ) -> None:
+        self.config = config
+        self.codec = codec
+        self.projection = projection
+        self.version = version or projection.version
+        self.name = projection.name
+        self.dlq_topic = dead_letter_topic_name(self.name)
+        self.store: Store = store or RocksStore.open(store_path(config, self.name, self.version))
+        self.stats = RunnerStats(folded=int(self.store.meta("events_folded") or 0),
+                                 dead_letters=int(self.store.meta("dead_letters") or 0),
+                                 skipped=int(self.store.meta("skipped") or 0))
+        self._dlq = dead_letters
+        self._batch_size = batch_size
+        self._cache: dict[str, Any] = {}
+        self._next: dict[TP, int] = {}
+        self._rekeys = projection.rekeys
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        conf = config.kafka(
+            **{
+                "group.id": group_id(self.name, self.version),
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "fetch.max.bytes": 52_428_800,
+                "max.partition.fetch.bytes": 10_485_760,
+                "queued.min.messages": 200_000,
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
+        )
+        conf.update(consumer_conf or {})
+        self._consumer = Consumer(conf)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Fold until `stop()`; exceptions end the runner in state `failed` with the reason."""
+        try:
+            self._consumer.subscribe(
+                list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
+            self.stats.state = "running"
+            while not self._stop.is_set():
+                msgs = self._consumer.consume(self._batch_size, 0.1)
+                if msgs:
+                    self._process(msgs)
+        except Exception as exc:
+            log.exception("projection %s v%d failed", self.name, self.version)
+            self.stats.state = "failed"
+            self.stats.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if self.stats.state != "failed":
+                self.stats.state = "stopped"
+            try:
+                self._consumer.close()
+            finally:
+                self.store.close()
+            with self._changed:
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- rebalancing ------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        stored = self.store.offsets()
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            tp.offset = stored.get(key, OFFSET_BEGINNING)
+            self._next[key] = stored.get(key, 0)
+        consumer.incremental_assign(partitions)
+        self._publish_assignment(consumer)
+        log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Every batch is committed before the next consume() call, so nothing is pending here.
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
+        consumer.incremental_unassign(partitions)
+        self._publish_assignment(consumer)
+
+    def _publish_assignment(self, consumer: Consumer) -> None:
+        owned = tuple(sorted((tp.topic, tp.partition) for tp in consumer.assignment()))
+        self.stats.assigned = owned
+        self.stats.positions = {tp: self._next.get(tp, 0) for tp in owned}
+
+    # -- folding ----------------------------------------------------------------------------
+
+    def _process(self, msgs: list[Message]) -> None:
+        poisoned: dict[int, str] = {}
+        while True:
+            try:
+                changed, links, next_offsets, folded, skipped = self._fold(msgs, poisoned)
+                break
+            except _Poison as p:
+                # The fold may have half-mutated cached states: forget them all and fold the batch
+                # again from the store, now skipping the poison record.
+                self._cache.clear()
+                poisoned[p.index] = p.reason
+                if self.projection.on_error == "stop":
+                    msg = msgs[p.index]
+                    self._fail_at(msg, p.reason, msgs[: p.index])
+                    return
+        if poisoned:
+            self._dead_letter([(msgs[i], reason) for i, reason in sorted(poisoned.items())])
+        self._commit(changed, links, next_offsets, folded, skipped, len(poisoned))
+
+    def _fold(
+        self, msgs: list[Message], poisoned: Mapping[int, str]
+    ) -> tuple[dict[str, Any], dict[str, str], dict[TP, int], int, int]:
+        projection = self.projection
+        apply = projection.apply
+        initial = projection.initial
+        codec = self.codec
+        cache = self._cache
+        store = self.store
+        next_offsets: dict[TP, int] = {}
+        changed: dict[str, Any] = {}
+        links: dict[str, str] = {}
+        expected = self._next
+        folded = skipped = 0
+        if not self._rekeys:
+            wanted = {m.key() for m in msgs if m.error() is None and m.key() is not None}
+            missing = [k.decode("utf-8", "replace") for k in wanted]
+            missing = [k for k in missing if k not in cache]
+            if missing:
+                cache.update(store.get_many(missing))
+        for index, msg in enumerate(msgs):
+            if msg.error() is not None:
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s: consume error %s", self.name, msg.error())
+                continue
+            tp = (msg.topic(), msg.partition())
+            offset = msg.offset()
+            if offset < expected.get(tp, 0) or offset < next_offsets.get(tp, 0):
+                continue  # already folded into the store: a redelivery after a seek
+            next_offsets[tp] = offset + 1
+            if index in poisoned:
+                continue
+            try:
+                event = event_from_message(codec, msg)
+            except DecodeError as exc:
+                raise _Poison(index, f"undecodable: {exc}") from exc
+            try:
+                if self._rekeys:
+                    key = projection.key(event)
+                    if key is None:
+                        key = links.get(event.key) or store.link(event.key)
+                        if key is None:
+                            skipped += 1
+                            continue
+                    elif links.get(event.key, "") != key and store.link(event.key) != key:
+                        links[event.key] = key
+                else:
+                    key = event.key
+                state = cache.get(key, _MISSING)
+                if state is _MISSING:
+                    state = store.get(key) if self._rekeys else None
+                    if state is None:
+                        state = initial(key)
+                state = apply(state, event)
+            except Exception as exc:  # a bug or bad data in user code: poison, not a crash
+                raise _Poison(index, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+            cache[key] = state
+            changed[key] = state
+            folded += 1
+        return changed, links, next_offsets, folded, skipped
+
+    def _commit(
+        self,
+        changed: dict[str, Any],
+        links: dict[str, str],
+        next_offsets: dict[TP, int],
+        folded: int,
+        skipped: int,
+        dead: int,
+    ) -> None:
+        if not next_offsets:
+            return
+        stats = self.stats
+        meta: dict[str, Any] = {"events_folded": stats.folded + folded}
+        if dead:
+            meta["dead_letters"] = stats.dead_letters + dead
+        if skipped:
+            meta["skipped"] = stats.skipped + skipped
+        self.store.commit(changed, next_offsets, links=links, meta=meta)
+        stats.folded += folded
+        stats.dead_letters += dead
+        stats.skipped += skipped
+        stats.batches += 1
+        stats.last_commit_ms = time.time() * 1000
+        self._next.update(next_offsets)
+        positions = dict(stats.positions)
+        positions.update(next_offsets)
+        stats.positions = positions
+        if len(self._cache) > MAX_CACHED_STATES:
+            self._cache.clear()
+        with self._changed:
+            self._changed.notify_all()
+        self._consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()],
+            asynchronous=True,
+        )
+
+    # -- poison -----------------------------------------------------------------------------
+
+    def _dead_letter(self, records: list[tuple[Message, str]]) -> None:
+        for msg, reason in records:
+            log.warning(
+                "%s: dead-lettering %s[%d]@%d: %s",
+                self.name, msg.topic(), msg.partition(), msg.offset(), reason,
+            )
+            headers = list(msg.headers() or [])
+            headers += [
+                ("refold_dlq_reason", reason.encode()),
+                ("refold_dlq_projection", f"{self.name}.v{self.version}".encode()),
+                ("refold_dlq_topic", msg.topic().encode()),
+                ("refold_dlq_partition", str(msg.partition()).encode()),
+                ("refold_dlq_offset", str(msg.offset()).encode()),
+            ]
+            self._dlq.produce(self.dlq_topic, msg.value(), msg.key(), headers=headers)
+        if self._dlq.flush(30):
+            # Without the dead letter durable, the offset must not move past the poison record.
+            raise ProjectionError(f"{self.name}: dead-letter topic {self.dlq_topic} unreachable")
+
+    def _fail_at(self, msg: Message, reason: str, before: list[Message]) -> None:
+        changed, links, next_offsets, folded, skipped = self._fold(before, {})
+        self._commit(changed, links, next_offsets, folded, skipped, 0)
+        position = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        self.stats.error = f"stopped at {position}: {reason}"
+        self.stats.state = "failed"
+        self._stop.set()
+
+    # -- read-your-writes -------------------------------------------------------------------
+
+    def reached(self, wanted: Mapping[TP, int]) -> bool:
+        """True once every (topic, partition) in `wanted` has folded that offset."""
+        positions = self.stats.positions
+        stored: dict[TP, int] | None = None
+        for tp, offset in wanted.items():
+            nxt = positions.get(tp)
+            if nxt is None:
+                stored = stored if stored is not None else self.store.offsets()
+                nxt = stored.get(tp, 0)
+            if nxt <= offset:
+                return False
+        return True
+
+    def wait_for(self, wanted: Mapping[TP, int], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not self.reached(wanted):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.stats.state in ("stopped", "failed"):
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    def lag(self) -> dict[TP, int]:
+        out: dict[TP, int] = {}
+        for tp in self.stats.assigned:
+            try:
+                _low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(*tp), timeout=0.5, cached=True
+                )
+            except Exception:  # the consumer may be closing; lag is best-effort
+                continue
+            if high >= 0:
+                out[tp] = max(0, high - self.stats.positions.get(tp, 0))
+        return out

@@ -1,0 +1,261 @@
+"""The projection runtime against the real broker: folds equal an independent oracle, through
+kill -9 at random moments, across two workers, with poison records dead-lettered."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from projections.store import RocksStore
+from streams.config import Config
+from streams.publisher import Publisher
+from streams.reader import dead_letters
+from streams.registry import codec_for
+from streams.runtime import group_id, store_path
+from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def events_for(n: int, accounts: int, seed: int) -> list[tuple[str, str, dict]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        acc = f"acc-{rng.randrange(accounts):04d}"
+        kind = "bank.MoneyDeposited" if rng.random() < 0.6 else "bank.MoneyWithdrawn"
+        out.append((kind, acc, {"account_id": acc, "amount_cents": rng.randrange(1, 5000),
+                                "memo": str(i)}))
+    return out
+
+
+def oracle(events: list[tuple[str, str, dict]]) -> dict[str, tuple[int, int]]:
+    """(balance, count) per key, computed without refold."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for kind, key, data in events:
+        if data["memo"] == "boom":
+            continue
+        out[key][0] += data["amount_cents"] if kind == "bank.MoneyDeposited" else -data["amount_cents"]
+        out[key][1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+class WorkerProcess:
+    """`refold worker` in a subprocess, as a user would run it."""
+
+    def __init__(self, config: Config, name: str, topic: str, data_dir: Path) -> None:
+        self.env = {
+            **os.environ,
+            "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+            "REFOLD_DATA_DIR": str(data_dir),
+            "REFOLD_APP": "tests.integration.apps.ledger",
+            "LEDGER_NAME": name,
+            "LEDGER_TOPIC": topic,
+            "PYTHONPATH": str(ROOT),
+        }
+        self.name = name
+        self.data_dir = data_dir
+        self.log = data_dir.parent / f"{data_dir.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", "--only", self.name],
+            env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+        )
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def store_snapshot(self) -> tuple[dict[tuple[str, int], int], dict[str, dict], dict]:
+        path = store_path(Config(data_dir=self.data_dir), self.name, 1)
+        store = RocksStore.open_secondary(path, self.data_dir.parent / f"{self.data_dir.name}-sec")
+        try:
+            store.catch_up()
+            states = dict(store.scan(limit=1_000_000))
+            meta = {k: int(store.meta(k) or 0) for k in ("events_folded", "dead_letters")}
+            return store.offsets(), states, meta
+        finally:
+            store.close()
+
+
+def end_offsets(config: Config, topic: str) -> dict[tuple[str, int], int]:
+    consumer = Consumer(config.kafka(**{"group.id": "oracle-ends"}))
+    try:
+        md = consumer.list_topics(topic, timeout=10).topics[topic]
+        return {
+            (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in md.partitions
+        }
+    finally:
+        consumer.close()
+
+
+def wait_caught_up(workers: list[WorkerProcess], ends: dict, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reached: dict = {}
+        for w in workers:
+            path = store_path(Config(data_dir=w.data_dir), w.name, 1)
+            if path.is_dir():
+                for tp, off in w.store_snapshot()[0].items():
+                    reached[tp] = max(off, reached.get(tp, 0))
+        if all(reached.get(tp, 0) >= off for tp, off in ends.items() if off > 0):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"workers did not catch up to {ends} in {timeout}s: {reached}")
+
+
+def publish(config: Config, topic: str, events: list) -> None:
+    with Publisher(config, codec_for(config)) as publisher:
+        for start in range(0, len(events), 2000):
+            publisher.publish_many(topic, events[start : start + 2000])
+
+
+@pytest.fixture
+def ledger_topic(config: Config, unique) -> str:
+    topic = unique("ledger")
+    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=4)])
+    return topic
+
+
+def assert_matches_oracle(states: dict[str, dict], expected: dict[str, tuple[int, int]]) -> None:
+    got = {k: (s["balance_cents"], s["events"]) for k, s in states.items()}
+    assert got == expected
+
+
+def test_worker_folds_exactly_the_oracle(config, ledger_topic, unique, tmp_path):
+    events = events_for(3000, accounts=120, seed=1)
+    publish(config, ledger_topic, events)
+    worker = WorkerProcess(config, unique("ledger"), ledger_topic, tmp_path / "w1")
+    worker.start()
+    try:
+        wait_caught_up([worker], end_offsets(config, ledger_topic))
+    finally:
+        worker.stop()
+    offsets, states, meta = worker.store_snapshot()
+    assert_matches_oracle(states, oracle(events))
+    assert meta == {"events_folded": 3000, "dead_letters": 0}
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(config, ledger_topic, unique,
+                                                                tmp_path):
+    rng = random.Random(42)
+    events = events_for(40_000, accounts=500, seed=2)
+    worker = WorkerProcess(config, unique("ledger"), ledger_topic, tmp_path / "w1")
+    publisher_done = threading.Event()
+
+    def produce() -> None:
+        publish(config, ledger_topic, events)
+        publisher_done.set()
+
+    producer = threading.Thread(target=produce)
+    worker.start()
+    producer.start()
+    kills = 0
+    try:
+        while kills < 4:
+            time.sleep(rng.uniform(1.5, 4.0))  # includes start-up, assignment and mid-batch moments
+            worker.kill9()
+            kills += 1
+            worker.start()
+        producer.join(120)
+        assert publisher_done.is_set()
+        wait_caught_up([worker], end_offsets(config, ledger_topic), timeout=120)
+    finally:
+        worker.stop()
+    _offsets, states, meta = worker.store_snapshot()
+    assert_matches_oracle(states, oracle(events))
+    assert meta["dead_letters"] == 0  # the ledger fold dead-letters any event folded twice
+
+
+def test_two_workers_split_partitions_and_hold_every_key(config, ledger_topic, unique, tmp_path):
+    events = events_for(4000, accounts=200, seed=3)
+    publish(config, ledger_topic, events)
+    name = unique("ledger")
+    workers = [WorkerProcess(config, name, ledger_topic, tmp_path / f"w{i}") for i in (1, 2)]
+    for w in workers:
+        w.start()
+    ends = end_offsets(config, ledger_topic)
+    try:
+        wait_caught_up(workers, ends)
+        admin = AdminClient({"bootstrap.servers": config.bootstrap_servers})
+        deadline = time.monotonic() + 60
+        while True:
+            group = admin.describe_consumer_groups([group_id(name, 1)])[group_id(name, 1)].result()
+            owned = [
+                {(tp.topic, tp.partition) for tp in m.assignment.topic_partitions}
+                for m in group.members
+            ]
+            if len(owned) == 2 and all(owned) and set().union(*owned) == set(ends):
+                break
+            assert time.monotonic() < deadline, f"partitions not split: {owned}"
+            time.sleep(1)
+        wait_caught_up(workers, ends)
+    finally:
+        for w in workers:
+            w.stop()
+    complete: dict[str, tuple[int, int]] = {}
+    for w in workers:
+        offsets, states, _ = w.store_snapshot()
+        at_end = {tp for tp, off in offsets.items() if off >= ends[tp]}
+        for key, state in states.items():
+            if (ledger_topic, key_partition(key)) in at_end:
+                complete[key] = (state["balance_cents"], state["events"])
+    assert complete == oracle(events)
+
+
+def key_partition(key: str) -> int:
+    from tests.integration.test_publish_tail import java_murmur2_partition
+
+    return java_murmur2_partition(key.encode(), 4)
+
+
+def test_poison_records_go_to_the_dead_letter_topic_and_the_rest_is_folded(
+    config, ledger_topic, unique, tmp_path
+):
+    events = events_for(500, accounts=20, seed=4)
+    events[100] = (events[100][0], events[100][1], {**events[100][2], "memo": "boom"})
+    publish(config, ledger_topic, events[:300])
+    raw = Producer({"bootstrap.servers": config.bootstrap_servers})
+    raw.produce(ledger_topic, b"\x00\x01 not avro", b"acc-0001", partition=0)
+    raw.flush(10)
+    publish(config, ledger_topic, events[300:])
+    worker = WorkerProcess(config, unique("ledger"), ledger_topic, tmp_path / "w1")
+    worker.start()
+    try:
+        wait_caught_up([worker], end_offsets(config, ledger_topic))
+    finally:
+        worker.stop()
+    _offsets, states, meta = worker.store_snapshot()
+    assert_matches_oracle(states, oracle(events))
+    assert meta == {"events_folded": 499, "dead_letters": 2}
+    letters = list(dead_letters(config, worker.name))
+    reasons = sorted(letter["reason"].split(":")[0] for letter in letters)
+    assert reasons == ["bank.MoneyDeposited" if events[100][0] == "bank.MoneyDeposited"
+                       else "bank.MoneyWithdrawn", "undecodable"]
+    boom = next(x for x in letters if "boom" in x["reason"])
+    assert boom["topic"] == ledger_topic and boom["key"] == events[100][1]
+    foreign = next(x for x in letters if x["reason"].startswith("undecodable"))
+    assert foreign["partition"] == 0 and bytes.fromhex(foreign["value_hex"]) == b"\x00\x01 not avro"
