@@ -23,13 +23,13 @@ def projection_classes(module_name: str) -> list[type[Projection]]:
     return [
         obj
         for _, obj in inspect.getmembers(module, inspect.isclass)
-        if issubclass(obj, Projection) and obj is not Projection and obj.__module__ == module.__name__
+        if issubclass(obj, Projection)
+        and obj is not Projection
+        and obj.__module__ == module.__name__
     ]
 
 
-def load_projections(
-    app_modules: Iterable[str] = (), *, bundled: bool = True
-) -> list[Projection]:
+def load_projections(app_modules: Iterable[str] = (), *, bundled: bool = True) -> list[Projection]:
     """Instantiate every projection; clear errors for malformed or duplicate ones."""
     modules = [*(BUNDLED if bundled else ()), *app_modules]
     found: dict[str, Projection] = {}

@@ -69,7 +69,7 @@ class Projection:
             )
         if isinstance(cls.topics, str) or not cls.topics:
             raise ProjectionError(
-                f"{where}: projection {cls.name!r} needs topics = (\"topic\", ...)",
+                f'{where}: projection {cls.name!r} needs topics = ("topic", ...)',
                 hint="a tuple of source topic names",
             )
         if not isinstance(cls.version, int) or cls.version < 1:

@@ -9,6 +9,7 @@ only after checking that the pid still runs `kafka.Kafka` with that node's prope
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -22,8 +23,9 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -37,10 +39,12 @@ POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
 _MARKER = ".refold-complete"
+_POM_NS = "http://maven.apache.org/POM/4.0.0"
 _INSTALL_HINT = (
     "install OpenJDK 17 and Maven, or use deploy/docker-compose.yml "
     "and set REFOLD_BOOTSTRAP_SERVERS"
 )
+# Broker log to server.log (rolled at 50 MB); only warnings reach the JVM's console.log.
 _LOG4J2 = """\
 status = warn
 shutdownHook = disable
@@ -50,20 +54,15 @@ appender.file.fileName = {dir}/server.log
 appender.file.filePattern = {dir}/server.log.%i
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
-appender.file.policies.type = Policies
-appender.file.policies.size.type = SizeBasedTriggeringPolicy
-appender.file.policies.size.size = 50MB
-appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 3
+appender.file.policies.type = SizeBasedTriggeringPolicy
+appender.file.policies.size = 50MB
 appender.console.type = Console
 appender.console.name = console
 appender.console.layout.type = PatternLayout
 appender.console.layout.pattern = [%d] %p %m (%c)%n
 appender.console.filter.threshold.type = ThresholdFilter
 appender.console.filter.threshold.level = warn
-rootLogger.level = info
-rootLogger.appenderRef.file.ref = file
-rootLogger.appenderRef.console.ref = console
+rootLogger = info, file, console
 """
 
 
@@ -82,19 +81,17 @@ class NodeInfo:
         return self.dir / "server.properties"
 
     @property
-    def log(self) -> Path:
-        """The broker's own log (INFO and up)."""
+    def log(self) -> Path:  # the broker's log, INFO and up
         return self.dir / "server.log"
 
     @property
-    def console_log(self) -> Path:
-        """The JVM's stdout/stderr: warnings, errors and crashes."""
+    def console_log(self) -> Path:  # the JVM's stdout/stderr: warnings, errors, crashes
         return self.dir / "console.log"
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerInfo:
-    """A started local cluster: where clients connect and where each node lives and logs."""
+    """A local cluster: where clients connect and where each node lives and logs."""
 
     bootstrap_servers: str
     cluster_id: str
@@ -134,15 +131,14 @@ def kafka_version(pom: Path = POM) -> str:
         root = ET.parse(pom).getroot()
     except (OSError, ET.ParseError) as exc:
         raise BrokerError(f"cannot read {pom}: {exc}") from exc
-    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    version = root.findtext("m:properties/m:kafka.version", namespaces=ns)
+    version = root.findtext("m:properties/m:kafka.version", namespaces={"m": _POM_NS})
     if not version:
         raise BrokerError(f"{pom} has no <kafka.version> property")
     return version.strip()
 
 
 def jars_dir() -> Path:
-    """Where the broker jars live: `$REFOLD_KAFKA_CACHE/kafka-<version>` (default ~/.cache/refold)."""
+    """The broker jars: `$REFOLD_KAFKA_CACHE/kafka-<version>`, by default under ~/.cache/refold."""
     cache = os.environ.get("REFOLD_KAFKA_CACHE") or Path.home() / ".cache" / "refold"
     return Path(cache) / f"kafka-{kafka_version()}"
 
@@ -153,19 +149,17 @@ def ensure_jars() -> Path:
     Maven fills a sibling temp dir that then replaces `jars_dir()` whole, so jars left by an older
     pom never mix with the new ones; the marker (the pom's digest) is written only on success.
     """
-    target = jars_dir()
-    digest = hashlib.sha256(POM.read_bytes()).hexdigest()
-    if _marker_matches(target, digest):
+    target, digest = jars_dir(), hashlib.sha256(POM.read_bytes()).hexdigest()
+    marker = target / _MARKER
+    if marker.is_file() and marker.read_text().strip() == digest:
         return target
     _java()
-    mvn = shutil.which("mvn")
-    if mvn is None:
+    if (mvn := shutil.which("mvn")) is None:
         raise BrokerError("Maven (`mvn`) is not on PATH", hint=_INSTALL_HINT)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent / f".{target.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _marker_matches(target, digest):  # another process assembled it meanwhile
-            return target
+    with _flock(target.parent / f".{target.name}.lock"):
+        if marker.is_file() and marker.read_text().strip() == digest:
+            return target  # another process assembled it while we waited
         log.info("assembling Apache Kafka %s into %s with Maven", kafka_version(), target)
         staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -187,11 +181,6 @@ def ensure_jars() -> Path:
     return target
 
 
-def _marker_matches(target: Path, digest: str) -> bool:
-    marker = target / _MARKER
-    return marker.is_file() and marker.read_text().strip() == digest
-
-
 def start(
     config: Config,
     nodes: int = 1,
@@ -200,82 +189,76 @@ def start(
     heap_mb: int = 512,
     timeout: float = 60.0,
 ) -> BrokerInfo:
-    """Start (or find running) a local cluster of 1 or 3 nodes and wait until all of them answer.
+    """Start (or find running) a local cluster of 1 or 3 nodes; return once all of them answer.
 
     `port` is the first node's client port (the others try the next ones); without it 19092 is
-    used when free, else any free port. Recorded data and ports are reused across restarts;
-    `fresh` stops the cluster and wipes its data first.
+    used when free, else any free port. Data and ports are kept across stop/start; `fresh` stops
+    the cluster and wipes its data first.
     """
     if nodes not in (1, 3):
-        raise BrokerError(f"--nodes must be 1 or 3, not {nodes}")
+        raise BrokerError(f"a local cluster has 1 or 3 nodes, not {nodes}")
     jars, java = ensure_jars(), _java()
     with _locked(config):
         if fresh:
-            _stop(config, timeout=30.0)
+            old = _recorded_nodes(config)
+            _signal_and_wait(config, old, 30.0)
             _wipe(config)
+            if port is None and old and _port_free(old[0].port):
+                port = old[0].port  # a wiped cluster comes back at the same address
         info = _read_record(config)
+        running = info is not None and any(_is_ours(n) for n in info.nodes)
         if info is not None and len(info.nodes) != nodes:
-            running = any(_is_ours(n) for n in info.nodes)
             raise BrokerError(
                 f"{_broker_dir(config)} holds a {len(info.nodes)}-node cluster"
                 + (" that is running" if running else ""),
                 hint=f"use --nodes {len(info.nodes)}, or --fresh to wipe it",
             )
-        moved = port is not None and info is not None and port != info.nodes[0].port
-        if info is not None and not any(_is_ours(n) for n in info.nodes) and port is None:
-            # Someone else took a recorded port while we were down: move rather than fail.
-            moved = not all(_port_free(p) for n in info.nodes for p in (n.port, n.controller_port))
-        if info is None or moved:
-            if info is not None and any(_is_ours(n) for n in info.nodes):
-                raise BrokerError(
-                    f"the local broker already runs on {info.bootstrap_servers}",
-                    hint="`refold broker stop` first to move it to another port",
-                )
+        if info is not None and port not in (None, info.nodes[0].port) and running:
+            raise BrokerError(
+                f"the local broker already runs on {info.bootstrap_servers}",
+                hint="`refold broker stop` first to move it to another port",
+            )
+        if info is None or port not in (None, info.nodes[0].port) or _ports_lost(info, running):
             info = _new_layout(config, nodes, port, heap_mb, info)
-        launched = [n.node_id for n in info.nodes if not _is_ours(n)]
+        launched = [n for n in info.nodes if not _is_ours(n)]
         if launched:
             info = replace(info, heap_mb=heap_mb)
-        _prepare(java, jars, info, [n for n in info.nodes if n.node_id in launched])
-        info = replace(info, nodes=tuple(
-            _launch(java, jars, n, heap_mb) if n.node_id in launched else n for n in info.nodes
-        ))  # fmt: skip
-        _write_record(config, info)
+            _prepare(java, jars, info, launched)
+            launched = [_launch(java, jars, n, heap_mb) for n in launched]
+            info = replace(info, nodes=tuple(_pick(launched, n) for n in info.nodes))
+            _write_record(config, info)
         try:
             _wait_for(info, [n.node_id for n in info.nodes], timeout)
         except BrokerError:
-            _signal_and_wait(config, [n for n in info.nodes if n.node_id in launched], 10.0)
+            _signal_and_wait(config, launched, 10.0)
             raise
         log.info("Kafka %s answering on %s", kafka_version(), info.bootstrap_servers)
         return info
 
 
 def stop(config: Config, timeout: float = 30.0) -> int:
-    """Stop the recorded nodes (SIGTERM, then SIGKILL after `timeout`); return how many ran.
+    """Stop the recorded nodes (SIGTERM, SIGKILL after `timeout`); return how many were running.
 
-    The data and the recorded ports stay, so the next `start` brings back the same cluster.
+    Data and recorded ports stay, so the next `start` brings back the same cluster.
     """
     with _locked(config):
-        return _stop(config, timeout)
+        return _signal_and_wait(config, _recorded_nodes(config), timeout)
 
 
 def kill_node(
     config: Config, node_id: int, sig: signal.Signals = signal.SIGKILL, timeout: float = 30.0
 ) -> None:
-    """Send `sig` to one recorded node and wait until it is gone (fault tests)."""
+    """Send `sig` to one recorded node and wait until it is gone (for fault tests)."""
     with _locked(config):
         info = _require_record(config)
         node = _node(info, node_id)
-        if not _is_ours(node):
+        if node.pid is None or not _is_ours(node):
             raise BrokerError(f"Kafka node {node_id} is not running")
-        log.info("sending %s to Kafka node %d (pid %s)", sig.name, node_id, node.pid)
-        assert node.pid is not None
+        log.info("sending %s to Kafka node %d (pid %d)", sig.name, node_id, node.pid)
         os.kill(node.pid, sig)
-        deadline = time.monotonic() + timeout
-        while _is_ours(node):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"Kafka node {node_id} still runs {timeout:.0f}s after {sig.name}")
-            time.sleep(0.1)
-        _write_record(config, _with_pid(info, node_id, None))
+        if _wait_gone([node], timeout):
+            raise BrokerError(f"Kafka node {node_id} still runs {timeout:.0f}s after {sig.name}")
+        _write_record(config, _with_pids(info, {node_id: None}))
 
 
 def start_node(config: Config, node_id: int, timeout: float = 60.0) -> NodeInfo:
@@ -287,7 +270,7 @@ def start_node(config: Config, node_id: int, timeout: float = 60.0) -> NodeInfo:
         if not _is_ours(node):
             _prepare(java, jars, info, [node])
             node = _launch(java, jars, node, info.heap_mb)
-            info = _with_pid(info, node_id, node.pid)
+            info = _with_pids(info, {node_id: node.pid})
             _write_record(config, info)
         _wait_for(info, [node_id], timeout)
         return node
@@ -317,16 +300,17 @@ def describe_status(state: BrokerStatus) -> str:
     return "\n".join(lines)
 
 
-def wait_until_answering(bootstrap: str, brokers: int = 1, timeout: float = 60.0) -> tuple[int, ...]:
-    """Wait until any Kafka at `bootstrap` lists `brokers` brokers; return their ids."""
-    admin = _admin(bootstrap)
-    deadline = time.monotonic() + timeout
+def wait_until_answering(
+    bootstrap: str, brokers: int = 1, timeout: float = 60.0
+) -> tuple[int, ...]:
+    """Wait until any Kafka at `bootstrap` (ours or not) lists `brokers` brokers; return ids."""
+    admin, deadline = _admin(bootstrap), time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
         seen = _metadata_brokers(admin, min(2.0, remaining))
         if seen is not None and len(seen) >= brokers:
             return seen
         time.sleep(0.2)
-    raise BrokerError(f"Kafka on {bootstrap} did not list {brokers} broker(s) within {timeout:.0f}s")
+    raise BrokerError(f"Kafka on {bootstrap} did not list {brokers} broker(s) in {timeout:.0f}s")
 
 
 def free_port() -> int:
@@ -334,9 +318,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-# --- internals -------------------------------------------------------------------------------
 
 
 def _java() -> str:
@@ -347,54 +328,34 @@ def _java() -> str:
     return java
 
 
-def _broker_dir(config: Config) -> Path:
-    return config.broker_record.parent.resolve()
-
-
-@contextmanager
-def _locked(config: Config) -> Iterator[None]:
-    """Serialise start/stop of one data dir across processes (two `broker start` at once)."""
-    path = _broker_dir(config) / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def _new_layout(
     config: Config, nodes: int, port: int | None, heap_mb: int, old: BrokerInfo | None
 ) -> BrokerInfo:
-    """Pick ports and the cluster id; an existing cluster id (and its data) is kept."""
+    """Pick ports; keep the cluster id (and so the data) of an existing cluster."""
     if port is not None and not _port_free(port):
         raise BrokerError(f"port {port} on {HOST} is in use", hint="pick another --port or omit it")
     base = port if port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else None)
-    taken: set[int] = set()
-
-    def pick(preferred: int | None) -> int:
-        if preferred is not None and preferred not in taken and _port_free(preferred):
-            chosen = preferred
-        else:
-            chosen = free_port()
-            while chosen in taken:
-                chosen = free_port()
-        taken.add(chosen)
-        return chosen
-
-    clients = [pick(None if base is None else base + i) for i in range(nodes)]
-    controllers = [pick(None) for _ in range(nodes)]
-    cluster_file = _broker_dir(config) / "cluster.id"
-    if old is not None:
-        cluster_id = old.cluster_id
-    elif cluster_file.is_file():
-        cluster_id = cluster_file.read_text().strip()
-    else:
-        cluster_id = _random_uuid()
-        cluster_file.write_text(cluster_id + "\n")
+    chosen: list[int] = []
+    for preferred in [None if base is None else base + i for i in range(nodes)] + [None] * nodes:
+        pick = preferred if preferred is not None and _port_free(preferred) else free_port()
+        while pick in chosen:
+            pick = free_port()
+        chosen.append(pick)
+    id_file = _broker_dir(config) / "cluster.id"
+    if old is None and not id_file.is_file():
+        id_file.write_text(_random_uuid() + "\n")
+    cluster_id = old.cluster_id if old is not None else id_file.read_text().strip()
+    dirs = [_broker_dir(config) / f"node-{i + 1}" for i in range(nodes)]
     infos = tuple(
-        NodeInfo(i + 1, None, clients[i], controllers[i], _broker_dir(config) / f"node-{i + 1}")
-        for i in range(nodes)
+        NodeInfo(i + 1, None, chosen[i], chosen[nodes + i], dirs[i]) for i in range(nodes)
     )
-    return BrokerInfo(",".join(f"{HOST}:{p}" for p in clients), cluster_id, infos, heap_mb)
+    return BrokerInfo(",".join(f"{HOST}:{p}" for p in chosen[:nodes]), cluster_id, infos, heap_mb)
+
+
+def _ports_lost(info: BrokerInfo, running: bool) -> bool:
+    """True when the cluster is down and someone else took one of its recorded ports."""
+    ports = [p for n in info.nodes for p in (n.port, n.controller_port)]
+    return not running and not all(_port_free(p) for p in ports)
 
 
 def _random_uuid() -> str:
@@ -444,27 +405,25 @@ def _prepare(java: str, jars: Path, info: BrokerInfo, nodes: list[NodeInfo]) -> 
         node.dir.mkdir(parents=True, exist_ok=True)
         node.properties.write_text(_properties(info, node))
         (node.dir / "log4j2.properties").write_text(_LOG4J2.format(dir=node.dir))
-        if (node.dir / "data" / "meta.properties").is_file():
-            continue
-        cmd = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={node.dir / 'log4j2.properties'}",
-               "-cp", f"{jars}/*", "kafka.tools.StorageTool",
-               "format", "-t", info.cluster_id, "-c", str(node.properties)]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        formats.append((node, proc))
+        if not (node.dir / "data" / "meta.properties").is_file():
+            cmd = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={node.dir}/log4j2.properties",
+                   "-cp", f"{jars}/*", "kafka.tools.StorageTool",
+                   "format", "-t", info.cluster_id, "-c", str(node.properties)]  # fmt: skip
+            out = subprocess.PIPE
+            formats.append((node, subprocess.Popen(cmd, stdout=out, stderr=out, text=True)))
     for node, proc in formats:
-        output, _ = proc.communicate(timeout=120)
+        output, errors = proc.communicate(timeout=120)
         if proc.returncode != 0:
             raise BrokerError(
-                f"could not format Kafka storage in {node.dir}:\n{_last_lines(output)}",
+                f"could not format Kafka storage in {node.dir}:\n{_last_lines(output + errors)}",
                 hint="`refold broker start --fresh` wipes the local broker data",
             )
 
 
 def _launch(java: str, jars: Path, node: NodeInfo, heap_mb: int) -> NodeInfo:
-    """Start the node's JVM detached from us and return it with its pid."""
+    """Start the node's JVM detached from us; return the node with its pid."""
     cmd = [java, f"-Xmx{heap_mb}m", f"-Xms{heap_mb}m", "-XX:+ExitOnOutOfMemoryError",
-           "-Djava.awt.headless=true",
-           f"-Dlog4j2.configurationFile={node.dir / 'log4j2.properties'}",
+           "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={node.dir}/log4j2.properties",
            "-cp", f"{jars}/*", "kafka.Kafka", str(node.properties)]  # fmt: skip
     # `sh` starts the JVM in the background and exits, so the broker is re-parented to init:
     # it outlives the CLI that started it and never lingers as our zombie once it exits.
@@ -475,87 +434,75 @@ def _launch(java: str, jars: Path, node: NodeInfo, heap_mb: int) -> NodeInfo:
     )  # fmt: skip
     if done.returncode != 0 or not done.stdout.strip().isdigit():
         raise BrokerError(f"could not launch Kafka node {node.node_id}: {done.stderr.strip()}")
-    pid = int(done.stdout.strip())
+    pid = int(done.stdout)
     log.info("started Kafka node %d (pid %d) on %s:%d", node.node_id, pid, HOST, node.port)
     return replace(node, pid=pid)
 
 
 def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({
+    conf: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "reconnect.backoff.max.ms": 500,
         "socket.connection.setup.timeout.ms": 3000,
         "log_level": 2,  # refused connections are expected while the broker boots
         "error_cb": lambda err: log.debug("admin client: %s", err),
-    })  # fmt: skip
+    }
+    return AdminClient(conf)
 
 
 def _metadata_brokers(admin: AdminClient, timeout: float) -> tuple[int, ...] | None:
     try:
-        metadata = admin.list_topics(timeout=timeout)
+        return tuple(sorted(admin.list_topics(timeout=timeout).brokers))
     except KafkaException as exc:
         log.debug("metadata request failed: %s", exc)
         return None
-    return tuple(sorted(metadata.brokers))
 
 
 def _wait_for(info: BrokerInfo, node_ids: list[int], timeout: float) -> None:
     """Wait until the metadata lists every node in `node_ids`; fail fast if one exits."""
-    admin = _admin(info.bootstrap_servers)
-    deadline = time.monotonic() + timeout
+    admin, deadline = _admin(info.bootstrap_servers), time.monotonic() + timeout
+    waiting = [n for n in info.nodes if n.node_id in node_ids]
     seen: tuple[int, ...] | None = None
-    while True:
-        for node in info.nodes:
-            if node.node_id in node_ids and not _is_ours(node):
+    while (remaining := deadline - time.monotonic()) > 0:
+        for node in waiting:
+            if not _is_ours(node):
                 raise BrokerError(
                     f"Kafka node {node.node_id} exited while starting:\n{_node_tail(node)}",
                     hint=f"full log: {node.log}",
                 )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            tails = "\n".join(_node_tail(n) for n in info.nodes if n.node_id in node_ids)
-            raise BrokerError(
-                f"Kafka on {info.bootstrap_servers} did not list nodes {node_ids} within "
-                f"{timeout:.0f}s (it listed {list(seen or ())}):\n{tails}",
-                hint="see the node logs under " + str(info.nodes[0].dir.parent),
-            )
-        seen = _metadata_brokers(admin, min(2.0, max(remaining, 0.1)))
+        seen = _metadata_brokers(admin, min(2.0, remaining))
         if seen is not None and set(node_ids) <= set(seen):
             return
         time.sleep(0.2)
-
-
-def _stop(config: Config, timeout: float) -> int:
-    info = _read_record(config)
-    if info is None:
-        return 0
-    return _signal_and_wait(config, list(info.nodes), timeout)
+    raise BrokerError(
+        f"Kafka on {info.bootstrap_servers} did not list nodes {node_ids} within {timeout:.0f}s"
+        f" (it listed {list(seen or ())}):\n" + "".join(_node_tail(n) for n in waiting),
+        hint=f"see the node logs under {info.nodes[0].dir.parent}",
+    )
 
 
 def _signal_and_wait(config: Config, nodes: list[NodeInfo], timeout: float) -> int:
     """SIGTERM our live nodes, SIGKILL those left after `timeout`, clear their recorded pids."""
-    live = [n for n in nodes if _is_ours(n)]
-    count = len(live)
+    live = [n for n in nodes if n.pid is not None and _is_ours(n)]
     for node in live:
-        assert node.pid is not None
-        log.info("stopping Kafka node %d (pid %d)", node.node_id, node.pid)
-        os.kill(node.pid, signal.SIGTERM)
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        deadline = time.monotonic() + wait
-        while (live := [n for n in live if _is_ours(n)]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if live and sig is signal.SIGTERM:
-            for node in live:
-                log.warning("Kafka node %d ignored SIGTERM for %.0fs; killing", node.node_id, wait)
-                os.kill(node.pid, signal.SIGKILL)  # type: ignore[arg-type]
-    if live:
-        raise BrokerError(f"Kafka nodes {[n.node_id for n in live]} survived SIGKILL")
-    info = _read_record(config)
-    if info is not None:
-        for node in nodes:
-            info = _with_pid(info, node.node_id, None)
-        _write_record(config, info)
-    return count
+        log.info("stopping Kafka node %d (pid %s)", node.node_id, node.pid)
+        os.kill(node.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    for node in _wait_gone(live, timeout):
+        log.warning("Kafka node %d ignored SIGTERM for %.0fs; killing it", node.node_id, timeout)
+        os.kill(node.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    if survivors := _wait_gone(live, 10.0):
+        raise BrokerError(f"Kafka nodes {[n.node_id for n in survivors]} survived SIGKILL")
+    if (info := _read_record(config)) is not None:
+        _write_record(config, _with_pids(info, {n.node_id: None for n in nodes}))
+    return len(live)
+
+
+def _wait_gone(nodes: list[NodeInfo], timeout: float) -> list[NodeInfo]:
+    """Wait until none of `nodes` runs; return those still running after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (live := [n for n in nodes if _is_ours(n)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live
 
 
 def _is_ours(node: NodeInfo) -> bool:
@@ -563,83 +510,89 @@ def _is_ours(node: NodeInfo) -> bool:
     if node.pid is None:
         return False
     try:
-        raw = Path(f"/proc/{node.pid}/cmdline").read_bytes()
-        args = raw.decode(errors="replace").split("\0")
+        args = Path(f"/proc/{node.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except FileNotFoundError:
-        return False
+        return False  # gone (a zombie has an empty cmdline, so it counts as gone too)
     except OSError:  # no procfs (macOS): ask ps
-        done = subprocess.run(["ps", "-o", "command=", "-p", str(node.pid)],
-                              capture_output=True, text=True, check=False)  # fmt: skip
-        args = done.stdout.split()
+        cmd = ["ps", "-o", "command=", "-p", str(node.pid)]
+        args = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.split()
     return "kafka.Kafka" in args and str(node.properties) in args
+
+
+def _broker_dir(config: Config) -> Path:
+    return config.broker_record.parent.resolve()
+
+
+@contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock across processes (two `broker start` at once, say)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _locked(config: Config) -> contextlib.AbstractContextManager[None]:
+    return _flock(_broker_dir(config) / ".lock")
 
 
 def _wipe(config: Config) -> None:
     """Delete the local cluster's data and record, keeping the lock file we hold."""
     for child in _broker_dir(config).iterdir():
-        if child.name == ".lock":
-            continue
         if child.is_dir():
             shutil.rmtree(child)
-        else:
+        elif child.name != ".lock":
             child.unlink()
     log.info("wiped local Kafka data in %s", _broker_dir(config))
 
 
 def _read_record(config: Config) -> BrokerInfo | None:
-    path = config.broker_record
     try:
-        raw = json.loads(path.read_text())
-        nodes = tuple(
-            NodeInfo(n["node_id"], n["pid"], n["port"], n["controller_port"], Path(n["dir"]))
-            for n in raw["nodes"]
-        )
+        raw = json.loads(config.broker_record.read_text())
+        nodes = tuple(NodeInfo(**{**n, "dir": Path(n["dir"])}) for n in raw["nodes"])
         return BrokerInfo(raw["bootstrap_servers"], raw["cluster_id"], nodes, raw["heap_mb"])
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as exc:
         raise BrokerError(
-            f"broken broker record {path}: {exc!r}", hint="`refold broker start --fresh`"
+            f"broken broker record {config.broker_record}: {exc!r}",
+            hint="`refold broker start --fresh` starts over",
         ) from exc
 
 
 def _require_record(config: Config) -> BrokerInfo:
-    info = _read_record(config)
-    if info is None:
+    if (info := _read_record(config)) is None:
         raise BrokerError(f"no local broker recorded in {config.broker_record}",
                           hint="`refold broker start` first")  # fmt: skip
     return info
 
 
+def _recorded_nodes(config: Config) -> list[NodeInfo]:
+    info = _read_record(config)
+    return [] if info is None else list(info.nodes)
+
+
 def _write_record(config: Config, info: BrokerInfo) -> None:
     """Replace broker.json atomically so readers never see half a record."""
-    record = {
-        "bootstrap_servers": info.bootstrap_servers,
-        "cluster_id": info.cluster_id,
-        "kafka_version": kafka_version(),
-        "heap_mb": info.heap_mb,
-        "nodes": [
-            {"node_id": n.node_id, "pid": n.pid, "port": n.port,
-             "controller_port": n.controller_port, "dir": str(n.dir)}  # fmt: skip
-            for n in info.nodes
-        ],
-    }
-    path = config.broker_record
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    record = {**asdict(info), "kafka_version": kafka_version()}
+    tmp = config.broker_record.with_name(config.broker_record.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, config.broker_record)
 
 
 def _node(info: BrokerInfo, node_id: int) -> NodeInfo:
-    for node in info.nodes:
-        if node.node_id == node_id:
-            return node
-    raise BrokerError(f"no Kafka node {node_id}; the local cluster has {len(info.nodes)} node(s)")
+    if not 1 <= node_id <= len(info.nodes):
+        raise BrokerError(f"no Kafka node {node_id}; the local cluster has {len(info.nodes)}")
+    return info.nodes[node_id - 1]
 
 
-def _with_pid(info: BrokerInfo, node_id: int, pid: int | None) -> BrokerInfo:
-    nodes = tuple(replace(n, pid=pid) if n.node_id == node_id else n for n in info.nodes)
-    return replace(info, nodes=nodes)
+def _pick(updated: list[NodeInfo], node: NodeInfo) -> NodeInfo:
+    return next((n for n in updated if n.node_id == node.node_id), node)
+
+
+def _with_pids(info: BrokerInfo, pids: dict[int, int | None]) -> BrokerInfo:
+    nodes = (replace(n, pid=pids[n.node_id]) if n.node_id in pids else n for n in info.nodes)
+    return replace(info, nodes=tuple(nodes))
 
 
 def _port_free(port: int) -> bool:
@@ -654,11 +607,13 @@ def _port_free(port: int) -> bool:
 
 
 def _node_tail(node: NodeInfo) -> str:
-    text = _last_lines(_read_tail(node.console_log), 10) + _last_lines(_read_tail(node.log), 15)
-    return f"--- node {node.node_id} ({node.dir}) ---\n{text}"
+    console, server = (
+        _last_lines(_read_end(p), n) for p, n in ((node.console_log, 10), (node.log, 15))
+    )
+    return f"--- node {node.node_id} ({node.dir}) ---\n{console}{server}"
 
 
-def _read_tail(path: Path, size: int = 16384) -> str:
+def _read_end(path: Path, size: int = 16384) -> str:
     try:
         with path.open("rb") as handle:
             handle.seek(max(0, handle.seek(0, os.SEEK_END) - size))
@@ -667,6 +622,5 @@ def _read_tail(path: Path, size: int = 16384) -> str:
         return ""
 
 
-def _last_lines(text: str, count: int = 20) -> str:
-    lines = text.strip().splitlines()[-count:]
-    return "".join(line + "\n" for line in lines)
+def _last_lines(text: str, count: int = 20, width: int = 300) -> str:
+    return "".join(line[:width] + "\n" for line in text.strip().splitlines()[-count:])

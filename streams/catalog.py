@@ -91,7 +91,9 @@ def load_schema_file(path: Path) -> SchemaVersion:
             hint="fix the JSON in the schema file",
         ) from exc
     if not isinstance(raw, dict) or raw.get("type") != "record":
-        raise SchemaError(f"{path}: an event schema must be an Avro record", hint='"type": "record"')
+        raise SchemaError(
+            f"{path}: an event schema must be an Avro record", hint='"type": "record"'
+        )
     try:
         parsed = fastavro.parse_schema(raw, _write_hint=False)
     except Exception as exc:  # fastavro raises several exception types for bad schemas

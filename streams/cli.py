@@ -33,7 +33,9 @@ def cmd_broker(args: argparse.Namespace, config: Config) -> int:
 
     if args.action == "start":
         info = broker.start(config, nodes=args.nodes, port=args.port, fresh=args.fresh)
-        print(f"Kafka {broker.kafka_version()} ({len(info.nodes)} node(s)) at {info.bootstrap_servers}")
+        print(
+            f"Kafka {broker.kafka_version()} ({len(info.nodes)} node(s)) at {info.bootstrap_servers}"
+        )
         print(f"recorded in {config.broker_record}; data in {config.data_dir / 'broker'}")
     elif args.action == "stop":
         stopped = broker.stop(config)
@@ -83,7 +85,7 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             raise InputError("give either --file or --type/--key/--data, not both")
         path = Path(args.file)
         try:
-            with (sys.stdin if args.file == "-" else path.open(encoding="utf-8")) as fh:
+            with sys.stdin if args.file == "-" else path.open(encoding="utf-8") as fh:
                 events, problems = events_from_lines(fh, codec)
         except OSError as exc:
             raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
@@ -100,7 +102,7 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             raise InputError(
                 "publish needs --file FILE, or --type, --key and --data",
                 hint="refold publish bank.accounts --type bank.MoneyDeposited --key acc-1 "
-                "--data '{\"account_id\": \"acc-1\", \"amount_cents\": 500}'",
+                '--data \'{"account_id": "acc-1", "amount_cents": 500}\'',
             )
         try:
             data = json.loads(args.data)
@@ -236,7 +238,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             for topic in projection.topics:
                 md = consumer.list_topics(topic, timeout=10).topics.get(topic)
                 for p in sorted(md.partitions if md and md.partitions else ()):
-                    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    _low, high = consumer.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=10
+                    )
                     lag += max(0, high - offsets.get((topic, p), 0))
             rows.append(
                 {
@@ -306,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="run a local Apache Kafka broker (KRaft) from Maven jars")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--nodes", type=int, choices=[1, 3], default=1, help="1 node or a 3-node cluster")
+    p.add_argument(
+        "--nodes", type=int, choices=[1, 3], default=1, help="1 node or a 3-node cluster"
+    )
     p.add_argument("--port", type=int, help="client port of the first node (default 19092)")
     p.add_argument("--fresh", action="store_true", help="wipe the broker's data first")
 
@@ -325,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tail", help="print a topic's events as JSON lines")
     p.add_argument("topic")
-    p.add_argument("--from-beginning", action="store_true", help="start at offset 0 and stop at the end")
+    p.add_argument(
+        "--from-beginning", action="store_true", help="start at offset 0 and stop at the end"
+    )
     p.add_argument("--follow", action="store_true", help="with --from-beginning: keep waiting")
     p.add_argument("--limit", type=int, help="stop after N records")
 

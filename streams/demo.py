@@ -37,20 +37,36 @@ def _story(run: str) -> list[tuple[str, str, dict[str, Any]]]:
     alice, savings, bob = f"alice-{run}", f"alice-savings-{run}", f"bob-{run}"
 
     def dep(acc: str, cents: int, memo: str) -> tuple[str, str, dict[str, Any]]:
-        return ("bank.MoneyDeposited", acc, {"account_id": acc, "amount_cents": cents, "memo": memo})
+        return (
+            "bank.MoneyDeposited",
+            acc,
+            {"account_id": acc, "amount_cents": cents, "memo": memo},
+        )
 
     def wd(acc: str, cents: int, memo: str) -> tuple[str, str, dict[str, Any]]:
-        return ("bank.MoneyWithdrawn", acc, {"account_id": acc, "amount_cents": cents, "memo": memo})
+        return (
+            "bank.MoneyWithdrawn",
+            acc,
+            {"account_id": acc, "amount_cents": cents, "memo": memo},
+        )
 
     def opened(acc: str, owner: str) -> tuple[str, str, dict[str, Any]]:
         return ("bank.AccountOpened", acc, {"account_id": acc, "owner": owner})
 
     return [
-        opened(alice, "alice"), opened(savings, "alice"), opened(bob, "bob"),
-        dep(alice, 250_000, "salary"), wd(alice, 120_000, "rent"), dep(bob, 80_000, "salary"),
-        wd(alice, 4_550, "groceries"), dep(savings, 50_000, "monthly saving"),
-        wd(bob, 2_399, "books"), wd(alice, 1_275, "coffee beans"), dep(alice, 15_000, "refund"),
-        wd(bob, 60_000, "bike"), wd(savings, 10_000, "holiday"),
+        opened(alice, "alice"),
+        opened(savings, "alice"),
+        opened(bob, "bob"),
+        dep(alice, 250_000, "salary"),
+        wd(alice, 120_000, "rent"),
+        dep(bob, 80_000, "salary"),
+        wd(alice, 4_550, "groceries"),
+        dep(savings, 50_000, "monthly saving"),
+        wd(bob, 2_399, "books"),
+        wd(alice, 1_275, "coffee beans"),
+        dep(alice, 15_000, "refund"),
+        wd(bob, 60_000, "bike"),
+        wd(savings, 10_000, "holiday"),
     ]
 
 
@@ -125,16 +141,22 @@ def _show(worker: Any, story: list[tuple[str, str, dict[str, Any]]], run: str) -
     print(f"  {'account':<22}{'owner':<8}{'balance':>12}  deposits withdrawals")
     for acc in accounts:
         s = balances.get(acc)
-        print(f"  {acc:<22}{s['owner'] or '-':<8}{_money(s['balance_cents'])}  "
-              f"{s['deposits']:>8} {s['withdrawals']:>11}")
+        print(
+            f"  {acc:<22}{s['owner'] or '-':<8}{_money(s['balance_cents'])}  "
+            f"{s['deposits']:>8} {s['withdrawals']:>11}"
+        )
     acc = f"alice-{run}"
     book = passbook.get(acc)
     print(f"\npassbook of {acc} (projection `passbook`): every line with the balance after it")
     print(f"  {'offset':>6}  {'memo':<16}{'amount':>12}{'balance':>12}")
     for entry in book["entries"]:
-        print(f"  {entry['offset']:>6}  {entry['memo']:<16}{_money(entry['amount_cents'])}"
-              f"{_money(entry['balance_cents'])}")
+        print(
+            f"  {entry['offset']:>6}  {entry['memo']:<16}{_money(entry['amount_cents'])}"
+            f"{_money(entry['balance_cents'])}"
+        )
     alice = owners.get("alice")
     if alice is not None:
-        print(f"\nowner alice (projection `owners`): {len(alice['accounts'])} account(s) over all "
-              f"demo runs, total {_money(alice['total_cents']).strip()}")
+        print(
+            f"\nowner alice (projection `owners`): {len(alice['accounts'])} account(s) over all "
+            f"demo runs, total {_money(alice['total_cents']).strip()}"
+        )

@@ -63,7 +63,9 @@ def event_from_json(obj: Any, codec: Codec) -> EventInput:
     return EventInput(type_name, key, data, value)
 
 
-def events_from_lines(lines: Iterable[str], codec: Codec) -> tuple[list[EventInput], list[LineProblem]]:
+def events_from_lines(
+    lines: Iterable[str], codec: Codec
+) -> tuple[list[EventInput], list[LineProblem]]:
     """Parse JSON lines; blank lines are skipped. Returns events and every problem found."""
     events: list[EventInput] = []
     problems: list[LineProblem] = []

@@ -111,7 +111,10 @@ class Publisher:
             while True:
                 try:
                     produce(
-                        topic, event.value, event.key, headers=headers,
+                        topic,
+                        event.value,
+                        event.key,
+                        headers=headers,
                         on_delivery=partial(on_delivery, i),
                     )
                     break

@@ -65,7 +65,12 @@ def event_from_message(codec: Codec, msg: Message) -> Event:
 
 def bad_record(msg: Message, reason: str) -> BadRecord:
     return BadRecord(
-        msg.topic(), msg.partition(), msg.offset(), reason, msg.key(), msg.value(),
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        reason,
+        msg.key(),
+        msg.value(),
         list(msg.headers() or []),
     )
 
@@ -132,12 +137,16 @@ def tail(
         consumer.close()
 
 
-def dead_letters(config: Config, projection: str, *, limit: int | None = None) -> Iterator[dict[str, Any]]:
+def dead_letters(
+    config: Config, projection: str, *, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
     """The dead-letter records of a projection: reason, original position, key and raw bytes."""
     from streams.runtime import dead_letter_topic_name
 
     topic = dead_letter_topic_name(projection)
-    consumer = Consumer(config.kafka(**{"group.id": "refold-dlq-reader", "enable.auto.commit": False}))
+    consumer = Consumer(
+        config.kafka(**{"group.id": "refold-dlq-reader", "enable.auto.commit": False})
+    )
     try:
         md = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if md is None or md.error is not None:

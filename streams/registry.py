@@ -64,7 +64,9 @@ class SchemaRegistry:
     def lookup(self, fingerprint: bytes) -> SchemaVersion | None:
         """Read the registry topic to its end, learn every schema in it, return the one asked."""
         consumer = Consumer(
-            self._config.kafka(**{"group.id": "refold-registry-reader", "enable.auto.commit": False})
+            self._config.kafka(
+                **{"group.id": "refold-registry-reader", "enable.auto.commit": False}
+            )
         )
         try:
             low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, 0), timeout=10)

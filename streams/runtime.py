@@ -85,7 +85,7 @@ class RunnerStats:
     last_commit_ms: float = 0.0
 
 
-class _Poison(Exception):  # noqa: N818 - internal signal between the fold and its batch loop
+class _Poison(Exception):
     def __init__(self, index: int, reason: str) -> None:
         self.index = index
         self.reason = reason
@@ -113,9 +113,11 @@ class ProjectionRunner:
         self.name = projection.name
         self.dlq_topic = dead_letter_topic_name(self.name)
         self.store: Store = store or RocksStore.open(store_path(config, self.name, self.version))
-        self.stats = RunnerStats(folded=int(self.store.meta("events_folded") or 0),
-                                 dead_letters=int(self.store.meta("dead_letters") or 0),
-                                 skipped=int(self.store.meta("skipped") or 0))
+        self.stats = RunnerStats(
+            folded=int(self.store.meta("events_folded") or 0),
+            dead_letters=int(self.store.meta("dead_letters") or 0),
+            skipped=int(self.store.meta("skipped") or 0),
+        )
         self._dlq = dead_letters
         self._batch_size = batch_size
         self._cache: dict[str, Any] = {}
@@ -145,7 +147,9 @@ class ProjectionRunner:
         """Fold until `stop()`; exceptions end the runner in state `failed` with the reason."""
         try:
             self._consumer.subscribe(
-                list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                list(self.projection.topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
                 on_lost=self._on_revoke,
             )
             self.stats.state = "running"
@@ -318,7 +322,11 @@ class ProjectionRunner:
         for msg, reason in records:
             log.warning(
                 "%s: dead-lettering %s[%d]@%d: %s",
-                self.name, msg.topic(), msg.partition(), msg.offset(), reason,
+                self.name,
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                reason,
             )
             headers = list(msg.headers() or [])
             headers += [

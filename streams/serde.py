@@ -48,8 +48,17 @@ class Event:
     CloudEvents headers on first access only, so folds that never look at them pay nothing.
     """
 
-    __slots__ = ("_envelope", "_headers", "data", "key", "offset", "partition", "timestamp_ms",
-                 "topic", "type")
+    __slots__ = (
+        "_envelope",
+        "_headers",
+        "data",
+        "key",
+        "offset",
+        "partition",
+        "timestamp_ms",
+        "topic",
+        "type",
+    )
 
     def __init__(
         self,
@@ -118,8 +127,10 @@ class Event:
 
 
 def iso_from_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 
@@ -240,7 +251,9 @@ class Codec:
         self._decoders[fingerprint] = decoder
         return decoder
 
-    def _build_decoder(self, writer: SchemaVersion) -> Callable[[bytes], tuple[str, dict[str, Any]]]:
+    def _build_decoder(
+        self, writer: SchemaVersion
+    ) -> Callable[[bytes], tuple[str, dict[str, Any]]]:
         type_name = writer.type
         event_type = self.catalog.types.get(type_name)
         reader = event_type.latest if event_type else writer

@@ -73,12 +73,17 @@ class Worker:
 
     def start(self) -> None:
         self._topics.ensure(
-            [*INTERNAL_TOPICS, *(dead_letter_topic(dead_letter_topic_name(p.name))
-                                 for p in self.projections)]
+            [
+                *INTERNAL_TOPICS,
+                *(dead_letter_topic(dead_letter_topic_name(p.name)) for p in self.projections),
+            ]
         )
         for projection in self.projections:
             runner = ProjectionRunner(
-                self.config, self.codec, projection, dead_letters=self._dlq,
+                self.config,
+                self.codec,
+                projection,
+                dead_letters=self._dlq,
                 batch_size=self._batch_size,
             )
             self.runners[projection.name] = runner

@@ -9,7 +9,6 @@ import sys
 from tests.integration.test_projections import (
     WorkerProcess,
     end_offsets,
-    ledger_topic,  # noqa: F401 - a fixture
     events_for,
     oracle,
     publish,
@@ -20,7 +19,10 @@ from tests.integration.test_projections import (
 def run(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "streams.cli", *args],
-        env=worker.env, capture_output=True, text=True, timeout=60,
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -23,7 +22,6 @@ from streams.publisher import Publisher
 from streams.reader import dead_letters
 from streams.registry import codec_for
 from streams.runtime import group_id, store_path
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +32,9 @@ def events_for(n: int, accounts: int, seed: int) -> list[tuple[str, str, dict]]:
     for i in range(n):
         acc = f"acc-{rng.randrange(accounts):04d}"
         kind = "bank.MoneyDeposited" if rng.random() < 0.6 else "bank.MoneyWithdrawn"
-        out.append((kind, acc, {"account_id": acc, "amount_cents": rng.randrange(1, 5000),
-                                "memo": str(i)}))
+        out.append(
+            (kind, acc, {"account_id": acc, "amount_cents": rng.randrange(1, 5000), "memo": str(i)})
+        )
     return out
 
 
@@ -45,7 +44,9 @@ def oracle(events: list[tuple[str, str, dict]]) -> dict[str, tuple[int, int]]:
     for kind, key, data in events:
         if data["memo"] == "boom":
             continue
-        out[key][0] += data["amount_cents"] if kind == "bank.MoneyDeposited" else -data["amount_cents"]
+        out[key][0] += (
+            data["amount_cents"] if kind == "bank.MoneyDeposited" else -data["amount_cents"]
+        )
         out[key][1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}
 
@@ -72,7 +73,9 @@ class WorkerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker", "--only", self.name],
-            env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
 
     def kill9(self) -> None:
@@ -133,13 +136,6 @@ def publish(config: Config, topic: str, events: list) -> None:
             publisher.publish_many(topic, events[start : start + 2000])
 
 
-@pytest.fixture
-def ledger_topic(config: Config, unique) -> str:
-    topic = unique("ledger")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=4)])
-    return topic
-
-
 def assert_matches_oracle(states: dict[str, dict], expected: dict[str, tuple[int, int]]) -> None:
     got = {k: (s["balance_cents"], s["events"]) for k, s in states.items()}
     assert got == expected
@@ -154,13 +150,14 @@ def test_worker_folds_exactly_the_oracle(config, ledger_topic, unique, tmp_path)
         wait_caught_up([worker], end_offsets(config, ledger_topic))
     finally:
         worker.stop()
-    offsets, states, meta = worker.store_snapshot()
+    _offsets, states, meta = worker.store_snapshot()
     assert_matches_oracle(states, oracle(events))
     assert meta == {"events_folded": 3000, "dead_letters": 0}
 
 
-def test_kill_9_at_random_moments_loses_and_duplicates_nothing(config, ledger_topic, unique,
-                                                                tmp_path):
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
+    config, ledger_topic, unique, tmp_path
+):
     rng = random.Random(42)
     events = events_for(40_000, accounts=500, seed=2)
     worker = WorkerProcess(config, unique("ledger"), ledger_topic, tmp_path / "w1")
@@ -253,8 +250,10 @@ def test_poison_records_go_to_the_dead_letter_topic_and_the_rest_is_folded(
     assert meta == {"events_folded": 499, "dead_letters": 2}
     letters = list(dead_letters(config, worker.name))
     reasons = sorted(letter["reason"].split(":")[0] for letter in letters)
-    assert reasons == ["bank.MoneyDeposited" if events[100][0] == "bank.MoneyDeposited"
-                       else "bank.MoneyWithdrawn", "undecodable"]
+    assert reasons == [
+        "bank.MoneyDeposited" if events[100][0] == "bank.MoneyDeposited" else "bank.MoneyWithdrawn",
+        "undecodable",
+    ]
     boom = next(x for x in letters if "boom" in x["reason"])
     assert boom["topic"] == ledger_topic and boom["key"] == events[100][1]
     foreign = next(x for x in letters if x["reason"].startswith("undecodable"))

@@ -28,7 +28,11 @@ def refold(config: Config, *args: str, stdin: str | None = None) -> subprocess.C
     }
     return subprocess.run(
         [sys.executable, "-m", "streams.cli", *args],
-        env=env, input=stdin, capture_output=True, text=True, timeout=120,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -38,9 +42,17 @@ def make_events(n: int, accounts: int, seed: int = 7) -> list[dict]:
     for i in range(n):
         acc = f"acc-{rng.randrange(accounts)}"
         kind = rng.choice(["bank.MoneyDeposited", "bank.MoneyWithdrawn"])
-        out.append({"type": kind, "key": acc,
-                    "data": {"account_id": acc, "amount_cents": rng.randrange(1, 10_000),
-                             "memo": f"#{i}"}})
+        out.append(
+            {
+                "type": kind,
+                "key": acc,
+                "data": {
+                    "account_id": acc,
+                    "amount_cents": rng.randrange(1, 10_000),
+                    "memo": f"#{i}",
+                },
+            }
+        )
     return out
 
 
@@ -78,8 +90,13 @@ def test_file_with_one_bad_line_publishes_nothing(config, unique, tmp_path):
     topic = unique("bank")
     Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic)])
     events = [json.dumps(e) for e in make_events(20, accounts=3)]
-    events[11] = json.dumps({"type": "bank.MoneyDeposited", "key": "acc-1",
-                             "data": {"account_id": "acc-1", "amount_cents": "twelve"}})
+    events[11] = json.dumps(
+        {
+            "type": "bank.MoneyDeposited",
+            "key": "acc-1",
+            "data": {"account_id": "acc-1", "amount_cents": "twelve"},
+        }
+    )
     events[15] = "{oops"
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(events))
@@ -94,27 +111,42 @@ def test_file_with_one_bad_line_publishes_nothing(config, unique, tmp_path):
 def test_single_publish_and_bad_single_inputs(config, unique):
     topic = unique("bank")
     data = json.dumps({"account_id": "acc-9", "amount_cents": 250, "memo": "coffee"})
-    done = refold(config, "publish", topic, "--type", "bank.MoneyWithdrawn", "--key", "acc-9",
-                  "--data", data)
+    done = refold(
+        config, "publish", topic, "--type", "bank.MoneyWithdrawn", "--key", "acc-9", "--data", data
+    )
     assert done.returncode == 1 and "does not exist" in done.stderr and "--create" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
-    done = refold(config, "publish", topic, "--create", "--type", "bank.MoneyWithdrawn",
-                  "--key", "acc-9", "--data", data)
+    done = refold(
+        config,
+        "publish",
+        topic,
+        "--create",
+        "--type",
+        "bank.MoneyWithdrawn",
+        "--key",
+        "acc-9",
+        "--data",
+        data,
+    )
     assert done.returncode == 0, done.stderr
 
     for args, reason in [
         (["--type", "bank.Nope", "--key", "k", "--data", "{}"], "unknown event type"),
         (["--type", "bank.MoneyWithdrawn", "--key", "k", "--data", "{bad"], "not valid JSON"),
         (["--type", "bank.MoneyWithdrawn", "--data", data], "--key"),
-        (["--type", "bank.MoneyWithdrawn", "--key", "k", "--data", '{"account_id": "k"}'],
-         "amount_cents"),
+        (
+            ["--type", "bank.MoneyWithdrawn", "--key", "k", "--data", '{"account_id": "k"}'],
+            "amount_cents",
+        ),
     ]:
         done = refold(config, "publish", topic, *args)
         assert done.returncode == 2, (args, done.stderr)
         assert reason in done.stderr, (args, done.stderr)
-    out = [json.loads(line) for line in refold(config, "tail", topic, "--from-beginning").stdout
-           .splitlines()]
+    out = [
+        json.loads(line)
+        for line in refold(config, "tail", topic, "--from-beginning").stdout.splitlines()
+    ]
     assert [(e["type"], e["key"], e["data"]["amount_cents"]) for e in out] == [
         ("bank.MoneyWithdrawn", "acc-9", 250)
     ]
@@ -125,13 +157,18 @@ def test_foreign_record_is_reported_and_tailing_goes_on(config, unique):
     Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=1)])
     codec = codec_for(config)
     with Publisher(config, codec) as publisher:
-        first = publisher.publish(topic, "bank.AccountOpened", "acc-1",
-                                  {"account_id": "acc-1", "owner": "ada"})
+        first = publisher.publish(
+            topic, "bank.AccountOpened", "acc-1", {"account_id": "acc-1", "owner": "ada"}
+        )
         raw = Producer({"bootstrap.servers": config.bootstrap_servers})
         raw.produce(topic, b"hello from the console producer", b"acc-1")
         raw.flush(10)
-        last = publisher.publish(topic, "bank.MoneyDeposited", "acc-1",
-                                 {"account_id": "acc-1", "amount_cents": 10, "memo": ""})
+        last = publisher.publish(
+            topic,
+            "bank.MoneyDeposited",
+            "acc-1",
+            {"account_id": "acc-1", "amount_cents": 10, "memo": ""},
+        )
     assert first.offset == 0 and last.offset == 2
     items = list(tail(config, codec, topic, from_beginning=True, follow=False))
     assert [type(i).__name__ for i in items] == ["Event", "BadRecord", "Event"]
@@ -141,7 +178,9 @@ def test_foreign_record_is_reported_and_tailing_goes_on(config, unique):
 
     done = refold(config, "tail", topic, "--from-beginning", "--limit", "3")
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert lines[1]["error"] and lines[1]["offset"] == 1 and lines[2]["type"] == "bank.MoneyDeposited"
+    assert (
+        lines[1]["error"] and lines[1]["offset"] == 1 and lines[2]["type"] == "bank.MoneyDeposited"
+    )
 
 
 def test_publisher_positions_and_murmur2_placement(config, unique):
@@ -151,8 +190,14 @@ def test_publisher_positions_and_murmur2_placement(config, unique):
     with Publisher(config, codec_for(config)) as publisher:
         positions = publisher.publish_many(
             topic,
-            [("bank.MoneyDeposited", f"acc-{i}", {"account_id": f"acc-{i}", "amount_cents": i + 1})
-             for i in range(200)],
+            [
+                (
+                    "bank.MoneyDeposited",
+                    f"acc-{i}",
+                    {"account_id": f"acc-{i}", "amount_cents": i + 1},
+                )
+                for i in range(200)
+            ],
         )
     assert len(positions) == 200
     for i, pos in enumerate(positions):

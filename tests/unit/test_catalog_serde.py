@@ -39,9 +39,13 @@ def codec() -> Codec:
 
 def test_bundled_bank_schemas_load() -> None:
     catalog = Catalog.load([REPO_SCHEMAS])
-    assert {"bank.AccountOpened", "bank.MoneyDeposited", "bank.MoneyWithdrawn"} <= set(catalog.types)
+    assert {"bank.AccountOpened", "bank.MoneyDeposited", "bank.MoneyWithdrawn"} <= set(
+        catalog.types
+    )
     assert catalog.event_type("bank.MoneyDeposited").field_names == (
-        "account_id", "amount_cents", "memo",
+        "account_id",
+        "amount_cents",
+        "memo",
     )
 
 
@@ -69,19 +73,25 @@ def test_plain_fastavro_decodes_our_records(codec: Codec) -> None:
 
 
 def test_v1_written_is_read_as_v2(tmp_path: Path) -> None:
-    old = Codec(Catalog.load([write(tmp_path / "old", "MoneyDeposited.avsc", deposited(V1)).parent]))
+    old = Codec(
+        Catalog.load([write(tmp_path / "old", "MoneyDeposited.avsc", deposited(V1)).parent])
+    )
     value = old.encode("bank.MoneyDeposited", {"account_id": "a", "amount_cents": 5})
     both = tmp_path / "new"
     write(both, "MoneyDeposited.avsc", deposited(V1))
     write(both, "MoneyDeposited.v2.avsc", deposited(V2))
     new = Codec(Catalog.load([both]))
     assert new.decode(value) == (
-        "bank.MoneyDeposited", {"account_id": "a", "amount_cents": 5, "currency": "EUR"}
+        "bank.MoneyDeposited",
+        {"account_id": "a", "amount_cents": 5, "currency": "EUR"},
     )
     # and new writes carry the v2 fingerprint
-    assert new.encode("bank.MoneyDeposited", {"account_id": "a", "amount_cents": 1, "currency": "USD"})[
-        2:10
-    ] == new.catalog.event_type("bank.MoneyDeposited").latest.fingerprint
+    assert (
+        new.encode(
+            "bank.MoneyDeposited", {"account_id": "a", "amount_cents": 1, "currency": "USD"}
+        )[2:10]
+        == new.catalog.event_type("bank.MoneyDeposited").latest.fingerprint
+    )
 
 
 def test_upcaster_where_resolution_is_not_enough(tmp_path: Path) -> None:
@@ -93,8 +103,12 @@ def test_upcaster_where_resolution_is_not_enough(tmp_path: Path) -> None:
     write(d, "MoneyDeposited.v2.avsc", deposited(V1))
     catalog = Catalog.load([d])
     catalog.register_upcaster(
-        "bank.MoneyDeposited", 1,
-        lambda data: {"account_id": data["account_id"], "amount_cents": round(data["amount"] * 100)},
+        "bank.MoneyDeposited",
+        1,
+        lambda data: {
+            "account_id": data["account_id"],
+            "amount_cents": round(data["amount"] * 100),
+        },
     )
     assert Codec(catalog).decode(value)[1] == {"account_id": "a", "amount_cents": 1234}
 
@@ -139,8 +153,11 @@ def test_truncated_body_is_a_decode_error(codec: Codec) -> None:
         ({"type": "bank.Nope", "key": "a", "data": {}}, "unknown event type 'bank.Nope'"),
         ({"type": "bank.MoneyDeposited", "key": "a", "data": {"account_id": "a"}}, "amount_cents"),
         (
-            {"type": "bank.MoneyDeposited", "key": "a",
-             "data": {"account_id": "a", "amount_cents": "12"}},
+            {
+                "type": "bank.MoneyDeposited",
+                "key": "a",
+                "data": {"account_id": "a", "amount_cents": "12"},
+            },
             "amount_cents",
         ),
         ({"type": "bank.MoneyDeposited", "data": {"account_id": "a", "amount_cents": 1}}, "key"),
@@ -148,8 +165,11 @@ def test_truncated_body_is_a_decode_error(codec: Codec) -> None:
         ({"key": "a", "data": {}}, "type"),
         ({"type": "bank.MoneyDeposited", "key": "a", "data": [1]}, "data"),
         (
-            {"type": "bank.MoneyDeposited", "key": "a",
-             "data": {"account_id": "a", "amount_cents": 1, "extra": 2}},
+            {
+                "type": "bank.MoneyDeposited",
+                "key": "a",
+                "data": {"account_id": "a", "amount_cents": 1, "extra": 2},
+            },
             "extra",
         ),
         ([1, 2], "JSON object"),
@@ -168,7 +188,8 @@ def test_jsonl_reports_every_bad_line_with_its_number(codec: Codec) -> None:
     events, problems = events_from_lines(lines, codec)
     assert len(events) == 2
     assert [(p.line, p.reason.split(":")[0]) for p in problems] == [
-        (2, "invalid JSON"), (5, "unknown event type 'bank.X'"),
+        (2, "invalid JSON"),
+        (5, "unknown event type 'bank.X'"),
     ]
 
 
@@ -178,8 +199,11 @@ def test_encode_error_names_the_field(codec: Codec) -> None:
 
 
 def test_broken_schema_directory_names_file_and_line(tmp_path: Path) -> None:
-    write(tmp_path, "bank/Good.avsc", {"type": "record", "namespace": "bank", "name": "Good",
-                                       "fields": []})
+    write(
+        tmp_path,
+        "bank/Good.avsc",
+        {"type": "record", "namespace": "bank", "name": "Good", "fields": []},
+    )
     bad = write(tmp_path, "bank/Bad.avsc", '{\n  "type": "record",\n  "name": \n}')
     with pytest.raises(SchemaError, match=rf"{bad}:4: invalid JSON"):
         Catalog.load([tmp_path])
@@ -190,8 +214,16 @@ def test_broken_schema_directory_names_file_and_line(tmp_path: Path) -> None:
     [
         ("Wrong.avsc", deposited(V1), "is named"),
         ("MoneyDeposited.avsc", {**deposited(V1), "namespace": None}, "namespace"),
-        ("MoneyDeposited.avsc", {"type": "record", "namespace": "bank", "name": "MoneyDeposited",
-                                 "fields": [{"name": "x", "type": "nope"}]}, "invalid Avro"),
+        (
+            "MoneyDeposited.avsc",
+            {
+                "type": "record",
+                "namespace": "bank",
+                "name": "MoneyDeposited",
+                "fields": [{"name": "x", "type": "nope"}],
+            },
+            "invalid Avro",
+        ),
         ("MoneyDeposited.avsc", {"type": "enum", "name": "E", "symbols": ["A"]}, "Avro record"),
         ("money.txt.avsc", deposited(V1), "file name"),
     ],

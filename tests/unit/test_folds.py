@@ -15,8 +15,15 @@ from streams.errors import ProjectionError
 
 
 def ev(offset: int, type_: str, key: str, **data) -> Event:
-    return Event(f"bank.{type_}", key, {"account_id": key, **data}, "bank.accounts", 0, offset,
-                 1_700_000_000_000 + offset)
+    return Event(
+        f"bank.{type_}",
+        key,
+        {"account_id": key, **data},
+        "bank.accounts",
+        0,
+        offset,
+        1_700_000_000_000 + offset,
+    )
 
 
 STORY = [
@@ -48,15 +55,22 @@ def fold(projection: Projection, events: list[Event]) -> dict[str, object]:
 
 def test_balances() -> None:
     states = fold(Balances(), STORY)
-    assert states["a1"] == {"balance_cents": 7_000, "deposits": 1, "withdrawals": 2, "events": 4,
-                            "owner": "ada"}
+    assert states["a1"] == {
+        "balance_cents": 7_000,
+        "deposits": 1,
+        "withdrawals": 2,
+        "events": 4,
+        "owner": "ada",
+    }
     assert states["a2"]["balance_cents"] == 700
 
 
 def test_passbook_lines_carry_the_balance_after_them() -> None:
     book = fold(Passbook(), STORY)["a1"]
     assert [(e["memo"], e["amount_cents"], e["balance_cents"]) for e in book["entries"]] == [
-        ("salary", 10_000, 10_000), ("rent", -2_500, 7_500), ("coffee", -500, 7_000),
+        ("salary", 10_000, 10_000),
+        ("rent", -2_500, 7_500),
+        ("coffee", -500, 7_000),
     ]
     assert book["owner"] == "ada" and book["entries"][0]["time"].startswith("2023-11-14T")
 
@@ -91,16 +105,27 @@ def write_module(tmp_path: Path, name: str, body: str, monkeypatch) -> str:
 @pytest.mark.parametrize(
     "body, reason",
     [
-        ("from projections import Projection\nclass P(Projection):\n    topics = ('t',)\n",
-         "has no name"),
+        (
+            "from projections import Projection\nclass P(Projection):\n    topics = ('t',)\n",
+            "has no name",
+        ),
         ("from projections import Projection\nclass P(Projection):\n    name = 'p'\n", "topics"),
-        ("from projections import Projection\nclass P(Projection):\n    name = 'p'\n"
-         "    topics = 't'\n", "topics"),
-        ("from projections import Projection\nclass P(Projection):\n    name = 'balances'\n"
-         "    topics = ('t',)\n", "duplicate projection name 'balances'"),
+        (
+            "from projections import Projection\nclass P(Projection):\n    name = 'p'\n"
+            "    topics = 't'\n",
+            "topics",
+        ),
+        (
+            "from projections import Projection\nclass P(Projection):\n    name = 'balances'\n"
+            "    topics = ('t',)\n",
+            "duplicate projection name 'balances'",
+        ),
         ("raise RuntimeError('kaboom')\n", "cannot import projection module"),
-        ("from projections import Projection\nclass P(Projection):\n    name = 'p'\n"
-         "    topics = ('t',)\n    version = 0\n", "version"),
+        (
+            "from projections import Projection\nclass P(Projection):\n    name = 'p'\n"
+            "    topics = ('t',)\n    version = 0\n",
+            "version",
+        ),
     ],
 )
 def test_malformed_projections_are_startup_errors(tmp_path, monkeypatch, body, reason) -> None:
@@ -116,7 +141,8 @@ def test_missing_module_is_a_startup_error() -> None:
 
 def test_user_projections_load_beside_the_bundled_ones(tmp_path, monkeypatch) -> None:
     module = write_module(
-        tmp_path, "userapp_ok",
+        tmp_path,
+        "userapp_ok",
         "from projections import Projection\nclass Mine(Projection):\n    name = 'mine'\n"
         "    topics = ('x',)\n",
         monkeypatch,

@@ -1,0 +1,16 @@
+"""Fixtures shared by the runtime tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.config import Config
+from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+
+
+@pytest.fixture
+def ledger_topic(config: Config, unique) -> str:
+    """A fresh 4-partition event topic for the ledger test projection."""
+    topic = unique("ledger")
+    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=4)])
+    return topic
