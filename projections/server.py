@@ -1,0 +1,508 @@
+"""The query server: HTTP reads of a worker's projection stores, event intake and metrics.
+
+aiohttp runs on its own event loop in a daemon thread, beside the worker's fold threads. Point
+lookups and scans read the store on the loop thread (a RocksDB get is microseconds and rocksdict
+allows reads while the fold thread commits); whatever blocks — waiting for an offset, publishing,
+watermark queries — runs in an executor. Every answer that reads a store carries the runner's
+positions, read before the state, so the state is at least as new as the position it reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+from aiohttp import web
+from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from streams.config import Config
+from streams.errors import ConfigError, InputError, PublishError, StoreError, TopicError
+from streams.inputs import EventInput, event_from_json
+from streams.runtime import ProjectionRunner, dead_letter_topic_name
+from streams.serde import Position
+from streams.worker import Worker
+
+try:
+    import orjson
+except ImportError:  # orjson is optional here; json gives the same bytes, only slower
+    orjson = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_WAIT_MS = 30_000
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+WAIT_THREADS = 32  # concurrent read-your-writes waits; more queue for a thread
+_MAX_OFFSET = 2**63 - 1
+_JSON = "application/json"
+_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+_DLQ_PREFIX = dead_letter_topic_name("")
+# A runner in these states has closed (or is closing) its store; reading it would race the close.
+_DOWN = frozenset({"stopped", "failed"})
+
+
+def _json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_dumps: Callable[[Any], bytes] = orjson.dumps if orjson is not None else _json_dumps
+_loads: Callable[[bytes], Any] = orjson.loads if orjson is not None else json.loads
+
+
+def _respond(status: int, body: Any) -> web.Response:
+    return web.Response(status=status, body=_dumps(body), content_type=_JSON)
+
+
+def _error(status: int, error: str, detail: Any, **extra: Any) -> web.Response:
+    """The one error shape: `{"error": short phrase, "detail": what exactly, ...extra}`."""
+    return _respond(status, {"error": error, "detail": detail, **extra})
+
+
+def _refuse(status: int, error: str, allow: str | None = None) -> Handler:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        response = _error(status, error, f"{request.method} {request.path}")
+        if allow is not None:
+            response.headers["Allow"] = allow
+        return response
+
+    return refuse
+
+
+def _position(positions: Mapping[TP, int]) -> dict[str, int]:
+    return {f"{t}:{p}": o for (t, p), o in sorted(positions.items())}
+
+
+def _count(raw: str, what: str, low: int, high: int) -> int:
+    """A decimal integer in [low, high]; InputError naming `what` otherwise."""
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
+        raise InputError(f"{what} must be a non-negative integer, not {raw!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise InputError(f"{what} must be between {low} and {high}, not {value}")
+    return value
+
+
+def parse_min_offset(raw: str, topics: tuple[str, ...]) -> dict[TP, int]:
+    """`P:O,P:O` (single-topic projections) or `topic:P:O,...` -> {(topic, P): O}.
+
+    Kafka topic names cannot contain ':', so the parts are unambiguous.
+    """
+    wanted: dict[TP, int] = {}
+    for item in raw.split(","):
+        parts = item.strip().split(":")
+        if len(parts) == 2:
+            if len(topics) != 1:
+                raise InputError(
+                    f"min_offset item {item!r} names no topic but the projection reads "
+                    f"{len(topics)} topics; write topic:partition:offset"
+                )
+            topic = topics[0]
+        elif len(parts) == 3:
+            topic = parts[0]
+            if topic not in topics:
+                raise InputError(f"min_offset names topic {topic!r}, which the projection "
+                                 f"does not read (it reads {', '.join(topics)})")
+        else:
+            raise InputError(f"min_offset item {item!r} is not partition:offset "
+                             "or topic:partition:offset")
+        tp = (topic, _count(parts[-2], "min_offset partition", 0, 1_000_000))
+        offset = _count(parts[-1], "min_offset offset", 0, _MAX_OFFSET)
+        wanted[tp] = max(offset, wanted.get(tp, 0))
+    return wanted
+
+
+class Watermarks:
+    """Read-committed end offsets of source partitions, asked of the broker, cached for `ttl` s.
+
+    Not from the runners' consumers: confluent-kafka serializes calls on one Consumer across
+    threads, so a call from here would queue behind the fold thread's consume loop.
+    """
+
+    def __init__(self, config: Config, ttl: float = 1.0, timeout: float = 2.0) -> None:
+        self._config = config
+        self._ttl = ttl
+        self._timeout = timeout
+        self._admin: AdminClient | None = None
+        self._lock = threading.Lock()
+        self._ends: dict[TP, int] = {}
+        self._at = 0.0
+
+    def ends(self, partitions: Iterable[TP]) -> dict[TP, int]:
+        """End offsets of the partitions the broker answered for (blocks: call off the loop)."""
+        wanted = set(partitions)
+        with self._lock:
+            stale = time.monotonic() - self._at > self._ttl
+            if wanted and (stale or not wanted <= self._ends.keys()):
+                self._refresh(wanted | (self._ends.keys() if not stale else set()))
+            return {tp: self._ends[tp] for tp in wanted if tp in self._ends}
+
+    def _refresh(self, partitions: set[TP]) -> None:
+        if self._admin is None:
+            self._admin = AdminClient(cast("dict[str, Any]", self._config.kafka()))
+        futures = self._admin.list_offsets(
+            {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions},
+            isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=self._timeout,
+        )
+        ends: dict[TP, int] = {}
+        for tp, future in futures.items():
+            try:
+                ends[(tp.topic, tp.partition)] = future.result().offset
+            except KafkaException as exc:  # lag is best-effort: unknown rather than wrong
+                log.warning("no end offset for %s[%d]: %s", tp.topic, tp.partition, exc)
+        self._ends = ends
+        self._at = time.monotonic()
+
+
+class QueryServer:
+    """Serves one worker's projections over HTTP until `stop()`; single use (start once)."""
+
+    def __init__(self, worker: Worker, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.worker = worker
+        self.host = host
+        self.port = port  # the bound port once `start()` returned (port 0 picks a free one)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._waits = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="refold-http-wait")
+        # One publish at a time: the shared Publisher's flush() is not meant for concurrent callers.
+        self._publishing = ThreadPoolExecutor(1, thread_name_prefix="refold-http-publish")
+        self._requests: dict[tuple[str, int], int] = {}
+        self._watermarks = Watermarks(worker.config)
+        # Encoded positions per projection, reused while the runner's positions dict is the same
+        # object: the runtime publishes new positions by replacing the dict, never mutating it.
+        self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Listen on host:port in a daemon thread; returns once listening (ConfigError if not)."""
+        if self._thread is not None:
+            raise ConfigError("this QueryServer was already started; create a new one")
+        self._thread = threading.Thread(target=self._serve, name="refold-http", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise ConfigError(f"HTTP server on {self.host}:{self.port} did not start in {timeout}s")
+        if self._failure is not None:
+            raise ConfigError(
+                f"cannot serve HTTP on {self.host}:{self.port}: {self._failure}",
+                hint="choose another --http HOST:PORT (port 0 picks a free one)",
+            ) from self._failure
+        log.info("query server listening on %s", self.url)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the listener and connections, end the loop thread; idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+        self._waits.shutdown(wait=False, cancel_futures=True)
+        self._publishing.shutdown(wait=False, cancel_futures=True)
+
+    def _serve(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._listen())
+        except BaseException as exc:  # reported to start(), which raises it in the caller
+            self._failure = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+            log.info("query server on %s stopped", self.url)
+
+    async def _listen(self) -> None:
+        app = web.Application(client_max_size=1 << 20)
+        routes: list[tuple[str, str, Handler]] = [  # the router tries them in this order
+            ("GET", "/projections/{name}/{key:.+}", self.get_key),
+            ("GET", "/projections/{name}", self.scan),
+            ("GET", "/projections", self.projections),
+            ("GET", "/healthz", self.healthz),
+            ("GET", "/metrics", self.metrics),
+            ("POST", "/events/{topic}", self.post_event),
+        ]
+        # Per-route wrappers instead of a middleware: aiohttp adds a second layer per request
+        # once an app has any middleware, and the key lookup is the hot path.
+        for method, path, handler in routes:
+            resource = app.router.add_resource(path)
+            resource.add_route(method, self._guard(resource.canonical, handler))
+            refuse = _refuse(405, "method not allowed", allow=method)
+            resource.add_route("*", self._guard(resource.canonical, refuse))
+        app.router.add_route("*", "/{path:.*}", self._guard("unmatched", _refuse(404, "no route")))
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = self._runner.addresses[0][1]
+
+    def _guard(self, route: str, handler: Handler) -> Handler:
+        """`handler`, answering a JSON error for whatever it raises, counting every answer."""
+        counts = self._requests
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:  # aiohttp's own, e.g. 413 for a body too large
+                where = f"{request.method} {request.path}"
+                response = _error(exc.status, exc.reason.lower(), where)
+            except Exception as exc:
+                log.exception("%s %s failed", request.method, request.path_qs)
+                response = _error(500, "internal error", f"{type(exc).__name__}: {exc}")
+            counter = (route, response.status)
+            counts[counter] = counts.get(counter, 0) + 1
+            return response
+
+        return guarded
+
+    # -- projections ------------------------------------------------------------------------
+
+    async def get_key(self, request: web.Request) -> web.StreamResponse:
+        """`GET /projections/{name}/{key}`: one key's state and the runner's position."""
+        info = request.match_info
+        name = info["name"]
+        runner = self.worker.runners.get(name)
+        if runner is None:
+            return self._unknown(name)
+        if runner.stats.state in _DOWN:
+            return self._unavailable(runner)
+        if request.query_string:
+            refused = await self._reach(runner, request)
+            if refused is not None:
+                return refused
+        key = info["key"]
+        positions = runner.stats.positions  # before the state: the state is at least this new
+        try:
+            state = runner.store.get(key)
+        except StoreError as exc:
+            return self._unavailable(runner, exc)
+        if state is None:
+            return _error(404, "no state for key",
+                          f"projection {name!r} has no state for key {key!r}",
+                          position=_position(positions))
+        cached = self._position_cache.get(name)
+        if cached is None or cached[0] is not positions:
+            cached = (positions, _dumps(_position(positions)))
+            self._position_cache[name] = cached
+        body = b'{"key":%b,"state":%b,"position":%b}' % (_dumps(key), _dumps(state), cached[1])
+        return web.Response(body=body, content_type=_JSON)
+
+    async def scan(self, request: web.Request) -> web.StreamResponse:
+        """`GET /projections/{name}?prefix=&after=&limit=`: a page of keys in byte order."""
+        name = request.match_info["name"]
+        runner = self.worker.runners.get(name)
+        if runner is None:
+            return self._unknown(name)
+        if runner.stats.state in _DOWN:
+            return self._unavailable(runner)
+        query = request.query
+        try:
+            limit = _count(query.get("limit", str(DEFAULT_LIMIT)), "limit", 1, MAX_LIMIT)
+        except InputError as exc:
+            return _error(400, "bad query", str(exc))
+        refused = await self._reach(runner, request)
+        if refused is not None:
+            return refused
+        positions = runner.stats.positions
+        try:
+            # One more than asked: `next` is null exactly when nothing follows this page.
+            rows = runner.store.scan(query.get("prefix", ""), query.get("after"), limit + 1)
+        except StoreError as exc:
+            return self._unavailable(runner, exc)
+        page = rows[:limit]
+        return _respond(200, {
+            "items": [{"key": k, "state": s} for k, s in page],
+            "next": page[-1][0] if len(rows) > limit else None,
+            "position": _position(positions),
+        })
+
+    async def _reach(self, runner: ProjectionRunner, request: web.Request) -> web.Response | None:
+        """None once the runner folded the query's `min_offset`, else the 400/409 answer."""
+        query = request.query
+        raw = query.get("min_offset")
+        try:
+            wait_ms = _count(query.get("wait_ms", "0"), "wait_ms", 0, MAX_WAIT_MS)
+            if raw is None:
+                return None
+            wanted = parse_min_offset(raw, runner.projection.topics)
+        except InputError as exc:
+            return _error(400, "bad query", str(exc))
+        try:
+            if runner.reached(wanted):
+                return None
+            if wait_ms and await asyncio.get_running_loop().run_in_executor(
+                self._waits, runner.wait_for, wanted, wait_ms / 1000
+            ):
+                return None
+        except StoreError as exc:
+            return self._unavailable(runner, exc)
+        return _error(
+            409, "position not reached",
+            f"projection {runner.name!r} ({runner.stats.state}) has not folded "
+            f"min_offset={raw} after waiting {wait_ms} ms",
+            position=_position(runner.stats.positions),
+        )
+
+    def _unknown(self, name: str) -> web.Response:
+        known = ", ".join(sorted(self.worker.runners)) or "none"
+        return _error(404, "unknown projection", f"no projection {name!r}; known: {known}")
+
+    def _unavailable(self, runner: ProjectionRunner, exc: StoreError | None = None) -> web.Response:
+        stats = runner.stats
+        if exc is not None:
+            log.warning("projection %s unreadable (%s): %s", runner.name, stats.state, exc)
+        reason = exc or stats.error or "its runner ended"
+        return _error(503, "projection unavailable",
+                      f"projection {runner.name!r} is {stats.state}: {reason}")
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def post_event(self, request: web.Request) -> web.StreamResponse:
+        """`POST /events/{topic}` with `{"type","key","data"}`: 201 with where it landed."""
+        topic = request.match_info["topic"]
+        if topic.startswith("_") or topic.startswith(_DLQ_PREFIX):
+            return _error(403, "internal topic", f"topic {topic!r} is written by refold only")
+        body = await request.read()
+        try:
+            obj = _loads(body)
+        except ValueError as exc:
+            return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
+        try:
+            event = event_from_json(obj, self.worker.codec)
+        except InputError as exc:
+            return _error(422, "invalid event", str(exc))
+        try:
+            where = await asyncio.get_running_loop().run_in_executor(
+                self._publishing, self._publish, topic, event
+            )
+        except TopicError as exc:
+            if exc.__cause__ is None:  # Topics raises without a cause only for a missing topic
+                return _error(404, "unknown topic", str(exc))
+            log.warning("POST /events/%s: %s", topic, exc)
+            return _error(503, "broker unavailable", str(exc))
+        except PublishError as exc:
+            log.error("POST /events/%s: %s", topic, exc)
+            return _error(503, "not acknowledged", str(exc))
+        return _respond(201, {"topic": where.topic, "partition": where.partition,
+                              "offset": where.offset})
+
+    def _publish(self, topic: str, event: EventInput) -> Position:
+        return self.worker.publisher.publish_encoded(topic, [event])[0]
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        """`GET /healthz`: 200 while no projection failed, else 503; each runner's state."""
+        states = {name: r.stats.state for name, r in self.worker.runners.items()}
+        failed = any(state == "failed" for state in states.values())
+        return _respond(503 if failed else 200,
+                        {"status": "failed" if failed else "ok", "projections": states})
+
+    async def projections(self, request: web.Request) -> web.StreamResponse:
+        """`GET /projections`: every runner with its counters, positions and lag."""
+        runners = list(self.worker.runners.values())
+        marks = self._watermarks
+        loop = asyncio.get_running_loop()
+        described = await loop.run_in_executor(None, lambda: [_describe(r, marks) for r in runners])
+        return _respond(200, described)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        """`GET /metrics`: Prometheus text format 0.0.4."""
+        requests = dict(self._requests)  # snapshot on the loop thread, the only writer
+        runners = list(self.worker.runners.values())
+        loop = asyncio.get_running_loop()
+        text = await loop.run_in_executor(
+            None, _metrics_text, runners, self._watermarks, requests
+        )
+        return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
+
+
+def _partitions(runner: ProjectionRunner, watermarks: Watermarks) -> list[dict[str, Any]]:
+    """Owned partitions with next offset and lag (None when unknown)."""
+    positions = runner.stats.positions
+    owned = sorted(set(positions) | set(runner.stats.assigned))
+    ends = watermarks.ends(owned)
+    out: list[dict[str, Any]] = []
+    for t, p in owned:
+        nxt, end = positions.get((t, p)), ends.get((t, p))
+        lag = None if nxt is None or end is None else max(0, end - nxt)
+        out.append({"topic": t, "partition": p, "next_offset": nxt, "lag": lag})
+    return out
+
+
+def _describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]:
+    stats = runner.stats
+    return {
+        "name": runner.name,
+        "version": runner.version,
+        "state": stats.state,
+        "error": stats.error,
+        "topics": list(runner.projection.topics),
+        "partitions": _partitions(runner, watermarks),
+        "events_folded": stats.folded,
+        "dead_letters": stats.dead_letters,
+        "skipped": stats.skipped,
+    }
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _metrics_text(
+    runners: list[ProjectionRunner],
+    watermarks: Watermarks,
+    requests: Mapping[tuple[str, int], int],
+) -> str:
+    lines: list[str] = []
+
+    def family(name: str, kind: str, doc: str, samples: list[tuple[dict[str, Any], int]]) -> None:
+        lines.append(f"# HELP {name} {doc}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            lines.append(f"{name}{{{text}}} {value}")
+
+    partitions = {r.name: _partitions(r, watermarks) for r in runners}
+    family("refold_projection_up", "gauge", "1 while the projection's runner is not stopped or "
+           "failed.", [({"projection": r.name}, int(r.stats.state in ("starting", "running")))
+                       for r in runners])
+    family("refold_events_folded_total", "counter", "Events folded into the projection's store.",
+           [({"projection": r.name}, r.stats.folded) for r in runners])
+    family("refold_dead_letters_total", "counter", "Poison events sent to the dead-letter topic.",
+           [({"projection": r.name}, r.stats.dead_letters) for r in runners])
+    family("refold_events_skipped_total", "counter", "Events with no key to fold under.",
+           [({"projection": r.name}, r.stats.skipped) for r in runners])
+    family("refold_projection_next_offset", "gauge", "Next offset to fold per source partition.",
+           [({"projection": name, "topic": p["topic"], "partition": p["partition"]},
+             p["next_offset"]) for name, ps in partitions.items() for p in ps
+            if p["next_offset"] is not None])
+    family("refold_projection_lag", "gauge", "Records in the partition not folded yet.",
+           [({"projection": name, "topic": p["topic"], "partition": p["partition"]}, p["lag"])
+            for name, ps in partitions.items() for p in ps if p["lag"] is not None])
+    family("refold_http_requests_total", "counter", "HTTP requests answered, by route and status.",
+           [({"route": route, "status": status}, n)
+            for (route, status), n in sorted(requests.items())])
+    return "\n".join(lines) + "\n"
