@@ -200,7 +200,11 @@ def start(
     jars, java = ensure_jars(), _java()
     with _locked(config):
         if fresh:
-            old = _recorded_nodes(config)
+            try:
+                old = _recorded_nodes(config)
+            except BrokerError as exc:  # a broken record is one reason to start fresh
+                log.warning("ignoring %s", exc)
+                old = []
             _signal_and_wait(config, old, 30.0)
             _wipe(config)
             if port is None and old and _port_free(old[0].port):
