@@ -29,19 +29,33 @@ def projection_classes(module_name: str) -> list[type[Projection]]:
     ]
 
 
-def load_projections(app_modules: Iterable[str] = (), *, bundled: bool = True) -> list[Projection]:
-    """Instantiate every projection; clear errors for malformed or duplicate ones."""
+def load_versions(
+    app_modules: Iterable[str] = (), *, bundled: bool = True
+) -> dict[str, dict[int, Projection]]:
+    """Every projection class by name and version. A module may keep the previous version's
+    class beside the new one (same name, lower version) so the live version keeps its own fold
+    while the new one is rebuilt; the same name and version twice is an error."""
     modules = [*(BUNDLED if bundled else ()), *app_modules]
-    found: dict[str, Projection] = {}
+    found: dict[str, dict[int, Projection]] = {}
     for module_name in dict.fromkeys(modules):
         for cls in projection_classes(module_name):
             cls.validate()
-            if cls.name in found:
-                other = type(found[cls.name])
+            versions = found.setdefault(cls.name, {})
+            if cls.version in versions:
+                other = type(versions[cls.version])
                 raise ProjectionError(
-                    f"duplicate projection name {cls.name!r}: {cls.__module__}.{cls.__qualname__} "
-                    f"and {other.__module__}.{other.__qualname__}",
-                    hint="give each projection its own name",
+                    f"duplicate projection name {cls.name!r} (version {cls.version}): "
+                    f"{cls.__module__}.{cls.__qualname__} and "
+                    f"{other.__module__}.{other.__qualname__}",
+                    hint="give each projection its own name, or bump the version",
                 )
-            found[cls.name] = cls()
-    return list(found.values())
+            versions[cls.version] = cls()
+    return found
+
+
+def load_projections(app_modules: Iterable[str] = (), *, bundled: bool = True) -> list[Projection]:
+    """The newest version of every projection (the code version)."""
+    return [
+        versions[max(versions)]
+        for versions in load_versions(app_modules, bundled=bundled).values()
+    ]

@@ -184,9 +184,9 @@ def _open_reader(config: Config, name: str):  # type: ignore[no-untyped-def]
     import tempfile
 
     from projections.store import RocksStore
-    from streams.runtime import live_version, store_path
+    from streams.versions import live_version, store_path
 
-    version = live_version(config, name)
+    version = live_version(config, name) or 1
     path = store_path(config, name, version)
     if not path.is_dir():
         raise InputError(
@@ -198,6 +198,27 @@ def _open_reader(config: Config, name: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:
+    if args.as_of:
+        from streams.registry import codec_for
+        from streams.timetravel import fold_as_of, parse_time
+
+        if args.key is None:
+            raise InputError("--as-of needs a KEY")
+        moment = parse_time(args.as_of)
+        found = fold_as_of(
+            config, codec_for(config), _projection(config, args.name), args.key, moment
+        )
+        if found.state is None:
+            raise InputError(f"no state for key {args.key!r} in {args.name} as of {args.as_of}")
+        _out(
+            {
+                "key": found.key,
+                "state": found.state,
+                "position": found.position,
+                "as_of": moment.isoformat(),
+            }
+        )
+        return 0
     store, _version = _open_reader(config, args.name)
     try:
         if args.key is not None:
@@ -214,16 +235,19 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    import tempfile
+
     from confluent_kafka import Consumer, TopicPartition
 
     from projections.loader import load_projections
-    from streams.runtime import live_version, store_path
+    from projections.store import RocksStore
+    from streams.versions import live_version, store_path
 
     consumer = Consumer(config.kafka(**{"group.id": "refold-status"}))
     rows = []
     try:
         for projection in load_projections(config.app_modules):
-            version = live_version(config, projection.name)
+            version = live_version(config, projection.name) or projection.version
             offsets: dict[tuple[str, int], int] = {}
             dead = folded = 0
             if store_path(config, projection.name, version).is_dir():
@@ -242,11 +266,27 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                         TopicPartition(topic, p), timeout=10
                     )
                     lag += max(0, high - offsets.get((topic, p), 0))
+            building = None
+            if (
+                projection.version != version
+                and store_path(config, projection.name, projection.version).is_dir()
+            ):
+                view = RocksStore.open_secondary(
+                    store_path(config, projection.name, projection.version),
+                    Path(tempfile.mkdtemp(prefix="refold-status-")),
+                )
+                try:
+                    done = sum(view.offsets().values())
+                finally:
+                    view.close()
+                total = sum(offsets.values()) + lag
+                building = {"version": projection.version, "position": done, "of": total}
             rows.append(
                 {
                     "projection": projection.name,
                     "version": version,
                     "code_version": projection.version,
+                    "building": building,
                     "events_folded": folded,
                     "lag": lag,
                     "dead_letters": dead,
@@ -262,10 +302,79 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         print(f"{'PROJECTION':<16} {'VERSION':>7} {'FOLDED':>10} {'LAG':>8} {'DEAD':>6}  OFFSETS")
         for row in rows:
             offs = " ".join(f"{k}={v}" for k, v in row["offsets"].items()) or "-"
+            if row["building"]:
+                b = row["building"]
+                offs += f"  (building v{b['version']}: {b['position']}/{b['of']})"
             print(
                 f"{row['projection']:<16} {row['version']:>7} {row['events_folded']:>10} "
                 f"{row['lag']:>8} {row['dead_letters']:>6}  {offs}"
             )
+    return 0
+
+
+def _projection(config: Config, name: str):  # type: ignore[no-untyped-def]
+    from projections.loader import load_versions
+
+    versions = load_versions(config.app_modules)
+    if name not in versions:
+        raise InputError(
+            f"unknown projection {name!r}", hint="known: " + ", ".join(sorted(versions))
+        )
+    return versions[name][max(versions[name])]
+
+
+def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    from streams.registry import codec_for
+    from streams.replay import plan, replay
+
+    if args.app:
+        config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
+    projection = _projection(config, args.name)
+    version = args.version or projection.version
+    if args.dry_run:
+        print(plan(config, projection, version).describe())
+        return 0
+    result = replay(
+        config,
+        codec_for(config),
+        projection,
+        version,
+        diff=args.diff,
+        swap=args.swap,
+        diff_path=Path(args.diff_file) if args.diff_file else None,
+        progress=None if args.quiet else sys.stderr,
+    )
+    rate = result.folded / result.seconds if result.seconds else 0.0
+    print(
+        f"{args.name} v{version}: folded {result.folded} events in {result.seconds:.1f} s "
+        f"({rate:,.0f} events/s), caught up with the live version"
+    )
+    if result.diff is not None:
+        print(result.diff.describe())
+        for row in result.diff.samples:
+            print(
+                f"  {row['change']:<8} {row['key']}: {json.dumps(row['before'])} -> "
+                f"{json.dumps(row['after'])}"
+            )
+        print(f"full diff: {result.diff.path}")
+    if result.swapped:
+        print(f"v{version} is live (the previous version stays for `refold rollback {args.name}`)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
+    from streams.versions import rollback
+
+    current, target = rollback(config, args.name)
+    print(f"{args.name}: v{target} is live again (was v{current})")
+    return 0
+
+
+def cmd_drop(args: argparse.Namespace, config: Config) -> int:
+    from streams.versions import drop
+
+    drop(config, args.name, args.version)
+    print(f"{args.name}: dropped v{args.version}")
     return 0
 
 
@@ -294,6 +403,9 @@ COMMANDS: dict[str, Command] = {
     "query": cmd_query,
     "status": cmd_status,
     "dead-letters": cmd_dead_letters,
+    "replay": cmd_replay,
+    "rollback": cmd_rollback,
+    "drop": cmd_drop,
     "demo": cmd_demo,
 }
 
@@ -347,6 +459,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", nargs="?")
     p.add_argument("--prefix", help="list keys starting with this")
     p.add_argument("--limit", type=int, default=100)
+    p.add_argument(
+        "--as-of", metavar="TIME", help="the key's state at an ISO-8601 time (from the log)"
+    )
+
+    p = sub.add_parser(
+        "replay", help="rebuild a projection version from offset 0 beside the live one"
+    )
+    p.add_argument("name")
+    p.add_argument("--version", type=int, help="version number to build (default: the code's)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument(
+        "--diff", action="store_true", help="compare with the live version once caught up"
+    )
+    p.add_argument("--diff-file", help="where to write the full diff (JSON lines)")
+    p.add_argument("--swap", action="store_true", help="make it live once caught up")
+    p.add_argument("--app", help="comma-separated modules with projections (env REFOLD_APP)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = sub.add_parser("rollback", help="make the previous version of a projection live again")
+    p.add_argument("name")
+
+    p = sub.add_parser("drop", help="delete a (not live) version of a projection")
+    p.add_argument("name")
+    p.add_argument("--version", type=int, required=True)
 
     p = sub.add_parser("status", help="every projection with version, offsets, lag, dead letters")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")

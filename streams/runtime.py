@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import (
@@ -39,6 +38,7 @@ from streams.config import Config
 from streams.errors import DecodeError, ProjectionError
 from streams.reader import event_from_message
 from streams.serde import Codec
+from streams.versions import store_path
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,6 @@ def group_id(name: str, version: int) -> str:
 
 def dead_letter_topic_name(name: str) -> str:
     return f"refold.dlq.{name}"
-
-
-def store_path(config: Config, name: str, version: int) -> Path:
-    return config.data_dir / "projections" / name / f"v{version}"
-
-
-def live_version(config: Config, name: str, default: int = 1) -> int:
-    """The version queries read: the `LIVE` pointer file, else the only version on disk."""
-    root = config.data_dir / "projections" / name
-    try:
-        return int((root / "LIVE").read_text().strip())
-    except (FileNotFoundError, ValueError):
-        versions = sorted(int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit())
-        return versions[-1] if versions else default
 
 
 @dataclass(slots=True)
@@ -105,6 +91,7 @@ class ProjectionRunner:
         version: int | None = None,
         batch_size: int = 5000,
         consumer_conf: Mapping[str, object] | None = None,
+        replay_below: Mapping[TP, int] | None = None,
     ) -> None:
         self.config = config
         self.codec = codec
@@ -113,6 +100,7 @@ class ProjectionRunner:
         self.name = projection.name
         self.dlq_topic = dead_letter_topic_name(self.name)
         self.store: Store = store or RocksStore.open(store_path(config, self.name, self.version))
+        self.started_at = time.monotonic()
         self.stats = RunnerStats(
             folded=int(self.store.meta("events_folded") or 0),
             dead_letters=int(self.store.meta("dead_letters") or 0),
@@ -123,6 +111,11 @@ class ProjectionRunner:
         self._cache: dict[str, Any] = {}
         self._next: dict[TP, int] = {}
         self._rekeys = projection.rekeys
+        # Positions below these were already processed by the live version: events there are
+        # marked `replay` so side-effecting handlers do not repeat themselves.
+        self._replay_below = dict(replay_below or {})
+        self._bounds: dict[TP, int] = {}
+        self._paused: set[TP] = set()
         self._stop = threading.Event()
         self._changed = threading.Condition()
         conf = config.kafka(
@@ -158,21 +151,107 @@ class ProjectionRunner:
                 if msgs:
                     self._process(msgs)
         except Exception as exc:
-            log.exception("projection %s v%d failed", self.name, self.version)
-            self.stats.state = "failed"
-            self.stats.error = f"{type(exc).__name__}: {exc}"
+            self._failed(exc)
         finally:
-            if self.stats.state != "failed":
-                self.stats.state = "stopped"
-            try:
-                self._consumer.close()
-            finally:
-                self.store.close()
-            with self._changed:
-                self._changed.notify_all()
+            self.close()
+
+    def _failed(self, exc: Exception) -> None:
+        log.exception("projection %s v%d failed", self.name, self.version)
+        self.stats.state = "failed"
+        self.stats.error = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        if self.stats.state != "failed":
+            self.stats.state = "stopped"
+        try:
+            self._consumer.close()
+        finally:
+            self.store.close()
+        with self._changed:
+            self._changed.notify_all()
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- bounded folding (rebuilds) ---------------------------------------------------------
+
+    def assign_all(self) -> dict[TP, int]:
+        """Own every partition of the source topics (no group: a rebuild reads them all) from
+        the store's offsets; returns the high watermarks seen."""
+        stored = self.store.offsets()
+        partitions: list[TopicPartition] = []
+        ends: dict[TP, int] = {}
+        for topic in self.projection.topics:
+            md = self._consumer.list_topics(topic, timeout=10).topics[topic]
+            for p in sorted(md.partitions):
+                tp = (topic, p)
+                self._next[tp] = stored.get(tp, 0)
+                partitions.append(TopicPartition(topic, p, stored.get(tp, OFFSET_BEGINNING)))
+                ends[tp] = self._consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+        self._consumer.assign(partitions)
+        self._publish_assignment(self._consumer)
+        self.stats.state = "running"
+        return ends
+
+    def end_offsets(self) -> dict[TP, int]:
+        return {
+            tp: self._consumer.get_watermark_offsets(TopicPartition(*tp), 10)[1]
+            for tp in self.stats.assigned
+        }
+
+    def run_until(self, bounds: Mapping[TP, int], timeout: float | None = None) -> bool:
+        """Fold every assigned partition up to (not including) its bound, then stop reading it.
+
+        Returns True once all bounds are reached, False on timeout or `stop()`.
+        """
+        self._bounds = dict(bounds)
+        resume = [
+            TopicPartition(t, p, self._next.get((t, p), 0))
+            for t, p in self._paused
+            if self._next.get((t, p), 0) < self._bounds.get((t, p), 0)
+        ]
+        if resume:
+            self._consumer.resume(resume)
+            for tp in resume:
+                self._paused.discard((tp.topic, tp.partition))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.is_set():
+            if self._bounds_reached():
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            msgs = self._consumer.consume(self._batch_size, 0.1)
+            if msgs:
+                self._process(self._within_bounds(msgs))
+        return False
+
+    def _within_bounds(self, msgs: list[Message]) -> list[Message]:
+        bounds = self._bounds
+        kept = []
+        beyond: dict[TP, int] = {}
+        for msg in msgs:
+            if msg.error() is None:
+                tp = (msg.topic(), msg.partition())
+                if msg.offset() >= bounds.get(tp, 1 << 62):
+                    beyond.setdefault(tp, msg.offset())
+                    continue
+            kept.append(msg)
+        if beyond:
+            tps = [TopicPartition(t, p, bounds[(t, p)]) for t, p in beyond]
+            self._consumer.pause(tps)
+            for tp in tps:
+                self._consumer.seek(tp)  # the records beyond the bound are read again later
+            self._paused.update(beyond)
+        return kept
+
+    def _bounds_reached(self) -> bool:
+        pending = [tp for tp, bound in self._bounds.items() if self._next.get(tp, 0) < bound]
+        if not pending:
+            return True
+        # Transaction markers occupy offsets that are never delivered: trust the consumer's
+        # position for partitions whose folded offset stopped short of the bound.
+        positions = self._consumer.position([TopicPartition(*tp) for tp in pending])
+        return all(tp.offset >= self._bounds[(tp.topic, tp.partition)] for tp in positions)
 
     # -- rebalancing ------------------------------------------------------------------------
 
@@ -232,6 +311,7 @@ class ProjectionRunner:
         changed: dict[str, Any] = {}
         links: dict[str, str] = {}
         expected = self._next
+        replay_below = self._replay_below
         folded = skipped = 0
         if not self._rekeys:
             wanted = {m.key() for m in msgs if m.error() is None and m.key() is not None}
@@ -255,6 +335,8 @@ class ProjectionRunner:
                 event = event_from_message(codec, msg)
             except DecodeError as exc:
                 raise _Poison(index, f"undecodable: {exc}") from exc
+            if replay_below and offset < replay_below.get(tp, 0):
+                event.replay = True
             try:
                 if self._rekeys:
                     key = projection.key(event)

@@ -55,6 +55,7 @@ class Event:
         "key",
         "offset",
         "partition",
+        "replay",
         "timestamp_ms",
         "topic",
         "type",
@@ -80,6 +81,9 @@ class Event:
         self.timestamp_ms = timestamp_ms
         self._headers = headers
         self._envelope: dict[str, str] | None = None
+        #: True while a rebuild folds a position the live version already processed: handlers
+        #: with side effects (notifications, dispatch) must not repeat them then.
+        self.replay = False
 
     def _env(self) -> dict[str, str]:
         if self._envelope is None:

@@ -1,28 +1,39 @@
-"""`refold worker`: every projection's runner in its own thread, sharing one dead-letter producer."""
+"""`refold worker`: every projection's runner in its own thread, sharing one dead-letter producer.
+
+Per projection the worker serves the LIVE version. When the code's version is newer than the live
+one, it also builds the new version in the background (from offset zero, beside the live one) and,
+once caught up, either swaps (`on_new_version = "swap"`) or waits for `refold replay NAME --swap`.
+A watcher follows the LIVE pointer, so a swap or rollback made by another process takes effect
+here without a restart: the target version is caught up first, then queries switch to it.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 
 from confluent_kafka import Producer
 
-from projections.loader import load_projections
+from projections.loader import load_versions
 from projections.projection import Projection
 from streams.config import Config
 from streams.errors import ProjectionError
 from streams.publisher import Publisher
 from streams.registry import codec_for
-from streams.runtime import ProjectionRunner, dead_letter_topic_name
+from streams.runtime import TP, ProjectionRunner, dead_letter_topic_name
 from streams.serde import Codec
 from streams.topics import INTERNAL_TOPICS, Topics, dead_letter_topic
+from streams.versions import live_version, set_live
 
 log = logging.getLogger(__name__)
 
+SWITCH_GRACE_S = 2.0  # an old version keeps answering this long after queries moved away
+
 
 class Worker:
-    """Owns the runners of one process; the query server reads through it."""
+    """Owns the runners of one process; the query server reads through `runner(name)`."""
 
     def __init__(
         self,
@@ -35,23 +46,31 @@ class Worker:
     ) -> None:
         self.config = config
         self.codec = codec or codec_for(config)
-        self.projections = list(
-            load_projections(config.app_modules) if projections is None else projections
-        )
+        if projections is None:
+            self.versions = load_versions(config.app_modules)
+        else:
+            self.versions = {}
+            for p in projections:
+                self.versions.setdefault(p.name, {})[p.version] = p
         if only is not None:
             wanted = set(only)
-            unknown = wanted - {p.name for p in self.projections}
+            unknown = wanted - set(self.versions)
             if unknown:
                 raise ProjectionError(f"unknown projection(s) {sorted(unknown)}")
-            self.projections = [p for p in self.projections if p.name in wanted]
+            self.versions = {n: v for n, v in self.versions.items() if n in wanted}
+        self.projections = [v[max(v)] for v in self.versions.values()]
         self._batch_size = batch_size
         self._topics = Topics(config)
         self._check_sources()
         self._dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
-        self.runners: dict[str, ProjectionRunner] = {}
+        self.runners: dict[str, ProjectionRunner] = {}  # the live version of each projection
+        self.builds: dict[str, ProjectionRunner] = {}  # newer code versions being built
         self._threads: list[threading.Thread] = []
+        self._retired: list[ProjectionRunner] = []
         self._publisher: Publisher | None = None
         self._publisher_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def _check_sources(self) -> None:
         for projection in self.projections:
@@ -71,6 +90,8 @@ class Worker:
                 self._publisher = Publisher(self.config, self.codec)
             return self._publisher
 
+    # -- lifecycle --------------------------------------------------------------------------
+
     def start(self) -> None:
         self._topics.ensure(
             [
@@ -78,23 +99,49 @@ class Worker:
                 *(dead_letter_topic(dead_letter_topic_name(p.name)) for p in self.projections),
             ]
         )
-        for projection in self.projections:
-            runner = ProjectionRunner(
-                self.config,
-                self.codec,
-                projection,
-                dead_letters=self._dlq,
-                batch_size=self._batch_size,
-            )
-            self.runners[projection.name] = runner
-            thread = threading.Thread(
-                target=runner.run, name=f"fold-{projection.name}", daemon=True
-            )
-            self._threads.append(thread)
-            thread.start()
+        for name, versions in self.versions.items():
+            code = max(versions)
+            live = live_version(self.config, name)
+            if live is None:
+                set_live(self.config, name, code)
+                live = code
+            serving = self._start_runner(name, live)
+            self.runners[name] = serving
+            if code > live:
+                log.info("%s: building v%d beside live v%d", name, code, live)
+                self.builds[name] = self._start_runner(
+                    name, code, replay_below=serving.store.offsets()
+                )
+        self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
+        self._watcher.start()
+
+    def _fold_for(self, name: str, version: int) -> Projection:
+        """The class written for that version if the code still has it, else the newest."""
+        versions = self.versions[name]
+        return versions.get(version) or versions[max(versions)]
+
+    def _start_runner(
+        self, name: str, version: int, replay_below: dict[TP, int] | None = None
+    ) -> ProjectionRunner:
+        runner = ProjectionRunner(
+            self.config,
+            self.codec,
+            self._fold_for(name, version),
+            dead_letters=self._dlq,
+            version=version,
+            batch_size=self._batch_size,
+            replay_below=replay_below,
+        )
+        thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return runner
 
     def stop(self, timeout: float = 30.0) -> None:
-        for runner in self.runners.values():
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout)
+        for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:
             runner.stop()
         for thread in self._threads:
             thread.join(timeout)
@@ -110,3 +157,53 @@ class Worker:
                 f"unknown projection {name!r}",
                 hint="known: " + ", ".join(sorted(self.runners)),
             ) from None
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.3):
+            for name in list(self.runners):
+                try:
+                    self._follow_pointer(name)
+                except Exception:  # keep serving the current version; say why it did not move
+                    log.exception("%s: could not follow the LIVE pointer", name)
+
+    def _follow_pointer(self, name: str) -> None:
+        serving = self.runners[name]
+        live = live_version(self.config, name)
+        build = self.builds.get(name)
+        if live is not None and live != serving.version:
+            self._switch(name, live)
+        elif (
+            build is not None
+            and self._fold_for(name, build.version).on_new_version == "swap"
+            and build.stats.state == "running"
+            and build.reached(_folded(serving))
+        ):
+            log.info("%s: v%d caught up with v%d, swapping", name, build.version, serving.version)
+            set_live(self.config, name, build.version)
+            self._switch(name, build.version)
+
+    def _switch(self, name: str, version: int) -> None:
+        old = self.runners[name]
+        build = self.builds.get(name)
+        if build is not None and build.version == version:
+            new = self.builds.pop(name)
+        else:
+            new = self._start_runner(name, version)
+        deadline = time.monotonic() + 60
+        while not new.reached(_folded(old)) and time.monotonic() < deadline:
+            if new.stats.state == "failed" or self._stopping.is_set():
+                break
+            time.sleep(0.05)
+        self.runners[name] = new
+        log.info("%s: queries now read v%d (was v%d)", name, version, old.version)
+        self._retired.append(old)
+        timer = threading.Timer(SWITCH_GRACE_S, old.stop)
+        timer.daemon = True
+        timer.start()
+
+
+def _folded(runner: ProjectionRunner) -> dict[TP, int]:
+    """The last offset `runner` folded per partition (for `reached`)."""
+    return {tp: nxt - 1 for tp, nxt in runner.stats.positions.items() if nxt > 0}

@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 
 from projections.store import RocksStore
 from streams.config import Config
+from streams.errors import StoreError
 from streams.publisher import Publisher
 from streams.reader import dead_letters
 from streams.registry import codec_for
@@ -121,8 +122,12 @@ def wait_caught_up(workers: list[WorkerProcess], ends: dict, timeout: float = 90
         reached: dict = {}
         for w in workers:
             path = store_path(Config(data_dir=w.data_dir), w.name, 1)
-            if path.is_dir():
-                for tp, off in w.store_snapshot()[0].items():
+            if (path / "CURRENT").is_file():
+                try:
+                    snapshot = w.store_snapshot()[0]
+                except StoreError:  # the worker is still creating the store
+                    continue
+                for tp, off in snapshot.items():
                     reached[tp] = max(off, reached.get(tp, 0))
         if all(reached.get(tp, 0) >= off for tp, off in ends.items() if off > 0):
             return

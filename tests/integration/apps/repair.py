@@ -1,0 +1,66 @@
+"""Projections for the replay tests. Version 1 of `Repair` has a bug: withdrawals from business
+accounts (keys starting with "biz-") are counted as deposits. Version 2 fixes it. Which versions
+exist is chosen by REPAIR_CODE_VERSIONS ("1" or "1,2"), as a deploy would change the code.
+
+`Effects` stands for a processor with side effects: it counts the events it would act on
+(`live_effects`) and those it must not act on again because the live version already did
+(`event.replay`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from projections import Event, Projection
+
+NAME = os.environ.get("REPAIR_NAME", "repair")
+TOPIC = os.environ.get("REPAIR_TOPIC", "repair.events")
+CODE_VERSIONS = {int(v) for v in os.environ.get("REPAIR_CODE_VERSIONS", "1").split(",")}
+
+
+class RepairV1(Projection):
+    name = NAME
+    topics = (TOPIC,)
+    version = 1
+
+    def initial(self, key: str) -> dict[str, Any]:
+        return {"balance_cents": 0, "events": 0}
+
+    def apply(self, state: dict[str, Any], event: Event) -> dict[str, Any]:
+        amount = event.data["amount_cents"]
+        if event.type == "bank.MoneyWithdrawn" and not self.counts_biz_withdrawals_as_deposits(
+            event
+        ):
+            amount = -amount
+        state["balance_cents"] += amount
+        state["events"] += 1
+        return state
+
+    def counts_biz_withdrawals_as_deposits(self, event: Event) -> bool:
+        return event.key.startswith("biz-")  # the bug
+
+
+class EffectsV1(Projection):
+    name = NAME + "-fx"
+    topics = (TOPIC,)
+    version = 1
+
+    def initial(self, key: str) -> dict[str, Any]:
+        return {"live_effects": 0, "replayed": 0}
+
+    def apply(self, state: dict[str, Any], event: Event) -> dict[str, Any]:
+        state["replayed" if event.replay else "live_effects"] += 1
+        return state
+
+
+if 2 in CODE_VERSIONS:
+
+    class RepairV2(RepairV1):
+        version = 2
+
+        def counts_biz_withdrawals_as_deposits(self, event: Event) -> bool:
+            return False
+
+    class EffectsV2(EffectsV1):
+        version = 2

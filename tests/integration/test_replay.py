@@ -1,0 +1,286 @@
+"""Replay and repair on the real broker: a fold with a bug, the fix as version 2, a shadow
+rebuild while version 1 serves, a diff that names exactly the affected keys, swap, rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from projections.store import RocksStore
+from streams.broker import free_port
+from streams.config import Config
+from streams.errors import StoreError
+from streams.publisher import Publisher
+from streams.registry import codec_for
+from streams.versions import live_version, store_path
+from tests.integration.test_projections import end_offsets
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def story(n: int, seed: int) -> list[tuple[str, str, dict]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        acc = f"{rng.choice(['biz', 'per'])}-{rng.randrange(40):03d}"
+        kind = "bank.MoneyDeposited" if rng.random() < 0.6 else "bank.MoneyWithdrawn"
+        out.append(
+            (kind, acc, {"account_id": acc, "amount_cents": rng.randrange(1, 900), "memo": str(i)})
+        )
+    return out
+
+
+def fold(events, buggy: bool) -> dict[str, dict]:
+    """The oracle: what version 1 (buggy) or version 2 (fixed) must hold."""
+    out: dict[str, dict] = defaultdict(lambda: {"balance_cents": 0, "events": 0})
+    for kind, key, data in events:
+        sign = -1 if kind == "bank.MoneyWithdrawn" and not (buggy and key.startswith("biz-")) else 1
+        out[key]["balance_cents"] += sign * data["amount_cents"]
+        out[key]["events"] += 1
+    return dict(out)
+
+
+class Env:
+    def __init__(self, config: Config, name: str, topic: str, data_dir: Path) -> None:
+        self.name, self.topic, self.data_dir = name, topic, data_dir
+        self.config = Config(data_dir=data_dir, bootstrap_override=config.bootstrap_servers)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def env(self, versions: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "REFOLD_BOOTSTRAP_SERVERS": self.config.bootstrap_servers,
+            "REFOLD_DATA_DIR": str(self.data_dir),
+            "REFOLD_APP": "tests.integration.apps.repair",
+            "REPAIR_NAME": self.name,
+            "REPAIR_TOPIC": self.topic,
+            "REPAIR_CODE_VERSIONS": versions,
+            "PYTHONPATH": str(ROOT),
+        }
+
+    def refold(
+        self, versions: str, *args: str, timeout: float = 180
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "streams.cli", *args],
+            env=self.env(versions),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start_worker(self, versions: str) -> None:
+        log = (self.data_dir.parent / "worker.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streams.cli",
+                "worker",
+                "--only",
+                f"{self.name},{self.name}-fx",
+                "--http",
+                f"127.0.0.1:{self.port}",
+            ],
+            env=self.env(versions),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("worker HTTP did not come up")
+
+    def stop_worker(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+    def get(self, key: str, name: str | None = None) -> tuple[int, dict]:
+        url = f"http://127.0.0.1:{self.port}/projections/{name or self.name}/{key}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def states(self, version: int, name: str | None = None) -> tuple[dict, dict]:
+        view = RocksStore.open_secondary(
+            store_path(self.config, name or self.name, version),
+            self.data_dir.parent / f"sec-{version}-{time.time_ns()}",
+        )
+        try:
+            return dict(view.scan(limit=100_000)), view.offsets()
+        finally:
+            view.close()
+
+    def wait_folded(self, version: int, ends: dict, name: str | None = None) -> None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            path = store_path(self.config, name or self.name, version)
+            if (path / "CURRENT").is_file():
+                try:
+                    _, offsets = self.states(version, name)
+                except StoreError:  # the worker is still creating the store
+                    offsets = {}
+                if all(offsets.get(tp, 0) >= end for tp, end in ends.items()):
+                    return
+            time.sleep(0.3)
+        raise AssertionError(f"v{version} did not fold up to {ends}")
+
+
+def publish(config: Config, topic: str, events) -> None:
+    with Publisher(config, codec_for(config)) as publisher:
+        publisher.publish_many(topic, events)
+
+
+def test_fix_a_bug_by_shadow_rebuild_diff_swap_and_rollback(config, ledger_topic, unique, tmp_path):
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    first, during = story(1500, seed=11), story(400, seed=12)
+    publish(config, ledger_topic, first)
+    env.start_worker("1")
+    env.wait_folded(1, end_offsets(config, ledger_topic))
+    env.stop_worker()
+    assert env.states(1)[0] == fold(first, buggy=True)
+    build_start = end_offsets(config, ledger_topic)
+
+    # Deploy the fix: the worker serves v1 and builds v2 beside it.
+    env.start_worker("1,2")
+    failures: list = []
+    served = 0
+    stop = threading.Event()
+
+    def query_loop() -> None:
+        nonlocal served
+        keys = sorted(fold(first, buggy=False))
+        while not stop.is_set():
+            status, body = env.get(random.choice(keys))
+            if status != 200 or not isinstance(body.get("state", {}).get("balance_cents"), int):
+                failures.append((status, body))
+            served += 1
+
+    loop = threading.Thread(target=query_loop)
+    loop.start()
+    try:
+        publish(config, ledger_topic, during)
+        ends = end_offsets(config, ledger_topic)
+        env.wait_folded(1, ends)
+        done = env.refold("1,2", "replay", env.name, "--diff", "--swap", "--quiet")
+        assert done.returncode == 0, done.stderr
+        everything = first + during
+        affected = {
+            k
+            for k, s in fold(everything, buggy=True).items()
+            if s != fold(everything, buggy=False)[k]
+        }
+        assert affected and all(k.startswith("biz-") for k in affected)
+        assert f"{len(affected)} changed, 0 added, 0 removed" in done.stdout
+        diff_file = Path(done.stdout.split("full diff: ")[1].split()[0])
+        rows = [json.loads(line) for line in diff_file.read_text().splitlines()]
+        assert {r["key"] for r in rows} == affected
+        assert all(r["after"] == fold(everything, buggy=False)[r["key"]] for r in rows)
+
+        assert live_version(env.config, env.name) == 2
+        deadline = time.monotonic() + 30
+        key = sorted(affected)[0]
+        while env.get(key)[1]["state"] != fold(everything, buggy=False)[key]:
+            assert time.monotonic() < deadline, "HTTP did not switch to v2"
+            time.sleep(0.2)
+        more = story(100, seed=13)
+        publish(config, ledger_topic, more)
+        env.wait_folded(2, end_offsets(config, ledger_topic))
+        assert env.states(2)[0] == fold(everything + more, buggy=False)
+
+        # The side-effect processor's v2 saw the pre-build history as replay, the rest as live.
+        fx, _ = env.states(2, f"{env.name}-fx")
+        assert sum(s["replayed"] for s in fx.values()) == sum(build_start.values())
+        assert sum(s["live_effects"] for s in fx.values()) == len(during) + len(more)
+
+        done = env.refold("1,2", "rollback", env.name)
+        assert done.returncode == 0 and "v1 is live again" in done.stdout, done.stderr
+        deadline = time.monotonic() + 30
+        while env.get(key)[1]["state"] != fold(everything + more, buggy=True)[key]:
+            assert time.monotonic() < deadline, "HTTP did not roll back to v1"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        loop.join()
+        env.stop_worker()
+    assert served > 50 and failures == []
+
+
+def test_cli_rebuild_resumes_after_kill_9_and_dry_run_writes_nothing(
+    config, ledger_topic, unique, tmp_path
+):
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(30_000, seed=21)
+    publish(config, ledger_topic, events)
+    env.start_worker("1")
+    ends = end_offsets(config, ledger_topic)
+    env.wait_folded(1, ends)
+    env.stop_worker()
+
+    before = sorted(p.name for p in (tmp_path / "data").rglob("*"))
+    done = env.refold("1,2", "replay", env.name, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert f"events to fold: ~{len(events)}" in done.stdout and "live v1 by v2" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == before
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "replay", env.name, "--quiet"],
+        env=env.env("1,2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    path = store_path(env.config, env.name, 2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill once part of the rebuild is stored
+        if path.is_dir() and sum(env.states(2)[1].values()) > 2000:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    partial = sum(env.states(2)[1].values())
+    assert 0 < partial < len(events)
+
+    done = env.refold("1,2", "replay", env.name, "--diff", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert env.states(2)[0] == fold(events, buggy=False)
+    assert f"folded {len(events) - partial} events" in done.stdout
+    assert live_version(env.config, env.name) == 1  # no --swap
+
+
+def test_as_of_equals_an_independent_fold_up_to_that_time(config, ledger_topic, unique, tmp_path):
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    early = [e for e in story(300, seed=31) if e[1] == "per-001"] or story(5, seed=1)
+    key = early[0][1]
+    publish(config, ledger_topic, early)
+    time.sleep(1.2)
+    moment = datetime.now(UTC)
+    time.sleep(1.2)
+    late = [("bank.MoneyDeposited", key, {"account_id": key, "amount_cents": 7, "memo": "late"})]
+    publish(config, ledger_topic, late)
+    done = env.refold("1", "query", env.name, key, "--as-of", moment.isoformat())
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["state"] == fold([e for e in early if e[1] == key], buggy=True)[key]
+    done = env.refold("1", "query", env.name, key, "--as-of", datetime.now(UTC).isoformat())
+    assert json.loads(done.stdout)["state"] == fold(early + late, buggy=True)[key]
+    done = env.refold("1", "query", env.name, key, "--as-of", "yesterday-ish")
+    assert done.returncode == 2 and "ISO-8601" in done.stderr
