@@ -58,8 +58,7 @@ def event_from_message(codec: Codec, msg: Message) -> Event:
         msg.topic(),
         msg.partition(),
         msg.offset(),
-        msg.timestamp()[1],
-        msg.headers(),
+        record=msg,
     )
 
 

@@ -36,8 +36,7 @@ from projections.projection import Projection
 from projections.store import RocksStore, Store
 from streams.config import Config
 from streams.errors import DecodeError, ProjectionError
-from streams.reader import event_from_message
-from streams.serde import Codec
+from streams.serde import Codec, Event
 from streams.versions import store_path
 
 log = logging.getLogger(__name__)
@@ -115,6 +114,7 @@ class ProjectionRunner:
         # marked `replay` so side-effecting handlers do not repeat themselves.
         self._replay_below = dict(replay_below or {})
         self._bounds: dict[TP, int] = {}
+        self._beyond: dict[TP, int] = {}  # first offset past its bound seen, per partition
         self._paused: set[TP] = set()
         self._stop = threading.Event()
         self._changed = threading.Condition()
@@ -222,27 +222,20 @@ class ProjectionRunner:
                 return False
             msgs = self._consumer.consume(self._batch_size, 0.1)
             if msgs:
-                self._process(self._within_bounds(msgs))
+                self._process(msgs)
+                self._pause_beyond_bounds()
         return False
 
-    def _within_bounds(self, msgs: list[Message]) -> list[Message]:
-        bounds = self._bounds
-        kept = []
-        beyond: dict[TP, int] = {}
-        for msg in msgs:
-            if msg.error() is None:
-                tp = (msg.topic(), msg.partition())
-                if msg.offset() >= bounds.get(tp, 1 << 62):
-                    beyond.setdefault(tp, msg.offset())
-                    continue
-            kept.append(msg)
-        if beyond:
-            tps = [TopicPartition(t, p, bounds[(t, p)]) for t, p in beyond]
-            self._consumer.pause(tps)
-            for tp in tps:
-                self._consumer.seek(tp)  # the records beyond the bound are read again later
-            self._paused.update(beyond)
-        return kept
+    def _pause_beyond_bounds(self) -> None:
+        """Partitions whose records passed their bound stop here; they resume on a new bound."""
+        if not self._beyond:
+            return
+        tps = [TopicPartition(t, p, self._bounds[(t, p)]) for t, p in self._beyond]
+        self._consumer.pause(tps)
+        for tp in tps:
+            self._consumer.seek(tp)  # the records beyond the bound are read again later
+        self._paused.update(self._beyond)
+        self._beyond.clear()
 
     def _bounds_reached(self) -> bool:
         pending = [tp for tp, bound in self._bounds.items() if self._next.get(tp, 0) < bound]
@@ -313,10 +306,15 @@ class ProjectionRunner:
         expected = self._next
         replay_below = self._replay_below
         folded = skipped = 0
-        if not self._rekeys:
-            wanted = {m.key() for m in msgs if m.error() is None and m.key() is not None}
-            missing = [k.decode("utf-8", "replace") for k in wanted]
-            missing = [k for k in missing if k not in cache]
+        rekeys = self._rekeys
+        decode = codec.decode
+        keys = [
+            None if k is None else k.decode("utf-8", "replace") for k in (m.key() for m in msgs)
+        ]
+        bounds = self._bounds
+        beyond = self._beyond
+        if not rekeys:
+            missing = [k for k in set(keys) if k is not None and k not in cache]
             if missing:
                 cache.update(store.get_many(missing))
         for index, msg in enumerate(msgs):
@@ -324,21 +322,30 @@ class ProjectionRunner:
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("%s: consume error %s", self.name, msg.error())
                 continue
-            tp = (msg.topic(), msg.partition())
+            topic = msg.topic()
+            partition = msg.partition()
+            tp = (topic, partition)
             offset = msg.offset()
             if offset < expected.get(tp, 0) or offset < next_offsets.get(tp, 0):
                 continue  # already folded into the store: a redelivery after a seek
-            next_offsets[tp] = offset + 1
-            if index in poisoned:
+            if bounds and offset >= bounds.get(tp, offset + 1):
+                beyond.setdefault(tp, offset)  # a rebuild's bound: read again later
                 continue
+            next_offsets[tp] = offset + 1
+            if poisoned and index in poisoned:
+                continue
+            event_key = keys[index]
             try:
-                event = event_from_message(codec, msg)
+                if event_key is None:
+                    raise DecodeError("record has no key (events are keyed by aggregate id)")
+                type_name, data = decode(msg.value())
             except DecodeError as exc:
                 raise _Poison(index, f"undecodable: {exc}") from exc
+            event = Event(type_name, event_key, data, topic, partition, offset, record=msg)
             if replay_below and offset < replay_below.get(tp, 0):
                 event.replay = True
             try:
-                if self._rekeys:
+                if rekeys:
                     key = projection.key(event)
                     if key is None:
                         key = links.get(event.key) or store.link(event.key)
@@ -348,10 +355,10 @@ class ProjectionRunner:
                     elif links.get(event.key, "") != key and store.link(event.key) != key:
                         links[event.key] = key
                 else:
-                    key = event.key
+                    key = event_key
                 state = cache.get(key, _MISSING)
                 if state is _MISSING:
-                    state = store.get(key) if self._rekeys else None
+                    state = store.get(key) if rekeys else None
                     if state is None:
                         state = initial(key)
                 state = apply(state, event)

@@ -20,6 +20,7 @@ from fastavro.validation import ValidationError
 
 from streams.catalog import Catalog, SchemaVersion
 from streams.errors import DecodeError, EncodeError, SchemaError
+from streams.fastdecode import generate
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -51,12 +52,13 @@ class Event:
     __slots__ = (
         "_envelope",
         "_headers",
+        "_record",
+        "_timestamp_ms",
         "data",
         "key",
         "offset",
         "partition",
         "replay",
-        "timestamp_ms",
         "topic",
         "type",
     )
@@ -71,6 +73,7 @@ class Event:
         offset: int,
         timestamp_ms: int = 0,
         headers: Sequence[tuple[str, bytes | None]] | None = None,
+        record: Any = None,
     ) -> None:
         self.type = type
         self.key = key
@@ -78,15 +81,24 @@ class Event:
         self.topic = topic
         self.partition = partition
         self.offset = offset
-        self.timestamp_ms = timestamp_ms
+        self._timestamp_ms = timestamp_ms
         self._headers = headers
+        self._record = record  # the Kafka message, read lazily for headers and timestamp
         self._envelope: dict[str, str] | None = None
         #: True while a rebuild folds a position the live version already processed: handlers
         #: with side effects (notifications, dispatch) must not repeat them then.
         self.replay = False
 
+    @property
+    def timestamp_ms(self) -> int:
+        if self._record is not None and not self._timestamp_ms:
+            self._timestamp_ms = self._record.timestamp()[1]
+        return self._timestamp_ms
+
     def _env(self) -> dict[str, str]:
         if self._envelope is None:
+            if self._headers is None and self._record is not None:
+                self._headers = self._record.headers()
             self._envelope = header_map(self._headers)
         return self._envelope
 
@@ -277,6 +289,16 @@ class Codec:
 
             return decode_upcast
         schema_r = None if reader.fingerprint == writer.fingerprint else reader.schema
+        fast = generate(schema_w, HEADER_LEN) if schema_r is None else None
+        if fast is not None:
+
+            def decode_fast(value: bytes) -> tuple[str, dict[str, Any]]:
+                try:
+                    return type_name, fast(value)
+                except (IndexError, ValueError, UnicodeDecodeError) as exc:
+                    raise DecodeError(f"Avro body does not decode: {exc}") from exc
+
+            return decode_fast
 
         def decode_resolved(value: bytes) -> tuple[str, dict[str, Any]]:
             return type_name, _read(value, schema_w, schema_r)

@@ -251,8 +251,11 @@ def test_cli_rebuild_resumes_after_kill_9_and_dry_run_writes_nothing(
     path = store_path(env.config, env.name, 2)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # kill once part of the rebuild is stored
-        if path.is_dir() and sum(env.states(2)[1].values()) > 2000:
-            break
+        try:
+            if (path / "CURRENT").is_file() and sum(env.states(2)[1].values()) > 2000:
+                break
+        except StoreError:  # the rebuild is still creating its store
+            pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
