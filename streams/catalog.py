@@ -95,7 +95,7 @@ def load_schema_file(path: Path) -> SchemaVersion:
             f"{path}: an event schema must be an Avro record", hint='"type": "record"'
         )
     try:
-        parsed = fastavro.parse_schema(raw, _write_hint=False)
+        parsed = fastavro.parse_schema(raw)
     except Exception as exc:  # fastavro raises several exception types for bad schemas
         raise SchemaError(f"{path}: invalid Avro schema: {exc}", hint="see the Avro spec") from exc
     full_name = parsed["name"]
@@ -161,7 +161,7 @@ class Catalog:
 
     def learn(self, type_name: str, version: int, schema_json: str) -> SchemaVersion:
         """Add a writer schema read from the registry topic (not present in local files)."""
-        parsed = fastavro.parse_schema(json.loads(schema_json), _write_hint=False)
+        parsed = fastavro.parse_schema(json.loads(schema_json))
         fingerprint, canonical = fingerprint_of(parsed)
         sv = SchemaVersion(type_name, version, parsed, fingerprint, canonical, Path("<registry>"))
         self.by_fingerprint.setdefault(fingerprint, sv)

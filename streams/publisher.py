@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import uuid
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -14,7 +15,7 @@ from streams.config import Config
 from streams.errors import PublishError
 from streams.inputs import EventInput
 from streams.registry import SchemaRegistry
-from streams.serde import Codec, Position, envelope_headers
+from streams.serde import CONTENT_TYPE, SPEC_VERSION, Codec, Headers, Position, now_rfc3339
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ class Publisher:
         self.source = source or f"refold://{socket.gethostname()}"
         self._topics = Topics(config)
         self._registry = SchemaRegistry(config, codec.catalog)
+        # Event ids: a random per-publisher prefix and a counter, unique per source as CloudEvents
+        # requires, and far cheaper than a uuid4 per event.
+        self._id_prefix = f"{uuid.uuid4().hex[:20]}-"
+        self._sequence = 0
+        self._static: dict[str, Headers] = {}
         self._producer = Producer(config.kafka(**{**PRODUCER_DEFAULTS, **(producer_conf or {})}))
 
     def publish(
@@ -90,24 +96,32 @@ class Publisher:
         self._topics.partitions(topic)  # a clear error instead of a minute-long delivery timeout
         for type_name in {e.type for e in events}:
             self._registry.ensure_registered(self.codec.writer_for(type_name), self._producer)
-        positions: list[Position | None] = [None] * len(events)
+        placed: list[tuple[int, int] | None] = [None] * len(events)
         failures: list[tuple[int, str]] = []
 
         def on_delivery(index: int, err: KafkaError | None, msg: Message) -> None:
             if err is not None:
                 failures.append((index, str(err)))
             else:
-                positions[index] = Position(msg.topic(), msg.partition(), msg.offset())
+                placed[index] = (msg.partition(), msg.offset())
 
+        # Per event only the id varies; the rest of the envelope is built once per call.
+        now = now_rfc3339().encode()
+        extra: Headers = []
+        if correlation_id:
+            extra.append(("ce_correlationid", correlation_id.encode()))
+        if causation_id:
+            extra.append(("ce_causationid", causation_id.encode()))
+        constant = {
+            t: [*self._static_headers(t), ("ce_time", now), *extra] for t in {e.type for e in events}
+        }
+        first_id = self._sequence
+        self._sequence += len(events)
+        prefix = self._id_prefix
         produce = self._producer.produce
         for i, event in enumerate(events):
-            headers = envelope_headers(
-                event.type,
-                source=self.source,
-                event_id=event_ids[i] if event_ids else None,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-            )
+            event_id = event_ids[i] if event_ids else f"{prefix}{first_id + i:x}"
+            headers = [("ce_id", event_id.encode()), *constant[event.type]]
             while True:
                 try:
                     produce(
@@ -129,7 +143,18 @@ class Publisher:
                 f"{topic!r}{where}: {reason}",
                 hint="check `refold broker status`; nothing after the first failure is assumed written",
             )
-        return positions  # type: ignore[return-value]
+        return [Position(topic, p, o) for p, o in placed]  # type: ignore[misc]
+
+    def _static_headers(self, type_name: str) -> Headers:
+        headers = self._static.get(type_name)
+        if headers is None:
+            headers = self._static[type_name] = [
+                ("ce_specversion", SPEC_VERSION.encode()),
+                ("ce_type", type_name.encode()),
+                ("ce_source", self.source.encode()),
+                ("content-type", CONTENT_TYPE.encode()),
+            ]
+        return headers
 
     def close(self) -> None:
         self._producer.flush(30)

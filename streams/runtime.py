@@ -147,7 +147,7 @@ class ProjectionRunner:
             )
             self.stats.state = "running"
             while not self._stop.is_set():
-                msgs = self._consumer.consume(self._batch_size, 0.1)
+                msgs = self._next_batch()
                 if msgs:
                     self._process(msgs)
         except Exception as exc:
@@ -166,9 +166,11 @@ class ProjectionRunner:
         try:
             self._consumer.close()
         finally:
-            self.store.close()
-        with self._changed:
-            self._changed.notify_all()
+            try:
+                self.store.close()
+            finally:
+                with self._changed:
+                    self._changed.notify_all()
 
     def stop(self) -> None:
         self._stop.set()
@@ -220,7 +222,7 @@ class ProjectionRunner:
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            msgs = self._consumer.consume(self._batch_size, 0.1)
+            msgs = self._next_batch()
             if msgs:
                 self._process(msgs)
                 self._pause_beyond_bounds()
@@ -260,17 +262,33 @@ class ProjectionRunner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Every batch is committed before the next consume() call, so nothing is pending here.
-        for tp in partitions:
-            self._next.pop((tp.topic, tp.partition), None)
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        for tp in revoked:
+            self._next.pop(tp, None)
         consumer.incremental_unassign(partitions)
-        self._publish_assignment(consumer)
+        # Not consumer.assignment(): during close() the handle is already being destroyed.
+        self._set_owned(tuple(tp for tp in self.stats.assigned if tp not in revoked))
 
     def _publish_assignment(self, consumer: Consumer) -> None:
-        owned = tuple(sorted((tp.topic, tp.partition) for tp in consumer.assignment()))
+        self._set_owned(tuple(sorted((tp.topic, tp.partition) for tp in consumer.assignment())))
+
+    def _set_owned(self, owned: tuple[TP, ...]) -> None:
         self.stats.assigned = owned
         self.stats.positions = {tp: self._next.get(tp, 0) for tp in owned}
 
     # -- folding ----------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[Message]:
+        """Whatever is already fetched, up to the batch size; else wait up to 100 ms for one
+        record. (consume(n, timeout) would hold a lone record back until n arrive or the timeout
+        passes, which is the whole freshness budget at light load.)"""
+        msgs = self._consumer.consume(self._batch_size, 0)
+        if msgs:
+            return msgs
+        first = self._consumer.poll(0.1)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(self._batch_size - 1, 0)]
 
     def _process(self, msgs: list[Message]) -> None:
         poisoned: dict[int, str] = {}
