@@ -1,0 +1,142 @@
+"""HTTP load generator for the query scenario, run as its own process; prints one JSON object.
+
+Keep-alive HTTP/1.1 over `--connections` asyncio connections, one request in flight on each.
+It speaks just enough HTTP (GET, Content-Length bodies) to spend far less CPU per request than
+a full client such as aiohttp, which on a 2-core machine would otherwise be what is measured.
+
+- closed loop (no `--rate`): every connection sends back to back for `--seconds`: the maximum
+  rate this client reaches;
+- open loop (`--rate R`): request i is due at start + i/R; the next free connection takes it,
+  and its latency runs from when it was due, so a stalled server shows as latency (no
+  coordinated omission), not as a lower rate.
+
+Paths come from `--paths FILE` (one per line, picked at random) or `--path`.
+
+    python -m bench.loadgen --base http://127.0.0.1:8080 --paths keys.txt [--rate 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    values = sorted(latencies)
+    out: dict[str, float] = {}
+    for label, q in (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9)):
+        rank = max(0, min(len(values) - 1, int(-(-q * len(values) // 100)) - 1))
+        out[label] = values[rank] * 1000 if values else float("nan")
+    out["max"] = values[-1] * 1000 if values else float("nan")
+    return out
+
+
+class Load:
+    """Connections, the paths to request, and what came back."""
+
+    def __init__(self, base: str, paths: list[str], connections: int) -> None:
+        url = urlsplit(base)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.requests = [f"GET {p} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode() for p in paths]
+        self.connections = connections
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.errors: dict[str, int] = {}
+        self.rng = random.Random(7)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def _one(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> int:
+        reader, writer = conn
+        writer.write(self.rng.choice(self.requests))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+                break
+        if length:
+            await reader.readexactly(length)
+        return status
+
+    async def _worker(self, due: Any, clock: Any) -> None:
+        """Send until `due()` says stop (None); each answer's latency runs from its due time."""
+        conn = await self._connect()
+        try:
+            while (when := due()) is not None:
+                delay = when - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                try:
+                    status = await self._one(conn)
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    name = type(exc).__name__
+                    self.errors[name] = self.errors.get(name, 0) + 1
+                    conn[1].close()
+                    conn = await self._connect()
+                    continue
+                self.latencies.append(clock() - when)
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+        finally:
+            conn[1].close()
+
+    async def run(self, seconds: float, rate: float | None) -> float:
+        clock = time.perf_counter
+        start = clock() + 0.2  # connections open first
+        end = start + seconds
+        if rate:
+            slots = itertools.count()
+            total = int(rate * seconds)
+
+            def due() -> float | None:
+                i = next(slots)
+                return start + i / rate if i < total else None
+        else:
+
+            def due() -> float | None:
+                now = clock()
+                return max(now, start) if now < end else None
+
+        await asyncio.gather(*(self._worker(due, clock) for _ in range(self.connections)))
+        return clock() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="http://host:port")
+    parser.add_argument("--paths", type=Path, help="file with one path per line")
+    parser.add_argument("--path", help="a single path, e.g. /healthz")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, help="open loop at this many requests/s")
+    args = parser.parse_args()
+    paths = args.paths.read_text().split() if args.paths else [args.path or "/healthz"]
+    load = Load(args.base, paths, args.connections)
+    seconds = asyncio.run(load.run(args.seconds, args.rate))
+    done = len(load.latencies)
+    report: dict[str, Any] = {
+        "tool": "bench/loadgen.py",
+        "mode": "open" if args.rate else "closed",
+        "offered_per_s": args.rate,
+        "connections": args.connections,
+        "seconds": seconds,
+        "requests": done,
+        "rate": done / seconds if seconds else float("nan"),
+        "statuses": {str(k): v for k, v in sorted(load.statuses.items())},
+        "errors": load.errors,
+        "latency_ms": percentiles(load.latencies),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

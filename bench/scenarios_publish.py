@@ -1,0 +1,173 @@
+"""Scenario 1, publish: refold's Publisher against a bare confluent-kafka producer.
+
+Every variant sends the same N pre-built bank events with the same producer settings
+(`streams.publisher.PRODUCER_DEFAULTS`: idempotent, acks=all, lz4, linger 5 ms) to a fresh
+topic, and waits until every record is acknowledged. Variants run interleaved (A B C D A B C D
+...) so that background noise spreads evenly over them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from bench.common import (
+    BankData,
+    Bench,
+    Params,
+    Runs,
+    WireHeaders,
+    end_offsets,
+    median,
+    pid_cpu,
+    process_cpu,
+    ratio,
+)
+from streams.inputs import EventInput
+from streams.publisher import PRODUCER_DEFAULTS, Publisher
+from streams.serde import envelope_headers
+
+log = logging.getLogger(__name__)
+
+REFOLD_ENCODED = "refold Publisher.publish_encoded (pre-encoded)"
+REFOLD_MANY = "refold Publisher.publish_many (encodes each event)"
+BARE = "bare Producer, key + value"
+BARE_HEADERS = "bare Producer, key + value + pre-built CloudEvents headers"
+
+
+@dataclass(slots=True)
+class PublishResult:
+    topic: str  # a topic holding exactly the N events, written by refold's publisher
+    runs: dict[str, Runs]
+    broker_cpu_per_million: dict[str, float] = field(default_factory=dict)
+    costs_us: dict[str, float] = field(default_factory=dict)
+    verified: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        refold, bare = self.runs[REFOLD_ENCODED].rate, self.runs[BARE].rate
+        return {
+            "topic": self.topic,
+            "variants": {k: r.to_json() for k, r in self.runs.items()},
+            "broker_cpu_s_per_million_median": self.broker_cpu_per_million,
+            "python_costs_us_per_event": self.costs_us,
+            "ratio_refold_encoded_to_bare": ratio(refold, bare),
+            "ratio_refold_encoded_to_bare_headers": ratio(refold, self.runs[BARE_HEADERS].rate),
+            "ratio_refold_many_to_bare": ratio(self.runs[REFOLD_MANY].rate, bare),
+            "verified": self.verified,
+            "notes": self.notes,
+        }
+
+
+def bare_publish(producer: Producer, topic: str, events: Sequence[EventInput],
+                 headers: WireHeaders | None) -> None:
+    """The baseline: produce every record, one shared delivery callback, flush."""
+    failures: list[str] = []
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    produce, poll = producer.produce, producer.poll
+    for event in events:
+        while True:
+            try:
+                produce(topic, event.value, event.key, headers=headers, on_delivery=on_delivery)
+                break
+            except BufferError:
+                poll(0.05)
+    remaining = producer.flush(120)
+    if failures or remaining:
+        raise RuntimeError(f"bare producer: {len(failures)} failed, {remaining} unacknowledged "
+                           f"({failures[:1]})")
+
+
+def python_costs(bench: Bench, data: BankData, sample: int = 100_000) -> dict[str, float]:
+    """Per-event costs of the publisher's own Python steps, measured apart from Kafka."""
+    events = data.events[:sample]
+    n = len(events)
+    encode = bench.codec.encode
+
+    def timed(fn: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e6 / n
+
+    return {
+        "envelope_headers() (uuid4, timestamp, 6 tuples)": timed(
+            lambda: [envelope_headers(e.type, source="refold://bench") for e in events]),
+        "codec.encode()": timed(lambda: [encode(e.type, e.data) for e in events]),
+    }
+
+
+def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
+    events = data.events
+    triples = data.triples
+    # The same shape of headers refold sends, built once: what the wire carries, without the cost
+    # of building them per event.
+    static_headers: WireHeaders = list(envelope_headers(events[0].type, source="refold://bench"))
+
+    def refold_encoded(topic: str) -> None:
+        with Publisher(bench.config("pub"), bench.codec) as publisher:
+            started = time.perf_counter(), process_cpu()
+            positions = publisher.publish_encoded(topic, events)
+            finish(topic, REFOLD_ENCODED, started)
+        if len(positions) != len(events) or any(p is None for p in positions):
+            raise RuntimeError("publish_encoded returned missing positions")
+
+    def refold_many(topic: str) -> None:
+        with Publisher(bench.config("pub"), bench.codec) as publisher:
+            started = time.perf_counter(), process_cpu()
+            publisher.publish_many(topic, triples)
+            finish(topic, REFOLD_MANY, started)
+
+    def bare(topic: str, headers: WireHeaders | None, label: str) -> None:
+        producer = Producer(bench.config("pub").kafka(**PRODUCER_DEFAULTS))
+        started = time.perf_counter(), process_cpu()
+        bare_publish(producer, topic, events, headers)
+        finish(topic, label, started)
+
+    variants: dict[str, Callable[[str], None]] = {
+        REFOLD_ENCODED: refold_encoded,
+        BARE: lambda t: bare(t, None, BARE),
+        REFOLD_MANY: refold_many,
+        BARE_HEADERS: lambda t: bare(t, static_headers, BARE_HEADERS),
+    }
+    runs = {label: Runs(label) for label in variants}
+    broker_cpu: dict[str, list[float]] = {label: [] for label in variants}
+    broker_before: list[float | None] = [None]
+    first_topic: list[str] = []
+    result = PublishResult("", runs)
+
+    def finish(topic: str, label: str, started: tuple[float, float]) -> None:
+        wall = time.perf_counter() - started[0]
+        cpu = process_cpu() - started[1]
+        runs[label].add(len(events), wall, cpu)
+        after, before = pid_cpu(bench.broker_pid), broker_before[0]
+        if after is not None and before is not None:
+            broker_cpu[label].append((after - before) * 1_000_000 / len(events))
+        log.info("publish %-60s %10.0f events/s (%.2f s)", label, len(events) / wall, wall)
+
+    for rep in range(params.repeats):
+        for label, variant in variants.items():
+            topic = bench.topic("publish")
+            broker_before[0] = pid_cpu(bench.broker_pid)
+            variant(topic)
+            written = sum(end_offsets(bench.config("check"), topic).values())
+            if written != len(events):
+                result.verified = False
+                result.notes.append(f"{label} run {rep + 1}: topic holds {written} records, "
+                                    f"expected {len(events)}")
+            if label == REFOLD_ENCODED and not first_topic:
+                first_topic.append(topic)
+    result.topic = first_topic[0]
+    result.costs_us = python_costs(bench, data)
+    result.broker_cpu_per_million = {
+        label: median(values) for label, values in broker_cpu.items() if values
+    }
+    return result

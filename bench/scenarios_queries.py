@@ -1,0 +1,155 @@
+"""Scenario 4, queries: key lookups over HTTP against `GET /healthz` of the same server.
+
+A Worker folds the bank topic into `balances`, a QueryServer (projections/server.py) serves it,
+and a separate process generates the load over keep-alive connections:
+
+- maximum rate: `wrk` (if installed) or bench/loadgen.py in closed loop, for both endpoints;
+- latency at half the lookup maximum: bench/loadgen.py in open loop (fixed schedule, latency
+  from the scheduled start), the same offered rate for both endpoints.
+
+Keys are picked at random among the accounts that have a state. Client and server share the
+machine's cores, so on a small machine the client's own CPU limits the maxima.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import BankData, Bench, Params, balances_on, wait_until
+from streams.worker import Worker
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOKUP = "GET /projections/{name}/{key}"
+HEALTHZ = "GET /healthz"
+_WRK_SCRIPT = """\
+local paths = {}
+for line in io.lines("%s") do paths[#paths + 1] = line end
+math.randomseed(7)
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)])
+end
+"""
+
+
+@dataclass(slots=True)
+class QueryResult:
+    status: str  # ok | skipped | failed
+    reason: str = ""
+    max_tool: str = ""
+    max: dict[str, dict[str, Any]] = field(default_factory=dict)
+    half: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "reason": self.reason, "max_tool": self.max_tool,
+                "max": self.max, "half_load": self.half, "notes": self.notes}
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def loadgen(base: str, target: list[str], seconds: float, connections: int,
+            rate: float | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--base", base, *target,
+           "--seconds", str(seconds), "--connections", str(connections)]
+    if rate:
+        cmd += ["--rate", f"{rate:.0f}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(),
+                          timeout=seconds * 4 + 120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {done.stderr.strip()[-500:]}")
+    return dict(json.loads(done.stdout))
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(url: str, script: Path | None, seconds: float, connections: int) -> dict[str, Any]:
+    """Run wrk and parse its rate, latency percentiles and non-2xx count."""
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds * 4 + 60,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stderr.strip()[-500:]}")
+    out = done.stdout
+    latency: dict[str, float] = {}
+    for pct, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        latency[f"p{pct}"] = float(value) * _UNITS[unit]
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:(.*)", out)
+    return {
+        "tool": "wrk", "connections": connections, "threads": 2,
+        "rate": float(rate.group(1)) if rate else float("nan"),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1).strip() if errors else "",
+        "latency_ms": latency,
+    }
+
+
+def run(bench: Bench, topic: str, ends: dict[int, int], data: BankData,
+        params: Params) -> QueryResult:
+    try:
+        from projections.server import QueryServer
+    except ImportError:
+        return QueryResult("skipped", "projections/server.py (QueryServer) does not exist yet")
+    name = bench.name("balances")
+    config = bench.config("queries")
+    worker = Worker(config, [balances_on(topic, name)], codec=bench.codec)
+    worker.start()
+    server: Any = None
+    result = QueryResult("ok")
+    try:
+        runner = worker.runners[name]
+        last = {(topic, p): end - 1 for p, end in ends.items() if end > 0}
+        if not wait_until(lambda: runner.reached(last), 1800, 0.05):
+            return QueryResult("failed", f"worker did not fold the topic: {runner.stats.error}")
+        server = QueryServer(worker, "127.0.0.1", 0)
+        server.start()
+        base = f"http://127.0.0.1:{server.port}"
+        keys = sorted(data.expected_balance)
+        with urllib.request.urlopen(f"{base}/projections/{name}/{keys[0]}", timeout=10) as answer:
+            state = json.loads(answer.read())["state"]
+        if state["balance_cents"] != data.expected_balance[keys[0]]:
+            result.notes.append(f"lookup of {keys[0]} returned {state}, not the expected balance")
+        paths = config.data_dir / "paths.txt"
+        paths.write_text("".join(f"/projections/{name}/{k}\n" for k in keys))
+        targets = {LOOKUP: ["--paths", str(paths)], HEALTHZ: ["--path", "/healthz"]}
+        seconds, conns = params.query_seconds, params.query_connections
+        if shutil.which("wrk"):
+            result.max_tool = "wrk -t2 (keep-alive)"
+            script = config.data_dir / "paths.lua"
+            script.write_text(_WRK_SCRIPT % paths)
+            result.max[LOOKUP] = wrk(base, script, seconds, conns)
+            result.max[HEALTHZ] = wrk(f"{base}/healthz", None, seconds, conns)
+        else:
+            result.max_tool = "bench/loadgen.py closed loop (wrk not installed)"
+            for label, target in targets.items():
+                result.max[label] = loadgen(base, target, seconds, conns)
+        half = result.max[LOOKUP]["rate"] / 2
+        for label, target in targets.items():
+            result.half[label] = loadgen(base, target, seconds, conns, rate=half)
+        for label in targets:
+            log.info("queries %-32s max %.0f/s, at %.0f/s p99 %.2f ms", label,
+                     result.max[label]["rate"], half, result.half[label]["latency_ms"]["p99"])
+        return result
+    finally:
+        if server is not None:
+            server.stop()
+        worker.stop()
