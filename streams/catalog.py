@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 import fastavro.schema
@@ -38,7 +38,7 @@ class SchemaVersion:
 
     type: str
     version: int
-    schema: Mapping[str, Any]  # fastavro-parsed
+    schema: dict[str, Any]  # fastavro-parsed
     fingerprint: bytes  # 8 bytes, CRC-64-AVRO of the parsing canonical form, as written on the wire
     canonical: str
     source: Path
@@ -64,7 +64,7 @@ class EventType:
         return tuple(f["name"] for f in self.latest.schema.get("fields", ()))
 
 
-def fingerprint_of(parsed: Mapping[str, Any]) -> tuple[bytes, str]:
+def fingerprint_of(parsed: dict[str, Any]) -> tuple[bytes, str]:
     canonical = fastavro.schema.to_parsing_canonical_form(parsed)
     # fastavro renders the CRC-64-AVRO value as the little-endian bytes the spec puts on the wire.
     return bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO")), canonical
@@ -95,7 +95,7 @@ def load_schema_file(path: Path) -> SchemaVersion:
             f"{path}: an event schema must be an Avro record", hint='"type": "record"'
         )
     try:
-        parsed = fastavro.parse_schema(raw)
+        parsed = cast(dict[str, Any], fastavro.parse_schema(raw))
     except Exception as exc:  # fastavro raises several exception types for bad schemas
         raise SchemaError(f"{path}: invalid Avro schema: {exc}", hint="see the Avro spec") from exc
     full_name = parsed["name"]
@@ -161,7 +161,7 @@ class Catalog:
 
     def learn(self, type_name: str, version: int, schema_json: str) -> SchemaVersion:
         """Add a writer schema read from the registry topic (not present in local files)."""
-        parsed = fastavro.parse_schema(json.loads(schema_json))
+        parsed = cast(dict[str, Any], fastavro.parse_schema(json.loads(schema_json)))
         fingerprint, canonical = fingerprint_of(parsed)
         sv = SchemaVersion(type_name, version, parsed, fingerprint, canonical, Path("<registry>"))
         self.by_fingerprint.setdefault(fingerprint, sv)

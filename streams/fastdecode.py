@@ -102,4 +102,5 @@ def generate(schema: Mapping[str, Any], offset: int) -> Decoder | None:
     ]
     namespace: dict[str, Any] = {"_DOUBLE": _DOUBLE, "_FLOAT": _FLOAT}
     exec(compile("\n".join(lines), f"<refold decoder {schema.get('name')}>", "exec"), namespace)
-    return namespace["decode"]  # type: ignore[no-any-return]
+    decode: Decoder = namespace["decode"]
+    return decode

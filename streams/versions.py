@@ -31,7 +31,8 @@ def versions_on_disk(config: Config, name: str) -> list[int]:
 
 def _pointer(config: Config, name: str) -> dict[str, object] | None:
     try:
-        return json.loads((projection_dir(config, name) / "LIVE").read_text())  # type: ignore[no-any-return]
+        pointer: dict[str, object] = json.loads((projection_dir(config, name) / "LIVE").read_text())
+        return pointer
     except FileNotFoundError:
         return None
     except ValueError as exc:
