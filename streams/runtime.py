@@ -116,6 +116,7 @@ class ProjectionRunner:
         self._bounds: dict[TP, int] = {}
         self._beyond: dict[TP, int] = {}  # first offset past its bound seen, per partition
         self._paused: set[TP] = set()
+        self._watermarks_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
         conf = config.kafka(
@@ -150,6 +151,7 @@ class ProjectionRunner:
                 msgs = self._next_batch()
                 if msgs:
                     self._process(msgs)
+                self._refresh_watermarks()
         except Exception as exc:
             self._failed(exc)
         finally:
@@ -165,6 +167,8 @@ class ProjectionRunner:
             self.stats.state = "stopped"
         try:
             self._consumer.close()
+        except Exception:  # the store must still close; the group will expire the member
+            log.exception("%s v%d: closing the consumer failed", self.name, self.version)
         finally:
             try:
                 self.store.close()
@@ -226,6 +230,7 @@ class ProjectionRunner:
             if msgs:
                 self._process(msgs)
                 self._pause_beyond_bounds()
+            self._refresh_watermarks()
         return False
 
     def _pause_beyond_bounds(self) -> None:
@@ -482,14 +487,25 @@ class ProjectionRunner:
         return True
 
     def lag(self) -> dict[TP, int]:
-        out: dict[TP, int] = {}
+        """Records behind the end of each owned partition, as of the last refresh (about once a
+        second, done by the fold thread: confluent-kafka serialises calls on one consumer, so
+        another thread asking it directly would wait behind the fold loop)."""
+        positions = self.stats.positions
+        return {
+            tp: max(0, high - positions.get(tp, 0))
+            for tp, high in self.stats.high_watermarks.items()
+            if tp in positions
+        }
+
+    def _refresh_watermarks(self) -> None:
+        now = time.monotonic()
+        if now - self._watermarks_at < 1.0:
+            return
+        self._watermarks_at = now
+        marks: dict[TP, int] = {}
         for tp in self.stats.assigned:
-            try:
-                _low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(*tp), timeout=0.5, cached=True
-                )
-            except Exception:  # the consumer may be closing; lag is best-effort
-                continue
+            # cached=True reads what the fetcher last learned: no broker round trip.
+            _low, high = self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
             if high >= 0:
-                out[tp] = max(0, high - self.stats.positions.get(tp, 0))
-        return out
+                marks[tp] = high
+        self.stats.high_watermarks = marks
