@@ -118,24 +118,24 @@ class Served:
 @pytest.fixture
 def serve(config: Config, unique: Callable[[str], str]) -> Iterator[Callable[..., Served]]:
     """Factory: `serve(**projection_attrs)` starts a worker and a server on a fresh topic."""
-    started: list[Served] = []
+    closers: list[Callable[[], None]] = []
 
     def make(**attrs: Any) -> Served:
         topic, name = unique("http"), unique("deposits")
         Topics(config).ensure([event_topic(topic), *INTERNAL_TOPICS])
         worker = Worker(config, [deposits_projection(name, topic, **attrs)])
         worker.start()
+        closers.append(worker.stop)
         server = QueryServer(worker, "127.0.0.1", 0)
         server.start()
-        served = Served(topic, name, worker, server, Publisher(config, worker.codec))
-        started.append(served)
-        return served
+        closers.append(server.stop)
+        publisher = Publisher(config, worker.codec)
+        closers.append(publisher.close)
+        return Served(topic, name, worker, server, publisher)
 
     yield make
-    for served in started:
-        served.server.stop()
-        served.publisher.close()
-        served.worker.stop()
+    for close in reversed(closers):
+        close()
 
 
 def assert_error(resp: Response, status: int, error: str | None = None) -> None:
@@ -326,7 +326,7 @@ def test_bad_input_answers_json_4xx_and_the_server_keeps_serving(
     assert_error(s.get("/projections/no-such-projection"), 404, "unknown projection")
     assert_error(s.get("/no/such/route"), 404)
     assert_error(s.request("DELETE", "/healthz"), 405)
-    assert_error(s.request("POST", f"/events/{s.topic}", b"x" * (2 << 20)), 413)
+    assert_error(s.request("POST", f"/events/{s.topic}", b"x" * ((1 << 20) + 10)), 413)
 
     assert s.get("/healthz").status == 200
     ok = s.post(deposit)  # after all that, a good event is still accepted and folded
