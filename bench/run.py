@@ -10,8 +10,8 @@ it at the end, unless REFOLD_BOOTSTRAP_SERVERS names one to use. See bench/READM
 from __future__ import annotations
 
 import argparse
-import json
 import gc
+import json
 import logging
 import os
 import shutil

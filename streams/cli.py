@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streams.config import Config
 from streams.errors import InputError, RefoldError
+
+if TYPE_CHECKING:
+    from streams.topics import Topics
 
 log = logging.getLogger("refold")
 
@@ -55,8 +60,9 @@ def cmd_topics(args: argparse.Namespace, config: Config) -> int:
 
     specs = list(INTERNAL_TOPICS) + [event_topic(t, args.partitions) for t in args.topics]
     specs += [event_topic(t, args.partitions) for t in _declared_topics(config)]
-    created = Topics(config).ensure(specs)
-    names = sorted({s.name for s in specs})
+    topics = Topics(config)
+    created = topics.ensure(specs)
+    names = sorted({s.name for s in specs} | _ensure_command_topics(config, topics))
     print(f"{len(names)} topic(s) ready ({len(created)} created): {', '.join(names)}")
     return 0
 
@@ -68,6 +74,46 @@ def _declared_topics(config: Config) -> list[str]:
     except ImportError:
         return ["bank.accounts"]
     return sorted({t for p in load_projections(config.app_modules) for t in p.topics})
+
+
+def _ensure_command_topics(config: Config, topics: Topics) -> set[str]:
+    """The command and results topics of every decider whose event topic exists."""
+    from streams.commands import ensure_command_topics, load_deciders
+
+    names: set[str] = set()
+    for decider in load_deciders(config.app_modules).values():
+        if topics.exists(decider.events_topic):
+            ensure_command_topics(topics, decider)
+            names |= {decider.command_topic, decider.results_topic}
+    return names
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_command(args: argparse.Namespace, config: Config) -> int:
+    from streams.command_client import CommandClient
+
+    if args.app:
+        config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    obj: dict[str, object] = {"key": args.key, "type": args.type, "data": data}
+    if args.expected_version is not None:
+        obj["expected_version"] = args.expected_version
+    if args.id is not None:
+        obj["command_id"] = args.id
+    with CommandClient(config) as client:
+        command = client.prepare(args.aggregate, obj)
+        position = client.append(command).result(60)
+        if not args.wait:
+            _out({"command_id": command.command_id, "status": "pending", "position": str(position)})
+            return 0
+        result = client.wait(command.command_id, args.timeout, aggregate=args.aggregate)
+    _out(result)
+    return 0 if result["status"] == "accepted" else EXIT_ERROR
 
 
 # -- publish / tail -------------------------------------------------------------------------
@@ -167,13 +213,21 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    names = ", ".join(f"{r.name} v{r.version}" for r in worker.runners.values())
+    names = ", ".join(
+        [
+            *(f"{r.name} v{r.version}" for r in worker.runners.values()),
+            *(f"commands {n}" for n in worker.processors),
+        ]
+    )
     http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
     print(f"worker running {names}{http}", flush=True)
     while not done.wait(0.5):
         failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
         for runner in failed:
             log.error("projection %s failed: %s", runner.name, runner.stats.error)
+        for name, processor in worker.processors.items():
+            if processor.stats.state == "failed":
+                log.error("command processor %s failed: %s", name, processor.stats.error)
     if server:
         server.stop()
     worker.stop()
@@ -399,6 +453,7 @@ COMMANDS: dict[str, Command] = {
     "topics": cmd_topics,
     "publish": cmd_publish,
     "tail": cmd_tail,
+    "command": cmd_command,
     "worker": cmd_worker,
     "query": cmd_query,
     "status": cmd_status,
@@ -448,6 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--follow", action="store_true", help="with --from-beginning: keep waiting")
     p.add_argument("--limit", type=int, help="stop after N records")
+
+    p = sub.add_parser("command", help="send a command to an aggregate (JSON result)")
+    p.add_argument("aggregate", help="the decider's name, e.g. accounts")
+    p.add_argument("--type", required=True, help="command type, e.g. bank.Withdraw")
+    p.add_argument("--key", required=True, help="aggregate id, e.g. acc-1")
+    p.add_argument("--data", default="{}", help="command data as a JSON object")
+    p.add_argument("--expected-version", type=int, help="reject unless the aggregate is at N")
+    p.add_argument("--id", help="command id (idempotency key; default: a new UUID)")
+    p.add_argument("--wait", action="store_true", help="wait for the result (exit 1 if rejected)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits")
+    p.add_argument("--app", help="comma-separated modules with deciders (env REFOLD_APP)")
 
     p = sub.add_parser("worker", help="fold projections into RocksDB and serve queries")
     p.add_argument("--app", help="comma-separated modules with projections (env REFOLD_APP)")
@@ -505,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Connection churn (broker restarts, coordinator loading) is normal and retried by librdkafka.
     logging.getLogger("librdkafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+    # Folding allocates many short-lived dicts; the default collector thresholds make it run
+    # every few hundred events (measured: 100k -> 115k events/s on a 200k-event rebuild).
+    gc.set_threshold(100_000, 50, 100)
     config = Config.from_env()
     if args.data_dir:
         config = config.with_(data_dir=Path(args.data_dir))

@@ -55,3 +55,7 @@ class StoreError(RefoldError):
 
 class ProjectionError(RefoldError):
     """A projection is malformed, failed to import or failed while folding."""
+
+
+class CommandError(RefoldError):
+    """A command could not be sent, decided or answered (topics, partitions, transactions)."""

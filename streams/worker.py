@@ -18,6 +18,9 @@ from confluent_kafka import Producer
 
 from projections.loader import load_versions
 from projections.projection import Projection
+from streams.command_client import CommandClient, ResultsIndex
+from streams.command_processor import CommandProcessor
+from streams.commands import Decider, ensure_command_topics, load_deciders
 from streams.config import Config
 from streams.errors import ProjectionError
 from streams.publisher import Publisher
@@ -43,9 +46,15 @@ class Worker:
         codec: Codec | None = None,
         batch_size: int = 5000,
         only: Iterable[str] | None = None,
+        deciders: Iterable[Decider] | None = None,
     ) -> None:
         self.config = config
         self.codec = codec or codec_for(config)
+        # Deciders (commands): the bundled and REFOLD_APP ones, unless projections were passed.
+        if deciders is None:
+            found = load_deciders(config.app_modules) if projections is None else {}
+        else:
+            found = {d.name: d for d in deciders}
         if projections is None:
             self.versions = load_versions(config.app_modules)
         else:
@@ -54,10 +63,15 @@ class Worker:
                 self.versions.setdefault(p.name, {})[p.version] = p
         if only is not None:
             wanted = set(only)
-            unknown = wanted - set(self.versions)
+            unknown = wanted - set(self.versions) - set(found)
             if unknown:
                 raise ProjectionError(f"unknown projection(s) {sorted(unknown)}")
             self.versions = {n: v for n, v in self.versions.items() if n in wanted}
+            found = {n: d for n, d in found.items() if n in wanted}
+        self.deciders: dict[str, Decider] = found
+        self.processors: dict[str, CommandProcessor] = {}
+        self.results: ResultsIndex | None = None
+        self._command_client: CommandClient | None = None
         self.projections = [v[max(v)] for v in self.versions.values()]
         self._batch_size = batch_size
         self._topics = Topics(config)
@@ -114,6 +128,7 @@ class Worker:
                 )
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
+        self._start_commands()
 
     def _fold_for(self, name: str, version: int) -> Projection:
         """The class written for that version if the code still has it, else the newest."""
@@ -143,11 +158,49 @@ class Worker:
             self._watcher.join(timeout)
         for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:
             runner.stop()
+        for processor in self.processors.values():
+            processor.stop()
+        if self.results is not None:
+            self.results.stop(timeout)
+        if self._command_client is not None:
+            self._command_client.close()
         for thread in self._threads:
             thread.join(timeout)
         self._dlq.flush(10)
         if self._publisher is not None:
             self._publisher.close()
+
+    # -- commands -------------------------------------------------------------------------
+
+    def _start_commands(self) -> None:
+        """A command processor per decider whose event topic exists (its command and results
+        topics are created co-partitioned with it), and the results index for GET /commands."""
+        for name, decider in self.deciders.items():
+            if not self._topics.exists(decider.events_topic):
+                log.info(
+                    "commands %s: event topic %s missing, not deciding", name, decider.events_topic
+                )
+                continue
+            ensure_command_topics(self._topics, decider)
+            processor = CommandProcessor(self.config, self.codec, decider)
+            thread = threading.Thread(target=processor.run, name=f"commands-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+            self.processors[name] = processor
+        if self.processors:
+            topics = [self.deciders[n].results_topic for n in self.processors]
+            self.results = ResultsIndex(
+                self.config, topics, store_path=self.config.data_dir / "command-results"
+            ).start()
+
+    @property
+    def command_client(self) -> CommandClient:
+        """A client for `POST /commands`, over the deciders this worker runs."""
+        with self._publisher_lock:
+            if self._command_client is None:
+                running = {n: self.deciders[n] for n in self.processors}
+                self._command_client = CommandClient(self.config, running)
+            return self._command_client
 
     def runner(self, name: str) -> ProjectionRunner:
         try:

@@ -1,0 +1,195 @@
+"""Commands benchmark: commands decided per second, and POST -> result latency at half load.
+
+Not part of `make test`. Run against a broker (REFOLD_BOOTSTRAP_SERVERS, else one it starts):
+
+    PYTHONPATH=. python -m bench.commands [--commands 50000] [--accounts 2000] [--seconds 20]
+
+1. Throughput: N commands (deposits and withdrawals over opened accounts) are appended to the
+   command topic first, then a `refold worker` subprocess decides them; the rate is taken from
+   the results' own decision times (first to last), so start-up and assignment do not count.
+2. Latency: the worker serves HTTP; an open-loop client POSTs `?wait_ms=` commands at half the
+   measured rate (at most 2,500/s, half the 5,000/s target) and records POST -> result times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from streams.command_client import CommandClient, ResultsIndex
+from streams.commands import Decider, ensure_command_topics
+from streams.config import Config
+from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def start_worker(config: Config, decider: Decider, data_dir: Path, port: int | None
+                 ) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+           "REFOLD_DATA_DIR": str(data_dir), "REFOLD_APP": "tests.integration.apps.vault",
+           "VAULT_NAME": decider.name, "VAULT_TOPIC": decider.events_topic,
+           "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "streams.cli", "worker", "--only", decider.name]
+    if port:
+        args += ["--http", f"127.0.0.1:{port}"]
+    return subprocess.Popen(args, env=env, stdout=(data_dir.parent / "worker.log").open("ab"),
+                            stderr=subprocess.STDOUT)
+
+
+def throughput(config: Config, decider: Decider, client: CommandClient, n: int, accounts: int,
+               work: Path) -> float:
+    rng = random.Random(7)
+    keys = [f"acc-{i:05d}" for i in range(accounts)]
+    ids = []
+    futures = []
+    for key in keys:
+        command = client.prepare(decider.name, {"key": key, "type": "bank.OpenAccount",
+                                                "data": {"owner": "bench"}})
+        futures.append(client.append(command))
+        ids.append(command.command_id)
+    for _ in range(n - accounts):
+        kind = "bank.Deposit" if rng.random() < 0.6 else "bank.Withdraw"
+        command = client.prepare(decider.name, {"key": rng.choice(keys), "type": kind,
+                                                "data": {"amount_cents": rng.randrange(1, 5000)}})
+        futures.append(client.append(command))
+        ids.append(command.command_id)
+    for future in futures:
+        future.result(60)
+    index = ResultsIndex(config, [decider.results_topic]).start()
+    worker = start_worker(config, decider, work / "w-throughput", None)
+    try:
+        deadline = time.monotonic() + 600
+        last = None
+        for cid in reversed(ids):  # the last one is decided last within its partition
+            last = index.wait(cid, max(0.1, deadline - time.monotonic()))
+            if last is None:
+                raise SystemExit(f"command {cid} not decided")
+        times = [index.get(cid)["decided_at_ms"] for cid in ids]  # type: ignore[index]
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        index.stop()
+    span = (max(times) - min(times)) / 1000
+    return n / span if span > 0 else float("inf")
+
+
+async def latency(port: int, decider: Decider, rate: float, seconds: float, accounts: int
+                  ) -> dict[str, float]:
+    import aiohttp
+
+    rng = random.Random(11)
+    url = f"http://127.0.0.1:{port}/commands/{decider.name}?wait_ms=10000"
+    samples: list[float] = []
+    statuses: dict[str, int] = {}
+    keys = [f"lat-{i:05d}" for i in range(accounts)]
+    connector = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(body: dict[str, object], record: bool) -> None:
+            t0 = time.perf_counter()
+            async with session.post(url, json=body) as response:
+                result = await response.json()
+            if record:
+                samples.append(time.perf_counter() - t0)
+                status = str(result.get("status", response.status))
+                statuses[status] = statuses.get(status, 0) + 1
+
+        await asyncio.gather(*(post({"key": k, "type": "bank.OpenAccount",
+                                     "data": {"owner": "lat"}}, False) for k in keys))
+        tasks = []
+        start = time.perf_counter()
+        total = int(rate * seconds)
+        for i in range(total):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            kind = "bank.Deposit" if rng.random() < 0.6 else "bank.Withdraw"
+            tasks.append(asyncio.create_task(post(
+                {"key": rng.choice(keys), "type": kind,
+                 "data": {"amount_cents": rng.randrange(1, 5000)}}, True)))
+        offered = total / (time.perf_counter() - start)
+        await asyncio.gather(*tasks)
+    return {"offered_per_s": offered, "p50_ms": percentile(samples, 0.50) * 1000,
+            "p99_ms": percentile(samples, 0.99) * 1000, "max_ms": max(samples) * 1000,
+            "count": len(samples), **{f"status_{k}": v for k, v in statuses.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commands", type=int, default=50_000)
+    parser.add_argument("--accounts", type=int, default=2_000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--rate", type=float, help="POST rate for the latency run "
+                        "(default: half the measured rate, at most 2,500/s)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="refold-bench-commands-"))
+    broker_config = None
+    bootstrap = os.environ.get("REFOLD_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        from streams import broker
+
+        broker_config = Config(data_dir=work / "broker-data")
+        bootstrap = broker.start(broker_config, port=broker.free_port()).bootstrap_servers
+    config = Config(data_dir=work / "client", bootstrap_override=bootstrap)
+    try:
+        name = f"bench-cmd-{uuid.uuid4().hex[:8]}"
+        from streams.bank.accounts import Accounts
+
+        decider = type("BenchVault", (Accounts,), {"name": name, "events_topic": name})()
+        topics = Topics(config)
+        topics.ensure([*INTERNAL_TOPICS, event_topic(name, args.partitions)])
+        ensure_command_topics(topics, decider)
+        with CommandClient(config, {name: decider}) as client:
+            rate = throughput(config, decider, client, args.commands, args.accounts, work)
+        half = args.rate or min(2500.0, rate / 2)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        worker = start_worker(config, decider, work / "w-latency", port)
+        try:
+            import urllib.request
+
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            lat = asyncio.run(latency(port, decider, half, args.seconds, 500))
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        report = {"commands": args.commands, "partitions": args.partitions,
+                  "decided_per_s": round(rate), "latency_at_rate_per_s": round(half),
+                  **{k: round(v, 1) for k, v in lat.items()},
+                  "loadavg": os.getloadavg(), "cpus": os.cpu_count()}
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    finally:
+        if broker_config is not None:
+            from streams import broker
+
+            broker.stop(broker_config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The bank domain's write side: the `accounts` decider (commands with no-overdraft invariants)."""
