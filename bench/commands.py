@@ -39,34 +39,49 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def start_worker(config: Config, decider: Decider, data_dir: Path, port: int | None
-                 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
-           "REFOLD_DATA_DIR": str(data_dir), "REFOLD_APP": "tests.integration.apps.vault",
-           "VAULT_NAME": decider.name, "VAULT_TOPIC": decider.events_topic,
-           "PYTHONPATH": str(ROOT)}
+def start_worker(
+    config: Config, decider: Decider, data_dir: Path, port: int | None
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "REFOLD_DATA_DIR": str(data_dir),
+        "REFOLD_APP": "tests.integration.apps.vault",
+        "VAULT_NAME": decider.name,
+        "VAULT_TOPIC": decider.events_topic,
+        "PYTHONPATH": str(ROOT),
+    }
     args = [sys.executable, "-m", "streams.cli", "worker", "--only", decider.name]
     if port:
         args += ["--http", f"127.0.0.1:{port}"]
-    return subprocess.Popen(args, env=env, stdout=(data_dir.parent / "worker.log").open("ab"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        args, env=env, stdout=(data_dir.parent / "worker.log").open("ab"), stderr=subprocess.STDOUT
+    )
 
 
-def throughput(config: Config, decider: Decider, client: CommandClient, n: int, accounts: int,
-               work: Path) -> float:
+def throughput(
+    config: Config, decider: Decider, client: CommandClient, n: int, accounts: int, work: Path
+) -> float:
     rng = random.Random(7)
     keys = [f"acc-{i:05d}" for i in range(accounts)]
     ids = []
     futures = []
     for key in keys:
-        command = client.prepare(decider.name, {"key": key, "type": "bank.OpenAccount",
-                                                "data": {"owner": "bench"}})
+        command = client.prepare(
+            decider.name, {"key": key, "type": "bank.OpenAccount", "data": {"owner": "bench"}}
+        )
         futures.append(client.append(command))
         ids.append(command.command_id)
     for _ in range(n - accounts):
         kind = "bank.Deposit" if rng.random() < 0.6 else "bank.Withdraw"
-        command = client.prepare(decider.name, {"key": rng.choice(keys), "type": kind,
-                                                "data": {"amount_cents": rng.randrange(1, 5000)}})
+        command = client.prepare(
+            decider.name,
+            {
+                "key": rng.choice(keys),
+                "type": kind,
+                "data": {"amount_cents": rng.randrange(1, 5000)},
+            },
+        )
         futures.append(client.append(command))
         ids.append(command.command_id)
     for future in futures:
@@ -89,8 +104,9 @@ def throughput(config: Config, decider: Decider, client: CommandClient, n: int, 
     return n / span if span > 0 else float("inf")
 
 
-async def latency(port: int, decider: Decider, rate: float, seconds: float, accounts: int
-                  ) -> dict[str, float]:
+async def latency(
+    port: int, decider: Decider, rate: float, seconds: float, accounts: int
+) -> dict[str, float]:
     import aiohttp
 
     rng = random.Random(11)
@@ -110,8 +126,12 @@ async def latency(port: int, decider: Decider, rate: float, seconds: float, acco
                 status = str(result.get("status", response.status))
                 statuses[status] = statuses.get(status, 0) + 1
 
-        await asyncio.gather(*(post({"key": k, "type": "bank.OpenAccount",
-                                     "data": {"owner": "lat"}}, False) for k in keys))
+        await asyncio.gather(
+            *(
+                post({"key": k, "type": "bank.OpenAccount", "data": {"owner": "lat"}}, False)
+                for k in keys
+            )
+        )
         tasks = []
         start = time.perf_counter()
         total = int(rate * seconds)
@@ -120,14 +140,28 @@ async def latency(port: int, decider: Decider, rate: float, seconds: float, acco
             if delay > 0:
                 await asyncio.sleep(delay)
             kind = "bank.Deposit" if rng.random() < 0.6 else "bank.Withdraw"
-            tasks.append(asyncio.create_task(post(
-                {"key": rng.choice(keys), "type": kind,
-                 "data": {"amount_cents": rng.randrange(1, 5000)}}, True)))
+            tasks.append(
+                asyncio.create_task(
+                    post(
+                        {
+                            "key": rng.choice(keys),
+                            "type": kind,
+                            "data": {"amount_cents": rng.randrange(1, 5000)},
+                        },
+                        True,
+                    )
+                )
+            )
         offered = total / (time.perf_counter() - start)
         await asyncio.gather(*tasks)
-    return {"offered_per_s": offered, "p50_ms": percentile(samples, 0.50) * 1000,
-            "p99_ms": percentile(samples, 0.99) * 1000, "max_ms": max(samples) * 1000,
-            "count": len(samples), **{f"status_{k}": v for k, v in statuses.items()}}
+    return {
+        "offered_per_s": offered,
+        "p50_ms": percentile(samples, 0.50) * 1000,
+        "p99_ms": percentile(samples, 0.99) * 1000,
+        "max_ms": max(samples) * 1000,
+        "count": len(samples),
+        **{f"status_{k}": v for k, v in statuses.items()},
+    }
 
 
 def main() -> None:
@@ -136,8 +170,11 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=2_000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--partitions", type=int, default=6)
-    parser.add_argument("--rate", type=float, help="POST rate for the latency run "
-                        "(default: half the measured rate, at most 2,500/s)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="POST rate for the latency run (default: half the measured rate, at most 2,500/s)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="refold-bench-commands-"))
     broker_config = None
@@ -179,10 +216,15 @@ def main() -> None:
         finally:
             worker.terminate()
             worker.wait(30)
-        report = {"commands": args.commands, "partitions": args.partitions,
-                  "decided_per_s": round(rate), "latency_at_rate_per_s": round(half),
-                  **{k: round(v, 1) for k, v in lat.items()},
-                  "loadavg": os.getloadavg(), "cpus": os.cpu_count()}
+        report = {
+            "commands": args.commands,
+            "partitions": args.partitions,
+            "decided_per_s": round(rate),
+            "latency_at_rate_per_s": round(half),
+            **{k: round(v, 1) for k, v in lat.items()},
+            "loadavg": os.getloadavg(),
+            "cpus": os.cpu_count(),
+        }
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     finally:
         if broker_config is not None:

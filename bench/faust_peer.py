@@ -64,14 +64,30 @@ def build(args: argparse.Namespace) -> faust.Worker:
         topic_partitions=args.partitions,
         **APP_SETTINGS,
     )
-    source = app.topic(args.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                       value_serializer="raw", partitions=args.partitions)
+    source = app.topic(
+        args.topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=args.partitions,
+    )
     # Keys are str (raw bytes on the wire), values JSON: the app's default serializers.
     # (Faust pops "driver" out of the options mapping it is given: pass a copy.)
-    table = app.Table("balances", default=None, partitions=args.partitions, key_type=str,
-                      options=dict(TABLE_OPTIONS))
-    progress: dict[str, Any] = {"count": 0, "first": None, "first_cpu": 0.0, "done": None,
-                                "started": STARTED}
+    table = app.Table(
+        "balances",
+        default=None,
+        partitions=args.partitions,
+        key_type=str,
+        options=dict(TABLE_OPTIONS),
+    )
+    progress: dict[str, Any] = {
+        "count": 0,
+        "first": None,
+        "first_cpu": 0.0,
+        "done": None,
+        "started": STARTED,
+    }
 
     @app.agent(source)
     async def fold_balances(stream: Any) -> None:
@@ -83,8 +99,16 @@ def build(args: argparse.Namespace) -> faust.Worker:
             key = msg.key.decode()
             type_name, data = decode(msg.value)
             state = table.get(key)
-            event = Event(type_name, key, data, msg.topic, msg.partition, msg.offset,
-                          int(msg.timestamp * 1000), msg.headers)
+            event = Event(
+                type_name,
+                key,
+                data,
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                int(msg.timestamp * 1000),
+                msg.headers,
+            )
             table[key] = apply(initial(key) if state is None else state, event)
             progress["count"] += 1
             if progress["count"] == args.events:
@@ -107,17 +131,24 @@ def finish(table: Any, progress: dict[str, Any], args: argparse.Namespace) -> No
         keys += 1
         total += state["balance_cents"]
         events += state["events"]
-    write_json(args.result, {
-        **progress,
-        "cpu_s": cpu - progress["first_cpu"],  # from the first event on, like the runtime's
-        "max_rss_mb": usage.ru_maxrss / 1024,
-        "table_keys": keys,
-        "table_total_balance_cents": total,
-        "table_total_events": events,
-        "settings": {**APP_SETTINGS, "table_options": TABLE_OPTIONS,
-                     "worker_loglevel": LOGLEVEL, "faust_version": faust.__version__},
-        "store_driver": "rocksdict" if getattr(table.data, "use_rocksdict", False) else "other",
-    })
+    write_json(
+        args.result,
+        {
+            **progress,
+            "cpu_s": cpu - progress["first_cpu"],  # from the first event on, like the runtime's
+            "max_rss_mb": usage.ru_maxrss / 1024,
+            "table_keys": keys,
+            "table_total_balance_cents": total,
+            "table_total_events": events,
+            "settings": {
+                **APP_SETTINGS,
+                "table_options": TABLE_OPTIONS,
+                "worker_loglevel": LOGLEVEL,
+                "faust_version": faust.__version__,
+            },
+            "store_driver": "rocksdict" if getattr(table.data, "use_rocksdict", False) else "other",
+        },
+    )
     os.kill(os.getpid(), signal.SIGTERM)  # Faust's worker shuts down cleanly on SIGTERM
 
 

@@ -13,8 +13,15 @@ from typing import Any
 
 import confluent_kafka
 
-PACKAGES = ("confluent-kafka", "fastavro", "rocksdict", "orjson", "aiohttp", "faust-streaming",
-            "aiokafka")
+PACKAGES = (
+    "confluent-kafka",
+    "fastavro",
+    "rocksdict",
+    "orjson",
+    "aiohttp",
+    "faust-streaming",
+    "aiokafka",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -67,8 +74,11 @@ def num(value: Any, digits: int = 0) -> str:
 
 
 def times(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else \
-        f"{value:.2f}x"
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.2f}x"
+    )
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -93,27 +103,49 @@ def _failed(section: dict[str, Any]) -> list[str] | None:
 def publish_md(p: dict[str, Any]) -> list[str]:
     rows = []
     for label, v in p["variants"].items():
-        rows.append([label, num(v["events_per_s_median"]), runs_cell(v["events_per_s_runs"]),
-                     num(v["cpu_s_per_million_median"], 2),
-                     num(p["broker_cpu_s_per_million_median"].get(label), 2)])
-    out = table(["variant", "events/s (median)", "runs", "client CPU s / M events",
-                 "broker CPU s / M events"], rows)
+        rows.append(
+            [
+                label,
+                num(v["events_per_s_median"]),
+                runs_cell(v["events_per_s_runs"]),
+                num(v["cpu_s_per_million_median"], 2),
+                num(p["broker_cpu_s_per_million_median"].get(label), 2),
+            ]
+        )
+    out = table(
+        [
+            "variant",
+            "events/s (median)",
+            "runs",
+            "client CPU s / M events",
+            "broker CPU s / M events",
+        ],
+        rows,
+    )
     out += [
         "- refold `publish_encoded` / bare producer: "
         f"**{times(p['ratio_refold_encoded_to_bare'])}** (/ bare with the same headers: "
         f"{times(p['ratio_refold_encoded_to_bare_headers'])});"
         f" `publish_many` (encoding included) / bare: {times(p['ratio_refold_many_to_bare'])}",
-        "- per-event Python costs measured apart from Kafka: " + "; ".join(
-            f"{k}: {v:.2f} µs" for k, v in p.get("python_costs_us_per_event", {}).items()),
+        "- per-event Python costs measured apart from Kafka: "
+        + "; ".join(f"{k}: {v:.2f} µs" for k, v in p.get("python_costs_us_per_event", {}).items()),
         f"- every topic held exactly the events sent: {p['verified']}",
-        *(f"- {n}" for n in p["notes"]), "",
+        *(f"- {n}" for n in p["notes"]),
+        "",
     ]
     return out
 
 
 def rebuild_md(r: dict[str, Any]) -> list[str]:
-    rows = [[label, num(v["events_per_s_median"]), runs_cell(v["events_per_s_runs"]),
-             num(v["cpu_s_per_million_median"], 2)] for label, v in r["variants"].items()]
+    rows = [
+        [
+            label,
+            num(v["events_per_s_median"]),
+            runs_cell(v["events_per_s_runs"]),
+            num(v["cpu_s_per_million_median"], 2),
+        ]
+        for label, v in r["variants"].items()
+    ]
     out = table(["variant", "events/s (median)", "runs", "CPU s / M events"], rows)
     joins = ", ".join(f"{s:.2f}" for s in r["refold_group_join_s_runs"])
     out += [
@@ -121,13 +153,17 @@ def rebuild_md(r: dict[str, Any]) -> list[str]:
         f" {times(r['ratio_refold_to_bare_decode'])}; / (c0) loop + decode + fold in a dict:"
         f" {times(r['ratio_refold_to_bare_fold'])}",
         f"- refold's group join before the first assignment (not in the rate): {joins} s",
-        *(f"- {n}" for n in [*r["verified"], *r["notes"]]), "",
+        *(f"- {n}" for n in [*r["verified"], *r["notes"]]),
+        "",
     ]
     s = r["serial_bound"]
     rows = [[step, num(cost, 2)] for step, cost in s["costs_us_per_event"].items()]
-    out += ["**Serial bound** (one fold thread; per-event costs measured in isolation on "
-            f"{s['sample_events']:,} events held in memory; {s['distinct_keys_per_batch']:,.0f} "
-            "distinct keys per 5,000-event batch):", ""]
+    out += [
+        "**Serial bound** (one fold thread; per-event costs measured in isolation on "
+        f"{s['sample_events']:,} events held in memory; {s['distinct_keys_per_batch']:,.0f} "
+        "distinct keys per 5,000-event batch):",
+        "",
+    ]
     out += table(["step", "µs / event"], rows)
     out += [
         "- bound from consume + decode + store writes: "
@@ -135,7 +171,8 @@ def rebuild_md(r: dict[str, Any]) -> list[str]:
         f"**{times(s['rebuild_to_bound_consume_decode_store'])}** of it",
         f"- bound from every step (consume, event_from_message, fold, store reads and writes): "
         f"{num(s['bound_all_steps_events_per_s'])} events/s; the rebuild reaches "
-        f"**{times(s['rebuild_to_bound_all_steps'])}** of it", "",
+        f"**{times(s['rebuild_to_bound_all_steps'])}** of it",
+        "",
     ]
     return out
 
@@ -149,17 +186,33 @@ def faust_md(f: dict[str, Any], refold_rate: float | None) -> list[str]:
     ratio = refold_rate / f["events_per_s"] if refold_rate and f["events_per_s"] else float("nan")
     settings = ", ".join(f"`{k}={v}`" for k, v in f["settings"].items())
     return [
-        *table(["peer", "events/s (first to last event)", "incl. startup", "startup s",
-                "CPU s / M events", "max RSS MB"],
-               [["faust-streaming table (RocksDB, rocksdict driver)", num(f["events_per_s"]),
-                 num(f["events_per_s_with_startup"]), num(f["startup_s"], 1),
-                 num(f["cpu_s_per_million"], 1), num(f["max_rss_mb"])]]),
+        *table(
+            [
+                "peer",
+                "events/s (first to last event)",
+                "incl. startup",
+                "startup s",
+                "CPU s / M events",
+                "max RSS MB",
+            ],
+            [
+                [
+                    "faust-streaming table (RocksDB, rocksdict driver)",
+                    num(f["events_per_s"]),
+                    num(f["events_per_s_with_startup"]),
+                    num(f["startup_s"], 1),
+                    num(f["cpu_s_per_million"], 1),
+                    num(f["max_rss_mb"]),
+                ]
+            ],
+        ),
         f"- refold rebuild / Faust peer: **{times(ratio)}**",
         f"- {f['verified']}",
         "- configuration: one worker process, one agent iterating `stream.events()`, decoding "
         f"with refold's codec and folding with `Balances.apply` into `app.Table` (changelogged, "
         f"at-least-once); otherwise Faust's defaults. Settings: {settings}",
-        f"- log: `{f['log_path']}`", "",
+        f"- log: `{f['log_path']}`",
+        "",
     ]
 
 
@@ -167,13 +220,32 @@ def freshness_md(f: dict[str, Any]) -> list[str]:
     rows = []
     for label, v in f["variants"].items():
         lat = v["latency_ms"]
-        rows.append([label, num(v["achieved_events_per_s"]),
-                     f"{v['observed']:,} / {v['expected_observations']:,}",
-                     *(num(lat[k], 1) for k in ("p50", "p90", "p99", "p99.9", "max"))])
-    out = [f"Offered {f['offered_events_per_s']:,} events/s for {f['seconds']:.0f} s, one "
-           f"produce() per event; the first {f['warmup_excluded_s']:.0f} s are left out.", ""]
-    out += table(["path", "achieved events/s", "observed", "p50 ms", "p90 ms", "p99 ms",
-                  "p99.9 ms", "max ms"], rows)
+        rows.append(
+            [
+                label,
+                num(v["achieved_events_per_s"]),
+                f"{v['observed']:,} / {v['expected_observations']:,}",
+                *(num(lat[k], 1) for k in ("p50", "p90", "p99", "p99.9", "max")),
+            ]
+        )
+    out = [
+        f"Offered {f['offered_events_per_s']:,} events/s for {f['seconds']:.0f} s, one "
+        f"produce() per event; the first {f['warmup_excluded_s']:.0f} s are left out.",
+        "",
+    ]
+    out += table(
+        [
+            "path",
+            "achieved events/s",
+            "observed",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+        ],
+        rows,
+    )
     return [*out, *(f"- {n}" for n in f["notes"]), ""]
 
 
@@ -186,24 +258,51 @@ def queries_md(q: dict[str, Any]) -> list[str]:
     rows = []
     for label, v in q["max"].items():
         lat = v["latency_ms"]
-        bad = v.get("non_2xx", 0) or sum(c for s, c in v.get("statuses", {}).items()
-                                         if not s.startswith("2"))
-        rows.append([label, num(v["rate"]), num(lat.get("p50"), 2), num(lat.get("p99"), 2),
-                     str(bad)])
-    out = [f"Maximum rate ({q['max_tool']}, {next(iter(q['max'].values()))['connections']} "
-           "connections):", ""]
+        bad = v.get("non_2xx", 0) or sum(
+            c for s, c in v.get("statuses", {}).items() if not s.startswith("2")
+        )
+        rows.append(
+            [label, num(v["rate"]), num(lat.get("p50"), 2), num(lat.get("p99"), 2), str(bad)]
+        )
+    out = [
+        f"Maximum rate ({q['max_tool']}, {next(iter(q['max'].values()))['connections']} "
+        "connections):",
+        "",
+    ]
     out += table(["endpoint", "requests/s", "p50 ms", "p99 ms", "non-2xx"], rows)
     rows = []
     for label, v in q["half_load"].items():
         lat = v["latency_ms"]
-        rows.append([label, num(v["offered_per_s"]), num(v["rate"]),
-                     *(num(lat[k], 2) for k in ("p50", "p90", "p99", "p99.9", "max")),
-                     ", ".join(f"{s}: {c:,}" for s, c in v["statuses"].items()) or "-",
-                     ", ".join(f"{e}: {c}" for e, c in v["errors"].items()) or "-"])
-    out += ["At half the lookup maximum (bench/loadgen.py, open loop, latency from the scheduled "
-            "start):", ""]
-    out += table(["endpoint", "offered/s", "achieved/s", "p50 ms", "p90 ms", "p99 ms",
-                  "p99.9 ms", "max ms", "statuses", "errors"], rows)
+        rows.append(
+            [
+                label,
+                num(v["offered_per_s"]),
+                num(v["rate"]),
+                *(num(lat[k], 2) for k in ("p50", "p90", "p99", "p99.9", "max")),
+                ", ".join(f"{s}: {c:,}" for s, c in v["statuses"].items()) or "-",
+                ", ".join(f"{e}: {c}" for e, c in v["errors"].items()) or "-",
+            ]
+        )
+    out += [
+        "At half the lookup maximum (bench/loadgen.py, open loop, latency from the scheduled "
+        "start):",
+        "",
+    ]
+    out += table(
+        [
+            "endpoint",
+            "offered/s",
+            "achieved/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "statuses",
+            "errors",
+        ],
+        rows,
+    )
     return [*out, *(f"- {n}" for n in q["notes"]), ""]
 
 
@@ -223,7 +322,8 @@ def targets_md(targets: list[dict[str, Any]]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     meta, params, m = report["meta"], report["params"], report["meta"]["machine"]
     lines = [
-        "# refold benchmarks", "",
+        "# refold benchmarks",
+        "",
         f"- date: {meta['finished']} (started {meta['started']}, {meta['seconds']:.0f} s)",
         f"- command: `{meta['command']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['platform']}, "
@@ -263,29 +363,60 @@ def _get(report: dict[str, Any], *path: str) -> Any:
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 6's targets next to what this run measured (a reading aid, not a pass/fail gate)."""
-    refold_rebuild = _get(report, "rebuild", "variants", "refold ProjectionRunner (balances)",
-                          "events_per_s_median")
+    refold_rebuild = _get(
+        report, "rebuild", "variants", "refold ProjectionRunner (balances)", "events_per_s_median"
+    )
     faust_rate = _get(report, "faust", "events_per_s")
     fresh = _get(report, "freshness", "variants") or {}
     fresh_p99 = next((v["latency_ms"]["p99"] for k, v in fresh.items() if "wait_for" in k), None)
     http_p99 = next((v["latency_ms"]["p99"] for k, v in fresh.items() if "GET" in k), None)
     lookup = "GET /projections/{name}/{key}"
     checks: list[tuple[str, Any, str, float, bool]] = [
-        ("publish ≥ 100,000 events/s",
-         _get(report, "publish", "variants", "refold Publisher.publish_encoded (pre-encoded)",
-              "events_per_s_median"), "events/s", 100_000, True),
-        ("publish ≥ 0.5x bare producer",
-         _get(report, "publish", "ratio_refold_encoded_to_bare"), "x", 0.5, True),
+        (
+            "publish ≥ 100,000 events/s",
+            _get(
+                report,
+                "publish",
+                "variants",
+                "refold Publisher.publish_encoded (pre-encoded)",
+                "events_per_s_median",
+            ),
+            "events/s",
+            100_000,
+            True,
+        ),
+        (
+            "publish ≥ 0.5x bare producer",
+            _get(report, "publish", "ratio_refold_encoded_to_bare"),
+            "x",
+            0.5,
+            True,
+        ),
         ("rebuild ≥ 150,000 events/s", refold_rebuild, "events/s", 150_000, True),
-        ("rebuild ≥ 0.5x bare consume loop",
-         _get(report, "rebuild", "ratio_refold_to_bare"), "x", 0.5, True),
-        ("rebuild ≥ 10x Faust table peer",
-         refold_rebuild / faust_rate if refold_rebuild and faust_rate else None, "x", 10, True),
+        (
+            "rebuild ≥ 0.5x bare consume loop",
+            _get(report, "rebuild", "ratio_refold_to_bare"),
+            "x",
+            0.5,
+            True,
+        ),
+        (
+            "rebuild ≥ 10x Faust table peer",
+            refold_rebuild / faust_rate if refold_rebuild and faust_rate else None,
+            "x",
+            10,
+            True,
+        ),
         ("freshness p99 ≤ 50 ms (runner position)", fresh_p99, "ms", 50, False),
         ("freshness p99 ≤ 50 ms (HTTP min_offset read)", http_p99, "ms", 50, False),
         ("≥ 15,000 lookups/s", _get(report, "queries", "max", lookup, "rate"), "/s", 15_000, True),
-        ("lookup p99 ≤ 5 ms at half load",
-         _get(report, "queries", "half_load", lookup, "latency_ms", "p99"), "ms", 5, False),
+        (
+            "lookup p99 ≤ 5 ms at half load",
+            _get(report, "queries", "half_load", lookup, "latency_ms", "p99"),
+            "ms",
+            5,
+            False,
+        ),
     ]
     out = []
     for label, value, unit, limit, at_least in checks:

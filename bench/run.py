@@ -44,16 +44,23 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 200,000 events, 20,000 accounts, shorter loads")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 200,000 events, 20,000 accounts, shorter loads",
+    )
     parser.add_argument("--events", type=int, help="bank events (default 1,000,000; quick 200,000)")
     parser.add_argument("--accounts", type=int, help="accounts (default 100,000; quick 20,000)")
     parser.add_argument("--repeats", type=int, help="runs per variant where cheap (default 3)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report directory")
-    parser.add_argument("--only", default=",".join(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SCENARIOS)
@@ -98,37 +105,46 @@ def run_scenarios(bench: Bench, params: Params, only: set[str], out: dict[str, A
         topic = seed_topic(bench, data)
     ends = end_offsets(bench.config("ends"), topic) if topic else {}
     if "rebuild" in only and topic:
-        out["rebuild"] = attempt("rebuild", lambda: scenarios_rebuild.run(
-            bench, topic, ends, data, params).to_json())
+        out["rebuild"] = attempt(
+            "rebuild", lambda: scenarios_rebuild.run(bench, topic, ends, data, params).to_json()
+        )
     if "faust" in only and topic:
-        out["faust"] = attempt("faust", lambda: scenarios_faust.run(
-            bench, topic, len(ends), data, params).to_json())
+        out["faust"] = attempt(
+            "faust", lambda: scenarios_faust.run(bench, topic, len(ends), data, params).to_json()
+        )
     if "freshness" in only:
-        out["freshness"] = attempt("freshness", lambda: scenarios_freshness.run(
-            bench, data, params).to_json())
+        out["freshness"] = attempt(
+            "freshness", lambda: scenarios_freshness.run(bench, data, params).to_json()
+        )
     if "queries" in only and topic:
-        out["queries"] = attempt("queries", lambda: scenarios_queries.run(
-            bench, topic, ends, data, params).to_json())
+        out["queries"] = attempt(
+            "queries", lambda: scenarios_queries.run(bench, topic, ends, data, params).to_json()
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gc.set_threshold(100_000, 50, 100)  # as `refold worker` runs (see streams/cli.py)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
     logging.getLogger("streams").setLevel(logging.WARNING)
     logging.getLogger("projections").setLevel(logging.WARNING)
-    params = Params.build(quick=args.quick, events=args.events, accounts=args.accounts,
-                          repeats=args.repeats)
+    params = Params.build(
+        quick=args.quick, events=args.events, accounts=args.accounts, repeats=args.repeats
+    )
     only = set(args.only.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="refold-bench-"))
     started, clock = report.now_utc(), time.monotonic()
     result: dict[str, Any] = {
-        "meta": {"started": started, "command": "python -m bench.run " + " ".join(sys.argv[1:]),
-                 "machine": report.machine(), "loadavg_start": _loadavg()},
-        "params": {**{k: getattr(params, k) for k in params.__slots__},
-                   "partitions": PARTITIONS},
+        "meta": {
+            "started": started,
+            "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+            "machine": report.machine(),
+            "loadavg_start": _loadavg(),
+        },
+        "params": {**{k: getattr(params, k) for k in params.__slots__}, "partitions": PARTITIONS},
     }
     broker_config: Config | None = None
     try:
@@ -140,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             broker_config = Config(data_dir=work / "broker")
             info = broker.start(broker_config, port=broker.free_port())
             bootstrap, broker_pid = info.bootstrap_servers, info.nodes[0].pid
-            result["meta"]["broker"] = (f"local Apache Kafka {broker.kafka_version()} (KRaft, "
-                                        f"1 node, heap {info.heap_mb} MB) on {bootstrap}")
+            result["meta"]["broker"] = (
+                f"local Apache Kafka {broker.kafka_version()} (KRaft, "
+                f"1 node, heap {info.heap_mb} MB) on {bootstrap}"
+            )
         codec = codec_for(Config(bootstrap_override=bootstrap))
         bench = Bench(bootstrap, work / "runs", codec, broker_pid, out=args.out)
         run_scenarios(bench, params, only, result)
@@ -152,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("scratch directory kept: %s", work)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    result["meta"].update(finished=report.now_utc(), seconds=time.monotonic() - clock,
-                          loadavg_end=_loadavg())
+    result["meta"].update(
+        finished=report.now_utc(), seconds=time.monotonic() - clock, loadavg_end=_loadavg()
+    )
     result["targets"] = report.targets(result)
     text = report.markdown(result)
     (args.out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

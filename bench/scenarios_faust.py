@@ -53,12 +53,16 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def run(bench: Bench, topic: str, partitions: int, data: BankData, params: Params) -> FaustResult:
     if importlib.util.find_spec("faust") is None:
-        return FaustResult("skipped", "faust-streaming is not installed (pip install "
-                                      "faust-streaming)")
+        return FaustResult(
+            "skipped", "faust-streaming is not installed (pip install faust-streaming)"
+        )
     if importlib.util.find_spec("cramjam") is None:
         # refold's producer compresses with lz4, which aiokafka reads only through cramjam.
-        return FaustResult("skipped", "aiokafka cannot read lz4-compressed batches without cramjam "
-                                      "(pip install 'aiokafka[lz4]')")
+        return FaustResult(
+            "skipped",
+            "aiokafka cannot read lz4-compressed batches without cramjam "
+            "(pip install 'aiokafka[lz4]')",
+        )
     work = bench.config("faust").data_dir
     result_path, progress_path = work / "result.json", work / "progress.json"
     log_path = (bench.out or work) / "faust.log"
@@ -67,8 +71,12 @@ def run(bench: Bench, topic: str, partitions: int, data: BankData, params: Param
            "--topic", topic, "--events", str(n), "--partitions", str(partitions),
            "--app-id", bench.name("faust"), "--data-dir", str(work / "data"),
            "--result", str(result_path), "--progress", str(progress_path)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     started = time.time()
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -96,8 +104,9 @@ def run(bench: Bench, topic: str, partitions: int, data: BankData, params: Param
         elapsed = time.time() - started
         if elapsed >= params.faust_timeout:
             outcome.status = "timeout"
-            outcome.reason = (f"stopped after {elapsed:.0f} s having folded "
-                              f"{outcome.processed} of {n} events")
+            outcome.reason = (
+                f"stopped after {elapsed:.0f} s having folded {outcome.processed} of {n} events"
+            )
             first = progress.get("first")
             if first and outcome.processed:
                 outcome.events_per_s = outcome.processed / (progress["now"] - first)
@@ -113,13 +122,16 @@ def run(bench: Bench, topic: str, partitions: int, data: BankData, params: Param
     outcome.cpu_s_per_million = result["cpu_s"] * 1_000_000 / n
     outcome.max_rss_mb = result["max_rss_mb"]
     outcome.settings = {**result["settings"], "store_driver": result.get("store_driver")}
-    good = (result["table_keys"] == len(data.expected_balance)
-            and result["table_total_balance_cents"] == data.total_balance
-            and result["table_total_events"] == n)
+    good = (
+        result["table_keys"] == len(data.expected_balance)
+        and result["table_total_balance_cents"] == data.total_balance
+        and result["table_total_events"] == n
+    )
     outcome.verified = (
         f"table verified: {result['table_keys']} keys, total balance and event count as expected"
-        if good else
-        f"table MISMATCH: {result['table_keys']} keys, total {result['table_total_balance_cents']}"
+        if good
+        else f"table MISMATCH: {result['table_keys']} keys, "
+        f"total {result['table_total_balance_cents']}"
         f" (expected {data.total_balance}), events {result['table_total_events']} (expected {n})"
     )
     log.info("faust: %.0f events/s (startup %.1f s)", outcome.events_per_s, outcome.startup_s)

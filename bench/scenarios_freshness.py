@@ -86,12 +86,21 @@ class FreshnessResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"offered_events_per_s": self.rate, "seconds": self.seconds,
-                "warmup_excluded_s": WARMUP_S, "variants": self.variants, "notes": self.notes}
+        return {
+            "offered_events_per_s": self.rate,
+            "seconds": self.seconds,
+            "warmup_excluded_s": WARMUP_S,
+            "variants": self.variants,
+            "notes": self.notes,
+        }
 
 
 def offer_load(
-    bench: Bench, topic: str, data: BankData, rate: int, seconds: float,
+    bench: Bench,
+    topic: str,
+    data: BankData,
+    rate: int,
+    seconds: float,
     on_delivered: Callable[[Delivered], None] | None = None,
 ) -> LoadRun:
     """Produce `rate` events/s one by one for `seconds`; returns every delivery report."""
@@ -120,8 +129,9 @@ def offer_load(
             event = events[run.sent % len(events)]
             headers: WireHeaders = list(envelope_headers(event.type, source="refold://bench"))
             t0 = clock()
-            produce(topic, event.value, event.key, headers=headers,
-                    on_delivery=partial(on_delivery, t0))
+            produce(
+                topic, event.value, event.key, headers=headers, on_delivery=partial(on_delivery, t0)
+            )
             run.sent += 1
         poll(0)
         pause = start + run.sent / rate - clock()
@@ -181,8 +191,10 @@ class HttpSampler:
         while (item := self._queue.get()) is not None:
             t0, partition, offset, key = item
             try:
-                conn.request("GET", f"/projections/{self._name}/{key}"
-                                    f"?min_offset={partition}:{offset}&wait_ms=5000")
+                conn.request(
+                    "GET",
+                    f"/projections/{self._name}/{key}?min_offset={partition}:{offset}&wait_ms=5000",
+                )
                 response = conn.getresponse()
                 response.read()
                 done = time.perf_counter()
@@ -197,8 +209,7 @@ class HttpSampler:
         conn.close()
 
 
-def refold_freshness(bench: Bench, data: BankData, params: Params,
-                     result: FreshnessResult) -> None:
+def refold_freshness(bench: Bench, data: BankData, params: Params, result: FreshnessResult) -> None:
     topic = bench.topic("fresh")
     name = bench.name("balances")
     worker = Worker(bench.config("fresh-worker"), [balances_on(topic, name)], codec=bench.codec)
@@ -260,8 +271,9 @@ def refold_freshness(bench: Bench, data: BankData, params: Params,
 def bare_hop(bench: Bench, data: BankData, params: Params, batch_wait: bool) -> dict[str, Any]:
     """One offered load read by a bare consumer; `batch_wait` uses the runtime's consume call."""
     topic = bench.topic("hop")
-    consumer = Consumer(bench.config("hop").kafka(
-        **{"group.id": bench.name("hop"), **RUNTIME_CONSUMER_CONF}))
+    consumer = Consumer(
+        bench.config("hop").kafka(**{"group.id": bench.name("hop"), **RUNTIME_CONSUMER_CONF})
+    )
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
     received: dict[tuple[int, int], float] = {}
     stop = threading.Event()

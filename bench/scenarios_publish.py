@@ -64,8 +64,9 @@ class PublishResult:
         }
 
 
-def bare_publish(producer: Producer, topic: str, events: Sequence[EventInput],
-                 headers: WireHeaders | None) -> None:
+def bare_publish(
+    producer: Producer, topic: str, events: Sequence[EventInput], headers: WireHeaders | None
+) -> None:
     """The baseline: produce every record, one shared delivery callback, flush."""
     failures: list[str] = []
 
@@ -83,8 +84,9 @@ def bare_publish(producer: Producer, topic: str, events: Sequence[EventInput],
                 poll(0.05)
     remaining = producer.flush(120)
     if failures or remaining:
-        raise RuntimeError(f"bare producer: {len(failures)} failed, {remaining} unacknowledged "
-                           f"({failures[:1]})")
+        raise RuntimeError(
+            f"bare producer: {len(failures)} failed, {remaining} unacknowledged ({failures[:1]})"
+        )
 
 
 def python_costs(bench: Bench, data: BankData, sample: int = 100_000) -> dict[str, float]:
@@ -100,7 +102,8 @@ def python_costs(bench: Bench, data: BankData, sample: int = 100_000) -> dict[st
 
     return {
         "envelope_headers() (uuid4, timestamp, 6 tuples)": timed(
-            lambda: [envelope_headers(e.type, source="refold://bench") for e in events]),
+            lambda: [envelope_headers(e.type, source="refold://bench") for e in events]
+        ),
         "codec.encode()": timed(lambda: [encode(e.type, e.data) for e in events]),
     }
 
@@ -161,8 +164,9 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
             written = sum(end_offsets(bench.config("check"), topic).values())
             if written != len(events):
                 result.verified = False
-                result.notes.append(f"{label} run {rep + 1}: topic holds {written} records, "
-                                    f"expected {len(events)}")
+                result.notes.append(
+                    f"{label} run {rep + 1}: topic holds {written} records, expected {len(events)}"
+                )
             if label == REFOLD_ENCODED and not first_topic:
                 first_topic.append(topic)
     result.topic = first_topic[0]

@@ -53,8 +53,14 @@ class QueryResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "reason": self.reason, "max_tool": self.max_tool,
-                "max": self.max, "half_load": self.half, "notes": self.notes}
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "max_tool": self.max_tool,
+            "max": self.max,
+            "half_load": self.half,
+            "notes": self.notes,
+        }
 
 
 def _env() -> dict[str, str]:
@@ -62,14 +68,32 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
-def loadgen(base: str, target: list[str], seconds: float, connections: int,
-            rate: float | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--base", base, *target,
-           "--seconds", str(seconds), "--connections", str(connections)]
+def loadgen(
+    base: str, target: list[str], seconds: float, connections: int, rate: float | None = None
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--base",
+        base,
+        *target,
+        "--seconds",
+        str(seconds),
+        "--connections",
+        str(connections),
+    ]
     if rate:
         cmd += ["--rate", f"{rate:.0f}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(),
-                          timeout=seconds * 4 + 120, check=False)
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        timeout=seconds * 4 + 120,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed: {done.stderr.strip()[-500:]}")
     return dict(json.loads(done.stdout))
@@ -83,8 +107,9 @@ def wrk(url: str, script: Path | None, seconds: float, connections: int) -> dict
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     if script is not None:
         cmd += ["-s", str(script)]
-    done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds * 4 + 60,
-                          check=False)
+    done = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=seconds * 4 + 60, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed: {done.stderr.strip()[-500:]}")
     out = done.stdout
@@ -95,7 +120,9 @@ def wrk(url: str, script: Path | None, seconds: float, connections: int) -> dict
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:(.*)", out)
     return {
-        "tool": "wrk", "connections": connections, "threads": 2,
+        "tool": "wrk",
+        "connections": connections,
+        "threads": 2,
         "rate": float(rate.group(1)) if rate else float("nan"),
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": errors.group(1).strip() if errors else "",
@@ -103,8 +130,9 @@ def wrk(url: str, script: Path | None, seconds: float, connections: int) -> dict
     }
 
 
-def run(bench: Bench, topic: str, ends: dict[int, int], data: BankData,
-        params: Params) -> QueryResult:
+def run(
+    bench: Bench, topic: str, ends: dict[int, int], data: BankData, params: Params
+) -> QueryResult:
     try:
         from projections.server import QueryServer
     except ImportError:
@@ -146,8 +174,13 @@ def run(bench: Bench, topic: str, ends: dict[int, int], data: BankData,
         for label, target in targets.items():
             result.half[label] = loadgen(base, target, seconds, conns, rate=half)
         for label in targets:
-            log.info("queries %-32s max %.0f/s, at %.0f/s p99 %.2f ms", label,
-                     result.max[label]["rate"], half, result.half[label]["latency_ms"]["p99"])
+            log.info(
+                "queries %-32s max %.0f/s, at %.0f/s p99 %.2f ms",
+                label,
+                result.max[label]["rate"],
+                half,
+                result.half[label]["latency_ms"]["p99"],
+            )
         return result
     finally:
         if server is not None:

@@ -124,8 +124,11 @@ def refold_rebuild(
     thread = threading.Thread(target=runner.run, name="bench-rebuild", daemon=True)
     started = time.perf_counter()
     thread.start()
-    wait_until(lambda: len(runner.stats.assigned) == len(ends) or runner.stats.state == "failed",
-               120, 0.001)
+    wait_until(
+        lambda: len(runner.stats.assigned) == len(ends) or runner.stats.state == "failed",
+        120,
+        0.001,
+    )
     assigned, cpu0 = time.perf_counter(), process_cpu()
     wait_until(lambda: runner.reached(last) or runner.stats.state == "failed", 3600, 0.002)
     done, cpu1 = time.perf_counter(), process_cpu()
@@ -136,8 +139,12 @@ def refold_rebuild(
     if stats.state == "failed":
         raise RuntimeError(f"rebuild failed: {stats.error}")
     runs.add(total, done - assigned, cpu1 - cpu0)
-    log.info("rebuild: %.0f events/s (join %.2f s, fold %.2f s)",
-             total / (done - assigned), assigned - started, done - assigned)
+    log.info(
+        "rebuild: %.0f events/s (join %.2f s, fold %.2f s)",
+        total / (done - assigned),
+        assigned - started,
+        done - assigned,
+    )
     notes = []
     if stats.folded != total or stats.dead_letters:
         notes.append(f"runner folded {stats.folded} of {total}, {stats.dead_letters} dead letters")
@@ -151,9 +158,13 @@ def _verify_store(path: Any, data: BankData) -> str:
     with RocksStore.open(path, read_only=True) as store:
         keys = sorted(data.expected_balance)
         states = store.get_many(keys)
-    wrong = [k for k in keys if k not in states
-             or states[k]["balance_cents"] != data.expected_balance[k]
-             or states[k]["events"] != data.expected_events[k]]
+    wrong = [
+        k
+        for k in keys
+        if k not in states
+        or states[k]["balance_cents"] != data.expected_balance[k]
+        or states[k]["events"] != data.expected_events[k]
+    ]
     if wrong:
         return f"store MISMATCH: {len(wrong)} of {len(keys)} accounts differ (e.g. {wrong[0]})"
     return f"store verified: all {len(keys)} accounts equal the independently computed fold"
@@ -170,7 +181,10 @@ def bare_consumer(bench: Bench, topic: str, ends: Ends) -> Consumer:
 
 
 def bare_loop(
-    bench: Bench, topic: str, ends: Ends, runs: Runs,
+    bench: Bench,
+    topic: str,
+    ends: Ends,
+    runs: Runs,
     work: Callable[[list[Message]], None] | None = None,
 ) -> None:
     """consume(5000) batches until every record was read; `work` sees each batch."""
@@ -246,13 +260,14 @@ def _per_batch(items: list[Any], step: Callable[[Any], object]) -> Callable[[], 
 
     def run() -> None:
         for i in range(0, len(items), RUNTIME_BATCH):
-            [step(x) for x in items[i:i + RUNTIME_BATCH]]
+            [step(x) for x in items[i : i + RUNTIME_BATCH]]
 
     return run
 
 
-def serial_bound(bench: Bench, topic: str, ends: Ends, consume_rate: float,
-                 params: Params) -> SerialBound:
+def serial_bound(
+    bench: Bench, topic: str, ends: Ends, consume_rate: float, params: Params
+) -> SerialBound:
     """Measure each step of the fold thread in isolation on a sample held in memory.
 
     A Message converts its headers to Python on the first `headers()` call only and keeps
@@ -265,8 +280,9 @@ def serial_bound(bench: Bench, topic: str, ends: Ends, consume_rate: float,
     result.costs_us[CONSUME] = 1_000_000 / consume_rate
     result.costs_us[HEADERS] = _timed(_per_batch(fresh, lambda m: m.headers()), 1) * 1e6 / n
     sample = collect_sample(bench, topic, ends, params.serial_sample)
-    result.costs_us[EVENT] = _timed(
-        _per_batch(sample, lambda m: event_from_message(codec, m)), 1) * 1e6 / n
+    result.costs_us[EVENT] = (
+        _timed(_per_batch(sample, lambda m: event_from_message(codec, m)), 1) * 1e6 / n
+    )
     values = [m.value() for m in sample]
     result.costs_us[AVRO] = _timed(_per_batch(values, codec.decode)) * 1e6 / n
     del fresh, values
@@ -283,7 +299,7 @@ def serial_bound(bench: Bench, topic: str, ends: Ends, consume_rate: float,
 
     result.costs_us[FOLD] = _timed(fold_all) * 1e6 / n
     final = fold_all()
-    batches = [sample[i:i + RUNTIME_BATCH] for i in range(0, n, RUNTIME_BATCH)]
+    batches = [sample[i : i + RUNTIME_BATCH] for i in range(0, n, RUNTIME_BATCH)]
     positions = [[where(m) for m in b] for b in batches]
     key_batches = [list(dict.fromkeys(key for *_, key in b)) for b in positions]
     offsets = [{(t, p): o + 1 for t, p, o, _ in b} for b in positions]
@@ -326,7 +342,10 @@ def run(bench: Bench, topic: str, ends: Ends, data: BankData, params: Params) ->
         bare_loop(bench, topic, ends, runs[BARE])
         bare_loop(bench, topic, ends, runs[BARE_DECODE], decode_work(bench))
         bare_loop(bench, topic, ends, runs[BARE_FOLD], fold_work(bench))
-        log.info("rebuild rep %d: refold %.0f, bare %.0f, decode %.0f, fold %.0f events/s",
-                 rep + 1, *(runs[k].rates[-1] for k in (REFOLD, BARE, BARE_DECODE, BARE_FOLD)))
+        log.info(
+            "rebuild rep %d: refold %.0f, bare %.0f, decode %.0f, fold %.0f events/s",
+            rep + 1,
+            *(runs[k].rates[-1] for k in (REFOLD, BARE, BARE_DECODE, BARE_FOLD)),
+        )
     serial = serial_bound(bench, topic, ends, runs[BARE].rate, params)
     return RebuildResult(runs, startup, serial, verified)

@@ -54,8 +54,11 @@ class CommandRoutes:
         aggregate = request.match_info["name"]
         if aggregate not in self.worker.processors:
             known = ", ".join(sorted(self.worker.processors)) or "none"
-            return _error(404, "unknown aggregate",
-                          f"no command processor for {aggregate!r} here; known: {known}")
+            return _error(
+                404,
+                "unknown aggregate",
+                f"no command processor for {aggregate!r} here; known: {known}",
+            )
         try:
             wait_ms = _wait_ms(request)
         except InputError as exc:
@@ -79,8 +82,9 @@ class CommandRoutes:
             result = await self._result(command.command_id, wait_ms)
             if result is not None:
                 return _respond(200, {**result, "status_url": status_url})
-        return _respond(202, {"command_id": command.command_id, "status": "pending",
-                              "status_url": status_url})
+        return _respond(
+            202, {"command_id": command.command_id, "status": "pending", "status_url": status_url}
+        )
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         """`GET /commands/{id}`: the result, or `pending` while the command has none."""

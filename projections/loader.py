@@ -56,6 +56,5 @@ def load_versions(
 def load_projections(app_modules: Iterable[str] = (), *, bundled: bool = True) -> list[Projection]:
     """The newest version of every projection (the code version)."""
     return [
-        versions[max(versions)]
-        for versions in load_versions(app_modules, bundled=bundled).values()
+        versions[max(versions)] for versions in load_versions(app_modules, bundled=bundled).values()
     ]

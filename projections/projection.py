@@ -35,7 +35,8 @@ class Projection:
     #: "dead-letter" records it with the reason and goes on; "stop" halts this projection.
     on_error: ClassVar[OnError] = "dead-letter"
     #: What a worker does when this code's version is newer than the live version: "wait" builds
-    #: it beside the live one and waits for `refold replay NAME --swap`; "swap" swaps when caught up.
+    #: it beside the live one and waits for `refold replay NAME --swap`; "swap" swaps once
+    #: caught up.
     on_new_version: ClassVar[Literal["wait", "swap"]] = "wait"
 
     def initial(self, key: str) -> Any:

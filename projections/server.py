@@ -28,6 +28,7 @@ from streams.errors import ConfigError, InputError, PublishError, StoreError, To
 from streams.inputs import EventInput, event_from_json
 from streams.runtime import ProjectionRunner, dead_letter_topic_name
 from streams.serde import Position
+from streams.timetravel import fold_as_of, parse_time
 from streams.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,14 @@ def parse_min_offset(raw: str, topics: tuple[str, ...]) -> dict[TP, int]:
         elif len(parts) == 3:
             topic = parts[0]
             if topic not in topics:
-                raise InputError(f"min_offset names topic {topic!r}, which the projection "
-                                 f"does not read (it reads {', '.join(topics)})")
+                raise InputError(
+                    f"min_offset names topic {topic!r}, which the projection "
+                    f"does not read (it reads {', '.join(topics)})"
+                )
         else:
-            raise InputError(f"min_offset item {item!r} is not partition:offset "
-                             "or topic:partition:offset")
+            raise InputError(
+                f"min_offset item {item!r} is not partition:offset or topic:partition:offset"
+            )
         tp = (topic, _count(parts[-2], "min_offset partition", 0, 1_000_000))
         offset = _count(parts[-1], "min_offset offset", 0, _MAX_OFFSET)
         wanted[tp] = max(offset, wanted.get(tp, 0))
@@ -161,7 +165,8 @@ class Watermarks:
             self._admin = AdminClient(cast("dict[str, Any]", self._config.kafka()))
         futures = self._admin.list_offsets(
             {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions},
-            isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=self._timeout,
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=self._timeout,
         )
         ends: dict[TP, int] = {}
         for tp, future in futures.items():
@@ -301,6 +306,8 @@ class QueryServer:
             return self._unknown(name)
         if runner.stats.state in _DOWN:
             return self._unavailable(runner)
+        if "as_of" in request.query:
+            return await self._as_of(runner, info["key"], request.query["as_of"])
         if request.query_string:
             refused = await self._reach(runner, request)
             if refused is not None:
@@ -312,15 +319,53 @@ class QueryServer:
         except StoreError as exc:
             return self._unavailable(runner, exc)
         if state is None:
-            return _error(404, "no state for key",
-                          f"projection {name!r} has no state for key {key!r}",
-                          position=_position(positions))
+            return _error(
+                404,
+                "no state for key",
+                f"projection {name!r} has no state for key {key!r}",
+                position=_position(positions),
+            )
         cached = self._position_cache.get(name)
         if cached is None or cached[0] is not positions:
             cached = (positions, _dumps(_position(positions)))
             self._position_cache[name] = cached
         body = b'{"key":%b,"state":%b,"position":%b}' % (_dumps(key), _dumps(state), cached[1])
         return web.Response(body=body, content_type=_JSON)
+
+    async def _as_of(self, runner: ProjectionRunner, key: str, when: str) -> web.Response:
+        """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""
+        try:
+            moment = parse_time(when)
+        except InputError as exc:
+            return _error(400, "bad as_of", str(exc))
+        if runner.projection.rekeys:
+            return _error(
+                400,
+                "as_of not supported",
+                f"projection {runner.name!r} re-keys events; as_of needs aggregate keys",
+            )
+        worker = self.worker
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(
+            self._waits,
+            lambda: fold_as_of(worker.config, worker.codec, runner.projection, key, moment),
+        )
+        if found.state is None:
+            return _error(
+                404,
+                "no state for key",
+                f"no events for key {key!r} before {when}",
+                position=found.position,
+            )
+        return _respond(
+            200,
+            {
+                "key": key,
+                "state": found.state,
+                "position": found.position,
+                "as_of": moment.isoformat(),
+            },
+        )
 
     async def scan(self, request: web.Request) -> web.StreamResponse:
         """`GET /projections/{name}?prefix=&after=&limit=`: a page of keys in byte order."""
@@ -345,11 +390,14 @@ class QueryServer:
         except StoreError as exc:
             return self._unavailable(runner, exc)
         page = rows[:limit]
-        return _respond(200, {
-            "items": [{"key": k, "state": s} for k, s in page],
-            "next": page[-1][0] if len(rows) > limit else None,
-            "position": _position(positions),
-        })
+        return _respond(
+            200,
+            {
+                "items": [{"key": k, "state": s} for k, s in page],
+                "next": page[-1][0] if len(rows) > limit else None,
+                "position": _position(positions),
+            },
+        )
 
     async def _reach(self, runner: ProjectionRunner, request: web.Request) -> web.Response | None:
         """None once the runner folded the query's `min_offset`, else the 400/409 answer."""
@@ -372,7 +420,8 @@ class QueryServer:
         except StoreError as exc:
             return self._unavailable(runner, exc)
         return _error(
-            409, "position not reached",
+            409,
+            "position not reached",
             f"projection {runner.name!r} ({runner.stats.state}) has not folded "
             f"min_offset={raw} after waiting {wait_ms} ms",
             position=_position(runner.stats.positions),
@@ -387,8 +436,9 @@ class QueryServer:
         if exc is not None:
             log.warning("projection %s unreadable (%s): %s", runner.name, stats.state, exc)
         reason = exc or stats.error or "its runner ended"
-        return _error(503, "projection unavailable",
-                      f"projection {runner.name!r} is {stats.state}: {reason}")
+        return _error(
+            503, "projection unavailable", f"projection {runner.name!r} is {stats.state}: {reason}"
+        )
 
     # -- events -----------------------------------------------------------------------------
 
@@ -418,8 +468,9 @@ class QueryServer:
         except PublishError as exc:
             log.error("POST /events/%s: %s", topic, exc)
             return _error(503, "not acknowledged", str(exc))
-        return _respond(201, {"topic": where.topic, "partition": where.partition,
-                              "offset": where.offset})
+        return _respond(
+            201, {"topic": where.topic, "partition": where.partition, "offset": where.offset}
+        )
 
     def _publish(self, topic: str, event: EventInput) -> Position:
         return self.worker.publisher.publish_encoded(topic, [event])[0]
@@ -430,15 +481,28 @@ class QueryServer:
         """`GET /healthz`: 200 while no projection failed, else 503; each runner's state."""
         states = {name: r.stats.state for name, r in self.worker.runners.items()}
         failed = any(state == "failed" for state in states.values())
-        return _respond(503 if failed else 200,
-                        {"status": "failed" if failed else "ok", "projections": states})
+        return _respond(
+            503 if failed else 200, {"status": "failed" if failed else "ok", "projections": states}
+        )
 
     async def projections(self, request: web.Request) -> web.StreamResponse:
         """`GET /projections`: every runner with its counters, positions and lag."""
         runners = list(self.worker.runners.values())
+        builds = dict(self.worker.builds)
         marks = self._watermarks
+
+        def describe_all() -> list[dict[str, Any]]:
+            out = []
+            for r in runners:
+                entry = _describe(r, marks)
+                build = builds.get(r.name)
+                # A newer version being rebuilt beside the live one: its progress.
+                entry["rebuild"] = _describe(build, marks) if build is not None else None
+                out.append(entry)
+            return out
+
         loop = asyncio.get_running_loop()
-        described = await loop.run_in_executor(None, lambda: [_describe(r, marks) for r in runners])
+        described = await loop.run_in_executor(None, describe_all)
         return _respond(200, described)
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
@@ -446,9 +510,7 @@ class QueryServer:
         requests = dict(self._requests)  # snapshot on the loop thread, the only writer
         runners = list(self.worker.runners.values())
         loop = asyncio.get_running_loop()
-        text = await loop.run_in_executor(
-            None, _metrics_text, runners, self._watermarks, requests
-        )
+        text = await loop.run_in_executor(None, _metrics_text, runners, self._watermarks, requests)
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
 
 
@@ -499,23 +561,62 @@ def _metrics_text(
             lines.append(f"{name}{{{text}}} {value}")
 
     partitions = {r.name: _partitions(r, watermarks) for r in runners}
-    family("refold_projection_up", "gauge", "1 while the projection's runner is not stopped or "
-           "failed.", [({"projection": r.name}, int(r.stats.state in ("starting", "running")))
-                       for r in runners])
-    family("refold_events_folded_total", "counter", "Events folded into the projection's store.",
-           [({"projection": r.name}, r.stats.folded) for r in runners])
-    family("refold_dead_letters_total", "counter", "Poison events sent to the dead-letter topic.",
-           [({"projection": r.name}, r.stats.dead_letters) for r in runners])
-    family("refold_events_skipped_total", "counter", "Events with no key to fold under.",
-           [({"projection": r.name}, r.stats.skipped) for r in runners])
-    family("refold_projection_next_offset", "gauge", "Next offset to fold per source partition.",
-           [({"projection": name, "topic": p["topic"], "partition": p["partition"]},
-             p["next_offset"]) for name, ps in partitions.items() for p in ps
-            if p["next_offset"] is not None])
-    family("refold_projection_lag", "gauge", "Records in the partition not folded yet.",
-           [({"projection": name, "topic": p["topic"], "partition": p["partition"]}, p["lag"])
-            for name, ps in partitions.items() for p in ps if p["lag"] is not None])
-    family("refold_http_requests_total", "counter", "HTTP requests answered, by route and status.",
-           [({"route": route, "status": status}, n)
-            for (route, status), n in sorted(requests.items())])
+    family(
+        "refold_projection_up",
+        "gauge",
+        "1 while the projection's runner is not stopped or failed.",
+        [({"projection": r.name}, int(r.stats.state in ("starting", "running"))) for r in runners],
+    )
+    family(
+        "refold_events_folded_total",
+        "counter",
+        "Events folded into the projection's store.",
+        [({"projection": r.name}, r.stats.folded) for r in runners],
+    )
+    family(
+        "refold_dead_letters_total",
+        "counter",
+        "Poison events sent to the dead-letter topic.",
+        [({"projection": r.name}, r.stats.dead_letters) for r in runners],
+    )
+    family(
+        "refold_events_skipped_total",
+        "counter",
+        "Events with no key to fold under.",
+        [({"projection": r.name}, r.stats.skipped) for r in runners],
+    )
+    family(
+        "refold_projection_next_offset",
+        "gauge",
+        "Next offset to fold per source partition.",
+        [
+            (
+                {"projection": name, "topic": p["topic"], "partition": p["partition"]},
+                p["next_offset"],
+            )
+            for name, ps in partitions.items()
+            for p in ps
+            if p["next_offset"] is not None
+        ],
+    )
+    family(
+        "refold_projection_lag",
+        "gauge",
+        "Records in the partition not folded yet.",
+        [
+            ({"projection": name, "topic": p["topic"], "partition": p["partition"]}, p["lag"])
+            for name, ps in partitions.items()
+            for p in ps
+            if p["lag"] is not None
+        ],
+    )
+    family(
+        "refold_http_requests_total",
+        "counter",
+        "HTTP requests answered, by route and status.",
+        [
+            ({"route": route, "status": status}, n)
+            for (route, status), n in sorted(requests.items())
+        ],
+    )
     return "\n".join(lines) + "\n"

@@ -39,7 +39,8 @@ def cmd_broker(args: argparse.Namespace, config: Config) -> int:
     if args.action == "start":
         info = broker.start(config, nodes=args.nodes, port=args.port, fresh=args.fresh)
         print(
-            f"Kafka {broker.kafka_version()} ({len(info.nodes)} node(s)) at {info.bootstrap_servers}"
+            f"Kafka {broker.kafka_version()} ({len(info.nodes)} node(s)) "
+            f"at {info.bootstrap_servers}"
         )
         print(f"recorded in {config.broker_record}; data in {config.data_dir / 'broker'}")
     elif args.action == "stop":

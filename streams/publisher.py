@@ -113,7 +113,8 @@ class Publisher:
         if causation_id:
             extra.append(("ce_causationid", causation_id.encode()))
         constant = {
-            t: [*self._static_headers(t), ("ce_time", now), *extra] for t in {e.type for e in events}
+            t: [*self._static_headers(t), ("ce_time", now), *extra]
+            for t in {e.type for e in events}
         }
         first_id = self._sequence
         self._sequence += len(events)
@@ -141,7 +142,7 @@ class Publisher:
             raise PublishError(
                 f"{len(failures) or remaining} of {len(events)} events not acknowledged by "
                 f"{topic!r}{where}: {reason}",
-                hint="check `refold broker status`; nothing after the first failure is assumed written",
+                hint="check `refold broker status`; events after the first failure may be missing",
             )
         return [Position(topic, p, o) for p, o in placed]  # type: ignore[misc]
 

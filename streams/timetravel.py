@@ -98,7 +98,10 @@ def fold_as_of(
             consumer.assign([TopicPartition(topic, partition, low)])
             done = False
             while not done:
-                for msg in consumer.consume(1000, 5.0) or [None]:
+                # consume(n, timeout) would wait for n records: take one, then what is fetched.
+                first = consumer.poll(5.0)
+                batch = [first, *consumer.consume(1000, 0)] if first is not None else [None]
+                for msg in batch:
                     if msg is None:
                         done = True  # nothing more arrives: end of what is readable
                         break
@@ -107,16 +110,16 @@ def fold_as_of(
                     if msg.offset() >= stop:
                         done = True
                         break
-                    if msg.key() != raw_key:
-                        continue
-                    try:
-                        event = event_from_message(codec, msg)
-                    except DecodeError:
-                        continue  # the live projection dead-lettered it too
-                    if state is None:
-                        state = projection.initial(key)
-                    state = projection.apply(state, event)
-                    folded += 1
+                    if msg.key() == raw_key:
+                        try:
+                            event = event_from_message(codec, msg)
+                        except DecodeError:
+                            event = None  # the live projection dead-lettered it too
+                        if event is not None:
+                            if state is None:
+                                state = projection.initial(key)
+                            state = projection.apply(state, event)
+                            folded += 1
                     if msg.offset() + 1 >= stop:
                         done = True
                         break

@@ -64,10 +64,15 @@ class WorkerProcess:
     """`refold worker --only <decider>` in a subprocess, as a user would run it."""
 
     def __init__(self, config: Config, decider: Decider, data_dir: Path, http: bool = False):
-        self.env = {**os.environ, "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
-                    "REFOLD_DATA_DIR": str(data_dir), "REFOLD_APP": "tests.integration.apps.vault",
-                    "VAULT_NAME": decider.name, "VAULT_TOPIC": decider.events_topic,
-                    "PYTHONPATH": str(ROOT)}
+        self.env = {
+            **os.environ,
+            "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+            "REFOLD_DATA_DIR": str(data_dir),
+            "REFOLD_APP": "tests.integration.apps.vault",
+            "VAULT_NAME": decider.name,
+            "VAULT_TOPIC": decider.events_topic,
+            "PYTHONPATH": str(ROOT),
+        }
         self.name = decider.name
         self.data_dir = data_dir
         self.port = _free_port() if http else None
@@ -79,8 +84,9 @@ class WorkerProcess:
         args = [sys.executable, "-m", "streams.cli", "worker", "--only", self.name]
         if self.port:
             args += ["--http", f"127.0.0.1:{self.port}"]
-        self.proc = subprocess.Popen(args, env=self.env, stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
         return self
 
     def kill9(self) -> None:
@@ -98,8 +104,9 @@ class WorkerProcess:
 
     def http(self, method: str, path: str, body: Any = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         method=method)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read())
@@ -126,14 +133,24 @@ def _free_port() -> int:
 
 def read_events(config: Config, topic: str) -> list[Event]:
     """Every committed event on the topic (read_committed, to the end)."""
-    return [e for e in tail(config, codec_for(config), topic, from_beginning=True, follow=False)
-            if isinstance(e, Event)]
+    return [
+        e
+        for e in tail(config, codec_for(config), topic, from_beginning=True, follow=False)
+        if isinstance(e, Event)
+    ]
 
 
 def read_results(config: Config, topic: str) -> list[dict]:
     """Every committed record of a results topic."""
-    consumer = Consumer(config.kafka(**{"group.id": "test-results", "enable.auto.commit": False,
-                                        "isolation.level": "read_committed"}))
+    consumer = Consumer(
+        config.kafka(
+            **{
+                "group.id": "test-results",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+    )
     out = []
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -195,8 +212,10 @@ def settle(client: CommandClient, ids: list[str], timeout: float = 90) -> dict[s
 
 
 def open_and_fund(client: CommandClient, vault: Decider, key: str, cents: int) -> None:
-    for type_name, data in (("bank.OpenAccount", {"owner": "ada"}),
-                            ("bank.Deposit", {"amount_cents": cents})):
+    for type_name, data in (
+        ("bank.OpenAccount", {"owner": "ada"}),
+        ("bank.Deposit", {"amount_cents": cents}),
+    ):
         result = client.wait(client.send(vault.name, key, type_name, data), 60)
         assert result["status"] == "accepted", result
 
@@ -209,8 +228,9 @@ def test_concurrent_withdrawals_never_overdraw(config, vault, client, tmp_path):
         amounts = [rng.randrange(50, 500) for _ in range(240)]  # ~65,000 asked of 10,000
 
         def withdraw(amount: int) -> tuple[str, int]:
-            return client.send(vault.name, "acc-1", "bank.Withdraw",
-                               {"amount_cents": amount}), amount
+            return client.send(
+                vault.name, "acc-1", "bank.Withdraw", {"amount_cents": amount}
+            ), amount
 
         with ThreadPoolExecutor(12) as pool:
             sent = list(pool.map(withdraw, amounts))
@@ -236,49 +256,101 @@ def test_http_versions_idempotency_and_bad_input(config, vault, tmp_path):
     try:
         worker.wait_http()
         base = f"/commands/{vault.name}"
-        status, opened = worker.http("POST", base + "?wait_ms=20000", {
-            "key": "acc-7", "type": "bank.OpenAccount", "data": {"owner": "bo"}})
+        status, opened = worker.http(
+            "POST",
+            base + "?wait_ms=20000",
+            {"key": "acc-7", "type": "bank.OpenAccount", "data": {"owner": "bo"}},
+        )
         assert status == 200 and opened["status"] == "accepted" and opened["version"] == 1
         assert opened["events"][0]["type"] == "bank.AccountOpened"
-        status, stale = worker.http("POST", base + "?wait_ms=20000", {
-            "key": "acc-7", "type": "bank.Deposit", "data": {"amount_cents": 5},
-            "expected_version": 0})
+        status, stale = worker.http(
+            "POST",
+            base + "?wait_ms=20000",
+            {
+                "key": "acc-7",
+                "type": "bank.Deposit",
+                "data": {"amount_cents": 5},
+                "expected_version": 0,
+            },
+        )
         assert stale["status"] == "rejected" and stale["current_version"] == 1
         assert "conflict" in stale["reason"]
-        body = {"command_id": "dep-once", "key": "acc-7", "type": "bank.Deposit",
-                "data": {"amount_cents": 700}, "expected_version": 1}
+        body = {
+            "command_id": "dep-once",
+            "key": "acc-7",
+            "type": "bank.Deposit",
+            "data": {"amount_cents": 700},
+            "expected_version": 1,
+        }
         status, first = worker.http("POST", base, body)
         assert status == 202 and first["status_url"] == "/commands/dep-once"
         status, decided = worker.http("GET", "/commands/dep-once?wait_ms=20000")
         assert decided["status"] == "accepted" and decided["version"] == 2
         for _ in range(3):  # resent (even with other data): the first result, no new events
-            status, again = worker.http("POST", base + "?wait_ms=5000",
-                                        {**body, "data": {"amount_cents": 1}})
+            status, again = worker.http(
+                "POST", base + "?wait_ms=5000", {**body, "data": {"amount_cents": 1}}
+            )
             assert {k: again[k] for k in decided} == decided
         status, missing = worker.http("GET", "/commands/no-such-command")
         assert status == 200 and missing["status"] == "pending"
         assert worker.http("POST", "/commands/nope", body)[0] == 404
-        for bad in ({"key": "acc-7", "type": "bank.Deposit", "data": {"amount_cents": "7"}},
-                    {"key": "acc-7", "type": "bank.Fly", "data": {}},
-                    {"type": "bank.Deposit", "data": {"amount_cents": 7}}):
+        for bad in (
+            {"key": "acc-7", "type": "bank.Deposit", "data": {"amount_cents": "7"}},
+            {"key": "acc-7", "type": "bank.Fly", "data": {}},
+            {"type": "bank.Deposit", "data": {"amount_cents": 7}},
+        ):
             status, err = worker.http("POST", base, bad)
             assert status == 422 and err["error"] == "invalid command", err
         cli = subprocess.run(
-            [sys.executable, "-m", "streams.cli", "command", vault.name, "--type",
-             "bank.Withdraw", "--key", "acc-7", "--data", '{"amount_cents": 100}', "--wait"],
-            env=worker.env, capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "streams.cli",
+                "command",
+                vault.name,
+                "--type",
+                "bank.Withdraw",
+                "--key",
+                "acc-7",
+                "--data",
+                '{"amount_cents": 100}',
+                "--wait",
+            ],
+            env=worker.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert cli.returncode == 0, cli.stderr
         assert json.loads(cli.stdout)["version"] == 3
         bad_cli = subprocess.run(
-            [sys.executable, "-m", "streams.cli", "command", vault.name, "--type",
-             "bank.Withdraw", "--key", "acc-7", "--data", '{"amount_cents": 0.5}'],
-            env=worker.env, capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "streams.cli",
+                "command",
+                vault.name,
+                "--type",
+                "bank.Withdraw",
+                "--key",
+                "acc-7",
+                "--data",
+                '{"amount_cents": 0.5}',
+            ],
+            env=worker.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert bad_cli.returncode == 2 and "must be an integer" in bad_cli.stderr
     finally:
         worker.stop()
     events = read_events(config, vault.events_topic)
-    assert [e.type for e in events] == ["bank.AccountOpened", "bank.MoneyDeposited",
-                                        "bank.MoneyWithdrawn"]
+    assert [e.type for e in events] == [
+        "bank.AccountOpened",
+        "bank.MoneyDeposited",
+        "bank.MoneyWithdrawn",
+    ]
     assert balances(events)["acc-7"][-1] == 600
     by_id = check_log_matches_results(events, read_results(config, vault.results_topic))
     assert by_id["dep-once"]["events"][0]["offset"] == events[1].offset
@@ -296,8 +368,14 @@ def test_kill_9_mid_stream_loses_and_duplicates_nothing(config, vault, client, t
     def produce() -> None:
         for i in range(6000):
             kind = "bank.Deposit" if rng.random() < 0.55 else "bank.Withdraw"
-            command = client.prepare(vault.name, {"key": rng.choice(accounts), "type": kind,
-                                                  "data": {"amount_cents": rng.randrange(1, 900)}})
+            command = client.prepare(
+                vault.name,
+                {
+                    "key": rng.choice(accounts),
+                    "type": kind,
+                    "data": {"amount_cents": rng.randrange(1, 900)},
+                },
+            )
             client.append(command).result(30)
             sent.append(command.command_id)
             if i % 20 == 0:
@@ -346,13 +424,18 @@ def test_projection_never_sees_events_of_an_aborted_transaction(
     codec = codec_for(config)
     try:
         open_and_fund(client, vault, "acc-a", 1_000)
-        aborter = Producer(config.kafka(**{"transactional.id": unique("aborter"),
-                                           "partitioner": "murmur2_random"}))
+        aborter = Producer(
+            config.kafka(**{"transactional.id": unique("aborter"), "partitioner": "murmur2_random"})
+        )
         aborter.init_transactions(30)
         aborter.begin_transaction()
         data = {"account_id": "acc-a", "amount_cents": 999_999, "memo": "aborted"}
-        aborter.produce(vault.events_topic, codec.encode("bank.MoneyDeposited", data), b"acc-a",
-                        headers=envelope_headers("bank.MoneyDeposited", source="test"))
+        aborter.produce(
+            vault.events_topic,
+            codec.encode("bank.MoneyDeposited", data),
+            b"acc-a",
+            headers=envelope_headers("bank.MoneyDeposited", source="test"),
+        )
         aborter.flush(30)
         aborter.abort_transaction(30)
         # The processor itself folds past the aborted records: withdrawing more than the real

@@ -86,16 +86,24 @@ class Served:
     def publish(self, deposits: list[tuple[str, int, str]]) -> list[Position]:
         return self.publisher.publish_many(
             self.topic,
-            [(DEPOSITED, key, {"account_id": key, "amount_cents": amount, "memo": memo})
-             for key, amount, memo in deposits],
+            [
+                (DEPOSITED, key, {"account_id": key, "amount_cents": amount, "memo": memo})
+                for key, amount, memo in deposits
+            ],
         )
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                params: dict[str, str] | None = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Response:
         query = "?" + urllib.parse.urlencode(params) if params else ""
         url = self.server.url + path + query
-        req = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url, data=body, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 status, raw, ctype = resp.status, resp.read(), resp.headers["Content-Type"]
@@ -172,11 +180,19 @@ def test_read_your_writes_after_post(serve: Callable[..., Served]) -> None:
     s = serve()
     first = s.publish([("rw-1", 500, "opening")])
     assert s.get_key("rw-1", min_offset=min_offset(first), wait_ms=WAIT).body["state"] == {
-        "balance_cents": 500, "deposits": 1, "memos": ["opening"]}
+        "balance_cents": 500,
+        "deposits": 1,
+        "memos": ["opening"],
+    }
 
     for n in range(1, 4):
-        posted = s.post({"type": DEPOSITED, "key": "rw-1",
-                         "data": {"account_id": "rw-1", "amount_cents": 25, "memo": f"p{n}"}})
+        posted = s.post(
+            {
+                "type": DEPOSITED,
+                "key": "rw-1",
+                "data": {"account_id": "rw-1", "amount_cents": 25, "memo": f"p{n}"},
+            }
+        )
         assert posted.status == 201, posted.body
         assert posted.body["topic"] == s.topic
         assert posted.body["partition"] == first[0].partition
@@ -237,7 +253,10 @@ def test_prefix_paging_returns_every_key_once_in_order(serve: Callable[..., Serv
     assert [i["key"] for i in after.body["items"]] == ["user-052", "userx-1", "zzz"]
     assert after.body["next"] is None  # exactly `limit` left: nothing follows
     assert s.get(f"/projections/{s.name}", prefix="nobody").body == {
-        "items": [], "next": None, "position": everything.body["position"]}
+        "items": [],
+        "next": None,
+        "position": everything.body["position"],
+    }
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -258,8 +277,10 @@ def test_projections_healthz_and_metrics_report_the_fold(serve: Callable[..., Se
         written[p.partition] = max(written[p.partition], p.offset + 1)
 
     health = s.get("/healthz")
-    assert (health.status, health.body) == (200, {"status": "ok",
-                                                  "projections": {s.name: "running"}})
+    assert (health.status, health.body) == (
+        200,
+        {"status": "ok", "projections": {s.name: "running"}},
+    )
 
     [listed] = s.get("/projections").body
     assert listed["name"] == s.name and listed["version"] == 1 and listed["state"] == "running"
@@ -296,8 +317,11 @@ def test_bad_input_answers_json_4xx_and_the_server_keeps_serving(
     serve: Callable[..., Served],
 ) -> None:
     s = serve()
-    deposit: dict[str, Any] = {"type": DEPOSITED, "key": "acc",
-               "data": {"account_id": "acc", "amount_cents": 5, "memo": ""}}
+    deposit: dict[str, Any] = {
+        "type": DEPOSITED,
+        "key": "acc",
+        "data": {"account_id": "acc", "amount_cents": 5, "memo": ""},
+    }
 
     assert_error(s.post(b"{not json"), 400, "invalid JSON")
     assert_error(s.post(b""), 400, "invalid JSON")

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -178,6 +179,9 @@ def test_fix_a_bug_by_shadow_rebuild_diff_swap_and_rollback(config, ledger_topic
     loop = threading.Thread(target=query_loop)
     loop.start()
     try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{env.port}/projections", timeout=5) as r:
+            listed = {p["name"]: p for p in json.loads(r.read())}
+        assert listed[env.name]["version"] == 1 and listed[env.name]["rebuild"]["version"] == 2
         publish(config, ledger_topic, during)
         ends = end_offsets(config, ledger_topic)
         env.wait_folded(1, ends)
@@ -287,3 +291,14 @@ def test_as_of_equals_an_independent_fold_up_to_that_time(config, ledger_topic, 
     assert json.loads(done.stdout)["state"] == fold(early + late, buggy=True)[key]
     done = env.refold("1", "query", env.name, key, "--as-of", "yesterday-ish")
     assert done.returncode == 2 and "ISO-8601" in done.stderr
+
+    env.start_worker("1")
+    try:
+        stamp = urllib.parse.quote(moment.isoformat())
+        status, body = env.get(f"{key}?as_of={stamp}")
+        assert status == 200 and body["state"] == answer["state"]
+        assert body["position"] == answer["position"]
+        status, body = env.get(f"{key}?as_of=not-a-time")
+        assert status == 400 and "ISO-8601" in body["detail"]
+    finally:
+        env.stop_worker()

@@ -35,13 +35,25 @@ OPEN = ("bank.OpenAccount", {"owner": "ada"})
 
 
 def test_open_deposit_withdraw_close():
-    state = run([OPEN, ("bank.Deposit", {"amount_cents": 500}),
-                 ("bank.Withdraw", {"amount_cents": 200, "memo": "rent"})])
+    state = run(
+        [
+            OPEN,
+            ("bank.Deposit", {"amount_cents": 500}),
+            ("bank.Withdraw", {"amount_cents": 200, "memo": "rent"}),
+        ]
+    )
     assert state == {"status": "open", "owner": "ada", "balance_cents": 300}
     assert decide(state, "bank.Withdraw", {"amount_cents": 300}) == [
-        ("bank.MoneyWithdrawn", {"account_id": "acc-1", "amount_cents": 300, "memo": ""})]
-    state = run([OPEN, ("bank.Deposit", {"amount_cents": 5}),
-                 ("bank.Withdraw", {"amount_cents": 5}), ("bank.CloseAccount", {})])
+        ("bank.MoneyWithdrawn", {"account_id": "acc-1", "amount_cents": 300, "memo": ""})
+    ]
+    state = run(
+        [
+            OPEN,
+            ("bank.Deposit", {"amount_cents": 5}),
+            ("bank.Withdraw", {"amount_cents": 5}),
+            ("bank.CloseAccount", {}),
+        ]
+    )
     assert state["status"] == "closed"
 
 
@@ -49,8 +61,11 @@ def test_open_deposit_withdraw_close():
     ("history", "command", "reason"),
     [
         ([OPEN], ("bank.Withdraw", {"amount_cents": 1}), "insufficient funds"),
-        ([OPEN, ("bank.Deposit", {"amount_cents": 10})], ("bank.Withdraw", {"amount_cents": 11}),
-         "insufficient funds"),
+        (
+            [OPEN, ("bank.Deposit", {"amount_cents": 10})],
+            ("bank.Withdraw", {"amount_cents": 11}),
+            "insufficient funds",
+        ),
         ([], ("bank.Withdraw", {"amount_cents": 1}), "unknown account"),
         ([], ("bank.Deposit", {"amount_cents": 1}), "unknown account"),
         ([OPEN], ("bank.OpenAccount", {"owner": "bob"}), "already exists"),
@@ -86,12 +101,16 @@ D = "bank.Deposit"
         ({"key": "a", "type": D, "data": {"amount_cents": "5"}}, "must be an integer"),
         ({"key": "a", "type": D, "data": {"amount_cents": True}}, "must be an integer"),
         ({"key": "a", "type": D, "data": {"amount_cents": 5, "x": 1}}, "unknown field"),
-        ({"key": "a", "type": "bank.Deposit", "data": {"amount_cents": 5, "memo": 3}},
-         "'memo' must be a string"),
+        (
+            {"key": "a", "type": "bank.Deposit", "data": {"amount_cents": 5, "memo": 3}},
+            "'memo' must be a string",
+        ),
         ({"type": "bank.Deposit", "data": {"amount_cents": 5}}, 'missing "key"'),
         ({"key": "a", "data": {}}, 'missing "type"'),
-        ({"key": "a", "type": "bank.CloseAccount", "data": {}, "expected_version": -1},
-         "non-negative"),
+        (
+            {"key": "a", "type": "bank.CloseAccount", "data": {}, "expected_version": -1},
+            "non-negative",
+        ),
         ({"key": "a", "type": "bank.CloseAccount", "data": {}, "command_id": ""}, "command_id"),
         ({"key": "a", "type": "bank.CloseAccount", "data": {}, "extra": 1}, "unexpected field"),
         (["not", "an", "object"], "JSON object"),
@@ -103,8 +122,9 @@ def test_malformed_commands_are_input_errors(obj, problem):
 
 
 def test_parse_command_fills_in_an_id_and_keeps_the_version():
-    command = parse_command(ACCOUNTS, {"key": "a", "type": "bank.CloseAccount",
-                                       "expected_version": 3})
+    command = parse_command(
+        ACCOUNTS, {"key": "a", "type": "bank.CloseAccount", "expected_version": 3}
+    )
     assert command.command_id and command.expected_version == 3 and command.data == {}
     again = Command.decode(command.encode(), command.headers("test"))
     assert again == command
