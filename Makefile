@@ -28,11 +28,14 @@ unit: $(STAMP)
 demo: jars
 	$(BIN)/refold demo
 
+# Publish, rebuild (with the Faust peer), freshness and queries; then commands (its own report).
 bench: jars
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.commands
 
 bench-quick: jars
 	$(BIN)/python -m bench.run --quick
+	$(BIN)/python -m bench.commands --commands 10000 --accounts 1000 --seconds 8
 
 lint: $(STAMP)
 	$(BIN)/ruff check streams projections tests bench

@@ -18,9 +18,9 @@ from confluent_kafka.admin import AdminClient
 
 from projections.bank import ACCOUNTS
 from streams import broker
+from streams.command_client import CommandClient
 from streams.config import Config
 from streams.errors import ConfigError, RefoldError
-from streams.publisher import Publisher
 from streams.registry import codec_for
 from streams.topics import INTERNAL_TOPICS, Topics, event_topic
 
@@ -34,40 +34,26 @@ def _answers(config: Config) -> bool:
 
 
 def _story(run: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """The passbook story as commands: (command type, account, data)."""
     alice, savings, bob = f"alice-{run}", f"alice-savings-{run}", f"bob-{run}"
 
     def dep(acc: str, cents: int, memo: str) -> tuple[str, str, dict[str, Any]]:
-        return (
-            "bank.MoneyDeposited",
-            acc,
-            {"account_id": acc, "amount_cents": cents, "memo": memo},
-        )
+        return ("bank.Deposit", acc, {"amount_cents": cents, "memo": memo})
 
     def wd(acc: str, cents: int, memo: str) -> tuple[str, str, dict[str, Any]]:
-        return (
-            "bank.MoneyWithdrawn",
-            acc,
-            {"account_id": acc, "amount_cents": cents, "memo": memo},
-        )
+        return ("bank.Withdraw", acc, {"amount_cents": cents, "memo": memo})
 
-    def opened(acc: str, owner: str) -> tuple[str, str, dict[str, Any]]:
-        return ("bank.AccountOpened", acc, {"account_id": acc, "owner": owner})
+    def open_(acc: str, owner: str) -> tuple[str, str, dict[str, Any]]:
+        return ("bank.OpenAccount", acc, {"owner": owner})
 
     return [
-        opened(alice, "alice"),
-        opened(savings, "alice"),
-        opened(bob, "bob"),
-        dep(alice, 250_000, "salary"),
-        wd(alice, 120_000, "rent"),
-        dep(bob, 80_000, "salary"),
-        wd(alice, 4_550, "groceries"),
-        dep(savings, 50_000, "monthly saving"),
-        wd(bob, 2_399, "books"),
-        wd(alice, 1_275, "coffee beans"),
-        dep(alice, 15_000, "refund"),
-        wd(bob, 60_000, "bike"),
-        wd(savings, 10_000, "holiday"),
-    ]
+        open_(alice, "alice"), open_(savings, "alice"), open_(bob, "bob"),
+        dep(alice, 250_000, "salary"), wd(alice, 120_000, "rent"), dep(bob, 80_000, "salary"),
+        wd(alice, 4_550, "groceries"), dep(savings, 50_000, "monthly saving"),
+        wd(bob, 2_399, "books"), wd(alice, 1_275, "coffee beans"), dep(alice, 15_000, "refund"),
+        wd(bob, 60_000, "bike"), wd(savings, 10_000, "holiday"),
+        wd(bob, 500_000, "a new car"),  # more than bob has: the decider refuses the overdraft
+    ]  # fmt: skip
 
 
 def _money(cents: int) -> str:
@@ -111,13 +97,23 @@ def _play(config: Config) -> None:
     server = QueryServer(worker, "127.0.0.1", 0)
     server.start()
     try:
-        print(f"\npublishing the passbook story: {len(story)} events to {ACCOUNTS}")
-        with Publisher(config, codec, source="refold://demo") as publisher:
-            positions = publisher.publish_many(ACCOUNTS, story)
+        print(f"\nsending the passbook story as {len(story)} commands to `accounts`")
         wanted: dict[tuple[str, int], int] = {}
-        for pos in positions:
-            tp = (pos.topic, pos.partition)
-            wanted[tp] = max(wanted.get(tp, -1), pos.offset)
+        with CommandClient(config) as client:
+            for type_name, key, data in story:
+                command_id = client.send("accounts", key, type_name, data)
+                result = client.wait(command_id, 30)
+                amount = data.get("amount_cents")
+                what = f"{type_name.split('.')[1]:<12}{key:<22}" + (
+                    _money(amount) if amount else f"{'':>12}"
+                )
+                outcome = result["status"]
+                if outcome == "rejected":
+                    outcome += f": {result['reason']}"
+                print(f"  {what}  {outcome}")
+                for pos in result.get("events") or ():
+                    tp = (pos["topic"], pos["partition"])
+                    wanted[tp] = max(wanted.get(tp, -1), pos["offset"])
         for runner in worker.runners.values():
             if not runner.wait_for(wanted, timeout=60):
                 raise RefoldError(f"projection {runner.name} did not catch up within 60 s")
