@@ -306,11 +306,35 @@ def queries_md(q: dict[str, Any]) -> list[str]:
     return [*out, *(f"- {n}" for n in q["notes"]), ""]
 
 
+def memory_md(m: dict[str, Any]) -> list[str]:
+    failed = _failed(m)
+    if failed is not None:
+        return failed
+    rows = [
+        [
+            f"{r['keys']:,}",
+            num(r["events_per_s_incl_startup"]),
+            num(r["rss_mb_after_fold"], 1),
+            num(r["peak_rss_mb"], 1),
+            num(r["store_mb_on_disk"], 1),
+            num(r["restart_to_first_answer_s"], 2),
+        ]
+        for r in m["sizes"]
+    ]
+    out = table(
+        ["distinct keys", "fold events/s (incl. start)", "RSS MB after fold", "peak RSS MB",
+         "store MB on disk", "restart to first answer s"],
+        rows,
+    )  # fmt: skip
+    return [*out, *(f"- {n}" for n in m["notes"]), ""]
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "publish": ("1. Publish", publish_md),
     "rebuild": ("2. Rebuild of `balances` from offset 0", rebuild_md),
     "freshness": ("3. Freshness: publish to readable state", freshness_md),
     "queries": ("4. Queries over HTTP", queries_md),
+    "memory": ("6. Memory and restart", memory_md),
 }
 
 
@@ -359,6 +383,13 @@ def _get(report: dict[str, Any], *path: str) -> Any:
             return None
         node = node[key]
     return node
+
+
+def _rss_ratio(report: dict[str, Any]) -> float | None:
+    sizes = _get(report, "memory", "sizes")
+    if not sizes or len(sizes) < 2:
+        return None
+    return float(sizes[-1]["rss_mb_after_fold"]) / float(sizes[0]["rss_mb_after_fold"])
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -410,6 +441,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ("freshness p99 ≤ 50 ms (runner position)", fresh_p99, "ms", 50, False),
         ("freshness p99 ≤ 50 ms (HTTP min_offset read)", http_p99, "ms", 50, False),
         ("≥ 15,000 lookups/s", _get(report, "queries", "max", lookup, "rate"), "/s", 15_000, True),
+        (
+            "worker RSS flat in keys (RSS ratio, largest / smallest key count)",
+            _rss_ratio(report),
+            "x",
+            1.5,
+            False,
+        ),
         (
             "lookup p99 ≤ 5 ms at half load",
             _get(report, "queries", "half_load", lookup, "latency_ms", "p99"),

@@ -27,6 +27,7 @@ from bench import (
     report,
     scenarios_faust,
     scenarios_freshness,
+    scenarios_memory,
     scenarios_publish,
     scenarios_queries,
     scenarios_rebuild,
@@ -39,7 +40,7 @@ from streams.registry import codec_for
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("publish", "rebuild", "faust", "freshness", "queries")
+SCENARIOS = ("publish", "rebuild", "faust", "freshness", "queries", "memory")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
@@ -120,6 +121,8 @@ def run_scenarios(bench: Bench, params: Params, only: set[str], out: dict[str, A
         out["queries"] = attempt(
             "queries", lambda: scenarios_queries.run(bench, topic, ends, data, params).to_json()
         )
+    if "memory" in only:
+        out["memory"] = attempt("memory", lambda: scenarios_memory.run(bench, params).to_json())
 
 
 def main(argv: list[str] | None = None) -> int:
