@@ -482,6 +482,14 @@ def _options(cache: rocksdict.Cache, write_buffer_mb: int, lz4: bool) -> rocksdi
     table.set_bloom_filter(10, False)  # a full filter: ~1% false positives for absent keys
     table.set_cache_index_and_filter_blocks(True)  # index and filter memory count in the cache
     table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    # Partitioned filters and a two-level index: a lookup loads 4 KiB filter partitions instead
+    # of a whole file's filter (MBs at millions of keys), which a capped cache kept evicting.
+    # Measured with 4M random keys (get_many + commit per 5,000): without, 147k -> 20k keys/s
+    # as the store grew; with, 99k -> 88k keys/s, flat.
+    table.set_partition_filters(True)
+    table.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
+    table.set_pin_top_level_index_and_filter(True)
+    table.set_metadata_block_size(4096)
     opts.set_block_based_table_factory(table)
     opts.set_write_buffer_size(write_buffer_mb << 20)
     opts.set_max_write_buffer_number(2)

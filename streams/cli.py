@@ -10,12 +10,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streams.config import Config
 from streams.errors import InputError, RefoldError
 
 if TYPE_CHECKING:
+    from projections.projection import Projection
+    from projections.store import RocksStore
     from streams.topics import Topics
 
 log = logging.getLogger("refold")
@@ -235,7 +237,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _open_reader(config: Config, name: str):  # type: ignore[no-untyped-def]
+def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
     import tempfile
 
     from projections.store import RocksStore
@@ -299,7 +301,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     from streams.versions import live_version, store_path
 
     consumer = Consumer(config.kafka(**{"group.id": "refold-status"}))
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for projection in load_projections(config.app_modules):
             version = live_version(config, projection.name) or projection.version
@@ -367,7 +369,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _projection(config: Config, name: str):  # type: ignore[no-untyped-def]
+def _projection(config: Config, name: str) -> Projection:
     from projections.loader import load_versions
 
     versions = load_versions(config.app_modules)

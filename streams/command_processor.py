@@ -488,9 +488,9 @@ class CommandProcessor:
                 {
                     "type": emitted[i][2],
                     "topic": d.events_topic,
-                    "partition": event_pos[i][0],
-                    "offset": event_pos[i][1],
-                }  # type: ignore[index]
+                    "partition": _delivered(event_pos[i])[0],
+                    "offset": _delivered(event_pos[i])[1],
+                }
                 for i in per_decision.get(n, ())
             )
             result = CommandResult(
@@ -606,3 +606,10 @@ def _command_id(msg: Message, command: Command | None) -> str:
 def _pending_event(type_name: str, key: str, data: dict[str, Any], msg: Message) -> Event:
     """An event not yet appended (position unknown) for deciding later commands of the batch."""
     return Event(type_name, key, data, "", msg.partition(), -1, int(time.time() * 1000))
+
+
+def _delivered(position: tuple[int, int] | None) -> tuple[int, int]:
+    """A delivery report's (partition, offset); the flush before this guarantees one."""
+    if position is None:
+        raise _Abort("an event was flushed without a delivery report")
+    return position

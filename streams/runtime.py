@@ -36,7 +36,7 @@ from projections.projection import Projection
 from projections.store import RocksStore, Store
 from streams.config import Config
 from streams.errors import DecodeError, ProjectionError
-from streams.serde import Codec, Event
+from streams.serde import HEADER_LEN, MAGIC, Codec, Event
 from streams.versions import store_path
 
 log = logging.getLogger(__name__)
@@ -331,6 +331,7 @@ class ProjectionRunner:
         folded = skipped = 0
         rekeys = self._rekeys
         decode = codec.decode
+        raw = codec.raw_decoders
         keys = [
             None if k is None else k.decode("utf-8", "replace") for k in (m.key() for m in msgs)
         ]
@@ -358,10 +359,19 @@ class ProjectionRunner:
             if poisoned and index in poisoned:
                 continue
             event_key = keys[index]
+            value = msg.value()
+            found = raw.get(value[2:HEADER_LEN]) if value and value[:2] == MAGIC else None
             try:
                 if event_key is None:
                     raise DecodeError("record has no key (events are keyed by aggregate id)")
-                type_name, data = decode(msg.value())
+                if found is not None:  # the common case, without two wrapper calls
+                    type_name = found[0]
+                    data = found[1](value)
+                else:
+                    type_name, data = decode(value)
+            except (IndexError, ValueError, UnicodeDecodeError) as exc:
+                reason = f"undecodable: Avro body does not decode: {exc}"
+                raise _Poison(index, reason) from exc
             except DecodeError as exc:
                 raise _Poison(index, f"undecodable: {exc}") from exc
             event = Event(type_name, event_key, data, topic, partition, offset, record=msg)
