@@ -61,7 +61,7 @@ HTTP_SAMPLES_PER_S = 50
 REFOLD = "refold: publish -> runner.wait_for(offset) returns"
 REFOLD_HTTP = "refold: publish -> GET ?min_offset answers 200 (sampled)"
 BARE_POLL = "bare hop: produce -> consumer (poll + drain)"
-BARE_BATCH = "bare hop: produce -> consumer (consume(5000, 0.1), as the runtime)"
+BARE_BATCH = "bare hop: produce -> consumer (consume(5000, 0.1), the call the runtime used to make)"
 
 #: (t0, partition, offset, key) of one acknowledged event
 Delivered = tuple[float, int, int, str]
