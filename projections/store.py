@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -277,6 +279,7 @@ class RocksStore:
         self._write_opts.sync = sync
         self._lock = threading.Lock()
         self._closed = False
+        self._scratch: Path | None = None  # a secondary's own temporary directory
         # The read-write handle is the only writer (RocksDB's LOCK), so it can cache offsets.
         self._offsets = self._read_offsets() if writable else {}
 
@@ -310,21 +313,26 @@ class RocksStore:
 
     @classmethod
     def open_secondary(
-        cls, path: Path | str, secondary_path: Path | str, *, cache_mb: int = 16
+        cls, path: Path | str, secondary_path: Path | str | None = None, *, cache_mb: int = 16
     ) -> RocksStore:
         """Open a read-only view of a store that another process is writing.
 
         The view starts at the writer's latest commit and moves forward only on `catch_up()`.
-        `secondary_path` is a private scratch directory for this reader's files.
+        `secondary_path` is a private scratch directory for this reader's files; without one, a
+        temporary directory is made and removed again by `close()`.
         """
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"no store at {path}", hint="check REFOLD_DATA_DIR")
+        scratch = None
+        if secondary_path is None:
+            secondary_path = scratch = Path(tempfile.mkdtemp(prefix="refold-reader-"))
         Path(secondary_path).mkdir(parents=True, exist_ok=True)
         access = rocksdict.AccessType.secondary(str(secondary_path))
         db = _open_rdict(path, access, cache_mb, 1, secondary=True)
         log.info("opened store %s as a secondary (scratch dir %s)", path, secondary_path)
         store = cls(path, db, writable=False, secondary=True, sync=False)
+        store._scratch = scratch
         store.catch_up()
         return store
 
@@ -432,6 +440,9 @@ class RocksStore:
                 self._db.close()
             except Exception as exc:
                 raise StoreError(f"store {self.path}: close failed: {exc}") from exc
+            finally:
+                if self._scratch is not None:
+                    shutil.rmtree(self._scratch, ignore_errors=True)
         log.info("closed store %s", self.path)
 
     def __enter__(self) -> RocksStore:

@@ -238,7 +238,6 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
-    import tempfile
 
     from projections.store import RocksStore
     from streams.versions import live_version, store_path
@@ -250,8 +249,7 @@ def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
             f"projection {name!r} has no store under {config.data_dir}",
             hint="run `refold worker` first, or check REFOLD_DATA_DIR",
         )
-    scratch = Path(tempfile.mkdtemp(prefix="refold-query-"))
-    return RocksStore.open_secondary(path, scratch), version
+    return RocksStore.open_secondary(path), version
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:
@@ -292,7 +290,6 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    import tempfile
 
     from confluent_kafka import Consumer, TopicPartition
 
@@ -329,8 +326,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 and store_path(config, projection.name, projection.version).is_dir()
             ):
                 view = RocksStore.open_secondary(
-                    store_path(config, projection.name, projection.version),
-                    Path(tempfile.mkdtemp(prefix="refold-status-")),
+                    store_path(config, projection.name, projection.version)
                 )
                 try:
                     done = sum(view.offsets().values())

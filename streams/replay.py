@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -176,8 +175,7 @@ class Progress:
 
 def open_view(config: Config, name: str, version: int) -> RocksStore:
     """A secondary (read-only, following) view of a store another process may be writing."""
-    scratch = Path(tempfile.mkdtemp(prefix=f"refold-view-{name}-"))
-    return RocksStore.open_secondary(store_path(config, name, version), scratch)
+    return RocksStore.open_secondary(store_path(config, name, version))
 
 
 def plan(config: Config, projection: Projection, version: int) -> Plan:

@@ -364,6 +364,19 @@ class TestRocksStore(StoreContract):
             with pytest.raises(StoreError, match=str(path)):
                 store.get_many(keys)
 
+    def test_secondary_without_a_scratch_dir_cleans_up_its_own(self, tmp_path: Path) -> None:
+        path = tmp_path / "s"
+        with RocksStore.open(path) as writer:
+            writer.commit({"a": 1}, {P0: 1})
+            reader = RocksStore.open_secondary(path)
+            scratch = reader._scratch
+            assert scratch is not None and scratch.is_dir()
+            writer.commit({"a": 2}, {P0: 2})
+            reader.catch_up()
+            assert reader.get("a") == 2 and reader.offsets() == {P0: 2}
+            reader.close()
+            assert not scratch.exists()
+
     def test_secondary_reader_in_another_process(self, tmp_path: Path) -> None:
         path = tmp_path / "s"
         with RocksStore.open(path) as writer:
