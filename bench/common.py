@@ -165,7 +165,12 @@ def balances_on(topic: str, name: str) -> Projection:
     A unique name gives each run its own consumer group, store and dead-letter topic, so runs
     never see each other's offsets (nor a live worker's, on a shared broker).
     """
-    cls = type("BenchBalances", (Balances,), {"name": name, "topics": (topic,)})
+
+    def rebuild(_self: Projection) -> tuple[Any, ...]:  # pickled by recipe (parallel rebuilds)
+        return balances_on, (topic, name)
+
+    attrs = {"name": name, "topics": (topic,), "__reduce__": rebuild}
+    cls = type("BenchBalances", (Balances,), attrs)
     projection: Projection = cls()
     return projection
 

@@ -8,7 +8,9 @@ assign the partitions directly and read with the runtime's consumer settings.
 
 from __future__ import annotations
 
+import io
 import logging
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -34,12 +36,15 @@ from bench.common import (
 from projections.bank import Balances
 from projections.store import RocksStore
 from streams.reader import event_from_message
+from streams.rebuild import default_procs
 from streams.registry import codec_for
+from streams.replay import replay
 from streams.runtime import ProjectionRunner, store_path
 
 log = logging.getLogger(__name__)
 
 REFOLD = "refold ProjectionRunner (balances)"
+REPLAY = "refold replay, parts over {procs} processes (start, fold, merge, progress display)"
 BARE = "(a) bare consume loop"
 BARE_DECODE = "(b) bare loop + codec.decode"
 BARE_FOLD = "(c0) bare loop + event_from_message + fold into a dict (no store)"
@@ -96,8 +101,14 @@ class RebuildResult:
 
     def to_json(self) -> dict[str, Any]:
         refold = self.runs[REFOLD].rate
+        replay_label = next(k for k in self.runs if k.startswith("refold replay"))
         return {
             "variants": {k: r.to_json() for k, r in self.runs.items()},
+            "replay_variant": replay_label,
+            "ratio_replay_to_bare": ratio(self.runs[replay_label].rate, self.runs[BARE].rate),
+            "ratio_replay_to_bare_decode": ratio(
+                self.runs[replay_label].rate, self.runs[BARE_DECODE].rate
+            ),
             "refold_group_join_s_runs": self.startup_s,
             "ratio_refold_to_bare": ratio(refold, self.runs[BARE].rate),
             "ratio_refold_to_bare_decode": ratio(refold, self.runs[BARE_DECODE].rate),
@@ -328,24 +339,59 @@ def serial_bound(
     return result
 
 
+def refold_replay(
+    bench: Bench, topic: str, ends: Ends, data: BankData, runs: Runs, procs: int, verify: bool
+) -> list[str]:
+    """`replay()` as `refold replay` runs it, timed end to end: the child processes' start, the
+    parallel fold, the merge and the final catch-up, with the progress display drawing."""
+    config = bench.config("replay")
+    projection = balances_on(topic, bench.name("balances"))
+    total = sum(ends.values())
+    display = io.StringIO()  # the display draws as into a log file (every 5 s)
+    cpu0 = process_cpu() + children_cpu()
+    started = time.perf_counter()
+    result = replay(config, codec_for(config), projection, 1, progress=display, procs=procs)
+    seconds = time.perf_counter() - started
+    runs.add(total, seconds, process_cpu() + children_cpu() - cpu0)
+    log.info("replay over %d processes: %.0f events/s", result.parts, total / seconds)
+    notes = []
+    if result.folded != total or result.parts != procs:
+        notes.append(f"replay folded {result.folded} of {total} over {result.parts} processes")
+    if verify:
+        notes.append(_verify_store(store_path(config, projection.name, 1), data))
+    return notes
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (the rebuild's parts)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- the scenario -----------------------------------------------------------------------------
 
 
 def run(bench: Bench, topic: str, ends: Ends, data: BankData, params: Params) -> RebuildResult:
-    runs = {label: Runs(label) for label in (REFOLD, BARE, BARE_DECODE, BARE_FOLD)}
+    procs = default_procs()
+    replay_label = REPLAY.format(procs=procs)
+    labels = (REFOLD, replay_label, BARE, BARE_DECODE, BARE_FOLD)
+    runs = {label: Runs(label) for label in labels}
     startup: list[float] = []
     verified: list[str] = []
     for rep in range(params.repeats):
         join_s, notes = refold_rebuild(bench, topic, ends, data, runs[REFOLD], verify=rep == 0)
         startup.append(join_s)
         verified.extend(notes)
+        verified.extend(
+            refold_replay(bench, topic, ends, data, runs[replay_label], procs, verify=rep == 0)
+        )
         bare_loop(bench, topic, ends, runs[BARE])
         bare_loop(bench, topic, ends, runs[BARE_DECODE], decode_work(bench))
         bare_loop(bench, topic, ends, runs[BARE_FOLD], fold_work(bench))
         log.info(
-            "rebuild rep %d: refold %.0f, bare %.0f, decode %.0f, fold %.0f events/s",
+            "rebuild rep %d: refold %.0f, replay %.0f, bare %.0f, decode %.0f, fold %.0f events/s",
             rep + 1,
-            *(runs[k].rates[-1] for k in (REFOLD, BARE, BARE_DECODE, BARE_FOLD)),
+            *(runs[k].rates[-1] for k in labels),
         )
     serial = serial_bound(bench, topic, ends, runs[BARE].rate, params)
     return RebuildResult(runs, startup, serial, verified)

@@ -23,7 +23,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
@@ -414,6 +414,59 @@ class RocksStore:
                 self._write(batch)
                 self._offsets.update(offsets)
         log.debug("store %s committed %d states, offsets %s", self.path, len(states), offsets)
+
+    def absorb(
+        self, parts: Sequence[RocksStore], *, meta: Mapping[str, Any] = {}, chunk: int = 20_000
+    ) -> None:
+        """Copy the states and links of `parts` (stores of disjoint keys and partitions, built
+        side by side) into this store, which must hold no offsets yet.
+
+        The copy goes in batches of `chunk` records; the parts' offsets and `meta` go in one last
+        batch. A crash before that batch leaves this store without offsets, so the caller simply
+        absorbs again (the same keys get the same values)."""
+        self._check_writable()
+        offsets: dict[TopicPartition, int] = {}
+        for part in parts:
+            theirs = part.offsets()
+            if not offsets.keys().isdisjoint(theirs):
+                raise StoreError(f"store {self.path}: parts overlap on {offsets.keys() & theirs}")
+            offsets.update(theirs)
+        with self._lock:
+            if self._offsets:
+                raise StoreError(f"store {self.path}: holds offsets, it cannot absorb parts")
+            for part in parts:
+                self._copy(part._db, b"", None, chunk)
+                self._copy(part._meta_db, _LINK, _prefix_end(_LINK), chunk, self._meta_cf)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            _encode_commit(self.path, {}, [], {}, meta, batch.put, batch.delete, self._meta_cf)
+            for tp, offset in offsets.items():
+                batch.put(_offset_key(tp), b"%d" % offset, self._meta_cf)
+            self._write(batch)
+            self._offsets.update(offsets)
+        log.info("store %s absorbed %d parts", self.path, len(parts))
+
+    def _copy(
+        self,
+        source: rocksdict.Rdict,
+        start: bytes,
+        end: bytes | None,
+        chunk: int,
+        cf: rocksdict.ColumnFamily | None = None,
+    ) -> None:
+        """Every raw pair of `source` in [start, end) into this store, `chunk` pairs a batch."""
+        while True:
+            pairs = _range(source, start, end, chunk)
+            if not pairs:
+                return
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            if cf is None:
+                for key, value in pairs:
+                    batch.put(key, value)
+            else:
+                for key, value in pairs:
+                    batch.put(key, value, cf)
+            self._write(batch)
+            start = pairs[-1][0] + b"\x00"  # the next key after the last one copied
 
     def reset_offsets(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Set these partitions' offsets, backwards too (a deliberate replay)."""

@@ -294,7 +294,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     from confluent_kafka import Consumer, TopicPartition
 
     from projections.loader import load_projections
-    from projections.store import RocksStore
+    from streams.rebuild import stored_offsets
     from streams.versions import live_version, store_path
 
     consumer = Consumer(config.kafka(**{"group.id": "refold-status"}))
@@ -325,13 +325,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 projection.version != version
                 and store_path(config, projection.name, projection.version).is_dir()
             ):
-                view = RocksStore.open_secondary(
-                    store_path(config, projection.name, projection.version)
-                )
-                try:
-                    done = sum(view.offsets().values())
-                finally:
-                    view.close()
+                done = sum(stored_offsets(config, projection.name, projection.version).values())
                 total = sum(offsets.values()) + lag
                 building = {"version": projection.version, "position": done, "of": total}
             rows.append(
@@ -396,11 +390,13 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         swap=args.swap,
         diff_path=Path(args.diff_file) if args.diff_file else None,
         progress=None if args.quiet else sys.stderr,
+        procs=args.procs,
     )
     rate = result.folded / result.seconds if result.seconds else 0.0
+    split = f", {result.parts} processes" if result.parts > 1 else ""
     print(
         f"{args.name} v{version}: folded {result.folded} events in {result.seconds:.1f} s "
-        f"({rate:,.0f} events/s), caught up with the live version"
+        f"({rate:,.0f} events/s{split}), caught up with the live version"
     )
     if result.diff is not None:
         print(result.diff.describe())
@@ -541,6 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swap", action="store_true", help="make it live once caught up")
     p.add_argument("--app", help="comma-separated modules with projections (env REFOLD_APP)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument(
+        "--procs",
+        type=int,
+        help="processes that fold a build from scratch, partitions split between them "
+        "(default: one per core when there are at least 200,000 events; 1 = no split)",
+    )
 
     p = sub.add_parser("rollback", help="make the previous version of a projection live again")
     p.add_argument("name")

@@ -24,11 +24,20 @@ from projections.projection import Projection
 from projections.store import RocksStore, Store
 from streams.config import Config
 from streams.errors import ProjectionError, StoreError
+from streams.rebuild import (
+    PartsProgress,
+    build_in_parts,
+    default_procs,
+    discard_parts,
+    stored_offsets,
+)
 from streams.runtime import TP, ProjectionRunner
 from streams.serde import Codec
-from streams.versions import dir_size, live_version, set_live, store_path
+from streams.versions import dir_size, live_version, parts_path, set_live, store_path
 
 log = logging.getLogger(__name__)
+
+PARALLEL_MIN_EVENTS = 200_000  # below this, starting processes costs more than it saves
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,22 +126,27 @@ def diff_stores(old: Store, new: Store, out: TextIO, samples: int = 5) -> DiffSu
 
 class Progress:
     """One line per projection, redrawn at most 4 times a second on a terminal (or every 5 s
-    otherwise): events/s, position against the end offsets, ETA."""
+    otherwise): events/s, position against the end offsets, ETA.
+
+    `sample` returns the events folded so far and the next offset per partition; a rebuild
+    switches it from its parallel parts to its own runner once they are merged."""
 
     def __init__(
         self,
-        runner: ProjectionRunner,
+        label: str,
+        sample: Callable[[], tuple[int, dict[TP, int]]],
         ends: Callable[[], dict[TP, int]],
         stream: TextIO = sys.stderr,
     ) -> None:
-        self.runner = runner
+        self.label = label
+        self.sample = sample
         self.ends = ends
         self.stream = stream
         self.tty = stream.isatty()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="replay-progress", daemon=True)
         self._started = time.monotonic()
-        self._folded0 = runner.stats.folded
+        self._folded0 = sample()[0]
 
     def __enter__(self) -> Progress:
         self._thread.start()
@@ -148,21 +162,18 @@ class Progress:
             self.draw()
 
     def line(self) -> str:
-        stats = self.runner.stats
+        folded, positions = self.sample()
         ends = self.ends()
-        pos = sum(min(stats.positions.get(tp, 0), end) for tp, end in ends.items())
+        pos = sum(min(positions.get(tp, 0), end) for tp, end in ends.items())
         total = sum(ends.values()) or 1
         elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = (stats.folded - self._folded0) / elapsed
+        rate = (folded - self._folded0) / elapsed
         eta = (total - pos) / rate if rate > 0 else float("inf")
         width = 30
         filled = int(width * pos / total)
         bar = "#" * filled + "-" * (width - filled)
         eta_s = "--" if eta == float("inf") else f"{eta:,.0f}s"
-        return (
-            f"{self.runner.name} v{self.runner.version} [{bar}] {pos:,}/{total:,} "
-            f"{rate:,.0f} ev/s ETA {eta_s}"
-        )
+        return f"{self.label} [{bar}] {pos:,}/{total:,} {rate:,.0f} ev/s ETA {eta_s}"
 
     def draw(self, final: bool = False) -> None:
         text = self.line()
@@ -178,16 +189,8 @@ def open_view(config: Config, name: str, version: int) -> RocksStore:
     return RocksStore.open_secondary(store_path(config, name, version))
 
 
-def plan(config: Config, projection: Projection, version: int) -> Plan:
-    live = live_version(config, projection.name)
-    stored: dict[TP, int] = {}
-    path = store_path(config, projection.name, version)
-    if path.is_dir():
-        view = open_view(config, projection.name, version)
-        try:
-            stored = view.offsets()
-        finally:
-            view.close()
+def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
+    """(low, high) watermarks of every partition of the projection's source topics."""
     consumer = Consumer(config.kafka(**{"group.id": "refold-replay-plan"}))
     ranges: dict[TP, tuple[int, int]] = {}
     try:
@@ -196,10 +199,21 @@ def plan(config: Config, projection: Projection, version: int) -> Plan:
             if md is None or md.error is not None:
                 raise ProjectionError(f"topic {topic!r} does not exist")
             for p in sorted(md.partitions):
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                ranges[(topic, p)] = (max(low, stored.get((topic, p), 0)), high)
+                ranges[(topic, p)] = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=10
+                )
     finally:
         consumer.close()
+    return ranges
+
+
+def plan(config: Config, projection: Projection, version: int) -> Plan:
+    live = live_version(config, projection.name)
+    stored = stored_offsets(config, projection.name, version)
+    ranges = {
+        tp: (max(low, stored.get(tp, 0)), high)
+        for tp, (low, high) in source_ends(config, projection).items()
+    }
     events = sum(max(0, hi - lo) for lo, hi in ranges.values())
     live_bytes = dir_size(store_path(config, projection.name, live)) if live else 0
     expected = live_bytes or events * 120
@@ -219,6 +233,7 @@ class ReplayResult:
     seconds: float
     diff: DiffSummary | None
     swapped: bool
+    parts: int = 1  # processes that folded the bulk of it
 
 
 def replay(
@@ -232,8 +247,14 @@ def replay(
     diff_path: Path | None = None,
     progress: TextIO | None = sys.stderr,
     catch_up_timeout: float = 120.0,
+    procs: int | None = None,
 ) -> ReplayResult:
-    """Build `version` beside the live one until it has caught up with it, then diff and swap."""
+    """Build `version` beside the live one until it has caught up with it, then diff and swap.
+
+    A build from scratch is split over `procs` processes (default: one per core, for builds of
+    at least PARALLEL_MIN_EVENTS events) up to the live version's offsets, merged, and then
+    followed by one runner to the live version's offsets of the moment.
+    """
     name = projection.name
     live = live_version(config, name)
     if live == version:
@@ -250,59 +271,119 @@ def replay(
             config, projection, version, live, diff, swap, diff_path, started, catch_up_timeout
         )
     live_view = open_view(config, name, live) if live else None
+    parts = PartsProgress()
+    runner: ProjectionRunner | None = None
+    runner_base = 0
+
+    def sample() -> tuple[int, dict[TP, int]]:
+        if runner is None:
+            return parts.folded, parts.positions
+        return parts.folded + runner.stats.folded - runner_base, runner.stats.positions
+
     try:
         below = live_view.offsets() if live_view else {}
-        dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
-        runner = ProjectionRunner(
-            config,
-            codec,
-            projection,
-            dead_letters=dlq,
-            store=store,
-            version=version,
-            replay_below=below,
+        ends = {tp: high for tp, (_low, high) in source_ends(config, projection).items()}
+        target = {tp: below.get(tp, 0) for tp in ends} if live_view else ends
+        goal = [target]  # what the progress display measures against; replaced, never mutated
+        reporter = (
+            Progress(f"{name} v{version}", sample, lambda: goal[0], progress) if progress else None
         )
-        folded0 = runner.stats.folded
-        ends = runner.assign_all()
+        if reporter:
+            reporter.__enter__()
+        split_over = 1
         try:
-            target = dict(ends)
-            reporter = Progress(runner, lambda: target, progress) if progress else None
-            if reporter:
-                reporter.__enter__()
+            if store.offsets():
+                discard_parts(config, name, version)  # left by a merge that completed
+            else:
+                todo = sum(target.values())
+                split_over = procs or (default_procs() if todo >= PARALLEL_MIN_EVENTS else 1)
+                resuming = parts_path(config, name, version).is_dir()
+                if split_over > 1 or resuming:
+                    built = build_in_parts(
+                        config,
+                        projection,
+                        version,
+                        store,
+                        target,
+                        replay_below=below,
+                        procs=split_over,
+                        progress=parts,
+                    )
+                    split_over = parts.count if built else 1
+            dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+            runner = ProjectionRunner(
+                config,
+                codec,
+                projection,
+                dead_letters=dlq,
+                store=store,
+                version=version,
+                replay_below=below,
+            )
+            runner_base = runner.stats.folded
             try:
-                while True:
-                    if live_view is not None:
-                        live_view.catch_up()
-                        target = {tp: live_view.offsets().get(tp, 0) for tp in ends}
-                    else:
-                        target = runner.end_offsets()
-                    if not runner.run_until(target, timeout=catch_up_timeout):
-                        raise ProjectionError(
-                            f"v{version} of {name!r} did not catch up within "
-                            f"{catch_up_timeout:.0f}s",
-                            hint="run the replay again: it resumes",
-                        )
-                    if live_view is None or target == {
-                        tp: live_view.offsets().get(tp, 0) for tp in ends
-                    }:
-                        break
+                ends = runner.assign_all()
+                target = _follow(runner, live_view, ends, catch_up_timeout, goal)
             finally:
                 if reporter:
                     reporter.__exit__(None, None, None)
+                    reporter = None
             summary = None
             if diff and live_view is not None:
                 summary = _diff_to_file(config, name, live_view, runner.store, diff_path)
-                summary.offsets = target
-            folded = runner.stats.folded - folded0
+                summary.offsets = {tp: target.get(tp, 0) for tp in ends}
+            folded = sample()[0]
         finally:
-            runner.close()
-            dlq.flush(10)
+            if reporter:
+                reporter.__exit__(None, None, None)
+            if runner is not None:
+                runner.close()
+                dlq.flush(10)
+            else:
+                store.close()
     finally:
         if live_view is not None:
             live_view.close()
     if swap:
         set_live(config, name, version)
-    return ReplayResult(version, folded, time.monotonic() - started, summary, swap)
+    return ReplayResult(version, folded, time.monotonic() - started, summary, swap, split_over)
+
+
+def _follow(
+    runner: ProjectionRunner,
+    live_view: RocksStore | None,
+    ends: dict[TP, int],
+    timeout: float,
+    goal: list[dict[TP, int]],
+) -> dict[TP, int]:
+    """Fold until `runner` has reached exactly the live version's offsets (or, with no live
+    version, the ends of the log), re-reading them until they hold still; returns them.
+    `goal[0]` shows the current target to the progress display."""
+    while True:
+        if live_view is not None:
+            live_view.catch_up()
+            offsets = live_view.offsets()
+            target = {tp: offsets.get(tp, 0) for tp in ends}
+        else:
+            # From a consumer of its own: the runner's waits behind its own fetch long-polls
+            # (up to fetch.wait.max.ms per partition once it has read to the end).
+            target = {
+                tp: high
+                for tp, (_low, high) in source_ends(runner.config, runner.projection).items()
+            }
+        goal[0] = target
+        if not runner.run_until(target, timeout=timeout):
+            if runner.stats.state == "failed":
+                raise ProjectionError(f"rebuild of {runner.name!r} stopped: {runner.stats.error}")
+            raise ProjectionError(
+                f"v{runner.version} of {runner.name!r} did not catch up within {timeout:.0f}s",
+                hint="run the replay again: it resumes",
+            )
+        if live_view is None:
+            return target
+        offsets = live_view.offsets()
+        if target == {tp: offsets.get(tp, 0) for tp in ends}:
+            return target
 
 
 def _diff_to_file(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,29 +181,25 @@ class ProjectionRunner:
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 
-    def assign_all(self) -> dict[TP, int]:
-        """Own every partition of the source topics (no group: a rebuild reads them all) from
-        the store's offsets; returns the high watermarks seen."""
+    def assign_all(self, partitions: Collection[int] | None = None) -> dict[TP, int]:
+        """Own every partition of the source topics (no group: a rebuild reads them all), or
+        those with the given numbers, from the store's offsets; returns the high watermarks."""
         stored = self.store.offsets()
-        partitions: list[TopicPartition] = []
+        assigned: list[TopicPartition] = []
         ends: dict[TP, int] = {}
         for topic in self.projection.topics:
             md = self._consumer.list_topics(topic, timeout=10).topics[topic]
             for p in sorted(md.partitions):
+                if partitions is not None and p not in partitions:
+                    continue
                 tp = (topic, p)
                 self._next[tp] = stored.get(tp, 0)
-                partitions.append(TopicPartition(topic, p, stored.get(tp, OFFSET_BEGINNING)))
+                assigned.append(TopicPartition(topic, p, stored.get(tp, OFFSET_BEGINNING)))
                 ends[tp] = self._consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
-        self._consumer.assign(partitions)
+        self._consumer.assign(assigned)
         self._publish_assignment(self._consumer)
         self.stats.state = "running"
         return ends
-
-    def end_offsets(self) -> dict[TP, int]:
-        return {
-            tp: self._consumer.get_watermark_offsets(TopicPartition(*tp), 10)[1]
-            for tp in self.stats.assigned
-        }
 
     def run_until(self, bounds: Mapping[TP, int], timeout: float | None = None) -> bool:
         """Fold every assigned partition up to (not including) its bound, then stop reading it.

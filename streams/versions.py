@@ -24,6 +24,11 @@ def store_path(config: Config, name: str, version: int) -> Path:
     return projection_dir(config, name) / f"v{version}"
 
 
+def parts_path(config: Config, name: str, version: int) -> Path:
+    """Where a parallel rebuild keeps its part stores until they are merged (streams.rebuild)."""
+    return projection_dir(config, name) / f"v{version}.parts"
+
+
 def versions_on_disk(config: Config, name: str) -> list[int]:
     root = projection_dir(config, name)
     return sorted(int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit() and p.is_dir())
@@ -98,6 +103,7 @@ def drop(config: Config, name: str, version: int) -> None:
     if not path.is_dir():
         raise ProjectionError(f"projection {name!r} has no version {version} on disk")
     shutil.rmtree(path)
+    shutil.rmtree(parts_path(config, name, version), ignore_errors=True)
     pointer = _pointer(config, name)
     if pointer is not None:
         previous = [int(v) for v in pointer.get("previous", []) if int(v) != version]  # type: ignore[attr-defined]

@@ -23,8 +23,9 @@ from streams.broker import free_port
 from streams.config import Config
 from streams.errors import StoreError
 from streams.publisher import Publisher
+from streams.rebuild import stored_offsets
 from streams.registry import codec_for
-from streams.versions import live_version, store_path
+from streams.versions import live_version, parts_path, store_path
 from tests.integration.test_projections import end_offsets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -304,3 +305,74 @@ def test_as_of_equals_an_independent_fold_up_to_that_time(config, ledger_topic, 
         assert status == 400 and "ISO-8601" in body["detail"]
     finally:
         env.stop_worker()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_rebuild_split_over_processes_survives_kill_9_and_equals_the_oracle(
+    config, ledger_topic, unique, tmp_path
+):
+    """Two processes fold the partitions into parts; kill -9 of the replay takes its children
+    down too; the rerun resumes every part from its own offsets, merges, and the result, the
+    diff and the count of events folded all match the oracle."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(150_000, seed=41)
+    publish(config, ledger_topic, events)
+    env.start_worker("1")
+    env.wait_folded(1, end_offsets(config, ledger_topic))
+    env.stop_worker()
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "replay", env.name, "--procs", "2", "--quiet"],
+        env=env.env("1,2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    parts = parts_path(env.config, env.name, 2)
+    deadline = time.monotonic() + 90
+    while sum(stored_offsets(env.config, env.name, 2).values()) < 3000:  # parts are folding
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise AssertionError(f"no part progress seen: {proc.communicate()}")
+        time.sleep(0.02)
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert len(children) >= 2  # the two parts (and multiprocessing's resource tracker)
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rebuild children outlived their parent: {children}")
+        time.sleep(0.1)
+    assert parts.is_dir() and not stored_offsets_of_store(env, 2)
+    partial = sum(stored_offsets(env.config, env.name, 2).values())
+    assert 0 < partial < len(events)
+
+    diff_file = tmp_path / "diff.jsonl"
+    done = env.refold(
+        "1,2", "replay", env.name, "--procs", "2", "--diff", "--diff-file", str(diff_file)
+    )
+    assert done.returncode == 0, done.stderr
+    fixed, buggy = fold(events, buggy=False), fold(events, buggy=True)
+    assert env.states(2)[0] == fixed
+    assert env.states(2)[1] == end_offsets(config, ledger_topic)
+    assert f"folded {len(events) - partial} events" in done.stdout and "2 processes" in done.stdout
+    changed = {json.loads(line)["key"] for line in diff_file.read_text().splitlines()}
+    assert changed == {k for k in fixed if fixed[k] != buggy[k]} and changed
+    assert not parts.exists()
+
+
+def stored_offsets_of_store(env: Env, version: int) -> dict:
+    """The offsets in the version's own store (not its parts), if it exists yet."""
+    if not (store_path(env.config, env.name, version) / "CURRENT").is_file():
+        return {}
+    return env.states(version)[1]

@@ -304,6 +304,26 @@ class TestRocksStore(StoreContract):
             with pytest.raises(StoreError, match="backwards"):  # checked against disk too
                 store.commit({}, {P0: 3})
 
+    def test_absorb_copies_disjoint_parts_then_their_offsets(self, tmp_path: Path) -> None:
+        with RocksStore.open(tmp_path / "p0") as a, RocksStore.open(tmp_path / "p1") as b:
+            a.commit({f"a{i:02d}": {"n": i} for i in range(25)}, {P0: 40}, links={"x": "a01"})
+            b.commit({f"b{i:02d}": i for i in range(7)}, {P1: 9}, meta={"ignored": 1})
+            with RocksStore.open(tmp_path / "whole") as whole:
+                whole.absorb([a, b], meta={"events_folded": 49}, chunk=4)  # many small batches
+                assert whole.offsets() == {P0: 40, P1: 9}
+                assert dict(whole.scan(limit=100)) == {
+                    **{f"a{i:02d}": {"n": i} for i in range(25)},
+                    **{f"b{i:02d}": i for i in range(7)},
+                }
+                assert whole.link("x") == "a01" and whole.meta("events_folded") == 49
+                assert whole.meta("ignored") is None  # counters are the caller's to sum
+                with pytest.raises(StoreError, match="holds offsets"):
+                    whole.absorb([a])
+            with RocksStore.open(tmp_path / "again") as again:
+                with pytest.raises(StoreError, match="overlap"):
+                    again.absorb([a, a])
+                assert again.offsets() == {} and again.scan() == []  # nothing written
+
     def test_sync_commits(self, tmp_path: Path) -> None:
         with RocksStore.open(tmp_path / "s", sync=True) as store:
             store.commit({"a": 1}, {P0: 1})
