@@ -26,6 +26,7 @@ from projections.command_http import CommandRoutes
 from streams.config import Config
 from streams.errors import ConfigError, InputError, PublishError, StoreError, TopicError
 from streams.inputs import EventInput, event_from_json
+from streams.rebuild import build_on_disk
 from streams.runtime import ProjectionRunner, dead_letter_topic_name
 from streams.serde import Position
 from streams.timetravel import fold_as_of, parse_time
@@ -490,6 +491,7 @@ class QueryServer:
         runners = list(self.worker.runners.values())
         builds = dict(self.worker.builds)
         marks = self._watermarks
+        config = self.worker.config
 
         def describe_all() -> list[dict[str, Any]]:
             out = []
@@ -497,7 +499,10 @@ class QueryServer:
                 entry = _describe(r, marks)
                 build = builds.get(r.name)
                 # A newer version being rebuilt beside the live one: its progress.
-                entry["rebuild"] = _describe(build, marks) if build is not None else None
+                if build is not None:
+                    entry["rebuild"] = _describe(build, marks)
+                else:  # maybe by `refold replay`, in its own processes
+                    entry["rebuild"] = _describe_on_disk(config, r, marks)
                 out.append(entry)
             return out
 
@@ -539,6 +544,31 @@ def _describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any
         "events_folded": stats.folded,
         "dead_letters": stats.dead_letters,
         "skipped": stats.skipped,
+    }
+
+
+def _describe_on_disk(
+    config: Config, runner: ProjectionRunner, watermarks: Watermarks
+) -> dict[str, Any] | None:
+    """A newer version of `runner`'s projection that another process builds, read from disk."""
+    found = build_on_disk(config, runner.name, runner.version)
+    if found is None:
+        return None
+    version, offsets = found
+    owned = sorted(set(offsets) | set(runner.stats.positions))
+    ends = watermarks.ends(owned)
+    partitions = []
+    for t, p in owned:
+        nxt, end = offsets.get((t, p), 0), ends.get((t, p))
+        lag = None if end is None else max(0, end - nxt)
+        partitions.append({"topic": t, "partition": p, "next_offset": nxt, "lag": lag})
+    behind = any(part["lag"] for part in partitions)
+    return {
+        "name": runner.name,
+        "version": version,
+        # Not this worker's: `refold replay` building it, or a version kept after a rollback.
+        "state": "on disk, behind" if behind else "on disk, caught up",
+        "partitions": partitions,
     }
 
 

@@ -47,7 +47,7 @@ from projections.store import RocksStore
 from streams.config import Config
 from streams.errors import ProjectionError, StoreError
 from streams.runtime import TP, ProjectionRunner
-from streams.versions import parts_path, store_path
+from streams.versions import parts_path, store_path, versions_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,15 @@ def stored_offsets(config: Config, name: str, version: int) -> dict[TP, int]:
         finally:
             view.close()
     return offsets
+
+
+def build_on_disk(config: Config, name: str, live: int) -> tuple[int, dict[TP, int]] | None:
+    """The newest version above `live` that has a store on disk (a rebuild that another process
+    runs, or left off), with the offsets it has folded."""
+    newer = [v for v in versions_on_disk(config, name) if v > live]
+    if not newer:
+        return None
+    return newer[-1], stored_offsets(config, name, newer[-1])
 
 
 def _part_dirs(config: Config, name: str, version: int) -> list[Path]:

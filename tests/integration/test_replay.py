@@ -328,47 +328,55 @@ def test_rebuild_split_over_processes_survives_kill_9_and_equals_the_oracle(
     env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
     events = story(150_000, seed=41)
     publish(config, ledger_topic, events)
-    env.start_worker("1")
-    env.wait_folded(1, end_offsets(config, ledger_topic))
-    env.stop_worker()
+    env.start_worker("1")  # serves v1 throughout; the code it runs knows no v2
+    try:
+        env.wait_folded(1, end_offsets(config, ledger_topic))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "replay", env.name, "--procs", "2", "--quiet"],
-        env=env.env("1,2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    parts = parts_path(env.config, env.name, 2)
-    deadline = time.monotonic() + 90
-    while sum(stored_offsets(env.config, env.name, 2).values()) < 3000:  # parts are folding
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise AssertionError(f"no part progress seen: {proc.communicate()}")
-        time.sleep(0.02)
-    children = _children(proc.pid)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-    assert len(children) >= 2  # the two parts (and multiprocessing's resource tracker)
-    deadline = time.monotonic() + 15
-    while any(Path(f"/proc/{pid}").exists() for pid in children):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"rebuild children outlived their parent: {children}")
-        time.sleep(0.1)
-    assert parts.is_dir() and not stored_offsets_of_store(env, 2)
-    partial = sum(stored_offsets(env.config, env.name, 2).values())
-    assert 0 < partial < len(events)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "replay", env.name, "--procs", "2", "--quiet"],
+            env=env.env("1,2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        parts = parts_path(env.config, env.name, 2)
+        deadline = time.monotonic() + 90
+        while sum(stored_offsets(env.config, env.name, 2).values()) < 3000:  # parts are folding
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise AssertionError(f"no part progress seen: {proc.communicate()}")
+            time.sleep(0.02)
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert len(children) >= 2  # the two parts (and multiprocessing's resource tracker)
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"rebuild children outlived their parent: {children}")
+            time.sleep(0.1)
+        assert parts.is_dir() and not stored_offsets_of_store(env, 2)
+        partial = sum(stored_offsets(env.config, env.name, 2).values())
+        assert 0 < partial < len(events)
+        with urllib.request.urlopen(f"http://127.0.0.1:{env.port}/projections", timeout=5) as r:
+            rebuild = {p["name"]: p for p in json.loads(r.read())}[env.name]["rebuild"]
+        assert rebuild["version"] == 2 and rebuild["state"] == "on disk, behind"
+        assert sum(p["next_offset"] for p in rebuild["partitions"]) == partial
 
-    diff_file = tmp_path / "diff.jsonl"
-    done = env.refold(
-        "1,2", "replay", env.name, "--procs", "2", "--diff", "--diff-file", str(diff_file)
-    )
-    assert done.returncode == 0, done.stderr
-    fixed, buggy = fold(events, buggy=False), fold(events, buggy=True)
-    assert env.states(2)[0] == fixed
-    assert env.states(2)[1] == end_offsets(config, ledger_topic)
-    assert f"folded {len(events) - partial} events" in done.stdout and "2 processes" in done.stdout
-    changed = {json.loads(line)["key"] for line in diff_file.read_text().splitlines()}
-    assert changed == {k for k in fixed if fixed[k] != buggy[k]} and changed
-    assert not parts.exists()
+        diff_file = tmp_path / "diff.jsonl"
+        done = env.refold(
+            "1,2", "replay", env.name, "--procs", "2", "--diff", "--diff-file", str(diff_file)
+        )
+        assert done.returncode == 0, done.stderr
+        fixed, buggy = fold(events, buggy=False), fold(events, buggy=True)
+        assert env.states(2)[0] == fixed
+        assert env.states(2)[1] == end_offsets(config, ledger_topic)
+        assert (
+            f"folded {len(events) - partial} events" in done.stdout and "2 processes" in done.stdout
+        )
+        changed = {json.loads(line)["key"] for line in diff_file.read_text().splitlines()}
+        assert changed == {k for k in fixed if fixed[k] != buggy[k]} and changed
+        assert not parts.exists()
+    finally:
+        env.stop_worker()
 
 
 def stored_offsets_of_store(env: Env, version: int) -> dict:
