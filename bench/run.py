@@ -10,7 +10,6 @@ it at the end, unless REFOLD_BOOTSTRAP_SERVERS names one to use. See bench/READM
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from streams import broker
 from streams.config import Config
 from streams.publisher import Publisher
 from streams.registry import codec_for
+from streams.runtime import tune_collector
 
 log = logging.getLogger("bench")
 
@@ -127,7 +127,7 @@ def run_scenarios(bench: Bench, params: Params, only: set[str], out: dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    gc.set_threshold(100_000, 50, 100)  # as `refold worker` runs (see streams/cli.py)
+    tune_collector()  # as `refold worker` runs
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
     )

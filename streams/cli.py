@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -572,9 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Connection churn (broker restarts, coordinator loading) is normal and retried by librdkafka.
     logging.getLogger("librdkafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
-    # Folding allocates many short-lived dicts; the default collector thresholds make it run
-    # every few hundred events (measured: 100k -> 115k events/s on a 200k-event rebuild).
-    gc.set_threshold(100_000, 50, 100)
+    from streams.runtime import tune_collector
+
+    tune_collector()
     config = Config.from_env()
     if args.data_dir:
         config = config.with_(data_dir=Path(args.data_dir))

