@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from projections.store import MemoryStore, RocksStore, Store
+from projections.memory_store import MemoryStore
+from projections.store import RocksStore, Store
 from streams.errors import StoreError
 
 REPO = Path(__file__).resolve().parents[2]
