@@ -390,6 +390,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         diff_path=Path(args.diff_file) if args.diff_file else None,
         progress=None if args.quiet else sys.stderr,
         procs=args.procs,
+        catch_up_timeout=args.stall_timeout,
     )
     rate = result.folded / result.seconds if result.seconds else 0.0
     split = f", {result.parts} processes" if result.parts > 1 else ""
@@ -541,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="processes that fold a build from scratch, partitions split between them "
         "(default: one per core when there are at least 200,000 events; 1 = no split)",
+    )
+
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="give up when nothing is folded for this long, say the broker is gone (default 120)",
     )
 
     p = sub.add_parser("rollback", help="make the previous version of a projection live again")

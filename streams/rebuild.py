@@ -140,10 +140,12 @@ def build_in_parts(
     replay_below: Mapping[TP, int],
     procs: int,
     progress: PartsProgress | None = None,
+    stall_timeout: float = 120.0,
 ) -> bool:
     """Fold every source partition up to `bounds` in parallel parts, then merge them into
     `store` (open, read-write, without offsets). Returns False, doing nothing, when this
-    projection or its topics cannot be split (see `split`)."""
+    projection or its topics cannot be split (see `split`). Raises ProjectionError when no part
+    moves for `stall_timeout` seconds (say, the broker is gone)."""
     root = parts_path(config, projection.name, version)
     try:
         pickle.dumps(projection)
@@ -158,7 +160,9 @@ def build_in_parts(
         raise ProjectionError(f"{store.path} already holds offsets: it cannot take parts")
     progress = progress or PartsProgress()
     started = time.monotonic()
-    _run_parts(config, projection, version, root, layout, bounds, replay_below, progress)
+    _run_parts(
+        config, projection, version, root, layout, bounds, replay_below, progress, stall_timeout
+    )
     folded_at = time.monotonic()
     _merge(store, [root / f"part-{i}" for i in range(len(layout))])
     shutil.rmtree(root)
@@ -208,6 +212,7 @@ def _run_parts(
     bounds: Mapping[TP, int],
     replay_below: Mapping[TP, int],
     progress: PartsProgress,
+    stall_timeout: float,
 ) -> None:
     ctx = multiprocessing.get_context("spawn")
     reports: multiprocessing.Queue[tuple[Any, ...]] = ctx.Queue()
@@ -234,8 +239,17 @@ def _run_parts(
         child.start()
         children.append(child)
     done: set[int] = set()
+    moved_at, last = time.monotonic(), progress.positions
     try:
         while len(done) < len(children):
+            if progress.positions != last:
+                moved_at, last = time.monotonic(), progress.positions
+            elif time.monotonic() - moved_at > stall_timeout:
+                raise ProjectionError(
+                    f"rebuild of {projection.name!r} v{version}: no part moved for "
+                    f"{stall_timeout:.0f} s (at {sum(last.values())} of {sum(bounds.values())})",
+                    hint="is the broker up? run the replay again: every part resumes",
+                )
             report = _next_report(reports)
             if report is None:
                 for i, proc in enumerate(children):

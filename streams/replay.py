@@ -308,6 +308,7 @@ def replay(
                         replay_below=below,
                         procs=split_over,
                         progress=parts,
+                        stall_timeout=catch_up_timeout,
                     )
                     split_over = parts.count if built else 1
             dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
@@ -358,7 +359,8 @@ def _follow(
 ) -> dict[TP, int]:
     """Fold until `runner` has reached exactly the live version's offsets (or, with no live
     version, the ends of the log), re-reading them until they hold still; returns them.
-    `goal[0]` shows the current target to the progress display."""
+    `goal[0]` shows the current target to the progress display. Raises ProjectionError when
+    the runner fails or folds nothing for `timeout` seconds."""
     while True:
         if live_view is not None:
             live_view.catch_up()
@@ -372,13 +374,16 @@ def _follow(
                 for tp, (_low, high) in source_ends(runner.config, runner.projection).items()
             }
         goal[0] = target
-        if not runner.run_until(target, timeout=timeout):
+        last = dict(runner.stats.positions)
+        while not runner.run_until(target, timeout=timeout):  # `timeout` without progress
             if runner.stats.state == "failed":
                 raise ProjectionError(f"rebuild of {runner.name!r} stopped: {runner.stats.error}")
-            raise ProjectionError(
-                f"v{runner.version} of {runner.name!r} did not catch up within {timeout:.0f}s",
-                hint="run the replay again: it resumes",
-            )
+            if runner.stats.positions == last:
+                raise ProjectionError(
+                    f"v{runner.version} of {runner.name!r} did not move for {timeout:.0f} s",
+                    hint="is the broker up? run the replay again: it resumes",
+                )
+            last = dict(runner.stats.positions)
         if live_view is None:
             return target
         offsets = live_view.offsets()

@@ -19,13 +19,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from projections.store import RocksStore
+from streams import broker
 from streams.broker import free_port
 from streams.config import Config
 from streams.errors import StoreError
 from streams.publisher import Publisher
 from streams.rebuild import stored_offsets
 from streams.registry import codec_for
+from streams.topics import INTERNAL_TOPICS, Topics, event_topic
 from streams.versions import live_version, parts_path, store_path
+from tests.integration.test_broker import exited
 from tests.integration.test_projections import end_offsets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -319,6 +322,15 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def wait_gone(pids: list[int], timeout: float = 15.0) -> None:
+    """Wait until every pid has exited (a zombie waiting for init to reap it counts)."""
+    deadline = time.monotonic() + timeout
+    while any(not exited(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rebuild children outlived their parent: {pids}")
+        time.sleep(0.1)
+
+
 def test_rebuild_split_over_processes_survives_kill_9_and_equals_the_oracle(
     config, ledger_topic, unique, tmp_path
 ):
@@ -348,11 +360,7 @@ def test_rebuild_split_over_processes_survives_kill_9_and_equals_the_oracle(
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert len(children) >= 2  # the two parts (and multiprocessing's resource tracker)
-        deadline = time.monotonic() + 15
-        while any(Path(f"/proc/{pid}").exists() for pid in children):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"rebuild children outlived their parent: {children}")
-            time.sleep(0.1)
+        wait_gone(children)
         assert parts.is_dir() and not stored_offsets_of_store(env, 2)
         partial = sum(stored_offsets(env.config, env.name, 2).values())
         assert 0 < partial < len(events)
@@ -384,3 +392,40 @@ def stored_offsets_of_store(env: Env, version: int) -> dict:
     if not (store_path(env.config, env.name, version) / "CURRENT").is_file():
         return {}
     return env.states(version)[1]
+
+
+def test_a_rebuild_whose_broker_dies_gives_up_with_a_reason(tmp_path, unique):
+    """The broker is killed while the parts fold: the replay must not hang; it exits non-zero,
+    says nothing moved, and leaves no child behind."""
+    own = Config(data_dir=tmp_path / "broker")
+    info = broker.start(own, port=free_port(), heap_mb=384)
+    try:
+        config = Config(data_dir=tmp_path / "unused", bootstrap_override=info.bootstrap_servers)
+        topic = unique("ledger")
+        Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=4)])
+        publish(config, topic, story(150_000, seed=51))
+        env = Env(config, unique("repair"), topic, tmp_path / "data")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "replay", env.name, "--procs", "2", "--quiet",
+             "--stall-timeout", "5"],
+            env=env.env("1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 90
+            while sum(stored_offsets(env.config, env.name, 1).values()) < 3000:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"no part progress seen: {proc.communicate()}")
+                time.sleep(0.02)
+            children = _children(proc.pid)
+            broker.kill_node(own, 1)
+            _out, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode != 0 and "no part moved for 5 s" in err, err
+        wait_gone(children)
+    finally:
+        broker.stop(own, timeout=20)
