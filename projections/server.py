@@ -10,7 +10,6 @@ positions, read before the state, so the state is at least as new as the positio
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -22,7 +21,13 @@ from aiohttp import web
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from projections import answers
+from projections.answers import DOWN as _DOWN
+from projections.answers import dumps as _dumps
+from projections.answers import loads as _loads
+from projections.answers import position as _position
 from projections.command_http import CommandRoutes
+from projections.fastpath import Answer, Front
 from streams.config import Config
 from streams.errors import ConfigError, InputError, PublishError, StoreError, TopicError
 from streams.inputs import EventInput, event_from_json
@@ -44,23 +49,8 @@ _MAX_OFFSET = 2**63 - 1
 _JSON = "application/json"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 _DLQ_PREFIX = dead_letter_topic_name("")
-# A runner in these states has closed (or is closing) its store; reading it would race the close.
-_DOWN = frozenset({"stopped", "failed"})
 
-
-def _json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-_dumps: Callable[[Any], bytes]
-_loads: Callable[[bytes], Any]
 _new_loop: Callable[[], asyncio.AbstractEventLoop]
-try:
-    import orjson
-
-    _dumps, _loads = orjson.dumps, orjson.loads
-except ImportError:  # optional here: json gives the same bytes, only slower
-    _dumps, _loads = _json_dumps, json.loads
 try:
     import uvloop
 
@@ -75,7 +65,9 @@ def _respond(status: int, body: Any) -> web.Response:
 
 def _error(status: int, error: str, detail: Any, **extra: Any) -> web.Response:
     """The one error shape: `{"error": short phrase, "detail": what exactly, ...extra}`."""
-    return _respond(status, {"error": error, "detail": detail, **extra})
+    return web.Response(
+        status=status, body=answers.error_body(error, detail, **extra), content_type=_JSON
+    )
 
 
 def _refuse(status: int, error: str, allow: str | None = None) -> Handler:
@@ -86,10 +78,6 @@ def _refuse(status: int, error: str, allow: str | None = None) -> Handler:
         return response
 
     return refuse
-
-
-def _position(positions: Mapping[TP, int]) -> dict[str, int]:
-    return {f"{t}:{p}": o for (t, p), o in sorted(positions.items())}
 
 
 def _count(raw: str, what: str, low: int, high: int) -> int:
@@ -188,6 +176,8 @@ class QueryServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._front: Front | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._waits = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="refold-http-wait")
@@ -243,6 +233,10 @@ class QueryServer:
             if self._failure is None:
                 loop.run_forever()
         finally:
+            for listener in self._listeners:
+                listener.close()
+            if self._front is not None:
+                self._front.close_all()
             if self._runner is not None:
                 loop.run_until_complete(self._runner.cleanup())
             loop.close()
@@ -273,8 +267,16 @@ class QueryServer:
         app.router.add_route("*", "/{path:.*}", self._guard("unmatched", _refuse(404, "no route")))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        self.port = self._runner.addresses[0][1]
+        full_app = self._runner.server
+        assert full_app is not None  # set by setup()
+        # Connections start on the fast path, which hands them to aiohttp when it must.
+        self._front = Front(self, full_app, self._requests)
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(
+            self._front.protocol, self.host, self.port, reuse_address=True, backlog=1024
+        )
+        self._listeners.append(listener)
+        self.port = listener.sockets[0].getsockname()[1]
 
     def _guard(self, route: str, handler: Handler) -> Handler:
         """`handler`, answering a JSON error for whatever it raises, counting every answer."""
@@ -312,25 +314,38 @@ class QueryServer:
             refused = await self._reach(runner, request)
             if refused is not None:
                 return refused
-        key = info["key"]
-        positions = runner.stats.positions  # before the state: the state is at least this new
         try:
-            state = runner.store.get(key)
+            status, body = self._read_key(runner, info["key"])
         except StoreError as exc:
             return self._unavailable(runner, exc)
+        return web.Response(status=status, body=body, content_type=_JSON)
+
+    def _read_key(self, runner: ProjectionRunner, key: str) -> Answer:
+        """The 200 or 404 answer for one key of a readable runner (StoreError if it is not)."""
+        positions = runner.stats.positions  # before the state: the state is at least this new
+        state = runner.store.get(key)
         if state is None:
-            return _error(
-                404,
-                "no state for key",
-                f"projection {name!r} has no state for key {key!r}",
-                position=_position(positions),
-            )
-        cached = self._position_cache.get(name)
+            return 404, answers.key_missing(runner.name, key, positions)
+        cached = self._position_cache.get(runner.name)
         if cached is None or cached[0] is not positions:
             cached = (positions, _dumps(_position(positions)))
-            self._position_cache[name] = cached
-        body = b'{"key":%b,"state":%b,"position":%b}' % (_dumps(key), _dumps(state), cached[1])
-        return web.Response(body=body, content_type=_JSON)
+            self._position_cache[runner.name] = cached
+        return 200, answers.key_found(key, state, cached[1])
+
+    # The fast path (projections/fastpath.py) reads through these two; None sends the request
+    # to the full app, which answers unknown names, stopped runners and store errors.
+
+    def lookup(self, name: str, key: str) -> Answer | None:
+        runner = self.worker.runners.get(name)
+        if runner is None or runner.stats.state in _DOWN:
+            return None
+        try:
+            return self._read_key(runner, key)
+        except StoreError:
+            return None
+
+    def healthz_answer(self) -> Answer:
+        return answers.health({name: r.stats.state for name, r in self.worker.runners.items()})
 
     async def _as_of(self, runner: ProjectionRunner, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""
@@ -479,11 +494,8 @@ class QueryServer:
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         """`GET /healthz`: 200 while no projection failed, else 503; each runner's state."""
-        states = {name: r.stats.state for name, r in self.worker.runners.items()}
-        failed = any(state == "failed" for state in states.values())
-        return _respond(
-            503 if failed else 200, {"status": "failed" if failed else "ok", "projections": states}
-        )
+        status, body = self.healthz_answer()
+        return web.Response(status=status, body=body, content_type=_JSON)
 
     async def projections(self, request: web.Request) -> web.StreamResponse:
         """`GET /projections`: every runner with its counters, positions and lag."""
