@@ -37,6 +37,14 @@ _REFUSED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"upgrade
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _SERVER = SERVER_SOFTWARE.encode()
 
+new_loop: Callable[[], asyncio.AbstractEventLoop]
+try:
+    import uvloop
+
+    new_loop = uvloop.new_event_loop
+except ImportError:  # optional: asyncio's own loop costs more CPU per request
+    new_loop = asyncio.new_event_loop
+
 
 class Reads(Protocol):
     """What the fast path answers from; None means "let the full app answer this one"."""

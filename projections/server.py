@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -27,7 +28,8 @@ from projections.answers import dumps as _dumps
 from projections.answers import loads as _loads
 from projections.answers import position as _position
 from projections.command_http import CommandRoutes
-from projections.fastpath import Answer, Front
+from projections.fastpath import Answer, Front, new_loop
+from projections.readers import ReaderProcesses
 from streams.config import Config
 from streams.errors import ConfigError, InputError, PublishError, StoreError, TopicError
 from streams.inputs import EventInput, event_from_json
@@ -49,14 +51,6 @@ _MAX_OFFSET = 2**63 - 1
 _JSON = "application/json"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 _DLQ_PREFIX = dead_letter_topic_name("")
-
-_new_loop: Callable[[], asyncio.AbstractEventLoop]
-try:
-    import uvloop
-
-    _new_loop = uvloop.new_event_loop
-except ImportError:  # optional: asyncio's own loop costs ~15% more CPU per request
-    _new_loop = asyncio.new_event_loop
 
 
 def _respond(status: int, body: Any) -> web.Response:
@@ -167,12 +161,23 @@ class Watermarks:
 
 
 class QueryServer:
-    """Serves one worker's projections over HTTP until `stop()`; single use (start once)."""
+    """Serves one worker's projections over HTTP until `stop()`; single use (start once).
 
-    def __init__(self, worker: Worker, host: str = "127.0.0.1", port: int = 0) -> None:
+    With `procs` > 1, `procs - 1` reader processes (projections/readers.py) answer key lookups
+    on the same port beside this one.
+    """
+
+    def __init__(
+        self, worker: Worker, host: str = "127.0.0.1", port: int = 0, *, procs: int = 1
+    ) -> None:
+        if procs < 1:
+            raise ConfigError(f"--http-procs must be at least 1, not {procs}")
         self.worker = worker
         self.host = host
         self.port = port  # the bound port once `start()` returned (port 0 picks a free one)
+        self.procs = procs
+        self.readers: ReaderProcesses | None = None
+        self._upstream = 0  # the loopback port the reader processes relay requests to
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -209,10 +214,22 @@ class QueryServer:
                 f"cannot serve HTTP on {self.host}:{self.port}: {self._failure}",
                 hint="choose another --http HOST:PORT (port 0 picks a free one)",
             ) from self._failure
-        log.info("query server listening on %s", self.url)
+        if self.procs > 1:
+            readers = ReaderProcesses(
+                self.worker, self.procs - 1, self.host, self.port, self._upstream
+            )
+            try:
+                readers.start(timeout)
+            except ConfigError:
+                self.stop()
+                raise
+            self.readers = readers
+        log.info("query server listening on %s (%d processes)", self.url, self.procs)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the listener and connections, end the loop thread; idempotent."""
+        if self.readers is not None:
+            self.readers.stop()
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
             loop.call_soon_threadsafe(loop.stop)
@@ -221,7 +238,7 @@ class QueryServer:
         self._publishing.shutdown(wait=False, cancel_futures=True)
 
     def _serve(self) -> None:
-        loop = _new_loop()
+        loop = new_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
         try:
@@ -272,11 +289,23 @@ class QueryServer:
         # Connections start on the fast path, which hands them to aiohttp when it must.
         self._front = Front(self, full_app, self._requests)
         loop = asyncio.get_running_loop()
+        shared = self.procs > 1
+        if shared and self.port:
+            _check_free(self.host, self.port)  # SO_REUSEPORT would share it with a stranger
         listener = await loop.create_server(
-            self._front.protocol, self.host, self.port, reuse_address=True, backlog=1024
+            self._front.protocol,
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=shared or None,
+            backlog=1024,
         )
         self._listeners.append(listener)
         self.port = listener.sockets[0].getsockname()[1]
+        if shared:  # what the reader processes relay to: this server, on loopback only
+            upstream = await loop.create_server(self._front.protocol, "127.0.0.1", 0, backlog=1024)
+            self._listeners.append(upstream)
+            self._upstream = upstream.sockets[0].getsockname()[1]
 
     def _guard(self, route: str, handler: Handler) -> Handler:
         """`handler`, answering a JSON error for whatever it raises, counting every answer."""
@@ -520,10 +549,23 @@ class QueryServer:
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         """`GET /metrics`: Prometheus text format 0.0.4."""
         requests = dict(self._requests)  # snapshot on the loop thread, the only writer
+        if self.readers is not None:
+            for counter, n in self.readers.counts().items():
+                requests[counter] = requests.get(counter, 0) + n
         runners = list(self.worker.runners.values())
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(None, _metrics_text, runners, self._watermarks, requests)
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
+
+
+def _check_free(host: str, port: int) -> None:
+    """OSError unless host:port is free: a socket without SO_REUSEPORT cannot bind beside one."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
 
 
 def _partitions(runner: ProjectionRunner, watermarks: Watermarks) -> list[dict[str, Any]]:
