@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -53,9 +54,8 @@ class View:
     def __init__(self, name: str, info: Mapping[str, Any], scratch: Path) -> None:
         self.name = name
         self.path = str(info["path"])
-        self.store = RocksStore.open_secondary(
-            self.path, scratch / f"{name}-v{info['version']}-{time.monotonic_ns()}"
-        )
+        self.scratch = scratch / f"{os.getpid()}-{name}-v{info['version']}-{time.monotonic_ns()}"
+        self.store = RocksStore.open_secondary(self.path, self.scratch)
         self.caught_up_at = time.monotonic()
         self.state = "starting"
         self.assigned: tuple[TP, ...] = ()
@@ -92,6 +92,7 @@ class View:
             self.store.close()
         except StoreError as exc:
             log.warning("reader: closing the view of %s: %s", self.path, exc)
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class Reads:
@@ -263,6 +264,8 @@ async def serve(host: str, port: int, upstream: int, scratch: Path) -> None:
             listener.close()
         front.close_all()
         reads.close()
+        with contextlib.suppress(OSError):  # the last reader out removes the worker's dir too
+            scratch.rmdir()
         _say({"counts": [[r, s, n] for (r, s), n in counts.items()]})
 
 
