@@ -3,9 +3,15 @@
 A Worker folds the bank topic into `balances`, a QueryServer (projections/server.py) serves it,
 and a separate process generates the load over keep-alive connections:
 
-- maximum rate: `wrk` (if installed) or bench/loadgen.py in closed loop, for both endpoints;
+- maximum rate: `wrk` (if installed) or bench/loadgen.py in closed loop, for both endpoints,
+  the median of `repeats` runs taken in turns with the baselines below;
 - latency at half the lookup maximum: bench/loadgen.py in open loop (fixed schedule, latency
   from the scheduled start), the same offered rate for both endpoints.
+
+The server runs as `refold worker` runs it by default: one process per core (the worker and
+reader processes, projections/readers.py). Beside it, in the same run and the same worker: the
+same lookups from one process, and from one process with aiohttp answering every request (the
+server before its fast path), to read the gains as ratios.
 
 Keys are picked at random among the accounts that have a state. Client and server share the
 machine's cores, so on a small machine the client's own CPU limits the maxima.
@@ -33,6 +39,9 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 LOOKUP = "GET /projections/{name}/{key}"
 HEALTHZ = "GET /healthz"
+LOOKUP_ONE = "GET /projections/{name}/{key}, 1 process"
+LOOKUP_AIOHTTP = "GET /projections/{name}/{key}, 1 process, aiohttp only"
+HEALTHZ_AIOHTTP = "GET /healthz, 1 process, aiohttp only"
 _WRK_SCRIPT = """\
 local paths = {}
 for line in io.lines("%s") do paths[#paths + 1] = line end
@@ -141,16 +150,19 @@ def run(
     config = bench.config("queries")
     worker = Worker(config, [balances_on(topic, name)], codec=bench.codec)
     worker.start()
-    server: Any = None
+    servers: list[Any] = []
     result = QueryResult("ok")
     try:
         runner = worker.runners[name]
         last = {(topic, p): end - 1 for p, end in ends.items() if end > 0}
         if not wait_until(lambda: runner.reached(last), 1800, 0.05):
             return QueryResult("failed", f"worker did not fold the topic: {runner.stats.error}")
-        server = QueryServer(worker, "127.0.0.1", 0)
-        server.start()
-        base = f"http://127.0.0.1:{server.port}"
+        procs = os.cpu_count() or 1
+        for kwargs in ({"procs": procs}, {}, {"fast_path": False}):
+            servers.append(QueryServer(worker, "127.0.0.1", 0, **kwargs))
+            servers[-1].start()
+        base, one, plain = (f"http://127.0.0.1:{s.port}" for s in servers)
+        result.notes.append(f"{procs} processes (the worker and {procs - 1} readers)")
         keys = sorted(data.expected_balance)
         with urllib.request.urlopen(f"{base}/projections/{name}/{keys[0]}", timeout=10) as answer:
             state = json.loads(answer.read())["state"]
@@ -160,16 +172,46 @@ def run(
         paths.write_text("".join(f"/projections/{name}/{k}\n" for k in keys))
         targets = {LOOKUP: ["--paths", str(paths)], HEALTHZ: ["--path", "/healthz"]}
         seconds, conns = params.query_seconds, params.query_connections
-        if shutil.which("wrk"):
-            result.max_tool = "wrk -t2 (keep-alive)"
-            script = config.data_dir / "paths.lua"
-            script.write_text(_WRK_SCRIPT % paths)
-            result.max[LOOKUP] = wrk(base, script, seconds, conns)
-            result.max[HEALTHZ] = wrk(f"{base}/healthz", None, seconds, conns)
-        else:
-            result.max_tool = "bench/loadgen.py closed loop (wrk not installed)"
-            for label, target in targets.items():
-                result.max[label] = loadgen(base, target, seconds, conns)
+        # label -> (base URL, endpoint): the product's server first, then the baselines.
+        variants = {
+            LOOKUP: (base, LOOKUP),
+            HEALTHZ: (base, HEALTHZ),
+            LOOKUP_ONE: (one, LOOKUP),
+            LOOKUP_AIOHTTP: (plain, LOOKUP),
+            HEALTHZ_AIOHTTP: (plain, HEALTHZ),
+        }
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
+        script = config.data_dir / "paths.lua"
+        script.write_text(_WRK_SCRIPT % paths)
+        use_wrk = shutil.which("wrk") is not None
+        result.max_tool = (
+            "wrk -t2 (keep-alive)" if use_wrk else "bench/loadgen.py closed loop (no wrk)"
+        )
+        result.max_tool += f", median of {params.repeats} runs taken in turns"
+        for _ in range(params.repeats):
+            for label, (url, endpoint) in variants.items():
+                if use_wrk:
+                    lookup = endpoint == LOOKUP
+                    runs[label].append(
+                        wrk(
+                            url if lookup else f"{url}/healthz",
+                            script if lookup else None,
+                            seconds,
+                            conns,
+                        )
+                    )
+                else:
+                    runs[label].append(loadgen(url, targets[endpoint], seconds, conns))
+        for label, done in runs.items():
+            ordered = sorted(done, key=lambda r: float(r["rate"]))
+            result.max[label] = {**ordered[len(ordered) // 2], "runs": [r["rate"] for r in done]}
+        rate = {label: float(v["rate"]) for label, v in result.max.items()}
+        result.notes.append(
+            f"lookups/s: {rate[LOOKUP] / rate[HEALTHZ]:.2f}x /healthz of the same server, "
+            f"{rate[LOOKUP] / rate[LOOKUP_ONE]:.2f}x one process, "
+            f"{rate[LOOKUP] / rate[LOOKUP_AIOHTTP]:.2f}x one process with aiohttp only "
+            f"(whose lookups are {rate[LOOKUP_AIOHTTP] / rate[HEALTHZ_AIOHTTP]:.2f}x its /healthz)"
+        )
         half = result.max[LOOKUP]["rate"] / 2
         for label, target in targets.items():
             result.half[label] = loadgen(base, target, seconds, conns, rate=half)
@@ -183,6 +225,6 @@ def run(
             )
         return result
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
         worker.stop()

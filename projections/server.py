@@ -10,23 +10,26 @@ positions, read before the state, so the state is at least as new as the positio
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import socket
 import threading
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
-from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from projections import answers
+from projections.answers import DOWN as _DOWN
+from projections.answers import dumps as _dumps
+from projections.answers import loads as _loads
+from projections.answers import position as _position
 from projections.command_http import CommandRoutes
-from streams.config import Config
+from projections.fastpath import Answer, Front, new_loop
+from projections.readers import ReaderProcesses
+from projections.status import Watermarks, describe, describe_on_disk, metrics_text
 from streams.errors import ConfigError, InputError, PublishError, StoreError, TopicError
 from streams.inputs import EventInput, event_from_json
-from streams.rebuild import build_on_disk
 from streams.runtime import ProjectionRunner, dead_letter_topic_name
 from streams.serde import Position
 from streams.timetravel import fold_as_of, parse_time
@@ -45,29 +48,6 @@ _MAX_OFFSET = 2**63 - 1
 _JSON = "application/json"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 _DLQ_PREFIX = dead_letter_topic_name("")
-# A runner in these states has closed (or is closing) its store; reading it would race the close.
-_DOWN = frozenset({"stopped", "failed"})
-
-
-def _json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-_dumps: Callable[[Any], bytes]
-_loads: Callable[[bytes], Any]
-_new_loop: Callable[[], asyncio.AbstractEventLoop]
-try:
-    import orjson
-
-    _dumps, _loads = orjson.dumps, orjson.loads
-except ImportError:  # optional here: json gives the same bytes, only slower
-    _dumps, _loads = _json_dumps, json.loads
-try:
-    import uvloop
-
-    _new_loop = uvloop.new_event_loop
-except ImportError:  # optional: asyncio's own loop costs ~15% more CPU per request
-    _new_loop = asyncio.new_event_loop
 
 
 def _respond(status: int, body: Any) -> web.Response:
@@ -76,7 +56,9 @@ def _respond(status: int, body: Any) -> web.Response:
 
 def _error(status: int, error: str, detail: Any, **extra: Any) -> web.Response:
     """The one error shape: `{"error": short phrase, "detail": what exactly, ...extra}`."""
-    return _respond(status, {"error": error, "detail": detail, **extra})
+    return web.Response(
+        status=status, body=answers.error_body(error, detail, **extra), content_type=_JSON
+    )
 
 
 def _refuse(status: int, error: str, allow: str | None = None) -> Handler:
@@ -87,10 +69,6 @@ def _refuse(status: int, error: str, allow: str | None = None) -> Handler:
         return response
 
     return refuse
-
-
-def _position(positions: Mapping[TP, int]) -> dict[str, int]:
-    return {f"{t}:{p}": o for (t, p), o in sorted(positions.items())}
 
 
 def _count(raw: str, what: str, low: int, high: int) -> int:
@@ -136,59 +114,36 @@ def parse_min_offset(raw: str, topics: tuple[str, ...]) -> dict[TP, int]:
     return wanted
 
 
-class Watermarks:
-    """Read-committed end offsets of source partitions, asked of the broker, cached for `ttl` s.
+class QueryServer:
+    """Serves one worker's projections over HTTP until `stop()`; single use (start once).
 
-    Not from the runners' consumers: confluent-kafka serializes calls on one Consumer across
-    threads, so a call from here would queue behind the fold thread's consume loop.
+    With `procs` > 1, `procs - 1` reader processes (projections/readers.py) answer key lookups
+    on the same port beside this one.
     """
 
-    def __init__(self, config: Config, ttl: float = 1.0, timeout: float = 2.0) -> None:
-        self._config = config
-        self._ttl = ttl
-        self._timeout = timeout
-        self._admin: AdminClient | None = None
-        self._lock = threading.Lock()
-        self._ends: dict[TP, int] = {}
-        self._at = 0.0
-
-    def ends(self, partitions: Iterable[TP]) -> dict[TP, int]:
-        """End offsets of the partitions the broker answered for (blocks: call off the loop)."""
-        wanted = set(partitions)
-        with self._lock:
-            stale = time.monotonic() - self._at > self._ttl
-            if wanted and (stale or not wanted <= self._ends.keys()):
-                self._refresh(wanted | (self._ends.keys() if not stale else set()))
-            return {tp: self._ends[tp] for tp in wanted if tp in self._ends}
-
-    def _refresh(self, partitions: set[TP]) -> None:
-        if self._admin is None:
-            self._admin = AdminClient(cast("dict[str, Any]", self._config.kafka()))
-        futures = self._admin.list_offsets(
-            {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions},
-            isolation_level=IsolationLevel.READ_COMMITTED,
-            request_timeout=self._timeout,
-        )
-        ends: dict[TP, int] = {}
-        for tp, future in futures.items():
-            try:
-                ends[(tp.topic, tp.partition)] = future.result().offset
-            except KafkaException as exc:  # lag is best-effort: unknown rather than wrong
-                log.warning("no end offset for %s[%d]: %s", tp.topic, tp.partition, exc)
-        self._ends = ends
-        self._at = time.monotonic()
-
-
-class QueryServer:
-    """Serves one worker's projections over HTTP until `stop()`; single use (start once)."""
-
-    def __init__(self, worker: Worker, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        procs: int = 1,
+        fast_path: bool = True,  # False: aiohttp answers everything (a benchmark baseline)
+    ) -> None:
+        if procs < 1:
+            raise ConfigError(f"--http-procs must be at least 1, not {procs}")
         self.worker = worker
         self.host = host
         self.port = port  # the bound port once `start()` returned (port 0 picks a free one)
+        self.procs = procs
+        self._fast_path = fast_path
+        self.readers: ReaderProcesses | None = None
+        self._upstream = 0  # the loopback port the reader processes relay requests to
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._front: Front | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._waits = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="refold-http-wait")
@@ -220,10 +175,22 @@ class QueryServer:
                 f"cannot serve HTTP on {self.host}:{self.port}: {self._failure}",
                 hint="choose another --http HOST:PORT (port 0 picks a free one)",
             ) from self._failure
-        log.info("query server listening on %s", self.url)
+        if self.procs > 1:
+            readers = ReaderProcesses(
+                self.worker, self.procs - 1, self.host, self.port, self._upstream
+            )
+            try:
+                readers.start(timeout)
+            except ConfigError:
+                self.stop()
+                raise
+            self.readers = readers
+        log.info("query server listening on %s (%d processes)", self.url, self.procs)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the listener and connections, end the loop thread; idempotent."""
+        if self.readers is not None:
+            self.readers.stop()
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
             loop.call_soon_threadsafe(loop.stop)
@@ -232,7 +199,7 @@ class QueryServer:
         self._publishing.shutdown(wait=False, cancel_futures=True)
 
     def _serve(self) -> None:
-        loop = _new_loop()
+        loop = new_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
         try:
@@ -244,6 +211,10 @@ class QueryServer:
             if self._failure is None:
                 loop.run_forever()
         finally:
+            for listener in self._listeners:
+                listener.close()
+            if self._front is not None:
+                self._front.close_all()
             if self._runner is not None:
                 loop.run_until_complete(self._runner.cleanup())
             loop.close()
@@ -274,8 +245,29 @@ class QueryServer:
         app.router.add_route("*", "/{path:.*}", self._guard("unmatched", _refuse(404, "no route")))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        self.port = self._runner.addresses[0][1]
+        full_app = self._runner.server
+        assert full_app is not None  # set by setup()
+        # Connections start on the fast path, which hands them to aiohttp when it must.
+        self._front = Front(self, full_app, self._requests)
+        loop = asyncio.get_running_loop()
+        shared = self.procs > 1
+        if shared and self.port:
+            _check_free(self.host, self.port)  # SO_REUSEPORT would share it with a stranger
+        accept = self._front.protocol if self._fast_path else full_app
+        listener = await loop.create_server(
+            accept,
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=shared or None,
+            backlog=1024,
+        )
+        self._listeners.append(listener)
+        self.port = listener.sockets[0].getsockname()[1]
+        if shared:  # what the reader processes relay to: this server, on loopback only
+            upstream = await loop.create_server(self._front.protocol, "127.0.0.1", 0, backlog=1024)
+            self._listeners.append(upstream)
+            self._upstream = upstream.sockets[0].getsockname()[1]
 
     def _guard(self, route: str, handler: Handler) -> Handler:
         """`handler`, answering a JSON error for whatever it raises, counting every answer."""
@@ -313,25 +305,38 @@ class QueryServer:
             refused = await self._reach(runner, request)
             if refused is not None:
                 return refused
-        key = info["key"]
-        positions = runner.stats.positions  # before the state: the state is at least this new
         try:
-            state = runner.store.get(key)
+            status, body = self._read_key(runner, info["key"])
         except StoreError as exc:
             return self._unavailable(runner, exc)
+        return web.Response(status=status, body=body, content_type=_JSON)
+
+    def _read_key(self, runner: ProjectionRunner, key: str) -> Answer:
+        """The 200 or 404 answer for one key of a readable runner (StoreError if it is not)."""
+        positions = runner.stats.positions  # before the state: the state is at least this new
+        state = runner.store.get(key)
         if state is None:
-            return _error(
-                404,
-                "no state for key",
-                f"projection {name!r} has no state for key {key!r}",
-                position=_position(positions),
-            )
-        cached = self._position_cache.get(name)
+            return 404, answers.key_missing(runner.name, key, positions)
+        cached = self._position_cache.get(runner.name)
         if cached is None or cached[0] is not positions:
             cached = (positions, _dumps(_position(positions)))
-            self._position_cache[name] = cached
-        body = b'{"key":%b,"state":%b,"position":%b}' % (_dumps(key), _dumps(state), cached[1])
-        return web.Response(body=body, content_type=_JSON)
+            self._position_cache[runner.name] = cached
+        return 200, answers.key_found(key, state, cached[1])
+
+    # The fast path (projections/fastpath.py) reads through these two; None sends the request
+    # to the full app, which answers unknown names, stopped runners and store errors.
+
+    def lookup(self, name: str, key: str) -> Answer | None:
+        runner = self.worker.runners.get(name)
+        if runner is None or runner.stats.state in _DOWN:
+            return None
+        try:
+            return self._read_key(runner, key)
+        except StoreError:
+            return None
+
+    def healthz_answer(self) -> Answer:
+        return answers.health({name: r.stats.state for name, r in self.worker.runners.items()})
 
     async def _as_of(self, runner: ProjectionRunner, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""
@@ -480,11 +485,8 @@ class QueryServer:
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         """`GET /healthz`: 200 while no projection failed, else 503; each runner's state."""
-        states = {name: r.stats.state for name, r in self.worker.runners.items()}
-        failed = any(state == "failed" for state in states.values())
-        return _respond(
-            503 if failed else 200, {"status": "failed" if failed else "ok", "projections": states}
-        )
+        status, body = self.healthz_answer()
+        return web.Response(status=status, body=body, content_type=_JSON)
 
     async def projections(self, request: web.Request) -> web.StreamResponse:
         """`GET /projections`: every runner with its counters, positions and lag."""
@@ -496,13 +498,13 @@ class QueryServer:
         def describe_all() -> list[dict[str, Any]]:
             out = []
             for r in runners:
-                entry = _describe(r, marks)
+                entry = describe(r, marks)
                 build = builds.get(r.name)
                 # A newer version being rebuilt beside the live one: its progress.
                 if build is not None:
-                    entry["rebuild"] = _describe(build, marks)
+                    entry["rebuild"] = describe(build, marks)
                 else:  # maybe by `refold replay`, in its own processes
-                    entry["rebuild"] = _describe_on_disk(config, r, marks)
+                    entry["rebuild"] = describe_on_disk(config, r, marks)
                 out.append(entry)
             return out
 
@@ -513,140 +515,20 @@ class QueryServer:
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         """`GET /metrics`: Prometheus text format 0.0.4."""
         requests = dict(self._requests)  # snapshot on the loop thread, the only writer
+        if self.readers is not None:
+            for counter, n in self.readers.counts().items():
+                requests[counter] = requests.get(counter, 0) + n
         runners = list(self.worker.runners.values())
         loop = asyncio.get_running_loop()
-        text = await loop.run_in_executor(None, _metrics_text, runners, self._watermarks, requests)
+        text = await loop.run_in_executor(None, metrics_text, runners, self._watermarks, requests)
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
 
 
-def _partitions(runner: ProjectionRunner, watermarks: Watermarks) -> list[dict[str, Any]]:
-    """Owned partitions with next offset and lag (None when unknown)."""
-    positions = runner.stats.positions
-    owned = sorted(set(positions) | set(runner.stats.assigned))
-    ends = watermarks.ends(owned)
-    out: list[dict[str, Any]] = []
-    for t, p in owned:
-        nxt, end = positions.get((t, p)), ends.get((t, p))
-        lag = None if nxt is None or end is None else max(0, end - nxt)
-        out.append({"topic": t, "partition": p, "next_offset": nxt, "lag": lag})
-    return out
-
-
-def _describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]:
-    stats = runner.stats
-    return {
-        "name": runner.name,
-        "version": runner.version,
-        "state": stats.state,
-        "error": stats.error,
-        "topics": list(runner.projection.topics),
-        "partitions": _partitions(runner, watermarks),
-        "events_folded": stats.folded,
-        "dead_letters": stats.dead_letters,
-        "skipped": stats.skipped,
-    }
-
-
-def _describe_on_disk(
-    config: Config, runner: ProjectionRunner, watermarks: Watermarks
-) -> dict[str, Any] | None:
-    """A newer version of `runner`'s projection that another process builds, read from disk."""
-    found = build_on_disk(config, runner.name, runner.version)
-    if found is None:
-        return None
-    version, offsets = found
-    owned = sorted(set(offsets) | set(runner.stats.positions))
-    ends = watermarks.ends(owned)
-    partitions = []
-    for t, p in owned:
-        nxt, end = offsets.get((t, p), 0), ends.get((t, p))
-        lag = None if end is None else max(0, end - nxt)
-        partitions.append({"topic": t, "partition": p, "next_offset": nxt, "lag": lag})
-    behind = any(part["lag"] for part in partitions)
-    return {
-        "name": runner.name,
-        "version": version,
-        # Not this worker's: `refold replay` building it, or a version kept after a rollback.
-        "state": "on disk, behind" if behind else "on disk, caught up",
-        "partitions": partitions,
-    }
-
-
-def _label(value: object) -> str:
-    return str(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _metrics_text(
-    runners: list[ProjectionRunner],
-    watermarks: Watermarks,
-    requests: Mapping[tuple[str, int], int],
-) -> str:
-    lines: list[str] = []
-
-    def family(name: str, kind: str, doc: str, samples: list[tuple[dict[str, Any], int]]) -> None:
-        lines.append(f"# HELP {name} {doc}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{text}}} {value}")
-
-    partitions = {r.name: _partitions(r, watermarks) for r in runners}
-    family(
-        "refold_projection_up",
-        "gauge",
-        "1 while the projection's runner is not stopped or failed.",
-        [({"projection": r.name}, int(r.stats.state in ("starting", "running"))) for r in runners],
-    )
-    family(
-        "refold_events_folded_total",
-        "counter",
-        "Events folded into the projection's store.",
-        [({"projection": r.name}, r.stats.folded) for r in runners],
-    )
-    family(
-        "refold_dead_letters_total",
-        "counter",
-        "Poison events sent to the dead-letter topic.",
-        [({"projection": r.name}, r.stats.dead_letters) for r in runners],
-    )
-    family(
-        "refold_events_skipped_total",
-        "counter",
-        "Events with no key to fold under.",
-        [({"projection": r.name}, r.stats.skipped) for r in runners],
-    )
-    family(
-        "refold_projection_next_offset",
-        "gauge",
-        "Next offset to fold per source partition.",
-        [
-            (
-                {"projection": name, "topic": p["topic"], "partition": p["partition"]},
-                p["next_offset"],
-            )
-            for name, ps in partitions.items()
-            for p in ps
-            if p["next_offset"] is not None
-        ],
-    )
-    family(
-        "refold_projection_lag",
-        "gauge",
-        "Records in the partition not folded yet.",
-        [
-            ({"projection": name, "topic": p["topic"], "partition": p["partition"]}, p["lag"])
-            for name, ps in partitions.items()
-            for p in ps
-            if p["lag"] is not None
-        ],
-    )
-    family(
-        "refold_http_requests_total",
-        "counter",
-        "HTTP requests answered, by route and status.",
-        [
-            ({"route": route, "status": status}, n)
-            for (route, status), n in sorted(requests.items())
-        ],
-    )
-    return "\n".join(lines) + "\n"
+def _check_free(host: str, port: int) -> None:
+    """OSError unless host:port is free: a socket without SO_REUSEPORT cannot bind beside one."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)

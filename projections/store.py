@@ -585,6 +585,9 @@ def _open_rdict(
         opts.set_max_log_file_size(4 << 20)
         if secondary:
             opts.set_max_open_files(-1)  # RocksDB requires this of secondary instances
+            # Else every catch-up starts 16 threads per column family to open table files:
+            # 3 ms per catch_up() with nothing new, 0.13 ms with one (measured).
+            opts.set_max_file_opening_threads(1)
         meta_opts = _options(cache, max(1, write_buffer_mb // 4), lz4)
         try:
             return rocksdict.Rdict(

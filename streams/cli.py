@@ -210,7 +210,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         host, _, port = args.http.rpartition(":")
         if not port.isdigit():
             raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
-        server = QueryServer(worker, host or "127.0.0.1", int(port))
+        server = QueryServer(worker, host or "127.0.0.1", int(port), procs=args.http_procs)
         server.start()
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -513,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="fold projections into RocksDB and serve queries")
     p.add_argument("--app", help="comma-separated modules with projections (env REFOLD_APP)")
     p.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP API, e.g. 127.0.0.1:8080")
+    p.add_argument(
+        "--http-procs",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        metavar="N",
+        help="processes serving HTTP key lookups: the worker and N-1 readers (default: cores)",
+    )
     p.add_argument("--only", help="comma-separated projection names to run (default: all)")
 
     p = sub.add_parser("query", help="read a projection's state (JSON)")

@@ -98,6 +98,8 @@ class Env:
                 f"{self.name},{self.name}-fx",
                 "--http",
                 f"127.0.0.1:{self.port}",
+                "--http-procs",  # reader processes must follow the swap and rollback too
+                "3",
             ],
             env=self.env(versions),
             stdout=log,
