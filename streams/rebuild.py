@@ -51,6 +51,7 @@ from streams.versions import parts_path, store_path, versions_on_disk
 
 log = logging.getLogger(__name__)
 
+PARALLEL_MIN_EVENTS = 200_000  # below this, starting processes costs more than it saves
 _PR_SET_PDEATHSIG = 1
 _REPORT_EVERY_S = 0.25
 _COUNTERS = ("events_folded", "dead_letters", "skipped")
@@ -141,11 +142,13 @@ def build_in_parts(
     procs: int,
     progress: PartsProgress | None = None,
     stall_timeout: float = 120.0,
+    stop: threading.Event | None = None,
 ) -> bool:
     """Fold every source partition up to `bounds` in parallel parts, then merge them into
-    `store` (open, read-write, without offsets). Returns False, doing nothing, when this
-    projection or its topics cannot be split (see `split`). Raises ProjectionError when no part
-    moves for `stall_timeout` seconds (say, the broker is gone)."""
+    `store` (open, read-write, without offsets). Returns True once merged; False when this
+    projection or its topics cannot be split (see `split`: nothing done), or when `stop` was set
+    first (the parts stay for the next attempt). Raises ProjectionError when no part moves for
+    `stall_timeout` seconds (say, the broker is gone)."""
     root = parts_path(config, projection.name, version)
     try:
         pickle.dumps(projection)
@@ -160,9 +163,19 @@ def build_in_parts(
         raise ProjectionError(f"{store.path} already holds offsets: it cannot take parts")
     progress = progress or PartsProgress()
     started = time.monotonic()
-    _run_parts(
-        config, projection, version, root, layout, bounds, replay_below, progress, stall_timeout
-    )
+    if not _run_parts(
+        config,
+        projection,
+        version,
+        root,
+        layout,
+        bounds,
+        replay_below,
+        progress,
+        stall_timeout,
+        stop or threading.Event(),
+    ):
+        return False
     folded_at = time.monotonic()
     _merge(store, [root / f"part-{i}" for i in range(len(layout))])
     shutil.rmtree(root)
@@ -213,7 +226,9 @@ def _run_parts(
     replay_below: Mapping[TP, int],
     progress: PartsProgress,
     stall_timeout: float,
-) -> None:
+    stop: threading.Event,
+) -> bool:
+    """Run every part to its bounds; False if `stop` was set first (the parts are killed)."""
     ctx = multiprocessing.get_context("spawn")
     reports: multiprocessing.Queue[tuple[Any, ...]] = ctx.Queue()
     children: list[BaseProcess] = []
@@ -242,6 +257,8 @@ def _run_parts(
     moved_at, last = time.monotonic(), progress.positions
     try:
         while len(done) < len(children):
+            if stop.is_set():
+                return False
             if progress.positions != last:
                 moved_at, last = time.monotonic(), progress.positions
             elif time.monotonic() - moved_at > stall_timeout:
@@ -269,6 +286,7 @@ def _run_parts(
             progress.update(index, rest[0], rest[1])
             if kind == "done":
                 done.add(index)
+        return True
     finally:
         for i, proc in enumerate(children):
             if i not in done and proc.exitcode is None:

@@ -25,6 +25,7 @@ from projections.store import RocksStore, Store
 from streams.config import Config
 from streams.errors import ProjectionError, StoreError
 from streams.rebuild import (
+    PARALLEL_MIN_EVENTS,
     PartsProgress,
     build_in_parts,
     default_procs,
@@ -36,8 +37,6 @@ from streams.serde import Codec
 from streams.versions import dir_size, live_version, parts_path, set_live, store_path
 
 log = logging.getLogger(__name__)
-
-PARALLEL_MIN_EVENTS = 200_000  # below this, starting processes costs more than it saves
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,13 +412,14 @@ def _attached(
     started: float,
     timeout: float,
 ) -> ReplayResult:
-    """The version's store is held by a worker building it: wait until it has folded exactly
-    what the live version has, then diff through read-only views and move the pointer."""
+    """The version's store is held by another process building it (a worker, or another
+    replay): wait until it has folded exactly what the live version has, then diff through
+    read-only views and move the pointer. Gives up when the build stops moving for `timeout`."""
     name = projection.name
     new_view = open_view(config, name, version)
     live_view = open_view(config, name, live) if live else None
     try:
-        deadline = time.monotonic() + timeout
+        moved_at, last = time.monotonic(), stored_offsets(config, name, version)
         while True:
             new_view.catch_up()
             if live_view is not None:
@@ -427,10 +427,13 @@ def _attached(
             same = live_view is None or new_view.offsets() == live_view.offsets()
             if same:
                 break
-            if time.monotonic() > deadline:
+            now = stored_offsets(config, name, version)  # parts included
+            if now != last:
+                moved_at, last = time.monotonic(), now
+            elif time.monotonic() - moved_at > timeout:
                 raise ProjectionError(
-                    f"v{version} of {name!r} (built by a running worker) has not caught up with "
-                    f"v{live} within {timeout:.0f}s",
+                    f"v{version} of {name!r} (built by another process) has not caught up with "
+                    f"v{live} and did not move for {timeout:.0f} s",
                     hint="look at `refold status`; try again",
                 )
             time.sleep(0.2)

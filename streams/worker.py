@@ -18,17 +18,19 @@ from confluent_kafka import Producer
 
 from projections.loader import load_versions
 from projections.projection import Projection
+from projections.store import RocksStore
 from streams.command_client import CommandClient, ResultsIndex
 from streams.command_processor import CommandProcessor
 from streams.commands import Decider, ensure_command_topics, load_deciders
 from streams.config import Config
 from streams.errors import ProjectionError
 from streams.publisher import Publisher
+from streams.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from streams.registry import codec_for
 from streams.runtime import TP, ProjectionRunner, dead_letter_topic_name
 from streams.serde import Codec
 from streams.topics import INTERNAL_TOPICS, Topics, dead_letter_topic
-from streams.versions import live_version, set_live
+from streams.versions import live_version, set_live, store_path
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +125,7 @@ class Worker:
             self.runners[name] = serving
             if code > live:
                 log.info("%s: building v%d beside live v%d", name, code, live)
-                self.builds[name] = self._start_runner(
-                    name, code, replay_below=serving.store.offsets()
-                )
+                self._start_build(name, code, serving.store.offsets())
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
         self._start_commands()
@@ -136,13 +136,18 @@ class Worker:
         return versions.get(version) or versions[max(versions)]
 
     def _start_runner(
-        self, name: str, version: int, replay_below: dict[TP, int] | None = None
+        self,
+        name: str,
+        version: int,
+        replay_below: dict[TP, int] | None = None,
+        store: RocksStore | None = None,
     ) -> ProjectionRunner:
         runner = ProjectionRunner(
             self.config,
             self.codec,
             self._fold_for(name, version),
             dead_letters=self._dlq,
+            store=store,
             version=version,
             batch_size=self._batch_size,
             replay_below=replay_below,
@@ -151,6 +156,43 @@ class Worker:
         self._threads.append(thread)
         thread.start()
         return runner
+
+    def _start_build(self, name: str, version: int, live: dict[TP, int]) -> None:
+        """Build `version` beside the live one. A build from scratch of at least
+        PARALLEL_MIN_EVENTS is first folded in parts by one process per core, up to the live
+        offsets of now (streams.rebuild); its runner then follows in the group like any other."""
+        store = RocksStore.open(store_path(self.config, name, version))
+        if store.offsets() or default_procs() < 2 or sum(live.values()) < PARALLEL_MIN_EVENTS:
+            discard_parts(self.config, name, version)
+            self.builds[name] = self._start_runner(name, version, live, store)
+            return
+
+        def in_parts() -> None:
+            try:
+                merged = build_in_parts(
+                    self.config,
+                    self._fold_for(name, version),
+                    version,
+                    store,
+                    live,
+                    replay_below=live,
+                    procs=default_procs(),
+                    stop=self._stopping,
+                )
+                if self._stopping.is_set():
+                    store.close()
+                    return
+                log.info("%s: v%d %s", name, version, "merged" if merged else "not split")
+                runner = self.builds[name] = self._start_runner(name, version, live, store)
+                if self._stopping.is_set():  # stop() may have passed the builds meanwhile
+                    runner.stop()
+            except Exception:  # the live version keeps serving; say why the build stopped
+                log.exception("%s: building v%d failed", name, version)
+                store.close()
+
+        thread = threading.Thread(target=in_parts, name=f"build-{name}-v{version}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()

@@ -24,7 +24,7 @@ from streams.broker import free_port
 from streams.config import Config
 from streams.errors import StoreError
 from streams.publisher import Publisher
-from streams.rebuild import stored_offsets
+from streams.rebuild import PARALLEL_MIN_EVENTS, stored_offsets
 from streams.registry import codec_for
 from streams.topics import INTERNAL_TOPICS, Topics, event_topic
 from streams.versions import live_version, parts_path, store_path
@@ -431,3 +431,45 @@ def test_a_rebuild_whose_broker_dies_gives_up_with_a_reason(tmp_path, unique):
         wait_gone(children)
     finally:
         broker.stop(own, timeout=20)
+
+
+def test_a_worker_builds_a_new_version_in_parts_beside_the_live_one(
+    config, ledger_topic, unique, tmp_path
+):
+    """A worker deployed with v2 while v1 holds 200k+ events folds v2 in parts (one process per
+    core), merges, follows; `replay --diff --swap` attaches to it; all equal the oracle."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(PARALLEL_MIN_EVENTS + 10_000, seed=61)
+    publish(config, ledger_topic, events)
+    env.start_worker("1")
+    env.wait_folded(1, end_offsets(config, ledger_topic))
+    env.stop_worker()
+
+    parts, seen = parts_path(env.config, env.name, 2), threading.Event()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and not seen.is_set():
+            if parts.is_dir():
+                seen.set()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        env.start_worker("1,2")
+        done = env.refold("1,2", "replay", env.name, "--diff", "--swap", "--quiet")
+        assert done.returncode == 0, done.stderr
+    finally:
+        stop.set()
+        watcher.join()
+        env.stop_worker()
+    assert seen.is_set() and not parts.exists()  # built in parts, merged, cleaned up
+    fixed, buggy = fold(events, buggy=False), fold(events, buggy=True)
+    assert env.states(2)[0] == fixed
+    affected = {k for k in fixed if fixed[k] != buggy[k]}
+    assert f"{len(affected)} changed, 0 added, 0 removed" in done.stdout
+    assert live_version(env.config, env.name) == 2
+    fx, _ = env.states(2, f"{env.name}-fx")  # every event was below the live offsets: replayed
+    assert sum(s["replayed"] for s in fx.values()) == len(events)
+    assert sum(s["live_effects"] for s in fx.values()) == 0
