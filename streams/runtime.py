@@ -10,7 +10,8 @@ Commit steps, in order, for every batch (the order is what makes a crash at any 
 4. ONE RocksDB WriteBatch stores the changed states, the re-key links, the counters and every
    partition's next offset — the store is the truth, a crash before this step re-folds the batch
    from Kafka, a crash after it finds the offsets already moved;
-5. the same offsets are committed to Kafka asynchronously; they are advisory (monitoring, lag);
+5. the offsets are committed to Kafka asynchronously, at most once per `KAFKA_COMMIT_INTERVAL_S`
+   (and when partitions are revoked or the runner closes); they are advisory (monitoring, lag):
    on assignment the consumer always seeks to the store's offsets, never to Kafka's.
 """
 
@@ -28,6 +29,7 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
     KafkaError,
+    KafkaException,
     Message,
     Producer,
     TopicPartition,
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 _MISSING = object()
 MAX_CACHED_STATES = 200_000
+# Kafka's copy of the offsets only informs monitoring, so it may trail the store's by this much.
+# (Committing it after every batch sent hundreds of OffsetCommit requests a second at light load,
+# broker and client work on the path of every fresh event.)
+KAFKA_COMMIT_INTERVAL_S = 1.0
 
 
 def tune_collector() -> None:
@@ -125,6 +131,8 @@ class ProjectionRunner:
         self._beyond: dict[TP, int] = {}  # first offset past its bound seen, per partition
         self._paused: set[TP] = set()
         self._watermarks_at = 0.0
+        self._uncommitted: dict[TP, int] = {}  # stored, not yet committed to Kafka
+        self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
         conf = config.kafka(
@@ -174,6 +182,7 @@ class ProjectionRunner:
         if self.stats.state != "failed":
             self.stats.state = "stopped"
         try:
+            self._commit_to_kafka(list(self._uncommitted))
             self._consumer.close()
         except Exception:  # the store must still close; the group will expire the member
             log.exception("%s v%d: closing the consumer failed", self.name, self.version)
@@ -270,8 +279,10 @@ class ProjectionRunner:
         log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Every batch is committed before the next consume() call, so nothing is pending here.
+        # Every batch is stored before the next consume() call, so only Kafka's advisory copy of
+        # the offsets may be behind; bring it up to date for the revoked partitions.
         revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self._commit_to_kafka([tp for tp in revoked if tp in self._uncommitted])
         for tp in revoked:
             self._next.pop(tp, None)
         consumer.incremental_unassign(partitions)
@@ -294,6 +305,7 @@ class ProjectionRunner:
         msgs = self._consumer.consume(self._batch_size, 0)
         if msgs:
             return msgs
+        self._commit_to_kafka_due()  # the offsets of the last batches, once the load stops
         first = self._consumer.poll(0.1)
         if first is None:
             return []
@@ -437,10 +449,25 @@ class ProjectionRunner:
             self._cache.clear()
         with self._changed:
             self._changed.notify_all()
-        self._consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()],
-            asynchronous=True,
-        )
+        self._uncommitted.update(next_offsets)
+        self._commit_to_kafka_due()
+
+    def _commit_to_kafka_due(self) -> None:
+        if self._uncommitted and (
+            time.monotonic() - self._kafka_committed_at >= KAFKA_COMMIT_INTERVAL_S
+        ):
+            self._commit_to_kafka(list(self._uncommitted))
+
+    def _commit_to_kafka(self, tps: list[TP]) -> None:
+        """Commit the stored offsets of `tps` to the group, asynchronously (advisory only)."""
+        if not tps:
+            return
+        self._kafka_committed_at = time.monotonic()
+        offsets = [TopicPartition(t, p, self._uncommitted.pop((t, p))) for t, p in tps]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # e.g. not a group member right now; the store is the truth
+            log.info("%s v%d: advisory offset commit failed: %s", self.name, self.version, exc)
 
     # -- poison -----------------------------------------------------------------------------
 
