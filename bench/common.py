@@ -19,6 +19,7 @@ from projections.bank import Balances
 from projections.projection import Projection
 from streams.config import Config
 from streams.inputs import EventInput
+from streams.runtime import FOLD_CONSUMER_CONF
 from streams.serde import Codec
 from streams.topics import INTERNAL_TOPICS, Topics, event_topic
 
@@ -29,17 +30,9 @@ WITHDRAWAL = "bank.MoneyWithdrawn"
 MEMOS = ("salary", "rent", "groceries", "atm", "transfer", "")
 PARTITIONS = 6  # refold's default for event topics
 
-#: The consumer settings of `streams.runtime.ProjectionRunner`, repeated here so the bare
-#: baselines read with exactly what the runtime reads with (the runtime keeps them inline).
-RUNTIME_CONSUMER_CONF: dict[str, object] = {
-    "enable.auto.commit": False,
-    "enable.auto.offset.store": False,
-    "auto.offset.reset": "earliest",
-    "isolation.level": "read_committed",
-    "fetch.max.bytes": 52_428_800,
-    "max.partition.fetch.bytes": 10_485_760,
-    "queued.min.messages": 200_000,
-}
+#: The settings `streams.runtime.ProjectionRunner` reads with, so the bare baselines read
+#: exactly as the runtime does.
+RUNTIME_CONSUMER_CONF: dict[str, object] = dict(FOLD_CONSUMER_CONF)
 RUNTIME_BATCH = 5000  # ProjectionRunner's default batch_size
 
 #: Record headers as confluent-kafka's produce() is typed to take them.

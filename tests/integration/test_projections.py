@@ -13,16 +13,18 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from projections.bank import Balances
 from projections.store import RocksStore
 from streams.config import Config
 from streams.errors import StoreError
-from streams.publisher import Publisher
+from streams.publisher import PRODUCER_DEFAULTS, Publisher
 from streams.reader import dead_letters
 from streams.registry import codec_for
-from streams.runtime import group_id, store_path
+from streams.runtime import ProjectionRunner, group_id, store_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -264,3 +266,62 @@ def test_poison_records_go_to_the_dead_letter_topic_and_the_rest_is_folded(
     assert boom["topic"] == ledger_topic and boom["key"] == events[100][1]
     foreign = next(x for x in letters if x["reason"].startswith("undecodable"))
     assert foreign["partition"] == 0 and bytes.fromhex(foreign["value_hex"]) == b"\x00\x01 not avro"
+
+
+def test_runner_prefetches_a_bounded_part_of_a_backlog(config, ledger_topic, unique):
+    """A backlog of small lz4 records must not be buffered whole by librdkafka (~340 bytes each):
+    that made a worker's memory grow with the backlog (issue 6)."""
+    n = 400_000
+    codec = codec_for(config)
+    value = codec.encode("bank.MoneyDeposited", {"account_id": "k", "amount_cents": 1, "memo": ""})
+    producer = Producer({"bootstrap.servers": config.bootstrap_servers, **PRODUCER_DEFAULTS})
+    for i in range(n):
+        while True:
+            try:
+                producer.produce(ledger_topic, value, b"k%07d" % i)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+
+    buffered: list[int] = []  # pre-fetched records waiting for the fold loop, per stats report
+
+    def stats(text: str) -> None:
+        partitions = (
+            p for t in orjson.loads(text)["topics"].values() for p in t["partitions"].values()
+        )
+        buffered.append(
+            max((p["fetchq_cnt"] for p in partitions if p["partition"] >= 0), default=0)
+        )
+
+    class Backlog(Balances):
+        name = unique("backlog")
+        topics = (ledger_topic,)
+
+    dlq = Producer({"bootstrap.servers": config.bootstrap_servers})
+    runner = ProjectionRunner(
+        config,
+        codec,
+        Backlog(),
+        dead_letters=dlq,
+        consumer_conf={"statistics.interval.ms": 50, "stats_cb": stats},
+    )
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while runner.stats.folded < n:
+            if runner.stats.state == "failed" or time.monotonic() > deadline:
+                raise AssertionError(f"folded {runner.stats.folded} of {n}: {runner.stats.error}")
+            time.sleep(0.1)
+    finally:
+        runner.stop()
+        thread.join(30)
+    assert buffered and max(buffered) > 0
+    assert max(buffered) < n // 2, f"{max(buffered)} of {n} records were buffered at once"
+    with RocksStore.open(store_path(config, Backlog.name, 1), read_only=True) as store:
+        assert store.meta("events_folded") == n
+        assert store.get_many(["k0000000", f"k{n - 1:07d}"]) == {
+            k: {"balance_cents": 1, "deposits": 1, "withdrawals": 0, "events": 1, "owner": None}
+            for k in ("k0000000", f"k{n - 1:07d}")
+        }
