@@ -63,13 +63,16 @@ class Watermarks:
         self._at = time.monotonic()
 
 
-def _partitions(runner: ProjectionRunner, watermarks: Watermarks) -> list[dict[str, Any]]:
-    """Owned partitions with next offset and lag (None when unknown)."""
-    positions = runner.stats.positions
-    owned = sorted(set(positions) | set(runner.stats.assigned))
-    ends = watermarks.ends(owned)
+def _partitions(
+    positions: Mapping[tuple[str, int], int],
+    owned: Iterable[tuple[str, int]],
+    watermarks: Watermarks,
+) -> list[dict[str, Any]]:
+    """Partitions with next offset and lag (None when unknown)."""
+    tps = sorted(set(positions) | set(owned))
+    ends = watermarks.ends(tps)
     out: list[dict[str, Any]] = []
-    for t, p in owned:
+    for t, p in tps:
         nxt, end = positions.get((t, p)), ends.get((t, p))
         lag = None if nxt is None or end is None else max(0, end - nxt)
         out.append({"topic": t, "partition": p, "next_offset": nxt, "lag": lag})
@@ -84,7 +87,7 @@ def describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]
         "state": stats.state,
         "error": stats.error,
         "topics": list(runner.projection.topics),
-        "partitions": _partitions(runner, watermarks),
+        "partitions": _partitions(runner.stats.positions, runner.stats.assigned, watermarks),
         "events_folded": stats.folded,
         "dead_letters": stats.dead_letters,
         "skipped": stats.skipped,
@@ -99,13 +102,9 @@ def describe_on_disk(
     if found is None:
         return None
     version, offsets = found
-    owned = sorted(set(offsets) | set(runner.stats.positions))
-    ends = watermarks.ends(owned)
-    partitions = []
-    for t, p in owned:
-        nxt, end = offsets.get((t, p), 0), ends.get((t, p))
-        lag = None if end is None else max(0, end - nxt)
-        partitions.append({"topic": t, "partition": p, "next_offset": nxt, "lag": lag})
+    # The live version's partitions that the build has not reached yet are at offset 0.
+    folded = {tp: offsets.get(tp, 0) for tp in {*offsets, *runner.stats.positions}}
+    partitions = _partitions(folded, (), watermarks)
     behind = any(part["lag"] for part in partitions)
     return {
         "name": runner.name,
@@ -134,7 +133,9 @@ def metrics_text(
             text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
             lines.append(f"{name}{{{text}}} {value}")
 
-    partitions = {r.name: _partitions(r, watermarks) for r in runners}
+    partitions = {
+        r.name: _partitions(r.stats.positions, r.stats.assigned, watermarks) for r in runners
+    }
     family(
         "refold_projection_up",
         "gauge",
