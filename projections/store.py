@@ -329,7 +329,12 @@ class RocksStore:
             secondary_path = scratch = Path(tempfile.mkdtemp(prefix="refold-reader-"))
         Path(secondary_path).mkdir(parents=True, exist_ok=True)
         access = rocksdict.AccessType.secondary(str(secondary_path))
-        db = _open_rdict(path, access, cache_mb, 1, secondary=True)
+        try:
+            db = _open_rdict(path, access, cache_mb, 1, secondary=True)
+        except StoreError:  # e.g. a store being created right now: no scratch dir left behind
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
         log.info("opened store %s as a secondary (scratch dir %s)", path, secondary_path)
         store = cls(path, db, writable=False, secondary=True, sync=False)
         store._scratch = scratch

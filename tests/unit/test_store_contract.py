@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -397,6 +398,17 @@ class TestRocksStore(StoreContract):
             assert reader.get("a") == 2 and reader.offsets() == {P0: 2}
             reader.close()
             assert not scratch.exists()
+
+    def test_a_secondary_that_fails_to_open_leaves_no_scratch_dir(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        temp = tmp_path / "temp"
+        temp.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        (tmp_path / "half").mkdir()  # a store directory being created: no CURRENT yet
+        with pytest.raises(StoreError):
+            RocksStore.open_secondary(tmp_path / "half")
+        assert list(temp.iterdir()) == []
 
     def test_secondary_reader_in_another_process(self, tmp_path: Path) -> None:
         path = tmp_path / "s"
