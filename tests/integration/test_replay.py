@@ -163,6 +163,8 @@ def test_fix_a_bug_by_shadow_rebuild_diff_swap_and_rollback(config, ledger_topic
     publish(config, ledger_topic, first)
     env.start_worker("1")
     env.wait_folded(1, end_offsets(config, ledger_topic))
+    # The side-effect projection too: the replay flags below count from its v1 offsets.
+    env.wait_folded(1, end_offsets(config, ledger_topic), name=f"{env.name}-fx")
     env.stop_worker()
     assert env.states(1)[0] == fold(first, buggy=True)
     build_start = end_offsets(config, ledger_topic)
@@ -219,6 +221,7 @@ def test_fix_a_bug_by_shadow_rebuild_diff_swap_and_rollback(config, ledger_topic
         assert env.states(2)[0] == fold(everything + more, buggy=False)
 
         # The side-effect processor's v2 saw the pre-build history as replay, the rest as live.
+        env.wait_folded(2, end_offsets(config, ledger_topic), name=f"{env.name}-fx")
         fx, _ = env.states(2, f"{env.name}-fx")
         assert sum(s["replayed"] for s in fx.values()) == sum(build_start.values())
         assert sum(s["live_effects"] for s in fx.values()) == len(during) + len(more)
@@ -443,6 +446,7 @@ def test_a_worker_builds_a_new_version_in_parts_beside_the_live_one(
     publish(config, ledger_topic, events)
     env.start_worker("1")
     env.wait_folded(1, end_offsets(config, ledger_topic))
+    env.wait_folded(1, end_offsets(config, ledger_topic), name=f"{env.name}-fx")
     env.stop_worker()
 
     parts, seen = parts_path(env.config, env.name, 2), threading.Event()
@@ -460,6 +464,7 @@ def test_a_worker_builds_a_new_version_in_parts_beside_the_live_one(
         env.start_worker("1,2")
         done = env.refold("1,2", "replay", env.name, "--diff", "--swap", "--quiet")
         assert done.returncode == 0, done.stderr
+        env.wait_folded(2, end_offsets(config, ledger_topic), name=f"{env.name}-fx")
     finally:
         stop.set()
         watcher.join()
