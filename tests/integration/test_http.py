@@ -125,16 +125,17 @@ class Served:
 
 @pytest.fixture
 def serve(config: Config, unique: Callable[[str], str]) -> Iterator[Callable[..., Served]]:
-    """Factory: `serve(**projection_attrs)` starts a worker and a server on a fresh topic."""
+    """Factory: `serve(procs=1, **projection_attrs)` starts a worker and a server of `procs`
+    processes (the worker and reader processes) on a fresh topic."""
     closers: list[Callable[[], None]] = []
 
-    def make(**attrs: Any) -> Served:
+    def make(procs: int = 1, **attrs: Any) -> Served:
         topic, name = unique("http"), unique("deposits")
         Topics(config).ensure([event_topic(topic), *INTERNAL_TOPICS])
         worker = Worker(config, [deposits_projection(name, topic, **attrs)])
         worker.start()
         closers.append(worker.stop)
-        server = QueryServer(worker, "127.0.0.1", 0)
+        server = QueryServer(worker, "127.0.0.1", 0, procs=procs)
         server.start()
         closers.append(server.stop)
         publisher = Publisher(config, worker.codec)

@@ -16,24 +16,20 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from projections.reader import READ_LAG_S
-from projections.server import QueryServer
 from streams.config import Config
-from streams.publisher import Publisher
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
-from streams.worker import Worker
-from tests.integration.test_http import (
+from tests.integration.test_http import (  # noqa: F401  (serve: a fixture used here)
     WAIT,
     Served,
-    deposits_projection,
     expected_states,
     min_offset,
+    serve,
 )
 from tests.integration.test_projections import WorkerProcess, end_offsets
 
@@ -41,26 +37,10 @@ CLI = [sys.executable, "-m", "streams.cli"]
 
 
 @pytest.fixture
-def serve_procs(config: Config, unique: Callable[[str], str]) -> Iterator[Callable[..., Served]]:
-    """Factory: `serve_procs(n)` starts a worker and a query server of n processes."""
-    closers: list[Callable[[], None]] = []
-
-    def make(procs: int) -> Served:
-        topic, name = unique("http"), unique("deposits")
-        Topics(config).ensure([event_topic(topic), *INTERNAL_TOPICS])
-        worker = Worker(config, [deposits_projection(name, topic)])
-        worker.start()
-        closers.append(worker.stop)
-        server = QueryServer(worker, "127.0.0.1", 0, procs=procs)
-        server.start()
-        closers.append(server.stop)
-        publisher = Publisher(config, worker.codec)
-        closers.append(publisher.close)
-        return Served(topic, name, worker, server, publisher)
-
-    yield make
-    for close in reversed(closers):
-        close()
+def serve_procs(request: pytest.FixtureRequest) -> Callable[..., Served]:
+    """test_http's `serve` factory: `serve_procs(n)` starts a worker and a server of n processes."""
+    factory: Callable[..., Served] = request.getfixturevalue("serve")
+    return factory
 
 
 def fetch(port: int, path: str, conn: http.client.HTTPConnection | None = None) -> Any:
