@@ -27,6 +27,9 @@ class Config:
     app_modules: tuple[str, ...] = ()
     bootstrap_override: str | None = None
     client_overrides: Mapping[str, str] = field(default_factory=dict)
+    #: A rebuild writes its store once per this many events (REFOLD_REBUILD_WRITE_EVERY): fewer
+    #: writes per key, and at most this much folding redone after a crash.
+    rebuild_write_every: int = 250_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -40,11 +43,21 @@ class Config:
         else:
             schemas = (_REPO_SCHEMAS,)
         apps = tuple(m.strip() for m in env.get("REFOLD_APP", "").split(",") if m.strip())
+        raw_every = env.get("REFOLD_REBUILD_WRITE_EVERY") or "250000"
+        try:
+            every = int(raw_every)
+            if every < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"REFOLD_REBUILD_WRITE_EVERY must be a positive number of events, not {raw_every!r}"
+            ) from None
         return cls(
             data_dir=data_dir,
             schemas_dirs=schemas,
             app_modules=apps,
             bootstrap_override=env.get("REFOLD_BOOTSTRAP_SERVERS") or None,
+            rebuild_write_every=every,
         )
 
     def with_(self, **changes: object) -> Config:

@@ -46,7 +46,7 @@ from projections.projection import Projection
 from projections.store import RocksStore
 from streams.config import Config
 from streams.errors import ProjectionError, StoreError
-from streams.runtime import TP, ProjectionRunner, tune_collector
+from streams.runtime import TP, ProjectionRunner, rebuild_writes, tune_collector
 from streams.versions import parts_path, store_path, versions_on_disk
 
 log = logging.getLogger(__name__)
@@ -348,6 +348,7 @@ def _part_main(
             store=store,
             version=version,
             replay_below=replay_below,
+            **rebuild_writes(config),
         )
         reports.put(("progress", index, runner.stats.folded, dict(runner.store.offsets())))
         with _reporting(runner, index, reports):
@@ -406,7 +407,7 @@ def _reporting(
 
     def report() -> None:
         while not stop.wait(_REPORT_EVERY_S):
-            reports.put(("progress", index, runner.stats.folded, dict(runner.stats.positions)))
+            reports.put(("progress", index, runner.folded_so_far(), runner.pending_positions()))
 
     thread = threading.Thread(target=report, name="rebuild-progress", daemon=True)
     thread.start()

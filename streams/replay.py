@@ -32,7 +32,7 @@ from streams.rebuild import (
     discard_parts,
     stored_offsets,
 )
-from streams.runtime import TP, ProjectionRunner
+from streams.runtime import TP, ProjectionRunner, rebuild_writes
 from streams.serde import Codec
 from streams.versions import dir_size, live_version, parts_path, set_live, store_path
 
@@ -277,7 +277,7 @@ def replay(
     def sample() -> tuple[int, dict[TP, int]]:
         if runner is None:
             return parts.folded, parts.positions
-        return parts.folded + runner.stats.folded - runner_base, runner.stats.positions
+        return parts.folded + runner.folded_so_far() - runner_base, runner.pending_positions()
 
     try:
         below = live_view.offsets() if live_view else {}
@@ -319,6 +319,7 @@ def replay(
                 store=store,
                 version=version,
                 replay_below=below,
+                **rebuild_writes(config),
             )
             runner_base = runner.stats.folded
             try:
@@ -373,16 +374,16 @@ def _follow(
                 for tp, (_low, high) in source_ends(runner.config, runner.projection).items()
             }
         goal[0] = target
-        last = dict(runner.stats.positions)
+        last = runner.pending_positions()
         while not runner.run_until(target, timeout=timeout):  # `timeout` without progress
             if runner.stats.state == "failed":
                 raise ProjectionError(f"rebuild of {runner.name!r} stopped: {runner.stats.error}")
-            if runner.stats.positions == last:
+            if runner.pending_positions() == last:
                 raise ProjectionError(
                     f"v{runner.version} of {runner.name!r} did not move for {timeout:.0f} s",
                     hint="is the broker up? run the replay again: it resumes",
                 )
-            last = dict(runner.stats.positions)
+            last = runner.pending_positions()
         if live_view is None:
             return target
         offsets = live_view.offsets()

@@ -72,6 +72,7 @@ class Env:
             "REPAIR_NAME": self.name,
             "REPAIR_TOPIC": self.topic,
             "REPAIR_CODE_VERSIONS": versions,
+            "REFOLD_REBUILD_WRITE_EVERY": "2000",  # small rebuilds here: stored as they go
             "PYTHONPATH": str(ROOT),
         }
 
