@@ -23,7 +23,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
@@ -420,11 +420,27 @@ class RocksStore:
                 self._offsets.update(offsets)
         log.debug("store %s committed %d states, offsets %s", self.path, len(states), offsets)
 
+    def copy_states(self, part: RocksStore, *, chunk: int = 20_000) -> None:
+        """Copy the states and links of `part` into this store, which must hold no offsets yet:
+        the first step of `absorb`, taken early for a part that is done before the others."""
+        self._check_writable()
+        with self._lock:
+            if self._offsets:
+                raise StoreError(f"store {self.path}: holds offsets, it cannot absorb parts")
+            self._copy(part._db, b"", None, chunk)
+            self._copy(part._meta_db, _LINK, _prefix_end(_LINK), chunk, self._meta_cf)
+
     def absorb(
-        self, parts: Sequence[RocksStore], *, meta: Mapping[str, Any] = {}, chunk: int = 20_000
+        self,
+        parts: Sequence[RocksStore],
+        *,
+        meta: Mapping[str, Any] = {},
+        chunk: int = 20_000,
+        copied: Collection[Path] = (),
     ) -> None:
         """Copy the states and links of `parts` (stores of disjoint keys and partitions, built
-        side by side) into this store, which must hold no offsets yet.
+        side by side) into this store, which must hold no offsets yet; parts whose path is in
+        `copied` went through `copy_states` already.
 
         The copy goes in batches of `chunk` records; the parts' offsets and `meta` go in one last
         batch. A crash before that batch leaves this store without offsets, so the caller simply
@@ -436,12 +452,12 @@ class RocksStore:
             if not offsets.keys().isdisjoint(theirs):
                 raise StoreError(f"store {self.path}: parts overlap on {offsets.keys() & theirs}")
             offsets.update(theirs)
+        for part in parts:
+            if part.path not in copied:
+                self.copy_states(part, chunk=chunk)
         with self._lock:
             if self._offsets:
                 raise StoreError(f"store {self.path}: holds offsets, it cannot absorb parts")
-            for part in parts:
-                self._copy(part._db, b"", None, chunk)
-                self._copy(part._meta_db, _LINK, _prefix_end(_LINK), chunk, self._meta_cf)
             batch = rocksdict.WriteBatch(raw_mode=True)
             _encode_commit(self.path, {}, [], {}, meta, batch.put, batch.delete, self._meta_cf)
             for tp, offset in offsets.items():

@@ -34,7 +34,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -163,6 +163,15 @@ def build_in_parts(
         raise ProjectionError(f"{store.path} already holds offsets: it cannot take parts")
     progress = progress or PartsProgress()
     started = time.monotonic()
+    paths = [root / f"part-{i}" for i in range(len(layout))]
+    copied: list[Path] = []
+
+    def copy_states(index: int) -> None:
+        # A part done before the others is copied while they fold, on the core it freed.
+        with RocksStore.open(paths[index]) as part:
+            store.copy_states(part)
+        copied.append(paths[index])
+
     if not _run_parts(
         config,
         projection,
@@ -174,13 +183,14 @@ def build_in_parts(
         progress,
         stall_timeout,
         stop or threading.Event(),
+        copy_states,
     ):
         return False
     folded_at = time.monotonic()
-    _merge(store, [root / f"part-{i}" for i in range(len(layout))])
+    _merge(store, paths, copied)
     shutil.rmtree(root)
     log.info(
-        "%s v%d: %d parts folded in %.1f s, merged in %.1f s",
+        "%s v%d: %d parts folded in %.1f s, merged in %.1f s after the last one",
         projection.name,
         version,
         len(layout),
@@ -227,8 +237,10 @@ def _run_parts(
     progress: PartsProgress,
     stall_timeout: float,
     stop: threading.Event,
+    on_done: Callable[[int], None],
 ) -> bool:
-    """Run every part to its bounds; False if `stop` was set first (the parts are killed)."""
+    """Run every part to its bounds, calling `on_done(index)` as each but the last one ends;
+    False if `stop` was set first (the parts are killed)."""
     ctx = multiprocessing.get_context("spawn")
     reports: multiprocessing.Queue[tuple[Any, ...]] = ctx.Queue()
     children: list[BaseProcess] = []
@@ -286,6 +298,8 @@ def _run_parts(
             progress.update(index, rest[0], rest[1])
             if kind == "done":
                 done.add(index)
+                if len(done) < len(children):
+                    on_done(index)
         return True
     finally:
         for i, proc in enumerate(children):
@@ -302,11 +316,11 @@ def _next_report(reports: multiprocessing.Queue[tuple[Any, ...]]) -> tuple[Any, 
         return None
 
 
-def _merge(store: RocksStore, parts: list[Path]) -> None:
+def _merge(store: RocksStore, parts: list[Path], copied: list[Path]) -> None:
     opened = [RocksStore.open(path) for path in parts]
     try:
         totals = {name: sum(int(part.meta(name) or 0) for part in opened) for name in _COUNTERS}
-        store.absorb(opened, meta=totals)
+        store.absorb(opened, meta=totals, copied=copied)
     finally:
         for part in opened:
             part.close()

@@ -47,7 +47,7 @@ from projections.projection import Projection
 from projections.store import RocksStore, Store
 from streams.config import Config
 from streams.errors import DecodeError, ProjectionError
-from streams.serde import HEADER_LEN, MAGIC, Codec, Event
+from streams.serde import HEADER_LEN, Codec, Event
 from streams.versions import store_path
 
 log = logging.getLogger(__name__)
@@ -527,7 +527,7 @@ class ProjectionRunner:
                 else:
                     event_key = keys[index]
                 value = msg.value()
-                found = raw.get(value[2:HEADER_LEN]) if value and value[:2] == MAGIC else None
+                found = raw.get(value[:HEADER_LEN]) if value else None
                 try:
                     if event_key is None:
                         raise DecodeError("record has no key (events are keyed by aggregate id)")

@@ -200,9 +200,9 @@ class Codec:
         self.catalog = catalog
         self._on_unknown = on_unknown_fingerprint
         self._decoders: dict[bytes, Callable[[bytes], tuple[str, dict[str, Any]]]] = {}
-        #: fingerprint -> (type, generated decoder) for writers that need no resolution: the fold
-        #: loop calls these directly (they raise IndexError/ValueError/UnicodeDecodeError on bad
-        #: bytes) and falls back to `decode` for anything else.
+        #: value header (magic + fingerprint) -> (type, generated decoder) for writers that need
+        #: no resolution: the fold loop calls these directly (they raise IndexError/ValueError/
+        #: UnicodeDecodeError on bad bytes) and falls back to `decode` for anything else.
         self.raw_decoders: dict[bytes, tuple[str, Callable[[bytes], dict[str, Any]]]] = {}
         self._writers: dict[str, tuple[bytes, Any]] = {}
 
@@ -295,7 +295,7 @@ class Codec:
         schema_r = None if reader.fingerprint == writer.fingerprint else reader.schema
         fast = generate(schema_w, HEADER_LEN) if schema_r is None else None
         if fast is not None:
-            self.raw_decoders[writer.fingerprint] = (type_name, fast)
+            self.raw_decoders[MAGIC + writer.fingerprint] = (type_name, fast)
 
             def decode_fast(value: bytes) -> tuple[str, dict[str, Any]]:
                 try:

@@ -325,6 +325,12 @@ class TestRocksStore(StoreContract):
                 with pytest.raises(StoreError, match="overlap"):
                     again.absorb([a, a])
                 assert again.offsets() == {} and again.scan() == []  # nothing written
+            with RocksStore.open(tmp_path / "early") as early:
+                early.copy_states(b)  # a part done before the other: states, no offsets yet
+                assert early.offsets() == {} and early.get("b03") == 3
+                early.absorb([a, b], meta={"events_folded": 49}, copied=[b.path])
+                assert early.offsets() == {P0: 40, P1: 9} and early.link("x") == "a01"
+                assert len(early.scan(limit=100)) == 32
 
     def test_sync_commits(self, tmp_path: Path) -> None:
         with RocksStore.open(tmp_path / "s", sync=True) as store:
