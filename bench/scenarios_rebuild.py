@@ -141,7 +141,11 @@ def refold_rebuild(
         0.001,
     )
     assigned, cpu0 = time.perf_counter(), process_cpu()
-    wait_until(lambda: runner.reached(last) or runner.stats.state == "failed", 3600, 0.002)
+    # Woken by the runner's own writes: polling here would take the GIL from the fold thread.
+    deadline = time.monotonic() + 3600
+    while not runner.wait_for(last, 1.0):
+        if runner.stats.state == "failed" or time.monotonic() > deadline:
+            break
     done, cpu1 = time.perf_counter(), process_cpu()
     runner.stop()
     thread.join(60)
