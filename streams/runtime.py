@@ -436,11 +436,22 @@ class ProjectionRunner:
             self._stop.set()
         elif (
             careful
-            or (self._write_when_caught_up and len(msgs) < self._batch_size)
+            or (self._write_when_caught_up and len(msgs) < self._batch_size and self._caught_up())
             or pending.folded + pending.skipped >= self._commit_every
             or time.monotonic() - pending.since >= self._commit_interval_s
         ):
             self._write_pending()
+
+    def _caught_up(self) -> bool:
+        """No more than a batch left to read in the partitions waiting for a write, by the log
+        ends the fetcher last saw (no broker round trip). A short batch alone does not say it:
+        under CPU contention the fetcher can fall behind the fold thread in a backlog."""
+        consumer = self._consumer
+        for (topic, partition), nxt in self._pending.offsets.items():
+            tp = TopicPartition(topic, partition)
+            if consumer.get_watermark_offsets(tp, cached=True)[1] - nxt > self._batch_size:
+                return False
+        return True
 
     def _rewind(self, msgs: list[Message]) -> None:
         """Drop the batches waiting for their write and read them again from the stored offsets."""
