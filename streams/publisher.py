@@ -15,7 +15,7 @@ from streams.config import Config
 from streams.errors import PublishError
 from streams.inputs import EventInput
 from streams.registry import SchemaRegistry
-from streams.serde import CONTENT_TYPE, SPEC_VERSION, Codec, Headers, Position, now_rfc3339
+from streams.serde import SPEC_VERSION, Codec, Headers, Position, now_rfc3339
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,6 @@ class Publisher:
                 ("ce_specversion", SPEC_VERSION.encode()),
                 ("ce_type", type_name.encode()),
                 ("ce_source", self.source.encode()),
-                ("content-type", CONTENT_TYPE.encode()),
             ]
         return headers
 
