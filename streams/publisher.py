@@ -152,7 +152,7 @@ class Publisher:
         ids = (i.encode() for i in event_ids) if event_ids else self._new_ids(len(events))
         callbacks = map(partial, repeat(on_delivery), range(len(events)))
         remaining = self._send(
-            producer, topic, events, ids, callbacks, correlation_id, causation_id
+            producer, topic, events, ids, callbacks, failures, correlation_id, causation_id
         )
         _check(topic, len(events), failures, remaining)
         return placed  # type: ignore[return-value]  # every slot was filled (no failure)
@@ -183,6 +183,7 @@ class Publisher:
             events,
             self._new_ids(len(events)),
             repeat(on_failure, len(events)),
+            failures,
             correlation_id,
             causation_id,
         )
@@ -205,10 +206,12 @@ class Publisher:
         events: Sequence[EventInput],
         ids: Iterator[bytes],
         callbacks: Iterator[DeliveryCallback],
+        failures: list[tuple[bytes | None, str]],
         correlation_id: str | None,
         causation_id: str | None,
     ) -> int:
-        """Produce every event with its envelope and flush; returns how many are still unsent."""
+        """Produce every event with its envelope and flush. Returns how many were never sent or
+        are still unacknowledged; failed records are in `failures` (from the callbacks)."""
         now = now_rfc3339().encode()
         extra: Headers = []
         if correlation_id:
@@ -222,7 +225,9 @@ class Publisher:
             for t in {e.type for e in events}
         }
         produce, poll = producer.produce, producer.poll
-        for event, event_id, on_delivery in zip(events, ids, callbacks, strict=True):
+        for index, (event, event_id, on_delivery) in enumerate(
+            zip(events, ids, callbacks, strict=True)
+        ):
             headers = envelopes[event.type]
             headers[0] = ("ce_id", event_id)
             while True:
@@ -232,12 +237,9 @@ class Publisher:
                 except BufferError:
                     poll(0.05)  # local queue full: let librdkafka send (and report) some
                 except KafkaException as exc:  # refused before sending, e.g. over message.max.bytes
-                    producer.flush(120)
-                    raise PublishError(
-                        f"event with key {event.key!r} refused by the producer for {topic!r}: "
-                        f"{exc.args[0].str()}",
-                        hint="the events before it in this call went to Kafka, none after it",
-                    ) from exc
+                    reason = f"refused by the producer: {exc.args[0].str()}"
+                    failures.append((event.key.encode(), reason))
+                    return producer.flush(120) + len(events) - index - 1  # the rest: not sent
         return producer.flush(120)
 
     def _new_ids(self, count: int) -> Iterator[bytes]:
