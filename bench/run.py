@@ -84,7 +84,7 @@ def seed_topic(bench: Bench, data: BankData) -> str:
     """The bank topic without measuring (when the publish scenario is not selected)."""
     topic = bench.topic("bank")
     with Publisher(bench.config("seed"), bench.codec) as publisher:
-        publisher.publish_encoded(topic, data.events)
+        publisher.publish_bulk(topic, data.events)
     return topic
 
 

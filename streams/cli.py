@@ -160,15 +160,13 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
     if args.create:
         Topics(config).ensure([*INTERNAL_TOPICS, event_topic(args.topic)])
     with Publisher(config, codec) as publisher:
-        positions = publisher.publish_encoded(args.topic, events)
-    per_partition: dict[int, list[int]] = {}
-    for pos in positions:
-        per_partition.setdefault(pos.partition, []).append(pos.offset)
-    where = ", ".join(
-        f"{p}:{min(o)}-{max(o)}" if len(o) > 1 else f"{p}:{o[0]}"
-        for p, o in sorted(per_partition.items())
-    )
-    print(f"published {len(positions)} event(s) to {args.topic} (partition:offsets {where})")
+        if args.file:  # no position per event: a file may hold millions
+            summary = publisher.publish_bulk(args.topic, events)
+            where = f"read-your-writes: min_offset={summary.min_offset}"
+        else:
+            [position] = publisher.publish_encoded(args.topic, events)
+            where = f"partition:offset {position.partition}:{position.offset}"
+    print(f"published {len(events)} event(s) to {args.topic} ({where})")
     return 0
 
 

@@ -7,8 +7,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from streams.config import Config
 from streams.errors import TopicError
@@ -42,6 +42,8 @@ def dead_letter_topic(name: str) -> TopicSpec:
 
 INTERNAL_TOPICS = (compacted_topic(SCHEMAS_TOPIC),)
 
+_LEADER_MOVING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
+
 
 class Topics:
     """Admin operations with a metadata cache; errors name the topic and the cause."""
@@ -69,6 +71,25 @@ class Topics:
             )
         self._known[topic] = len(tmd.partitions)
         return self._known[topic]
+
+    def end_offsets(self, topic: str, *, timeout: float = 10.0) -> dict[int, int]:
+        """Each partition's log end offset (high watermark) now: the offset the next record gets."""
+        wanted = {
+            TopicPartition(topic, p): OffsetSpec.latest() for p in range(self.partitions(topic))
+        }
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                futures = self._admin.list_offsets(wanted, request_timeout=timeout)
+                return {tp.partition: future.result().offset for tp, future in futures.items()}
+            except KafkaException as exc:
+                # A partition whose leader is still being elected (a new topic) says so: ask again.
+                if exc.args[0].code() not in _LEADER_MOVING or time.monotonic() > deadline:
+                    raise TopicError(
+                        f"cannot read the end offsets of topic {topic!r}: {exc}",
+                        hint="is the broker running? `refold broker status`",
+                    ) from exc
+                time.sleep(0.1)
 
     def exists(self, topic: str) -> bool:
         try:

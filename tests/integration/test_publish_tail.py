@@ -65,6 +65,7 @@ def test_thousand_events_from_jsonl_come_back_in_order_per_key(config, unique, t
     done = refold(config, "publish", topic, "--file", str(path), "--create")
     assert done.returncode == 0, done.stderr
     assert "published 1000 event(s)" in done.stdout
+    printed = done.stdout.split("min_offset=")[1].strip().rstrip(")")
 
     done = refold(config, "tail", topic, "--from-beginning")
     assert done.returncode == 0, done.stderr
@@ -84,6 +85,11 @@ def test_thousand_events_from_jsonl_come_back_in_order_per_key(config, unique, t
     for line in lines:
         parts[line["key"]].add(line["partition"])
     assert all(len(p) == 1 for p in parts.values())
+    # The printed read-your-writes bound is each partition's last offset.
+    last: dict[int, int] = {}
+    for line in lines:
+        last[line["partition"]] = max(line["offset"], last.get(line["partition"], -1))
+    assert printed == ",".join(f"{p}:{o}" for p, o in sorted(last.items()))
 
 
 def test_file_with_one_bad_line_publishes_nothing(config, unique, tmp_path):
@@ -130,6 +136,7 @@ def test_single_publish_and_bad_single_inputs(config, unique):
         data,
     )
     assert done.returncode == 0, done.stderr
+    assert f"published 1 event(s) to {topic} (partition:offset " in done.stdout
 
     for args, reason in [
         (["--type", "bank.Nope", "--key", "k", "--data", "{}"], "unknown event type"),
