@@ -34,7 +34,7 @@ from bench.common import (
     ratio,
 )
 from streams.inputs import EventInput
-from streams.publisher import PRODUCER_DEFAULTS, Publisher
+from streams.publisher import DEFAULT_MXFAST, PRODUCER_DEFAULTS, Publisher, tune_allocator
 from streams.serde import envelope_headers
 
 log = logging.getLogger(__name__)
@@ -177,19 +177,31 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
             broker_cpu[label].append((after - before) * 1_000_000 / len(events))
         log.info("publish %-60s %10.0f events/s (%.2f s)", label, len(events) / wall, wall)
 
-    for rep in range(params.repeats):
-        for label, variant in variants.items():
-            topic = bench.topic("publish")
-            broker_before[0] = pid_cpu(bench.broker_pid)
-            variant(topic)
-            written = sum(end_offsets(bench.config("check"), topic).values())
-            if written != len(events):
-                result.verified = False
-                result.notes.append(
-                    f"{label} run {rep + 1}: topic holds {written} records, expected {len(events)}"
-                )
-            if label == REFOLD_BULK and not first_topic:
-                first_topic.append(topic)
+    # Every variant runs under the allocator setting `refold publish` makes (glibc without
+    # fastbins, see tune_allocator), restored afterwards for the other scenarios.
+    tuned = tune_allocator()
+    if tuned:
+        result.notes.append(
+            "every variant ran as `refold publish` runs: glibc fastbins off (tune_allocator)"
+        )
+    try:
+        for rep in range(params.repeats):
+            for label, variant in variants.items():
+                topic = bench.topic("publish")
+                broker_before[0] = pid_cpu(bench.broker_pid)
+                variant(topic)
+                written = sum(end_offsets(bench.config("check"), topic).values())
+                if written != len(events):
+                    result.verified = False
+                    result.notes.append(
+                        f"{label} run {rep + 1}: topic holds {written} records, "
+                        f"expected {len(events)}"
+                    )
+                if label == REFOLD_BULK and not first_topic:
+                    first_topic.append(topic)
+    finally:
+        if tuned:
+            tune_allocator(DEFAULT_MXFAST)
     result.topic = first_topic[0]
     result.costs_us = python_costs(bench, data)
     result.broker_cpu_per_million = {

@@ -123,10 +123,11 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_publish(args: argparse.Namespace, config: Config) -> int:
     from streams.inputs import event_from_json, events_from_lines
-    from streams.publisher import Publisher
+    from streams.publisher import Publisher, tune_allocator
     from streams.registry import codec_for
     from streams.topics import INTERNAL_TOPICS, Topics, event_topic
 
+    tune_allocator()  # this process only publishes: no fastbins (see its docstring)
     codec = codec_for(config)
     if args.file:
         if args.type or args.key or args.data:

@@ -9,6 +9,7 @@ publishes need. `publish_bulk` is for files and backfills: its producer reports 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket
 import threading
@@ -47,6 +48,27 @@ PRODUCER_DEFAULTS: dict[str, object] = {
 BULK_PRODUCER_CONF: dict[str, object] = {"delivery.report.only.error": True}
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+#: glibc's mallopt parameter for the largest fastbin chunk, and its default on 64-bit.
+M_MXFAST = 1
+DEFAULT_MXFAST = 128
+
+
+def tune_allocator(max_fast: int = 0) -> bool:
+    """Set glibc's fastbin limit for this process (0: no fastbins); False where there is none.
+
+    librdkafka frees each record's header chunks on its broker thread; glibc parks such small
+    frees in fastbins, and the next large allocation consolidates them all at once (0.43 s after
+    a 1M-event publish_bulk). Without fastbins they are coalesced as they are freed. Measured
+    with 1M events in one process: publish_bulk 212k -> 265k events/s, publish_encoded 149k ->
+    171k, a bare producer 381k -> 426k. A process-wide setting: `refold publish` makes it, the
+    library never does on its own; `tune_allocator(DEFAULT_MXFAST)` restores glibc's default.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS has no mallopt)
+        return False
+    return bool(mallopt(M_MXFAST, max_fast))
 
 
 @dataclass(frozen=True, slots=True)
