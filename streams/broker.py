@@ -426,8 +426,12 @@ def _prepare(java: str, jars: Path, info: BrokerInfo, nodes: list[NodeInfo]) -> 
 
 def _launch(java: str, jars: Path, node: NodeInfo, heap_mb: int) -> NodeInfo:
     """Start the node's JVM detached from us; return the node with its pid."""
+    # The JVM's temp dir (where lz4-java unpacks its native library on every start, and never
+    # removes it) lives with the node's data, not in the machine's /tmp.
+    (node.dir / "tmp").mkdir(parents=True, exist_ok=True)
     cmd = [java, f"-Xmx{heap_mb}m", f"-Xms{heap_mb}m", "-XX:+ExitOnOutOfMemoryError",
            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={node.dir}/log4j2.properties",
+           f"-Djava.io.tmpdir={node.dir}/tmp",
            "-cp", f"{jars}/*", "kafka.Kafka", str(node.properties)]  # fmt: skip
     # `sh` starts the JVM in the background and exits, so the broker is re-parented to init:
     # it outlives the CLI that started it and never lingers as our zombie once it exits.
