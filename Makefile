@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # The Kafka broker jars, fetched through Maven into ~/.cache/refold (outside the repo).
 jars: $(STAMP)
-	$(BIN)/python -c "from streams.broker import ensure_jars; print('kafka jars:', ensure_jars())"
+	$(BIN)/python -c "from refold.cli.broker import ensure_jars; print('kafka jars:', ensure_jars())"
 
 # The whole suite against a real broker that the test session starts (or REFOLD_BOOTSTRAP_SERVERS).
 test: jars

@@ -26,10 +26,11 @@ import time
 import uuid
 from pathlib import Path
 
-from streams.command_client import CommandClient, ResultsIndex
-from streams.commands import Decider, ensure_command_topics
-from streams.config import Config
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.core.commands import Decider
+from refold.core.config import Config
+from refold.kafka.command_client import CommandClient, ResultsIndex
+from refold.kafka.command_topics import ensure_command_topics
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def start_worker(
         "VAULT_TOPIC": decider.events_topic,
         "PYTHONPATH": str(ROOT),
     }
-    args = [sys.executable, "-m", "streams.cli", "worker", "--only", decider.name]
+    args = [sys.executable, "-m", "refold.cli.main", "worker", "--only", decider.name]
     if port:
         args += ["--http", f"127.0.0.1:{port}"]
     return subprocess.Popen(
@@ -180,14 +181,14 @@ def main() -> None:
     broker_config = None
     bootstrap = os.environ.get("REFOLD_BOOTSTRAP_SERVERS")
     if not bootstrap:
-        from streams import broker
+        from refold.cli import broker
 
         broker_config = Config(data_dir=work / "broker-data")
         bootstrap = broker.start(broker_config, port=broker.free_port()).bootstrap_servers
     config = Config(data_dir=work / "client", bootstrap_override=bootstrap)
     try:
         name = f"bench-cmd-{uuid.uuid4().hex[:8]}"
-        from streams.bank.accounts import Accounts
+        from refold.examples.bank.accounts import Accounts
 
         decider = type("BenchVault", (Accounts,), {"name": name, "events_topic": name})()
         topics = Topics(config)
@@ -228,7 +229,7 @@ def main() -> None:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     finally:
         if broker_config is not None:
-            from streams import broker
+            from refold.cli import broker
 
             broker.stop(broker_config)
 

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
-
-from projections.bank import Balances
-from projections.projection import Projection
-from streams.config import Config
-from streams.inputs import EventInput
-from streams.runtime import FOLD_CONSUMER_CONF
-from streams.serde import Codec
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.core.config import Config
+from refold.core.inputs import EventInput
+from refold.core.projection import Projection
+from refold.core.serde import Codec
+from refold.engine.runtime import FOLD_CONSUMER_CONF
+from refold.examples.bank.projections import Balances
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ WITHDRAWAL = "bank.MoneyWithdrawn"
 MEMOS = ("salary", "rent", "groceries", "atm", "transfer", "")
 PARTITIONS = 6  # refold's default for event topics
 
-#: The settings `streams.runtime.ProjectionRunner` reads with, so the bare baselines read
+#: The settings `refold.engine.runtime.ProjectionRunner` reads with, so the bare baselines read
 #: exactly as the runtime does.
 RUNTIME_CONSUMER_CONF: dict[str, object] = dict(FOLD_CONSUMER_CONF)
 RUNTIME_BATCH = 5000  # ProjectionRunner's default batch_size

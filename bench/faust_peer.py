@@ -25,11 +25,10 @@ from typing import Any
 STARTED = time.time()
 
 import faust  # noqa: E402 - the clock starts before Faust's own (slow) import
-
-from projections.bank import Balances  # noqa: E402
-from streams.catalog import Catalog  # noqa: E402
-from streams.config import Config  # noqa: E402
-from streams.serde import Codec, Event  # noqa: E402
+from refold.core.catalog import Catalog  # noqa: E402
+from refold.core.config import Config  # noqa: E402
+from refold.core.serde import Codec, Event  # noqa: E402
+from refold.examples.bank.projections import Balances  # noqa: E402
 
 APP_SETTINGS: dict[str, Any] = {
     "store": "rocksdb://",  # faust-streaming has no rocksdict:// scheme; the table picks the driver

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from projections.bank import Balances
+from refold.examples.bank.projections import Balances
 
 
 class MemoryBalances(Balances):

@@ -22,6 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from refold.cli import broker
+from refold.core.config import Config
+from refold.engine.runtime import tune_collector
+from refold.kafka.publisher import Publisher
+from refold.kafka.registry import codec_for
+
 from bench import (
     report,
     scenarios_faust,
@@ -32,11 +38,6 @@ from bench import (
     scenarios_rebuild,
 )
 from bench.common import PARTITIONS, BankData, Bench, Params, end_offsets, generate
-from streams import broker
-from streams.config import Config
-from streams.publisher import Publisher
-from streams.registry import codec_for
-from streams.runtime import tune_collector
 
 log = logging.getLogger("bench")
 
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
     )
-    logging.getLogger("streams").setLevel(logging.WARNING)
-    logging.getLogger("projections").setLevel(logging.WARNING)
+    logging.getLogger("refold").setLevel(logging.WARNING)
     params = Params.build(
         quick=args.quick, events=args.events, accounts=args.accounts, repeats=args.repeats
     )

@@ -36,6 +36,9 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from refold.core.serde import envelope_headers
+from refold.engine.worker import Worker
+from refold.kafka.publisher import PRODUCER_DEFAULTS
 
 from bench.common import (
     PARTITIONS,
@@ -50,9 +53,6 @@ from bench.common import (
     wait_until,
     where,
 )
-from streams.publisher import PRODUCER_DEFAULTS
-from streams.serde import envelope_headers
-from streams.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def refold_freshness(bench: Bench, data: BankData, params: Params, result: Fresh
         wait_until(lambda: len(runner.stats.assigned) == PARTITIONS, 60)
         sampler: HttpSampler | None = None
         try:
-            from projections.server import QueryServer
+            from refold.http.server import QueryServer
         except ImportError:
             result.notes.append("projections/server.py absent: HTTP freshness not measured")
         else:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
+from refold.cli.broker import free_port
+from refold.kafka.publisher import PRODUCER_DEFAULTS
+from refold.store.versions import dir_size, store_path
 
 from bench.common import Bench, Params
-from streams.broker import free_port
-from streams.publisher import PRODUCER_DEFAULTS
-from streams.versions import dir_size, store_path
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ class _Worker:
     def start(self) -> float:
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--only", self.name,
+            [sys.executable, "-m", "refold.cli.main", "worker", "--only", self.name,
              "--http", f"127.0.0.1:{self.port}"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip

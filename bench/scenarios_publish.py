@@ -1,7 +1,7 @@
 """Scenario 1, publish: refold's Publisher against a bare confluent-kafka producer.
 
 Every variant sends the same N pre-built bank events with the same producer settings
-(`streams.publisher.PRODUCER_DEFAULTS`: idempotent, acks=all, lz4, linger 5 ms) to a fresh
+(`refold.kafka.publisher.PRODUCER_DEFAULTS`: idempotent, acks=all, lz4, linger 5 ms) to a fresh
 topic, and waits until every record is acknowledged. Variants run interleaved (A B C D E A B ...)
 so that background noise spreads evenly over them.
 
@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
+from refold.core.inputs import EventInput
+from refold.core.serde import envelope_headers
+from refold.kafka.publisher import DEFAULT_MXFAST, PRODUCER_DEFAULTS, Publisher, tune_allocator
 
 from bench.common import (
     BankData,
@@ -33,9 +36,6 @@ from bench.common import (
     process_cpu,
     ratio,
 )
-from streams.inputs import EventInput
-from streams.publisher import DEFAULT_MXFAST, PRODUCER_DEFAULTS, Publisher, tune_allocator
-from streams.serde import envelope_headers
 
 log = logging.getLogger(__name__)
 

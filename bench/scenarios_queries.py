@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refold.engine.worker import Worker
+
 from bench.common import BankData, Bench, Params, balances_on, wait_until
 from bench.loadgen import percentiles
-from streams.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def run(
     bench: Bench, topic: str, ends: dict[int, int], data: BankData, params: Params
 ) -> QueryResult:
     try:
-        from projections.server import QueryServer
+        from refold.http.server import QueryServer
     except ImportError:
         return QueryResult("skipped", "projections/server.py (QueryServer) does not exist yet")
     name = bench.name("balances")

@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from refold.engine.rebuild import default_procs
+from refold.engine.replay import replay
+from refold.engine.runtime import ProjectionRunner, store_path
+from refold.engine.tail import event_from_message
+from refold.examples.bank.projections import Balances
+from refold.kafka.registry import codec_for
+from refold.store.rocksdb import RocksStore
 
 from bench.common import (
     RUNTIME_BATCH,
@@ -33,13 +40,6 @@ from bench.common import (
     wait_until,
     where,
 )
-from projections.bank import Balances
-from projections.store import RocksStore
-from streams.reader import event_from_message
-from streams.rebuild import default_procs
-from streams.registry import codec_for
-from streams.replay import replay
-from streams.runtime import ProjectionRunner, store_path
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,7 @@ from typing import Any
 
 import orjson
 import rocksdict
-
-from projections.store import RocksStore
+from refold.store.rocksdb import RocksStore
 
 
 def timed(label: str, batches: Sequence[Any], step: Callable[[Any], object]) -> None:

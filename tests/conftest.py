@@ -1,7 +1,7 @@
 """Shared fixtures: one real Kafka broker per test session, unique names, a Config per test.
 
 The broker comes from REFOLD_BOOTSTRAP_SERVERS when set, else from testcontainers when a Docker
-engine answers, else from the local launcher (`streams.broker`) in a temp dir on a free port.
+engine answers, else from the local launcher (`refold.cli.broker`) in a temp dir on a free port.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from streams.config import Config
+from refold.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,8 @@ def _docker_answers() -> bool:
 @contextmanager
 def _container_broker() -> Iterator[str]:
     """apache/kafka in Docker, single KRaft node, same settings as deploy/docker-compose.yml."""
+    from refold.cli import broker
     from testcontainers.core.container import DockerContainer
-
-    from streams import broker
 
     port = broker.free_port()  # same port inside and out, so the advertised address just works
     container = DockerContainer(f"apache/kafka:{broker.kafka_version()}").with_bind_ports(
@@ -90,7 +88,7 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with _container_broker() as address:
             yield address
         return
-    from streams import broker
+    from refold.cli import broker
 
     data_dir = tmp_path_factory.mktemp("session-broker")
     config = Config(data_dir=data_dir)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from streams.config import Config
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.core.config import Config
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
 
 
 @pytest.fixture

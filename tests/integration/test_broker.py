@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-
-from streams import broker
-from streams.config import Config
-from streams.errors import BrokerError
+from refold.cli import broker
+from refold.core.config import Config
+from refold.core.errors import BrokerError
 
 HEAP_MB = 384
 

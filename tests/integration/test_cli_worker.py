@@ -18,7 +18,7 @@ from tests.integration.test_projections import (
 
 def run(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "refold.cli.main", *args],
         env=worker.env,
         capture_output=True,
         text=True,

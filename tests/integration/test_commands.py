@@ -26,17 +26,17 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-
-from projections.projection import Projection
-from streams.bank.accounts import Accounts
-from streams.command_client import CommandClient
-from streams.commands import Decider, ensure_command_topics
-from streams.config import Config
-from streams.reader import tail
-from streams.registry import codec_for
-from streams.runtime import ProjectionRunner
-from streams.serde import Event, envelope_headers
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.core.commands import Decider
+from refold.core.config import Config
+from refold.core.projection import Projection
+from refold.core.serde import Event, envelope_headers
+from refold.engine.runtime import ProjectionRunner
+from refold.engine.tail import tail
+from refold.examples.bank.accounts import Accounts
+from refold.kafka.command_client import CommandClient
+from refold.kafka.command_topics import ensure_command_topics
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
@@ -81,7 +81,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "streams.cli", "worker", "--only", self.name]
+        args = [sys.executable, "-m", "refold.cli.main", "worker", "--only", self.name]
         if self.port:
             args += ["--http", f"127.0.0.1:{self.port}"]
         self.proc = subprocess.Popen(
@@ -305,7 +305,7 @@ def test_http_versions_idempotency_and_bad_input(config, vault, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "streams.cli",
+                "refold.cli.main",
                 "command",
                 vault.name,
                 "--type",
@@ -327,7 +327,7 @@ def test_http_versions_idempotency_and_bad_input(config, vault, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "streams.cli",
+                "refold.cli.main",
                 "command",
                 vault.name,
                 "--type",

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-
-from projections.projection import Projection
-from projections.server import QueryServer
-from streams.config import Config
-from streams.publisher import Publisher
-from streams.serde import Event, Position
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
-from streams.worker import Worker
+from refold.core.config import Config
+from refold.core.projection import Projection
+from refold.core.serde import Event, Position
+from refold.engine.worker import Worker
+from refold.http.server import QueryServer
+from refold.kafka.publisher import Publisher
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
 
 DEPOSITED = "bank.MoneyDeposited"
 WAIT = "15000"  # ms a read may wait for the fold; generous for slow CI machines

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from refold.core.config import Config
+from refold.http.replica import READ_LAG_S
 
-from projections.reader import READ_LAG_S
-from streams.config import Config
 from tests.integration.test_http import (  # noqa: F401  (serve: a fixture used here)
     WAIT,
     Served,
@@ -33,7 +33,7 @@ from tests.integration.test_http import (  # noqa: F401  (serve: a fixture used 
 )
 from tests.integration.test_projections import WorkerProcess, end_offsets
 
-CLI = [sys.executable, "-m", "streams.cli"]
+CLI = [sys.executable, "-m", "refold.cli.main"]
 
 
 @pytest.fixture

@@ -17,16 +17,15 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-
-from projections.bank import Balances
-from projections.store import RocksStore
-from streams.config import Config
-from streams.errors import StoreError
-from streams.publisher import PRODUCER_DEFAULTS, Publisher
-from streams.reader import dead_letters
-from streams.registry import codec_for
-from streams.runtime import ProjectionRunner, dead_letter_topic_name, group_id, store_path
-from streams.topics import Topics, dead_letter_topic
+from refold.core.config import Config
+from refold.core.errors import StoreError
+from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name, group_id, store_path
+from refold.engine.tail import dead_letters
+from refold.examples.bank.projections import Balances
+from refold.kafka.publisher import PRODUCER_DEFAULTS, Publisher
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import Topics, dead_letter_topic
+from refold.store.rocksdb import RocksStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +76,7 @@ class WorkerProcess:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--only", self.name],
+            [sys.executable, "-m", "refold.cli.main", "worker", "--only", self.name],
             env=self.env,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
@@ -353,7 +352,7 @@ def test_poison_among_batches_waiting_for_one_write_rewinds_and_dead_letters_onc
     raises on any event folded twice, so a double apply would show as a wrong dead letter."""
     from tests.integration.apps.ledger import Ledger
 
-    caplog.set_level(logging.INFO, logger="streams.runtime")
+    caplog.set_level(logging.INFO, logger="refold.engine.runtime")
     events = events_for(3000, accounts=30, seed=7)
     for i in (700, 1500, 2600):
         events[i] = (events[i][0], events[i][1], {**events[i][2], "memo": "boom"})

@@ -13,14 +13,14 @@ import time
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
+from refold.core.config import Config
+from refold.core.errors import PublishError
+from refold.core.inputs import EventInput
+from refold.core.serde import Codec
+from refold.kafka.publisher import Publisher
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
 
-from streams.config import Config
-from streams.errors import PublishError
-from streams.inputs import EventInput
-from streams.publisher import Publisher
-from streams.registry import codec_for
-from streams.serde import Codec
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
 from tests.integration.test_publish_tail import java_murmur2_partition, make_events
 
 #: Exactly the CloudEvents attributes DESIGN.md requires (plus correlation when set).

@@ -11,12 +11,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from confluent_kafka import Producer
-
-from streams.config import Config
-from streams.publisher import Publisher
-from streams.reader import BadRecord, tail
-from streams.registry import codec_for
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.core.config import Config
+from refold.engine.tail import BadRecord, tail
+from refold.kafka.publisher import Publisher
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
 
 
 def refold(config: Config, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -27,7 +26,7 @@ def refold(config: Config, *args: str, stdin: str | None = None) -> subprocess.C
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "refold.cli.main", *args],
         env=env,
         input=stdin,
         capture_output=True,

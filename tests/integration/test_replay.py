@@ -18,16 +18,17 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from projections.store import RocksStore
-from streams import broker
-from streams.broker import free_port
-from streams.config import Config
-from streams.errors import StoreError
-from streams.publisher import Publisher
-from streams.rebuild import PARALLEL_MIN_EVENTS, stored_offsets
-from streams.registry import codec_for
-from streams.topics import INTERNAL_TOPICS, Topics, event_topic
-from streams.versions import live_version, parts_path, store_path
+from refold.cli import broker
+from refold.cli.broker import free_port
+from refold.core.config import Config
+from refold.core.errors import StoreError
+from refold.engine.rebuild import PARALLEL_MIN_EVENTS, stored_offsets
+from refold.kafka.publisher import Publisher
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.store.rocksdb import RocksStore
+from refold.store.versions import live_version, parts_path, store_path
+
 from tests.integration.test_broker import exited
 from tests.integration.test_projections import end_offsets
 
@@ -80,7 +81,7 @@ class Env:
         self, versions: str, *args: str, timeout: float = 180
     ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "streams.cli", *args],
+            [sys.executable, "-m", "refold.cli.main", *args],
             env=self.env(versions),
             capture_output=True,
             text=True,
@@ -93,7 +94,7 @@ class Env:
             [
                 sys.executable,
                 "-m",
-                "streams.cli",
+                "refold.cli.main",
                 "worker",
                 "--only",
                 f"{self.name},{self.name}-fx",
@@ -259,7 +260,7 @@ def test_cli_rebuild_resumes_after_kill_9_and_dry_run_writes_nothing(
     assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == before
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "replay", env.name, "--quiet"],
+        [sys.executable, "-m", "refold.cli.main", "replay", env.name, "--quiet"],
         env=env.env("1,2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -351,7 +352,16 @@ def test_rebuild_split_over_processes_survives_kill_9_and_equals_the_oracle(
         env.wait_folded(1, end_offsets(config, ledger_topic))
 
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "replay", env.name, "--procs", "2", "--quiet"],
+            [
+                sys.executable,
+                "-m",
+                "refold.cli.main",
+                "replay",
+                env.name,
+                "--procs",
+                "2",
+                "--quiet",
+            ],
             env=env.env("1,2"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -412,7 +422,7 @@ def test_a_rebuild_whose_broker_dies_gives_up_with_a_reason(tmp_path, unique):
         publish(config, topic, story(150_000, seed=51))
         env = Env(config, unique("repair"), topic, tmp_path / "data")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "replay", env.name, "--procs", "2", "--quiet",
+            [sys.executable, "-m", "refold.cli.main", "replay", env.name, "--procs", "2", "--quiet",
              "--stall-timeout", "5"],
             env=env.env("1"),
             stdout=subprocess.PIPE,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from streams.bank.accounts import Accounts
-from streams.commands import Command, Decider, Rejected, load_deciders, parse_command
-from streams.errors import InputError
-from streams.serde import Event
+from refold.core.app import load_deciders
+from refold.core.commands import Command, Decider, Rejected, parse_command
+from refold.core.errors import InputError
+from refold.core.serde import Event
+from refold.examples.bank.accounts import Accounts
 
 ACCOUNTS = Accounts()
 
@@ -130,15 +130,16 @@ def test_parse_command_fills_in_an_id_and_keeps_the_version():
     assert again == command
 
 
-def test_bundled_deciders_and_topics():
-    deciders = load_deciders()
+def test_the_bank_app_brings_its_decider_and_nothing_is_bundled():
+    assert load_deciders() == {}
+    deciders = load_deciders(["refold.examples.bank"])
     assert isinstance(deciders["accounts"], Accounts)
     assert ACCOUNTS.command_topic == "bank.accounts.commands"
     assert ACCOUNTS.results_topic == "bank.accounts.commands.results"
 
 
 def test_projections_tolerate_account_closed():
-    from projections.bank import Balances, Owners, Passbook
+    from refold.examples.bank.projections import Balances, Owners, Passbook
 
     closed = Event("bank.AccountClosed", "acc-1", {"account_id": "acc-1"}, "bank.accounts", 0, 9)
     for projection in (Balances(), Passbook()):

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import fastavro
 import pytest
-
-from streams.catalog import Catalog
-from streams.errors import DecodeError, EncodeError, InputError, SchemaError
-from streams.inputs import event_from_json, events_from_lines
-from streams.serde import MAGIC, Codec
+from refold.core.catalog import Catalog
+from refold.core.errors import DecodeError, EncodeError, InputError, SchemaError
+from refold.core.inputs import event_from_json, events_from_lines
+from refold.core.serde import MAGIC, Codec
 
 REPO_SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from streams.config import Config
-from streams.errors import ConfigError
+from refold.core.config import Config
+from refold.core.errors import ConfigError
 
 
 def test_defaults_and_overrides_from_the_environment() -> None:

@@ -7,8 +7,7 @@ import random
 
 import fastavro
 import pytest
-
-from streams.fastdecode import generate
+from refold.core.fastdecode import generate
 
 SCHEMA = fastavro.parse_schema(
     {

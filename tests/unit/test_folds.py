@@ -7,11 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from projections import Event, Projection
-from projections.bank import Balances, Owners, Passbook
-from projections.loader import load_projections
-from streams.errors import ProjectionError
+from refold import Event, Projection
+from refold.core.app import load_projections
+from refold.core.errors import ProjectionError
+from refold.examples.bank.projections import Balances, Owners, Passbook
 
 
 def ev(offset: int, type_: str, key: str, **data) -> Event:
@@ -106,23 +105,23 @@ def write_module(tmp_path: Path, name: str, body: str, monkeypatch) -> str:
     "body, reason",
     [
         (
-            "from projections import Projection\nclass P(Projection):\n    topics = ('t',)\n",
+            "from refold import Projection\nclass P(Projection):\n    topics = ('t',)\n",
             "has no name",
         ),
-        ("from projections import Projection\nclass P(Projection):\n    name = 'p'\n", "topics"),
+        ("from refold import Projection\nclass P(Projection):\n    name = 'p'\n", "topics"),
         (
-            "from projections import Projection\nclass P(Projection):\n    name = 'p'\n"
+            "from refold import Projection\nclass P(Projection):\n    name = 'p'\n"
             "    topics = 't'\n",
             "topics",
         ),
         (
-            "from projections import Projection\nclass P(Projection):\n    name = 'balances'\n"
+            "from refold import Projection\nclass P(Projection):\n    name = 'balances'\n"
             "    topics = ('t',)\n",
             "duplicate projection name 'balances'",
         ),
-        ("raise RuntimeError('kaboom')\n", "cannot import projection module"),
+        ("raise RuntimeError('kaboom')\n", "cannot import app module"),
         (
-            "from projections import Projection\nclass P(Projection):\n    name = 'p'\n"
+            "from refold import Projection\nclass P(Projection):\n    name = 'p'\n"
             "    topics = ('t',)\n    version = 0\n",
             "version",
         ),
@@ -131,7 +130,7 @@ def write_module(tmp_path: Path, name: str, body: str, monkeypatch) -> str:
 def test_malformed_projections_are_startup_errors(tmp_path, monkeypatch, body, reason) -> None:
     module = write_module(tmp_path, f"userapp_{abs(hash(body))}", body, monkeypatch)
     with pytest.raises(ProjectionError, match=reason):
-        load_projections([module])
+        load_projections(["refold.examples.bank", module])
 
 
 def test_missing_module_is_a_startup_error() -> None:
@@ -139,13 +138,15 @@ def test_missing_module_is_a_startup_error() -> None:
         load_projections(["no_such_module"])
 
 
-def test_user_projections_load_beside_the_bundled_ones(tmp_path, monkeypatch) -> None:
+def test_a_user_app_loads_alone_or_beside_the_bank_example(tmp_path, monkeypatch) -> None:
     module = write_module(
         tmp_path,
         "userapp_ok",
-        "from projections import Projection\nclass Mine(Projection):\n    name = 'mine'\n"
+        "from refold import Projection\nclass Mine(Projection):\n    name = 'mine'\n"
         "    topics = ('x',)\n",
         monkeypatch,
     )
-    names = sorted(p.name for p in load_projections([module]))
+    assert [p.name for p in load_projections([module])] == ["mine"]
+    names = sorted(p.name for p in load_projections([module, "refold.examples.bank"]))
     assert names == ["balances", "mine", "owners", "passbook"]
+    assert load_projections() == []

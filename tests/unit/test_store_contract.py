@@ -1,4 +1,4 @@
-"""The store contract: every Store implementation must pass `StoreContract`.
+"""The store contract (`refold.store.contract.StoreContract`) run against both stores.
 
 `TestRocksStore` adds what only a real database has: persistence, locking, corruption,
 a reader in another process, and consistency after kill -9.
@@ -13,20 +13,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from projections.memory_store import MemoryStore
-from projections.store import RocksStore, Store
-from streams.errors import StoreError
+from refold.core.errors import StoreError
+from refold.store.contract import P0, P1, StoreContract
+from refold.store.memory import MemoryStore
+from refold.store.rocksdb import RocksStore, Store
 
 REPO = Path(__file__).resolve().parents[2]
-P0 = ("bank.accounts", 0)
-P1 = ("bank.accounts", 1)
 
 
 def spawn(code: str, *args: str) -> subprocess.Popen[str]:
@@ -51,200 +47,6 @@ def read_line(proc: subprocess.Popen[str]) -> str:
     return line.strip()
 
 
-class StoreContract:
-    """Behaviour every Store must have. Subclasses implement `make_store`."""
-
-    def make_store(self, tmp_path: Path) -> Store:
-        raise NotImplementedError
-
-    @pytest.fixture
-    def store(self, tmp_path: Path) -> Iterator[Store]:
-        store = self.make_store(tmp_path)
-        yield store
-        store.close()
-
-    def test_implements_the_port(self, store: Store) -> None:
-        assert isinstance(store, Store)
-
-    def test_missing_keys(self, store: Store) -> None:
-        assert store.get("nope") is None
-        assert store.get_many(["a", "b"]) == {}
-        assert store.get_many([]) == {}
-        assert store.offsets() == {}
-        assert store.link("nope") is None
-        assert store.meta("nope") is None
-        assert store.scan() == []
-
-    def test_commit_then_get(self, store: Store) -> None:
-        state = {"balance_cents": 1250, "events": 3, "tags": ["a", "é"], "ok": True, "x": None}
-        store.commit({"acc-1": state, "acc-ü": 7, "acc-3": [1.5, "s"]}, {P0: 4})
-        assert store.get("acc-1") == state
-        assert store.get("acc-ü") == 7
-        assert store.get("acc-3") == [1.5, "s"]
-        assert store.offsets() == {P0: 4}
-
-    def test_returned_states_are_copies(self, store: Store) -> None:
-        store.commit({"a": {"n": 1}}, {})
-        got = store.get("a")
-        assert got is not None
-        got["n"] = 99
-        store.get_many(["a"])["a"]["n"] = 98
-        assert store.get("a") == {"n": 1}
-
-    def test_get_many_returns_only_present_keys(self, store: Store) -> None:
-        store.commit({f"k{i}": i for i in range(10)}, {P0: 1})
-        wanted = (k for k in ["k1", "k9", "zz", "k1", "k0"])  # any iterable, duplicates
-        assert store.get_many(wanted) == {"k1": 1, "k9": 9, "k0": 0}
-
-    def test_failed_encoding_writes_nothing(self, store: Store) -> None:
-        store.commit({"a": 1}, {P0: 1})
-        bad = [
-            dict(states={"a": 2, "b": object(), "c": 3}),
-            dict(states={"a": 2, "d": {1, 2}}),
-            dict(states={"a": 2}, meta={"m": object()}),
-            dict(states={"a": 2}, links={"src": 5}),
-        ]
-        for kwargs in bad:
-            with pytest.raises(StoreError, match="encode"):
-                store.commit(offsets={P0: 2, P1: 9}, **kwargs)  # type: ignore[arg-type]
-        assert store.get("a") == 1
-        assert store.get_many(["b", "c", "d"]) == {}
-        assert store.meta("m") is None
-        assert store.link("src") is None
-        assert store.offsets() == {P0: 1}
-        store.commit({"a": 2}, {P0: 2})  # the store is still usable
-        assert store.get("a") == 2
-
-    def test_key_both_set_and_deleted_is_refused(self, store: Store) -> None:
-        with pytest.raises(StoreError, match="both set and deleted"):
-            store.commit({"a": 1}, {P0: 1}, deletes=["a"])
-        assert store.get("a") is None
-        assert store.offsets() == {}
-
-    def test_offsets_only_move_forward(self, store: Store) -> None:
-        store.commit({"a": 1}, {P0: 5, P1: 2})
-        store.commit({"a": 2}, {P0: 5})  # same offset: allowed
-        with pytest.raises(StoreError, match="backwards") as caught:
-            store.commit({"a": 3, "b": 3}, {P0: 4, P1: 3}, meta={"n": 1})
-        assert "bank.accounts[0]" in str(caught.value)
-        assert store.offsets() == {P0: 5, P1: 2}
-        assert store.get("a") == 2
-        assert store.get("b") is None
-        assert store.meta("n") is None
-        store.commit({}, {P1: 3, ("other", 0): 0})
-        assert store.offsets() == {P0: 5, P1: 3, ("other", 0): 0}
-
-    def test_reset_offsets_may_move_backwards(self, store: Store) -> None:
-        store.commit({"a": 1}, {P0: 50, P1: 7})
-        store.reset_offsets({P0: 0})
-        assert store.offsets() == {P0: 0, P1: 7}
-        store.commit({"a": 2}, {P0: 1})
-        assert store.offsets() == {P0: 1, P1: 7}
-
-    @pytest.mark.parametrize(
-        "offsets", [{P0: -1}, {P0: "3"}, {P0: True}, {("t/x", 0): 1}, {("t", "0"): 1}]
-    )
-    def test_malformed_offsets_are_refused(self, store: Store, offsets: dict) -> None:
-        with pytest.raises(StoreError):
-            store.commit({"a": 1}, offsets)
-        assert store.get("a") is None
-
-    def test_scan_order_prefix_after_limit(self, store: Store) -> None:
-        keys = ["a", "a/1", "a/10", "a/2", "ab", "b", "z", "é", "\U0001f600", "a/1/x", "a\x7f"]
-        store.commit({k: i for i, k in enumerate(keys)}, {})
-        by_bytes = sorted(keys, key=str.encode)
-        assert [k for k, _ in store.scan(limit=100)] == by_bytes
-        assert store.scan(limit=100)[0] == ("a", 0)
-        assert [k for k, _ in store.scan("a/")] == ["a/1", "a/1/x", "a/10", "a/2"]
-        assert [k for k, _ in store.scan("a/", after="a/1/x")] == ["a/10", "a/2"]
-        assert [k for k, _ in store.scan("a/", after="a")] == ["a/1", "a/1/x", "a/10", "a/2"]
-        assert [k for k, _ in store.scan("a/", limit=2)] == ["a/1", "a/1/x"]
-        assert store.scan("a/", after="a/2") == []
-        assert store.scan("a/", after="b") == []
-        assert store.scan("nope") == []
-        assert store.scan(limit=0) == []
-        assert [k for k, _ in store.scan(after="z")] == ["é", "\U0001f600"]
-        pages: list[str] = []
-        after = None  # paging with after/limit visits every key once
-        while page := store.scan(after=after, limit=3):
-            pages.extend(k for k, _ in page)
-            after = page[-1][0]
-        assert pages == by_bytes
-
-    def test_links(self, store: Store) -> None:
-        store.commit({"acc-1": {"n": 1}}, {P0: 1}, links={"evt-9": "acc-1", "evt-8": "acc-1"})
-        assert store.link("evt-9") == "acc-1"
-        store.commit({}, {P0: 2}, links={"evt-9": "acc-2", "evt-8": None})
-        assert store.link("evt-9") == "acc-2"
-        assert store.link("evt-8") is None
-        assert store.get("evt-9") is None  # links live apart from states
-        assert [k for k, _ in store.scan()] == ["acc-1"]
-
-    def test_meta(self, store: Store) -> None:
-        store.commit({}, {}, meta={"events": 10, "version": {"fold": 2, "name": "balances"}})
-        assert store.meta("events") == 10
-        assert store.meta("version") == {"fold": 2, "name": "balances"}
-        store.commit({}, {}, meta={"events": 11, "version": None})
-        assert store.meta("events") == 11
-        assert store.meta("version") is None
-        assert store.scan() == []
-
-    def test_deletes(self, store: Store) -> None:
-        store.commit({"a": 1, "b": 2, "c": 3}, {P0: 1})
-        store.commit({"d": 4}, {P0: 2}, deletes=iter(["b", "never-existed"]))
-        assert store.get("b") is None
-        assert store.get_many(["a", "b", "c", "d"]) == {"a": 1, "c": 3, "d": 4}
-        assert [k for k, _ in store.scan()] == ["a", "c", "d"]
-
-    def test_approximate_keys(self, store: Store) -> None:
-        assert store.approximate_keys() == 0
-        store.commit({f"k{i:03}": i for i in range(100)}, {})
-        assert 50 <= store.approximate_keys() <= 200
-
-    def test_readers_on_other_threads_see_whole_commits(self, store: Store) -> None:
-        keys = [f"k{i}" for i in range(50)]
-        errors: list[str] = []
-        seen: set[int] = set()
-        reading, done = threading.Event(), threading.Event()
-
-        def read() -> None:
-            while not done.is_set():
-                offset = store.offsets().get(P0, 0)  # offsets first, then states
-                values = set(store.get_many(keys).values())
-                if len(values) > 1 or (values and min(values) < offset):
-                    errors.append(f"offset {offset} states {sorted(values)}")
-                seen.update(values)
-                reading.set()
-
-        readers = [threading.Thread(target=read) for _ in range(2)]
-        for t in readers:
-            t.start()
-        reading.wait(5)
-        for batch in range(1, 301):
-            store.commit(dict.fromkeys(keys, batch), {P0: batch})
-            time.sleep(0)  # let the readers run between commits
-        done.set()
-        for t in readers:
-            t.join()
-        assert errors == []
-        assert len(seen) > 10  # the readers really overlapped the commits
-        assert store.get_many(keys) == dict.fromkeys(keys, 300)
-
-    def test_closed_store_refuses_calls(self, store: Store) -> None:
-        store.commit({"a": 1}, {P0: 1})
-        store.close()
-        store.close()  # idempotent
-        for call in (
-            lambda: store.get("a"),
-            lambda: store.get_many(["a"]),
-            lambda: store.scan(),
-            lambda: store.offsets(),
-            lambda: store.commit({"a": 2}, {}),
-        ):
-            with pytest.raises(StoreError, match="closed"):
-                call()
-
-
 class TestMemoryStore(StoreContract):
     def make_store(self, tmp_path: Path) -> Store:
         return MemoryStore()
@@ -252,7 +54,7 @@ class TestMemoryStore(StoreContract):
 
 LOCK_HOLDER = """
 import sys
-from projections.store import RocksStore
+from refold.store.rocksdb import RocksStore
 store = RocksStore.open(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()
@@ -261,7 +63,7 @@ store.close()
 
 SECONDARY_READER = """
 import json, sys
-from projections.store import RocksStore
+from refold.store.rocksdb import RocksStore
 store = RocksStore.open_secondary(sys.argv[1], sys.argv[2])
 def show():
     print(json.dumps([store.get("a"), store.link("e"), store.meta("m"),
@@ -275,7 +77,7 @@ store.close()
 
 KILLED_WRITER = """
 import sys
-from projections.store import RocksStore
+from refold.store.rocksdb import RocksStore
 store = RocksStore.open(sys.argv[1], cache_mb=8, write_buffer_mb=1)  # small: frequent flushes
 batch = store.offsets().get(("t", 0), 0)
 keys = [f"k{i:04}" for i in range(int(sys.argv[2]))]

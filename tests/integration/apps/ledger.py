@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from projections import Event, Projection
+from refold import Event, Projection
 
 
 class Ledger(Projection):

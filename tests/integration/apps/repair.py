@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from projections import Event, Projection
+from refold import Event, Projection
 
 NAME = os.environ.get("REPAIR_NAME", "repair")
 TOPIC = os.environ.get("REPAIR_TOPIC", "repair.events")

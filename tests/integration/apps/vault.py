@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from streams.bank.accounts import Accounts
+from refold.examples.bank.accounts import Accounts
 
 
 class Vault(Accounts):

@@ -1,0 +1,123 @@
+"""HTTP for commands: `POST /commands/{aggregate}` and `GET /commands/{id}` (mounted by the
+query server).
+
+A POST answers 202 only once the command is durably in the command topic; a malformed command is
+refused at once (400/404/422) and never appended. `?wait_ms=N` (on both routes) waits up to N ms
+for the result, answered from the worker's results index (read_committed), without a thread per
+waiting request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from aiohttp import web
+from refold.core.commands import pending
+from refold.core.errors import CommandError, InputError
+from refold.engine.worker import Worker
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_MS = 30_000
+_JSON = "application/json"
+
+
+def _respond(status: int, body: Any) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+
+
+def _error(status: int, error: str, detail: Any) -> web.Response:
+    return _respond(status, {"error": error, "detail": detail})
+
+
+def _wait_ms(request: web.Request) -> int:
+    raw = request.query.get("wait_ms", "0").strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise InputError(f"wait_ms must be a non-negative integer, not {raw!r}")
+    return min(int(raw), MAX_WAIT_MS)
+
+
+class CommandRoutes:
+    """The command handlers over one worker's command client and results index."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        """`POST /commands/{aggregate}` with `{"command_id"?, "key", "type", "data",
+        "expected_version"?}` -> 202 `{"command_id", "status_url"}` (or the result with wait_ms)."""
+        aggregate = request.match_info["name"]
+        if aggregate not in self.worker.processors:
+            known = ", ".join(sorted(self.worker.processors)) or "none"
+            return _error(
+                404,
+                "unknown aggregate",
+                f"no command processor for {aggregate!r} here; known: {known}",
+            )
+        try:
+            wait_ms = _wait_ms(request)
+        except InputError as exc:
+            return _error(400, "bad query", str(exc))
+        try:
+            obj = orjson.loads(await request.read())
+        except ValueError as exc:
+            return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
+        client = self.worker.command_client
+        try:
+            command = client.prepare(aggregate, obj)
+        except InputError as exc:
+            return _error(422, "invalid command", str(exc))
+        try:
+            await asyncio.wrap_future(client.append(command))
+        except CommandError as exc:
+            log.warning("POST /commands/%s: %s", aggregate, exc)
+            return _error(503, "not acknowledged", str(exc))
+        status_url = f"/commands/{quote(command.command_id, safe='')}"
+        if wait_ms:
+            result = await self._result(command.command_id, wait_ms)
+            if result is not None:
+                return _respond(200, {**result, "status_url": status_url})
+        return _respond(
+            202, {"command_id": command.command_id, "status": "pending", "status_url": status_url}
+        )
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        """`GET /commands/{id}`: the result, or `pending` while the command has none."""
+        command_id = request.match_info["name"]
+        if self.worker.results is None:
+            return _error(404, "no commands", "this worker runs no command processor")
+        try:
+            wait_ms = _wait_ms(request)
+        except InputError as exc:
+            return _error(400, "bad query", str(exc))
+        result = await self._result(command_id, wait_ms)
+        return _respond(200, result if result is not None else pending(command_id))
+
+    async def _result(self, command_id: str, wait_ms: int) -> dict[str, Any] | None:
+        index = self.worker.results
+        if index is None:
+            return None
+        found = index.get(command_id)
+        if found is not None or not wait_ms:
+            return found
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def settle(result: dict[str, Any]) -> None:
+            if not future.done():
+                future.set_result(result)
+
+        def from_index_thread(result: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(settle, result)
+
+        cancel = index.watch(command_id, from_index_thread)
+        try:
+            return await asyncio.wait_for(future, wait_ms / 1000)
+        except TimeoutError:
+            return None
+        finally:
+            cancel()

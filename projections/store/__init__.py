@@ -1,0 +1,1 @@
+"""Stores: the store port, RocksDB and in-memory implementations, versions on disk, the contract suite."""

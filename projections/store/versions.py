@@ -1,0 +1,114 @@
+"""Projection versions on disk: one store per version, and the LIVE pointer queries follow.
+
+`$REFOLD_DATA_DIR/projections/<name>/LIVE` holds `{"version": N, "previous": [...]}`; it is
+replaced atomically (write a temp file, fsync, rename), so a reader sees the old pointer or the
+new one, never a torn one. `previous` is the stack `rollback` pops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from refold.core.config import Config
+from refold.core.errors import ProjectionError
+
+
+def projection_dir(config: Config, name: str) -> Path:
+    return config.data_dir / "projections" / name
+
+
+def store_path(config: Config, name: str, version: int) -> Path:
+    return projection_dir(config, name) / f"v{version}"
+
+
+def parts_path(config: Config, name: str, version: int) -> Path:
+    """Where a parallel rebuild keeps its part stores until they are merged (refold.engine.rebuild)."""
+    return projection_dir(config, name) / f"v{version}.parts"
+
+
+def versions_on_disk(config: Config, name: str) -> list[int]:
+    root = projection_dir(config, name)
+    return sorted(int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit() and p.is_dir())
+
+
+def _pointer(config: Config, name: str) -> dict[str, object] | None:
+    try:
+        pointer: dict[str, object] = json.loads((projection_dir(config, name) / "LIVE").read_text())
+        return pointer
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise ProjectionError(f"broken LIVE pointer for {name!r}: {exc}") from exc
+
+
+def live_version(config: Config, name: str) -> int | None:
+    """The version queries read: the LIVE pointer, else the only/newest version on disk."""
+    pointer = _pointer(config, name)
+    if pointer is not None:
+        return int(pointer["version"])  # type: ignore[call-overload]
+    on_disk = versions_on_disk(config, name)
+    return on_disk[-1] if on_disk else None
+
+
+def _write_pointer(config: Config, name: str, version: int, previous: list[int]) -> None:
+    root = projection_dir(config, name)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / "LIVE.tmp"
+    with tmp.open("w") as fh:
+        json.dump({"version": version, "previous": previous}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / "LIVE")
+
+
+def set_live(config: Config, name: str, version: int) -> int | None:
+    """Make `version` live; the old live version is remembered for rollback. Returns it."""
+    pointer = _pointer(config, name) or {}
+    old = pointer.get("version")
+    previous = [int(v) for v in pointer.get("previous", [])]  # type: ignore[attr-defined]
+    if old is not None and int(old) != version:  # type: ignore[call-overload]
+        previous.append(int(old))  # type: ignore[call-overload]
+    _write_pointer(config, name, version, previous)
+    return int(old) if old is not None else None  # type: ignore[call-overload]
+
+
+def rollback(config: Config, name: str) -> tuple[int, int]:
+    """Make the previous live version live again; returns (from, to)."""
+    pointer = _pointer(config, name)
+    previous = [int(v) for v in (pointer or {}).get("previous", [])]  # type: ignore[attr-defined]
+    previous = [v for v in previous if store_path(config, name, v).is_dir()]
+    if pointer is None or not previous:
+        raise ProjectionError(
+            f"projection {name!r} has no previous version to roll back to",
+            hint="versions on disk: "
+            + (", ".join(map(str, versions_on_disk(config, name))) or "none"),
+        )
+    current = int(pointer["version"])  # type: ignore[call-overload]
+    target = previous.pop()
+    _write_pointer(config, name, target, previous)
+    return current, target
+
+
+def drop(config: Config, name: str, version: int) -> None:
+    """Delete a version's store; the live one cannot be dropped."""
+    if live_version(config, name) == version:
+        raise ProjectionError(
+            f"version {version} of {name!r} is live",
+            hint="swap to another version or roll back first",
+        )
+    path = store_path(config, name, version)
+    if not path.is_dir():
+        raise ProjectionError(f"projection {name!r} has no version {version} on disk")
+    shutil.rmtree(path)
+    shutil.rmtree(parts_path(config, name, version), ignore_errors=True)
+    pointer = _pointer(config, name)
+    if pointer is not None:
+        previous = [int(v) for v in pointer.get("previous", []) if int(v) != version]  # type: ignore[attr-defined]
+        _write_pointer(config, name, int(pointer["version"]), previous)  # type: ignore[call-overload]
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

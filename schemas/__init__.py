@@ -1,0 +1,1 @@
+"""Avro schemas shipped with refold (package data): the bank example's, one .avsc per type and version."""

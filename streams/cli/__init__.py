@@ -1,0 +1,1 @@
+"""The command line: `refold` commands, the local broker launcher, the demo."""

@@ -1,0 +1,329 @@
+"""Avro single-object encoding and the CloudEvents Kafka-binding envelope.
+
+Wire format of a value: ``C3 01`` + 8-byte CRC-64-AVRO fingerprint (little-endian) + Avro binary
+body, written with the newest schema of the type. Decoding finds the writer schema by fingerprint
+and resolves it to the newest (reader) schema; where a type registers upcasters, data written at an
+old version is decoded with its own schema and lifted one version at a time instead.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fastavro import schemaless_reader, schemaless_writer
+from fastavro.validation import ValidationError
+from refold.core.catalog import Catalog, SchemaVersion
+from refold.core.errors import DecodeError, EncodeError, SchemaError
+from refold.core.fastdecode import generate
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+SPEC_VERSION = "1.0"
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a record sits in the log."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+class Event:
+    """A decoded event as folds see it: `data` is at the reader (newest) schema.
+
+    Envelope fields (`id`, `time`, `source`, correlation and causation ids) are read from the
+    CloudEvents headers on first access only, so folds that never look at them pay nothing.
+    """
+
+    __slots__ = (
+        "_envelope",
+        "_headers",
+        "_record",
+        "_timestamp_ms",
+        "data",
+        "key",
+        "offset",
+        "partition",
+        "replay",
+        "topic",
+        "type",
+    )
+
+    def __init__(
+        self,
+        type: str,
+        key: str,
+        data: dict[str, Any],
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int = 0,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+        record: Any = None,
+    ) -> None:
+        self.type = type
+        self.key = key
+        self.data = data
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self._timestamp_ms = timestamp_ms
+        self._headers = headers
+        self._record = record  # the Kafka message, read lazily for headers and timestamp
+        self._envelope: dict[str, str] | None = None
+        #: True while a rebuild folds a position the live version already processed: handlers
+        #: with side effects (notifications, dispatch) must not repeat them then.
+        self.replay = False
+
+    @property
+    def timestamp_ms(self) -> int:
+        if self._record is not None and not self._timestamp_ms:
+            self._timestamp_ms = self._record.timestamp()[1]
+        return self._timestamp_ms
+
+    def _env(self) -> dict[str, str]:
+        if self._envelope is None:
+            if self._headers is None and self._record is not None:
+                self._headers = self._record.headers()
+            self._envelope = header_map(self._headers)
+        return self._envelope
+
+    @property
+    def id(self) -> str:
+        return self._env().get("ce_id") or f"{self.topic}-{self.partition}-{self.offset}"
+
+    @property
+    def time(self) -> str:
+        return self._env().get("ce_time") or iso_from_ms(self.timestamp_ms)
+
+    @property
+    def source(self) -> str:
+        return self._env().get("ce_source", "")
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._env().get("ce_correlationid")
+
+    @property
+    def causation_id(self) -> str | None:
+        return self._env().get("ce_causationid")
+
+    @property
+    def position(self) -> Position:
+        return Position(self.topic, self.partition, self.offset)
+
+    def __repr__(self) -> str:
+        return f"Event({self.type}, key={self.key!r}, {self.topic}[{self.partition}]@{self.offset})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "key": self.key,
+            "data": self.data,
+            "id": self.id,
+            "time": self.time,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+        }
+
+
+def iso_from_ms(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def envelope_headers(
+    type_name: str,
+    *,
+    source: str,
+    event_id: str | None = None,
+    time: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Headers:
+    """CloudEvents 1.0 Kafka binary-mode headers for one event: the attributes DESIGN.md requires.
+
+    No `content-type` (the optional datacontenttype): every value is Avro single-object encoded,
+    which its first two bytes say, and each header costs every producer and consumer per record.
+    """
+    headers: Headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", (event_id or str(uuid.uuid4())).encode()),
+        ("ce_type", type_name.encode()),
+        ("ce_source", source.encode()),
+        ("ce_time", (time or now_rfc3339()).encode()),
+    ]
+    if correlation_id:
+        headers.append(("ce_correlationid", correlation_id.encode()))
+    if causation_id:
+        headers.append(("ce_causationid", causation_id.encode()))
+    return headers
+
+
+def header_map(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    if not headers:
+        return {}
+    return {k: v.decode("utf-8", "replace") for k, v in headers if v is not None}
+
+
+class Codec:
+    """Encodes and decodes event payloads against one catalog.
+
+    `on_unknown_fingerprint` is asked (once per fingerprint) to find a writer schema elsewhere —
+    the registry topic — before decoding fails.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        on_unknown_fingerprint: Callable[[bytes], SchemaVersion | None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self._on_unknown = on_unknown_fingerprint
+        self._decoders: dict[bytes, Callable[[bytes], tuple[str, dict[str, Any]]]] = {}
+        #: value header (magic + fingerprint) -> (type, generated decoder) for writers that need
+        #: no resolution: the fold loop calls these directly (they raise IndexError/ValueError/
+        #: UnicodeDecodeError on bad bytes) and falls back to `decode` for anything else.
+        self.raw_decoders: dict[bytes, tuple[str, Callable[[bytes], dict[str, Any]]]] = {}
+        self._writers: dict[str, tuple[bytes, Any]] = {}
+
+    # -- encode ------------------------------------------------------------------------------
+
+    def writer_for(self, type_name: str) -> SchemaVersion:
+        return self.catalog.event_type(type_name).latest
+
+    def encode(self, type_name: str, data: dict[str, Any]) -> bytes:
+        """Single-object encode `data` with the newest schema of `type_name`."""
+        writer = self._writers.get(type_name)
+        if writer is None:
+            sv = self.writer_for(type_name)
+            writer = self._writers[type_name] = (MAGIC + sv.fingerprint, sv.schema)
+        prefix, schema = writer
+        buf = io.BytesIO()
+        buf.write(prefix)
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("data must be an object")
+            schemaless_writer(buf, schema, data)
+        except Exception as exc:  # fastavro raises TypeError/ValueError/... on bad data
+            raise EncodeError(self._explain(type_name, data, exc)) from exc
+        return buf.getvalue()
+
+    def _explain(self, type_name: str, data: Any, exc: Exception) -> str:
+        try:
+            self.catalog.validate(type_name, data)
+        except ValidationError as verr:
+            return f"{type_name}: {_validation_reason(verr)}"
+        except SchemaError:
+            raise
+        return f"{type_name}: {exc}"
+
+    def check(self, type_name: str, data: Any) -> None:
+        """Validate without encoding; raises EncodeError naming the field and the problem."""
+        try:
+            self.catalog.validate(type_name, data)
+        except ValidationError as verr:
+            raise EncodeError(f"{type_name}: {_validation_reason(verr)}") from verr
+
+    # -- decode ------------------------------------------------------------------------------
+
+    def decode(self, value: bytes | None) -> tuple[str, dict[str, Any]]:
+        """Return (type, data at the reader schema); DecodeError says why not."""
+        if value is None:
+            raise DecodeError("empty value (tombstone)")
+        fingerprint = value[2:HEADER_LEN]
+        decoder = self._decoders.get(fingerprint)
+        if decoder is None or value[:2] != MAGIC:
+            if value[:2] != MAGIC or len(value) < HEADER_LEN:
+                raise DecodeError(
+                    "not an Avro single-object encoded refold event "
+                    f"(starts with {value[:4]!r}, {len(value)} bytes)"
+                )
+            decoder = self._decoder_for(fingerprint)
+        return decoder(value)
+
+    def _decoder_for(self, fingerprint: bytes) -> Callable[[bytes], tuple[str, dict[str, Any]]]:
+        sv = self.catalog.by_fingerprint.get(fingerprint)
+        if sv is None and self._on_unknown is not None:
+            sv = self._on_unknown(fingerprint)
+        if sv is None:
+            raise DecodeError(f"unknown writer schema fingerprint {fingerprint.hex()}")
+        decoder = self._build_decoder(sv)
+        self._decoders[fingerprint] = decoder
+        return decoder
+
+    def _build_decoder(
+        self, writer: SchemaVersion
+    ) -> Callable[[bytes], tuple[str, dict[str, Any]]]:
+        type_name = writer.type
+        event_type = self.catalog.types.get(type_name)
+        reader = event_type.latest if event_type else writer
+        chain = [
+            self.catalog.upcasters[(type_name, v)]
+            for v in range(writer.version, reader.version)
+            if (type_name, v) in self.catalog.upcasters
+        ]
+        schema_w = writer.schema
+        if chain:
+            # Upcasters lift old data version by version; Avro resolution fills what they leave.
+            def decode_upcast(value: bytes) -> tuple[str, dict[str, Any]]:
+                data = _read(value, schema_w, None)
+                for step in chain:
+                    data = step(data)
+                return type_name, data
+
+            return decode_upcast
+        schema_r = None if reader.fingerprint == writer.fingerprint else reader.schema
+        fast = generate(schema_w, HEADER_LEN) if schema_r is None else None
+        if fast is not None:
+            self.raw_decoders[MAGIC + writer.fingerprint] = (type_name, fast)
+
+            def decode_fast(value: bytes) -> tuple[str, dict[str, Any]]:
+                try:
+                    return type_name, fast(value)
+                except (IndexError, ValueError, UnicodeDecodeError) as exc:
+                    raise DecodeError(f"Avro body does not decode: {exc}") from exc
+
+            return decode_fast
+
+        def decode_resolved(value: bytes) -> tuple[str, dict[str, Any]]:
+            return type_name, _read(value, schema_w, schema_r)
+
+        return decode_resolved
+
+
+def _read(value: bytes, writer: Any, reader: Any) -> dict[str, Any]:
+    buf = io.BytesIO(value)
+    buf.seek(HEADER_LEN)
+    try:
+        data = schemaless_reader(buf, writer, reader)
+    except Exception as exc:  # truncated or garbage body, or an unresolvable schema pair
+        raise DecodeError(f"Avro body does not decode: {exc!r}") from exc
+    if buf.tell() != len(value):
+        raise DecodeError(f"{len(value) - buf.tell()} trailing bytes after the Avro body")
+    return data  # type: ignore[return-value]
+
+
+def _validation_reason(err: ValidationError) -> str:
+    # fastavro's message lists every failing path; keep it on one line.
+    return " ".join(str(err).split())

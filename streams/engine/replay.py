@@ -1,0 +1,451 @@
+"""Replay and repair: build a projection version from offset zero beside the live one, compare
+them key by key at the same offsets, and swap the LIVE pointer in one step.
+
+The live version keeps folding and serving throughout (in a worker); this module only reads its
+store through a RocksDB secondary view, whose contents move only when asked to catch up, so the
+offsets it reports and the states it returns belong to one moment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from refold.core.config import Config
+from refold.core.errors import ProjectionError, StoreError
+from refold.core.projection import Projection
+from refold.core.serde import Codec
+from refold.engine.rebuild import (
+    PARALLEL_MIN_EVENTS,
+    PartsProgress,
+    build_in_parts,
+    default_procs,
+    discard_parts,
+    stored_offsets,
+)
+from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
+from refold.store.rocksdb import RocksStore, Store
+from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a replay would do; `--dry-run` prints it and writes nothing."""
+
+    name: str
+    version: int
+    live: int | None
+    ranges: dict[TP, tuple[int, int]]  # (from, to) per partition: what the rebuild still reads
+    events: int
+    expected_bytes: int
+    replaces: str
+
+    def describe(self) -> str:
+        lines = [
+            f"replay {self.name} v{self.version} "
+            f"(live: {'v' + str(self.live) if self.live else 'none'})",
+        ]
+        for (topic, p), (lo, hi) in sorted(self.ranges.items()):
+            lines.append(f"  read {topic}[{p}] offsets {lo}..{hi}  ({max(0, hi - lo)} records)")
+        lines.append(f"  events to fold: ~{self.events}")
+        lines.append(f"  store size expected: ~{self.expected_bytes / 1e6:.1f} MB")
+        lines.append(f"  {self.replaces}")
+        return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class DiffSummary:
+    added: int = 0
+    removed: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
+    offsets: dict[TP, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (
+            f"diff at the same offsets: {self.changed} changed, {self.added} added, "
+            f"{self.removed} removed, {self.unchanged} unchanged"
+        )
+
+
+def _page(store: Store, page: int = 5000) -> Iterator[tuple[str, Any]]:
+    after: str | None = None
+    while True:
+        rows = store.scan(after=after, limit=page)
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1][0]
+
+
+def diff_stores(old: Store, new: Store, out: TextIO, samples: int = 5) -> DiffSummary:
+    """Merge-join both stores in key order; every difference is one JSON line in `out`."""
+    summary = DiffSummary()
+    a, b = _page(old), _page(new)
+    x, y = next(a, None), next(b, None)
+
+    def emit(change: str, key: str, before: Any, after: Any) -> None:
+        row = {"key": key, "change": change, "before": before, "after": after}
+        out.write(json.dumps(row) + "\n")
+        if len(summary.samples) < samples:
+            summary.samples.append(row)
+
+    while x is not None or y is not None:
+        if y is None or (x is not None and x[0] < y[0]):
+            assert x is not None
+            summary.removed += 1
+            emit("removed", x[0], x[1], None)
+            x = next(a, None)
+        elif x is None or y[0] < x[0]:
+            summary.added += 1
+            emit("added", y[0], None, y[1])
+            y = next(b, None)
+        else:
+            if x[1] == y[1]:
+                summary.unchanged += 1
+            else:
+                summary.changed += 1
+                emit("changed", x[0], x[1], y[1])
+            x, y = next(a, None), next(b, None)
+    return summary
+
+
+class Progress:
+    """One line per projection, redrawn at most 4 times a second on a terminal (or every 5 s
+    otherwise): events/s, position against the end offsets, ETA.
+
+    `sample` returns the events folded so far and the next offset per partition; a rebuild
+    switches it from its parallel parts to its own runner once they are merged."""
+
+    def __init__(
+        self,
+        label: str,
+        sample: Callable[[], tuple[int, dict[TP, int]]],
+        ends: Callable[[], dict[TP, int]],
+        stream: TextIO = sys.stderr,
+    ) -> None:
+        self.label = label
+        self.sample = sample
+        self.ends = ends
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="replay-progress", daemon=True)
+        self._started = time.monotonic()
+        self._folded0 = sample()[0]
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.draw(final=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25 if self.tty else 5.0):
+            self.draw()
+
+    def line(self) -> str:
+        folded, positions = self.sample()
+        ends = self.ends()
+        pos = sum(min(positions.get(tp, 0), end) for tp, end in ends.items())
+        total = sum(ends.values()) or 1
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        rate = (folded - self._folded0) / elapsed
+        eta = (total - pos) / rate if rate > 0 else float("inf")
+        width = 30
+        filled = int(width * pos / total)
+        bar = "#" * filled + "-" * (width - filled)
+        eta_s = "--" if eta == float("inf") else f"{eta:,.0f}s"
+        return f"{self.label} [{bar}] {pos:,}/{total:,} {rate:,.0f} ev/s ETA {eta_s}"
+
+    def draw(self, final: bool = False) -> None:
+        text = self.line()
+        if self.tty:
+            self.stream.write("\r" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def open_view(config: Config, name: str, version: int) -> RocksStore:
+    """A secondary (read-only, following) view of a store another process may be writing."""
+    return RocksStore.open_secondary(store_path(config, name, version))
+
+
+def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
+    """(low, high) watermarks of every partition of the projection's source topics."""
+    consumer = Consumer(config.kafka(**{"group.id": "refold-replay-plan"}))
+    ranges: dict[TP, tuple[int, int]] = {}
+    try:
+        for topic in projection.topics:
+            md = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if md is None or md.error is not None:
+                raise ProjectionError(f"topic {topic!r} does not exist")
+            for p in sorted(md.partitions):
+                ranges[(topic, p)] = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=10
+                )
+    finally:
+        consumer.close()
+    return ranges
+
+
+def plan(config: Config, projection: Projection, version: int) -> Plan:
+    live = live_version(config, projection.name)
+    stored = stored_offsets(config, projection.name, version)
+    ranges = {
+        tp: (max(low, stored.get(tp, 0)), high)
+        for tp, (low, high) in source_ends(config, projection).items()
+    }
+    events = sum(max(0, hi - lo) for lo, hi in ranges.values())
+    live_bytes = dir_size(store_path(config, projection.name, live)) if live else 0
+    expected = live_bytes or events * 120
+    if live is None:
+        replaces = f"no live version: v{version} becomes live when swapped"
+    elif live == version:
+        replaces = f"v{version} is already live: nothing to replace (bump `version` to rebuild)"
+    else:
+        replaces = f"--swap would replace live v{live} by v{version}; v{live} stays for rollback"
+    return Plan(projection.name, version, live, ranges, events, expected, replaces)
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    version: int
+    folded: int
+    seconds: float
+    diff: DiffSummary | None
+    swapped: bool
+    parts: int = 1  # processes that folded the bulk of it
+
+
+def replay(
+    config: Config,
+    codec: Codec,
+    projection: Projection,
+    version: int,
+    *,
+    diff: bool = False,
+    swap: bool = False,
+    diff_path: Path | None = None,
+    progress: TextIO | None = sys.stderr,
+    catch_up_timeout: float = 120.0,
+    procs: int | None = None,
+) -> ReplayResult:
+    """Build `version` beside the live one until it has caught up with it, then diff and swap.
+
+    A build from scratch is split over `procs` processes (default: one per core, for builds of
+    at least PARALLEL_MIN_EVENTS events) up to the live version's offsets, merged, and then
+    followed by one runner to the live version's offsets of the moment.
+    """
+    name = projection.name
+    live = live_version(config, name)
+    if live == version:
+        raise ProjectionError(
+            f"v{version} of {name!r} is already live",
+            hint="bump the projection's `version` after changing its fold",
+        )
+    started = time.monotonic()
+    try:
+        store = RocksStore.open(store_path(config, name, version))
+    except StoreError:
+        # A worker already builds this version in the background: watch it instead.
+        return _attached(
+            config, projection, version, live, diff, swap, diff_path, started, catch_up_timeout
+        )
+    live_view = open_view(config, name, live) if live else None
+    parts = PartsProgress()
+    runner: ProjectionRunner | None = None
+    runner_base = 0
+
+    def sample() -> tuple[int, dict[TP, int]]:
+        if runner is None:
+            return parts.folded, parts.positions
+        return parts.folded + runner.folded_so_far() - runner_base, runner.pending_positions()
+
+    try:
+        below = live_view.offsets() if live_view else {}
+        ends = {tp: high for tp, (_low, high) in source_ends(config, projection).items()}
+        target = {tp: below.get(tp, 0) for tp in ends} if live_view else ends
+        goal = [target]  # what the progress display measures against; replaced, never mutated
+        reporter = (
+            Progress(f"{name} v{version}", sample, lambda: goal[0], progress) if progress else None
+        )
+        if reporter:
+            reporter.__enter__()
+        split_over = 1
+        try:
+            if store.offsets():
+                discard_parts(config, name, version)  # left by a merge that completed
+            else:
+                todo = sum(target.values())
+                split_over = procs or (default_procs() if todo >= PARALLEL_MIN_EVENTS else 1)
+                resuming = parts_path(config, name, version).is_dir()
+                if split_over > 1 or resuming:
+                    built = build_in_parts(
+                        config,
+                        projection,
+                        version,
+                        store,
+                        target,
+                        replay_below=below,
+                        procs=split_over,
+                        progress=parts,
+                        stall_timeout=catch_up_timeout,
+                    )
+                    split_over = parts.count if built else 1
+            dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+            runner = ProjectionRunner(
+                config,
+                codec,
+                projection,
+                dead_letters=dlq,
+                store=store,
+                version=version,
+                replay_below=below,
+                **rebuild_writes(config),
+            )
+            runner_base = runner.stats.folded
+            try:
+                ends = runner.assign_all()
+                target = _follow(runner, live_view, ends, catch_up_timeout, goal)
+            finally:
+                if reporter:
+                    reporter.__exit__(None, None, None)
+                    reporter = None
+            summary = None
+            if diff and live_view is not None:
+                summary = _diff_to_file(config, name, live_view, runner.store, diff_path)
+                summary.offsets = {tp: target.get(tp, 0) for tp in ends}
+            folded = sample()[0]
+        finally:
+            if reporter:
+                reporter.__exit__(None, None, None)
+            if runner is not None:
+                runner.close()
+                dlq.flush(10)
+            else:
+                store.close()
+    finally:
+        if live_view is not None:
+            live_view.close()
+    if swap:
+        set_live(config, name, version)
+    return ReplayResult(version, folded, time.monotonic() - started, summary, swap, split_over)
+
+
+def _follow(
+    runner: ProjectionRunner,
+    live_view: RocksStore | None,
+    ends: dict[TP, int],
+    timeout: float,
+    goal: list[dict[TP, int]],
+) -> dict[TP, int]:
+    """Fold until `runner` has reached exactly the live version's offsets (or, with no live
+    version, the ends of the log), re-reading them until they hold still; returns them.
+    `goal[0]` shows the current target to the progress display. Raises ProjectionError when
+    the runner fails or folds nothing for `timeout` seconds."""
+    while True:
+        if live_view is not None:
+            live_view.catch_up()
+            offsets = live_view.offsets()
+            target = {tp: offsets.get(tp, 0) for tp in ends}
+        else:
+            # From a consumer of its own: the runner's waits behind its own fetch long-polls
+            # (up to fetch.wait.max.ms per partition once it has read to the end).
+            target = {
+                tp: high
+                for tp, (_low, high) in source_ends(runner.config, runner.projection).items()
+            }
+        goal[0] = target
+        last = runner.pending_positions()
+        while not runner.run_until(target, timeout=timeout):  # `timeout` without progress
+            if runner.stats.state == "failed":
+                raise ProjectionError(f"rebuild of {runner.name!r} stopped: {runner.stats.error}")
+            if runner.pending_positions() == last:
+                raise ProjectionError(
+                    f"v{runner.version} of {runner.name!r} did not move for {timeout:.0f} s",
+                    hint="is the broker up? run the replay again: it resumes",
+                )
+            last = runner.pending_positions()
+        if live_view is None:
+            return target
+        offsets = live_view.offsets()
+        if target == {tp: offsets.get(tp, 0) for tp in ends}:
+            return target
+
+
+def _diff_to_file(
+    config: Config, name: str, old: Store, new: Store, path: Path | None
+) -> DiffSummary:
+    path = path or config.data_dir / "diffs" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        summary = diff_stores(old, new, out)
+    summary.path = path
+    return summary
+
+
+def _attached(
+    config: Config,
+    projection: Projection,
+    version: int,
+    live: int | None,
+    diff: bool,
+    swap: bool,
+    diff_path: Path | None,
+    started: float,
+    timeout: float,
+) -> ReplayResult:
+    """The version's store is held by another process building it (a worker, or another
+    replay): wait until it has folded exactly what the live version has, then diff through
+    read-only views and move the pointer. Gives up when the build stops moving for `timeout`."""
+    name = projection.name
+    new_view = open_view(config, name, version)
+    live_view = open_view(config, name, live) if live else None
+    try:
+        moved_at, last = time.monotonic(), stored_offsets(config, name, version)
+        while True:
+            new_view.catch_up()
+            if live_view is not None:
+                live_view.catch_up()
+            same = live_view is None or new_view.offsets() == live_view.offsets()
+            if same:
+                break
+            now = stored_offsets(config, name, version)  # parts included
+            if now != last:
+                moved_at, last = time.monotonic(), now
+            elif time.monotonic() - moved_at > timeout:
+                raise ProjectionError(
+                    f"v{version} of {name!r} (built by another process) has not caught up with "
+                    f"v{live} and did not move for {timeout:.0f} s",
+                    hint="look at `refold status`; try again",
+                )
+            time.sleep(0.2)
+        summary = None
+        if diff and live_view is not None:
+            summary = _diff_to_file(config, name, live_view, new_view, diff_path)
+            summary.offsets = new_view.offsets()
+        folded = int(new_view.meta("events_folded") or 0)
+    finally:
+        new_view.close()
+        if live_view is not None:
+            live_view.close()
+    if swap:
+        set_live(config, name, version)
+    return ReplayResult(version, folded, time.monotonic() - started, summary, swap)

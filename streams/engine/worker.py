@@ -1,0 +1,304 @@
+"""`refold worker`: every projection's runner in its own thread, sharing one dead-letter producer.
+
+Per projection the worker serves the LIVE version. When the code's version is newer than the live
+one, it also builds the new version in the background (from offset zero, beside the live one) and,
+once caught up, either swaps (`on_new_version = "swap"`) or waits for `refold replay NAME --swap`.
+A watcher follows the LIVE pointer, so a swap or rollback made by another process takes effect
+here without a restart: the target version is caught up first, then queries switch to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+from confluent_kafka import Producer
+from refold.core.app import load_deciders, load_versions
+from refold.core.commands import Decider
+from refold.core.config import Config
+from refold.core.errors import ProjectionError
+from refold.core.projection import Projection
+from refold.core.serde import Codec
+from refold.engine.command_processor import CommandProcessor
+from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
+from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.kafka.command_client import CommandClient, ResultsIndex
+from refold.kafka.command_topics import ensure_command_topics
+from refold.kafka.publisher import Publisher
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import INTERNAL_TOPICS, Topics, dead_letter_topic
+from refold.store.rocksdb import RocksStore
+from refold.store.versions import live_version, set_live, store_path
+
+log = logging.getLogger(__name__)
+
+SWITCH_GRACE_S = 2.0  # an old version keeps answering this long after queries moved away
+
+
+class Worker:
+    """Owns the runners of one process; the query server reads through `runner(name)`."""
+
+    def __init__(
+        self,
+        config: Config,
+        projections: Iterable[Projection] | None = None,
+        *,
+        codec: Codec | None = None,
+        batch_size: int = 5000,
+        only: Iterable[str] | None = None,
+        deciders: Iterable[Decider] | None = None,
+    ) -> None:
+        self.config = config
+        self.codec = codec or codec_for(config)
+        # Deciders (commands): the bundled and REFOLD_APP ones, unless projections were passed.
+        if deciders is None:
+            found = load_deciders(config.app_modules) if projections is None else {}
+        else:
+            found = {d.name: d for d in deciders}
+        if projections is None:
+            self.versions = load_versions(config.app_modules)
+        else:
+            self.versions = {}
+            for p in projections:
+                self.versions.setdefault(p.name, {})[p.version] = p
+        if only is not None:
+            wanted = set(only)
+            unknown = wanted - set(self.versions) - set(found)
+            if unknown:
+                raise ProjectionError(f"unknown projection(s) {sorted(unknown)}")
+            self.versions = {n: v for n, v in self.versions.items() if n in wanted}
+            found = {n: d for n, d in found.items() if n in wanted}
+        self.deciders: dict[str, Decider] = found
+        self.processors: dict[str, CommandProcessor] = {}
+        self.results: ResultsIndex | None = None
+        self._command_client: CommandClient | None = None
+        self.projections = [v[max(v)] for v in self.versions.values()]
+        self._batch_size = batch_size
+        self._topics = Topics(config)
+        self._check_sources()
+        self._dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+        self.runners: dict[str, ProjectionRunner] = {}  # the live version of each projection
+        self.builds: dict[str, ProjectionRunner] = {}  # newer code versions being built
+        self._threads: list[threading.Thread] = []
+        self._retired: list[ProjectionRunner] = []
+        self._publisher: Publisher | None = None
+        self._publisher_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _check_sources(self) -> None:
+        for projection in self.projections:
+            for topic in projection.topics:
+                if not self._topics.exists(topic):
+                    raise ProjectionError(
+                        f"projection {projection.name!r} reads topic {topic!r}, which does not "
+                        "exist on the broker",
+                        hint=f"run `refold topics ensure {topic}`",
+                    )
+
+    @property
+    def publisher(self) -> Publisher:
+        """A publisher for `POST /events`, created on first use."""
+        with self._publisher_lock:
+            if self._publisher is None:
+                self._publisher = Publisher(self.config, self.codec)
+            return self._publisher
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._topics.ensure(
+            [
+                *INTERNAL_TOPICS,
+                *(dead_letter_topic(dead_letter_topic_name(p.name)) for p in self.projections),
+            ]
+        )
+        for name, versions in self.versions.items():
+            code = max(versions)
+            live = live_version(self.config, name)
+            if live is None:
+                set_live(self.config, name, code)
+                live = code
+            serving = self._start_runner(name, live)
+            self.runners[name] = serving
+            if code > live:
+                log.info("%s: building v%d beside live v%d", name, code, live)
+                self._start_build(name, code, serving.store.offsets())
+        self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
+        self._watcher.start()
+        self._start_commands()
+
+    def _fold_for(self, name: str, version: int) -> Projection:
+        """The class written for that version if the code still has it, else the newest."""
+        versions = self.versions[name]
+        return versions.get(version) or versions[max(versions)]
+
+    def _start_runner(
+        self,
+        name: str,
+        version: int,
+        replay_below: dict[TP, int] | None = None,
+        store: RocksStore | None = None,
+    ) -> ProjectionRunner:
+        runner = ProjectionRunner(
+            self.config,
+            self.codec,
+            self._fold_for(name, version),
+            dead_letters=self._dlq,
+            store=store,
+            version=version,
+            batch_size=self._batch_size,
+            replay_below=replay_below,
+        )
+        thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return runner
+
+    def _start_build(self, name: str, version: int, live: dict[TP, int]) -> None:
+        """Build `version` beside the live one. A build from scratch of at least
+        PARALLEL_MIN_EVENTS is first folded in parts by one process per core, up to the live
+        offsets of now (refold.engine.rebuild); its runner then follows in the group like any other."""
+        store = RocksStore.open(store_path(self.config, name, version))
+        if store.offsets() or default_procs() < 2 or sum(live.values()) < PARALLEL_MIN_EVENTS:
+            discard_parts(self.config, name, version)
+            self.builds[name] = self._start_runner(name, version, live, store)
+            return
+
+        def in_parts() -> None:
+            try:
+                merged = build_in_parts(
+                    self.config,
+                    self._fold_for(name, version),
+                    version,
+                    store,
+                    live,
+                    replay_below=live,
+                    procs=default_procs(),
+                    stop=self._stopping,
+                )
+                if self._stopping.is_set():
+                    store.close()
+                    return
+                log.info("%s: v%d %s", name, version, "merged" if merged else "not split")
+                runner = self.builds[name] = self._start_runner(name, version, live, store)
+                if self._stopping.is_set():  # stop() may have passed the builds meanwhile
+                    runner.stop()
+            except Exception:  # the live version keeps serving; say why the build stopped
+                log.exception("%s: building v%d failed", name, version)
+                store.close()
+
+        thread = threading.Thread(target=in_parts, name=f"build-{name}-v{version}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout)
+        for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:
+            runner.stop()
+        for processor in self.processors.values():
+            processor.stop()
+        if self.results is not None:
+            self.results.stop(timeout)
+        if self._command_client is not None:
+            self._command_client.close()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._dlq.flush(10)
+        if self._publisher is not None:
+            self._publisher.close()
+
+    # -- commands -------------------------------------------------------------------------
+
+    def _start_commands(self) -> None:
+        """A command processor per decider whose event topic exists (its command and results
+        topics are created co-partitioned with it), and the results index for GET /commands."""
+        for name, decider in self.deciders.items():
+            if not self._topics.exists(decider.events_topic):
+                log.info(
+                    "commands %s: event topic %s missing, not deciding", name, decider.events_topic
+                )
+                continue
+            ensure_command_topics(self._topics, decider)
+            processor = CommandProcessor(self.config, self.codec, decider)
+            thread = threading.Thread(target=processor.run, name=f"commands-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+            self.processors[name] = processor
+        if self.processors:
+            topics = [self.deciders[n].results_topic for n in self.processors]
+            self.results = ResultsIndex(
+                self.config, topics, store_path=self.config.data_dir / "command-results"
+            ).start()
+
+    @property
+    def command_client(self) -> CommandClient:
+        """A client for `POST /commands`, over the deciders this worker runs."""
+        with self._publisher_lock:
+            if self._command_client is None:
+                running = {n: self.deciders[n] for n in self.processors}
+                self._command_client = CommandClient(self.config, running)
+            return self._command_client
+
+    def runner(self, name: str) -> ProjectionRunner:
+        try:
+            return self.runners[name]
+        except KeyError:
+            raise ProjectionError(
+                f"unknown projection {name!r}",
+                hint="known: " + ", ".join(sorted(self.runners)),
+            ) from None
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.3):
+            for name in list(self.runners):
+                try:
+                    self._follow_pointer(name)
+                except Exception:  # keep serving the current version; say why it did not move
+                    log.exception("%s: could not follow the LIVE pointer", name)
+
+    def _follow_pointer(self, name: str) -> None:
+        serving = self.runners[name]
+        live = live_version(self.config, name)
+        build = self.builds.get(name)
+        if live is not None and live != serving.version:
+            self._switch(name, live)
+        elif (
+            build is not None
+            and self._fold_for(name, build.version).on_new_version == "swap"
+            and build.stats.state == "running"
+            and build.reached(_folded(serving))
+        ):
+            log.info("%s: v%d caught up with v%d, swapping", name, build.version, serving.version)
+            set_live(self.config, name, build.version)
+            self._switch(name, build.version)
+
+    def _switch(self, name: str, version: int) -> None:
+        old = self.runners[name]
+        build = self.builds.get(name)
+        if build is not None and build.version == version:
+            new = self.builds.pop(name)
+        else:
+            new = self._start_runner(name, version)
+        deadline = time.monotonic() + 60
+        while not new.reached(_folded(old)) and time.monotonic() < deadline:
+            if new.stats.state == "failed" or self._stopping.is_set():
+                break
+            time.sleep(0.05)
+        self.runners[name] = new
+        log.info("%s: queries now read v%d (was v%d)", name, version, old.version)
+        self._retired.append(old)
+        timer = threading.Timer(SWITCH_GRACE_S, old.stop)
+        timer.daemon = True
+        timer.start()
+
+
+def _folded(runner: ProjectionRunner) -> dict[TP, int]:
+    """The last offset `runner` folded per partition (for `reached`)."""
+    return {tp: nxt - 1 for tp, nxt in runner.stats.positions.items() if nxt > 0}
