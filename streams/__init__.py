@@ -2,8 +2,8 @@
 
 The stable surface is what this module exports (and, as they land, `refold.tasks` and
 `refold.sagas`): the fold and decider APIs users write against, the event they receive, the
-configuration, the publisher and command client they call, and the error root. Everything else is internal and may
-change between releases.
+configuration, the publisher and command client they call, and the error root.
+Everything else is internal and may change between releases.
 """
 
 from refold.core.commands import Command, CommandResult, Decider, EventSpec, Rejected

@@ -1,1 +1,2 @@
-"""Stores: the store port, RocksDB and in-memory implementations, versions on disk, the contract suite."""
+"""Stores: the store port, RocksDB and in-memory implementations, versions on disk, and the
+contract suite every store passes."""

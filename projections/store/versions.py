@@ -25,7 +25,8 @@ def store_path(config: Config, name: str, version: int) -> Path:
 
 
 def parts_path(config: Config, name: str, version: int) -> Path:
-    """Where a parallel rebuild keeps its part stores until they are merged (refold.engine.rebuild)."""
+    """Where a parallel rebuild keeps its part stores until they are merged
+    (refold.engine.rebuild)."""
     return projection_dir(config, name) / f"v{version}.parts"
 
 

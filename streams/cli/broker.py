@@ -35,7 +35,8 @@ from refold.core.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
-#: The Maven assembly of the broker, shipped in the package (refold.deploy), not read from a checkout.
+#: The Maven assembly of the broker, shipped in the package (refold.deploy), not read from a
+#: checkout.
 POM = Path(str(resources.files("refold.deploy") / "kafka" / "pom.xml"))
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"

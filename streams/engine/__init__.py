@@ -1,1 +1,2 @@
-"""The engine: the fold runtime, rebuild, replay, time travel, the command processor, status, the worker."""
+"""The engine: the fold runtime, rebuild, replay, time travel, the command processor, status,
+the worker."""

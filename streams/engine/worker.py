@@ -160,7 +160,8 @@ class Worker:
     def _start_build(self, name: str, version: int, live: dict[TP, int]) -> None:
         """Build `version` beside the live one. A build from scratch of at least
         PARALLEL_MIN_EVENTS is first folded in parts by one process per core, up to the live
-        offsets of now (refold.engine.rebuild); its runner then follows in the group like any other."""
+        offsets of now (refold.engine.rebuild); its runner then follows in the group like any
+        other."""
         store = RocksStore.open(store_path(self.config, name, version))
         if store.offsets() or default_procs() < 2 or sum(live.values()) < PARALLEL_MIN_EVENTS:
             discard_parts(self.config, name, version)

@@ -1,1 +1,1 @@
-"""Kafka access: one client factory, topics, the publisher, the schema registry topic, the command client."""
+"""Kafka access: topics, the publisher, the schema registry topic, the command client."""

@@ -1,7 +1,8 @@
 """The package's layers point one way: every import of refold goes down the declared list.
 
 core → store → kafka → engine → http → cli. The root module `refold` is the public API (it
-re-exports core types and the Kafka clients users call); library modules never import it, and the example apps import nothing else.
+re-exports core types and the Kafka clients users call); library modules never import it, and
+the example apps import nothing else.
 Function-level and TYPE_CHECKING imports count too: a layer that needs an upper one at run time
 is as tangled as one that imports it at the top.
 """
@@ -34,7 +35,7 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The refold modules `name` imports (a `from refold.x import y` names module y when y is one)."""
+    """The refold modules `name` imports (`from refold.x import y` names module y if y is one)."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
