@@ -11,9 +11,9 @@ Commands travel as JSON on a command topic co-partitioned with the aggregate's e
 key, same partition count, same murmur2 partitioner), so partition p of the command topic holds
 exactly the commands for the aggregates whose events are in partition p of the event topic. The
 command processor (`refold.engine.command_processor`) owns command partitions through a consumer
-group and is the single writer of the matching event partitions. Every decided command has exactly one
-result on `<commands_topic>.results` (same partition, keyed by command id, compacted and kept
-for the idempotency window).
+group and is the single writer of the matching event partitions. Every decided command has
+exactly one result on `<commands_topic>.results` (same partition, keyed by command id,
+compacted and kept for the idempotency window).
 
 An aggregate's version is the number of events folded for its key (0: it has no events).
 """
