@@ -26,8 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from refold.core import envelope
+from refold.core.envelope import Headers
 from refold.core.errors import CommandError, InputError
-from refold.core.serde import Event, Headers, header_map, now_rfc3339
+from refold.core.serde import Event
 
 #: The idempotency window: results (and with them "this command id was decided") are kept this
 #: long on the results topic, and a command id seen again within it gets the first result.
@@ -80,15 +82,10 @@ class Command:
         return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
 
     def headers(self, source: str) -> Headers:
-        """CloudEvents-like binary-mode headers: the command id is `ce_id`, its type `ce_type`."""
-        return [
-            ("ce_specversion", b"1.0"),
-            ("ce_id", self.command_id.encode()),
-            ("ce_type", self.type.encode()),
-            ("ce_source", source.encode()),
-            ("ce_time", now_rfc3339().encode()),
-            ("content-type", CONTENT_TYPE.encode()),
-        ]
+        """The CloudEvents envelope: the command id is `ce_id`, its type `ce_type`, JSON."""
+        return envelope.headers(
+            self.type, source=source, id=self.command_id, content_type=CONTENT_TYPE
+        )
 
     @classmethod
     def decode(
@@ -101,7 +98,7 @@ class Command:
             raise InputError(f"command is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise InputError("command is not a JSON object")
-        command_id = obj.get("command_id") or header_map(headers).get("ce_id")
+        command_id = obj.get("command_id") or envelope.read_id(headers)
         version = obj.get("expected_version")
         if not (
             isinstance(command_id, str)

@@ -53,10 +53,11 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from refold.core import envelope
 from refold.core.commands import Command, CommandResult, Decider, EventSpec, Rejected
 from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, EncodeError, InputError
-from refold.core.serde import Codec, Event, envelope_headers
+from refold.core.serde import Codec, Event
 from refold.engine.tail import event_from_message
 from refold.kafka.registry import SchemaRegistry
 from refold.store.rocksdb import RocksStore
@@ -472,7 +473,7 @@ class CommandProcessor:
                 self.codec.encode(type_name, data),
                 key.encode(),
                 partition=msg.partition(),
-                headers=envelope_headers(
+                headers=envelope.headers(
                     type_name, source=self._source, correlation_id=cid, causation_id=cid
                 ),
                 on_delivery=delivered(event_pos, i),

@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from refold.core import envelope
 from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.projection import Projection
-from refold.core.serde import Event, envelope_headers
+from refold.core.serde import Event
 from refold.engine.runtime import ProjectionRunner
 from refold.engine.tail import tail
 from refold.examples.bank.accounts import Accounts
@@ -434,7 +435,7 @@ def test_projection_never_sees_events_of_an_aborted_transaction(
             vault.events_topic,
             codec.encode("bank.MoneyDeposited", data),
             b"acc-a",
-            headers=envelope_headers("bank.MoneyDeposited", source="test"),
+            headers=envelope.headers("bank.MoneyDeposited", source="test"),
         )
         aborter.flush(30)
         aborter.abort_transaction(30)
