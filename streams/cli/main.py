@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from refold.core.config import Config
 from refold.core.errors import InputError, RefoldError
@@ -289,71 +289,16 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-
-    from confluent_kafka import Consumer, TopicPartition
     from refold.core.app import load_projections
-    from refold.engine.rebuild import stored_offsets
-    from refold.store.versions import live_version, store_path
+    from refold.engine.status import Watermarks, status_table, store_status
 
-    consumer = Consumer(config.kafka(**{"group.id": "refold-status"}))
-    rows: list[dict[str, Any]] = []
-    try:
-        for projection in load_projections(config.app_modules):
-            version = live_version(config, projection.name) or projection.version
-            offsets: dict[tuple[str, int], int] = {}
-            dead = folded = 0
-            if store_path(config, projection.name, version).is_dir():
-                store, _ = _open_reader(config, projection.name)
-                try:
-                    offsets = store.offsets()
-                    dead = int(store.meta("dead_letters") or 0)
-                    folded = int(store.meta("events_folded") or 0)
-                finally:
-                    store.close()
-            lag = 0
-            for topic in projection.topics:
-                md = consumer.list_topics(topic, timeout=10).topics.get(topic)
-                for p in sorted(md.partitions if md and md.partitions else ()):
-                    _low, high = consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=10
-                    )
-                    lag += max(0, high - offsets.get((topic, p), 0))
-            building = None
-            if (
-                projection.version != version
-                and store_path(config, projection.name, projection.version).is_dir()
-            ):
-                done = sum(stored_offsets(config, projection.name, projection.version).values())
-                total = sum(offsets.values()) + lag
-                building = {"version": projection.version, "position": done, "of": total}
-            rows.append(
-                {
-                    "projection": projection.name,
-                    "version": version,
-                    "code_version": projection.version,
-                    "building": building,
-                    "events_folded": folded,
-                    "lag": lag,
-                    "dead_letters": dead,
-                    "offsets": {f"{t}:{p}": o for (t, p), o in sorted(offsets.items())},
-                }
-            )
-    finally:
-        consumer.close()
+    watermarks = Watermarks(config, timeout=10.0)
+    rows = [store_status(config, p, watermarks) for p in load_projections(config.app_modules)]
     if args.json:
         for row in rows:
-            _out(row)
+            _out(row.to_json())
     else:
-        print(f"{'PROJECTION':<16} {'VERSION':>7} {'FOLDED':>10} {'LAG':>8} {'DEAD':>6}  OFFSETS")
-        for row in rows:
-            offs = " ".join(f"{k}={v}" for k, v in row["offsets"].items()) or "-"
-            if row["building"]:
-                b = row["building"]
-                offs += f"  (building v{b['version']}: {b['position']}/{b['of']})"
-            print(
-                f"{row['projection']:<16} {row['version']:>7} {row['events_folded']:>10} "
-                f"{row['lag']:>8} {row['dead_letters']:>6}  {offs}"
-            )
+        print(status_table(rows))
     return 0
 
 

@@ -59,6 +59,7 @@ from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, EncodeError, InputError
 from refold.core.serde import Codec, Event
 from refold.engine.tail import event_from_message
+from refold.kafka.log import read_to_end
 from refold.kafka.registry import SchemaRegistry
 from refold.store.rocksdb import RocksStore
 
@@ -233,30 +234,18 @@ class CommandProcessor:
             return
         d = self.decider
         stored = self.store.offsets()
-        starts = [
-            TopicPartition(t, p, stored.get((t, p), OFFSET_BEGINNING))
+        starts = {
+            (t, p): stored.get((t, p), OFFSET_BEGINNING)
             for p in partitions
             for t in (d.events_topic, d.results_topic)
-        ]
-        ends = {
-            (tp.topic, tp.partition): self._reader.get_watermark_offsets(tp, 10)[1] for tp in starts
         }
-        todo = {k for k, end in ends.items() if end > stored.get(k, 0)}
-        if not todo:
-            return
-        self._reader.assign(starts)
         folded = 0
-        try:
-            while todo and not self._stop.is_set():
-                msgs = self._reader.consume(5000, 0.2)
-                folded += self._fold_records([m for m in msgs if m.error() is None])
-                # Transaction markers are never delivered: trust the position for the last ones.
-                for tp in self._reader.position([TopicPartition(*k) for k in todo]):
-                    if tp.offset >= ends[(tp.topic, tp.partition)]:
-                        todo.discard((tp.topic, tp.partition))
-        finally:
-            self._reader.unassign()
-        log.info("commands %s: folded %d records of partitions %s", self.name, folded, partitions)
+        for batch in read_to_end(self._reader, starts, batch_size=5000, stopped=self._stop.is_set):
+            folded += self._fold_records(batch)
+        if folded:
+            log.info(
+                "commands %s: folded %d records of partitions %s", self.name, folded, partitions
+            )
 
     def _fold_records(self, msgs: list[Message]) -> int:
         """Fold events / learn results read back from Kafka; store them with their offsets."""

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 from refold.core.config import Config
-from refold.core.errors import ProjectionError, StoreError
+from refold.core.errors import ProjectionError, StoreError, TopicError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.rebuild import (
@@ -32,6 +32,7 @@ from refold.engine.rebuild import (
     stored_offsets,
 )
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
+from refold.kafka.log import topic_partitions, watermarks
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
 
@@ -190,19 +191,18 @@ def open_view(config: Config, name: str, version: int) -> RocksStore:
 def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
     """(low, high) watermarks of every partition of the projection's source topics."""
     consumer = Consumer(config.kafka(**{"group.id": "refold-replay-plan"}))
-    ranges: dict[TP, tuple[int, int]] = {}
     try:
-        for topic in projection.topics:
-            md = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if md is None or md.error is not None:
-                raise ProjectionError(f"topic {topic!r} does not exist")
-            for p in sorted(md.partitions):
-                ranges[(topic, p)] = consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=10
-                )
+        tps = [(t, p) for t in projection.topics for p in _source_partitions(consumer, t)]
+        return watermarks(consumer, tps)
     finally:
         consumer.close()
-    return ranges
+
+
+def _source_partitions(consumer: Consumer, topic: str) -> list[int]:
+    try:
+        return topic_partitions(consumer, topic)
+    except TopicError as exc:
+        raise ProjectionError(str(exc), hint=exc.hint) from exc
 
 
 def plan(config: Config, projection: Projection, version: int) -> Plan:

@@ -46,6 +46,7 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
+from refold.kafka.log import end_offsets, topic_partitions
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.versions import store_path
 
@@ -284,17 +285,16 @@ class ProjectionRunner:
         """Own every partition of the source topics (no group: a rebuild reads them all), or
         those with the given numbers, from the store's offsets; returns the high watermarks."""
         stored = self.store.offsets()
-        assigned: list[TopicPartition] = []
-        ends: dict[TP, int] = {}
-        for topic in self.projection.topics:
-            md = self._consumer.list_topics(topic, timeout=10).topics[topic]
-            for p in sorted(md.partitions):
-                if partitions is not None and p not in partitions:
-                    continue
-                tp = (topic, p)
-                self._next[tp] = stored.get(tp, 0)
-                assigned.append(TopicPartition(topic, p, stored.get(tp, OFFSET_BEGINNING)))
-                ends[tp] = self._consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+        owned = [
+            (topic, p)
+            for topic in self.projection.topics
+            for p in topic_partitions(self._consumer, topic)
+            if partitions is None or p in partitions
+        ]
+        assigned = [TopicPartition(t, p, stored.get((t, p), OFFSET_BEGINNING)) for t, p in owned]
+        for tp in owned:
+            self._next[tp] = stored.get(tp, 0)
+        ends = end_offsets(self._consumer, owned)
         self._consumer.assign(assigned)
         self._publish_assignment(self._consumer)
         self.stats.state = "running"

@@ -1,4 +1,5 @@
-"""What the query server reports about runners: lag, descriptions and Prometheus metrics."""
+"""What refold reports about projections: lag, descriptions and Prometheus metrics for the query
+server's runners, and the rows of `refold status` read from the stores on disk."""
 
 from __future__ import annotations
 
@@ -6,13 +7,18 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
-from refold.engine.rebuild import build_on_disk
+from refold.core.errors import TopicError
+from refold.core.projection import Projection
+from refold.engine.rebuild import build_on_disk, stored_offsets
 from refold.engine.runtime import ProjectionRunner
+from refold.store.rocksdb import RocksStore
+from refold.store.versions import live_version, store_path
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,25 @@ class Watermarks:
                 log.warning("no end offset for %s[%d]: %s", tp.topic, tp.partition, exc)
         self._ends = ends
         self._at = time.monotonic()
+
+    def partitions(self, topics: Iterable[str]) -> list[TP]:
+        """Every partition of the topics that exist (blocks: call off the loop)."""
+        with self._lock:
+            if self._admin is None:
+                self._admin = AdminClient(cast("dict[str, Any]", self._config.kafka()))
+            admin = self._admin
+        out: list[TP] = []
+        for topic in topics:
+            try:
+                md = admin.list_topics(topic=topic, timeout=self._timeout * 5).topics.get(topic)
+            except KafkaException as exc:
+                raise TopicError(
+                    f"cannot read metadata for topic {topic!r}: {exc}",
+                    hint="is the broker running? `refold broker status`",
+                ) from exc
+            if md is not None and md.error is None:
+                out.extend((topic, p) for p in sorted(md.partitions))
+        return out
 
 
 def _partitions(
@@ -194,3 +219,82 @@ def metrics_text(
         ],
     )
     return "\n".join(lines) + "\n"
+
+
+# -- `refold status`: the stores on disk ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """One projection as `refold status` shows it: its live version's store and lag, and the
+    progress of a newer version being built beside it."""
+
+    projection: str
+    version: int
+    code_version: int
+    events_folded: int
+    lag: int
+    dead_letters: int
+    offsets: Mapping[TP, int]
+    building: Mapping[str, int] | None = None  # version, position, of
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "projection": self.projection,
+            "version": self.version,
+            "code_version": self.code_version,
+            "building": dict(self.building) if self.building else None,
+            "events_folded": self.events_folded,
+            "lag": self.lag,
+            "dead_letters": self.dead_letters,
+            "offsets": {f"{t}:{p}": o for (t, p), o in sorted(self.offsets.items())},
+        }
+
+
+def store_status(config: Config, projection: Projection, watermarks: Watermarks) -> StoreStatus:
+    """Read the live (or only) version's store of `projection` and the source topics' ends."""
+    name = projection.name
+    version = live_version(config, name) or projection.version
+    offsets: dict[TP, int] = {}
+    counters = {"events_folded": 0, "dead_letters": 0}
+    path = store_path(config, name, version)
+    if path.is_dir():
+        store = RocksStore.open_secondary(path)
+        try:
+            offsets = store.offsets()
+            counters = {k: int(store.meta(k) or 0) for k in counters}
+        finally:
+            store.close()
+    tps = watermarks.partitions(projection.topics)
+    ends = watermarks.ends(tps)
+    lag = sum(max(0, ends.get(tp, 0) - offsets.get(tp, 0)) for tp in tps)
+    building = None
+    if projection.version != version and store_path(config, name, projection.version).is_dir():
+        done = sum(stored_offsets(config, name, projection.version).values())
+        total = sum(offsets.values()) + lag
+        building = {"version": projection.version, "position": done, "of": total}
+    return StoreStatus(
+        name,
+        version,
+        projection.version,
+        counters["events_folded"],
+        lag,
+        counters["dead_letters"],
+        offsets,
+        building,
+    )
+
+
+def status_table(rows: Iterable[StoreStatus]) -> str:
+    """`refold status` as a table, one line per projection."""
+    lines = [f"{'PROJECTION':<16} {'VERSION':>7} {'FOLDED':>10} {'LAG':>8} {'DEAD':>6}  OFFSETS"]
+    for row in rows:
+        offs = " ".join(f"{t}:{p}={o}" for (t, p), o in sorted(row.offsets.items())) or "-"
+        if row.building:
+            b = row.building
+            offs += f"  (building v{b['version']}: {b['position']}/{b['of']})"
+        lines.append(
+            f"{row.projection:<16} {row.version:>7} {row.events_folded:>10} "
+            f"{row.lag:>8} {row.dead_letters:>6}  {offs}"
+        )
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from confluent_kafka import (
@@ -16,9 +17,11 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+from refold.core import envelope
 from refold.core.config import Config
 from refold.core.errors import DecodeError, TopicError
 from refold.core.serde import Codec, Event
+from refold.kafka.log import read_to_end, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -97,42 +100,45 @@ def tail(
         )
     )
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        tmd = md.topics.get(topic)
-        if tmd is None or tmd.error is not None or not tmd.partitions:
-            raise TopicError(f"topic {topic!r} does not exist", hint="`refold topics ensure`")
-        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        partitions = sorted(tmd.partitions)
-        ends: dict[int, int] = {}
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > (low if from_beginning else high):
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
-        count = 0
-        while limit is None or count < limit:
-            if not follow and not ends:
-                return
-            msg = consumer.poll(poll_timeout)
-            if msg is None:
-                if not follow:  # transaction markers sit below the high watermark, never delivered
-                    for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-                        if tp.offset >= ends[tp.partition]:
-                            del ends[tp.partition]
-                continue
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error on %s: %s", topic, msg.error())
-                continue
-            if msg.partition() in ends and msg.offset() + 1 >= ends[msg.partition()]:
-                del ends[msg.partition()]
-            count += 1
+        numbers = topic_partitions(consumer, topic)
+        if follow:
+            records = _follow(consumer, topic, numbers, from_beginning, poll_timeout)
+        else:
+            records = _to_end(consumer, topic, numbers, from_beginning)
+        for msg in islice(records, limit):
             try:
                 yield event_from_message(codec, msg)
             except DecodeError as exc:
                 yield bad_record(msg, str(exc))
     finally:
         consumer.close()
+
+
+def _to_end(
+    consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool
+) -> Iterator[Message]:
+    """The records up to the ends of the moment (none when starting at the end)."""
+    if not from_beginning:
+        return
+    for batch in read_to_end(consumer, {(topic, p): OFFSET_BEGINNING for p in numbers}):
+        yield from batch
+
+
+def _follow(
+    consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool, poll_timeout: float
+) -> Iterator[Message]:
+    """Every record from the start (or the end) on, as it arrives, until the caller stops."""
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    consumer.assign([TopicPartition(topic, p, start) for p in numbers])
+    while True:
+        msg = consumer.poll(poll_timeout)
+        if msg is None:
+            continue
+        if msg.error():
+            if msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("consume error on %s: %s", topic, msg.error())
+            continue
+        yield msg
 
 
 def dead_letters(
@@ -146,35 +152,28 @@ def dead_letters(
         config.kafka(**{"group.id": "refold-dlq-reader", "enable.auto.commit": False})
     )
     try:
-        md = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if md is None or md.error is not None:
-            return
-        ends = {}
-        for p in md.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        count = 0
-        while ends and (limit is None or count < limit):
-            msg = consumer.poll(2.0)
-            if msg is None:
-                break
-            if msg.error():
-                continue
-            if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                ends.pop(msg.partition(), None)
-            h = {k: v.decode("utf-8", "replace") for k, v in (msg.headers() or []) if v is not None}
-            count += 1
-            yield {
-                "reason": h.get("refold_dlq_reason"),
-                "projection": h.get("refold_dlq_projection"),
-                "topic": h.get("refold_dlq_topic"),
-                "partition": int(h.get("refold_dlq_partition", -1)),
-                "offset": int(h.get("refold_dlq_offset", -1)),
-                "key": (msg.key() or b"").decode("utf-8", "replace"),
-                "value_hex": (msg.value() or b"").hex(),
-                "dlq_offset": msg.offset(),
-            }
+        try:
+            numbers = topic_partitions(consumer, topic)
+        except TopicError:
+            return  # nothing was ever dead-lettered
+        starts = {(topic, p): OFFSET_BEGINNING for p in numbers}
+        records = (msg for batch in read_to_end(consumer, starts) for msg in batch)
+        for msg in islice(records, limit):
+            yield dead_letter(msg)
     finally:
         consumer.close()
+
+
+def dead_letter(msg: Message) -> dict[str, Any]:
+    """A dead-letter record as `refold dead-letters` shows it."""
+    h = envelope.read(msg.headers())
+    return {
+        "reason": h.get("refold_dlq_reason"),
+        "projection": h.get("refold_dlq_projection"),
+        "topic": h.get("refold_dlq_topic"),
+        "partition": int(h.get("refold_dlq_partition", -1)),
+        "offset": int(h.get("refold_dlq_offset", -1)),
+        "key": (msg.key() or b"").decode("utf-8", "replace"),
+        "value_hex": (msg.value() or b"").hex(),
+        "dlq_offset": msg.offset(),
+    }

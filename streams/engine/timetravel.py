@@ -7,6 +7,7 @@ folded, so an as-of query costs one sequential read of that partition prefix —
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,8 +16,9 @@ from confluent_kafka import Consumer, TopicPartition
 from refold.core.config import Config
 from refold.core.errors import DecodeError, InputError, ProjectionError
 from refold.core.projection import Projection
-from refold.core.serde import Codec
+from refold.core.serde import Codec, Event
 from refold.engine.tail import event_from_message
+from refold.kafka.log import read_to_end, topic_partitions, watermarks
 
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
@@ -86,42 +88,44 @@ def fold_as_of(
     position: dict[str, int] = {}
     try:
         for topic in projection.topics:
-            md = consumer.list_topics(topic, timeout=10).topics[topic]
-            partition = murmur2_partition(raw_key, len(md.partitions))
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
-            found = consumer.offsets_for_times([TopicPartition(topic, partition, ms)], 10)[0]
-            stop = high if found.offset < 0 else found.offset  # -1: nothing at or after `moment`
-            position[f"{topic}:{partition}"] = stop
-            if stop <= low:
-                continue
-            consumer.assign([TopicPartition(topic, partition, low)])
-            done = False
-            while not done:
-                # consume(n, timeout) would wait for n records: take one, then what is fetched.
-                first = consumer.poll(5.0)
-                batch = [first, *consumer.consume(1000, 0)] if first is not None else [None]
-                for msg in batch:
-                    if msg is None:
-                        done = True  # nothing more arrives: end of what is readable
-                        break
-                    if msg.error() is not None:
-                        continue
-                    if msg.offset() >= stop:
-                        done = True
-                        break
-                    if msg.key() == raw_key:
-                        try:
-                            event = event_from_message(codec, msg)
-                        except DecodeError:
-                            event = None  # the live projection dead-lettered it too
-                        if event is not None:
-                            if state is None:
-                                state = projection.initial(key)
-                            state = projection.apply(state, event)
-                            folded += 1
-                    if msg.offset() + 1 >= stop:
-                        done = True
-                        break
+            tp, start, stop = _prefix_before(consumer, topic, raw_key, ms)
+            position[f"{topic}:{tp[1]}"] = stop
+            for event in _events_of(consumer, codec, tp, start, stop, raw_key):
+                state = projection.apply(projection.initial(key) if state is None else state, event)
+                folded += 1
     finally:
         consumer.close()
     return AsOf(key, state, position, folded)
+
+
+def _prefix_before(
+    consumer: Consumer, topic: str, raw_key: bytes, ms: int
+) -> tuple[tuple[str, int], int, int]:
+    """The key's partition of `topic` and the offsets [start, stop) written before `ms`."""
+    partition = murmur2_partition(raw_key, len(topic_partitions(consumer, topic)))
+    tp = (topic, partition)
+    low, high = watermarks(consumer, [tp])[tp]
+    found = consumer.offsets_for_times([TopicPartition(topic, partition, ms)], 10)[0]
+    stop = high if found.offset < 0 else found.offset  # -1: nothing at or after `ms`
+    return tp, low, stop
+
+
+def _events_of(
+    consumer: Consumer,
+    codec: Codec,
+    tp: tuple[str, int],
+    start: int,
+    stop: int,
+    raw_key: bytes,
+) -> Iterator[Event]:
+    """The decodable events of one key in offsets [start, stop) of its partition."""
+    if stop <= start:
+        return
+    for batch in read_to_end(consumer, {tp: start}, until={tp: stop}):
+        for msg in batch:
+            if msg.key() != raw_key:
+                continue
+            try:
+                yield event_from_message(codec, msg)
+            except DecodeError:
+                continue  # the live projection dead-lettered it too
