@@ -28,7 +28,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -130,8 +130,10 @@ class RunnerStats:
 
 
 class _Poison(Exception):
-    def __init__(self, index: int, reason: str) -> None:
-        self.index = index
+    """A record that cannot be folded (undecodable, or the fold raised), and why."""
+
+    def __init__(self, msg: Message, reason: str) -> None:
+        self.msg = msg
         self.reason = reason
 
 
@@ -409,7 +411,7 @@ class ProjectionRunner:
                 stop, dead = self._fold(msgs)
                 break
             except _Poison as p:
-                msg = msgs[p.index]
+                msg = p.msg
                 self._poison[(msg.topic(), msg.partition(), msg.offset())] = p.reason
                 # The fold may have half-mutated cached states: forget them all; fold again from
                 # the store (rewinding past batches that wait for their write), skipping it.
@@ -472,42 +474,82 @@ class ProjectionRunner:
         self, msgs: list[Message]
     ) -> tuple[tuple[Message, str] | None, list[tuple[Message, str]]]:
         """Fold `msgs` into the pending write; returns where to stop (a poison record of a
-        projection that stops on errors) and the poison records to dead-letter first."""
-        projection = self.projection
-        apply = projection.apply
-        initial = projection.initial
-        codec = self.codec
-        cache = self._cache
-        store = self.store
-        pending = self._pending
-        next_offsets = pending.offsets
-        changed = pending.changed
-        links = pending.links
-        expected = self._next
-        replay_below = self._replay_below
-        poison = self._poison
+        projection that stops on errors) and the poison records to dead-letter first.
+
+        The paths are chosen once per batch, not per record: poison positions known from an
+        earlier attempt leave the batch first (`_without_poison`), then the records are folded
+        under their own keys (`_fold_keyed`, the hot loop) or under the keys `key()` names
+        (`_fold_rekeyed`)."""
+        stop: tuple[Message, str] | None = None
         dead: list[tuple[Message, str]] = []
-        folded = skipped = 0
-        rekeys = self._rekeys
-        decode = codec.decode
-        raw = codec.raw_decoders
-        bounds = self._bounds
-        beyond = self._beyond
-        keys: list[str | None] | None = None
-        if not rekeys and not self._cache_complete:
-            keys = [None if k is None else k.decode("utf-8", "replace") for k in map(_key, msgs)]
-            missing = [k for k in set(keys) if k is not None and k not in cache]
-            if missing:
-                cache.update(store.get_many(missing))
-        # Records come in runs from one partition: its position checks are looked up per run.
+        passed: dict[TP, int] = {}
+        if self._poison:
+            msgs, stop, dead, passed = self._without_poison(msgs)
+        if self._rekeys:
+            self._fold_rekeyed(msgs)
+        else:
+            self._fold_keyed(msgs)
+        next_offsets = self._pending.offsets
+        for tp, nxt in passed.items():
+            next_offsets[tp] = max(next_offsets.get(tp, 0), nxt)
+        return stop, dead
+
+    def _without_poison(
+        self, msgs: list[Message]
+    ) -> tuple[list[Message], tuple[Message, str] | None, list[tuple[Message, str]], dict[TP, int]]:
+        """Take the records at known poison positions out of the batch. For a projection that
+        stops on errors, the batch ends before the first one (returned as where to stop);
+        otherwise each is counted, dead-lettered once, and its partition's next offset moves
+        past it (returned, applied after the fold). Positions the fold would skip anyway
+        (already folded, past a rebuild's bound) stay in the batch for it to skip."""
+        poison, pending = self._poison, self._pending
+        stops = self.projection.on_error == "stop"
+        keep: list[Message] = []
+        dead: list[tuple[Message, str]] = []
+        passed: dict[TP, int] = {}
+        for index, msg in enumerate(msgs):
+            where = (msg.topic(), msg.partition(), msg.offset())
+            reason = poison.get(where) if msg.error() is None else None
+            if reason is None or not self._unfolded(where):
+                keep.append(msg)
+                continue
+            if stops:
+                return msgs[:index], (msg, reason), [], {}
+            pending.dead += 1
+            passed[where[:2]] = where[2] + 1
+            if where not in self._dead_lettered:
+                dead.append((msg, reason))
+        return keep, None, dead, passed
+
+    def _unfolded(self, where: Where) -> bool:
+        """True if the fold would take a record at `where`: not folded yet, within bounds."""
+        tp, offset = where[:2], where[2]
+        if offset < max(self._next.get(tp, 0), self._pending.offsets.get(tp, 0)):
+            return False
+        bound = self._bounds.get(tp) if self._bounds else None
+        return bound is None or offset < bound
+
+    def _fold_keyed(self, msgs: list[Message]) -> None:
+        """Fold each record under its own key. The measured hot loop (bench/fold_micro.py,
+        the rebuild scenario), so one function with everything inline: records come in runs
+        from one partition, whose position checks are looked up once per run; the generated
+        decoder is called directly; a fresh rebuild's cache says which keys have no state."""
+        projection = self.projection
+        apply, initial = projection.apply, projection.initial
+        decode, raw = self.codec.decode, self.codec.raw_decoders
+        cache, pending = self._cache, self._pending
+        next_offsets, changed = pending.offsets, pending.changed
+        expected, replay_below = self._next, self._replay_below
+        bounds, beyond = self._bounds, self._beyond
+        keys = None if self._cache_complete else self._load_keys(msgs)
         topic, partition, tp = "", -1, ("", -1)
         floor = replay_floor = 0
         bound: int | None = None
+        folded = 0
         try:
             for index, msg in enumerate(msgs):
                 if msg.error() is not None:
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("%s: consume error %s", self.name, msg.error())
+                    self._consume_error(msg)
                     continue
                 if msg.partition() != partition or msg.topic() != topic:
                     topic, partition = msg.topic(), msg.partition()
@@ -521,25 +563,16 @@ class ProjectionRunner:
                 if bound is not None and offset >= bound:
                     beyond.setdefault(tp, offset)  # a rebuild's bound: read again later
                     continue
-                if poison and (topic, partition, offset) in poison:
-                    reason = poison[(topic, partition, offset)]
-                    if projection.on_error == "stop":
-                        return (msg, reason), dead
-                    floor = next_offsets[tp] = offset + 1
-                    pending.dead += 1
-                    if (topic, partition, offset) not in self._dead_lettered:
-                        dead.append((msg, reason))
-                    continue
                 floor = next_offsets[tp] = offset + 1
                 if keys is None:
                     raw_key = msg.key()
-                    event_key = None if raw_key is None else raw_key.decode("utf-8", "replace")
+                    key = None if raw_key is None else raw_key.decode("utf-8", "replace")
                 else:
-                    event_key = keys[index]
+                    key = keys[index]
                 value = msg.value()
                 found = raw.get(value[:HEADER_LEN]) if value else None
                 try:
-                    if event_key is None:
+                    if key is None:
                         raise DecodeError("record has no key (events are keyed by aggregate id)")
                     if found is not None:  # the common case, without two wrapper calls
                         type_name = found[0]
@@ -548,39 +581,97 @@ class ProjectionRunner:
                         type_name, data = decode(value)
                 except (IndexError, ValueError, UnicodeDecodeError) as exc:
                     reason = f"undecodable: Avro body does not decode: {exc}"
-                    raise _Poison(index, reason) from exc
+                    raise _Poison(msg, reason) from exc
                 except DecodeError as exc:
-                    raise _Poison(index, f"undecodable: {exc}") from exc
-                event = Event(type_name, event_key, data, topic, partition, offset, 0, None, msg)
+                    raise _Poison(msg, f"undecodable: {exc}") from exc
+                event = Event(type_name, key, data, topic, partition, offset, 0, None, msg)
                 if offset < replay_floor:
                     event.replay = True
                 try:
-                    if rekeys:
-                        key = projection.key(event)
-                        if key is None:
-                            key = links.get(event.key) or store.link(event.key)
-                            if key is None:
-                                skipped += 1
-                                continue
-                        elif links.get(event.key, "") != key and store.link(event.key) != key:
-                            links[event.key] = key
-                    else:
-                        key = event_key
                     state = cache.get(key, _MISSING)
-                    if state is _MISSING:
-                        state = store.get(key) if rekeys else None
-                        if state is None:
-                            state = initial(key)
-                    state = apply(state, event)
+                    state = apply(initial(key) if state is _MISSING else state, event)
                 except Exception as exc:  # a bug or bad data in user code: poison, not a crash
-                    raise _Poison(index, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                    raise _Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
                 cache[key] = state
                 changed[key] = state
                 folded += 1
         finally:
             pending.folded += folded
+
+    def _load_keys(self, msgs: list[Message]) -> list[str | None]:
+        """The batch's keys, with the states of those not cached read in one `get_many`."""
+        keys = [None if k is None else k.decode("utf-8", "replace") for k in map(_key, msgs)]
+        missing = [k for k in set(keys) if k is not None and k not in self._cache]
+        if missing:
+            self._cache.update(self.store.get_many(missing))
+        return keys
+
+    def _fold_rekeyed(self, msgs: list[Message]) -> None:
+        """Fold each record under the key `projection.key(event)` names; None folds it under
+        the key its aggregate was last routed to (a link, stored with the states), and an
+        aggregate never routed is skipped."""
+        projection, store, cache, pending = self.projection, self.store, self._cache, self._pending
+        links = pending.links
+        folded = skipped = 0
+        try:
+            for msg, event in self._events(msgs):
+                try:
+                    key = projection.key(event)
+                    if key is None:
+                        key = links.get(event.key) or store.link(event.key)
+                        if key is None:
+                            skipped += 1
+                            continue
+                    elif links.get(event.key, "") != key and store.link(event.key) != key:
+                        links[event.key] = key
+                    state = cache.get(key, _MISSING)
+                    if state is _MISSING:
+                        state = store.get(key)
+                        if state is None:
+                            state = projection.initial(key)
+                    state = projection.apply(state, event)
+                except Exception as exc:  # a bug or bad data in user code: poison, not a crash
+                    raise _Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                cache[key] = state
+                pending.changed[key] = state
+                folded += 1
+        finally:
+            pending.folded += folded
             pending.skipped += skipped
-        return None, dead
+
+    def _events(self, msgs: list[Message]) -> Iterator[tuple[Message, Event]]:
+        """The batch's records not folded yet and within bounds, decoded, in order; moves each
+        partition's next offset past every record it yields. (`_fold_keyed` does the same
+        inline.)"""
+        next_offsets, expected = self._pending.offsets, self._next
+        for msg in msgs:
+            if msg.error() is not None:
+                self._consume_error(msg)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            tp = (topic, partition)
+            if offset < max(expected.get(tp, 0), next_offsets.get(tp, 0)):
+                continue  # already folded: a redelivery after a seek
+            bound = self._bounds.get(tp) if self._bounds else None
+            if bound is not None and offset >= bound:
+                self._beyond.setdefault(tp, offset)  # a rebuild's bound: read again later
+                continue
+            next_offsets[tp] = offset + 1
+            raw_key = msg.key()
+            try:
+                if raw_key is None:
+                    raise DecodeError("record has no key (events are keyed by aggregate id)")
+                type_name, data = self.codec.decode(msg.value())
+            except DecodeError as exc:
+                raise _Poison(msg, f"undecodable: {exc}") from exc
+            key = raw_key.decode("utf-8", "replace")
+            event = Event(type_name, key, data, topic, partition, offset, 0, None, msg)
+            event.replay = offset < self._replay_below.get(tp, 0)
+            yield msg, event
+
+    def _consume_error(self, msg: Message) -> None:
+        if msg.error().code() != KafkaError._PARTITION_EOF:
+            log.warning("%s: consume error %s", self.name, msg.error())
 
     def _write_pending(self) -> None:
         """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch."""
