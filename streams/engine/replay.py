@@ -8,6 +8,7 @@ offsets it reports and the states it returns belong to one moment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -269,84 +270,118 @@ def replay(
             config, projection, version, live, diff, swap, diff_path, started, catch_up_timeout
         )
     live_view = open_view(config, name, live) if live else None
-    parts = PartsProgress()
-    runner: ProjectionRunner | None = None
-    runner_base = 0
-
-    def sample() -> tuple[int, dict[TP, int]]:
-        if runner is None:
-            return parts.folded, parts.positions
-        return parts.folded + runner.folded_so_far() - runner_base, runner.pending_positions()
-
+    build = _Build(config, codec, projection, version, store)
     try:
         below = live_view.offsets() if live_view else {}
         ends = {tp: high for tp, (_low, high) in source_ends(config, projection).items()}
-        target = {tp: below.get(tp, 0) for tp in ends} if live_view else ends
-        goal = [target]  # what the progress display measures against; replaced, never mutated
-        reporter = (
-            Progress(f"{name} v{version}", sample, lambda: goal[0], progress) if progress else None
+        # What the progress line measures against; replaced as the target moves, never mutated.
+        goal = [{tp: below.get(tp, 0) for tp in ends} if live_view else ends]
+        line = (
+            Progress(f"{name} v{version}", build.sample, lambda: goal[0], progress)
+            if progress
+            else contextlib.nullcontext()
         )
-        if reporter:
-            reporter.__enter__()
-        split_over = 1
-        try:
-            if store.offsets():
-                discard_parts(config, name, version)  # left by a merge that completed
-            else:
-                todo = sum(target.values())
-                split_over = procs or (default_procs() if todo >= PARALLEL_MIN_EVENTS else 1)
-                resuming = parts_path(config, name, version).is_dir()
-                if split_over > 1 or resuming:
-                    built = build_in_parts(
-                        config,
-                        projection,
-                        version,
-                        store,
-                        target,
-                        replay_below=below,
-                        procs=split_over,
-                        progress=parts,
-                        stall_timeout=catch_up_timeout,
-                    )
-                    split_over = parts.count if built else 1
-            dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
-            runner = ProjectionRunner(
-                config,
-                codec,
-                projection,
-                dead_letters=dlq,
-                store=store,
-                version=version,
-                replay_below=below,
-                **rebuild_writes(config),
-            )
-            runner_base = runner.stats.folded
-            try:
-                ends = runner.assign_all()
-                target = _follow(runner, live_view, ends, catch_up_timeout, goal)
-            finally:
-                if reporter:
-                    reporter.__exit__(None, None, None)
-                    reporter = None
-            summary = None
-            if diff and live_view is not None:
-                summary = _diff_to_file(config, name, live_view, runner.store, diff_path)
-                summary.offsets = {tp: target.get(tp, 0) for tp in ends}
-            folded = sample()[0]
-        finally:
-            if reporter:
-                reporter.__exit__(None, None, None)
-            if runner is not None:
-                runner.close()
-                dlq.flush(10)
-            else:
-                store.close()
+        with line:
+            split_over = build.in_parts(goal[0], below, procs, catch_up_timeout)
+            ends, target = build.follow(below, live_view, catch_up_timeout, goal)
+        summary = None
+        if diff and live_view is not None:
+            summary = _diff_to_file(config, name, live_view, store, diff_path)
+            summary.offsets = {tp: target.get(tp, 0) for tp in ends}
+        folded = build.sample()[0]
     finally:
+        build.close()
         if live_view is not None:
             live_view.close()
     if swap:
         set_live(config, name, version)
     return ReplayResult(version, folded, time.monotonic() - started, summary, swap, split_over)
+
+
+class _Build:
+    """One replay's build of a version in this process: the bulk in parallel parts first (from
+    scratch, when big enough), then one runner to the live version's offsets. `sample()` says
+    what has been folded, from whichever of them is folding, for the progress line."""
+
+    def __init__(
+        self, config: Config, codec: Codec, projection: Projection, version: int, store: RocksStore
+    ) -> None:
+        self.config = config
+        self.codec = codec
+        self.projection = projection
+        self.version = version
+        self.store = store
+        self.parts = PartsProgress()
+        self.runner: ProjectionRunner | None = None
+        self._runner_base = 0
+        self._dlq: Producer | None = None
+
+    def sample(self) -> tuple[int, dict[TP, int]]:
+        runner = self.runner
+        if runner is None:
+            return self.parts.folded, self.parts.positions
+        folded = self.parts.folded + runner.folded_so_far() - self._runner_base
+        return folded, runner.pending_positions()
+
+    def in_parts(
+        self, target: dict[TP, int], below: dict[TP, int], procs: int | None, timeout: float
+    ) -> int:
+        """Fold up to `target` in parallel parts and merge them, when the store is empty and
+        the build is big enough (or an interrupted one left parts); returns how many processes
+        folded the bulk (1: this one will)."""
+        config, name, version = self.config, self.projection.name, self.version
+        if self.store.offsets():
+            discard_parts(config, name, version)  # left by a merge that completed
+            return 1
+        todo = sum(target.values())
+        split_over = procs or (default_procs() if todo >= PARALLEL_MIN_EVENTS else 1)
+        if split_over < 2 and not parts_path(config, name, version).is_dir():
+            return 1
+        built = build_in_parts(
+            config,
+            self.projection,
+            version,
+            self.store,
+            target,
+            replay_below=below,
+            procs=split_over,
+            progress=self.parts,
+            stall_timeout=timeout,
+        )
+        return self.parts.count if built else 1
+
+    def follow(
+        self,
+        below: dict[TP, int],
+        live_view: RocksStore | None,
+        timeout: float,
+        goal: list[dict[TP, int]],
+    ) -> tuple[dict[TP, int], dict[TP, int]]:
+        """One runner from the store's offsets to the live version's (or the log's ends);
+        returns the source partitions' ends and the offsets reached."""
+        self._dlq = Producer(self.config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+        self.runner = ProjectionRunner(
+            self.config,
+            self.codec,
+            self.projection,
+            dead_letters=self._dlq,
+            store=self.store,
+            version=self.version,
+            replay_below=below,
+            **rebuild_writes(self.config),
+        )
+        self._runner_base = self.runner.stats.folded
+        ends = self.runner.assign_all()
+        return ends, _follow(self.runner, live_view, ends, timeout, goal)
+
+    def close(self) -> None:
+        """Close the runner (and with it the store), or the store when no runner started."""
+        if self.runner is None:
+            self.store.close()
+            return
+        self.runner.close()
+        if self._dlq is not None:
+            self._dlq.flush(10)
 
 
 def _follow(
