@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -105,18 +106,19 @@ def tail(
             records = _follow(consumer, topic, numbers, from_beginning, poll_timeout)
         else:
             records = _to_end(consumer, topic, numbers, from_beginning)
-        for msg in islice(records, limit):
-            try:
-                yield event_from_message(codec, msg)
-            except DecodeError as exc:
-                yield bad_record(msg, str(exc))
+        with closing(records):  # the reader unassigns before the consumer closes
+            for msg in islice(records, limit):
+                try:
+                    yield event_from_message(codec, msg)
+                except DecodeError as exc:
+                    yield bad_record(msg, str(exc))
     finally:
         consumer.close()
 
 
 def _to_end(
     consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool
-) -> Iterator[Message]:
+) -> Generator[Message, None, None]:
     """The records up to the ends of the moment (none when starting at the end)."""
     if not from_beginning:
         return
@@ -126,7 +128,7 @@ def _to_end(
 
 def _follow(
     consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool, poll_timeout: float
-) -> Iterator[Message]:
+) -> Generator[Message, None, None]:
     """Every record from the start (or the end) on, as it arrives, until the caller stops."""
     start = OFFSET_BEGINNING if from_beginning else OFFSET_END
     consumer.assign([TopicPartition(topic, p, start) for p in numbers])
@@ -157,9 +159,11 @@ def dead_letters(
         except TopicError:
             return  # nothing was ever dead-lettered
         starts = {(topic, p): OFFSET_BEGINNING for p in numbers}
-        records = (msg for batch in read_to_end(consumer, starts) for msg in batch)
-        for msg in islice(records, limit):
-            yield dead_letter(msg)
+        batches = read_to_end(consumer, starts)
+        with closing(batches):  # the reader unassigns before the consumer closes
+            records = (msg for batch in batches for msg in batch)
+            for msg in islice(records, limit):
+                yield dead_letter(msg)
     finally:
         consumer.close()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTP
@@ -83,7 +83,7 @@ def read_to_end(
     batch_size: int = 1000,
     timeout: float = DEFAULT_TIMEOUT_S,
     stopped: Callable[[], bool] | None = None,
-) -> Iterator[list[Message]]:
+) -> Generator[list[Message], None, None]:
     """Yield batches of the records of `starts`' partitions, each read from its start offset
     (OFFSET_BEGINNING allowed) up to, not including, its end, then return.
 
@@ -122,7 +122,7 @@ def _read(
     batch_size: int,
     timeout: float,
     stopped: Callable[[], bool],
-) -> Iterator[list[Message]]:
+) -> Generator[list[Message], None, None]:
     moved_at = time.monotonic()
     positions: dict[TP, int] = {}
     while todo and not stopped():

@@ -208,3 +208,15 @@ def test_a_broker_that_does_not_answer_is_an_error(
     assert time.monotonic() - started < 30
     with pytest.raises(TopicError):
         log.topic_partitions(nobody, "nowhere", timeout=1.0)
+
+
+def test_stopping_early_unassigns_the_partitions(
+    config: Config, topic: str, reader: Callable[..., Consumer]
+) -> None:
+    produce(config, topic, 0, [b"v%d" % i for i in range(20)])
+    consumer = reader()
+    batches = log.read_to_end(consumer, {(topic, 0): OFFSET_BEGINNING}, batch_size=5)
+    assert len(next(batches)) <= 5
+    assert consumer.assignment() != []
+    batches.close()
+    assert consumer.assignment() == []
