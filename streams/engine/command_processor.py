@@ -50,7 +50,6 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 from refold.core.commands import Command, CommandResult, Decider, EventSpec, Rejected
@@ -58,6 +57,7 @@ from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, EncodeError, InputError
 from refold.core.serde import Codec, Event, envelope_headers
 from refold.engine.tail import event_from_message
+from refold.kafka import clients
 from refold.kafka.registry import SchemaRegistry
 from refold.store.rocksdb import RocksStore
 
@@ -69,8 +69,9 @@ TXN_TIMEOUT_MS = 10_000  # how long a dead processor's open transaction can bloc
 MAX_CACHED = 100_000
 
 
-def group_id(name: str) -> str:
-    return f"refold.commands.{name}"
+def group_id(config: Config, name: str) -> str:
+    """The consumer group of a decider's processors: `<app id>.commands.<name>`."""
+    return config.group("commands", name)
 
 
 def store_dir(config: Config, name: str) -> Path:
@@ -130,40 +131,28 @@ class CommandProcessor:
         self._cache: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
-        self._consumer = Consumer(
-            config.kafka(
-                **{
-                    "group.id": group_id(self.name),
-                    "group.instance.id": f"{self.name}-{instance}",
-                    "session.timeout.ms": 10_000,
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "isolation.level": "read_committed",
-                }
-            )
+        group = group_id(config, self.name)
+        self._consumer = clients.consumer(
+            config,
+            group,
+            defaults={"session.timeout.ms": 10_000},
+            required={
+                "group.instance.id": f"{self.name}-{instance}",
+                "auto.offset.reset": "earliest",
+            },
         )
-        self._reader = Consumer(
-            config.kafka(
-                **{
-                    "group.id": f"{group_id(self.name)}.reader",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                    "queued.min.messages": 100_000,
-                }
-            )
+        self._reader = clients.consumer(
+            config, f"{group}.reader", defaults={"queued.min.messages": 100_000}
         )
-        self._producer = Producer(
-            config.kafka(
-                **{
-                    "transactional.id": f"{group_id(self.name)}.{instance}",
-                    "transaction.timeout.ms": TXN_TIMEOUT_MS,
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "partitioner": "murmur2_random",
-                    "linger.ms": 1,
-                    "compression.type": "lz4",
-                }
-            )
+        self._producer = clients.producer(
+            config,
+            defaults={"linger.ms": 1},
+            transactional_id=f"{group}.{instance}",
+            # librdkafka refuses a message timeout above the transaction timeout
+            required={
+                "transaction.timeout.ms": TXN_TIMEOUT_MS,
+                "message.timeout.ms": TXN_TIMEOUT_MS,
+            },
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -175,7 +164,7 @@ class CommandProcessor:
             self._producer.init_transactions(30)
             # Writer schemas must be durable before any event that uses them; the registry
             # write is not part of a transaction, so it goes through a plain producer.
-            plain = Producer(self.config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+            plain = clients.producer(self.config)
             for type_name in self.codec.catalog.types:
                 self._registry.ensure_registered(self.codec.writer_for(type_name), plain)
             self._consumer.subscribe(

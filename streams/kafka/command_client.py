@@ -25,10 +25,8 @@ from typing import Any
 import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    Consumer,
     KafkaError,
     Message,
-    Producer,
     TopicPartition,
 )
 from refold.core.app import load_deciders
@@ -42,8 +40,8 @@ from refold.core.commands import (
 from refold.core.config import Config
 from refold.core.errors import CommandError, TopicError
 from refold.core.serde import Position
+from refold.kafka import clients
 from refold.kafka.command_topics import check_copartitioned
-from refold.kafka.publisher import PRODUCER_DEFAULTS
 from refold.kafka.topics import Topics
 from refold.store.rocksdb import RocksStore
 
@@ -70,16 +68,8 @@ class ResultsIndex:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
-        self._consumer = Consumer(
-            config.kafka(
-                **{
-                    "group.id": f"refold-results-{uuid.uuid4().hex[:8]}",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                    "fetch.wait.max.ms": 10,
-                }
-            )
-        )
+        group = config.group("results", uuid.uuid4().hex[:8])
+        self._consumer = clients.consumer(config, group, defaults={"fetch.wait.max.ms": 10})
 
     def start(self) -> ResultsIndex:
         stored = self._store.offsets() if self._store is not None else {}
@@ -208,8 +198,9 @@ class CommandClient:
         self.source = source or f"refold://{socket.gethostname()}/client"
         self._topics = Topics(config)
         self._checked: set[str] = set()
-        conf = {**PRODUCER_DEFAULTS, "linger.ms": 1, **(producer_conf or {})}
-        self._producer = Producer(config.kafka(**conf))
+        self._producer = clients.producer(
+            config, defaults={"linger.ms": 1, **(producer_conf or {})}
+        )
         self._indexes: dict[str, ResultsIndex] = {}
         self._sent: dict[str, str] = {}  # command id -> aggregate, for wait()
         self._lock = threading.Lock()

@@ -36,7 +36,7 @@ from refold.examples.bank.accounts import Accounts
 from refold.kafka.command_client import CommandClient
 from refold.kafka.command_topics import ensure_command_topics
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
@@ -49,7 +49,7 @@ def vault(config: Config, unique) -> Decider:
     cls = type("Vault", (Accounts,), {"name": name, "events_topic": name})
     decider = cls()
     topics = Topics(config)
-    topics.ensure([*INTERNAL_TOPICS, event_topic(name, PARTITIONS)])
+    topics.ensure([*internal_topics(config), event_topic(name, PARTITIONS)])
     ensure_command_topics(topics, decider)
     return decider
 
