@@ -87,7 +87,7 @@ def _ensure_command_topics(config: Config, topics: Topics) -> set[str]:
     for decider in load_deciders(config.app_modules).values():
         if topics.exists(decider.events_topic):
             ensure_command_topics(topics, decider)
-            names |= {decider.command_topic, decider.results_topic}
+            names |= {decider.command_topic, decider.results_topic, decider.claims_topic}
     return names
 
 
@@ -114,7 +114,9 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
         if not args.wait:
             _out({"command_id": command.command_id, "status": "pending", "position": str(position)})
             return 0
-        result = client.wait(command.command_id, args.timeout, aggregate=args.aggregate)
+        result = client.wait(
+            command.command_id, args.timeout, aggregate=args.aggregate, sent=command
+        )
     _out(result)
     return 0 if result["status"] == "accepted" else EXIT_ERROR
 

@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from refold.core.commands import Command, CommandResult, Decider, EventSpec, Rej
 from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, EncodeError, InputError
 from refold.core.serde import Codec, Event, envelope_headers
+from refold.engine.claims import ClaimsIndex
 from refold.engine.tail import event_from_message
 from refold.kafka import clients
 from refold.kafka.registry import SchemaRegistry
@@ -96,6 +97,8 @@ class ProcessorStats:
     accepted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    #: commands whose id was first claimed by another command (refold.engine.claims)
+    conflicts: int = 0
     transactions: int = 0
     aborts: int = 0
     assigned: tuple[int, ...] = ()
@@ -128,6 +131,7 @@ class CommandProcessor:
         path = store_dir(config, self.name)
         instance = _instance_id(path)
         self.store = RocksStore.open(path)
+        self._claims = ClaimsIndex(config, decider, path.with_name(f"{path.name}.claims"))
         self._cache: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
@@ -162,6 +166,7 @@ class CommandProcessor:
         try:
             # Fences a predecessor with the same transactional.id and aborts its open transaction.
             self._producer.init_transactions(30)
+            self._claims.start()
             # Writer schemas must be durable before any event that uses them; the registry
             # write is not part of a transaction, so it goes through a plain producer.
             plain = clients.producer(self.config)
@@ -193,7 +198,12 @@ class CommandProcessor:
     def _close(self) -> None:
         if self.stats.state != "failed":
             self.stats.state = "stopped"
-        for close in (self._consumer.close, self._reader.close, self.store.close):
+        for close in (
+            self._consumer.close,
+            self._reader.close,
+            self._claims.stop,
+            self.store.close,
+        ):
             try:
                 close()
             except Exception:  # closing is best-effort; the store's WAL has every commit
@@ -352,6 +362,9 @@ class CommandProcessor:
                 commands.append((msg, None, f"malformed command: {exc}"))
         ids = {_command_id(m, c) for m, c, _ in commands}
         known = self.store.get_many([_RES + i for i in ids])
+        winners = self._claim(
+            c for _m, c, p in commands if c and not p and _RES + c.command_id not in known
+        )
         keys = {c.key for _, c, _ in commands if c is not None} - self._cache.keys()
         for raw_key, wrapper in self.store.get_many([_AGG + k for k in keys]).items():
             self._cache[raw_key[len(_AGG) :]] = wrapper
@@ -368,6 +381,10 @@ class CommandProcessor:
                 self.stats.duplicates += 1
                 continue
             seen.add(cid)
+            winner = winners.get(cid)
+            if command is not None and winner and winner["fingerprint"] != command.fingerprint:
+                self.stats.conflicts += 1  # the id means another command: never executed here
+                continue
             key = command.key if command is not None else (msg.key() or b"").decode()
             if key not in tentative:
                 before[key] = self._load(key)
@@ -409,6 +426,14 @@ class CommandProcessor:
         self._send_offsets(msgs)
         self._producer.commit_transaction(30)
         self._after_commit(results, before, emitted)
+
+    def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
+        """The first claim of each new command id (refold.engine.claims); an index that cannot
+        answer aborts the batch, to be retried, rather than deciding without it."""
+        try:
+            return self._claims.claim(commands)
+        except CommandError as exc:
+            raise _Abort(str(exc)) from exc
 
     def _decide(self, command: Command, wrapper: dict[str, Any]) -> list[EventSpec]:
         """The decider's events, each checked against its schema; Rejected on any problem."""
@@ -492,6 +517,7 @@ class CommandProcessor:
                 current_version=outcome.get("current_version"),
                 version=outcome["version"],
                 decided_at_ms=now_ms,
+                fingerprint=command.fingerprint if command else "",
                 command_position={
                     "topic": msg.topic(),
                     "partition": msg.partition(),
