@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,6 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 from refold.core import envelope
@@ -58,6 +57,7 @@ from refold.core.commands import Command, CommandResult, Decider
 from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, InputError
 from refold.core.serde import Codec, Event
+from refold.engine.claims import ClaimsIndex
 from refold.engine.decisions import (
     Aggregate,
     BatchDecision,
@@ -68,6 +68,7 @@ from refold.engine.decisions import (
     new_aggregate,
 )
 from refold.engine.tail import event_from_message
+from refold.kafka import clients
 from refold.kafka.log import read_to_end
 from refold.kafka.registry import SchemaRegistry
 from refold.store.rocksdb import RocksStore
@@ -80,8 +81,9 @@ TXN_TIMEOUT_MS = 10_000  # how long a dead processor's open transaction can bloc
 MAX_CACHED = 100_000
 
 
-def group_id(name: str) -> str:
-    return f"refold.commands.{name}"
+def group_id(config: Config, name: str) -> str:
+    """The consumer group of a decider's processors: `<app id>.commands.<name>`."""
+    return config.group("commands", name)
 
 
 def store_dir(config: Config, name: str) -> Path:
@@ -106,6 +108,8 @@ class ProcessorStats:
     accepted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    #: commands whose id was first claimed by another command (refold.engine.claims)
+    conflicts: int = 0
     transactions: int = 0
     aborts: int = 0
     assigned: tuple[int, ...] = ()
@@ -138,43 +142,32 @@ class CommandProcessor:
         path = store_dir(config, self.name)
         instance = _instance_id(path)
         self.store = RocksStore.open(path)
+        self._claims = ClaimsIndex(config, decider, path.with_name(f"{path.name}.claims"))
         self._cache: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
-        self._consumer = Consumer(
-            config.kafka(
-                **{
-                    "group.id": group_id(self.name),
-                    "group.instance.id": f"{self.name}-{instance}",
-                    "session.timeout.ms": 10_000,
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "isolation.level": "read_committed",
-                }
-            )
+        group = group_id(config, self.name)
+        self._consumer = clients.consumer(
+            config,
+            group,
+            defaults={"session.timeout.ms": 10_000},
+            required={
+                "group.instance.id": f"{self.name}-{instance}",
+                "auto.offset.reset": "earliest",
+            },
         )
-        self._reader = Consumer(
-            config.kafka(
-                **{
-                    "group.id": f"{group_id(self.name)}.reader",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                    "queued.min.messages": 100_000,
-                }
-            )
+        self._reader = clients.consumer(
+            config, f"{group}.reader", defaults={"queued.min.messages": 100_000}
         )
-        self._producer = Producer(
-            config.kafka(
-                **{
-                    "transactional.id": f"{group_id(self.name)}.{instance}",
-                    "transaction.timeout.ms": TXN_TIMEOUT_MS,
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "partitioner": "murmur2_random",
-                    "linger.ms": 1,
-                    "compression.type": "lz4",
-                }
-            )
+        self._producer = clients.producer(
+            config,
+            defaults={"linger.ms": 1},
+            transactional_id=f"{group}.{instance}",
+            # librdkafka refuses a message timeout above the transaction timeout
+            required={
+                "transaction.timeout.ms": TXN_TIMEOUT_MS,
+                "message.timeout.ms": TXN_TIMEOUT_MS,
+            },
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -184,9 +177,10 @@ class CommandProcessor:
         try:
             # Fences a predecessor with the same transactional.id and aborts its open transaction.
             self._producer.init_transactions(30)
+            self._claims.start()
             # Writer schemas must be durable before any event that uses them; the registry
             # write is not part of a transaction, so it goes through a plain producer.
-            plain = Producer(self.config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+            plain = clients.producer(self.config)
             for type_name in self.codec.catalog.types:
                 self._registry.ensure_registered(self.codec.writer_for(type_name), plain)
             self._consumer.subscribe(
@@ -215,7 +209,12 @@ class CommandProcessor:
     def _close(self) -> None:
         if self.stats.state != "failed":
             self.stats.state = "stopped"
-        for close in (self._consumer.close, self._reader.close, self.store.close):
+        for close in (
+            self._consumer.close,
+            self._reader.close,
+            self._claims.stop,
+            self.store.close,
+        ):
             try:
                 close()
             except Exception:  # closing is best-effort; the store's WAL has every commit
@@ -344,19 +343,27 @@ class CommandProcessor:
             self._consumer.seek(tp)
 
     def _transact(self, msgs: list[Message]) -> None:
-        """Steps 3-6 for one batch: decide (pure), produce, commit, then store."""
+        """Steps 3-6 for one batch: claim the new ids, decide (pure), produce, commit, store."""
         records = [_record(msg) for msg in msgs]
+        decided_at = self._decided_at({r.command_id for r in records})
+        claims = self._claim(
+            r.command
+            for r in records
+            if r.command and not r.problem and r.command_id not in decided_at
+        )
         now_ms = int(time.time() * 1000)
         batch = decide_batch(
             self.decider,
             self.codec.check,
             records,
             self._states_of({r.key for r in records}),
-            self._decided_at({r.command_id for r in records}),
+            decided_at,
+            claims={cid: claim["fingerprint"] for cid, claim in claims.items()},
             horizon_ms=now_ms - self.decider.result_retention_ms,
             now_ms=now_ms,
         )
         self.stats.duplicates += batch.duplicates
+        self.stats.conflicts += batch.conflicts
         if not batch.decisions:
             self._commit_offsets_only(msgs)
             return
@@ -372,6 +379,14 @@ class CommandProcessor:
         for raw_key, wrapper in self.store.get_many([_AGG + k for k in missing]).items():
             self._cache[raw_key[len(_AGG) :]] = wrapper
         return {key: self._load(key) for key in keys}
+
+    def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
+        """The first claim of each new command id (refold.engine.claims); an index that cannot
+        answer aborts the batch, to be retried, rather than deciding without it."""
+        try:
+            return self._claims.claim(commands)
+        except CommandError as exc:
+            raise _Abort(str(exc)) from exc
 
     def _decided_at(self, ids: set[str]) -> dict[str, int]:
         """When each of these command ids was decided, for those that have a result."""
@@ -444,6 +459,7 @@ class CommandProcessor:
             current_version=decision.current_version,
             version=decision.version,
             decided_at_ms=now_ms,
+            fingerprint=record.command.fingerprint if record.command is not None else "",
             command_position={
                 "topic": record.topic,
                 "partition": record.partition,

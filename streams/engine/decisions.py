@@ -6,6 +6,8 @@ transaction, then one store batch); see `refold.engine.command_processor`.
 Rules, applied to a batch's commands in order (step 3 of the processor):
 - a command id decided before (its result is within the idempotency window) or earlier in the
   same batch is a duplicate: no decision, nothing emitted, the first result stands;
+- a command whose id was first claimed by another command (another fingerprint, see
+  `refold.engine.claims`) is a conflict: never decided here, no result of its own;
 - a malformed command, or one whose record key differs from its key, is rejected;
 - a stale `expected_version` is rejected as a conflict, with `current_version`;
 - otherwise `decide` sees the state left by the batch's earlier commands for the same key and
@@ -72,11 +74,13 @@ class Decision:
 
 @dataclass(slots=True)
 class BatchDecision:
-    """A batch decided: its decisions in order, how many commands were duplicates, and the
-    states of the keys it touched before and after (events folded at positions unknown yet)."""
+    """A batch decided: its decisions in order, how many commands were duplicates or conflicts
+    (their id claimed by another command), and the states of the keys it touched before and
+    after (events folded at positions unknown yet)."""
 
     decisions: list[Decision] = field(default_factory=list)
     duplicates: int = 0
+    conflicts: int = 0
     before: dict[str, Aggregate] = field(default_factory=dict)
     after: dict[str, Aggregate] = field(default_factory=dict)
 
@@ -92,13 +96,14 @@ def decide_batch(
     states: Mapping[str, Aggregate],
     decided_at: Mapping[str, int],
     *,
+    claims: Mapping[str, str] | None = None,
     horizon_ms: float,
     now_ms: int,
 ) -> BatchDecision:
     """Decide `records` in order. `states` holds the committed state of each key (a key
     missing there has no events yet); `decided_at` maps command ids that already have a result
-    to when they were decided; results older than `horizon_ms` no longer count. The inputs are
-    not modified."""
+    to when they were decided; results older than `horizon_ms` no longer count; `claims` maps
+    command ids to the fingerprint of their first claim. The inputs are not modified."""
     batch = BatchDecision()
     seen: set[str] = set()
     for record in records:
@@ -108,6 +113,10 @@ def decide_batch(
             batch.duplicates += 1
             continue
         seen.add(cid)
+        command, winner = record.command, (claims or {}).get(cid)
+        if command is not None and winner and winner != command.fingerprint:
+            batch.conflicts += 1  # the id means another command: never executed here
+            continue
         key = record.key
         if key not in batch.after:
             committed = states.get(key) or new_aggregate(decider, key)

@@ -33,6 +33,7 @@ from refold.engine.rebuild import (
     stored_offsets,
 )
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
+from refold.kafka import clients
 from refold.kafka.log import topic_partitions, watermarks
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
@@ -191,7 +192,7 @@ def open_view(config: Config, name: str, version: int) -> RocksStore:
 
 def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
     """(low, high) watermarks of every partition of the projection's source topics."""
-    consumer = Consumer(config.kafka(**{"group.id": "refold-replay-plan"}))
+    consumer = clients.consumer(config, config.group("replay-plan"))
     try:
         tps = [(t, p) for t in projection.topics for p in _source_partitions(consumer, t)]
         return watermarks(consumer, tps)
@@ -359,7 +360,7 @@ class _Build:
     ) -> tuple[dict[TP, int], dict[TP, int]]:
         """One runner from the store's offsets to the live version's (or the log's ends);
         returns the source partitions' ends and the offsets reached."""
-        self._dlq = Producer(self.config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+        self._dlq = clients.producer(self.config)
         self.runner = ProjectionRunner(
             self.config,
             self.codec,

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -17,6 +17,7 @@ from refold.core.errors import TopicError
 from refold.core.projection import Projection
 from refold.engine.rebuild import build_on_disk, stored_offsets
 from refold.engine.runtime import ProjectionRunner
+from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
 from refold.store.versions import live_version, store_path
 
@@ -52,7 +53,7 @@ class Watermarks:
 
     def _refresh(self, partitions: set[TP]) -> None:
         if self._admin is None:
-            self._admin = AdminClient(cast("dict[str, Any]", self._config.kafka()))
+            self._admin = clients.admin(self._config)
         futures = self._admin.list_offsets(
             {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions},
             isolation_level=IsolationLevel.READ_COMMITTED,
@@ -71,7 +72,7 @@ class Watermarks:
         """Every partition of the topics that exist (blocks: call off the loop)."""
         with self._lock:
             if self._admin is None:
-                self._admin = AdminClient(cast("dict[str, Any]", self._config.kafka()))
+                self._admin = clients.admin(self._config)
             admin = self._admin
         out: list[TP] = []
         for topic in topics:

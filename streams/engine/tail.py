@@ -22,6 +22,7 @@ from refold.core import envelope
 from refold.core.config import Config
 from refold.core.errors import DecodeError, TopicError
 from refold.core.serde import Codec, Event
+from refold.kafka import clients
 from refold.kafka.log import read_to_end, topic_partitions
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,7 @@ def tail(
 
     Without `follow`, stops at the end offsets seen when it started.
     """
-    consumer = Consumer(
-        config.kafka(
-            **{
-                "group.id": f"refold-tail-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
-    )
+    consumer = clients.consumer(config, config.group("tail", uuid.uuid4().hex[:8]))
     try:
         numbers = topic_partitions(consumer, topic)
         if follow:
@@ -149,10 +142,8 @@ def dead_letters(
     """The dead-letter records of a projection: reason, original position, key and raw bytes."""
     from refold.engine.runtime import dead_letter_topic_name
 
-    topic = dead_letter_topic_name(projection)
-    consumer = Consumer(
-        config.kafka(**{"group.id": "refold-dlq-reader", "enable.auto.commit": False})
-    )
+    topic = dead_letter_topic_name(config, projection)
+    consumer = clients.consumer(config, config.group("dlq-reader"))
     try:
         try:
             numbers = topic_partitions(consumer, topic)

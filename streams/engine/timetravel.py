@@ -18,6 +18,7 @@ from refold.core.errors import DecodeError, InputError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec, Event
 from refold.engine.tail import event_from_message
+from refold.kafka import clients
 from refold.kafka.log import read_to_end, topic_partitions, watermarks
 
 
@@ -74,15 +75,7 @@ def fold_as_of(
         )
     ms = int(moment.timestamp() * 1000)
     raw_key = key.encode()
-    consumer = Consumer(
-        config.kafka(
-            **{
-                "group.id": "refold-as-of",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
-    )
+    consumer = clients.consumer(config, config.group("as-of"))
     state = None
     folded = 0
     position: dict[str, int] = {}

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import Producer
 from refold.core.app import load_deciders, load_versions
 from refold.core.commands import Decider
 from refold.core.config import Config
@@ -24,11 +23,12 @@ from refold.core.serde import Codec
 from refold.engine.command_processor import CommandProcessor
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
 from refold.kafka.command_topics import ensure_command_topics
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, dead_letter_topic
+from refold.kafka.topics import Topics, dead_letter_topic, internal_topics
 from refold.store.rocksdb import RocksStore
 from refold.store.versions import live_version, set_live, store_path
 
@@ -78,7 +78,7 @@ class Worker:
         self._batch_size = batch_size
         self._topics = Topics(config)
         self._check_sources()
-        self._dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+        self._dlq = clients.producer(config)
         self.runners: dict[str, ProjectionRunner] = {}  # the live version of each projection
         self.builds: dict[str, ProjectionRunner] = {}  # newer code versions being built
         self._threads: list[threading.Thread] = []
@@ -111,8 +111,11 @@ class Worker:
     def start(self) -> None:
         self._topics.ensure(
             [
-                *INTERNAL_TOPICS,
-                *(dead_letter_topic(dead_letter_topic_name(p.name)) for p in self.projections),
+                *internal_topics(self.config),
+                *(
+                    dead_letter_topic(dead_letter_topic_name(self.config, p.name))
+                    for p in self.projections
+                ),
             ]
         )
         for name, versions in self.versions.items():

@@ -8,14 +8,14 @@ import json
 import logging
 import threading
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 from refold.core.app import schema_dirs
 from refold.core.catalog import Catalog, SchemaVersion
 from refold.core.config import Config
 from refold.core.errors import LogReadError, PublishError
 from refold.core.serde import Codec
+from refold.kafka import clients
 from refold.kafka.log import read_to_end
-from refold.kafka.topics import SCHEMAS_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 class SchemaRegistry:
     """Registers writer schemas before first use and looks up unknown fingerprints."""
 
-    def __init__(self, config: Config, catalog: Catalog, topic: str = SCHEMAS_TOPIC) -> None:
+    def __init__(self, config: Config, catalog: Catalog, topic: str | None = None) -> None:
         self._config = config
         self._catalog = catalog
-        self._topic = topic
+        self._topic = topic or config.schemas_topic
         self._registered: set[bytes] = set()
         self._lock = threading.Lock()
 
@@ -64,11 +64,7 @@ class SchemaRegistry:
 
     def lookup(self, fingerprint: bytes) -> SchemaVersion | None:
         """Read the registry topic to its end, learn every schema in it, return the one asked."""
-        consumer = Consumer(
-            self._config.kafka(
-                **{"group.id": "refold-registry-reader", "enable.auto.commit": False}
-            )
-        )
+        consumer = clients.consumer(self._config, self._config.group("registry-reader"))
         try:
             for batch in read_to_end(consumer, {(self._topic, 0): OFFSET_BEGINNING}, timeout=10):
                 for msg in batch:

@@ -55,6 +55,7 @@ def decide(
     *,
     decider: Decider = ACCOUNTS,
     check: Any = accept_all,
+    claims: dict[str, str] | None = None,
 ) -> BatchDecision:
     return decide_batch(
         decider,
@@ -62,6 +63,7 @@ def decide(
         records,
         states or {},
         decided_at or {},
+        claims=claims,
         horizon_ms=HORIZON,
         now_ms=NOW,
     )
@@ -158,6 +160,18 @@ def test_a_repeated_command_id_is_decided_once() -> None:
     assert outcomes(batch) == [("same", 2, None), ("expired", 3, None)]
     assert batch.duplicates == 2
     assert batch.after["acc-1"]["state"]["balance_cents"] == 31
+
+
+def test_an_id_first_claimed_by_another_command_is_a_conflict_and_not_decided() -> None:
+    mine = record("shared", "bank.Deposit", {"amount_cents": 5})
+    other = record("shared", "bank.Deposit", {"amount_cents": 6})  # same id, another body
+    same = record("same", "bank.Deposit", {"amount_cents": 7})
+    assert mine.command is not None and other.command is not None and same.command is not None
+    claims = {"shared": other.command.fingerprint, "same": same.command.fingerprint}
+    batch = decide([mine, same], {"acc-1": open_account()}, claims=claims)
+    assert outcomes(batch) == [("same", 2, None)]
+    assert batch.conflicts == 1 and batch.duplicates == 0
+    assert batch.after["acc-1"]["state"]["balance_cents"] == 7
 
 
 def test_malformed_and_misrouted_commands_are_rejected() -> None:
