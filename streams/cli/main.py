@@ -291,15 +291,18 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
     from confluent_kafka import Consumer, TopicPartition
-    from refold.core.app import load_projections
+    from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
     from refold.engine.rebuild import stored_offsets
     from refold.store.versions import live_version, store_path
 
     consumer = Consumer(config.kafka(**{"group.id": "refold-status"}))
     rows: list[dict[str, Any]] = []
     try:
-        for projection in load_projections(config.app_modules):
-            version = live_version(config, projection.name) or projection.version
+        for name, classes in load_versions(config.app_modules).items():
+            projection = classes[max(classes)]
+            version = live_version(config, name) or projection.version
+            frozen = frozen_reason(name, classes, version)  # the worker serves it read-only
             offsets: dict[tuple[str, int], int] = {}
             dead = folded = 0
             if store_path(config, projection.name, version).is_dir():
@@ -331,6 +334,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
                     "projection": projection.name,
                     "version": version,
                     "code_version": projection.version,
+                    "state": "frozen" if frozen else "folding",
+                    "frozen": frozen,
                     "building": building,
                     "events_folded": folded,
                     "lag": lag,
@@ -350,6 +355,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             if row["building"]:
                 b = row["building"]
                 offs += f"  (building v{b['version']}: {b['position']}/{b['of']})"
+            if row["frozen"]:
+                offs += f"  (frozen: {row['frozen']})"
             print(
                 f"{row['projection']:<16} {row['version']:>7} {row['events_folded']:>10} "
                 f"{row['lag']:>8} {row['dead_letters']:>6}  {offs}"
@@ -357,15 +364,27 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _projection(config: Config, name: str) -> Projection:
+def _projection(config: Config, name: str, version: int | None = None) -> Projection:
+    """The class of that version of the projection (default: the newest). A store is folded
+    only by its own version's code, so a version the code has no class for is an error."""
     from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
 
     versions = load_versions(config.app_modules)
     if name not in versions:
         raise InputError(
             f"unknown projection {name!r}", hint="known: " + ", ".join(sorted(versions))
         )
-    return versions[name][max(versions[name])]
+    classes = versions[name]
+    if version is None:
+        return classes[max(classes)]
+    reason = frozen_reason(name, classes, version)
+    if reason is not None:
+        raise InputError(
+            f"cannot fold v{version}: {reason}",
+            hint=f"deploy v{version}'s class beside the others, or replay v{max(classes)}",
+        )
+    return classes[version]
 
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
@@ -374,7 +393,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
-    projection = _projection(config, args.name)
+    projection = _projection(config, args.name, args.version)
     version = args.version or projection.version
     if args.dry_run:
         print(plan(config, projection, version).describe())
@@ -390,6 +409,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         progress=None if args.quiet else sys.stderr,
         procs=args.procs,
         catch_up_timeout=args.stall_timeout,
+        live_frozen=_live_frozen(config, args.name),
     )
     rate = result.folded / result.seconds if result.seconds else 0.0
     split = f", {result.parts} processes" if result.parts > 1 else ""
@@ -410,11 +430,25 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _live_frozen(config: Config, name: str) -> bool:
+    """Whether the code lacks the live version's class: workers serve it frozen."""
+    from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
+    from refold.store.versions import live_version
+
+    live = live_version(config, name)
+    return (
+        live is not None
+        and frozen_reason(name, load_versions(config.app_modules)[name], live) is not None
+    )
+
+
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from refold.store.versions import rollback
 
     current, target = rollback(config, args.name)
-    print(f"{args.name}: v{target} is live again (was v{current})")
+    frozen = " (frozen: the code has no class for it)" if _live_frozen(config, args.name) else ""
+    print(f"{args.name}: v{target} is live again (was v{current}){frozen}")
     return 0
 
 

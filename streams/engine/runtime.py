@@ -225,6 +225,10 @@ class ProjectionRunner:
         conf.update(consumer_conf or {})
         self._consumer = Consumer(conf)
 
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(self.projection.topics)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> None:

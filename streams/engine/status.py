@@ -11,12 +11,13 @@ from typing import Any, cast
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
+from refold.engine.frozen import Serving
 from refold.engine.rebuild import build_on_disk
-from refold.engine.runtime import ProjectionRunner
 
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+_DOWN = ("stopped", "failed")
 
 
 class Watermarks:
@@ -78,14 +79,14 @@ def _partitions(
     return out
 
 
-def describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]:
+def describe(runner: Serving, watermarks: Watermarks) -> dict[str, Any]:
     stats = runner.stats
     return {
         "name": runner.name,
         "version": runner.version,
         "state": stats.state,
         "error": stats.error,
-        "topics": list(runner.projection.topics),
+        "topics": list(runner.topics),
         "partitions": _partitions(runner.stats.positions, runner.stats.assigned, watermarks),
         "events_folded": stats.folded,
         "dead_letters": stats.dead_letters,
@@ -94,7 +95,7 @@ def describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]
 
 
 def describe_on_disk(
-    config: Config, runner: ProjectionRunner, watermarks: Watermarks
+    config: Config, runner: Serving, watermarks: Watermarks
 ) -> dict[str, Any] | None:
     """A newer version of `runner`'s projection that another process builds, read from disk."""
     found = build_on_disk(config, runner.name, runner.version)
@@ -119,7 +120,7 @@ def _label(value: object) -> str:
 
 
 def metrics_text(
-    runners: list[ProjectionRunner],
+    runners: list[Serving],
     watermarks: Watermarks,
     requests: Mapping[tuple[str, int], int],
 ) -> str:
@@ -138,8 +139,11 @@ def metrics_text(
     family(
         "refold_projection_up",
         "gauge",
-        "1 while the projection's runner is not stopped or failed.",
-        [({"projection": r.name}, int(r.stats.state in ("starting", "running"))) for r in runners],
+        "1 while the projection answers queries (its runner is not stopped or failed).",
+        [
+            ({"projection": r.name}, int(r.stats.state not in ("stopped", "failed")))
+            for r in runners
+        ],
     )
     family(
         "refold_events_folded_total",
