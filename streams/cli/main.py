@@ -239,6 +239,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
 
     from refold.store.rocksdb import RocksStore
+    from refold.store.scratch import scratch_dir
     from refold.store.versions import live_version, store_path
 
     version = live_version(config, name) or 1
@@ -248,7 +249,7 @@ def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
             f"projection {name!r} has no store under {config.data_dir}",
             hint="run `refold worker` first, or check REFOLD_DATA_DIR",
         )
-    return RocksStore.open_secondary(path), version
+    return RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir)), version
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:

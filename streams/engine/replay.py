@@ -33,6 +33,7 @@ from refold.engine.rebuild import (
 )
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
 from refold.store.rocksdb import RocksStore, Store
+from refold.store.scratch import scratch_dir
 from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,9 @@ class Progress:
 
 def open_view(config: Config, name: str, version: int) -> RocksStore:
     """A secondary (read-only, following) view of a store another process may be writing."""
-    return RocksStore.open_secondary(store_path(config, name, version))
+    return RocksStore.open_secondary(
+        store_path(config, name, version), scratch_root=scratch_dir(config.data_dir)
+    )
 
 
 def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:

@@ -34,6 +34,7 @@ from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
 from refold.kafka.topics import INTERNAL_TOPICS, Topics, dead_letter_topic
 from refold.store.rocksdb import RocksStore
+from refold.store.scratch import scratch_dir, sweep
 from refold.store.versions import live_version, set_live, store_path
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        sweep(scratch_dir(self.config.data_dir))  # left by processes killed while reading
         self._topics.ensure(
             [
                 *INTERNAL_TOPICS,
