@@ -203,6 +203,11 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
     worker = Worker(config, only=args.only.split(",") if args.only else None)
     server = None
+    # Before anything starts: a SIGTERM while starting still stops it all in order (readers,
+    # their scratch dirs, runners), instead of killing the process half-way.
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     worker.start()
     if args.http:
         from refold.http.server import QueryServer
@@ -212,9 +217,6 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
         server = QueryServer(worker, host or "127.0.0.1", int(port), procs=args.http_procs)
         server.start()
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     names = ", ".join(
         [
             *(f"{r.name} v{r.version}" for r in worker.runners.values()),
