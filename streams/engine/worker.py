@@ -292,6 +292,7 @@ class Worker:
     def _switch(self, name: str, version: int) -> None:
         old = self.runners[name]
         build = self.builds.get(name)
+        new: Serving
         if build is not None and build.version == version:
             new = self.builds.pop(name)
         else:
