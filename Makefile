@@ -39,7 +39,12 @@ bench-quick: jars
 
 lint: $(STAMP)
 	$(BIN)/ruff check streams projections tests bench
-	$(BIN)/mypy
+	$(BIN)/ruff format --check streams projections tests bench
+	# mypy finds packages by folder name: check a copy installed under build/ (the repo's folders
+	# are mapped into `refold` by package-dir, which only the import system understands).
+	rm -rf build/typecheck
+	$(BIN)/pip install -q --no-deps --target build/typecheck .
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p refold
 
 clean:
 	rm -rf $(VENV) .refold build *.egg-info

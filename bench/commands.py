@@ -30,7 +30,7 @@ from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.kafka.command_client import CommandClient, ResultsIndex
 from refold.kafka.command_topics import ensure_command_topics
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def main() -> None:
 
         decider = type("BenchVault", (Accounts,), {"name": name, "events_topic": name})()
         topics = Topics(config)
-        topics.ensure([*INTERNAL_TOPICS, event_topic(name, args.partitions)])
+        topics.ensure([*internal_topics(config), event_topic(name, args.partitions)])
         ensure_command_topics(topics, decider)
         with CommandClient(config, {name: decider}) as client:
             rate = throughput(config, decider, client, args.commands, args.accounts, work)

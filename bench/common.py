@@ -20,7 +20,7 @@ from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.runtime import FOLD_CONSUMER_CONF
 from refold.examples.bank.projections import Balances
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,10 @@ class Bench:
 
     def topic(self, label: str, partitions: int = PARTITIONS) -> str:
         name = self.name(label)
+        config = Config(bootstrap_override=self.bootstrap)
         if self._topics is None:
-            self._topics = Topics(Config(bootstrap_override=self.bootstrap))
-        self._topics.ensure([*INTERNAL_TOPICS, event_topic(name, partitions)])
+            self._topics = Topics(config)
+        self._topics.ensure([*internal_topics(config), event_topic(name, partitions)])
         return name
 
 

@@ -22,7 +22,6 @@ from refold.core.errors import ConfigError, InputError, PublishError, StoreError
 from refold.core.inputs import EventInput, event_from_json
 from refold.core.serde import Position
 from refold.engine.frozen import FrozenVersion, Serving
-from refold.engine.runtime import dead_letter_topic_name
 from refold.engine.status import Watermarks, describe, describe_on_disk, metrics_text
 from refold.engine.timetravel import fold_as_of, parse_time
 from refold.engine.worker import Worker
@@ -47,7 +46,6 @@ WAIT_THREADS = 32  # concurrent read-your-writes waits; more queue for a thread
 _MAX_OFFSET = 2**63 - 1
 _JSON = "application/json"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
-_DLQ_PREFIX = dead_letter_topic_name("")
 
 
 def _respond(status: int, body: Any) -> web.Response:
@@ -458,7 +456,7 @@ class QueryServer:
     async def post_event(self, request: web.Request) -> web.StreamResponse:
         """`POST /events/{topic}` with `{"type","key","data"}`: 201 with where it landed."""
         topic = request.match_info["topic"]
-        if topic.startswith("_") or topic.startswith(_DLQ_PREFIX):
+        if topic.startswith("_") or topic.startswith(self.worker.config.dead_letter_topic("")):
             return _error(403, "internal topic", f"topic {topic!r} is written by refold only")
         body = await request.read()
         try:

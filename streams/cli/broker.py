@@ -32,6 +32,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from refold.core.config import Config
 from refold.core.errors import BrokerError
+from refold.kafka import clients
 
 log = logging.getLogger(__name__)
 
@@ -459,14 +460,14 @@ def _launch(java: str, jars: Path, node: NodeInfo, heap_mb: int) -> NodeInfo:
 
 
 def _admin(bootstrap: str) -> AdminClient:
+    """An admin client for the nodes this launcher started (plain loopback, no user settings)."""
     conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
         "reconnect.backoff.max.ms": 500,
         "socket.connection.setup.timeout.ms": 3000,
         "log_level": 2,  # refused connections are expected while the broker boots
         "error_cb": lambda err: log.debug("admin client: %s", err),
     }
-    return AdminClient(conf)
+    return clients.admin(Config(bootstrap_override=bootstrap), **conf)
 
 
 def _metadata_brokers(admin: AdminClient, timeout: float) -> tuple[int, ...] | None:

@@ -14,13 +14,13 @@ import urllib.request
 import uuid
 from typing import Any
 
-from confluent_kafka.admin import AdminClient
 from refold.cli import broker
 from refold.core.config import Config
 from refold.core.errors import ConfigError, RefoldError
+from refold.kafka import clients
 from refold.kafka.command_client import CommandClient
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 #: The example app the demo runs; a user's own worker loads only the modules it names.
 BANK_APP = "refold.examples.bank"
@@ -29,7 +29,7 @@ ACCOUNTS = "bank.accounts"
 
 def _answers(config: Config) -> bool:
     try:
-        admin = AdminClient(config.kafka(**{"socket.timeout.ms": 2000}))
+        admin = clients.admin(config, **{"socket.timeout.ms": 2000})
         return bool(admin.list_topics(timeout=3).brokers)
     except (ConfigError, Exception):  # no record, unreachable, bad address: "does not answer"
         return False
@@ -91,7 +91,7 @@ def _play(config: Config) -> None:
     from refold.http.server import QueryServer
 
     config = config.with_(app_modules=(*config.app_modules, BANK_APP))
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(ACCOUNTS)])
+    Topics(config).ensure([*internal_topics(config), event_topic(ACCOUNTS)])
     run = uuid.uuid4().hex[:4]
     story = _story(run)
     codec = codec_for(config)

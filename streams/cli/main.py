@@ -58,9 +58,9 @@ def cmd_broker(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_topics(args: argparse.Namespace, config: Config) -> int:
-    from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+    from refold.kafka.topics import Topics, event_topic, internal_topics
 
-    specs = list(INTERNAL_TOPICS) + [event_topic(t, args.partitions) for t in args.topics]
+    specs = internal_topics(config) + [event_topic(t, args.partitions) for t in args.topics]
     specs += [event_topic(t, args.partitions) for t in _declared_topics(config)]
     topics = Topics(config)
     created = topics.ensure(specs)
@@ -87,7 +87,7 @@ def _ensure_command_topics(config: Config, topics: Topics) -> set[str]:
     for decider in load_deciders(config.app_modules).values():
         if topics.exists(decider.events_topic):
             ensure_command_topics(topics, decider)
-            names |= {decider.command_topic, decider.results_topic}
+            names |= {decider.command_topic, decider.results_topic, decider.claims_topic}
     return names
 
 
@@ -114,7 +114,9 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
         if not args.wait:
             _out({"command_id": command.command_id, "status": "pending", "position": str(position)})
             return 0
-        result = client.wait(command.command_id, args.timeout, aggregate=args.aggregate)
+        result = client.wait(
+            command.command_id, args.timeout, aggregate=args.aggregate, sent=command
+        )
     _out(result)
     return 0 if result["status"] == "accepted" else EXIT_ERROR
 
@@ -126,7 +128,7 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
     from refold.core.inputs import event_from_json, events_from_lines
     from refold.kafka.publisher import Publisher, tune_allocator
     from refold.kafka.registry import codec_for
-    from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+    from refold.kafka.topics import Topics, event_topic, internal_topics
 
     tune_allocator()  # this process only publishes: no fastbins (see its docstring)
     codec = codec_for(config)
@@ -160,7 +162,7 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
         events = [event_from_json({"type": args.type, "key": args.key, "data": data}, codec)]
     if args.create:
-        Topics(config).ensure([*INTERNAL_TOPICS, event_topic(args.topic)])
+        Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])
     with Publisher(config, codec) as publisher:
         if args.file:  # no position per event: a file may hold millions
             summary = publisher.publish_bulk(args.topic, events)
@@ -293,13 +295,14 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
     from refold.core.app import load_versions
     from refold.engine.frozen import frozen_reason
     from refold.engine.rebuild import stored_offsets
+    from refold.kafka import clients
     from refold.store.versions import live_version, store_path
 
-    consumer = Consumer(config.kafka(**{"group.id": "refold-status"}))
+    consumer = clients.consumer(config, config.group("status"))
     rows: list[dict[str, Any]] = []
     try:
         for name, classes in load_versions(config.app_modules).items():

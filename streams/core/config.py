@@ -15,10 +15,34 @@ from refold.core.errors import ConfigError
 #: Where `refold broker start` records the address of the broker it started.
 BROKER_RECORD = "broker/broker.json"
 
+log = logging.getLogger(__name__)
 _LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 #: The schemas shipped in the package (refold.schemas: the bank example's), found through the
 #: package wherever it is installed. The default of a Config made in code (tests, scripts).
 BUNDLED_SCHEMAS = Path(str(resources.files("refold.schemas")))
+#: `REFOLD_KAFKA_<NAME>` becomes the librdkafka property `<name>` (lower case, `_` -> `.`).
+KAFKA_PREFIX = "REFOLD_KAFKA_"
+DEFAULT_APP_ID = "refold"
+_APP_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_overridden_once: set[tuple[str, str]] = set()  # (property, user value) already warned about
+
+
+def kafka_overrides(env: Mapping[str, str]) -> dict[str, str]:
+    """The librdkafka settings the environment passes through (`REFOLD_KAFKA_*`)."""
+    return {
+        name[len(KAFKA_PREFIX) :].lower().replace("_", "."): value
+        for name, value in env.items()
+        if name.startswith(KAFKA_PREFIX) and len(name) > len(KAFKA_PREFIX)
+    }
+
+
+def check_app_id(app_id: str) -> str:
+    if not app_id or not set(app_id) <= _APP_ID_CHARS or len(app_id) > 64:
+        raise ConfigError(
+            f"REFOLD_APP_ID must be 1-64 letters, digits, '-' or '_', not {app_id!r}",
+            hint="it prefixes consumer groups, transactional ids and internal topics",
+        )
+    return app_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +53,12 @@ class Config:
     schemas_dirs: tuple[Path, ...] = (BUNDLED_SCHEMAS,)
     app_modules: tuple[str, ...] = ()
     bootstrap_override: str | None = None
+    #: librdkafka settings for every client (REFOLD_KAFKA_*), above refold's tuning defaults and
+    #: below what refold requires for correctness (see `kafka`).
     client_overrides: Mapping[str, str] = field(default_factory=dict)
+    #: Prefix of every consumer group, transactional id and internal topic (REFOLD_APP_ID), so
+    #: two deployments share a cluster without joining each other's groups.
+    app_id: str = DEFAULT_APP_ID
     #: A rebuild writes its store once per this many events (REFOLD_REBUILD_WRITE_EVERY): fewer
     #: writes per key, and at most this much folding redone after a crash.
     rebuild_write_every: int = 250_000
@@ -56,6 +85,8 @@ class Config:
                 f"REFOLD_REBUILD_WRITE_EVERY must be a positive number of events, not {raw_every!r}"
             ) from None
         return cls(
+            app_id=check_app_id(env.get("REFOLD_APP_ID") or DEFAULT_APP_ID),
+            client_overrides=kafka_overrides(env),
             data_dir=data_dir,
             schemas_dirs=schemas,
             app_modules=apps,
@@ -89,13 +120,43 @@ class Config:
                 hint="run `refold broker start --fresh` or set REFOLD_BOOTSTRAP_SERVERS",
             ) from exc
 
-    def kafka(self, **extra: object) -> dict[str, object]:
-        """librdkafka settings shared by every client, plus `extra`."""
+    def kafka(
+        self, *, defaults: Mapping[str, object] | None = None, **required: object
+    ) -> dict[str, object]:
+        """librdkafka settings for one client, layered (later wins): the connection; refold's
+        tuning `defaults` for the client's role; the user's REFOLD_KAFKA_* settings; and what
+        refold `required`s for correctness (group ids, isolation, transactions, acks). A user
+        setting that a required one overrides is logged once as a warning, naming both."""
         conf: dict[str, object] = {
             "bootstrap.servers": self.bootstrap_servers,
             # librdkafka's own messages go through Python logging ("librdkafka"), not raw stderr.
             "logger": _LIBRDKAFKA_LOG,
         }
+        conf.update(defaults or {})
         conf.update(self.client_overrides)
-        conf.update(extra)
+        for name, value in required.items():
+            user = self.client_overrides.get(name)
+            differs = user is not None and str(user).lower() != str(value).lower()
+            if differs and (name, str(user)) not in _overridden_once:
+                _overridden_once.add((name, str(user)))
+                log.warning(
+                    "REFOLD_KAFKA_%s=%s is not used: refold needs %s=%s for this client",
+                    name.upper().replace(".", "_"), user, name, value,
+                )  # fmt: skip
+            conf[name] = value
         return conf
+
+    # -- names refold gives the things it creates on the cluster --------------------------
+
+    def group(self, *parts: str) -> str:
+        """A consumer group or transactional id of this deployment: `<app id>.<parts...>`."""
+        return ".".join((self.app_id, *parts))
+
+    @property
+    def schemas_topic(self) -> str:
+        """The compacted topic of writer schemas."""
+        return f"_{self.app_id}.schemas"
+
+    def dead_letter_topic(self, projection: str) -> str:
+        """Where a projection's poison events go, with the reason and position."""
+        return f"{self.app_id}.dlq.{projection}"

@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,15 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 from refold.core.commands import Command, CommandResult, Decider, EventSpec, Rejected
 from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, EncodeError, InputError
 from refold.core.serde import Codec, Event, envelope_headers
+from refold.engine.claims import ClaimsIndex
 from refold.engine.tail import event_from_message
+from refold.kafka import clients
 from refold.kafka.registry import SchemaRegistry
 from refold.store.rocksdb import RocksStore
 
@@ -69,8 +70,9 @@ TXN_TIMEOUT_MS = 10_000  # how long a dead processor's open transaction can bloc
 MAX_CACHED = 100_000
 
 
-def group_id(name: str) -> str:
-    return f"refold.commands.{name}"
+def group_id(config: Config, name: str) -> str:
+    """The consumer group of a decider's processors: `<app id>.commands.<name>`."""
+    return config.group("commands", name)
 
 
 def store_dir(config: Config, name: str) -> Path:
@@ -95,6 +97,8 @@ class ProcessorStats:
     accepted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    #: commands whose id was first claimed by another command (refold.engine.claims)
+    conflicts: int = 0
     transactions: int = 0
     aborts: int = 0
     assigned: tuple[int, ...] = ()
@@ -127,43 +131,32 @@ class CommandProcessor:
         path = store_dir(config, self.name)
         instance = _instance_id(path)
         self.store = RocksStore.open(path)
+        self._claims = ClaimsIndex(config, decider, path.with_name(f"{path.name}.claims"))
         self._cache: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
-        self._consumer = Consumer(
-            config.kafka(
-                **{
-                    "group.id": group_id(self.name),
-                    "group.instance.id": f"{self.name}-{instance}",
-                    "session.timeout.ms": 10_000,
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "isolation.level": "read_committed",
-                }
-            )
+        group = group_id(config, self.name)
+        self._consumer = clients.consumer(
+            config,
+            group,
+            defaults={"session.timeout.ms": 10_000},
+            required={
+                "group.instance.id": f"{self.name}-{instance}",
+                "auto.offset.reset": "earliest",
+            },
         )
-        self._reader = Consumer(
-            config.kafka(
-                **{
-                    "group.id": f"{group_id(self.name)}.reader",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                    "queued.min.messages": 100_000,
-                }
-            )
+        self._reader = clients.consumer(
+            config, f"{group}.reader", defaults={"queued.min.messages": 100_000}
         )
-        self._producer = Producer(
-            config.kafka(
-                **{
-                    "transactional.id": f"{group_id(self.name)}.{instance}",
-                    "transaction.timeout.ms": TXN_TIMEOUT_MS,
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "partitioner": "murmur2_random",
-                    "linger.ms": 1,
-                    "compression.type": "lz4",
-                }
-            )
+        self._producer = clients.producer(
+            config,
+            defaults={"linger.ms": 1},
+            transactional_id=f"{group}.{instance}",
+            # librdkafka refuses a message timeout above the transaction timeout
+            required={
+                "transaction.timeout.ms": TXN_TIMEOUT_MS,
+                "message.timeout.ms": TXN_TIMEOUT_MS,
+            },
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -173,9 +166,10 @@ class CommandProcessor:
         try:
             # Fences a predecessor with the same transactional.id and aborts its open transaction.
             self._producer.init_transactions(30)
+            self._claims.start()
             # Writer schemas must be durable before any event that uses them; the registry
             # write is not part of a transaction, so it goes through a plain producer.
-            plain = Producer(self.config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+            plain = clients.producer(self.config)
             for type_name in self.codec.catalog.types:
                 self._registry.ensure_registered(self.codec.writer_for(type_name), plain)
             self._consumer.subscribe(
@@ -204,7 +198,12 @@ class CommandProcessor:
     def _close(self) -> None:
         if self.stats.state != "failed":
             self.stats.state = "stopped"
-        for close in (self._consumer.close, self._reader.close, self.store.close):
+        for close in (
+            self._consumer.close,
+            self._reader.close,
+            self._claims.stop,
+            self.store.close,
+        ):
             try:
                 close()
             except Exception:  # closing is best-effort; the store's WAL has every commit
@@ -363,6 +362,9 @@ class CommandProcessor:
                 commands.append((msg, None, f"malformed command: {exc}"))
         ids = {_command_id(m, c) for m, c, _ in commands}
         known = self.store.get_many([_RES + i for i in ids])
+        winners = self._claim(
+            c for _m, c, p in commands if c and not p and _RES + c.command_id not in known
+        )
         keys = {c.key for _, c, _ in commands if c is not None} - self._cache.keys()
         for raw_key, wrapper in self.store.get_many([_AGG + k for k in keys]).items():
             self._cache[raw_key[len(_AGG) :]] = wrapper
@@ -379,6 +381,10 @@ class CommandProcessor:
                 self.stats.duplicates += 1
                 continue
             seen.add(cid)
+            winner = winners.get(cid)
+            if command is not None and winner and winner["fingerprint"] != command.fingerprint:
+                self.stats.conflicts += 1  # the id means another command: never executed here
+                continue
             key = command.key if command is not None else (msg.key() or b"").decode()
             if key not in tentative:
                 before[key] = self._load(key)
@@ -420,6 +426,14 @@ class CommandProcessor:
         self._send_offsets(msgs)
         self._producer.commit_transaction(30)
         self._after_commit(results, before, emitted)
+
+    def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
+        """The first claim of each new command id (refold.engine.claims); an index that cannot
+        answer aborts the batch, to be retried, rather than deciding without it."""
+        try:
+            return self._claims.claim(commands)
+        except CommandError as exc:
+            raise _Abort(str(exc)) from exc
 
     def _decide(self, command: Command, wrapper: dict[str, Any]) -> list[EventSpec]:
         """The decider's events, each checked against its schema; Rejected on any problem."""
@@ -503,6 +517,7 @@ class CommandProcessor:
                 current_version=outcome.get("current_version"),
                 version=outcome["version"],
                 decided_at_ms=now_ms,
+                fingerprint=command.fingerprint if command else "",
                 command_position={
                     "topic": msg.topic(),
                     "partition": msg.partition(),

@@ -40,11 +40,11 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
 from refold.core.config import Config
 from refold.core.errors import ProjectionError, StoreError
 from refold.core.projection import Projection
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes, tune_collector
+from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
 from refold.store.scratch import scratch_dir
 from refold.store.versions import parts_path, store_path, versions_on_disk
@@ -353,7 +353,7 @@ def _part_main(
 
     try:
         store = _open_part(Path(path))
-        dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+        dlq = clients.producer(config)
         runner = ProjectionRunner(
             config,
             codec_for(config),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 from refold.core.config import Config
 from refold.core.errors import ProjectionError, StoreError
 from refold.core.projection import Projection
@@ -32,6 +32,7 @@ from refold.engine.rebuild import (
     stored_offsets,
 )
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
+from refold.kafka import clients
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.scratch import scratch_dir
 from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
@@ -200,7 +201,7 @@ def open_view(config: Config, name: str, version: int) -> RocksStore:
 
 def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
     """(low, high) watermarks of every partition of the projection's source topics."""
-    consumer = Consumer(config.kafka(**{"group.id": "refold-replay-plan"}))
+    consumer = clients.consumer(config, config.group("replay-plan"))
     ranges: dict[TP, tuple[int, int]] = {}
     try:
         for topic in projection.topics:
@@ -331,7 +332,7 @@ def replay(
                         stall_timeout=catch_up_timeout,
                     )
                     split_over = parts.count if built else 1
-            dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+            dlq = clients.producer(config)
             runner = ProjectionRunner(
                 config,
                 codec,

@@ -50,6 +50,7 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
+from refold.kafka import clients
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.versions import store_path
 
@@ -108,12 +109,13 @@ FOLD_CONSUMER_CONF: Mapping[str, object] = MappingProxyType(
 )
 
 
-def group_id(name: str, version: int) -> str:
-    return f"refold.{name}.v{version}"
+def group_id(config: Config, name: str, version: int) -> str:
+    """The consumer group of one projection version: `<app id>.<name>.v<version>`."""
+    return config.group(name, f"v{version}")
 
 
-def dead_letter_topic_name(name: str) -> str:
-    return f"refold.dlq.{name}"
+def dead_letter_topic_name(config: Config, name: str) -> str:
+    return config.dead_letter_topic(name)
 
 
 @dataclass(slots=True)
@@ -185,7 +187,7 @@ class ProjectionRunner:
         self.projection = projection
         self.version = version or projection.version
         self.name = projection.name
-        self.dlq_topic = dead_letter_topic_name(self.name)
+        self.dlq_topic = dead_letter_topic_name(config, self.name)
         self.store: Store = store or RocksStore.open(store_path(config, self.name, self.version))
         self.started_at = time.monotonic()
         self.stats = RunnerStats(
@@ -219,15 +221,12 @@ class ProjectionRunner:
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
-        conf = config.kafka(
-            **{
-                **FOLD_CONSUMER_CONF,
-                "group.id": group_id(self.name, self.version),
-                "partition.assignment.strategy": "cooperative-sticky",
-            }
+        self._consumer = clients.consumer(
+            config,
+            group_id(config, self.name, self.version),
+            defaults={**FOLD_CONSUMER_CONF, **(consumer_conf or {})},
+            required={"partition.assignment.strategy": "cooperative-sticky"},
         )
-        conf.update(consumer_conf or {})
-        self._consumer = Consumer(conf)
 
     @property
     def topics(self) -> tuple[str, ...]:

@@ -6,13 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
 from refold.engine.frozen import Serving
 from refold.engine.rebuild import build_on_disk
+from refold.kafka import clients
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Watermarks:
 
     def _refresh(self, partitions: set[TP]) -> None:
         if self._admin is None:
-            self._admin = AdminClient(cast("dict[str, Any]", self._config.kafka()))
+            self._admin = clients.admin(self._config)
         futures = self._admin.list_offsets(
             {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions},
             isolation_level=IsolationLevel.READ_COMMITTED,

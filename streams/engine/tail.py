@@ -11,7 +11,6 @@ from typing import Any
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
-    Consumer,
     KafkaError,
     Message,
     TopicPartition,
@@ -19,6 +18,7 @@ from confluent_kafka import (
 from refold.core.config import Config
 from refold.core.errors import DecodeError, TopicError
 from refold.core.serde import Codec, Event
+from refold.kafka import clients
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,7 @@ def tail(
 
     Without `follow`, stops at the end offsets seen when it started.
     """
-    consumer = Consumer(
-        config.kafka(
-            **{
-                "group.id": f"refold-tail-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
-    )
+    consumer = clients.consumer(config, config.group("tail", uuid.uuid4().hex[:8]))
     try:
         md = consumer.list_topics(topic, timeout=10)
         tmd = md.topics.get(topic)
@@ -141,10 +133,8 @@ def dead_letters(
     """The dead-letter records of a projection: reason, original position, key and raw bytes."""
     from refold.engine.runtime import dead_letter_topic_name
 
-    topic = dead_letter_topic_name(projection)
-    consumer = Consumer(
-        config.kafka(**{"group.id": "refold-dlq-reader", "enable.auto.commit": False})
-    )
+    topic = dead_letter_topic_name(config, projection)
+    consumer = clients.consumer(config, config.group("dlq-reader"))
     try:
         md = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if md is None or md.error is not None:

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 from refold.core.config import Config
 from refold.core.errors import DecodeError, InputError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.tail import event_from_message
+from refold.kafka import clients
 
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
@@ -72,15 +73,7 @@ def fold_as_of(
         )
     ms = int(moment.timestamp() * 1000)
     raw_key = key.encode()
-    consumer = Consumer(
-        config.kafka(
-            **{
-                "group.id": "refold-as-of",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
-    )
+    consumer = clients.consumer(config, config.group("as-of"))
     state = None
     folded = 0
     position: dict[str, int] = {}

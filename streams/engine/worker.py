@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import Producer
 from refold.core.app import load_deciders, load_versions
 from refold.core.commands import Decider
 from refold.core.config import Config
@@ -28,11 +27,12 @@ from refold.engine.command_processor import CommandProcessor
 from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
 from refold.kafka.command_topics import ensure_command_topics
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, dead_letter_topic
+from refold.kafka.topics import Topics, dead_letter_topic, internal_topics
 from refold.store.rocksdb import RocksStore
 from refold.store.scratch import scratch_dir, sweep
 from refold.store.versions import live_version, set_live, store_path
@@ -83,7 +83,7 @@ class Worker:
         self._batch_size = batch_size
         self._topics = Topics(config)
         self._check_sources()
-        self._dlq = Producer(config.kafka(**{"enable.idempotence": True, "acks": "all"}))
+        self._dlq = clients.producer(config)
         self.runners: dict[str, Serving] = {}  # the live version of each projection
         self.builds: dict[str, ProjectionRunner] = {}  # newer code versions being built
         self._threads: list[threading.Thread] = []
@@ -117,8 +117,11 @@ class Worker:
         sweep(scratch_dir(self.config.data_dir))  # left by processes killed while reading
         self._topics.ensure(
             [
-                *INTERNAL_TOPICS,
-                *(dead_letter_topic(dead_letter_topic_name(p.name)) for p in self.projections),
+                *internal_topics(self.config),
+                *(
+                    dead_letter_topic(dead_letter_topic_name(self.config, p.name))
+                    for p in self.projections
+                ),
             ]
         )
         for name, versions in self.versions.items():

@@ -25,10 +25,8 @@ from typing import Any
 import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    Consumer,
     KafkaError,
     Message,
-    Producer,
     TopicPartition,
 )
 from refold.core.app import load_deciders
@@ -36,14 +34,15 @@ from refold.core.commands import (
     Command,
     Decider,
     decider_named,
+    is_conflict,
     parse_command,
     pending,
 )
 from refold.core.config import Config
 from refold.core.errors import CommandError, TopicError
 from refold.core.serde import Position
+from refold.kafka import clients
 from refold.kafka.command_topics import check_copartitioned
-from refold.kafka.publisher import PRODUCER_DEFAULTS
 from refold.kafka.topics import Topics
 from refold.store.rocksdb import RocksStore
 
@@ -70,16 +69,8 @@ class ResultsIndex:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
-        self._consumer = Consumer(
-            config.kafka(
-                **{
-                    "group.id": f"refold-results-{uuid.uuid4().hex[:8]}",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                    "fetch.wait.max.ms": 10,
-                }
-            )
-        )
+        group = config.group("results", uuid.uuid4().hex[:8])
+        self._consumer = clients.consumer(config, group, defaults={"fetch.wait.max.ms": 10})
 
     def start(self) -> ResultsIndex:
         stored = self._store.offsets() if self._store is not None else {}
@@ -208,10 +199,12 @@ class CommandClient:
         self.source = source or f"refold://{socket.gethostname()}/client"
         self._topics = Topics(config)
         self._checked: set[str] = set()
-        conf = {**PRODUCER_DEFAULTS, "linger.ms": 1, **(producer_conf or {})}
-        self._producer = Producer(config.kafka(**conf))
+        self._producer = clients.producer(
+            config, defaults={"linger.ms": 1, **(producer_conf or {})}
+        )
         self._indexes: dict[str, ResultsIndex] = {}
         self._sent: dict[str, str] = {}  # command id -> aggregate, for wait()
+        self._fingerprints: dict[str, Command] = {}  # command id -> what this client sent
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._poller = threading.Thread(
@@ -244,6 +237,7 @@ class CommandClient:
         command = self.prepare(aggregate, obj)
         self.append(command).result(timeout)
         self._sent[command.command_id] = aggregate
+        self._fingerprints[command.command_id] = command
         return command.command_id
 
     def append(self, command: Command) -> Future[Position]:
@@ -277,8 +271,17 @@ class CommandClient:
             except BufferError:
                 time.sleep(0.01)  # local queue full: the poller drains deliveries
 
-    def wait(self, command_id: str, timeout: float, aggregate: str | None = None) -> Result:
-        """The command's result, or the `pending` answer if none came within `timeout` s.
+    def wait(
+        self,
+        command_id: str,
+        timeout: float,
+        aggregate: str | None = None,
+        *,
+        sent: Command | None = None,
+    ) -> Result:
+        """The command's result, or the `pending` answer if none came within `timeout` s; the
+        `conflict` answer when the id was first used for another command than the one `send`
+        (or `sent`) names.
 
         `aggregate` may be left out for commands this client sent, or with a single decider.
         """
@@ -289,7 +292,19 @@ class CommandClient:
                 raise CommandError(f"wait({command_id!r}): name the aggregate")
             aggregate = next(iter(self.deciders))
         found = self.results(aggregate).wait(command_id, timeout)
-        return found if found is not None else pending(command_id)
+        if found is None:
+            return pending(command_id)
+        sent = sent or self._fingerprints.get(command_id)
+        if sent is not None and is_conflict(found, sent):
+            return {
+                "command_id": command_id,
+                "status": "conflict",
+                "reason": f"command id {command_id!r} was first used for {found.get('type')} "
+                f"on {found.get('key')!r}",
+                "first": {k: found.get(k) for k in ("aggregate", "key", "type", "status")},
+                "events": [],
+            }
+        return found
 
     def results(self, aggregate: str) -> ResultsIndex:
         """The index over the aggregate's results topic (read from offset 0 on first use)."""

@@ -25,26 +25,18 @@ from refold.core.config import Config
 from refold.core.errors import PublishError
 from refold.core.inputs import EventInput
 from refold.core.serde import SPEC_VERSION, Codec, Headers, Position, now_rfc3339
+from refold.kafka import clients
 from refold.kafka.registry import SchemaRegistry, codec_for
 from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
-PRODUCER_DEFAULTS: dict[str, object] = {
-    "enable.idempotence": True,
-    "acks": "all",
-    # librdkafka's murmur2_random is the Java client's default partitioner for keyed records.
-    "partitioner": "murmur2_random",
-    "compression.type": "lz4",
-    "linger.ms": 5,
-    "batch.size": 1_000_000,
-    "queue.buffering.max.messages": 500_000,
-    "message.timeout.ms": 60_000,
-}
+#: The settings of every refold producer, for raw baselines that must match them (bench, tests).
+PRODUCER_DEFAULTS: dict[str, object] = {**clients.PRODUCER_REQUIRED, **clients.PRODUCER_TUNING}
 
 #: What the bulk producer adds: delivery reports for failed records only. Durability is the same
 #: (acks=all, idempotent); only the acknowledgement of each landed record stays inside librdkafka.
-BULK_PRODUCER_CONF: dict[str, object] = {"delivery.report.only.error": True}
+BULK_PRODUCER_CONF: dict[str, bool] = {"delivery.report.only.error": True}
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
@@ -113,7 +105,8 @@ class Publisher:
         self._id_format = f"{uuid.uuid4().hex[:20]}-".encode() + b"%x"
         self._sequence = 0
         self._static: dict[str, Headers] = {}
-        self._conf = config.kafka(**{**PRODUCER_DEFAULTS, **(producer_conf or {})})
+        self._config = config
+        self._producer_conf = dict(producer_conf or {})
         # Made on first use: a CLI file publish needs no reporting producer, a POST no bulk one.
         self._producers: dict[bool, Producer] = {}
         self._producers_lock = threading.Lock()
@@ -272,8 +265,12 @@ class Publisher:
         with self._producers_lock:
             producer = self._producers.get(bulk)
             if producer is None:
-                conf = {**self._conf, **BULK_PRODUCER_CONF} if bulk else self._conf
-                producer = self._producers[bulk] = Producer(conf)
+                conf = self._producer_conf
+                producer = self._producers[bulk] = (
+                    clients.producer(self._config, defaults=conf, required=BULK_PRODUCER_CONF)
+                    if bulk
+                    else clients.producer(self._config, defaults=conf)
+                )
             return producer
 
     def _static_headers(self, type_name: str) -> Headers:

@@ -8,13 +8,13 @@ import json
 import logging
 import threading
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer, TopicPartition
 from refold.core.app import schema_dirs
 from refold.core.catalog import Catalog, SchemaVersion
 from refold.core.config import Config
 from refold.core.errors import PublishError
 from refold.core.serde import Codec
-from refold.kafka.topics import SCHEMAS_TOPIC
+from refold.kafka import clients
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 class SchemaRegistry:
     """Registers writer schemas before first use and looks up unknown fingerprints."""
 
-    def __init__(self, config: Config, catalog: Catalog, topic: str = SCHEMAS_TOPIC) -> None:
+    def __init__(self, config: Config, catalog: Catalog, topic: str | None = None) -> None:
         self._config = config
         self._catalog = catalog
-        self._topic = topic
+        self._topic = topic or config.schemas_topic
         self._registered: set[bytes] = set()
         self._lock = threading.Lock()
 
@@ -63,11 +63,7 @@ class SchemaRegistry:
 
     def lookup(self, fingerprint: bytes) -> SchemaVersion | None:
         """Read the registry topic to its end, learn every schema in it, return the one asked."""
-        consumer = Consumer(
-            self._config.kafka(
-                **{"group.id": "refold-registry-reader", "enable.auto.commit": False}
-            )
-        )
+        consumer = clients.consumer(self._config, self._config.group("registry-reader"))
         try:
             low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, 0), timeout=10)
             consumer.assign([TopicPartition(self._topic, 0, OFFSET_BEGINNING)])

@@ -8,13 +8,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import NewTopic, OffsetSpec
 from refold.core.config import Config
 from refold.core.errors import TopicError
+from refold.kafka import clients
 
 log = logging.getLogger(__name__)
 
-SCHEMAS_TOPIC = "_refold.schemas"
 DEFAULT_PARTITIONS = 6
 
 
@@ -39,7 +39,10 @@ def dead_letter_topic(name: str) -> TopicSpec:
     return TopicSpec(name, 1, {"retention.ms": "-1"})
 
 
-INTERNAL_TOPICS = (compacted_topic(SCHEMAS_TOPIC),)
+def internal_topics(config: Config) -> list[TopicSpec]:
+    """The topics refold itself needs on any cluster: the writer schemas of this deployment."""
+    return [compacted_topic(config.schemas_topic)]
+
 
 _LEADER_MOVING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
 
@@ -48,7 +51,7 @@ class Topics:
     """Admin operations with a metadata cache; errors name the topic and the cause."""
 
     def __init__(self, config: Config) -> None:
-        self._admin = AdminClient(config.kafka())
+        self._admin = clients.admin(config)
         self._known: dict[str, int] = {}
 
     def partitions(self, topic: str, *, timeout: float = 10.0) -> int:

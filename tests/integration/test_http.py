@@ -17,7 +17,7 @@ from refold.core.serde import Event, Position
 from refold.engine.worker import Worker
 from refold.http.server import QueryServer
 from refold.kafka.publisher import Publisher
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 DEPOSITED = "bank.MoneyDeposited"
 WAIT = "15000"  # ms a read may wait for the fold; generous for slow CI machines
@@ -130,7 +130,7 @@ def serve(config: Config, unique: Callable[[str], str]) -> Iterator[Callable[...
 
     def make(procs: int = 1, **attrs: Any) -> Served:
         topic, name = unique("http"), unique("deposits")
-        Topics(config).ensure([event_topic(topic), *INTERNAL_TOPICS])
+        Topics(config).ensure([event_topic(topic), *internal_topics(config)])
         worker = Worker(config, [deposits_projection(name, topic, **attrs)])
         worker.start()
         closers.append(worker.stop)

@@ -89,7 +89,7 @@ def test_a_topic_written_in_transactions_ends_at_lag_0_and_a_reset_is_undone(
     after_markers = {tp: offset + 2 for tp, offset in last.items()}  # the last record, a marker
     wait_for(lambda: end_offsets(config, ledger_topic) == after_markers, "the commit markers")
     ends = after_markers
-    group = group_id(env.name, 1)
+    group = group_id(env.config, env.name, 1)
 
     env.start_worker("1")
     try:

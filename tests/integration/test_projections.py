@@ -208,7 +208,9 @@ def test_two_workers_split_partitions_and_hold_every_key(config, ledger_topic, u
         admin = AdminClient({"bootstrap.servers": config.bootstrap_servers})
         deadline = time.monotonic() + 60
         while True:
-            group = admin.describe_consumer_groups([group_id(name, 1)])[group_id(name, 1)].result()
+            group = admin.describe_consumer_groups([group_id(config, name, 1)])[
+                group_id(config, name, 1)
+            ].result()
             owned = [
                 {(tp.topic, tp.partition) for tp in m.assignment.topic_partitions}
                 for m in group.members
@@ -330,7 +332,7 @@ def test_runner_prefetches_a_bounded_part_of_a_backlog(config, ledger_topic, uni
 
 def _coalescing_runner(config, projection, **kw) -> ProjectionRunner:
     """A runner whose batches all wait for one write (as in a rebuild), 100 records a batch."""
-    Topics(config).ensure([dead_letter_topic(dead_letter_topic_name(projection.name))])
+    Topics(config).ensure([dead_letter_topic(dead_letter_topic_name(config, projection.name))])
     return ProjectionRunner(
         config,
         codec_for(config),

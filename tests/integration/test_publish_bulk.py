@@ -19,7 +19,7 @@ from refold.core.inputs import EventInput
 from refold.core.serde import Codec
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 from tests.integration.test_publish_tail import java_murmur2_partition, make_events
 
@@ -53,7 +53,7 @@ def read_all(config: Config, topic: str, count: int) -> list[Message]:
 
 def test_bulk_appends_the_same_envelope_and_placement_and_bounds_its_offsets(config, unique):
     topic = unique("bank")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic)])
+    Topics(config).ensure([*internal_topics(config), event_topic(topic)])
     codec = codec_for(config)
     events = encoded(codec, 600, accounts=40)
     with Publisher(config, codec, source="refold://bulk-test") as publisher:
@@ -106,7 +106,7 @@ def not_acknowledged(caught: pytest.ExceptionInfo[PublishError], sent: int, topi
 
 def test_bulk_to_a_deleted_topic_reports_every_event(config, unique):
     topic = unique("bank")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=2)])
+    Topics(config).ensure([*internal_topics(config), event_topic(topic, partitions=2)])
     codec = codec_for(config)
     events = encoded(codec, 3000, accounts=50)
     # A short delivery timeout only shortens the test: what fails is reported either way.
@@ -120,7 +120,7 @@ def test_bulk_to_a_deleted_topic_reports_every_event(config, unique):
 
 def test_bulk_to_a_topic_deleted_midway_reports_what_did_not_land(config, unique):
     topic = unique("bank")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=2)])
+    Topics(config).ensure([*internal_topics(config), event_topic(topic, partitions=2)])
     codec = codec_for(config)
     events = encoded(codec, 200_000, accounts=500)
     landed = [0]
@@ -144,7 +144,7 @@ def test_bulk_to_a_topic_deleted_midway_reports_what_did_not_land(config, unique
 
 def test_an_event_the_producer_refuses_stops_the_call_with_a_publish_error(config, unique):
     topic = unique("bank")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=1)])
+    Topics(config).ensure([*internal_topics(config), event_topic(topic, partitions=1)])
     codec = codec_for(config)
     small, too_big, later = encoded(codec, 3, accounts=3)
     huge = {**too_big.data, "memo": "x" * 1_100_000}  # over librdkafka's message.max.bytes

@@ -15,7 +15,7 @@ from refold.core.config import Config
 from refold.engine.tail import BadRecord, tail
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 
 def refold(config: Config, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -93,7 +93,7 @@ def test_thousand_events_from_jsonl_come_back_in_order_per_key(config, unique, t
 
 def test_file_with_one_bad_line_publishes_nothing(config, unique, tmp_path):
     topic = unique("bank")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic)])
+    Topics(config).ensure([*internal_topics(config), event_topic(topic)])
     events = [json.dumps(e) for e in make_events(20, accounts=3)]
     events[11] = json.dumps(
         {
@@ -160,7 +160,7 @@ def test_single_publish_and_bad_single_inputs(config, unique):
 
 def test_foreign_record_is_reported_and_tailing_goes_on(config, unique):
     topic = unique("bank")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=1)])
+    Topics(config).ensure([*internal_topics(config), event_topic(topic, partitions=1)])
     codec = codec_for(config)
     with Publisher(config, codec) as publisher:
         first = publisher.publish(
@@ -192,7 +192,7 @@ def test_foreign_record_is_reported_and_tailing_goes_on(config, unique):
 def test_publisher_positions_and_murmur2_placement(config, unique):
     """Positions come back in input order; placement matches Kafka's Java partitioner."""
     topic = unique("bank")
-    Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic)])
+    Topics(config).ensure([*internal_topics(config), event_topic(topic)])
     with Publisher(config, codec_for(config)) as publisher:
         positions = publisher.publish_many(
             topic,

@@ -25,7 +25,7 @@ from refold.core.errors import StoreError
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, stored_offsets
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 from refold.store.rocksdb import RocksStore
 from refold.store.versions import live_version, parts_path, store_path
 
@@ -422,7 +422,7 @@ def test_a_rebuild_whose_broker_dies_gives_up_with_a_reason(tmp_path, unique):
     try:
         config = Config(data_dir=tmp_path / "unused", bootstrap_override=info.bootstrap_servers)
         topic = unique("ledger")
-        Topics(config).ensure([*INTERNAL_TOPICS, event_topic(topic, partitions=4)])
+        Topics(config).ensure([*internal_topics(config), event_topic(topic, partitions=4)])
         publish(config, topic, story(150_000, seed=51))
         env = Env(config, unique("repair"), topic, tmp_path / "data")
         proc = subprocess.Popen(

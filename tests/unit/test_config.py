@@ -23,3 +23,57 @@ def test_defaults_and_overrides_from_the_environment() -> None:
 def test_a_bad_rebuild_write_interval_names_the_variable(bad: str) -> None:
     with pytest.raises(ConfigError, match="REFOLD_REBUILD_WRITE_EVERY"):
         Config.from_env({"REFOLD_REBUILD_WRITE_EVERY": bad})
+
+
+def test_refold_kafka_variables_pass_through_to_every_client() -> None:
+    config = Config.from_env(
+        {
+            "REFOLD_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "REFOLD_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "REFOLD_KAFKA_CLIENT_ID": "shop",
+            "REFOLD_KAFKA_LINGER_MS": "50",
+            "REFOLD_KAFKA_ENABLE_AUTO_COMMIT": "true",
+            "REFOLD_KAFKA_": "ignored",
+        }
+    )
+    assert config.client_overrides == {
+        "security.protocol": "SASL_SSL",
+        "client.id": "shop",
+        "linger.ms": "50",
+        "enable.auto.commit": "true",
+    }
+    conf = config.kafka(defaults={"linger.ms": 5, "compression.type": "lz4"})
+    assert conf["security.protocol"] == "SASL_SSL" and conf["linger.ms"] == "50"
+    assert conf["compression.type"] == "lz4" and conf["bootstrap.servers"] == "127.0.0.1:1"
+
+
+def test_refolds_required_settings_win_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    config = Config.from_env(
+        {"REFOLD_BOOTSTRAP_SERVERS": "x:1", "REFOLD_KAFKA_ENABLE_AUTO_COMMIT": "true"}
+    )
+    with caplog.at_level("WARNING", logger="refold.core.config"):
+        conf = config.kafka(**{"enable.auto.commit": False, "group.id": "g"})
+    assert conf["enable.auto.commit"] is False and conf["group.id"] == "g"
+    assert "REFOLD_KAFKA_ENABLE_AUTO_COMMIT=true is not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="refold.core.config"):
+        config.kafka(**{"enable.auto.commit": False})
+    assert caplog.text == ""  # once per setting, not per client
+
+
+def test_the_app_id_prefixes_groups_and_internal_topics() -> None:
+    default = Config.from_env({})
+    assert default.app_id == "refold"
+    assert default.group("balances", "v1") == "refold.balances.v1"
+    assert default.schemas_topic == "_refold.schemas"
+    assert default.dead_letter_topic("balances") == "refold.dlq.balances"
+    staging = Config.from_env({"REFOLD_APP_ID": "staging"})
+    assert staging.group("commands", "accounts") == "staging.commands.accounts"
+    assert staging.schemas_topic == "_staging.schemas"
+    assert staging.dead_letter_topic("balances") == "staging.dlq.balances"
+
+
+@pytest.mark.parametrize("bad", ["a.b", "a b", "x" * 65, "é"])
+def test_a_bad_app_id_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="REFOLD_APP_ID"):
+        Config.from_env({"REFOLD_APP_ID": bad})
