@@ -19,15 +19,14 @@ import selectors
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 from refold.core.errors import ConfigError
 from refold.engine.worker import Worker
+from refold.store.scratch import make_scratch, scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,8 @@ class ReaderProcesses:
         self.worker = worker
         self.count = count
         self._args = [host, str(port), str(upstream)]
-        self._scratch = Path(tempfile.mkdtemp(prefix="refold-readers-"))
+        # The readers' views live in here (removed by stop(), else swept by the next worker).
+        self._scratch = make_scratch(scratch_dir(worker.config.data_dir), "readers")
         self._readers: list[_Reader] = []
         self._retired: dict[tuple[str, int], int] = {}  # counts of readers that ended
         self._lock = threading.Lock()

@@ -205,6 +205,11 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
     worker = Worker(config, only=args.only.split(",") if args.only else None)
     server = None
+    # Before anything starts: a SIGTERM while starting still stops it all in order (readers,
+    # their scratch dirs, runners), instead of killing the process half-way.
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     worker.start()
     if args.http:
         from refold.http.server import QueryServer
@@ -214,9 +219,6 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
         server = QueryServer(worker, host or "127.0.0.1", int(port), procs=args.http_procs)
         server.start()
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     names = ", ".join(
         [
             *(f"{r.name} v{r.version}" for r in worker.runners.values()),
@@ -241,6 +243,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
 
     from refold.store.rocksdb import RocksStore
+    from refold.store.scratch import scratch_dir
     from refold.store.versions import live_version, store_path
 
     version = live_version(config, name) or 1
@@ -250,7 +253,7 @@ def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
             f"projection {name!r} has no store under {config.data_dir}",
             hint="run `refold worker` first, or check REFOLD_DATA_DIR",
         )
-    return RocksStore.open_secondary(path), version
+    return RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir)), version
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:
@@ -291,11 +294,11 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    from refold.core.app import load_projections
+    from refold.core.app import load_versions
     from refold.engine.status import Watermarks, status_table, store_status
 
     watermarks = Watermarks(config, timeout=10.0)
-    rows = [store_status(config, p, watermarks) for p in load_projections(config.app_modules)]
+    rows = [store_status(config, v, watermarks) for v in load_versions(config.app_modules).values()]
     if args.json:
         for row in rows:
             _out(row.to_json())
@@ -304,15 +307,27 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _projection(config: Config, name: str) -> Projection:
+def _projection(config: Config, name: str, version: int | None = None) -> Projection:
+    """The class of that version of the projection (default: the newest). A store is folded
+    only by its own version's code, so a version the code has no class for is an error."""
     from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
 
     versions = load_versions(config.app_modules)
     if name not in versions:
         raise InputError(
             f"unknown projection {name!r}", hint="known: " + ", ".join(sorted(versions))
         )
-    return versions[name][max(versions[name])]
+    classes = versions[name]
+    if version is None:
+        return classes[max(classes)]
+    reason = frozen_reason(name, classes, version)
+    if reason is not None:
+        raise InputError(
+            f"cannot fold v{version}: {reason}",
+            hint=f"deploy v{version}'s class beside the others, or replay v{max(classes)}",
+        )
+    return classes[version]
 
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
@@ -321,7 +336,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
-    projection = _projection(config, args.name)
+    projection = _projection(config, args.name, args.version)
     version = args.version or projection.version
     if args.dry_run:
         print(plan(config, projection, version).describe())
@@ -337,6 +352,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         progress=None if args.quiet else sys.stderr,
         procs=args.procs,
         catch_up_timeout=args.stall_timeout,
+        live_frozen=_live_frozen(config, args.name),
     )
     rate = result.folded / result.seconds if result.seconds else 0.0
     split = f", {result.parts} processes" if result.parts > 1 else ""
@@ -357,11 +373,25 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _live_frozen(config: Config, name: str) -> bool:
+    """Whether the code lacks the live version's class: workers serve it frozen."""
+    from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
+    from refold.store.versions import live_version
+
+    live = live_version(config, name)
+    return (
+        live is not None
+        and frozen_reason(name, load_versions(config.app_modules)[name], live) is not None
+    )
+
+
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from refold.store.versions import rollback
 
     current, target = rollback(config, args.name)
-    print(f"{args.name}: v{target} is live again (was v{current})")
+    frozen = " (frozen: the code has no class for it)" if _live_frozen(config, args.name) else ""
+    print(f"{args.name}: v{target} is live again (was v{current}){frozen}")
     return 0
 
 

@@ -9,13 +9,17 @@ Commit steps, in order, for every batch (the order is what makes a crash at any 
    producer is flushed, before anything else is written;
 4. ONE RocksDB WriteBatch stores the changed states, the re-key links, the counters and every
    partition's next offset — the store is the truth, a crash before this step re-folds from
-   Kafka, a crash after it finds the offsets already moved. While the consumer keeps handing out
+   Kafka, a crash after it finds the offsets already moved. A partition's next offset is the
+   consumer's position when that is further: past the transaction markers (and aborted records)
+   that read_committed never delivers, so a topic written in transactions ends at lag 0. While
+   the consumer keeps handing out
    full batches (a backlog: catching up, rebuilding), consecutive batches share one WriteBatch,
    up to `commit_every` events or `commit_interval_s` seconds, so a key folded many times is
    written once; a short batch (caught up) is written at once, so freshness does not wait;
 5. the offsets are committed to Kafka asynchronously, at most once per `KAFKA_COMMIT_INTERVAL_S`
    (and when partitions are revoked or the runner closes); they are advisory (monitoring, lag):
-   on assignment the consumer always seeks to the store's offsets, never to Kafka's.
+   on assignment the consumer always seeks to the store's offsets, never to Kafka's, and
+   commits them again, so an external reset of the group's offsets does not outlive it.
 
 A poison record found while earlier batches wait for their write may have half-changed their
 cached states, so those batches are not written: the consumer rewinds to the stored offsets and
@@ -227,6 +231,10 @@ class ProjectionRunner:
             required={"partition.assignment.strategy": "cooperative-sticky"},
         )
 
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(self.projection.topics)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -273,12 +281,12 @@ class ProjectionRunner:
     def stop(self) -> None:
         self._stop.set()
 
-    def _write_pending_unless_failed(self) -> None:
+    def _write_pending_unless_failed(self, past_markers: bool = True) -> None:
         """Store the batches folded but not yet written (they are complete: folding happens
         between consume() calls). Not after a failure: the batch that failed may have left its
         records in the pending write without their dead letters."""
         if self.stats.state != "failed" and self._pending.offsets:
-            self._write_pending()
+            self._write_pending(past_markers)
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 
@@ -350,6 +358,8 @@ class ProjectionRunner:
             positions = self._consumer.position([TopicPartition(*tp) for tp in short])
             if any(tp.offset < self._bounds[(tp.topic, tp.partition)] for tp in positions):
                 return False
+            for t, p in short:  # stored at the bound, past its markers
+                self._pending.offsets[(t, p)] = self._bounds[(t, p)]
         self._write_pending()
         return True
 
@@ -361,14 +371,17 @@ class ProjectionRunner:
             key = (tp.topic, tp.partition)
             tp.offset = stored.get(key, OFFSET_BEGINNING)
             self._next[key] = stored.get(key, 0)
+            if key in stored:  # the store is the truth: undo any reset of the group's offsets
+                self._uncommitted[key] = stored[key]
         consumer.incremental_assign(partitions)
         self._publish_assignment(consumer)
         log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Batches waiting for their write are stored first (this runs inside consume(), between
-        # two folds); then Kafka's advisory copy of the revoked partitions' offsets.
-        self._write_pending_unless_failed()
+        # two folds); then Kafka's advisory copy of the revoked partitions' offsets. Not past
+        # the consumer's position: records this consume() call already took are not folded.
+        self._write_pending_unless_failed(past_markers=False)
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._commit_to_kafka([tp for tp in revoked if tp in self._uncommitted])
         for tp in revoked:
@@ -429,7 +442,7 @@ class ProjectionRunner:
             self._careful -= len(msgs)
         if stop is not None:
             msg, reason = stop
-            self._write_pending()
+            self._write_pending(past_markers=False)  # the records after `msg` are not folded
             position = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
             self.stats.error = f"stopped at {position}: {reason}"
             self.stats.state = "failed"
@@ -672,13 +685,17 @@ class ProjectionRunner:
         if msg.error().code() != KafkaError._PARTITION_EOF:
             log.warning("%s: consume error %s", self.name, msg.error())
 
-    def _write_pending(self) -> None:
-        """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch."""
+    def _write_pending(self, past_markers: bool = True) -> None:
+        """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch.
+        `past_markers`: every record the consumer returned is folded, so its position may be
+        stored where it is further (see `_past_markers`)."""
         pending = self._pending
         next_offsets = pending.offsets
         if not next_offsets:
             pending.clear()
             return
+        if past_markers:
+            self._past_markers(next_offsets)
         stats = self.stats
         folded, skipped, dead = pending.folded, pending.skipped, pending.dead
         meta: dict[str, Any] = {"events_folded": stats.folded + folded}
@@ -706,6 +723,35 @@ class ProjectionRunner:
             self._changed.notify_all()
         self._uncommitted.update(next_offsets)
         self._commit_to_kafka_due()
+
+    def _past_markers(self, offsets: dict[TP, int]) -> None:
+        """Move next offsets up to the consumer's position where it is further: the offsets in
+        between hold transaction markers or aborted records, which read_committed never delivers
+        (position() is the last record returned + 1, past the markers that followed it). Only
+        when every record returned is folded; never past a rebuild's bound. Without this a
+        partition ending in a marker (every transactional write) shows lag 1 forever."""
+        tps = [TopicPartition(t, p) for t, p in offsets if (t, p) not in self._beyond]
+        if not tps or self._paused.intersection(offsets):
+            return
+        bounds = self._bounds
+        for tp in self._consumer.position(tps):
+            key = (tp.topic, tp.partition)
+            position = tp.offset if not bounds else min(tp.offset, bounds.get(key, tp.offset))
+            if position > offsets[key]:
+                offsets[key] = position
+
+    def _skip_trailing_markers(self) -> None:
+        """Store positions that moved past markers while nothing was folded (a marker fetched
+        after the last record of its transaction): an offsets-only write."""
+        if self._pending.offsets or self._beyond or self._stop.is_set():
+            return  # (stopped: maybe at a poison record, with records after it not folded)
+        owned = {tp: self._next[tp] for tp in self.stats.assigned if tp in self._next}
+        moved = dict(owned)
+        self._past_markers(moved)
+        moved = {tp: o for tp, o in moved.items() if o > owned[tp]}
+        if moved:
+            self._pending.offsets.update(moved)
+            self._write_pending(past_markers=False)
 
     def _forget_poison(self, stored: Mapping[TP, int]) -> None:
         """Poison positions now below the stored offsets are never read again."""
@@ -812,3 +858,4 @@ class ProjectionRunner:
             if high >= 0:
                 marks[tp] = high
         self.stats.high_watermarks = marks
+        self._skip_trailing_markers()
