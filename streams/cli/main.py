@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from refold.core.config import Config
-from refold.core.errors import InputError, RefoldError
+from refold.core.errors import ConfigError, InputError, RefoldError
 
 if TYPE_CHECKING:
     from refold.core.projection import Projection
@@ -70,11 +70,9 @@ def cmd_topics(args: argparse.Namespace, config: Config) -> int:
 
 
 def _declared_topics(config: Config) -> list[str]:
-    """Source topics of the bundled and the user's projections."""
-    try:
-        from refold.core.app import load_projections
-    except ImportError:
-        return ["bank.accounts"]
+    """Source topics of the app's projections (REFOLD_APP); none without an app."""
+    from refold.core.app import load_projections
+
     return sorted({t for p in load_projections(config.app_modules) for t in p.topics})
 
 
@@ -203,7 +201,16 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
+    hint = (
+        "name your app's modules with REFOLD_APP=module or --app module; "
+        "the bank example is refold.examples.bank"
+    )
+    if not config.app_modules:
+        raise ConfigError("nothing to run: no app named", hint=hint)
     worker = Worker(config, only=args.only.split(",") if args.only else None)
+    if not worker.projections and not worker.deciders:
+        apps = ",".join(config.app_modules)
+        raise ConfigError(f"nothing to run: {apps} has no projections or deciders", hint=hint)
     server = None
     # Before anything starts: a SIGTERM while starting still stops it all in order (readers,
     # their scratch dirs, runners), instead of killing the process half-way.
