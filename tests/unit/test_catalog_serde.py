@@ -57,7 +57,8 @@ def test_round_trip_is_single_object_encoded(codec: Codec) -> None:
 
 
 def test_plain_fastavro_decodes_our_records(codec: Codec) -> None:
-    """The README's snippet: nothing but fastavro and the .avsc files."""
+    """The README's snippet, without Kafka: nothing but fastavro and the .avsc files
+    (tests/integration/test_readme.py runs the README's own text against the broker)."""
     value = codec.encode("bank.MoneyWithdrawn", {"account_id": "a", "amount_cents": 7, "memo": ""})
     # --- snippet (kept in sync with README.md) ---
     schemas = {}
