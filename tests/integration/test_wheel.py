@@ -82,7 +82,9 @@ def test_the_wheel_holds_refold_and_nothing_else(wheel: Path) -> None:
         for path in (REPO / folder).glob("*.py")
     }
     source_dirs = {REPO / folder for folder in _package_dirs().values()}
-    for init in (REPO / "streams").rglob("__init__.py"):
+    for init in (
+        p for top in ("streams", "projections") for p in (REPO / top).rglob("__init__.py")
+    ):
         assert init.parent in source_dirs, f"{init.parent} is not in pyproject.toml's packages"
     assert expected <= names, sorted(expected - names)
 
