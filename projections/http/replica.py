@@ -1,13 +1,13 @@
 """A reader process: serves plain key lookups of a worker's projections from its own CPU.
 
-Started by the worker's query server (projections/readers.py) as
+Started by the worker's query server (refold.http.replicas) as
 `python -m refold.http.replica HOST PORT UPSTREAM_PORT SCRATCH_DIR`. It listens on the worker's
 HTTP port beside the worker (SO_REUSEPORT: the kernel spreads connections over the processes)
 and reads the stores through RocksDB secondary instances, so lookups do not share the worker's
 GIL with its fold threads.
 
 - Plain `GET /projections/{name}/{key}` and `GET /healthz` are answered here (the fast path of
-  projections/fastpath.py). The view is caught up with the worker's commits before a read when
+  refold.http.fastpath). The view is caught up with the worker's commits before a read when
   the last catch-up is older than `READ_LAG_S`, so an answer holds every state committed more
   than that before the request arrived; its position is the one stored with that very state.
 - Everything else — `min_offset` waits, scans, `as_of`, POSTs, `/metrics`, a projection this

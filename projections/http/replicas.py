@@ -1,7 +1,7 @@
 """The worker's reader processes: more CPUs for key lookups than one process's GIL.
 
 `refold worker --http HOST:PORT --http-procs N` serves the port from the worker and N-1 reader
-processes (projections/reader.py), all listening with SO_REUSEPORT so the kernel spreads
+processes (refold.http.replica), all listening with SO_REUSEPORT so the kernel spreads
 connections over them. `ReaderProcesses` starts them, tells them the live version and state of
 every projection whenever that changes (so a swap or rollback is followed within a tick),
 collects their request counts for `/metrics`, restarts one that died, and ends them with the

@@ -115,7 +115,7 @@ def parse_min_offset(raw: str, topics: tuple[str, ...]) -> dict[TP, int]:
 class QueryServer:
     """Serves one worker's projections over HTTP until `stop()`; single use (start once).
 
-    With `procs` > 1, `procs - 1` reader processes (projections/readers.py) answer key lookups
+    With `procs` > 1, `procs - 1` reader processes (refold.http.replica) answer key lookups
     on the same port beside this one.
     """
 
@@ -321,7 +321,7 @@ class QueryServer:
             self._position_cache[runner.name] = cached
         return 200, answers.key_found(key, state, cached[1])
 
-    # The fast path (projections/fastpath.py) reads through these two; None sends the request
+    # The fast path (refold.http.fastpath) reads through these two; None sends the request
     # to the full app, which answers unknown names, stopped runners and store errors.
 
     def lookup(self, name: str, key: str) -> Answer | None:

@@ -2,7 +2,7 @@
 
 Each projection version owns one store directory. `Store` is the port that the runtime and the
 query server use; `RocksStore` is the product's implementation (RocksDB through rocksdict) and
-`MemoryStore` (projections/memory_store.py) is a dict-based stand-in for unit-testing folds.
+`MemoryStore` (refold.store.memory) is a dict-based stand-in for unit-testing folds.
 
 Every implementation keeps these invariants:
 
