@@ -207,43 +207,49 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     )
     if not config.app_modules:
         raise ConfigError("nothing to run: no app named", hint=hint)
+    host, port = "", 0
+    if args.http:
+        host, _, raw_port = args.http.rpartition(":")
+        if not raw_port.isdigit():
+            raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
+        host, port = host or "127.0.0.1", int(raw_port)
     worker = Worker(config, only=args.only.split(",") if args.only else None)
     if not worker.projections and not worker.deciders:
         apps = ",".join(config.app_modules)
         raise ConfigError(f"nothing to run: {apps} has no projections or deciders", hint=hint)
-    server = None
     # Before anything starts: a SIGTERM while starting still stops it all in order (readers,
     # their scratch dirs, runners), instead of killing the process half-way.
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    server = None
     worker.start()
-    if args.http:
-        from refold.http.server import QueryServer
+    try:
+        if args.http:
+            from refold.http.server import QueryServer
 
-        host, _, port = args.http.rpartition(":")
-        if not port.isdigit():
-            raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
-        server = QueryServer(worker, host or "127.0.0.1", int(port), procs=args.http_procs)
-        server.start()
-    names = ", ".join(
-        [
-            *(f"{r.name} v{r.version}" for r in worker.runners.values()),
-            *(f"commands {n}" for n in worker.processors),
-        ]
-    )
-    http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
-    print(f"worker running {names}{http}", flush=True)
-    while not done.wait(0.5):
-        failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
-        for runner in failed:
-            log.error("projection %s failed: %s", runner.name, runner.stats.error)
-        for name, processor in worker.processors.items():
-            if processor.stats.state == "failed":
-                log.error("command processor %s failed: %s", name, processor.stats.error)
-    if server:
-        server.stop()
-    worker.stop()
+            query = QueryServer(worker, host, port, procs=args.http_procs)
+            query.start()
+            server = query  # stopped below only once started
+        names = ", ".join(
+            [
+                *(f"{r.name} v{r.version}" for r in worker.runners.values()),
+                *(f"commands {n}" for n in worker.processors),
+            ]
+        )
+        http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
+        print(f"worker running {names}{http}", flush=True)
+        while not done.wait(0.5):
+            failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
+            for runner in failed:
+                log.error("projection %s failed: %s", runner.name, runner.stats.error)
+            for name, processor in worker.processors.items():
+                if processor.stats.state == "failed":
+                    log.error("command processor %s failed: %s", name, processor.stats.error)
+    finally:
+        if server:
+            server.stop()
+        worker.stop()
     return 0
 
 
