@@ -7,15 +7,20 @@ demos). The demo brings its own broker(s) in the temp folder, so it does not use
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from refold.cli.broker import free_port
@@ -143,6 +148,17 @@ class Outside:
             timeout=timeout,
         )
 
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start a long-running command; its output goes to `<cwd>/<command>.log`."""
+        with (self.cwd / f"{args[1]}.log").open("wb") as log:
+            return subprocess.Popen(
+                [str(self.venv / "bin" / args[0]), *args[1:]],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
     def ok(self, *args: str) -> str:
         done = self.run(*args)
         assert done.returncode == 0, f"{' '.join(args)}: {done.stdout}{done.stderr}"
@@ -193,6 +209,19 @@ def test_the_demo_runs_from_the_wheel(outside: Outside) -> None:
     _assert_demo_story(out)
     assert "starting a local Kafka broker" not in out
     assert outside.run("refold", "broker", "status").returncode == 0
+
+    # The bank app's worker, with a reader process (`python -m refold.http.replica`) beside it.
+    account = re.findall(r"OpenAccount +(alice-\w+) +accepted", out)[0]
+    http = free_port()
+    app = ["--app", "refold.examples.bank", "--http", f"127.0.0.1:{http}", "--http-procs", "2"]
+    worker = outside.popen("refold", "worker", *app)
+    try:
+        url = f"http://127.0.0.1:{http}/projections/balances/{account}"
+        for _ in range(4):  # new connections: the kernel spreads them over both processes
+            assert _get_when_up(url, worker)["state"]["balance_cents"] == 139175
+    finally:
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0, (outside.cwd / "worker.log").read_text()
     assert "stopped 1 node(s)" in outside.ok("refold", "broker", "stop")
     assert outside.run("refold", "broker", "status").returncode == 1
 
@@ -213,3 +242,17 @@ def _assert_demo_story(out: str) -> None:
     assert re.search(r"refund +150\.00 +1,391\.75$", out, re.M), out  # the passbook's last line
     assert re.search(rf"GET http://127\.0\.0\.1:\d+/projections/balances/{acc}\n", out), out
     assert '"balance_cents": 139175' in out
+
+
+def _get_when_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> Any:
+    """GET `url` as JSON once the server answers (it may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
