@@ -91,7 +91,7 @@ def readme_env(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     existed = set(BANK_TOPICS) & set(admin.list_topics(timeout=10).topics)
     with pytest.MonkeyPatch.context() as mp:
         for name in [k for k in os.environ if k.startswith("REFOLD_")]:
-            if name != "REFOLD_KAFKA_CACHE":
+            if not name.startswith("REFOLD_KAFKA"):  # client settings, the jars' cache: kept
                 mp.delenv(name)
         mp.setenv("REFOLD_BOOTSTRAP_SERVERS", bootstrap)
         mp.setenv("REFOLD_APP", "refold.examples.bank")

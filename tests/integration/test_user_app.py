@@ -86,7 +86,11 @@ def test_a_worker_runs_a_users_app_with_no_bank_topic(bootstrap, unique, tmp_pat
         APP.format(name=name, topic=topic, schemas_dirs=in_module)
     )
     (app_dir / "schemas" / "shop" / "OrderPlaced.avsc").write_text(json.dumps(ORDER_PLACED))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REFOLD_", "PYTHONPATH"))}
+    env = {  # none of the repo's settings but the Kafka client's (REFOLD_KAFKA_*)
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REFOLD_", "PYTHONPATH")) or k.startswith("REFOLD_KAFKA")
+    }
     env |= {
         "REFOLD_APP": module,
         "REFOLD_BOOTSTRAP_SERVERS": bootstrap,
