@@ -32,12 +32,17 @@ from confluent_kafka.admin import AdminClient
 from refold import Decider, Projection
 from refold.cli.main import build_parser
 from refold.core.config import Config
-from refold.kafka.topics import INTERNAL_TOPICS, Topics, event_topic
+from refold.kafka.topics import Topics, event_topic, internal_topics
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 SKIP = "<!-- doctest: skip -->"
-BANK_TOPICS = ("bank.accounts", "bank.accounts.commands", "bank.accounts.commands.results")
+
+
+def bank_topics(admin: AdminClient) -> set[str]:
+    """bank.accounts and the topics named after it (its decider's commands, results, claims)."""
+    names = admin.list_topics(timeout=10).topics
+    return {t for t in names if t == "bank.accounts" or t.startswith("bank.accounts.")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +93,7 @@ def readme_env(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         Path(str(resources.files("refold.schemas") / "bank")), home / "schemas" / "bank"
     )
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    existed = set(BANK_TOPICS) & set(admin.list_topics(timeout=10).topics)
+    existed = bank_topics(admin)
     with pytest.MonkeyPatch.context() as mp:
         for name in [k for k in os.environ if k.startswith("REFOLD_")]:
             if not name.startswith("REFOLD_KAFKA"):  # client settings, the jars' cache: kept
@@ -98,15 +103,14 @@ def readme_env(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         mp.setenv("REFOLD_DATA_DIR", str(home / ".refold"))
         mp.chdir(home)
         config = Config.from_env()
-        Topics(config).ensure([*INTERNAL_TOPICS, event_topic("bank.accounts")])
+        Topics(config).ensure([*internal_topics(config), event_topic("bank.accounts")])
         try:
             yield config
         finally:
-            _delete_topics(admin, [t for t in BANK_TOPICS if t not in existed])
+            _delete_topics(admin, sorted(bank_topics(admin) - existed))
 
 
-def _delete_topics(admin: AdminClient, names: list[str]) -> None:
-    present = [t for t in names if t in admin.list_topics(timeout=10).topics]
+def _delete_topics(admin: AdminClient, present: list[str]) -> None:
     if not present:
         return
     for future in admin.delete_topics(present, operation_timeout=30).values():
