@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from refold.core.errors import ConfigError, InputError, RefoldError
 
 if TYPE_CHECKING:
     from refold.core.projection import Projection
+    from refold.engine.worker import Worker
     from refold.kafka.topics import Topics
     from refold.store.rocksdb import RocksStore
 
@@ -195,7 +197,6 @@ def cmd_tail(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     import signal
-    import threading
 
     from refold.engine.worker import Worker
 
@@ -239,18 +240,23 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         )
         http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
         print(f"worker running {names}{http}", flush=True)
-        while not done.wait(0.5):
-            failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
-            for runner in failed:
-                log.error("projection %s failed: %s", runner.name, runner.stats.error)
-            for name, processor in worker.processors.items():
-                if processor.stats.state == "failed":
-                    log.error("command processor %s failed: %s", name, processor.stats.error)
+        _report_failures_until(done, worker)
     finally:
         if server:
             server.stop()
         worker.stop()
     return 0
+
+
+def _report_failures_until(done: threading.Event, worker: Worker) -> None:
+    """Log every failed projection and command processor each half second until `done`."""
+    while not done.wait(0.5):
+        failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
+        for runner in failed:
+            log.error("projection %s failed: %s", runner.name, runner.stats.error)
+        for name, processor in worker.processors.items():
+            if processor.stats.state == "failed":
+                log.error("command processor %s failed: %s", name, processor.stats.error)
 
 
 def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
