@@ -46,6 +46,7 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
+from refold.engine.membership import fold_group_settings
 from refold.kafka import clients
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.versions import store_path
@@ -177,6 +178,7 @@ class ProjectionRunner:
         commit_every: int = COMMIT_EVERY,
         commit_interval_s: float = COMMIT_INTERVAL_S,
         write_when_caught_up: bool = True,
+        instance_id: str | None = None,
     ) -> None:
         self.config = config
         self.codec = codec
@@ -217,11 +219,13 @@ class ProjectionRunner:
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
+        # `instance_id`: static membership (refold.engine.membership), given by the worker.
+        membership, required = fold_group_settings(config, instance_id)
         self._consumer = clients.consumer(
             config,
             group_id(config, self.name, self.version),
-            defaults={**FOLD_CONSUMER_CONF, **(consumer_conf or {})},
-            required={"partition.assignment.strategy": "cooperative-sticky"},
+            defaults={**FOLD_CONSUMER_CONF, **membership, **(consumer_conf or {})},
+            required=required,
         )
 
     # -- lifecycle --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.command_processor import CommandProcessor
+from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
 from refold.kafka import clients
@@ -51,6 +52,7 @@ class Worker:
         deciders: Iterable[Decider] | None = None,
     ) -> None:
         self.config = config
+        self.worker_id = worker_id(config)  # this data dir's identity in every group it joins
         self.codec = codec or codec_for(config)
         # Deciders (commands): the bundled and REFOLD_APP ones, unless projections were passed.
         if deciders is None:
@@ -154,6 +156,7 @@ class Worker:
             version=version,
             batch_size=self._batch_size,
             replay_below=replay_below,
+            instance_id=f"{self.worker_id}.{name}.v{version}",
         )
         thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
         self._threads.append(thread)
