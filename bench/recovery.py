@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "kip848+static": {"REFOLD_KAFKA_GROUP_PROTOCOL": "consumer"},
 }
 PARTITIONS = 6
+WORKER = (sys.executable, "-m", "refold.cli.main", "worker")
 
 
 class Worker:
@@ -64,10 +65,7 @@ class Worker:
         self.port = free_port()
         log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "refold.cli.main", "worker", "--only", self.name,
-                "--http", f"127.0.0.1:{self.port}", "--http-procs", "1",
-            ],  # fmt: skip
+            [*WORKER, "--only", self.name, "--http", f"127.0.0.1:{self.port}", "--http-procs", "1"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -136,6 +134,18 @@ def time_to_current(
     return None
 
 
+def settle(workers: list[Worker], timeout: float) -> None:
+    """Wait until every worker owns partitions and together they own them all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owned = [set(w.positions()) for w in workers]
+        if all(owned) and set().union(*owned) == set(range(PARTITIONS)):
+            time.sleep(2)  # heartbeats flowing, offsets committed
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"partitions never split over {len(workers)} workers")
+
+
 def publish_forever(config: Config, topic: str, rate: int, stop: threading.Event) -> None:
     with Publisher(config, codec_for(config)) as publisher:
         i = 0
@@ -178,7 +188,7 @@ def run_case(
         first = time_to_current(config, topic, workers, time.monotonic(), 120)
         if first is None:
             raise RuntimeError(f"{variant}/{case}: the workers never caught up")
-        time.sleep(3)  # settled: every partition owned, heartbeats flowing
+        settle(workers, 60)
         victim = workers[-1]
         for _ in range(1 if case == "gone" else kills):
             victim.kill9()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+
 from refold.core.config import Config
 from refold.core.errors import ConfigError
 
@@ -91,4 +92,3 @@ def fold_group_settings(
     defaults["session.timeout.ms"] = SESSION_TIMEOUT_MS
     defaults["heartbeat.interval.ms"] = HEARTBEAT_INTERVAL_MS
     return defaults, required
-

@@ -64,6 +64,8 @@ KAFKA_COMMIT_INTERVAL_S = 1.0
 #: Batches folded during a backlog share one store write up to this many events or seconds.
 COMMIT_EVERY = 50_000
 COMMIT_INTERVAL_S = 0.5
+#: An owned partition is "behind" while records it held this many seconds ago are not folded.
+BEHIND_S = 5.0
 
 
 def rebuild_writes(config: Config) -> dict[str, Any]:
@@ -129,6 +131,36 @@ class RunnerStats:
     assigned: tuple[TP, ...] = ()
     high_watermarks: dict[TP, int] = field(default_factory=dict)
     last_commit_ms: float = 0.0
+    # Refreshed about once a second by the fold thread (`_refresh_watermarks`), each a new object:
+    lag: dict[TP, int] = field(default_factory=dict)  # records not folded, per owned partition
+    behind: tuple[TP, ...] = ()  # owned partitions with records older than BEHIND_S unfolded
+    refreshed_at: float = 0.0  # time.monotonic() of that refresh
+
+
+class Behind:
+    """Which partitions hold records older than `after` seconds that are not folded yet: fed
+    the end offsets seen and the positions folded, once a second or so."""
+
+    def __init__(self, after: float = BEHIND_S) -> None:
+        self._after = after
+        self._seen: list[tuple[float, Mapping[TP, int]]] = []  # (when, ends), oldest first
+
+    def update(
+        self, now: float, ends: Mapping[TP, int], folded: Mapping[TP, int]
+    ) -> tuple[TP, ...]:
+        """Partitions not folded to the ends seen `after` s ago (or, for partitions watched
+        less long than that, to the first end seen: a new owner is behind until it caught up
+        with what was there when it took the partition)."""
+        seen = self._seen
+        seen.append((now, ends))
+        while len(seen) > 1 and seen[1][0] <= now - self._after:
+            seen.pop(0)  # seen[0] stays: the newest sample at least `after` s old
+        behind = []
+        for tp, nxt in folded.items():
+            ref = next((m[tp] for _t, m in seen if tp in m), None)
+            if ref is not None and nxt < ref:
+                behind.append(tp)
+        return tuple(sorted(behind))
 
 
 class _Poison(Exception):
@@ -215,6 +247,7 @@ class ProjectionRunner:
         self._beyond: dict[TP, int] = {}  # first offset past its bound seen, per partition
         self._paused: set[TP] = set()
         self._watermarks_at = 0.0
+        self._behind = Behind()
         self._uncommitted: dict[TP, int] = {}  # stored, not yet committed to Kafka
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
@@ -706,12 +739,7 @@ class ProjectionRunner:
         """Records behind the end of each owned partition, as of the last refresh (about once a
         second, done by the fold thread: confluent-kafka serialises calls on one consumer, so
         another thread asking it directly would wait behind the fold loop)."""
-        positions = self.stats.positions
-        return {
-            tp: max(0, high - positions.get(tp, 0))
-            for tp, high in self.stats.high_watermarks.items()
-            if tp in positions
-        }
+        return self.stats.lag
 
     def _refresh_watermarks(self) -> None:
         now = time.monotonic()
@@ -719,9 +747,27 @@ class ProjectionRunner:
             return
         self._watermarks_at = now
         marks: dict[TP, int] = {}
-        for tp in self.stats.assigned:
+        owned = self.stats.assigned
+        for tp in owned:
             # cached=True reads what the fetcher last learned: no broker round trip.
             _low, high = self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
             if high >= 0:
                 marks[tp] = high
         self.stats.high_watermarks = marks
+        folded = self._folded_positions(owned)
+        self.stats.lag = {tp: max(0, high - folded.get(tp, 0)) for tp, high in marks.items()}
+        self.stats.behind = self._behind.update(now, marks, folded)
+        self.stats.refreshed_at = now
+
+    def _folded_positions(self, owned: tuple[TP, ...]) -> dict[TP, int]:
+        """Stored next offsets, moved past offsets that hold no record (transaction markers):
+        for a partition with nothing waiting for a write, the consumer's position says where
+        the records delivered so far end (this runs on the fold thread, between batches)."""
+        folded = dict(self.stats.positions)
+        idle = [TopicPartition(*tp) for tp in owned if tp not in self._pending.offsets]
+        if idle:
+            for tp in self._consumer.position(idle):
+                key = (tp.topic, tp.partition)
+                if tp.offset >= 0 and tp.offset > folded.get(key, 0):
+                    folded[key] = tp.offset
+        return folded

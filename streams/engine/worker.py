@@ -21,6 +21,7 @@ from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.command_processor import CommandProcessor
+from refold.engine.health import HealthMonitor
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
@@ -89,6 +90,8 @@ class Worker:
         self._publisher_lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Who folds each partition, lag, the broker's reachability: read by the query server.
+        self.health = HealthMonitor(config, lambda: self.runners)
 
     def _check_sources(self) -> None:
         for projection in self.projections:
@@ -133,6 +136,7 @@ class Worker:
                 self._start_build(name, code, serving.store.offsets())
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
+        self.health.start()
         self._start_commands()
 
     def _fold_for(self, name: str, version: int) -> Projection:
@@ -203,6 +207,7 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
+        self.health.stop()
         if self._watcher is not None:
             self._watcher.join(timeout)
         for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:
