@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import KafkaError, KafkaException
 from refold.core.config import Config
-from refold.core.errors import InputError, RefoldError
+from refold.core.errors import BrokerError, InputError, RefoldError
 
 if TYPE_CHECKING:
     from refold.core.projection import Projection
@@ -603,11 +604,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RefoldError as exc:
         _fail(exc)
         return EXIT_ERROR
+    except KafkaException as exc:  # what librdkafka raises when the broker does not answer
+        _fail(_unreachable(config, exc))
+        return EXIT_ERROR
+    except TimeoutError as exc:  # a future (a command's append) not done in time
+        _fail(BrokerError(f"no answer from Kafka at {_address(config)} in time: {exc}", hint=_HINT))
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+_HINT = "is the broker running? `refold broker status`, or check REFOLD_BOOTSTRAP_SERVERS"
+
+
+def _address(config: Config) -> str:
+    try:
+        return config.bootstrap_servers
+    except RefoldError:
+        return "(no address)"
+
+
+def _unreachable(config: Config, exc: KafkaException) -> BrokerError:
+    error = exc.args[0] if exc.args else None
+    text = error.str() if isinstance(error, KafkaError) else str(exc)
+    return BrokerError(f"Kafka at {_address(config)}: {text}", hint=_HINT)
 
 
 def _fail(exc: RefoldError) -> None:

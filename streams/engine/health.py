@@ -147,11 +147,13 @@ class HealthMonitor:
         self._error: str | None = None
         self._checked_at = 0.0
         self._checked = False
+        self._reachable = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.health: Health = STARTING
 
     def start(self) -> HealthMonitor:
+        self._last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="health", daemon=True)
         self._thread.start()
         return self
@@ -179,38 +181,42 @@ class HealthMonitor:
     # -- the broker's side ----------------------------------------------------------------
 
     def _check_broker(self) -> None:
+        """The broker is reachable when it answers a metadata request; a group it cannot
+        describe right now (its coordinator moving or loading) keeps its last known view."""
         runners = dict(self._runners())
         try:
             if self._admin is None:
                 self._admin = clients.admin(self._config)
             topics = {t for r in runners.values() for t in r.projection.topics}
-            self._read_counts(self._admin, topics)
-            for runner in runners.values():
-                self._read_group(self._admin, runner)
+            self._read_counts(self._admin, topics or {self._config.schemas_topic})
         except KafkaException as exc:
             self._failed(exc)
             return
-        if time.monotonic() - self._last_ok > UNREACHABLE_AFTER_S:
-            log.warning("the broker answers again")
+        if not self._reachable:
+            log.warning("the broker at %s answers again", self._config.bootstrap_servers)
         self._last_ok = time.monotonic()
-        self._error = None
-        self._checked = True
+        self._reachable, self._error, self._checked = True, None, True
+        for runner in runners.values():
+            try:
+                self._read_group(self._admin, runner)
+            except KafkaException as exc:  # its last view stays; reachability is the above's
+                log.debug("group of %s v%d not described: %s", runner.name, runner.version, exc)
+            self.health = self._snapshot()  # a slow coordinator delays no other news
 
     def _failed(self, exc: KafkaException) -> None:
         error = exc.args[0] if exc.args else exc
         text = error.str() if hasattr(error, "str") else str(error)
         down = time.monotonic() - self._last_ok
-        if down > UNREACHABLE_AFTER_S and self._error is None:
-            # Once per outage: librdkafka retries by itself, the health snapshot says the rest.
+        if down <= UNREACHABLE_AFTER_S:
+            return  # a blip; librdkafka retries by itself
+        if self._reachable:  # once per outage: the health snapshot says the rest
             log.warning(
                 "the broker at %s is unreachable (%.0f s): %s",
                 self._config.bootstrap_servers,
                 down,
                 text,
             )
-            self._error = text
-        elif down > UNREACHABLE_AFTER_S:
-            self._error = text
+        self._reachable, self._error = False, text
 
     def _read_counts(self, admin: AdminClient, topics: Iterable[str]) -> None:
         for topic in sorted(topics):
@@ -257,7 +263,7 @@ class HealthMonitor:
     # -- the snapshot ---------------------------------------------------------------------
 
     def _snapshot(self) -> Health:
-        reachable = time.monotonic() - self._last_ok <= UNREACHABLE_AFTER_S
+        reachable = self._reachable
         projections: dict[str, ProjectionHealth] = {}
         for name, runner in list(self._runners().items()):
             projections[name] = self._projection(runner)
@@ -280,7 +286,7 @@ class HealthMonitor:
                     out.append(
                         PartitionHealth(topic, p, "here", positions.get(tp), lag.get(tp), late)
                     )
-                elif tp in view.owners:
+                elif view.owners.get(tp, runner.instance_id) != runner.instance_id:
                     committed, end = view.committed.get(tp), view.ends.get(tp)
                     gap = None if end is None else max(0, end - (committed or 0))
                     member = view.owners[tp]

@@ -253,6 +253,7 @@ class ProjectionRunner:
         self._stop = threading.Event()
         self._changed = threading.Condition()
         # `instance_id`: static membership (refold.engine.membership), given by the worker.
+        self.instance_id = instance_id
         membership, required = fold_group_settings(config, instance_id)
         self._consumer = clients.consumer(
             config,
@@ -542,6 +543,8 @@ class ProjectionRunner:
         try:
             for index, msg in enumerate(msgs):
                 if msg.error() is not None:
+                    if msg.error().fatal():  # e.g. the group refused this member for good
+                        raise ProjectionError(f"{self.name}: the consumer failed: {msg.error()}")
                     if msg.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("%s: consume error %s", self.name, msg.error())
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,12 +12,14 @@ from typing import Any
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
+    Consumer,
     KafkaError,
+    KafkaException,
     Message,
     TopicPartition,
 )
 from refold.core.config import Config
-from refold.core.errors import DecodeError, TopicError
+from refold.core.errors import BrokerError, DecodeError, TopicError
 from refold.core.serde import Codec, Event
 from refold.kafka import clients
 
@@ -102,6 +105,8 @@ def tail(
                 ends[p] = high
         consumer.assign([TopicPartition(topic, p, start) for p in partitions])
         count = 0
+        # Since when nothing came: after REFOLD_BROKER_TIMEOUT, is the broker still there?
+        quiet_since: float | None = None
         while limit is None or count < limit:
             if not follow and not ends:
                 return
@@ -111,11 +116,15 @@ def tail(
                     for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
                         if tp.offset >= ends[tp.partition]:
                             del ends[tp.partition]
+                quiet_since = quiet_since or time.monotonic()
+                if _give_up_if_gone(config, consumer, topic, quiet_since, follow and not ends):
+                    quiet_since = None  # following a quiet topic on a broker that answers
                 continue
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error on %s: %s", topic, msg.error())
                 continue
+            quiet_since = None
             if msg.partition() in ends and msg.offset() + 1 >= ends[msg.partition()]:
                 del ends[msg.partition()]
             count += 1
@@ -125,6 +134,28 @@ def tail(
                 yield bad_record(msg, str(exc))
     finally:
         consumer.close()
+
+
+def _give_up_if_gone(
+    config: Config, consumer: Consumer, topic: str, since: float, idle_ok: bool
+) -> bool:
+    """BrokerError once nothing came for `config.broker_timeout_s` and the broker does not
+    answer a metadata request either, or, with records still due (`idle_ok` False), even if
+    it does. True when it answered and quiet is fine (following a topic nobody writes)."""
+    if time.monotonic() - since < config.broker_timeout_s:
+        return False
+    try:
+        consumer.list_topics(topic, timeout=5)
+        if idle_ok:
+            return True
+        answer = "answers, yet nothing more was delivered"
+    except KafkaException as exc:
+        answer = f"does not answer: {exc.args[0].str() if exc.args else exc}"
+    raise BrokerError(
+        f"reading {topic}: nothing came for {config.broker_timeout_s:.0f} s and the broker at "
+        f"{config.bootstrap_servers} {answer}",
+        hint="is the broker running? `refold broker status` (REFOLD_BROKER_TIMEOUT sets the wait)",
+    )
 
 
 def dead_letters(

@@ -7,13 +7,14 @@ folded, so an as-of query costs one sequential read of that partition prefix —
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from refold.core.config import Config
-from refold.core.errors import DecodeError, InputError, ProjectionError
+from refold.core.errors import BrokerError, DecodeError, InputError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.tail import event_from_message
@@ -42,6 +43,24 @@ def murmur2_partition(key: bytes, partitions: int) -> int:
     h = (h * m) & 0xFFFFFFFF
     h ^= h >> 15
     return (h & 0x7FFFFFFF) % partitions
+
+
+def _stopped(
+    config: Config, consumer: Consumer, topic: str, partition: int, stop: int, since: float
+) -> bool:
+    """Nothing came: True when the read is at `stop` (transaction markers below it are never
+    delivered); BrokerError when it is not and nothing came for REFOLD_BROKER_TIMEOUT (a state
+    folded from part of the events would be a wrong answer, not a partial one)."""
+    [at] = consumer.position([TopicPartition(topic, partition)])
+    if at.offset >= stop:
+        return True
+    if time.monotonic() - since >= config.broker_timeout_s:
+        raise BrokerError(
+            f"as-of read of {topic}[{partition}] stopped at offset {at.offset} of {stop}: "
+            f"nothing came for {config.broker_timeout_s:.0f} s from {config.bootstrap_servers}",
+            hint="is the broker running? `refold broker status` (REFOLD_BROKER_TIMEOUT: the wait)",
+        )
+    return False
 
 
 def parse_time(text: str) -> datetime:
@@ -89,14 +108,16 @@ def fold_as_of(
                 continue
             consumer.assign([TopicPartition(topic, partition, low)])
             done = False
+            quiet_since = time.monotonic()
             while not done:
                 # consume(n, timeout) would wait for n records: take one, then what is fetched.
-                first = consumer.poll(5.0)
+                first = consumer.poll(1.0)
                 batch = [first, *consumer.consume(1000, 0)] if first is not None else [None]
                 for msg in batch:
                     if msg is None:
-                        done = True  # nothing more arrives: end of what is readable
+                        done = _stopped(config, consumer, topic, partition, stop, quiet_since)
                         break
+                    quiet_since = time.monotonic()
                     if msg.error() is not None:
                         continue
                     if msg.offset() >= stop:
