@@ -147,7 +147,7 @@ def test_a_worker_gone_for_good_hands_its_partitions_over_and_lookups_say_stale_
         # Two members, every partition owned by one of them.
         wait_for(
             lambda: (
-                len(owned := owners(config, name)) == 2
+                len(owned := owners(admin, config, name)) == 2
                 and all(owned.values())
                 and set().union(*owned.values()) == set(range(4))
             ),
