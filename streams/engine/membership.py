@@ -10,9 +10,10 @@ group on a clean stop either: a worker stopped on purpose also hands its partiti
 after the session timeout (a restart within it changes nothing).
 
 Measured against the KIP-848 consumer protocol (`group.protocol=consumer`) in bench/RESULTS.md
-("Recovery"): there a restarted static member is refused (UNRELEASED_INSTANCE_ID) until the dead
-one expires, and without static membership the dead member keeps its partitions until then, so
-both wait out the broker's session timeout (45 s by default, set on the broker only).
+("Recovery"): without static membership the dead member keeps its partitions until the broker's
+session timeout (`group.consumer.session.timeout.ms`, 45 s, not settable by a client) expires
+it; with static membership the broker refuses the restarted member's instance id until then
+(UNRELEASED_INSTANCE_ID), which librdkafka 2.16 treats as fatal: that consumer never folds again.
 `REFOLD_KAFKA_GROUP_PROTOCOL=consumer` still selects it: the assignment then happens on the broker
 and the client-side assignment and session settings are left out, as librdkafka requires.
 """
