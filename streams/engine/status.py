@@ -18,7 +18,7 @@ from refold.kafka import clients
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
-WARN_EVERY_S = 60
+WARN_EVERY_S = 60.0
 
 
 class Watermarks:
@@ -68,7 +68,7 @@ class Watermarks:
             # gone, every /projections and /metrics request would add a screenful.
             self._warned_at = now
             log.warning(
-                "no end offset for %d partition(s), e.g. %s (lag unknown; said at most every %d s)",
+                "no end offset for %d partition(s), e.g. %s (lag unknown; said at most every %.0f s)",
                 len(missing),
                 missing[0],
                 WARN_EVERY_S,
