@@ -224,12 +224,15 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     )
     http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
     print(f"worker running {names}{http}", flush=True)
+    said: set[int] = set()  # each failure is logged once, not every half second
     while not done.wait(0.5):
-        failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
-        for runner in failed:
-            log.error("projection %s failed: %s", runner.name, runner.stats.error)
+        for runner in worker.runners.values():
+            if runner.stats.state == "failed" and id(runner) not in said:
+                said.add(id(runner))
+                log.error("projection %s failed: %s", runner.name, runner.stats.error)
         for name, processor in worker.processors.items():
-            if processor.stats.state == "failed":
+            if processor.stats.state == "failed" and id(processor) not in said:
+                said.add(id(processor))
                 log.error("command processor %s failed: %s", name, processor.stats.error)
     if server:
         server.stop()

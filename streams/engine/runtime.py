@@ -249,6 +249,7 @@ class ProjectionRunner:
         self._watermarks_at = 0.0
         self._behind = Behind()
         self._uncommitted: dict[TP, int] = {}  # stored, not yet committed to Kafka
+        self._in_kafka: dict[TP, int] = {}  # what was last committed to Kafka
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
@@ -543,7 +544,8 @@ class ProjectionRunner:
         try:
             for index, msg in enumerate(msgs):
                 if msg.error() is not None:
-                    if msg.error().fatal():  # e.g. the group refused this member for good
+                    error = msg.error()
+                    if error.fatal() or error.code() == KafkaError._FATAL:  # e.g. fenced for good
                         raise ProjectionError(f"{self.name}: the consumer failed: {msg.error()}")
                     if msg.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("%s: consume error %s", self.name, msg.error())
@@ -682,6 +684,7 @@ class ProjectionRunner:
             return
         self._kafka_committed_at = time.monotonic()
         offsets = [TopicPartition(t, p, self._uncommitted.pop((t, p))) for t, p in tps]
+        self._in_kafka.update(((tp.topic, tp.partition), tp.offset) for tp in offsets)
         try:
             self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # e.g. not a group member right now; the store is the truth
@@ -758,6 +761,11 @@ class ProjectionRunner:
                 marks[tp] = high
         self.stats.high_watermarks = marks
         folded = self._folded_positions(owned)
+        for tp, nxt in folded.items():
+            # Past transaction markers: Kafka's advisory copy moves on too, so that lag counted
+            # from the group's committed offsets (another worker's health) reaches zero.
+            if nxt > self.stats.positions.get(tp, 0) and self._in_kafka.get(tp, -1) < nxt:
+                self._uncommitted[tp] = max(nxt, self._uncommitted.get(tp, 0))
         self.stats.lag = {tp: max(0, high - folded.get(tp, 0)) for tp, high in marks.items()}
         self.stats.behind = self._behind.update(now, marks, folded)
         self.stats.refreshed_at = now

@@ -68,7 +68,7 @@ class Watermarks:
             # gone, every /projections and /metrics request would add a screenful.
             self._warned_at = now
             log.warning(
-                "no end offset for %d partition(s), e.g. %s (lag unknown; said at most every %.0f s)",
+                "no end offset for %d partition(s), e.g. %s (lag unknown; said once per %.0f s)",
                 len(missing),
                 missing[0],
                 WARN_EVERY_S,
