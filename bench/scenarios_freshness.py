@@ -36,7 +36,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from refold.core.serde import envelope_headers
+from refold.core import envelope
 from refold.engine.worker import Worker
 from refold.kafka.publisher import PRODUCER_DEFAULTS
 
@@ -127,7 +127,7 @@ def offer_load(
         due = min(total, int((clock() - start) * rate) + 1)
         while run.sent < due:
             event = events[run.sent % len(events)]
-            headers: WireHeaders = list(envelope_headers(event.type, source="refold://bench"))
+            headers: WireHeaders = list(envelope.headers(event.type, source="refold://bench"))
             t0 = clock()
             produce(
                 topic, event.value, event.key, headers=headers, on_delivery=partial(on_delivery, t0)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
+from refold.core import envelope
 from refold.core.inputs import EventInput
-from refold.core.serde import envelope_headers
 from refold.kafka.publisher import DEFAULT_MXFAST, PRODUCER_DEFAULTS, Publisher, tune_allocator
 
 from bench.common import (
@@ -109,8 +109,8 @@ def python_costs(bench: Bench, data: BankData, sample: int = 100_000) -> dict[st
         return (time.perf_counter() - started) * 1e6 / n
 
     return {
-        "envelope_headers() (uuid4, timestamp, 5 tuples)": timed(
-            lambda: [envelope_headers(e.type, source="refold://bench") for e in events]
+        "envelope.headers() (uuid4, timestamp, 5 tuples)": timed(
+            lambda: [envelope.headers(e.type, source="refold://bench") for e in events]
         ),
         "codec.encode()": timed(lambda: [encode(e.type, e.data) for e in events]),
     }
@@ -121,7 +121,7 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
     triples = data.triples
     # The same shape of headers refold sends, built once: what the wire carries, without the cost
     # of building them per event.
-    static_headers: WireHeaders = list(envelope_headers(events[0].type, source="refold://bench"))
+    static_headers: WireHeaders = list(envelope.headers(events[0].type, source="refold://bench"))
 
     def refold_bulk(topic: str) -> None:
         with Publisher(bench.config("pub"), bench.codec) as publisher:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import orjson
 from aiohttp import web
-from refold.core.commands import pending
+from refold.core.commands import Command, is_conflict, pending
 from refold.core.errors import CommandError, InputError
 from refold.engine.worker import Worker
 
@@ -39,6 +39,20 @@ def _wait_ms(request: web.Request) -> int:
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
         raise InputError(f"wait_ms must be a non-negative integer, not {raw!r}")
     return min(int(raw), MAX_WAIT_MS)
+
+
+def _conflict(command: Command, first: dict[str, Any]) -> web.Response:
+    """409: the id already names another command (another key, type, data or version)."""
+    return _respond(
+        409,
+        {
+            "error": "command id conflict",
+            "detail": f"command id {command.command_id!r} was first used for "
+            f"{first.get('type')} on {first.get('key')!r}; a command id means one command",
+            "command_id": command.command_id,
+            "first": {k: first.get(k) for k in ("aggregate", "key", "type", "status")},
+        },
+    )
 
 
 class CommandRoutes:
@@ -71,6 +85,9 @@ class CommandRoutes:
             command = client.prepare(aggregate, obj)
         except InputError as exc:
             return _error(422, "invalid command", str(exc))
+        first = self.worker.results.get(command.command_id) if self.worker.results else None
+        if first is not None and is_conflict(first, command):
+            return _conflict(command, first)  # known already: nothing is appended
         try:
             await asyncio.wrap_future(client.append(command))
         except CommandError as exc:
@@ -79,6 +96,8 @@ class CommandRoutes:
         status_url = f"/commands/{quote(command.command_id, safe='')}"
         if wait_ms:
             result = await self._result(command.command_id, wait_ms)
+            if result is not None and is_conflict(result, command):
+                return _conflict(command, result)
             if result is not None:
                 return _respond(200, {**result, "status_url": status_url})
         return _respond(

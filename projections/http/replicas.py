@@ -19,17 +19,16 @@ import selectors
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, Protocol
 
 from refold.core.errors import ConfigError
-from refold.engine.runtime import ProjectionRunner
+from refold.engine.frozen import Serving
 from refold.engine.worker import Worker
 from refold.http.answers import Answer, Freshness
+from refold.store.scratch import make_scratch, scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ RESTART_EVERY_S = 1.0  # at most one restart per process slot in this time
 class Reads(Protocol):
     """What the readers are told besides the views: how current each answer is, /healthz."""
 
-    def freshness(self, runner: ProjectionRunner) -> Freshness: ...
+    def freshness(self, runner: Serving) -> Freshness: ...
 
     def healthz_answer(self) -> Answer: ...
 
@@ -65,7 +64,8 @@ class ReaderProcesses:
         self._reads = reads  # the worker's server: its freshness and /healthz answers
         self.count = count
         self._args = [host, str(port), str(upstream)]
-        self._scratch = Path(tempfile.mkdtemp(prefix="refold-readers-"))
+        # The readers' views live in here (removed by stop(), else swept by the next worker).
+        self._scratch = make_scratch(scratch_dir(worker.config.data_dir), "readers")
         self._readers: list[_Reader] = []
         self._retired: dict[tuple[str, int], int] = {}  # counts of readers that ended
         self._lock = threading.Lock()

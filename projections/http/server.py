@@ -21,8 +21,8 @@ from aiohttp import web
 from refold.core.errors import ConfigError, InputError, PublishError, StoreError, TopicError
 from refold.core.inputs import EventInput, event_from_json
 from refold.core.serde import Position
+from refold.engine.frozen import FrozenVersion, Serving
 from refold.engine.health import Health
-from refold.engine.runtime import ProjectionRunner
 from refold.engine.status import Watermarks, describe, describe_on_disk, metrics_text
 from refold.engine.timetravel import fold_as_of, parse_time
 from refold.engine.worker import Worker
@@ -312,7 +312,7 @@ class QueryServer:
             return self._unavailable(runner, exc)
         return web.Response(status=status, body=body, content_type=_JSON)
 
-    def _read_key(self, runner: ProjectionRunner, key: str) -> Answer:
+    def _read_key(self, runner: Serving, key: str) -> Answer:
         """The 200 or 404 answer for one key of a readable runner (StoreError if it is not)."""
         positions = runner.stats.positions  # before the state: the state is at least this new
         state = runner.store.get(key)
@@ -325,7 +325,7 @@ class QueryServer:
             self._position_cache[runner.name] = cached
         return 200, answers.key_found(key, state, cached[1], fresh)
 
-    def freshness(self, runner: ProjectionRunner) -> Freshness:
+    def freshness(self, runner: Serving) -> Freshness:
         """How current `runner`'s answers are, per key partition: rebuilt once per health
         snapshot (a few times a second), not per lookup."""
         health = self.worker.health.health
@@ -354,12 +354,18 @@ class QueryServer:
         states = {name: r.stats.state for name, r in self.worker.runners.items()}
         return answers.health(states, health.status(), health.summary())
 
-    async def _as_of(self, runner: ProjectionRunner, key: str, when: str) -> web.Response:
+    async def _as_of(self, runner: Serving, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""
         try:
             moment = parse_time(when)
         except InputError as exc:
             return _error(400, "bad as_of", str(exc))
+        if isinstance(runner, FrozenVersion):  # its fold is not in the code: nothing to fold
+            return _error(
+                409,
+                "as_of not supported",
+                f"v{runner.version} of {runner.name!r} is frozen: {runner.reason}",
+            )
         if runner.projection.rekeys:
             return _error(
                 400,
@@ -367,10 +373,11 @@ class QueryServer:
                 f"projection {runner.name!r} re-keys events; as_of needs aggregate keys",
             )
         worker = self.worker
+        projection = runner.projection
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(
             self._waits,
-            lambda: fold_as_of(worker.config, worker.codec, runner.projection, key, moment),
+            lambda: fold_as_of(worker.config, worker.codec, projection, key, moment),
         )
         if found.state is None:
             return _error(
@@ -421,7 +428,7 @@ class QueryServer:
             },
         )
 
-    async def _reach(self, runner: ProjectionRunner, request: web.Request) -> web.Response | None:
+    async def _reach(self, runner: Serving, request: web.Request) -> web.Response | None:
         """None once the runner folded the query's `min_offset`, else the 400/409 answer."""
         query = request.query
         raw = query.get("min_offset")
@@ -429,7 +436,7 @@ class QueryServer:
             wait_ms = _count(query.get("wait_ms", "0"), "wait_ms", 0, MAX_WAIT_MS)
             if raw is None:
                 return None
-            wanted = parse_min_offset(raw, runner.projection.topics)
+            wanted = parse_min_offset(raw, runner.topics)
         except InputError as exc:
             return _error(400, "bad query", str(exc))
         try:
@@ -453,7 +460,7 @@ class QueryServer:
         known = ", ".join(sorted(self.worker.runners)) or "none"
         return _error(404, "unknown projection", f"no projection {name!r}; known: {known}")
 
-    def _unavailable(self, runner: ProjectionRunner, exc: StoreError | None = None) -> web.Response:
+    def _unavailable(self, runner: Serving, exc: StoreError | None = None) -> web.Response:
         stats = runner.stats
         if exc is not None:
             log.warning("projection %s unreadable (%s): %s", runner.name, stats.state, exc)
@@ -543,8 +550,10 @@ class QueryServer:
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
 
 
-def freshness_of(health: Health, runner: ProjectionRunner) -> Freshness:
+def freshness_of(health: Health, runner: Serving) -> Freshness:
     """What lookups of `runner` say about their key's partition, from a health snapshot."""
+    if isinstance(runner, FrozenVersion):  # nothing folds it: every answer is as old as it is
+        return Freshness([], stale=f"v{runner.version} is frozen: {runner.reason}")
     if not health.reachable:
         return Freshness([], stale=f"the broker is unreachable: {health.broker_error}")
     described = health.projections.get(runner.name)
@@ -567,8 +576,10 @@ def freshness_of(health: Health, runner: ProjectionRunner) -> Freshness:
     return Freshness(parts, rekeys=described.rekeys)
 
 
-def health_of(health: Health, runner: ProjectionRunner) -> dict[str, Any]:
+def health_of(health: Health, runner: Serving) -> dict[str, Any]:
     """`GET /projections`' account of whether `runner`'s answers are current."""
+    if isinstance(runner, FrozenVersion):
+        return {"status": "frozen", "broker_reachable": health.reachable}
     described = health.projections.get(runner.name)
     if described is None or described.version != runner.version:
         return {"status": "starting", "broker_reachable": health.reachable}

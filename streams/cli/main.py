@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
 from refold.core.config import Config
@@ -88,7 +88,7 @@ def _ensure_command_topics(config: Config, topics: Topics) -> set[str]:
     for decider in load_deciders(config.app_modules).values():
         if topics.exists(decider.events_topic):
             ensure_command_topics(topics, decider)
-            names |= {decider.command_topic, decider.results_topic}
+            names |= {decider.command_topic, decider.results_topic, decider.claims_topic}
     return names
 
 
@@ -115,7 +115,9 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
         if not args.wait:
             _out({"command_id": command.command_id, "status": "pending", "position": str(position)})
             return 0
-        result = client.wait(command.command_id, args.timeout, aggregate=args.aggregate)
+        result = client.wait(
+            command.command_id, args.timeout, aggregate=args.aggregate, sent=command
+        )
     _out(result)
     return 0 if result["status"] == "accepted" else EXIT_ERROR
 
@@ -204,6 +206,11 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
     worker = Worker(config, only=args.only.split(",") if args.only else None)
     server = None
+    # Before anything starts: a SIGTERM while starting still stops it all in order (readers,
+    # their scratch dirs, runners), instead of killing the process half-way.
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     worker.start()
     if args.http:
         from refold.http.server import QueryServer
@@ -213,9 +220,6 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
             raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
         server = QueryServer(worker, host or "127.0.0.1", int(port), procs=args.http_procs)
         server.start()
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     names = ", ".join(
         [
             *(f"{r.name} v{r.version}" for r in worker.runners.values()),
@@ -243,6 +247,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
 
     from refold.store.rocksdb import RocksStore
+    from refold.store.scratch import scratch_dir
     from refold.store.versions import live_version, store_path
 
     version = live_version(config, name) or 1
@@ -252,7 +257,7 @@ def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
             f"projection {name!r} has no store under {config.data_dir}",
             hint="run `refold worker` first, or check REFOLD_DATA_DIR",
         )
-    return RocksStore.open_secondary(path), version
+    return RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir)), version
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:
@@ -293,84 +298,40 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from refold.core.app import load_versions
+    from refold.engine.status import Watermarks, status_table, store_status
 
-    from confluent_kafka import TopicPartition
-    from refold.core.app import load_projections
-    from refold.engine.rebuild import stored_offsets
-    from refold.kafka import clients
-    from refold.store.versions import live_version, store_path
-
-    consumer = clients.consumer(config, config.group("status"))
-    rows: list[dict[str, Any]] = []
-    try:
-        for projection in load_projections(config.app_modules):
-            version = live_version(config, projection.name) or projection.version
-            offsets: dict[tuple[str, int], int] = {}
-            dead = folded = 0
-            if store_path(config, projection.name, version).is_dir():
-                store, _ = _open_reader(config, projection.name)
-                try:
-                    offsets = store.offsets()
-                    dead = int(store.meta("dead_letters") or 0)
-                    folded = int(store.meta("events_folded") or 0)
-                finally:
-                    store.close()
-            lag = 0
-            for topic in projection.topics:
-                md = consumer.list_topics(topic, timeout=10).topics.get(topic)
-                for p in sorted(md.partitions if md and md.partitions else ()):
-                    _low, high = consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=10
-                    )
-                    lag += max(0, high - offsets.get((topic, p), 0))
-            building = None
-            if (
-                projection.version != version
-                and store_path(config, projection.name, projection.version).is_dir()
-            ):
-                done = sum(stored_offsets(config, projection.name, projection.version).values())
-                total = sum(offsets.values()) + lag
-                building = {"version": projection.version, "position": done, "of": total}
-            rows.append(
-                {
-                    "projection": projection.name,
-                    "version": version,
-                    "code_version": projection.version,
-                    "building": building,
-                    "events_folded": folded,
-                    "lag": lag,
-                    "dead_letters": dead,
-                    "offsets": {f"{t}:{p}": o for (t, p), o in sorted(offsets.items())},
-                }
-            )
-    finally:
-        consumer.close()
+    watermarks = Watermarks(config, timeout=10.0)
+    rows = [store_status(config, v, watermarks) for v in load_versions(config.app_modules).values()]
     if args.json:
         for row in rows:
-            _out(row)
+            _out(row.to_json())
     else:
-        print(f"{'PROJECTION':<16} {'VERSION':>7} {'FOLDED':>10} {'LAG':>8} {'DEAD':>6}  OFFSETS")
-        for row in rows:
-            offs = " ".join(f"{k}={v}" for k, v in row["offsets"].items()) or "-"
-            if row["building"]:
-                b = row["building"]
-                offs += f"  (building v{b['version']}: {b['position']}/{b['of']})"
-            print(
-                f"{row['projection']:<16} {row['version']:>7} {row['events_folded']:>10} "
-                f"{row['lag']:>8} {row['dead_letters']:>6}  {offs}"
-            )
+        print(status_table(rows))
     return 0
 
 
-def _projection(config: Config, name: str) -> Projection:
+def _projection(config: Config, name: str, version: int | None = None) -> Projection:
+    """The class of that version of the projection (default: the newest). A store is folded
+    only by its own version's code, so a version the code has no class for is an error."""
     from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
 
     versions = load_versions(config.app_modules)
     if name not in versions:
         raise InputError(
             f"unknown projection {name!r}", hint="known: " + ", ".join(sorted(versions))
         )
-    return versions[name][max(versions[name])]
+    classes = versions[name]
+    if version is None:
+        return classes[max(classes)]
+    reason = frozen_reason(name, classes, version)
+    if reason is not None:
+        raise InputError(
+            f"cannot fold v{version}: {reason}",
+            hint=f"deploy v{version}'s class beside the others, or replay v{max(classes)}",
+        )
+    return classes[version]
 
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
@@ -379,7 +340,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
-    projection = _projection(config, args.name)
+    projection = _projection(config, args.name, args.version)
     version = args.version or projection.version
     if args.dry_run:
         print(plan(config, projection, version).describe())
@@ -395,6 +356,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         progress=None if args.quiet else sys.stderr,
         procs=args.procs,
         catch_up_timeout=args.stall_timeout,
+        live_frozen=_live_frozen(config, args.name),
     )
     rate = result.folded / result.seconds if result.seconds else 0.0
     split = f", {result.parts} processes" if result.parts > 1 else ""
@@ -415,11 +377,25 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _live_frozen(config: Config, name: str) -> bool:
+    """Whether the code lacks the live version's class: workers serve it frozen."""
+    from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
+    from refold.store.versions import live_version
+
+    live = live_version(config, name)
+    return (
+        live is not None
+        and frozen_reason(name, load_versions(config.app_modules)[name], live) is not None
+    )
+
+
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from refold.store.versions import rollback
 
     current, target = rollback(config, args.name)
-    print(f"{args.name}: v{target} is live again (was v{current})")
+    frozen = " (frozen: the code has no class for it)" if _live_frozen(config, args.name) else ""
+    print(f"{args.name}: v{target} is live again (was v{current}){frozen}")
     return 0
 
 

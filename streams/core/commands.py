@@ -20,14 +20,17 @@ An aggregate's version is the number of events folded for its key (0: it has no 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from refold.core import envelope
+from refold.core.envelope import Headers
 from refold.core.errors import CommandError, InputError
-from refold.core.serde import Event, Headers, header_map, now_rfc3339
+from refold.core.serde import Event
 
 #: The idempotency window: results (and with them "this command id was decided") are kept this
 #: long on the results topic, and a command id seen again within it gets the first result.
@@ -79,16 +82,20 @@ class Command:
     def encode(self) -> bytes:
         return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
 
+    @property
+    def fingerprint(self) -> str:
+        """What makes two commands with one id the same command: aggregate, key, type, data and
+        expected version (canonical JSON, SHA-256). A repeat with another fingerprint is a
+        conflict, never a second execution."""
+        body = {k: v for k, v in self.to_json().items() if k != "command_id"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
     def headers(self, source: str) -> Headers:
-        """CloudEvents-like binary-mode headers: the command id is `ce_id`, its type `ce_type`."""
-        return [
-            ("ce_specversion", b"1.0"),
-            ("ce_id", self.command_id.encode()),
-            ("ce_type", self.type.encode()),
-            ("ce_source", source.encode()),
-            ("ce_time", now_rfc3339().encode()),
-            ("content-type", CONTENT_TYPE.encode()),
-        ]
+        """The CloudEvents envelope: the command id is `ce_id`, its type `ce_type`, JSON."""
+        return envelope.headers(
+            self.type, source=source, id=self.command_id, content_type=CONTENT_TYPE
+        )
 
     @classmethod
     def decode(
@@ -101,7 +108,7 @@ class Command:
             raise InputError(f"command is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise InputError("command is not a JSON object")
-        command_id = obj.get("command_id") or header_map(headers).get("ce_id")
+        command_id = obj.get("command_id") or envelope.read_id(headers)
         version = obj.get("expected_version")
         if not (
             isinstance(command_id, str)
@@ -136,6 +143,8 @@ class CommandResult:
     version: int | None = None
     decided_at_ms: int = 0
     command_position: dict[str, Any] = field(default_factory=dict)
+    #: The decided command's `Command.fingerprint` ("" for a malformed command).
+    fingerprint: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -150,6 +159,7 @@ class CommandResult:
             "version": self.version,
             "decided_at_ms": self.decided_at_ms,
             "command_position": self.command_position,
+            "fingerprint": self.fingerprint,
         }
 
     def encode(self) -> bytes:
@@ -169,7 +179,15 @@ class CommandResult:
             version=obj.get("version"),
             decided_at_ms=int(obj.get("decided_at_ms") or 0),
             command_position=dict(obj.get("command_position") or {}),
+            fingerprint=str(obj.get("fingerprint") or ""),
         )
+
+
+def is_conflict(result: Mapping[str, Any], command: Command) -> bool:
+    """True when `result` was decided for another command with the same id. Results written
+    before fingerprints existed carry none and are taken as the same command."""
+    first = result.get("fingerprint")
+    return bool(first) and first != command.fingerprint
 
 
 def pending(command_id: str) -> dict[str, Any]:
@@ -208,6 +226,12 @@ class Decider:
     @property
     def results_topic(self) -> str:
         return f"{self.command_topic}.results"
+
+    @property
+    def claims_topic(self) -> str:
+        """Where processors claim command ids, keyed by id: the first claim of an id wins, so
+        an id means one command across all partitions (refold.engine.claims)."""
+        return f"{self.command_topic}.ids"
 
     def initial(self, key: str) -> Any:
         return {}

@@ -45,6 +45,10 @@ class TopicError(RefoldError):
     """A topic is missing or could not be created."""
 
 
+class LogReadError(RefoldError):
+    """Partitions could not be read to their ends: the broker did not answer in time."""
+
+
 class PublishError(RefoldError):
     """Kafka did not acknowledge a record; carries topic and key."""
 

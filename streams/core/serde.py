@@ -1,4 +1,5 @@
-"""Avro single-object encoding and the CloudEvents Kafka-binding envelope.
+"""Avro single-object encoding, and the decoded `Event` folds see (its envelope attributes are
+read by `refold.core.envelope`).
 
 Wire format of a value: ``C3 01`` + 8-byte CRC-64-AVRO fingerprint (little-endian) + Avro binary
 body, written with the newest schema of the type. Decoding finds the writer schema by fingerprint
@@ -9,7 +10,6 @@ old version is decoded with its own schema and lifted one version at a time inst
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,15 +17,13 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError
+from refold.core import envelope
 from refold.core.catalog import Catalog, SchemaVersion
 from refold.core.errors import DecodeError, EncodeError, SchemaError
 from refold.core.fastdecode import generate
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
-SPEC_VERSION = "1.0"
-
-Headers = list[tuple[str, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,28 +95,28 @@ class Event:
         if self._envelope is None:
             if self._headers is None and self._record is not None:
                 self._headers = self._record.headers()
-            self._envelope = header_map(self._headers)
+            self._envelope = envelope.read(self._headers)
         return self._envelope
 
     @property
     def id(self) -> str:
-        return self._env().get("ce_id") or f"{self.topic}-{self.partition}-{self.offset}"
+        return self._env().get(envelope.ID) or f"{self.topic}-{self.partition}-{self.offset}"
 
     @property
     def time(self) -> str:
-        return self._env().get("ce_time") or iso_from_ms(self.timestamp_ms)
+        return self._env().get(envelope.TIME) or iso_from_ms(self.timestamp_ms)
 
     @property
     def source(self) -> str:
-        return self._env().get("ce_source", "")
+        return self._env().get(envelope.SOURCE, "")
 
     @property
     def correlation_id(self) -> str | None:
-        return self._env().get("ce_correlationid")
+        return self._env().get(envelope.CORRELATION_ID)
 
     @property
     def causation_id(self) -> str | None:
-        return self._env().get("ce_causationid")
+        return self._env().get(envelope.CAUSATION_ID)
 
     @property
     def position(self) -> Position:
@@ -146,44 +144,6 @@ def iso_from_ms(ms: int) -> str:
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def envelope_headers(
-    type_name: str,
-    *,
-    source: str,
-    event_id: str | None = None,
-    time: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-) -> Headers:
-    """CloudEvents 1.0 Kafka binary-mode headers for one event: the attributes DESIGN.md requires.
-
-    No `content-type` (the optional datacontenttype): every value is Avro single-object encoded,
-    which its first two bytes say, and each header costs every producer and consumer per record.
-    """
-    headers: Headers = [
-        ("ce_specversion", b"1.0"),
-        ("ce_id", (event_id or str(uuid.uuid4())).encode()),
-        ("ce_type", type_name.encode()),
-        ("ce_source", source.encode()),
-        ("ce_time", (time or now_rfc3339()).encode()),
-    ]
-    if correlation_id:
-        headers.append(("ce_correlationid", correlation_id.encode()))
-    if causation_id:
-        headers.append(("ce_causationid", causation_id.encode()))
-    return headers
-
-
-def header_map(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
-    if not headers:
-        return {}
-    return {k: v.decode("utf-8", "replace") for k, v in headers if v is not None}
 
 
 class Codec:

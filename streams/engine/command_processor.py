@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +52,24 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from refold.core.commands import Command, CommandResult, Decider, EventSpec, Rejected
+from refold.core import envelope
+from refold.core.commands import Command, CommandResult, Decider
 from refold.core.config import Config
-from refold.core.errors import CommandError, DecodeError, EncodeError, InputError
-from refold.core.serde import Codec, Event, envelope_headers
+from refold.core.errors import CommandError, DecodeError, InputError
+from refold.core.serde import Codec, Event
+from refold.engine.claims import ClaimsIndex
+from refold.engine.decisions import (
+    Aggregate,
+    BatchDecision,
+    CommandRecord,
+    Decision,
+    decide_batch,
+    fold,
+    new_aggregate,
+)
 from refold.engine.tail import event_from_message
 from refold.kafka import clients
+from refold.kafka.log import read_to_end
 from refold.kafka.registry import SchemaRegistry
 from refold.store.rocksdb import RocksStore
 
@@ -96,6 +108,8 @@ class ProcessorStats:
     accepted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    #: commands whose id was first claimed by another command (refold.engine.claims)
+    conflicts: int = 0
     transactions: int = 0
     aborts: int = 0
     assigned: tuple[int, ...] = ()
@@ -128,6 +142,7 @@ class CommandProcessor:
         path = store_dir(config, self.name)
         instance = _instance_id(path)
         self.store = RocksStore.open(path)
+        self._claims = ClaimsIndex(config, decider, path.with_name(f"{path.name}.claims"))
         self._cache: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
@@ -162,6 +177,7 @@ class CommandProcessor:
         try:
             # Fences a predecessor with the same transactional.id and aborts its open transaction.
             self._producer.init_transactions(30)
+            self._claims.start()
             # Writer schemas must be durable before any event that uses them; the registry
             # write is not part of a transaction, so it goes through a plain producer.
             plain = clients.producer(self.config)
@@ -193,7 +209,12 @@ class CommandProcessor:
     def _close(self) -> None:
         if self.stats.state != "failed":
             self.stats.state = "stopped"
-        for close in (self._consumer.close, self._reader.close, self.store.close):
+        for close in (
+            self._consumer.close,
+            self._reader.close,
+            self._claims.stop,
+            self.store.close,
+        ):
             try:
                 close()
             except Exception:  # closing is best-effort; the store's WAL has every commit
@@ -221,30 +242,18 @@ class CommandProcessor:
             return
         d = self.decider
         stored = self.store.offsets()
-        starts = [
-            TopicPartition(t, p, stored.get((t, p), OFFSET_BEGINNING))
+        starts = {
+            (t, p): stored.get((t, p), OFFSET_BEGINNING)
             for p in partitions
             for t in (d.events_topic, d.results_topic)
-        ]
-        ends = {
-            (tp.topic, tp.partition): self._reader.get_watermark_offsets(tp, 10)[1] for tp in starts
         }
-        todo = {k for k, end in ends.items() if end > stored.get(k, 0)}
-        if not todo:
-            return
-        self._reader.assign(starts)
         folded = 0
-        try:
-            while todo and not self._stop.is_set():
-                msgs = self._reader.consume(5000, 0.2)
-                folded += self._fold_records([m for m in msgs if m.error() is None])
-                # Transaction markers are never delivered: trust the position for the last ones.
-                for tp in self._reader.position([TopicPartition(*k) for k in todo]):
-                    if tp.offset >= ends[(tp.topic, tp.partition)]:
-                        todo.discard((tp.topic, tp.partition))
-        finally:
-            self._reader.unassign()
-        log.info("commands %s: folded %d records of partitions %s", self.name, folded, partitions)
+        for batch in read_to_end(self._reader, starts, batch_size=5000, stopped=self._stop.is_set):
+            folded += self._fold_records(batch)
+        if folded:
+            log.info(
+                "commands %s: folded %d records of partitions %s", self.name, folded, partitions
+            )
 
     def _fold_records(self, msgs: list[Message]) -> int:
         """Fold events / learn results read back from Kafka; store them with their offsets."""
@@ -281,28 +290,19 @@ class CommandProcessor:
                 continue
             key = _AGG + event.key
             wrapper = changed.get(key) or self._load(event.key)
-            changed[key] = self._apply(wrapper, event)
+            changed[key] = fold(d, wrapper, event)
         if offsets:
             self.store.commit(changed, offsets)
         self._cache.clear()
         return len(msgs)
 
-    def _load(self, key: str) -> dict[str, Any]:
+    def _load(self, key: str) -> Aggregate:
         wrapper = self._cache.get(key)
         if wrapper is None:
             wrapper = self.store.get(_AGG + key)
             if wrapper is None:
-                wrapper = {"version": 0, "state": self.decider.initial(key)}
+                wrapper = new_aggregate(self.decider, key)
         return wrapper
-
-    def _apply(self, wrapper: dict[str, Any], event: Event) -> dict[str, Any]:
-        try:
-            state = self.decider.apply(wrapper["state"], event)
-        except Exception as exc:  # deciding on a state we could not fold would break invariants
-            raise CommandError(
-                f"decider {self.name!r} cannot fold {event!r}: {type(exc).__name__}: {exc}"
-            ) from exc
-        return {"version": wrapper["version"] + 1, "state": state}
 
     # -- deciding ---------------------------------------------------------------------------
 
@@ -343,171 +343,129 @@ class CommandProcessor:
             self._consumer.seek(tp)
 
     def _transact(self, msgs: list[Message]) -> None:
-        d = self.decider
-        commands: list[tuple[Message, Command | None, str]] = []
-        for msg in msgs:
-            try:
-                commands.append((msg, Command.decode(msg.value(), msg.headers()), ""))
-            except InputError as exc:
-                commands.append((msg, None, f"malformed command: {exc}"))
-        ids = {_command_id(m, c) for m, c, _ in commands}
-        known = self.store.get_many([_RES + i for i in ids])
-        keys = {c.key for _, c, _ in commands if c is not None} - self._cache.keys()
-        for raw_key, wrapper in self.store.get_many([_AGG + k for k in keys]).items():
-            self._cache[raw_key[len(_AGG) :]] = wrapper
-        horizon = time.time() * 1000 - d.result_retention_ms
-        before: dict[str, dict[str, Any]] = {}  # state of each touched key before this batch
-        tentative: dict[str, dict[str, Any]] = {}
-        decisions: list[tuple[Message, Command | None, str, dict[str, Any]]] = []
-        emitted: list[tuple[int, str, str, dict[str, Any]]] = []  # (decision, key, type, data)
-        seen: set[str] = set()
-        for msg, command, problem in commands:
-            cid = _command_id(msg, command)
-            first = known.get(_RES + cid)
-            if cid in seen or (first is not None and first.get("decided_at_ms", 0) >= horizon):
-                self.stats.duplicates += 1
-                continue
-            seen.add(cid)
-            key = command.key if command is not None else (msg.key() or b"").decode()
-            if key not in tentative:
-                before[key] = self._load(key)
-                tentative[key] = _copy(before[key])  # decisions must not touch committed states
-            wrapper = tentative[key]
-            outcome: dict[str, Any] = {"version": wrapper["version"]}
-            if command is None or problem:
-                outcome["reason"] = problem or "malformed command"
-            elif msg.key() != command.key.encode():  # its events would land in another partition
-                outcome["reason"] = "the record key differs from the command's key"
-            elif (
-                command.expected_version is not None
-                and command.expected_version != wrapper["version"]
-            ):
-                outcome["reason"] = (
-                    f"conflict: expected version {command.expected_version}, "
-                    f"the aggregate is at version {wrapper['version']}"
-                )
-                outcome["current_version"] = wrapper["version"]
-            else:
-                try:
-                    specs = self._decide(command, wrapper)
-                except Rejected as rej:
-                    outcome["reason"] = rej.reason
-                    if rej.current_version is not None:
-                        outcome["current_version"] = rej.current_version
-                else:
-                    for type_name, data in specs:
-                        emitted.append((len(decisions), key, type_name, data))
-                        wrapper = self._apply(wrapper, _pending_event(type_name, key, data, msg))
-                    tentative[key] = wrapper
-                    outcome["version"] = wrapper["version"]
-            decisions.append((msg, command, cid, outcome))
-        if not decisions:
+        """Steps 3-6 for one batch: claim the new ids, decide (pure), produce, commit, store."""
+        records = [_record(msg) for msg in msgs]
+        decided_at = self._decided_at({r.command_id for r in records})
+        claims = self._claim(
+            r.command
+            for r in records
+            if r.command and not r.problem and r.command_id not in decided_at
+        )
+        now_ms = int(time.time() * 1000)
+        batch = decide_batch(
+            self.decider,
+            self.codec.check,
+            records,
+            self._states_of({r.key for r in records}),
+            decided_at,
+            claims={cid: claim["fingerprint"] for cid, claim in claims.items()},
+            horizon_ms=now_ms - self.decider.result_retention_ms,
+            now_ms=now_ms,
+        )
+        self.stats.duplicates += batch.duplicates
+        self.stats.conflicts += batch.conflicts
+        if not batch.decisions:
             self._commit_offsets_only(msgs)
             return
         self._producer.begin_transaction()
-        results = self._produce(decisions, emitted)
+        results = self._produce(batch.decisions)
         self._send_offsets(msgs)
         self._producer.commit_transaction(30)
-        self._after_commit(results, before, emitted)
+        self._after_commit(batch, results)
 
-    def _decide(self, command: Command, wrapper: dict[str, Any]) -> list[EventSpec]:
-        """The decider's events, each checked against its schema; Rejected on any problem."""
-        d = self.decider
-        if command.aggregate and command.aggregate != d.name:
-            raise Rejected(f"command is for aggregate {command.aggregate!r}, not {d.name!r}")
-        try:
-            d.check_command(command.type, command.data)
-        except InputError as exc:
-            raise Rejected(str(exc)) from exc
-        state = _copy(wrapper["state"])  # decide must not touch the state it is shown
-        try:
-            specs = d.decide(command, state)
-            for type_name, data in specs:
-                self.codec.check(type_name, data)
-        except Rejected:
-            raise
-        except EncodeError as exc:
-            raise Rejected(f"decider {d.name!r} produced an invalid event: {exc}") from exc
-        except Exception as exc:  # a bug in user code rejects this command, not the worker
-            log.exception("commands %s: decide failed for %s", self.name, command.command_id)
-            raise Rejected(f"decider error: {type(exc).__name__}: {exc}") from exc
-        return specs
+    def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
+        """The committed state of each key: cached, else stored, else new."""
+        missing = keys - self._cache.keys()
+        for raw_key, wrapper in self.store.get_many([_AGG + k for k in missing]).items():
+            self._cache[raw_key[len(_AGG) :]] = wrapper
+        return {key: self._load(key) for key in keys}
 
-    def _produce(
-        self,
-        decisions: list[tuple[Message, Command | None, str, dict[str, Any]]],
-        emitted: list[tuple[int, str, str, dict[str, Any]]],
-    ) -> list[tuple[CommandResult, Message, tuple[int, int] | None]]:
+    def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
+        """The first claim of each new command id (refold.engine.claims); an index that cannot
+        answer aborts the batch, to be retried, rather than deciding without it."""
+        try:
+            return self._claims.claim(commands)
+        except CommandError as exc:
+            raise _Abort(str(exc)) from exc
+
+    def _decided_at(self, ids: set[str]) -> dict[str, int]:
+        """When each of these command ids was decided, for those that have a result."""
+        known = self.store.get_many([_RES + i for i in ids])
+        return {k[len(_RES) :]: int(v.get("decided_at_ms", 0)) for k, v in known.items()}
+
+    def _produce(self, decisions: list[Decision]) -> list[tuple[CommandResult, Where | None]]:
+        """Step 4: the decisions' events, flushed (their positions go into the results), then
+        one result per command on the results topic, flushed; each result with its position."""
         d = self.decider
-        produce = self._producer.produce
         failures: list[str] = []
-        event_pos: list[tuple[int, int] | None] = [None] * len(emitted)
-
-        def delivered(box: list[Any], index: int) -> Callable[[KafkaError | None, Message], None]:
-            def on_delivery(err: KafkaError | None, msg: Message) -> None:
-                if err is not None:
-                    failures.append(str(err))
-                else:
-                    box[index] = (msg.partition(), msg.offset())
-
-            return on_delivery
-
-        per_decision: dict[int, list[int]] = {}
-        for i, (n, key, type_name, data) in enumerate(emitted):
-            msg = decisions[n][0]
-            cid = decisions[n][2]
-            produce(
-                d.events_topic,
-                self.codec.encode(type_name, data),
-                key.encode(),
-                partition=msg.partition(),
-                headers=envelope_headers(
-                    type_name, source=self._source, correlation_id=cid, causation_id=cid
-                ),
-                on_delivery=delivered(event_pos, i),
-            )
-            per_decision.setdefault(n, []).append(i)
+        event_positions = self._produce_events(decisions, failures)
         self._flush(failures)
         now_ms = int(time.time() * 1000)
-        results: list[tuple[CommandResult, Message, tuple[int, int] | None]] = []
-        result_pos: list[tuple[int, int] | None] = [None] * len(decisions)
-        for n, (msg, command, cid, outcome) in enumerate(decisions):
-            events = tuple(
-                {
-                    "type": emitted[i][2],
-                    "topic": d.events_topic,
-                    "partition": _delivered(event_pos[i])[0],
-                    "offset": _delivered(event_pos[i])[1],
-                }
-                for i in per_decision.get(n, ())
-            )
-            result = CommandResult(
-                command_id=cid,
-                status="rejected" if "reason" in outcome else "accepted",
-                aggregate=d.name,
-                key=command.key if command else (msg.key() or b"").decode("utf-8", "replace"),
-                type=command.type if command else "",
-                events=events,
-                reason=outcome.get("reason"),
-                current_version=outcome.get("current_version"),
-                version=outcome["version"],
-                decided_at_ms=now_ms,
-                command_position={
-                    "topic": msg.topic(),
-                    "partition": msg.partition(),
-                    "offset": msg.offset(),
-                },
-            )
-            produce(
+        results = [
+            self._result(decision, [_delivered(box) for box in boxes], now_ms)
+            for decision, boxes in zip(decisions, event_positions, strict=True)
+        ]
+        result_positions: list[Where | None] = [None] * len(results)
+        for n, (decision, result) in enumerate(zip(decisions, results, strict=True)):
+            self._producer.produce(
                 d.results_topic,
                 result.encode(),
-                cid.encode(),
-                partition=msg.partition(),
-                on_delivery=delivered(result_pos, n),
+                result.command_id.encode(),
+                partition=decision.record.partition,
+                on_delivery=_on_delivery(result_positions, n, failures),
             )
-            results.append((result, msg, None))
         self._flush(failures)
-        return [(r, m, result_pos[n]) for n, (r, m, _) in enumerate(results)]
+        return list(zip(results, result_positions, strict=True))
+
+    def _produce_events(self, decisions: list[Decision], failures: list[str]) -> list[list[Box]]:
+        """Produce every accepted command's events to its partition; per decision, one box per
+        event that its delivery report fills with (partition, offset)."""
+        d = self.decider
+        out: list[list[Box]] = []
+        for decision in decisions:
+            record, boxes = decision.record, []
+            for type_name, data in decision.events:
+                box: Box = [None]
+                self._producer.produce(
+                    d.events_topic,
+                    self.codec.encode(type_name, data),
+                    record.key.encode(),
+                    partition=record.partition,
+                    headers=envelope.headers(
+                        type_name,
+                        source=self._source,
+                        correlation_id=record.command_id,
+                        causation_id=record.command_id,
+                    ),
+                    on_delivery=_on_delivery(box, 0, failures),
+                )
+                boxes.append(box)
+            out.append(boxes)
+        return out
+
+    def _result(self, decision: Decision, events: list[Where], now_ms: int) -> CommandResult:
+        d, record = self.decider, decision.record
+        return CommandResult(
+            command_id=record.command_id,
+            status="accepted" if decision.accepted else "rejected",
+            aggregate=d.name,
+            key=record.key,
+            type=record.command.type if record.command is not None else "",
+            events=tuple(
+                {"type": type_name, "topic": d.events_topic, "partition": p, "offset": o}
+                for (type_name, _data), (p, o) in zip(decision.events, events, strict=True)
+            ),
+            reason=decision.reason,
+            current_version=decision.current_version,
+            version=decision.version,
+            decided_at_ms=now_ms,
+            fingerprint=record.command.fingerprint if record.command is not None else "",
+            command_position={
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+            },
+        )
 
     def _flush(self, failures: list[str]) -> None:
         remaining = self._producer.flush(30)
@@ -533,71 +491,71 @@ class CommandProcessor:
         self.stats.transactions += 1
 
     def _after_commit(
-        self,
-        results: list[tuple[CommandResult, Message, tuple[int, int] | None]],
-        before: dict[str, dict[str, Any]],
-        emitted: list[tuple[int, str, str, dict[str, Any]]],
+        self, batch: BatchDecision, results: list[tuple[CommandResult, Where | None]]
     ) -> None:
-        """Fold the committed events (with their real positions) and store everything at once."""
+        """Step 6: fold the committed events (at their real positions) into the states the
+        batch started from, and store states, results and offsets in one WriteBatch."""
         d = self.decider
         changed: dict[str, Any] = {}
         offsets: dict[tuple[str, int], int] = {}
-        states = dict(before)
-        by_command: dict[str, list[dict[str, Any]]] = {}
-        for result, _msg, pos in results:
+        states = dict(batch.before)
+        now_ms = int(time.time() * 1000)
+        for decision, (result, where) in zip(batch.decisions, results, strict=True):
             changed[_RES + result.command_id] = result.to_json()
-            by_command[result.command_id] = list(result.events)
-            if pos is not None:
-                tp = (d.results_topic, pos[0])
-                offsets[tp] = max(offsets.get(tp, 0), pos[1] + 1)
-            if result.status == "accepted":
+            if where is not None:
+                _advance(offsets, (d.results_topic, where[0]), where[1])
+            if decision.accepted:
                 self.stats.accepted += 1
             else:
                 self.stats.rejected += 1
-        event_data = iter(emitted)
-        for result, _msg, _pos in results:
-            for position in by_command[result.command_id]:
-                _n, key, type_name, data = next(event_data)
-                event = Event(
-                    type_name,
-                    key,
-                    data,
-                    d.events_topic,
-                    position["partition"],
-                    position["offset"],
-                    int(time.time() * 1000),
-                )
-                states[key] = self._apply(states[key], event)
+            key = decision.record.key
+            for (type_name, data), at in zip(decision.events, result.events, strict=True):
+                partition, offset = at["partition"], at["offset"]
+                event = Event(type_name, key, data, d.events_topic, partition, offset, now_ms)
+                states[key] = fold(d, states[key], event)
                 changed[_AGG + key] = states[key]
-                tp = (d.events_topic, position["partition"])
-                offsets[tp] = max(offsets.get(tp, 0), position["offset"] + 1)
+                _advance(offsets, (d.events_topic, partition), offset)
         self.store.commit(changed, offsets)
-        for key in before:
-            self._cache[key] = states[key]
+        self._cache.update(states)
         if len(self._cache) > MAX_CACHED:
             self._cache.clear()
         self.stats.transactions += 1
         if self._on_decided is not None:
-            self._on_decided([r for r, _m, _p in results])
+            self._on_decided([r for r, _where in results])
 
 
-def _copy(value: Any) -> Any:
-    return orjson.loads(orjson.dumps(value))
+Where = tuple[int, int]  # (partition, offset) from a delivery report
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+Box = list[Where | None]
 
 
-def _command_id(msg: Message, command: Command | None) -> str:
-    if command is not None:
-        return command.command_id
-    return f"{msg.topic()}-{msg.partition()}-{msg.offset()}"
+def _record(msg: Message) -> CommandRecord:
+    """A consumed command record, parsed; a malformed one is kept, to be rejected."""
+    try:
+        command, problem = Command.decode(msg.value(), msg.headers()), ""
+    except InputError as exc:
+        command, problem = None, f"malformed command: {exc}"
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    cid = command.command_id if command is not None else f"{topic}-{partition}-{offset}"
+    return CommandRecord(cid, command, problem, msg.key(), topic, partition, offset)
 
 
-def _pending_event(type_name: str, key: str, data: dict[str, Any], msg: Message) -> Event:
-    """An event not yet appended (position unknown) for deciding later commands of the batch."""
-    return Event(type_name, key, data, "", msg.partition(), -1, int(time.time() * 1000))
+def _on_delivery(box: Box, index: int, failures: list[str]) -> DeliveryCallback:
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            failures.append(str(err))
+        else:
+            box[index] = (msg.partition(), msg.offset())
+
+    return on_delivery
 
 
-def _delivered(position: tuple[int, int] | None) -> tuple[int, int]:
+def _advance(offsets: dict[tuple[str, int], int], tp: tuple[str, int], offset: int) -> None:
+    offsets[tp] = max(offsets.get(tp, 0), offset + 1)
+
+
+def _delivered(box: Box) -> Where:
     """A delivery report's (partition, offset); the flush before this guarantees one."""
-    if position is None:
+    if box[0] is None:
         raise _Abort("an event was flushed without a delivery report")
-    return position
+    return box[0]

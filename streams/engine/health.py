@@ -137,7 +137,7 @@ class _GroupView:
 class HealthMonitor:
     """The worker's health thread; `health` is the latest snapshot (never blocks)."""
 
-    def __init__(self, config: Config, runners: Callable[[], Mapping[str, ProjectionRunner]]):
+    def __init__(self, config: Config, runners: Callable[[], Mapping[str, object]]) -> None:
         self._config = config
         self._runners = runners
         self._admin: AdminClient | None = None
@@ -178,12 +178,16 @@ class HealthMonitor:
                 log.exception("health check failed")
             self._stop.wait(LOCAL_EVERY_S)
 
+    def _folding(self) -> dict[str, ProjectionRunner]:
+        """The live versions that fold (a frozen version folds nothing: it says so itself)."""
+        return {n: r for n, r in list(self._runners().items()) if isinstance(r, ProjectionRunner)}
+
     # -- the broker's side ----------------------------------------------------------------
 
     def _check_broker(self) -> None:
         """The broker is reachable when it answers a metadata request; a group it cannot
         describe right now (its coordinator moving or loading) keeps its last known view."""
-        runners = dict(self._runners())
+        runners = self._folding()
         try:
             if self._admin is None:
                 self._admin = clients.admin(self._config)
@@ -265,7 +269,7 @@ class HealthMonitor:
     def _snapshot(self) -> Health:
         reachable = self._reachable
         projections: dict[str, ProjectionHealth] = {}
-        for name, runner in list(self._runners().items()):
+        for name, runner in self._folding().items():
             projections[name] = self._projection(runner)
         return Health(reachable, self._error, projections, time.time(), self._checked)
 

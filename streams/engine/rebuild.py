@@ -46,6 +46,7 @@ from refold.core.projection import Projection
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes, tune_collector
 from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
+from refold.store.scratch import scratch_dir
 from refold.store.versions import parts_path, store_path, versions_on_disk
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def stored_offsets(config: Config, name: str, version: int) -> dict[TP, int]:
         if not (path / "CURRENT").is_file():
             continue
         try:
-            view = RocksStore.open_secondary(path)
+            view = RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir))
         except StoreError:
             continue  # being created right now: nothing folded yet
         try:
@@ -225,6 +226,36 @@ def _layout(
     return layout
 
 
+@dataclass(frozen=True, slots=True)
+class PartProgress:
+    """A part's progress report: events folded (stored or pending) and next offsets."""
+
+    part: int
+    folded: int
+    positions: dict[TP, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PartDone:
+    """A part reached its bounds and stored everything: its final counts."""
+
+    part: int
+    folded: int
+    positions: dict[TP, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PartFailed:
+    """A part stopped before its bounds, and why."""
+
+    part: int
+    reason: str
+
+
+#: What a part's process sends its parent, in order: progress reports, then done or failed.
+PartReport = PartProgress | PartDone | PartFailed
+
+
 def _run_parts(
     config: Config,
     projection: Projection,
@@ -241,64 +272,36 @@ def _run_parts(
     """Run every part to its bounds, calling `on_done(index)` as each but the last one ends;
     False if `stop` was set first (the parts are killed)."""
     ctx = multiprocessing.get_context("spawn")
-    reports: multiprocessing.Queue[tuple[Any, ...]] = ctx.Queue()
+    reports: multiprocessing.Queue[PartReport] = ctx.Queue()
+    label = f"{projection.name!r} v{version}"
     children: list[BaseProcess] = []
     for index, numbers in enumerate(layout):
         mine = {tp: end for tp, end in bounds.items() if tp[1] in numbers}
-        child = ctx.Process(
-            target=_part_main,
-            name=f"refold-rebuild-{projection.name}-v{version}-part-{index}",
-            args=(
-                os.getpid(),
-                _log_levels(),
-                config,
-                projection,
-                version,
-                index,
-                str(root / f"part-{index}"),
-                mine,
-                {tp: o for tp, o in replay_below.items() if tp in mine},
-                reports,
-            ),
-            daemon=True,
-        )
-        child.start()
-        children.append(child)
+        below = {tp: o for tp, o in replay_below.items() if tp in mine}
+        part = (config, projection, version, index, str(root / f"part-{index}"), mine, below)
+        name = f"refold-rebuild-{projection.name}-v{version}-part-{index}"
+        children.append(_start_part(ctx, name, part, reports))
     done: set[int] = set()
-    moved_at, last = time.monotonic(), progress.positions
+    stalled = _Stall(progress, stall_timeout, f"rebuild of {label}", sum(bounds.values()))
     try:
         while len(done) < len(children):
             if stop.is_set():
                 return False
-            if progress.positions != last:
-                moved_at, last = time.monotonic(), progress.positions
-            elif time.monotonic() - moved_at > stall_timeout:
-                raise ProjectionError(
-                    f"rebuild of {projection.name!r} v{version}: no part moved for "
-                    f"{stall_timeout:.0f} s (at {sum(last.values())} of {sum(bounds.values())})",
-                    hint="is the broker up? run the replay again: every part resumes",
-                )
+            stalled.check()
             report = _next_report(reports)
             if report is None:
-                for i, proc in enumerate(children):
-                    if i not in done and proc.exitcode is not None:
-                        raise ProjectionError(
-                            f"rebuild part {i} of {projection.name!r} v{version} died "
-                            f"(exit code {proc.exitcode})",
-                            hint="run the replay again: every part resumes from its offsets",
-                        )
+                _check_alive(children, done, label)
                 continue
-            kind, index, *rest = report
-            if kind == "error":
+            if isinstance(report, PartFailed):
                 raise ProjectionError(
-                    f"rebuild part {index} of {projection.name!r} v{version} failed: {rest[0]}",
+                    f"rebuild part {report.part} of {label} failed: {report.reason}",
                     hint="run the replay again: every part resumes from its offsets",
                 )
-            progress.update(index, rest[0], rest[1])
-            if kind == "done":
-                done.add(index)
+            progress.update(report.part, report.folded, report.positions)
+            if isinstance(report, PartDone):
+                done.add(report.part)
                 if len(done) < len(children):
-                    on_done(index)
+                    on_done(report.part)
         return True
     finally:
         for i, proc in enumerate(children):
@@ -308,7 +311,55 @@ def _run_parts(
         reports.close()
 
 
-def _next_report(reports: multiprocessing.Queue[tuple[Any, ...]]) -> tuple[Any, ...] | None:
+def _start_part(
+    ctx: Any, name: str, part: tuple[Any, ...], reports: multiprocessing.Queue[PartReport]
+) -> BaseProcess:
+    """Spawn the process `name` that folds one part: `part` is (config, projection, version,
+    index, path, bounds, replay_below), the arguments of `_part_main` after the parent's."""
+    child: BaseProcess = ctx.Process(
+        target=_part_main,
+        name=name,
+        args=(os.getpid(), _log_levels(), *part, reports),
+        daemon=True,
+    )
+    child.start()
+    return child
+
+
+class _Stall:
+    """Raises ProjectionError once the parts' positions have not moved for `timeout` s."""
+
+    def __init__(self, progress: PartsProgress, timeout: float, what: str, total: int) -> None:
+        self._progress = progress
+        self._timeout = timeout
+        self._what = what
+        self._total = total
+        self._moved_at = time.monotonic()
+        self._last = progress.positions
+
+    def check(self) -> None:
+        now = self._progress.positions
+        if now != self._last:
+            self._moved_at, self._last = time.monotonic(), now
+        elif time.monotonic() - self._moved_at > self._timeout:
+            raise ProjectionError(
+                f"{self._what}: no part moved for {self._timeout:.0f} s "
+                f"(at {sum(self._last.values())} of {self._total})",
+                hint="is the broker up? run the replay again: every part resumes",
+            )
+
+
+def _check_alive(children: list[BaseProcess], done: set[int], label: str) -> None:
+    """ProjectionError naming the first part that exited without reporting done."""
+    for i, proc in enumerate(children):
+        if i not in done and proc.exitcode is not None:
+            raise ProjectionError(
+                f"rebuild part {i} of {label} died (exit code {proc.exitcode})",
+                hint="run the replay again: every part resumes from its offsets",
+            )
+
+
+def _next_report(reports: multiprocessing.Queue[PartReport]) -> PartReport | None:
     try:
         return reports.get(timeout=0.5)
     except queue.Empty:
@@ -338,7 +389,7 @@ def _part_main(
     path: str,
     bounds: dict[TP, int],
     replay_below: dict[TP, int],
-    reports: multiprocessing.Queue[tuple[Any, ...]],
+    reports: multiprocessing.Queue[PartReport],
 ) -> None:
     """Fold one part up to its bounds, reporting progress; runs in a spawned child."""
     _die_with(parent)
@@ -363,7 +414,7 @@ def _part_main(
             replay_below=replay_below,
             **rebuild_writes(config),
         )
-        reports.put(("progress", index, runner.stats.folded, dict(runner.store.offsets())))
+        reports.put(PartProgress(index, runner.stats.folded, dict(runner.store.offsets())))
         with _reporting(runner, index, reports):
             runner.assign_all(partitions={p for _t, p in bounds})
             reached = runner.run_until(bounds)
@@ -373,12 +424,12 @@ def _part_main(
         if dlq.flush(30):
             raise ProjectionError(f"dead letters of part {index} not delivered")
         if not reached or state == "failed":
-            reports.put(("error", index, error or "stopped before its bounds"))
+            reports.put(PartFailed(index, error or "stopped before its bounds"))
         else:
-            reports.put(("done", index, folded, positions))
+            reports.put(PartDone(index, folded, positions))
     except Exception as exc:
         log.exception("rebuild part %d failed", index)
-        reports.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        reports.put(PartFailed(index, f"{type(exc).__name__}: {exc}"))
     finally:
         reports.close()
         reports.join_thread()
@@ -414,13 +465,13 @@ def _open_part(path: Path, wait: float = 15.0) -> RocksStore:
 
 @contextlib.contextmanager
 def _reporting(
-    runner: ProjectionRunner, index: int, reports: multiprocessing.Queue[tuple[Any, ...]]
+    runner: ProjectionRunner, index: int, reports: multiprocessing.Queue[PartReport]
 ) -> Iterator[None]:
     stop = threading.Event()
 
     def report() -> None:
         while not stop.wait(_REPORT_EVERY_S):
-            reports.put(("progress", index, runner.folded_so_far(), runner.pending_positions()))
+            reports.put(PartProgress(index, runner.folded_so_far(), runner.pending_positions()))
 
     thread = threading.Thread(target=report, name="rebuild-progress", daemon=True)
     thread.start()

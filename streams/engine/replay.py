@@ -8,6 +8,7 @@ offsets it reports and the states it returns belong to one moment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, Producer
 from refold.core.config import Config
-from refold.core.errors import ProjectionError, StoreError
+from refold.core.errors import ProjectionError, StoreError, TopicError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.rebuild import (
@@ -33,7 +34,9 @@ from refold.engine.rebuild import (
 )
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
 from refold.kafka import clients
+from refold.kafka.log import topic_partitions, watermarks
 from refold.store.rocksdb import RocksStore, Store
+from refold.store.scratch import scratch_dir
 from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
 
 log = logging.getLogger(__name__)
@@ -73,11 +76,19 @@ class DiffSummary:
     samples: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
     offsets: dict[TP, int] = field(default_factory=dict)
+    frozen_at: dict[TP, int] | None = None  # the live version's offsets, when it was frozen
 
     def describe(self) -> str:
+        counts = (
+            f"{self.changed} changed, {self.added} added, {self.removed} removed, "
+            f"{self.unchanged} unchanged"
+        )
+        if self.frozen_at is None or self.frozen_at == self.offsets:
+            return f"diff at the same offsets: {counts}"
+        behind = sum(max(0, o - self.frozen_at.get(tp, 0)) for tp, o in self.offsets.items())
         return (
-            f"diff at the same offsets: {self.changed} changed, {self.added} added, "
-            f"{self.removed} removed, {self.unchanged} unchanged"
+            f"diff against the frozen live version, {behind} events behind the new one "
+            f"(its changes count too): {counts}"
         )
 
 
@@ -185,25 +196,26 @@ class Progress:
 
 def open_view(config: Config, name: str, version: int) -> RocksStore:
     """A secondary (read-only, following) view of a store another process may be writing."""
-    return RocksStore.open_secondary(store_path(config, name, version))
+    return RocksStore.open_secondary(
+        store_path(config, name, version), scratch_root=scratch_dir(config.data_dir)
+    )
 
 
 def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
     """(low, high) watermarks of every partition of the projection's source topics."""
     consumer = clients.consumer(config, config.group("replay-plan"))
-    ranges: dict[TP, tuple[int, int]] = {}
     try:
-        for topic in projection.topics:
-            md = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if md is None or md.error is not None:
-                raise ProjectionError(f"topic {topic!r} does not exist")
-            for p in sorted(md.partitions):
-                ranges[(topic, p)] = consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=10
-                )
+        tps = [(t, p) for t in projection.topics for p in _source_partitions(consumer, t)]
+        return watermarks(consumer, tps)
     finally:
         consumer.close()
-    return ranges
+
+
+def _source_partitions(consumer: Consumer, topic: str) -> list[int]:
+    try:
+        return topic_partitions(consumer, topic)
+    except TopicError as exc:
+        raise ProjectionError(str(exc), hint=exc.hint) from exc
 
 
 def plan(config: Config, projection: Projection, version: int) -> Plan:
@@ -247,12 +259,14 @@ def replay(
     progress: TextIO | None = sys.stderr,
     catch_up_timeout: float = 120.0,
     procs: int | None = None,
+    live_frozen: bool = False,
 ) -> ReplayResult:
     """Build `version` beside the live one until it has caught up with it, then diff and swap.
 
     A build from scratch is split over `procs` processes (default: one per core, for builds of
     at least PARALLEL_MIN_EVENTS events) up to the live version's offsets, merged, and then
-    followed by one runner to the live version's offsets of the moment.
+    followed by one runner to the live version's offsets of the moment. `live_frozen`: the code
+    has no class for the live version (refold.engine.frozen), so its offsets never move.
     """
     name = projection.name
     live = live_version(config, name)
@@ -267,87 +281,130 @@ def replay(
     except StoreError:
         # A worker already builds this version in the background: watch it instead.
         return _attached(
-            config, projection, version, live, diff, swap, diff_path, started, catch_up_timeout
+            config,
+            projection,
+            version,
+            live,
+            diff,
+            swap,
+            diff_path,
+            started,
+            catch_up_timeout,
+            live_frozen,
         )
     live_view = open_view(config, name, live) if live else None
-    parts = PartsProgress()
-    runner: ProjectionRunner | None = None
-    runner_base = 0
-
-    def sample() -> tuple[int, dict[TP, int]]:
-        if runner is None:
-            return parts.folded, parts.positions
-        return parts.folded + runner.folded_so_far() - runner_base, runner.pending_positions()
-
+    build = _Build(config, codec, projection, version, store)
     try:
         below = live_view.offsets() if live_view else {}
         ends = {tp: high for tp, (_low, high) in source_ends(config, projection).items()}
-        target = {tp: below.get(tp, 0) for tp in ends} if live_view else ends
-        goal = [target]  # what the progress display measures against; replaced, never mutated
-        reporter = (
-            Progress(f"{name} v{version}", sample, lambda: goal[0], progress) if progress else None
+        # What the progress line measures against; replaced as the target moves, never mutated.
+        goal = [{tp: below.get(tp, 0) for tp in ends} if live_view else ends]
+        line = (
+            Progress(f"{name} v{version}", build.sample, lambda: goal[0], progress)
+            if progress
+            else contextlib.nullcontext()
         )
-        if reporter:
-            reporter.__enter__()
-        split_over = 1
-        try:
-            if store.offsets():
-                discard_parts(config, name, version)  # left by a merge that completed
-            else:
-                todo = sum(target.values())
-                split_over = procs or (default_procs() if todo >= PARALLEL_MIN_EVENTS else 1)
-                resuming = parts_path(config, name, version).is_dir()
-                if split_over > 1 or resuming:
-                    built = build_in_parts(
-                        config,
-                        projection,
-                        version,
-                        store,
-                        target,
-                        replay_below=below,
-                        procs=split_over,
-                        progress=parts,
-                        stall_timeout=catch_up_timeout,
-                    )
-                    split_over = parts.count if built else 1
-            dlq = clients.producer(config)
-            runner = ProjectionRunner(
-                config,
-                codec,
-                projection,
-                dead_letters=dlq,
-                store=store,
-                version=version,
-                replay_below=below,
-                **rebuild_writes(config),
-            )
-            runner_base = runner.stats.folded
-            try:
-                ends = runner.assign_all()
-                target = _follow(runner, live_view, ends, catch_up_timeout, goal)
-            finally:
-                if reporter:
-                    reporter.__exit__(None, None, None)
-                    reporter = None
-            summary = None
-            if diff and live_view is not None:
-                summary = _diff_to_file(config, name, live_view, runner.store, diff_path)
-                summary.offsets = {tp: target.get(tp, 0) for tp in ends}
-            folded = sample()[0]
-        finally:
-            if reporter:
-                reporter.__exit__(None, None, None)
-            if runner is not None:
-                runner.close()
-                dlq.flush(10)
-            else:
-                store.close()
+        with line:
+            split_over = build.in_parts(goal[0], below, procs, catch_up_timeout)
+            ends, target = build.follow(below, live_view, catch_up_timeout, goal)
+        summary = None
+        if diff and live_view is not None:
+            summary = _diff_to_file(config, name, live_view, store, diff_path)
+            summary.offsets = {tp: target.get(tp, 0) for tp in ends}
+        folded = build.sample()[0]
     finally:
+        build.close()
         if live_view is not None:
             live_view.close()
     if swap:
         set_live(config, name, version)
     return ReplayResult(version, folded, time.monotonic() - started, summary, swap, split_over)
+
+
+class _Build:
+    """One replay's build of a version in this process: the bulk in parallel parts first (from
+    scratch, when big enough), then one runner to the live version's offsets. `sample()` says
+    what has been folded, from whichever of them is folding, for the progress line."""
+
+    def __init__(
+        self, config: Config, codec: Codec, projection: Projection, version: int, store: RocksStore
+    ) -> None:
+        self.config = config
+        self.codec = codec
+        self.projection = projection
+        self.version = version
+        self.store = store
+        self.parts = PartsProgress()
+        self.runner: ProjectionRunner | None = None
+        self._runner_base = 0
+        self._dlq: Producer | None = None
+
+    def sample(self) -> tuple[int, dict[TP, int]]:
+        runner = self.runner
+        if runner is None:
+            return self.parts.folded, self.parts.positions
+        folded = self.parts.folded + runner.folded_so_far() - self._runner_base
+        return folded, runner.pending_positions()
+
+    def in_parts(
+        self, target: dict[TP, int], below: dict[TP, int], procs: int | None, timeout: float
+    ) -> int:
+        """Fold up to `target` in parallel parts and merge them, when the store is empty and
+        the build is big enough (or an interrupted one left parts); returns how many processes
+        folded the bulk (1: this one will)."""
+        config, name, version = self.config, self.projection.name, self.version
+        if self.store.offsets():
+            discard_parts(config, name, version)  # left by a merge that completed
+            return 1
+        todo = sum(target.values())
+        split_over = procs or (default_procs() if todo >= PARALLEL_MIN_EVENTS else 1)
+        if split_over < 2 and not parts_path(config, name, version).is_dir():
+            return 1
+        built = build_in_parts(
+            config,
+            self.projection,
+            version,
+            self.store,
+            target,
+            replay_below=below,
+            procs=split_over,
+            progress=self.parts,
+            stall_timeout=timeout,
+        )
+        return self.parts.count if built else 1
+
+    def follow(
+        self,
+        below: dict[TP, int],
+        live_view: RocksStore | None,
+        timeout: float,
+        goal: list[dict[TP, int]],
+    ) -> tuple[dict[TP, int], dict[TP, int]]:
+        """One runner from the store's offsets to the live version's (or the log's ends);
+        returns the source partitions' ends and the offsets reached."""
+        self._dlq = clients.producer(self.config)
+        self.runner = ProjectionRunner(
+            self.config,
+            self.codec,
+            self.projection,
+            dead_letters=self._dlq,
+            store=self.store,
+            version=self.version,
+            replay_below=below,
+            **rebuild_writes(self.config),
+        )
+        self._runner_base = self.runner.stats.folded
+        ends = self.runner.assign_all()
+        return ends, _follow(self.runner, live_view, ends, timeout, goal)
+
+    def close(self) -> None:
+        """Close the runner (and with it the store), or the store when no runner started."""
+        if self.runner is None:
+            self.store.close()
+            return
+        self.runner.close()
+        if self._dlq is not None:
+            self._dlq.flush(10)
 
 
 def _follow(
@@ -412,10 +469,12 @@ def _attached(
     diff_path: Path | None,
     started: float,
     timeout: float,
+    live_frozen: bool = False,
 ) -> ReplayResult:
     """The version's store is held by another process building it (a worker, or another
-    replay): wait until it has folded exactly what the live version has, then diff through
-    read-only views and move the pointer. Gives up when the build stops moving for `timeout`."""
+    replay): wait until it has folded exactly what the live version has (at least that, when
+    the live version is frozen: the build does not stop there), then diff through read-only
+    views and move the pointer. Gives up when the build stops moving for `timeout`."""
     name = projection.name
     new_view = open_view(config, name, version)
     live_view = open_view(config, name, live) if live else None
@@ -426,6 +485,9 @@ def _attached(
             if live_view is not None:
                 live_view.catch_up()
             same = live_view is None or new_view.offsets() == live_view.offsets()
+            if live_frozen and live_view is not None:
+                reached = new_view.offsets()
+                same = all(reached.get(tp, 0) >= o for tp, o in live_view.offsets().items())
             if same:
                 break
             now = stored_offsets(config, name, version)  # parts included
@@ -442,6 +504,8 @@ def _attached(
         if diff and live_view is not None:
             summary = _diff_to_file(config, name, live_view, new_view, diff_path)
             summary.offsets = new_view.offsets()
+            if live_frozen:
+                summary.frozen_at = live_view.offsets()
         folded = int(new_view.meta("events_folded") or 0)
     finally:
         new_view.close()

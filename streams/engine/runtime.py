@@ -9,13 +9,17 @@ Commit steps, in order, for every batch (the order is what makes a crash at any 
    producer is flushed, before anything else is written;
 4. ONE RocksDB WriteBatch stores the changed states, the re-key links, the counters and every
    partition's next offset — the store is the truth, a crash before this step re-folds from
-   Kafka, a crash after it finds the offsets already moved. While the consumer keeps handing out
+   Kafka, a crash after it finds the offsets already moved. A partition's next offset is the
+   consumer's position when that is further: past the transaction markers (and aborted records)
+   that read_committed never delivers, so a topic written in transactions ends at lag 0. While
+   the consumer keeps handing out
    full batches (a backlog: catching up, rebuilding), consecutive batches share one WriteBatch,
    up to `commit_every` events or `commit_interval_s` seconds, so a key folded many times is
    written once; a short batch (caught up) is written at once, so freshness does not wait;
 5. the offsets are committed to Kafka asynchronously, at most once per `KAFKA_COMMIT_INTERVAL_S`
    (and when partitions are revoked or the runner closes); they are advisory (monitoring, lag):
-   on assignment the consumer always seeks to the store's offsets, never to Kafka's.
+   on assignment the consumer always seeks to the store's offsets, never to Kafka's, and
+   commits them again, so an external reset of the group's offsets does not outlive it.
 
 A poison record found while earlier batches wait for their write may have half-changed their
 cached states, so those batches are not written: the consumer rewinds to the stored offsets and
@@ -28,7 +32,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -48,6 +52,7 @@ from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
 from refold.engine.membership import fold_group_settings
 from refold.kafka import clients
+from refold.kafka.log import end_offsets, topic_partitions
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.versions import store_path
 
@@ -164,8 +169,10 @@ class Behind:
 
 
 class _Poison(Exception):
-    def __init__(self, index: int, reason: str) -> None:
-        self.index = index
+    """A record that cannot be folded (undecodable, or the fold raised), and why."""
+
+    def __init__(self, msg: Message, reason: str) -> None:
+        self.msg = msg
         self.reason = reason
 
 
@@ -249,7 +256,6 @@ class ProjectionRunner:
         self._watermarks_at = 0.0
         self._behind = Behind()
         self._uncommitted: dict[TP, int] = {}  # stored, not yet committed to Kafka
-        self._in_kafka: dict[TP, int] = {}  # what was last committed to Kafka
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
@@ -262,6 +268,10 @@ class ProjectionRunner:
             defaults={**FOLD_CONSUMER_CONF, **membership, **(consumer_conf or {})},
             required=required,
         )
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(self.projection.topics)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -309,12 +319,12 @@ class ProjectionRunner:
     def stop(self) -> None:
         self._stop.set()
 
-    def _write_pending_unless_failed(self) -> None:
+    def _write_pending_unless_failed(self, past_markers: bool = True) -> None:
         """Store the batches folded but not yet written (they are complete: folding happens
         between consume() calls). Not after a failure: the batch that failed may have left its
         records in the pending write without their dead letters."""
         if self.stats.state != "failed" and self._pending.offsets:
-            self._write_pending()
+            self._write_pending(past_markers)
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 
@@ -322,17 +332,16 @@ class ProjectionRunner:
         """Own every partition of the source topics (no group: a rebuild reads them all), or
         those with the given numbers, from the store's offsets; returns the high watermarks."""
         stored = self.store.offsets()
-        assigned: list[TopicPartition] = []
-        ends: dict[TP, int] = {}
-        for topic in self.projection.topics:
-            md = self._consumer.list_topics(topic, timeout=10).topics[topic]
-            for p in sorted(md.partitions):
-                if partitions is not None and p not in partitions:
-                    continue
-                tp = (topic, p)
-                self._next[tp] = stored.get(tp, 0)
-                assigned.append(TopicPartition(topic, p, stored.get(tp, OFFSET_BEGINNING)))
-                ends[tp] = self._consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+        owned = [
+            (topic, p)
+            for topic in self.projection.topics
+            for p in topic_partitions(self._consumer, topic)
+            if partitions is None or p in partitions
+        ]
+        assigned = [TopicPartition(t, p, stored.get((t, p), OFFSET_BEGINNING)) for t, p in owned]
+        for tp in owned:
+            self._next[tp] = stored.get(tp, 0)
+        ends = end_offsets(self._consumer, owned)
         self._consumer.assign(assigned)
         self._publish_assignment(self._consumer)
         self.stats.state = "running"
@@ -387,6 +396,8 @@ class ProjectionRunner:
             positions = self._consumer.position([TopicPartition(*tp) for tp in short])
             if any(tp.offset < self._bounds[(tp.topic, tp.partition)] for tp in positions):
                 return False
+            for t, p in short:  # stored at the bound, past its markers
+                self._pending.offsets[(t, p)] = self._bounds[(t, p)]
         self._write_pending()
         return True
 
@@ -398,14 +409,17 @@ class ProjectionRunner:
             key = (tp.topic, tp.partition)
             tp.offset = stored.get(key, OFFSET_BEGINNING)
             self._next[key] = stored.get(key, 0)
+            if key in stored:  # the store is the truth: undo any reset of the group's offsets
+                self._uncommitted[key] = stored[key]
         consumer.incremental_assign(partitions)
         self._publish_assignment(consumer)
         log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Batches waiting for their write are stored first (this runs inside consume(), between
-        # two folds); then Kafka's advisory copy of the revoked partitions' offsets.
-        self._write_pending_unless_failed()
+        # two folds); then Kafka's advisory copy of the revoked partitions' offsets. Not past
+        # the consumer's position: records this consume() call already took are not folded.
+        self._write_pending_unless_failed(past_markers=False)
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._commit_to_kafka([tp for tp in revoked if tp in self._uncommitted])
         for tp in revoked:
@@ -447,7 +461,7 @@ class ProjectionRunner:
                 stop, dead = self._fold(msgs)
                 break
             except _Poison as p:
-                msg = msgs[p.index]
+                msg = p.msg
                 self._poison[(msg.topic(), msg.partition(), msg.offset())] = p.reason
                 # The fold may have half-mutated cached states: forget them all; fold again from
                 # the store (rewinding past batches that wait for their write), skipping it.
@@ -466,7 +480,7 @@ class ProjectionRunner:
             self._careful -= len(msgs)
         if stop is not None:
             msg, reason = stop
-            self._write_pending()
+            self._write_pending(past_markers=False)  # the records after `msg` are not folded
             position = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
             self.stats.error = f"stopped at {position}: {reason}"
             self.stats.state = "failed"
@@ -510,45 +524,82 @@ class ProjectionRunner:
         self, msgs: list[Message]
     ) -> tuple[tuple[Message, str] | None, list[tuple[Message, str]]]:
         """Fold `msgs` into the pending write; returns where to stop (a poison record of a
-        projection that stops on errors) and the poison records to dead-letter first."""
-        projection = self.projection
-        apply = projection.apply
-        initial = projection.initial
-        codec = self.codec
-        cache = self._cache
-        store = self.store
-        pending = self._pending
-        next_offsets = pending.offsets
-        changed = pending.changed
-        links = pending.links
-        expected = self._next
-        replay_below = self._replay_below
-        poison = self._poison
+        projection that stops on errors) and the poison records to dead-letter first.
+
+        The paths are chosen once per batch, not per record: poison positions known from an
+        earlier attempt leave the batch first (`_without_poison`), then the records are folded
+        under their own keys (`_fold_keyed`, the hot loop) or under the keys `key()` names
+        (`_fold_rekeyed`)."""
+        stop: tuple[Message, str] | None = None
         dead: list[tuple[Message, str]] = []
-        folded = skipped = 0
-        rekeys = self._rekeys
-        decode = codec.decode
-        raw = codec.raw_decoders
-        bounds = self._bounds
-        beyond = self._beyond
-        keys: list[str | None] | None = None
-        if not rekeys and not self._cache_complete:
-            keys = [None if k is None else k.decode("utf-8", "replace") for k in map(_key, msgs)]
-            missing = [k for k in set(keys) if k is not None and k not in cache]
-            if missing:
-                cache.update(store.get_many(missing))
-        # Records come in runs from one partition: its position checks are looked up per run.
+        passed: dict[TP, int] = {}
+        if self._poison:
+            msgs, stop, dead, passed = self._without_poison(msgs)
+        if self._rekeys:
+            self._fold_rekeyed(msgs)
+        else:
+            self._fold_keyed(msgs)
+        next_offsets = self._pending.offsets
+        for tp, nxt in passed.items():
+            next_offsets[tp] = max(next_offsets.get(tp, 0), nxt)
+        return stop, dead
+
+    def _without_poison(
+        self, msgs: list[Message]
+    ) -> tuple[list[Message], tuple[Message, str] | None, list[tuple[Message, str]], dict[TP, int]]:
+        """Take the records at known poison positions out of the batch. For a projection that
+        stops on errors, the batch ends before the first one (returned as where to stop);
+        otherwise each is counted, dead-lettered once, and its partition's next offset moves
+        past it (returned, applied after the fold). Positions the fold would skip anyway
+        (already folded, past a rebuild's bound) stay in the batch for it to skip."""
+        poison, pending = self._poison, self._pending
+        stops = self.projection.on_error == "stop"
+        keep: list[Message] = []
+        dead: list[tuple[Message, str]] = []
+        passed: dict[TP, int] = {}
+        for index, msg in enumerate(msgs):
+            where = (msg.topic(), msg.partition(), msg.offset())
+            reason = poison.get(where) if msg.error() is None else None
+            if reason is None or not self._unfolded(where):
+                keep.append(msg)
+                continue
+            if stops:
+                return msgs[:index], (msg, reason), [], {}
+            pending.dead += 1
+            passed[where[:2]] = where[2] + 1
+            if where not in self._dead_lettered:
+                dead.append((msg, reason))
+        return keep, None, dead, passed
+
+    def _unfolded(self, where: Where) -> bool:
+        """True if the fold would take a record at `where`: not folded yet, within bounds."""
+        tp, offset = where[:2], where[2]
+        if offset < max(self._next.get(tp, 0), self._pending.offsets.get(tp, 0)):
+            return False
+        bound = self._bounds.get(tp) if self._bounds else None
+        return bound is None or offset < bound
+
+    def _fold_keyed(self, msgs: list[Message]) -> None:
+        """Fold each record under its own key. The measured hot loop (bench/fold_micro.py,
+        the rebuild scenario), so one function with everything inline: records come in runs
+        from one partition, whose position checks are looked up once per run; the generated
+        decoder is called directly; a fresh rebuild's cache says which keys have no state."""
+        projection = self.projection
+        apply, initial = projection.apply, projection.initial
+        decode, raw = self.codec.decode, self.codec.raw_decoders
+        cache, pending = self._cache, self._pending
+        next_offsets, changed = pending.offsets, pending.changed
+        expected, replay_below = self._next, self._replay_below
+        bounds, beyond = self._bounds, self._beyond
+        keys = None if self._cache_complete else self._load_keys(msgs)
         topic, partition, tp = "", -1, ("", -1)
         floor = replay_floor = 0
         bound: int | None = None
+        folded = 0
         try:
             for index, msg in enumerate(msgs):
                 if msg.error() is not None:
-                    error = msg.error()
-                    if error.fatal() or error.code() == KafkaError._FATAL:  # e.g. fenced for good
-                        raise ProjectionError(f"{self.name}: the consumer failed: {msg.error()}")
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("%s: consume error %s", self.name, msg.error())
+                    self._consume_error(msg)
                     continue
                 if msg.partition() != partition or msg.topic() != topic:
                     topic, partition = msg.topic(), msg.partition()
@@ -562,25 +613,16 @@ class ProjectionRunner:
                 if bound is not None and offset >= bound:
                     beyond.setdefault(tp, offset)  # a rebuild's bound: read again later
                     continue
-                if poison and (topic, partition, offset) in poison:
-                    reason = poison[(topic, partition, offset)]
-                    if projection.on_error == "stop":
-                        return (msg, reason), dead
-                    floor = next_offsets[tp] = offset + 1
-                    pending.dead += 1
-                    if (topic, partition, offset) not in self._dead_lettered:
-                        dead.append((msg, reason))
-                    continue
                 floor = next_offsets[tp] = offset + 1
                 if keys is None:
                     raw_key = msg.key()
-                    event_key = None if raw_key is None else raw_key.decode("utf-8", "replace")
+                    key = None if raw_key is None else raw_key.decode("utf-8", "replace")
                 else:
-                    event_key = keys[index]
+                    key = keys[index]
                 value = msg.value()
                 found = raw.get(value[:HEADER_LEN]) if value else None
                 try:
-                    if event_key is None:
+                    if key is None:
                         raise DecodeError("record has no key (events are keyed by aggregate id)")
                     if found is not None:  # the common case, without two wrapper calls
                         type_name = found[0]
@@ -589,47 +631,112 @@ class ProjectionRunner:
                         type_name, data = decode(value)
                 except (IndexError, ValueError, UnicodeDecodeError) as exc:
                     reason = f"undecodable: Avro body does not decode: {exc}"
-                    raise _Poison(index, reason) from exc
+                    raise _Poison(msg, reason) from exc
                 except DecodeError as exc:
-                    raise _Poison(index, f"undecodable: {exc}") from exc
-                event = Event(type_name, event_key, data, topic, partition, offset, 0, None, msg)
+                    raise _Poison(msg, f"undecodable: {exc}") from exc
+                event = Event(type_name, key, data, topic, partition, offset, 0, None, msg)
                 if offset < replay_floor:
                     event.replay = True
                 try:
-                    if rekeys:
-                        key = projection.key(event)
-                        if key is None:
-                            key = links.get(event.key) or store.link(event.key)
-                            if key is None:
-                                skipped += 1
-                                continue
-                        elif links.get(event.key, "") != key and store.link(event.key) != key:
-                            links[event.key] = key
-                    else:
-                        key = event_key
                     state = cache.get(key, _MISSING)
-                    if state is _MISSING:
-                        state = store.get(key) if rekeys else None
-                        if state is None:
-                            state = initial(key)
-                    state = apply(state, event)
+                    state = apply(initial(key) if state is _MISSING else state, event)
                 except Exception as exc:  # a bug or bad data in user code: poison, not a crash
-                    raise _Poison(index, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                    raise _Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
                 cache[key] = state
                 changed[key] = state
                 folded += 1
         finally:
             pending.folded += folded
-            pending.skipped += skipped
-        return None, dead
 
-    def _write_pending(self) -> None:
-        """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch."""
+    def _load_keys(self, msgs: list[Message]) -> list[str | None]:
+        """The batch's keys, with the states of those not cached read in one `get_many`."""
+        keys = [None if k is None else k.decode("utf-8", "replace") for k in map(_key, msgs)]
+        missing = [k for k in set(keys) if k is not None and k not in self._cache]
+        if missing:
+            self._cache.update(self.store.get_many(missing))
+        return keys
+
+    def _fold_rekeyed(self, msgs: list[Message]) -> None:
+        """Fold each record under the key `projection.key(event)` names; None folds it under
+        the key its aggregate was last routed to (a link, stored with the states), and an
+        aggregate never routed is skipped."""
+        projection, store, cache, pending = self.projection, self.store, self._cache, self._pending
+        links = pending.links
+        folded = skipped = 0
+        try:
+            for msg, event in self._events(msgs):
+                try:
+                    key = projection.key(event)
+                    if key is None:
+                        key = links.get(event.key) or store.link(event.key)
+                        if key is None:
+                            skipped += 1
+                            continue
+                    elif links.get(event.key, "") != key and store.link(event.key) != key:
+                        links[event.key] = key
+                    state = cache.get(key, _MISSING)
+                    if state is _MISSING:
+                        state = store.get(key)
+                        if state is None:
+                            state = projection.initial(key)
+                    state = projection.apply(state, event)
+                except Exception as exc:  # a bug or bad data in user code: poison, not a crash
+                    raise _Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                cache[key] = state
+                pending.changed[key] = state
+                folded += 1
+        finally:
+            pending.folded += folded
+            pending.skipped += skipped
+
+    def _events(self, msgs: list[Message]) -> Iterator[tuple[Message, Event]]:
+        """The batch's records not folded yet and within bounds, decoded, in order; moves each
+        partition's next offset past every record it yields. (`_fold_keyed` does the same
+        inline.)"""
+        next_offsets, expected = self._pending.offsets, self._next
+        for msg in msgs:
+            if msg.error() is not None:
+                self._consume_error(msg)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            tp = (topic, partition)
+            if offset < max(expected.get(tp, 0), next_offsets.get(tp, 0)):
+                continue  # already folded: a redelivery after a seek
+            bound = self._bounds.get(tp) if self._bounds else None
+            if bound is not None and offset >= bound:
+                self._beyond.setdefault(tp, offset)  # a rebuild's bound: read again later
+                continue
+            next_offsets[tp] = offset + 1
+            raw_key = msg.key()
+            try:
+                if raw_key is None:
+                    raise DecodeError("record has no key (events are keyed by aggregate id)")
+                type_name, data = self.codec.decode(msg.value())
+            except DecodeError as exc:
+                raise _Poison(msg, f"undecodable: {exc}") from exc
+            key = raw_key.decode("utf-8", "replace")
+            event = Event(type_name, key, data, topic, partition, offset, 0, None, msg)
+            event.replay = offset < self._replay_below.get(tp, 0)
+            yield msg, event
+
+    def _consume_error(self, msg: Message) -> None:
+        error = msg.error()
+        if error.fatal() or error.code() == KafkaError._FATAL:  # e.g. refused by the group
+            raise ProjectionError(f"{self.name}: the consumer failed: {error}")
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("%s: consume error %s", self.name, error)
+
+    def _write_pending(self, past_markers: bool = True) -> None:
+        """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch.
+        `past_markers`: every record the consumer returned is folded, so its position may be
+        stored where it is further (see `_past_markers`)."""
         pending = self._pending
         next_offsets = pending.offsets
         if not next_offsets:
             pending.clear()
             return
+        if past_markers:
+            self._past_markers(next_offsets)
         stats = self.stats
         folded, skipped, dead = pending.folded, pending.skipped, pending.dead
         meta: dict[str, Any] = {"events_folded": stats.folded + folded}
@@ -658,6 +765,35 @@ class ProjectionRunner:
         self._uncommitted.update(next_offsets)
         self._commit_to_kafka_due()
 
+    def _past_markers(self, offsets: dict[TP, int]) -> None:
+        """Move next offsets up to the consumer's position where it is further: the offsets in
+        between hold transaction markers or aborted records, which read_committed never delivers
+        (position() is the last record returned + 1, past the markers that followed it). Only
+        when every record returned is folded; never past a rebuild's bound. Without this a
+        partition ending in a marker (every transactional write) shows lag 1 forever."""
+        tps = [TopicPartition(t, p) for t, p in offsets if (t, p) not in self._beyond]
+        if not tps or self._paused.intersection(offsets):
+            return
+        bounds = self._bounds
+        for tp in self._consumer.position(tps):
+            key = (tp.topic, tp.partition)
+            position = tp.offset if not bounds else min(tp.offset, bounds.get(key, tp.offset))
+            if position > offsets[key]:
+                offsets[key] = position
+
+    def _skip_trailing_markers(self) -> None:
+        """Store positions that moved past markers while nothing was folded (a marker fetched
+        after the last record of its transaction): an offsets-only write."""
+        if self._pending.offsets or self._beyond or self._stop.is_set():
+            return  # (stopped: maybe at a poison record, with records after it not folded)
+        owned = {tp: self._next[tp] for tp in self.stats.assigned if tp in self._next}
+        moved = dict(owned)
+        self._past_markers(moved)
+        moved = {tp: o for tp, o in moved.items() if o > owned[tp]}
+        if moved:
+            self._pending.offsets.update(moved)
+            self._write_pending(past_markers=False)
+
     def _forget_poison(self, stored: Mapping[TP, int]) -> None:
         """Poison positions now below the stored offsets are never read again."""
         for where in [w for w in self._poison if w[2] < stored.get((w[0], w[1]), -1)]:
@@ -684,7 +820,6 @@ class ProjectionRunner:
             return
         self._kafka_committed_at = time.monotonic()
         offsets = [TopicPartition(t, p, self._uncommitted.pop((t, p))) for t, p in tps]
-        self._in_kafka.update(((tp.topic, tp.partition), tp.offset) for tp in offsets)
         try:
             self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # e.g. not a group member right now; the store is the truth
@@ -760,25 +895,8 @@ class ProjectionRunner:
             if high >= 0:
                 marks[tp] = high
         self.stats.high_watermarks = marks
-        folded = self._folded_positions(owned)
-        for tp, nxt in folded.items():
-            # Past transaction markers: Kafka's advisory copy moves on too, so that lag counted
-            # from the group's committed offsets (another worker's health) reaches zero.
-            if nxt > self.stats.positions.get(tp, 0) and self._in_kafka.get(tp, -1) < nxt:
-                self._uncommitted[tp] = max(nxt, self._uncommitted.get(tp, 0))
-        self.stats.lag = {tp: max(0, high - folded.get(tp, 0)) for tp, high in marks.items()}
-        self.stats.behind = self._behind.update(now, marks, folded)
+        self._skip_trailing_markers()  # stored positions move past transaction markers
+        positions = self.stats.positions
+        self.stats.lag = {tp: max(0, high - positions.get(tp, 0)) for tp, high in marks.items()}
+        self.stats.behind = self._behind.update(now, marks, positions)
         self.stats.refreshed_at = now
-
-    def _folded_positions(self, owned: tuple[TP, ...]) -> dict[TP, int]:
-        """Stored next offsets, moved past offsets that hold no record (transaction markers):
-        for a partition with nothing waiting for a write, the consumer's position says where
-        the records delivered so far end (this runs on the fold thread, between batches)."""
-        folded = dict(self.stats.positions)
-        idle = [TopicPartition(*tp) for tp in owned if tp not in self._pending.offsets]
-        if idle:
-            for tp in self._consumer.position(idle):
-                key = (tp.topic, tp.partition)
-                if tp.offset >= 0 and tp.offset > folded.get(key, 0):
-                    folded[key] = tp.offset
-        return folded

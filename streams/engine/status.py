@@ -1,4 +1,5 @@
-"""What the query server reports about runners: lag, descriptions and Prometheus metrics."""
+"""What refold reports about projections: lag, descriptions and Prometheus metrics for the query
+server's runners, and the rows of `refold status` read from the stores on disk."""
 
 from __future__ import annotations
 
@@ -6,19 +7,26 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
-from refold.engine.rebuild import build_on_disk
-from refold.engine.runtime import ProjectionRunner
+from refold.core.errors import TopicError
+from refold.core.projection import Projection
+from refold.engine.frozen import Serving, frozen_reason
+from refold.engine.rebuild import build_on_disk, stored_offsets
 from refold.kafka import clients
+from refold.store.rocksdb import RocksStore
+from refold.store.scratch import scratch_dir
+from refold.store.versions import live_version, store_path
 
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
 WARN_EVERY_S = 60.0
+_DOWN = ("stopped", "failed")
 
 
 class Watermarks:
@@ -76,6 +84,25 @@ class Watermarks:
         self._ends = ends
         self._at = time.monotonic()
 
+    def partitions(self, topics: Iterable[str]) -> list[TP]:
+        """Every partition of the topics that exist (blocks: call off the loop)."""
+        with self._lock:
+            if self._admin is None:
+                self._admin = clients.admin(self._config)
+            admin = self._admin
+        out: list[TP] = []
+        for topic in topics:
+            try:
+                md = admin.list_topics(topic=topic, timeout=self._timeout * 5).topics.get(topic)
+            except KafkaException as exc:
+                raise TopicError(
+                    f"cannot read metadata for topic {topic!r}: {exc}",
+                    hint="is the broker running? `refold broker status`",
+                ) from exc
+            if md is not None and md.error is None:
+                out.extend((topic, p) for p in sorted(md.partitions))
+        return out
+
 
 def _partitions(
     positions: Mapping[tuple[str, int], int],
@@ -93,14 +120,14 @@ def _partitions(
     return out
 
 
-def describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]:
+def describe(runner: Serving, watermarks: Watermarks) -> dict[str, Any]:
     stats = runner.stats
     return {
         "name": runner.name,
         "version": runner.version,
         "state": stats.state,
         "error": stats.error,
-        "topics": list(runner.projection.topics),
+        "topics": list(runner.topics),
         "partitions": _partitions(runner.stats.positions, runner.stats.assigned, watermarks),
         "events_folded": stats.folded,
         "dead_letters": stats.dead_letters,
@@ -109,7 +136,7 @@ def describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]
 
 
 def describe_on_disk(
-    config: Config, runner: ProjectionRunner, watermarks: Watermarks
+    config: Config, runner: Serving, watermarks: Watermarks
 ) -> dict[str, Any] | None:
     """A newer version of `runner`'s projection that another process builds, read from disk."""
     found = build_on_disk(config, runner.name, runner.version)
@@ -134,7 +161,7 @@ def _label(value: object) -> str:
 
 
 def metrics_text(
-    runners: list[ProjectionRunner],
+    runners: list[Serving],
     watermarks: Watermarks,
     requests: Mapping[tuple[str, int], int],
 ) -> str:
@@ -153,8 +180,11 @@ def metrics_text(
     family(
         "refold_projection_up",
         "gauge",
-        "1 while the projection's runner is not stopped or failed.",
-        [({"projection": r.name}, int(r.stats.state in ("starting", "running"))) for r in runners],
+        "1 while the projection answers queries (its runner is not stopped or failed).",
+        [
+            ({"projection": r.name}, int(r.stats.state not in ("stopped", "failed")))
+            for r in runners
+        ],
     )
     family(
         "refold_events_folded_total",
@@ -209,3 +239,93 @@ def metrics_text(
         ],
     )
     return "\n".join(lines) + "\n"
+
+
+# -- `refold status`: the stores on disk ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """One projection as `refold status` shows it: its live version's store and lag, and the
+    progress of a newer version being built beside it."""
+
+    projection: str
+    version: int
+    code_version: int
+    events_folded: int
+    lag: int
+    dead_letters: int
+    offsets: Mapping[TP, int]
+    building: Mapping[str, int] | None = None  # version, position, of
+    #: why no code may fold the live version (refold.engine.frozen), or None
+    frozen: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "projection": self.projection,
+            "version": self.version,
+            "code_version": self.code_version,
+            "state": "frozen" if self.frozen else "folding",
+            "frozen": self.frozen,
+            "building": dict(self.building) if self.building else None,
+            "events_folded": self.events_folded,
+            "lag": self.lag,
+            "dead_letters": self.dead_letters,
+            "offsets": {f"{t}:{p}": o for (t, p), o in sorted(self.offsets.items())},
+        }
+
+
+def store_status(
+    config: Config, versions: Mapping[int, Projection], watermarks: Watermarks
+) -> StoreStatus:
+    """Read the live (or only) version's store of a projection (its classes by version) and
+    the source topics' ends."""
+    projection = versions[max(versions)]
+    name = projection.name
+    version = live_version(config, name) or projection.version
+    offsets: dict[TP, int] = {}
+    counters = {"events_folded": 0, "dead_letters": 0}
+    path = store_path(config, name, version)
+    if path.is_dir():
+        store = RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir))
+        try:
+            offsets = store.offsets()
+            counters = {k: int(store.meta(k) or 0) for k in counters}
+        finally:
+            store.close()
+    tps = watermarks.partitions(projection.topics)
+    ends = watermarks.ends(tps)
+    lag = sum(max(0, ends.get(tp, 0) - offsets.get(tp, 0)) for tp in tps)
+    building = None
+    if projection.version != version and store_path(config, name, projection.version).is_dir():
+        done = sum(stored_offsets(config, name, projection.version).values())
+        total = sum(offsets.values()) + lag
+        building = {"version": projection.version, "position": done, "of": total}
+    return StoreStatus(
+        name,
+        version,
+        projection.version,
+        counters["events_folded"],
+        lag,
+        counters["dead_letters"],
+        offsets,
+        building,
+        frozen_reason(name, versions, version),
+    )
+
+
+def status_table(rows: Iterable[StoreStatus]) -> str:
+    """`refold status` as a table, one line per projection."""
+    lines = [f"{'PROJECTION':<16} {'VERSION':>7} {'FOLDED':>10} {'LAG':>8} {'DEAD':>6}  OFFSETS"]
+    for row in rows:
+        offs = " ".join(f"{t}:{p}={o}" for (t, p), o in sorted(row.offsets.items())) or "-"
+        if row.building:
+            b = row.building
+            offs += f"  (building v{b['version']}: {b['position']}/{b['of']})"
+        if row.frozen:
+            offs += f"  (frozen: {row.frozen})"
+        lines.append(
+            f"{row.projection:<16} {row.version:>7} {row.events_folded:>10} "
+            f"{row.lag:>8} {row.dead_letters:>6}  {offs}"
+        )
+    return "\n".join(lines)

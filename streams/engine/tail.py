@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from confluent_kafka import (
@@ -18,10 +20,12 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+from refold.core import envelope
 from refold.core.config import Config
 from refold.core.errors import BrokerError, DecodeError, TopicError
 from refold.core.serde import Codec, Event
 from refold.kafka import clients
+from refold.kafka.log import read_to_end, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -92,70 +96,71 @@ def tail(
     """
     consumer = clients.consumer(config, config.group("tail", uuid.uuid4().hex[:8]))
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        tmd = md.topics.get(topic)
-        if tmd is None or tmd.error is not None or not tmd.partitions:
-            raise TopicError(f"topic {topic!r} does not exist", hint="`refold topics ensure`")
-        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        partitions = sorted(tmd.partitions)
-        ends: dict[int, int] = {}
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > (low if from_beginning else high):
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
-        count = 0
-        # Since when nothing came: after REFOLD_BROKER_TIMEOUT, is the broker still there?
-        quiet_since: float | None = None
-        while limit is None or count < limit:
-            if not follow and not ends:
-                return
-            msg = consumer.poll(poll_timeout)
-            if msg is None:
-                if not follow:  # transaction markers sit below the high watermark, never delivered
-                    for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-                        if tp.offset >= ends[tp.partition]:
-                            del ends[tp.partition]
-                quiet_since = quiet_since or time.monotonic()
-                if _give_up_if_gone(config, consumer, topic, quiet_since, follow and not ends):
-                    quiet_since = None  # following a quiet topic on a broker that answers
-                continue
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error on %s: %s", topic, msg.error())
-                continue
-            quiet_since = None
-            if msg.partition() in ends and msg.offset() + 1 >= ends[msg.partition()]:
-                del ends[msg.partition()]
-            count += 1
-            try:
-                yield event_from_message(codec, msg)
-            except DecodeError as exc:
-                yield bad_record(msg, str(exc))
+        numbers = topic_partitions(consumer, topic)
+        if follow:
+            records = _follow(config, consumer, topic, numbers, from_beginning, poll_timeout)
+        else:
+            records = _to_end(consumer, topic, numbers, from_beginning, config.broker_timeout_s)
+        with closing(records):  # the reader unassigns before the consumer closes
+            for msg in islice(records, limit):
+                try:
+                    yield event_from_message(codec, msg)
+                except DecodeError as exc:
+                    yield bad_record(msg, str(exc))
     finally:
         consumer.close()
 
 
-def _give_up_if_gone(
-    config: Config, consumer: Consumer, topic: str, since: float, idle_ok: bool
-) -> bool:
-    """BrokerError once nothing came for `config.broker_timeout_s` and the broker does not
-    answer a metadata request either, or, with records still due (`idle_ok` False), even if
-    it does. True when it answered and quiet is fine (following a topic nobody writes)."""
-    if time.monotonic() - since < config.broker_timeout_s:
-        return False
+def _to_end(
+    consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool, timeout: float
+) -> Generator[Message, None, None]:
+    """The records up to the ends of the moment (none when starting at the end)."""
+    if not from_beginning:
+        return
+    starts = {(topic, p): OFFSET_BEGINNING for p in numbers}
+    for batch in read_to_end(consumer, starts, timeout=timeout):
+        yield from batch
+
+
+def _follow(
+    config: Config,
+    consumer: Consumer,
+    topic: str,
+    numbers: list[int],
+    from_beginning: bool,
+    poll_timeout: float,
+) -> Generator[Message, None, None]:
+    """Every record from the start (or the end) on, as it arrives, until the caller stops, or
+    until nothing came for REFOLD_BROKER_TIMEOUT and the broker does not answer (BrokerError):
+    a quiet topic is no reason to stop, a broker gone for good is."""
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    consumer.assign([TopicPartition(topic, p, start) for p in numbers])
+    quiet_since = time.monotonic()
+    while True:
+        msg = consumer.poll(poll_timeout)
+        if msg is None:
+            if time.monotonic() - quiet_since >= config.broker_timeout_s:
+                _still_there(config, consumer, topic)
+                quiet_since = time.monotonic()
+            continue
+        if msg.error():
+            if msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("consume error on %s: %s", topic, msg.error())
+            continue
+        quiet_since = time.monotonic()
+        yield msg
+
+
+def _still_there(config: Config, consumer: Consumer, topic: str) -> None:
+    """BrokerError unless the broker answers a metadata request."""
     try:
         consumer.list_topics(topic, timeout=5)
-        if idle_ok:
-            return True
-        answer = "answers, yet nothing more was delivered"
     except KafkaException as exc:
-        answer = f"does not answer: {exc.args[0].str() if exc.args else exc}"
-    raise BrokerError(
-        f"reading {topic}: nothing came for {config.broker_timeout_s:.0f} s and the broker at "
-        f"{config.bootstrap_servers} {answer}",
-        hint="is the broker running? `refold broker status` (REFOLD_BROKER_TIMEOUT sets the wait)",
-    )
+        raise BrokerError(
+            f"following {topic}: nothing came for {config.broker_timeout_s:.0f} s and the broker "
+            f"at {config.bootstrap_servers} does not answer: {exc}",
+            hint="is the broker running? `refold broker status` (REFOLD_BROKER_TIMEOUT: the wait)",
+        ) from exc
 
 
 def dead_letters(
@@ -167,35 +172,30 @@ def dead_letters(
     topic = dead_letter_topic_name(config, projection)
     consumer = clients.consumer(config, config.group("dlq-reader"))
     try:
-        md = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if md is None or md.error is not None:
-            return
-        ends = {}
-        for p in md.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        count = 0
-        while ends and (limit is None or count < limit):
-            msg = consumer.poll(2.0)
-            if msg is None:
-                break
-            if msg.error():
-                continue
-            if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                ends.pop(msg.partition(), None)
-            h = {k: v.decode("utf-8", "replace") for k, v in (msg.headers() or []) if v is not None}
-            count += 1
-            yield {
-                "reason": h.get("refold_dlq_reason"),
-                "projection": h.get("refold_dlq_projection"),
-                "topic": h.get("refold_dlq_topic"),
-                "partition": int(h.get("refold_dlq_partition", -1)),
-                "offset": int(h.get("refold_dlq_offset", -1)),
-                "key": (msg.key() or b"").decode("utf-8", "replace"),
-                "value_hex": (msg.value() or b"").hex(),
-                "dlq_offset": msg.offset(),
-            }
+        try:
+            numbers = topic_partitions(consumer, topic)
+        except TopicError:
+            return  # nothing was ever dead-lettered
+        starts = {(topic, p): OFFSET_BEGINNING for p in numbers}
+        batches = read_to_end(consumer, starts)
+        with closing(batches):  # the reader unassigns before the consumer closes
+            records = (msg for batch in batches for msg in batch)
+            for msg in islice(records, limit):
+                yield dead_letter(msg)
     finally:
         consumer.close()
+
+
+def dead_letter(msg: Message) -> dict[str, Any]:
+    """A dead-letter record as `refold dead-letters` shows it."""
+    h = envelope.read(msg.headers())
+    return {
+        "reason": h.get("refold_dlq_reason"),
+        "projection": h.get("refold_dlq_projection"),
+        "topic": h.get("refold_dlq_topic"),
+        "partition": int(h.get("refold_dlq_partition", -1)),
+        "offset": int(h.get("refold_dlq_offset", -1)),
+        "key": (msg.key() or b"").decode("utf-8", "replace"),
+        "value_hex": (msg.value() or b"").hex(),
+        "dlq_offset": msg.offset(),
+    }

@@ -7,18 +7,19 @@ folded, so an as-of query costs one sequential read of that partition prefix —
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from refold.core.config import Config
-from refold.core.errors import BrokerError, DecodeError, InputError, ProjectionError
+from refold.core.errors import DecodeError, InputError, ProjectionError
 from refold.core.projection import Projection
-from refold.core.serde import Codec
+from refold.core.serde import Codec, Event
 from refold.engine.tail import event_from_message
 from refold.kafka import clients
+from refold.kafka.log import read_to_end, topic_partitions, watermarks
 
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
@@ -43,24 +44,6 @@ def murmur2_partition(key: bytes, partitions: int) -> int:
     h = (h * m) & 0xFFFFFFFF
     h ^= h >> 15
     return (h & 0x7FFFFFFF) % partitions
-
-
-def _stopped(
-    config: Config, consumer: Consumer, topic: str, partition: int, stop: int, since: float
-) -> bool:
-    """Nothing came: True when the read is at `stop` (transaction markers below it are never
-    delivered); BrokerError when it is not and nothing came for REFOLD_BROKER_TIMEOUT (a state
-    folded from part of the events would be a wrong answer, not a partial one)."""
-    [at] = consumer.position([TopicPartition(topic, partition)])
-    if at.offset >= stop:
-        return True
-    if time.monotonic() - since >= config.broker_timeout_s:
-        raise BrokerError(
-            f"as-of read of {topic}[{partition}] stopped at offset {at.offset} of {stop}: "
-            f"nothing came for {config.broker_timeout_s:.0f} s from {config.bootstrap_servers}",
-            hint="is the broker running? `refold broker status` (REFOLD_BROKER_TIMEOUT: the wait)",
-        )
-    return False
 
 
 def parse_time(text: str) -> datetime:
@@ -98,44 +81,46 @@ def fold_as_of(
     position: dict[str, int] = {}
     try:
         for topic in projection.topics:
-            md = consumer.list_topics(topic, timeout=10).topics[topic]
-            partition = murmur2_partition(raw_key, len(md.partitions))
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
-            found = consumer.offsets_for_times([TopicPartition(topic, partition, ms)], 10)[0]
-            stop = high if found.offset < 0 else found.offset  # -1: nothing at or after `moment`
-            position[f"{topic}:{partition}"] = stop
-            if stop <= low:
-                continue
-            consumer.assign([TopicPartition(topic, partition, low)])
-            done = False
-            quiet_since = time.monotonic()
-            while not done:
-                # consume(n, timeout) would wait for n records: take one, then what is fetched.
-                first = consumer.poll(1.0)
-                batch = [first, *consumer.consume(1000, 0)] if first is not None else [None]
-                for msg in batch:
-                    if msg is None:
-                        done = _stopped(config, consumer, topic, partition, stop, quiet_since)
-                        break
-                    quiet_since = time.monotonic()
-                    if msg.error() is not None:
-                        continue
-                    if msg.offset() >= stop:
-                        done = True
-                        break
-                    if msg.key() == raw_key:
-                        try:
-                            event = event_from_message(codec, msg)
-                        except DecodeError:
-                            event = None  # the live projection dead-lettered it too
-                        if event is not None:
-                            if state is None:
-                                state = projection.initial(key)
-                            state = projection.apply(state, event)
-                            folded += 1
-                    if msg.offset() + 1 >= stop:
-                        done = True
-                        break
+            tp, start, stop = _prefix_before(consumer, topic, raw_key, ms)
+            position[f"{topic}:{tp[1]}"] = stop
+            timeout = config.broker_timeout_s
+            for event in _events_of(consumer, codec, tp, start, stop, raw_key, timeout):
+                state = projection.apply(projection.initial(key) if state is None else state, event)
+                folded += 1
     finally:
         consumer.close()
     return AsOf(key, state, position, folded)
+
+
+def _prefix_before(
+    consumer: Consumer, topic: str, raw_key: bytes, ms: int
+) -> tuple[tuple[str, int], int, int]:
+    """The key's partition of `topic` and the offsets [start, stop) written before `ms`."""
+    partition = murmur2_partition(raw_key, len(topic_partitions(consumer, topic)))
+    tp = (topic, partition)
+    low, high = watermarks(consumer, [tp])[tp]
+    found = consumer.offsets_for_times([TopicPartition(topic, partition, ms)], 10)[0]
+    stop = high if found.offset < 0 else found.offset  # -1: nothing at or after `ms`
+    return tp, low, stop
+
+
+def _events_of(
+    consumer: Consumer,
+    codec: Codec,
+    tp: tuple[str, int],
+    start: int,
+    stop: int,
+    raw_key: bytes,
+    timeout: float,
+) -> Iterator[Event]:
+    """The decodable events of one key in offsets [start, stop) of its partition."""
+    if stop <= start:
+        return
+    for batch in read_to_end(consumer, {tp: start}, until={tp: stop}, timeout=timeout):
+        for msg in batch:
+            if msg.key() != raw_key:
+                continue
+            try:
+                yield event_from_message(codec, msg)
+            except DecodeError:
+                continue  # the live projection dead-lettered it too

@@ -34,6 +34,7 @@ from refold.core.commands import (
     Command,
     Decider,
     decider_named,
+    is_conflict,
     parse_command,
     pending,
 )
@@ -203,6 +204,7 @@ class CommandClient:
         )
         self._indexes: dict[str, ResultsIndex] = {}
         self._sent: dict[str, str] = {}  # command id -> aggregate, for wait()
+        self._fingerprints: dict[str, Command] = {}  # command id -> what this client sent
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._poller = threading.Thread(
@@ -235,6 +237,7 @@ class CommandClient:
         command = self.prepare(aggregate, obj)
         self.append(command).result(timeout)
         self._sent[command.command_id] = aggregate
+        self._fingerprints[command.command_id] = command
         return command.command_id
 
     def append(self, command: Command) -> Future[Position]:
@@ -268,8 +271,17 @@ class CommandClient:
             except BufferError:
                 time.sleep(0.01)  # local queue full: the poller drains deliveries
 
-    def wait(self, command_id: str, timeout: float, aggregate: str | None = None) -> Result:
-        """The command's result, or the `pending` answer if none came within `timeout` s.
+    def wait(
+        self,
+        command_id: str,
+        timeout: float,
+        aggregate: str | None = None,
+        *,
+        sent: Command | None = None,
+    ) -> Result:
+        """The command's result, or the `pending` answer if none came within `timeout` s; the
+        `conflict` answer when the id was first used for another command than the one `send`
+        (or `sent`) names.
 
         `aggregate` may be left out for commands this client sent, or with a single decider.
         """
@@ -280,7 +292,19 @@ class CommandClient:
                 raise CommandError(f"wait({command_id!r}): name the aggregate")
             aggregate = next(iter(self.deciders))
         found = self.results(aggregate).wait(command_id, timeout)
-        return found if found is not None else pending(command_id)
+        if found is None:
+            return pending(command_id)
+        sent = sent or self._fingerprints.get(command_id)
+        if sent is not None and is_conflict(found, sent):
+            return {
+                "command_id": command_id,
+                "status": "conflict",
+                "reason": f"command id {command_id!r} was first used for {found.get('type')} "
+                f"on {found.get('key')!r}",
+                "first": {k: found.get(k) for k in ("aggregate", "key", "type", "status")},
+                "events": [],
+            }
+        return found
 
     def results(self, aggregate: str) -> ResultsIndex:
         """The index over the aggregate's results topic (read from offset 0 on first use)."""

@@ -8,7 +8,8 @@ from refold.kafka.topics import Topics, TopicSpec
 
 
 def command_topic_specs(decider: Decider, partitions: int) -> list[TopicSpec]:
-    """The command topic (the request log) and the results topic, both with `partitions`."""
+    """The command topic (the request log), the results topic and the id claims topic, all with
+    `partitions`."""
     window = str(decider.result_retention_ms)
     return [
         TopicSpec(
@@ -20,6 +21,11 @@ def command_topic_specs(decider: Decider, partitions: int) -> list[TopicSpec]:
             decider.results_topic,
             partitions,
             {"cleanup.policy": "compact,delete", "retention.ms": window},
+        ),
+        # Keyed by command id, never compacted: the FIRST claim of an id decides, and
+        # compaction would keep the last one.
+        TopicSpec(
+            decider.claims_topic, partitions, {"cleanup.policy": "delete", "retention.ms": window}
         ),
     ]
 

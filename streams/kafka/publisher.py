@@ -21,10 +21,12 @@ from itertools import repeat
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from refold.core import envelope
 from refold.core.config import Config
+from refold.core.envelope import Headers
 from refold.core.errors import PublishError
 from refold.core.inputs import EventInput
-from refold.core.serde import SPEC_VERSION, Codec, Headers, Position, now_rfc3339
+from refold.core.serde import Codec, Position
 from refold.kafka import clients
 from refold.kafka.registry import SchemaRegistry, codec_for
 from refold.kafka.topics import Topics
@@ -104,7 +106,6 @@ class Publisher:
         # requires, and far cheaper than a uuid4 per event.
         self._id_format = f"{uuid.uuid4().hex[:20]}-".encode() + b"%x"
         self._sequence = 0
-        self._static: dict[str, Headers] = {}
         self._config = config
         self._producer_conf = dict(producer_conf or {})
         # Made on first use: a CLI file publish needs no reporting producer, a POST no bulk one.
@@ -226,24 +227,26 @@ class Publisher:
     ) -> int:
         """Produce every event with its envelope and flush. Returns how many were never sent or
         are still unacknowledged; failed records are in `failures` (from the callbacks)."""
-        now = now_rfc3339().encode()
-        extra: Headers = []
-        if correlation_id:
-            extra.append(("ce_correlationid", correlation_id.encode()))
-        if causation_id:
-            extra.append(("ce_causationid", causation_id.encode()))
+        now = envelope.now_rfc3339()
         # One header list per event type, reused: produce() copies the headers into librdkafka
-        # before it returns, so per record only the ce_id slot is replaced.
+        # before it returns, so per record only the id slot is replaced.
         envelopes: dict[str, Headers] = {
-            t: [("ce_id", b""), *self._static_headers(t), ("ce_time", now), *extra]
+            t: envelope.template(
+                t,
+                source=self.source,
+                time=now,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
             for t in {e.type for e in events}
         }
+        slot, ce_id = envelope.ID_SLOT, envelope.ID
         produce, poll = producer.produce, producer.poll
         for index, (event, event_id, on_delivery) in enumerate(
             zip(events, ids, callbacks, strict=True)
         ):
             headers = envelopes[event.type]
-            headers[0] = ("ce_id", event_id)
+            headers[slot] = (ce_id, event_id)
             while True:
                 try:
                     produce(topic, event.value, event.key, headers=headers, on_delivery=on_delivery)
@@ -272,17 +275,6 @@ class Publisher:
                     else clients.producer(self._config, defaults=conf)
                 )
             return producer
-
-    def _static_headers(self, type_name: str) -> Headers:
-        """The CloudEvents attributes DESIGN.md requires that do not change per call."""
-        headers = self._static.get(type_name)
-        if headers is None:
-            headers = self._static[type_name] = [
-                ("ce_specversion", SPEC_VERSION.encode()),
-                ("ce_type", type_name.encode()),
-                ("ce_source", self.source.encode()),
-            ]
-        return headers
 
     def close(self) -> None:
         for producer in self._producers.values():

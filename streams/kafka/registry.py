@@ -8,13 +8,14 @@ import json
 import logging
 import threading
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 from refold.core.app import schema_dirs
 from refold.core.catalog import Catalog, SchemaVersion
 from refold.core.config import Config
-from refold.core.errors import PublishError
+from refold.core.errors import LogReadError, PublishError
 from refold.core.serde import Codec
 from refold.kafka import clients
+from refold.kafka.log import read_to_end
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,10 @@ class SchemaRegistry:
         """Read the registry topic to its end, learn every schema in it, return the one asked."""
         consumer = clients.consumer(self._config, self._config.group("registry-reader"))
         try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, 0), timeout=10)
-            consumer.assign([TopicPartition(self._topic, 0, OFFSET_BEGINNING)])
-            position = low
-            while position < high:
-                msg = consumer.poll(5.0)
-                if msg is None:
-                    break
-                if msg.error():
-                    continue
-                position = msg.offset() + 1
-                self._learn(msg.value())
-        except KafkaException as exc:
+            for batch in read_to_end(consumer, {(self._topic, 0): OFFSET_BEGINNING}, timeout=10):
+                for msg in batch:
+                    self._learn(msg.value())
+        except (KafkaException, LogReadError) as exc:
             log.warning("schema registry topic %s unreadable: %s", self._topic, exc)
         finally:
             consumer.close()

@@ -24,40 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from refold.core import envelope
 from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.projection import Projection
-from refold.core.serde import Event, envelope_headers
+from refold.core.serde import Event
 from refold.engine.runtime import ProjectionRunner
 from refold.engine.tail import tail
-from refold.examples.bank.accounts import Accounts
 from refold.kafka.command_client import CommandClient
-from refold.kafka.command_topics import ensure_command_topics
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import Topics, event_topic, internal_topics
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTITIONS = 4
-
-
-@pytest.fixture
-def vault(config: Config, unique) -> Decider:
-    """A fresh `accounts`-like decider on its own 4-partition topics."""
-    name = unique("vault")
-    cls = type("Vault", (Accounts,), {"name": name, "events_topic": name})
-    decider = cls()
-    topics = Topics(config)
-    topics.ensure([*internal_topics(config), event_topic(name, PARTITIONS)])
-    ensure_command_topics(topics, decider)
-    return decider
-
-
-@pytest.fixture
-def client(config: Config, vault: Decider):
-    with CommandClient(config, {vault.name: vault}) as c:
-        yield c
 
 
 class WorkerProcess:
@@ -286,11 +264,19 @@ def test_http_versions_idempotency_and_bad_input(config, vault, tmp_path):
         assert status == 202 and first["status_url"] == "/commands/dep-once"
         status, decided = worker.http("GET", "/commands/dep-once?wait_ms=20000")
         assert decided["status"] == "accepted" and decided["version"] == 2
-        for _ in range(3):  # resent (even with other data): the first result, no new events
-            status, again = worker.http(
-                "POST", base + "?wait_ms=5000", {**body, "data": {"amount_cents": 1}}
-            )
-            assert {k: again[k] for k in decided} == decided
+        for _ in range(3):  # resent: the first result, no new events
+            status, again = worker.http("POST", base + "?wait_ms=5000", body)
+            assert status == 200 and {k: again[k] for k in decided} == decided
+        # the same id with other data is another command: a conflict, never executed
+        status, other = worker.http(
+            "POST", base + "?wait_ms=5000", {**body, "data": {"amount_cents": 1}}
+        )
+        assert status == 409 and other["first"] == {
+            "aggregate": vault.name,
+            "key": "acc-7",
+            "type": "bank.Deposit",
+            "status": "accepted",
+        }
         status, missing = worker.http("GET", "/commands/no-such-command")
         assert status == 200 and missing["status"] == "pending"
         assert worker.http("POST", "/commands/nope", body)[0] == 404
@@ -434,7 +420,7 @@ def test_projection_never_sees_events_of_an_aborted_transaction(
             vault.events_topic,
             codec.encode("bank.MoneyDeposited", data),
             b"acc-a",
-            headers=envelope_headers("bank.MoneyDeposited", source="test"),
+            headers=envelope.headers("bank.MoneyDeposited", source="test"),
         )
         aborter.flush(30)
         aborter.abort_transaction(30)

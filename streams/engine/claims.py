@@ -1,0 +1,193 @@
+"""Command ids that mean one command: the first claim of an id wins, across every partition.
+
+A command id is unique across its aggregate type (its decider), not per partition. The same id
+sent for two accounts lands in two command partitions, decided by two processors (maybe in two
+workers) that know nothing of each other, so per-partition idempotency alone would execute it
+twice. Kafka has no conditional append, but each partition is one order that every reader agrees
+on. So before deciding a batch a processor appends a claim `(command id, fingerprint, key, type)`
+for each new command to the claims topic (`<commands>.ids`, keyed by id) and waits until its
+index of that topic has read past its own claims. The FIRST claim of an id in the log wins: a
+command with the winner's fingerprint is decided; any other is a conflict, executed never and
+answered with no result of its own (its sender finds the winner's result, whose fingerprint
+differs, and answers 409 with the winner's key and type).
+
+Crash safety: claims are appended outside the decision transaction and are idempotent by
+fingerprint, so a processor killed after claiming claims the same command again after restart
+and still wins. The index keeps the first claim of each id and its read offsets in one RocksDB
+WriteBatch, so a restart resumes where it stopped. The claims topic is never compacted
+(compaction keeps the last record of a key, not the first); its retention is the idempotency
+window, and a claim older than the window no longer counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
+from refold.core.commands import Command, Decider
+from refold.core.config import Config
+from refold.core.errors import CommandError
+from refold.kafka import clients
+from refold.kafka.topics import Topics
+from refold.store.rocksdb import RocksStore
+
+log = logging.getLogger(__name__)
+
+Claim = dict[str, Any]
+
+
+class ClaimsIndex:
+    """The first claim of every command id on a decider's claims topic, and `claim()`."""
+
+    def __init__(self, config: Config, decider: Decider, path: Path) -> None:
+        self.topic = decider.claims_topic
+        self._window_ms = decider.result_retention_ms
+        self._config = config
+        self._store = RocksStore.open(path)
+        self._consumer = clients.consumer(
+            config,
+            config.group("commands", decider.name, "claims"),
+            defaults={"fetch.wait.max.ms": 5, "fetch.error.backoff.ms": 50},
+        )
+        self._producer = clients.producer(config, defaults={"linger.ms": 0})
+        self._positions: dict[int, int] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> ClaimsIndex:
+        partitions = Topics(self._config).partitions(self.topic)
+        stored = self._store.offsets()
+        starts = [
+            TopicPartition(self.topic, p, stored.get((self.topic, p), OFFSET_BEGINNING))
+            for p in range(partitions)
+        ]
+        self._positions = {tp.partition: max(tp.offset, 0) for tp in starts}
+        self._consumer.assign(starts)
+        self._thread = threading.Thread(target=self._run, name=f"claims-{self.topic}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._producer.flush(10)
+        for close in (self._consumer.close, self._store.close):
+            try:
+                close()
+            except Exception:  # closing is best-effort; the store's WAL has every commit
+                log.warning("claims %s: close failed", self.topic, exc_info=True)
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    def claim(self, commands: Iterable[Command], timeout: float = 30.0) -> dict[str, Claim]:
+        """Append a claim for each command, wait until the index has read them, and return the
+        winning (first) claim of each command id. CommandError if that takes over `timeout`."""
+        wanted = {c.command_id: c for c in commands}
+        if not wanted:
+            return {}
+        landed: dict[int, int] = {}
+        failures: list[str] = []
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+            else:
+                p = msg.partition()
+                landed[p] = max(landed.get(p, -1), msg.offset())
+
+        now_ms = int(time.time() * 1000)
+        for command in wanted.values():
+            record = {
+                "command_id": command.command_id,
+                "fingerprint": command.fingerprint,
+                "key": command.key,
+                "type": command.type,
+                "claimed_at_ms": now_ms,
+            }
+            self._producer.produce(
+                self.topic,
+                orjson.dumps(record),
+                command.command_id.encode(),
+                on_delivery=on_delivery,
+            )
+        remaining = self._producer.flush(timeout)
+        if failures or remaining:
+            raise CommandError(
+                f"claims {self.topic}: {failures[0] if failures else 'not acknowledged in time'}"
+            )
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while any(self._positions.get(p, 0) <= o for p, o in landed.items()):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.error is not None:
+                    raise CommandError(
+                        f"claims {self.topic}: the index did not read its own claims "
+                        f"({self.error or 'timed out'})"
+                    )
+                self._changed.wait(min(left, 0.5))
+        return {cid: claim for cid in wanted if (claim := self.first(cid)) is not None}
+
+    def first(self, command_id: str) -> Claim | None:
+        """The winning claim of `command_id` within the idempotency window, if any."""
+        claim = self._store.get(command_id)
+        if claim is None or self._expired(claim):
+            return None
+        return dict(claim)
+
+    def _expired(self, claim: Claim) -> bool:
+        return int(claim.get("claimed_at_ms") or 0) < time.time() * 1000 - self._window_ms
+
+    # -- the index --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                msgs = self._consumer.consume(1000, 0.05)
+                good = [m for m in msgs if m.error() is None]
+                for m in msgs:
+                    if m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("claims %s: %s", self.topic, m.error())
+                if good:
+                    self._index(good)
+        except Exception as exc:  # claim() callers see the reason instead of waiting forever
+            log.exception("claims index %s failed", self.topic)
+            self.error = f"{type(exc).__name__}: {exc}"
+            with self._changed:
+                self._changed.notify_all()
+
+    def _index(self, msgs: list[Message]) -> None:
+        """Keep the first claim of each new id; store them with the read offsets at once."""
+        first: dict[str, Any] = {}
+        offsets: dict[tuple[str, int], int] = {}
+        for msg in msgs:
+            offsets[(self.topic, msg.partition())] = msg.offset() + 1
+            try:
+                claim = orjson.loads(msg.value() or b"")
+                cid = str(claim["command_id"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("claims %s: unreadable claim at [%d]@%d", *_where(msg, self.topic))
+                continue
+            if cid in first:
+                continue
+            if self.first(cid) is None:  # none yet, or the one there expired
+                first[cid] = claim
+        self._store.commit(first, offsets)
+        with self._changed:
+            for (_t, p), nxt in offsets.items():
+                self._positions[p] = max(self._positions.get(p, 0), nxt)
+            self._changed.notify_all()
+
+
+def _where(msg: Message, topic: str) -> tuple[str, int, int]:
+    return topic, msg.partition(), msg.offset()

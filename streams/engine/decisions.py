@@ -1,0 +1,194 @@
+"""The command processor's decision step, pure: commands and aggregate states in, events,
+outcomes and new states out. No Kafka, no store — the processor reads the inputs (command
+records, states from its store, the ids already decided) and writes the outputs (one Kafka
+transaction, then one store batch); see `refold.engine.command_processor`.
+
+Rules, applied to a batch's commands in order (step 3 of the processor):
+- a command id decided before (its result is within the idempotency window) or earlier in the
+  same batch is a duplicate: no decision, nothing emitted, the first result stands;
+- a command whose id was first claimed by another command (another fingerprint, see
+  `refold.engine.claims`) is a conflict: never decided here, no result of its own;
+- a malformed command, or one whose record key differs from its key, is rejected;
+- a stale `expected_version` is rejected as a conflict, with `current_version`;
+- otherwise `decide` sees the state left by the batch's earlier commands for the same key and
+  gives events (schema-checked) or a rejection; a bug in it rejects that command only.
+An aggregate's version is its event count; each emitted event adds one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from refold.core.commands import Command, Decider, EventSpec, Rejected
+from refold.core.errors import CommandError, EncodeError, InputError
+from refold.core.serde import Event
+
+log = logging.getLogger(__name__)
+
+#: An aggregate as the processor stores it: {"version": events folded, "state": decider state}.
+Aggregate = dict[str, Any]
+#: Raises EncodeError unless an event's data fits its type's schema (`Codec.check`).
+EventCheck = Callable[[str, Any], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """A command as read from its topic: the parsed command (None when malformed, with the
+    `problem`), the record's own key and its position."""
+
+    command_id: str
+    command: Command | None
+    problem: str
+    record_key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def key(self) -> str:
+        """The aggregate the command is about (the record key when it does not parse)."""
+        if self.command is not None:
+            return self.command.key
+        return (self.record_key or b"").decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one command: accepted with `events`, or rejected with a `reason`.
+    `version` is the aggregate's version after it (accepted) or when it was decided."""
+
+    record: CommandRecord
+    version: int
+    events: tuple[EventSpec, ...] = ()
+    reason: str | None = None
+    current_version: int | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(slots=True)
+class BatchDecision:
+    """A batch decided: its decisions in order, how many commands were duplicates or conflicts
+    (their id claimed by another command), and the states of the keys it touched before and
+    after (events folded at positions unknown yet)."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    duplicates: int = 0
+    conflicts: int = 0
+    before: dict[str, Aggregate] = field(default_factory=dict)
+    after: dict[str, Aggregate] = field(default_factory=dict)
+
+
+def new_aggregate(decider: Decider, key: str) -> Aggregate:
+    return {"version": 0, "state": decider.initial(key)}
+
+
+def decide_batch(
+    decider: Decider,
+    check: EventCheck,
+    records: Sequence[CommandRecord],
+    states: Mapping[str, Aggregate],
+    decided_at: Mapping[str, int],
+    *,
+    claims: Mapping[str, str] | None = None,
+    horizon_ms: float,
+    now_ms: int,
+) -> BatchDecision:
+    """Decide `records` in order. `states` holds the committed state of each key (a key
+    missing there has no events yet); `decided_at` maps command ids that already have a result
+    to when they were decided; results older than `horizon_ms` no longer count; `claims` maps
+    command ids to the fingerprint of their first claim. The inputs are not modified."""
+    batch = BatchDecision()
+    seen: set[str] = set()
+    for record in records:
+        cid = record.command_id
+        first = decided_at.get(cid)
+        if cid in seen or (first is not None and first >= horizon_ms):
+            batch.duplicates += 1
+            continue
+        seen.add(cid)
+        command, winner = record.command, (claims or {}).get(cid)
+        if command is not None and winner and winner != command.fingerprint:
+            batch.conflicts += 1  # the id means another command: never executed here
+            continue
+        key = record.key
+        if key not in batch.after:
+            committed = states.get(key) or new_aggregate(decider, key)
+            batch.before[key] = committed
+            batch.after[key] = _copy(committed)  # decisions must not touch committed states
+        decision = decide_one(decider, check, record, batch.after[key])
+        for type_name, data in decision.events:
+            event = Event(type_name, key, data, "", record.partition, -1, now_ms)
+            batch.after[key] = fold(decider, batch.after[key], event)
+        batch.decisions.append(decision)
+    return batch
+
+
+def decide_one(
+    decider: Decider, check: EventCheck, record: CommandRecord, aggregate: Aggregate
+) -> Decision:
+    """One command against its aggregate's current state."""
+    version = aggregate["version"]
+    command = record.command
+    if command is None or record.problem:
+        return Decision(record, version, reason=record.problem or "malformed command")
+    if record.record_key != command.key.encode():  # its events would land in another partition
+        return Decision(record, version, reason="the record key differs from the command's key")
+    if command.expected_version is not None and command.expected_version != version:
+        reason = (
+            f"conflict: expected version {command.expected_version}, "
+            f"the aggregate is at version {version}"
+        )
+        return Decision(record, version, reason=reason, current_version=version)
+    try:
+        specs = checked_events(decider, check, command, aggregate["state"])
+    except Rejected as rej:
+        return Decision(record, version, reason=rej.reason, current_version=rej.current_version)
+    return Decision(record, version + len(specs), events=tuple(specs))
+
+
+def checked_events(
+    decider: Decider, check: EventCheck, command: Command, state: Any
+) -> list[EventSpec]:
+    """The decider's events for `command`, each checked against its schema; Rejected on any
+    problem, including a bug in the decider."""
+    if command.aggregate and command.aggregate != decider.name:
+        raise Rejected(f"command is for aggregate {command.aggregate!r}, not {decider.name!r}")
+    try:
+        decider.check_command(command.type, command.data)
+    except InputError as exc:
+        raise Rejected(str(exc)) from exc
+    try:
+        specs = decider.decide(command, _copy(state))  # decide must not touch the state shown
+        for type_name, data in specs:
+            check(type_name, data)
+    except Rejected:
+        raise
+    except EncodeError as exc:
+        raise Rejected(f"decider {decider.name!r} produced an invalid event: {exc}") from exc
+    except Exception as exc:  # a bug in user code rejects this command, not the worker
+        log.exception("commands %s: decide failed for %s", decider.name, command.command_id)
+        raise Rejected(f"decider error: {type(exc).__name__}: {exc}") from exc
+    return specs
+
+
+def fold(decider: Decider, aggregate: Aggregate, event: Event) -> Aggregate:
+    """The aggregate after `event`; CommandError when the decider cannot fold it (deciding on
+    a state it could not fold would break its invariants)."""
+    try:
+        state = decider.apply(aggregate["state"], event)
+    except Exception as exc:
+        raise CommandError(
+            f"decider {decider.name!r} cannot fold {event!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return {"version": aggregate["version"] + 1, "state": state}
+
+
+def _copy(value: Any) -> Any:
+    return orjson.loads(orjson.dumps(value))
