@@ -64,6 +64,24 @@ def key_missing(name: str, key: str, positions: Mapping[TP, int], fresh: bytes) 
     return body[:-1] + fresh + b"}"
 
 
+_PARTITIONS: dict[int, dict[str, int]] = {}  # partition count -> key -> its partition
+_PARTITIONS_MAX = 100_000  # keys remembered per partition count (then forgotten at once)
+
+
+def partition_of(key: str, count: int) -> int:
+    """murmur2 of the key, as the producer placed it; remembered, since a pure-Python murmur2
+    costs several µs, more than the rest of a lookup (hot keys are looked up again and again)."""
+    known = _PARTITIONS.get(count)
+    if known is None:
+        known = _PARTITIONS[count] = {}
+    found = known.get(key)
+    if found is None:
+        if len(known) >= _PARTITIONS_MAX:
+            known.clear()
+        found = known[key] = murmur2_partition(key.encode(), count)
+    return found
+
+
 #: Per partition of a source topic: (lag, None) when folded here, (None, why) when stale.
 Entry = tuple[int | None, str | None]
 #: Per source topic, in the projection's order: (partition count, an Entry per partition).
@@ -107,11 +125,10 @@ class Freshness:
     def fragment(self, key: str) -> bytes:
         if self.uniform is not None:
             return self.uniform
-        raw = key.encode()
         if len(self._tables) == 1:
             count, fragments = self._tables[0]
-            return fragments[murmur2_partition(raw, count)]
-        return _fragment([entries[murmur2_partition(raw, n)] for n, entries in self.parts])
+            return fragments[partition_of(key, count)]
+        return _fragment([entries[partition_of(key, n)] for n, entries in self.parts])
 
     def to_json(self) -> dict[str, Any]:
         """For the reader processes, which rebuild it with `from_json`."""
