@@ -22,16 +22,26 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from refold.core.errors import ConfigError
+from refold.engine.frozen import Serving
 from refold.engine.worker import Worker
+from refold.http.answers import Answer, Freshness
 from refold.store.scratch import make_scratch, scratch_dir
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # how often the views are compared and pushed, and the processes checked
 RESTART_EVERY_S = 1.0  # at most one restart per process slot in this time
+
+
+class Reads(Protocol):
+    """What the readers are told besides the views: how current each answer is, /healthz."""
+
+    def freshness(self, runner: Serving) -> Freshness: ...
+
+    def healthz_answer(self) -> Answer: ...
 
 
 @dataclass(slots=True)
@@ -47,8 +57,11 @@ class _Reader:
 class ReaderProcesses:
     """`count` reader processes on host:port, relaying what they cannot answer to `upstream`."""
 
-    def __init__(self, worker: Worker, count: int, host: str, port: int, upstream: int) -> None:
+    def __init__(
+        self, worker: Worker, count: int, host: str, port: int, upstream: int, reads: Reads
+    ) -> None:
         self.worker = worker
+        self._reads = reads  # the worker's server: its freshness and /healthz answers
         self.count = count
         self._args = [host, str(port), str(upstream)]
         # The readers' views live in here (removed by stop(), else swept by the next worker).
@@ -164,8 +177,11 @@ class ReaderProcesses:
                 "version": runner.version,
                 "state": runner.stats.state,
                 "assigned": [list(tp) for tp in runner.stats.assigned],
+                "fresh": self._reads.freshness(runner).to_json(),
             }
-        return json.dumps({"views": views}, sort_keys=True).encode() + b"\n"
+        code, body = self._reads.healthz_answer()
+        line = {"views": views, "healthz": [code, body.decode()]}
+        return json.dumps(line, sort_keys=True).encode() + b"\n"
 
     def _send(self, reader: _Reader, line: bytes) -> None:
         stdin = reader.proc.stdin

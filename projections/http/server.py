@@ -22,11 +22,13 @@ from refold.core.errors import ConfigError, InputError, PublishError, StoreError
 from refold.core.inputs import EventInput, event_from_json
 from refold.core.serde import Position
 from refold.engine.frozen import FrozenVersion, Serving
+from refold.engine.health import Health
 from refold.engine.status import Watermarks, describe, describe_on_disk, metrics_text
 from refold.engine.timetravel import fold_as_of, parse_time
 from refold.engine.worker import Worker
 from refold.http import answers
 from refold.http.answers import DOWN as _DOWN
+from refold.http.answers import Freshness
 from refold.http.answers import dumps as _dumps
 from refold.http.answers import loads as _loads
 from refold.http.answers import position as _position
@@ -153,6 +155,7 @@ class QueryServer:
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
+        self._freshness: tuple[Health | None, dict[str, Freshness]] = (None, {})
 
     @property
     def url(self) -> str:
@@ -175,7 +178,7 @@ class QueryServer:
             ) from self._failure
         if self.procs > 1:
             readers = ReaderProcesses(
-                self.worker, self.procs - 1, self.host, self.port, self._upstream
+                self.worker, self.procs - 1, self.host, self.port, self._upstream, self
             )
             try:
                 readers.start(timeout)
@@ -313,13 +316,26 @@ class QueryServer:
         """The 200 or 404 answer for one key of a readable runner (StoreError if it is not)."""
         positions = runner.stats.positions  # before the state: the state is at least this new
         state = runner.store.get(key)
+        fresh = self.freshness(runner).fragment(key)
         if state is None:
-            return 404, answers.key_missing(runner.name, key, positions)
+            return 404, answers.key_missing(runner.name, key, positions, fresh)
         cached = self._position_cache.get(runner.name)
         if cached is None or cached[0] is not positions:
             cached = (positions, _dumps(_position(positions)))
             self._position_cache[runner.name] = cached
-        return 200, answers.key_found(key, state, cached[1])
+        return 200, answers.key_found(key, state, cached[1], fresh)
+
+    def freshness(self, runner: Serving) -> Freshness:
+        """How current `runner`'s answers are, per key partition: rebuilt once per health
+        snapshot (a few times a second), not per lookup."""
+        health = self.worker.health.health
+        built = self._freshness
+        if built[0] is not health:
+            built = self._freshness = (health, {})
+        fresh = built[1].get(runner.name)
+        if fresh is None:
+            fresh = built[1][runner.name] = freshness_of(health, runner)
+        return fresh
 
     # The fast path (refold.http.fastpath) reads through these two; None sends the request
     # to the full app, which answers unknown names, stopped runners and store errors.
@@ -334,7 +350,9 @@ class QueryServer:
             return None
 
     def healthz_answer(self) -> Answer:
-        return answers.health({name: r.stats.state for name, r in self.worker.runners.items()})
+        health = self.worker.health.health
+        states = {name: r.stats.state for name, r in self.worker.runners.items()}
+        return answers.health(states, health.status(), health.summary())
 
     async def _as_of(self, runner: Serving, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""
@@ -500,10 +518,13 @@ class QueryServer:
         marks = self._watermarks
         config = self.worker.config
 
+        health = self.worker.health.health
+
         def describe_all() -> list[dict[str, Any]]:
             out = []
             for r in runners:
                 entry = describe(r, marks)
+                entry["health"] = health_of(health, r)
                 build = builds.get(r.name)
                 # A newer version being rebuilt beside the live one: its progress.
                 if build is not None:
@@ -527,6 +548,52 @@ class QueryServer:
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(None, metrics_text, runners, self._watermarks, requests)
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
+
+
+def freshness_of(health: Health, runner: Serving) -> Freshness:
+    """What lookups of `runner` say about their key's partition, from a health snapshot."""
+    if isinstance(runner, FrozenVersion):  # nothing folds it: every answer is as old as it is
+        return Freshness([], stale=f"v{runner.version} is frozen: {runner.reason}")
+    if not health.reachable:
+        return Freshness([], stale=f"the broker is unreachable: {health.broker_error}")
+    described = health.projections.get(runner.name)
+    if described is None or described.version != runner.version:
+        return answers.UNKNOWN
+    parts: answers.Parts = []
+    by_tp = {(p.topic, p.partition): p for p in described.partitions}
+    for topic, count in described.counts:
+        entries: list[answers.Entry] = []
+        for partition in range(count):
+            p = by_tp[(topic, partition)]
+            if p.owner == "here":
+                entries.append((p.lag, None))
+            elif p.owner == "elsewhere":
+                why = f"partition {topic}:{partition} is folded by another worker ({p.member})"
+                entries.append((None, why))
+            else:
+                entries.append((None, f"partition {topic}:{partition} is folded by nobody now"))
+        parts.append((count, entries))
+    return Freshness(parts, rekeys=described.rekeys)
+
+
+def health_of(health: Health, runner: Serving) -> dict[str, Any]:
+    """`GET /projections`' account of whether `runner`'s answers are current."""
+    if isinstance(runner, FrozenVersion):
+        return {"status": "frozen", "broker_reachable": health.reachable}
+    described = health.projections.get(runner.name)
+    if described is None or described.version != runner.version:
+        return {"status": "starting", "broker_reachable": health.reachable}
+    if not health.reachable:
+        status = "broker unreachable"
+    else:
+        status = "unowned" if described.unowned else "behind" if described.behind else "ok"
+    return {
+        "status": status,
+        "broker_reachable": health.reachable,
+        "unowned": described.unowned,
+        "behind": described.behind,
+        "partitions": [p.to_json() for p in described.partitions],
+    }
 
 
 def _check_free(host: str, port: int) -> None:

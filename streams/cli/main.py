@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from confluent_kafka import KafkaError, KafkaException
 from refold.core.config import Config
-from refold.core.errors import ConfigError, InputError, RefoldError
+from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
 
 if TYPE_CHECKING:
     from refold.core.projection import Projection
@@ -249,13 +250,17 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def _report_failures_until(done: threading.Event, worker: Worker) -> None:
-    """Log every failed projection and command processor each half second until `done`."""
+    """Log each failed projection and command processor once, checking every half second,
+    until `done`."""
+    said: set[int] = set()  # each failure is logged once, not every half second
     while not done.wait(0.5):
-        failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
-        for runner in failed:
-            log.error("projection %s failed: %s", runner.name, runner.stats.error)
+        for runner in worker.runners.values():
+            if runner.stats.state == "failed" and id(runner) not in said:
+                said.add(id(runner))
+                log.error("projection %s failed: %s", runner.name, runner.stats.error)
         for name, processor in worker.processors.items():
-            if processor.stats.state == "failed":
+            if processor.stats.state == "failed" and id(processor) not in said:
+                said.add(id(processor))
                 log.error("command processor %s failed: %s", name, processor.stats.error)
 
 
@@ -598,11 +603,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RefoldError as exc:
         _fail(exc)
         return EXIT_ERROR
+    except KafkaException as exc:  # what librdkafka raises when the broker does not answer
+        _fail(_unreachable(config, exc))
+        return EXIT_ERROR
+    except TimeoutError as exc:  # a future (a command's append) not done in time
+        _fail(BrokerError(f"no answer from Kafka at {_address(config)} in time: {exc}", hint=_HINT))
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+_HINT = "is the broker running? `refold broker status`, or check REFOLD_BOOTSTRAP_SERVERS"
+
+
+def _address(config: Config) -> str:
+    try:
+        return config.bootstrap_servers
+    except RefoldError:
+        return "(no address)"
+
+
+def _unreachable(config: Config, exc: KafkaException) -> BrokerError:
+    error = exc.args[0] if exc.args else None
+    text = error.str() if isinstance(error, KafkaError) else str(exc)
+    return BrokerError(f"Kafka at {_address(config)}: {text}", hint=_HINT)
 
 
 def _fail(exc: RefoldError) -> None:

@@ -50,6 +50,7 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
+from refold.engine.membership import fold_group_settings
 from refold.kafka import clients
 from refold.kafka.log import end_offsets, topic_partitions
 from refold.store.rocksdb import RocksStore, Store
@@ -68,6 +69,8 @@ KAFKA_COMMIT_INTERVAL_S = 1.0
 #: Batches folded during a backlog share one store write up to this many events or seconds.
 COMMIT_EVERY = 50_000
 COMMIT_INTERVAL_S = 0.5
+#: An owned partition is "behind" while records it held this many seconds ago are not folded.
+BEHIND_S = 5.0
 
 
 def rebuild_writes(config: Config) -> dict[str, Any]:
@@ -133,6 +136,36 @@ class RunnerStats:
     assigned: tuple[TP, ...] = ()
     high_watermarks: dict[TP, int] = field(default_factory=dict)
     last_commit_ms: float = 0.0
+    # Refreshed about once a second by the fold thread (`_refresh_watermarks`), each a new object:
+    lag: dict[TP, int] = field(default_factory=dict)  # records not folded, per owned partition
+    behind: tuple[TP, ...] = ()  # owned partitions with records older than BEHIND_S unfolded
+    refreshed_at: float = 0.0  # time.monotonic() of that refresh
+
+
+class Behind:
+    """Which partitions hold records older than `after` seconds that are not folded yet: fed
+    the end offsets seen and the positions folded, once a second or so."""
+
+    def __init__(self, after: float = BEHIND_S) -> None:
+        self._after = after
+        self._seen: list[tuple[float, Mapping[TP, int]]] = []  # (when, ends), oldest first
+
+    def update(
+        self, now: float, ends: Mapping[TP, int], folded: Mapping[TP, int]
+    ) -> tuple[TP, ...]:
+        """Partitions not folded to the ends seen `after` s ago (or, for partitions watched
+        less long than that, to the first end seen: a new owner is behind until it caught up
+        with what was there when it took the partition)."""
+        seen = self._seen
+        seen.append((now, ends))
+        while len(seen) > 1 and seen[1][0] <= now - self._after:
+            seen.pop(0)  # seen[0] stays: the newest sample at least `after` s old
+        behind = []
+        for tp, nxt in folded.items():
+            ref = next((m[tp] for _t, m in seen if tp in m), None)
+            if ref is not None and nxt < ref:
+                behind.append(tp)
+        return tuple(sorted(behind))
 
 
 class _Poison(Exception):
@@ -184,6 +217,7 @@ class ProjectionRunner:
         commit_every: int = COMMIT_EVERY,
         commit_interval_s: float = COMMIT_INTERVAL_S,
         write_when_caught_up: bool = True,
+        instance_id: str | None = None,
     ) -> None:
         self.config = config
         self.codec = codec
@@ -220,15 +254,19 @@ class ProjectionRunner:
         self._beyond: dict[TP, int] = {}  # first offset past its bound seen, per partition
         self._paused: set[TP] = set()
         self._watermarks_at = 0.0
+        self._behind = Behind()
         self._uncommitted: dict[TP, int] = {}  # stored, not yet committed to Kafka
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
+        # `instance_id`: static membership (refold.engine.membership), given by the worker.
+        self.instance_id = instance_id
+        membership, required = fold_group_settings(config, instance_id)
         self._consumer = clients.consumer(
             config,
             group_id(config, self.name, self.version),
-            defaults={**FOLD_CONSUMER_CONF, **(consumer_conf or {})},
-            required={"partition.assignment.strategy": "cooperative-sticky"},
+            defaults={**FOLD_CONSUMER_CONF, **membership, **(consumer_conf or {})},
+            required=required,
         )
 
     @property
@@ -682,8 +720,11 @@ class ProjectionRunner:
             yield msg, event
 
     def _consume_error(self, msg: Message) -> None:
-        if msg.error().code() != KafkaError._PARTITION_EOF:
-            log.warning("%s: consume error %s", self.name, msg.error())
+        error = msg.error()
+        if error.fatal() or error.code() == KafkaError._FATAL:  # e.g. refused by the group
+            raise ProjectionError(f"{self.name}: the consumer failed: {error}")
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("%s: consume error %s", self.name, error)
 
     def _write_pending(self, past_markers: bool = True) -> None:
         """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch.
@@ -839,12 +880,7 @@ class ProjectionRunner:
         """Records behind the end of each owned partition, as of the last refresh (about once a
         second, done by the fold thread: confluent-kafka serialises calls on one consumer, so
         another thread asking it directly would wait behind the fold loop)."""
-        positions = self.stats.positions
-        return {
-            tp: max(0, high - positions.get(tp, 0))
-            for tp, high in self.stats.high_watermarks.items()
-            if tp in positions
-        }
+        return self.stats.lag
 
     def _refresh_watermarks(self) -> None:
         now = time.monotonic()
@@ -852,10 +888,15 @@ class ProjectionRunner:
             return
         self._watermarks_at = now
         marks: dict[TP, int] = {}
-        for tp in self.stats.assigned:
+        owned = self.stats.assigned
+        for tp in owned:
             # cached=True reads what the fetcher last learned: no broker round trip.
             _low, high = self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
             if high >= 0:
                 marks[tp] = high
         self.stats.high_watermarks = marks
-        self._skip_trailing_markers()
+        self._skip_trailing_markers()  # stored positions move past transaction markers
+        positions = self.stats.positions
+        self.stats.lag = {tp: max(0, high - positions.get(tp, 0)) for tp, high in marks.items()}
+        self.stats.behind = self._behind.update(now, marks, positions)
+        self.stats.refreshed_at = now

@@ -25,6 +25,7 @@ from refold.store.versions import live_version, store_path
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+WARN_EVERY_S = 60.0
 _DOWN = ("stopped", "failed")
 
 
@@ -43,6 +44,7 @@ class Watermarks:
         self._lock = threading.Lock()
         self._ends: dict[TP, int] = {}
         self._at = 0.0
+        self._warned_at = -WARN_EVERY_S
 
     def ends(self, partitions: Iterable[TP]) -> dict[TP, int]:
         """End offsets of the partitions the broker answered for (blocks: call off the loop)."""
@@ -62,11 +64,23 @@ class Watermarks:
             request_timeout=self._timeout,
         )
         ends: dict[TP, int] = {}
+        missing: list[str] = []
         for tp, future in futures.items():
             try:
                 ends[(tp.topic, tp.partition)] = future.result().offset
             except KafkaException as exc:  # lag is best-effort: unknown rather than wrong
-                log.warning("no end offset for %s[%d]: %s", tp.topic, tp.partition, exc)
+                missing.append(f"{tp.topic}[{tp.partition}]: {exc}")
+        now = time.monotonic()
+        if missing and now - self._warned_at >= WARN_EVERY_S:
+            # One line per WARN_EVERY_S, not one per partition per request: with the broker
+            # gone, every /projections and /metrics request would add a screenful.
+            self._warned_at = now
+            log.warning(
+                "no end offset for %d partition(s), e.g. %s (lag unknown; said once per %.0f s)",
+                len(missing),
+                missing[0],
+                WARN_EVERY_S,
+            )
         self._ends = ends
         self._at = time.monotonic()
 

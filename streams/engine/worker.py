@@ -25,6 +25,8 @@ from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.command_processor import CommandProcessor
 from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
+from refold.engine.health import HealthMonitor
+from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
 from refold.kafka import clients
@@ -56,6 +58,7 @@ class Worker:
         deciders: Iterable[Decider] | None = None,
     ) -> None:
         self.config = config
+        self.worker_id = worker_id(config)  # this data dir's identity in every group it joins
         self.codec = codec or codec_for(config)
         # Deciders (commands): the bundled and REFOLD_APP ones, unless projections were passed.
         if deciders is None:
@@ -92,6 +95,8 @@ class Worker:
         self._publisher_lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Who folds each partition, lag, the broker's reachability: read by the query server.
+        self.health = HealthMonitor(config, lambda: self.runners)
 
     def _check_sources(self) -> None:
         for projection in self.projections:
@@ -137,6 +142,7 @@ class Worker:
                 self._start_build(name, code, serving.store.offsets())
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
+        self.health.start()
         self._start_commands()
 
     def _serve(self, name: str, version: int) -> Serving:
@@ -163,6 +169,7 @@ class Worker:
             version=version,
             batch_size=self._batch_size,
             replay_below=replay_below,
+            instance_id=f"{self.worker_id}.{name}.v{version}",
         )
         thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
         self._threads.append(thread)
@@ -209,6 +216,7 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
+        self.health.stop()
         if self._watcher is not None:
             self._watcher.join(timeout)
         for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:
