@@ -14,15 +14,17 @@ import threading
 import time
 from collections.abc import Iterable
 
-from refold.core.app import load_deciders, load_versions
+from refold.core.app import load_deciders, load_task_queues, load_versions
 from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
+from refold.core.tasks import TaskQueue
 from refold.engine.command_processor import CommandProcessor
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.engine.task_queues import TaskService
 from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
 from refold.kafka.command_topics import ensure_command_topics
@@ -49,6 +51,7 @@ class Worker:
         batch_size: int = 5000,
         only: Iterable[str] | None = None,
         deciders: Iterable[Decider] | None = None,
+        task_queues: Iterable[TaskQueue] | None = None,
     ) -> None:
         self.config = config
         self.codec = codec or codec_for(config)
@@ -74,9 +77,19 @@ class Worker:
         self.processors: dict[str, CommandProcessor] = {}
         self.results: ResultsIndex | None = None
         self._command_client: CommandClient | None = None
+        # Task queues (REFOLD_APP's, unless projections were passed): their status projections
+        # run like any other.
+        if task_queues is None:
+            queues = load_task_queues(config.app_modules) if projections is None else {}
+        else:
+            queues = {q.name: q for q in task_queues}
+        self.tasks = TaskService(config, self.codec, queues)
+        for status in self.tasks.projections:
+            self.versions.setdefault(status.name, {status.version: status})
         self.projections = [v[max(v)] for v in self.versions.values()]
         self._batch_size = batch_size
         self._topics = Topics(config)
+        self.tasks.ensure_topics(self._topics)
         self._check_sources()
         self._dlq = clients.producer(config)
         self.runners: dict[str, ProjectionRunner] = {}  # the live version of each projection
@@ -132,6 +145,7 @@ class Worker:
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
         self._start_commands()
+        self.tasks.start(self.runners)
 
     def _fold_for(self, name: str, version: int) -> Projection:
         """The class written for that version if the code still has it, else the newest."""
@@ -200,6 +214,7 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
+        self.tasks.stop(timeout)
         if self._watcher is not None:
             self._watcher.join(timeout)
         for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:

@@ -1,0 +1,221 @@
+"""Task queues end to end on the real broker: `refold worker` (intake, dispatch, status,
+reconciliation) and `refold task-worker` processes on a share group, as a user runs them.
+
+Oracles come from the test's own inputs and from the handler's side-effect log (one line per
+call: which tasks ran, at which attempt, in which process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from refold.core.config import Config
+from refold.kafka import clients
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import Topics
+
+from tests.integration.test_commands import _free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "tests.integration.apps.shipping"
+
+
+class Processes:
+    """One `refold worker --http` and any number of `refold task-worker`s for one queue."""
+
+    def __init__(self, config: Config, queue: str, tmp: Path, timeout_s: float = 8) -> None:
+        self.queue = queue
+        self.tmp = tmp
+        self.handled = tmp / "handled.jsonl"
+        self.env = {
+            **os.environ,
+            "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+            "REFOLD_DATA_DIR": str(tmp / "worker"),
+            "REFOLD_APP": APP,
+            "REFOLD_TEST_QUEUE": queue,
+            "REFOLD_TEST_TIMEOUT_S": str(timeout_s),
+            "REFOLD_TEST_TASK_LOG": str(self.handled),
+            "PYTHONPATH": str(ROOT),
+        }
+        self.port = _free_port()
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.tmp / f"{name}.log").open("ab")
+        cmd = [sys.executable, "-m", "refold.cli.main", *args]
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self) -> subprocess.Popen:
+        proc = self._spawn(
+            "worker", "worker", "--http", f"127.0.0.1:{self.port}", "--http-procs", "1"
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.http("GET", "/healthz")[0] == 200:
+                    return proc
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("worker did not answer /healthz")
+
+    def task_worker(self, name: str, concurrency: int = 2) -> subprocess.Popen:
+        return self._spawn(
+            name, "task-worker", "--queue", self.queue, "--concurrency", str(concurrency)
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "refold.cli.main", *args]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        url = f"http://127.0.0.1:{self.port}{path}"
+        request = urllib.request.Request(url, data=data, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def submit(self, task_id: str, data: dict) -> None:
+        status, body = self.http("POST", f"/tasks/{self.queue}", {"task_id": task_id, "data": data})
+        assert status == 202, body
+        assert body == {
+            "task_id": task_id,
+            "status": "accepted",
+            "status_url": f"/tasks/{self.queue}/{task_id}",
+        }
+
+    def warm_up(self) -> None:
+        """One task through, so the task workers have joined their share group (that takes
+        seconds) before a test's tasks start their timeouts."""
+        self.submit("warm-up", {"product_id": "warm-up"})
+        assert self.wait_ended(["warm-up"], timeout=90)["warm-up"]["status"] == "succeeded"
+
+    def status(self, task_id: str) -> dict:
+        code, body = self.http("GET", f"/tasks/{self.queue}/{task_id}")
+        return body if code == 200 else {"status": None}
+
+    def wait_ended(self, ids: list[str], timeout: float = 120) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout
+        pending = set(ids)
+        states: dict[str, dict] = {}
+        while pending and time.monotonic() < deadline:
+            for task_id in sorted(pending):
+                state = self.status(task_id)
+                if state["status"] in ("succeeded", "dead", "cancelled"):
+                    states[task_id] = state
+                    pending.discard(task_id)
+            time.sleep(0.5)
+        assert not pending, {t: self.status(t)["status"] for t in sorted(pending)[:10]}
+        return states
+
+    def calls(self) -> list[dict]:
+        if not self.handled.exists():
+            return []
+        return [json.loads(line) for line in self.handled.read_text().splitlines()]
+
+
+def records(config: Config, topic: str) -> list[tuple[str, dict]]:
+    """Every record of a task topic, decoded: (key, data)."""
+    codec = codec_for(config)
+    consumer = clients.consumer(config, config.group("test-reader"))
+    out: list[tuple[str, dict]] = []
+    try:
+        for partition, end in Topics(config).end_offsets(topic).items():
+            if not end:
+                continue
+            consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+            while True:
+                msg = consumer.poll(10)
+                assert msg is not None and msg.error() is None
+                out.append((msg.key().decode(), codec.decode(msg.value())[1]))
+                if msg.offset() + 1 >= end:
+                    break
+    finally:
+        consumer.close()
+    return out
+
+
+def test_merged_and_split_tasks_succeed_exactly_once_with_a_task_worker_killed(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    queue = unique("ship")
+    run = Processes(config, queue, tmp_path, timeout_s=20)
+    rng = random.Random(13)
+    tasks = {
+        f"t{i}": {"product_id": f"p{rng.randrange(10)}", "qty": rng.randrange(1, 25)}
+        for i in range(200)
+    }
+    try:
+        run.worker()
+        run.task_worker("tw-a")
+        run.task_worker("tw-b")
+        run.warm_up()
+        for i, (task_id, data) in enumerate(tasks.items()):
+            run.submit(task_id, data)
+            if i == 100:  # a task worker dies mid-run, its items in hand
+                run.procs[1].send_signal(signal.SIGKILL)
+                run.procs[1].wait(10)
+                run.task_worker("tw-c")
+        states = run.wait_ended(list(tasks), timeout=180)
+        split = {t for t, d in tasks.items() if d["qty"] > 10}
+        parts = {part: run.status(part) for t in split for part in states[t]["parts"]}
+        calls = run.calls()
+    finally:
+        run.stop()
+
+    not_ok = [s for s in states.values() if s["status"] != "succeeded"]
+    assert not not_ok, (len(not_ok), json.dumps(not_ok[:1]))
+    for state in [*states.values(), *parts.values()]:
+        assert [h["status"] for h in state["history"]].count("succeeded") == 1
+    ran: set[str] = set()
+    for call in calls:
+        assert len(call["tasks"]) <= 5  # merge_max
+        assert len({product for _, _, product, _ in call["tasks"]}) == 1  # one merge key
+        ran.update(task_id for task_id, *_ in call["tasks"])
+    assert set(tasks) - split <= ran  # repeats are allowed (a killed worker), gaps never
+    assert set(parts) <= ran
+    for parent in split:
+        mine = states[parent]["parts"]
+        assert len(mine) == -(-tasks[parent]["qty"] // 10)
+        assert all(parts[p]["status"] == "succeeded" for p in mine)
+        done_at = max(parts[p]["history"][-1]["at_ms"] for p in mine)
+        assert states[parent]["history"][-1]["at_ms"] >= done_at  # after every part
+    # The dispatched work items: parts add up to their task; the rest each exactly once.
+    work = [item for _, item in records(config, f"{queue}.work")]
+    first = [item for item in work if "-attempt-" not in item["batch_id"]]
+    qty_of_parts: dict[str, int] = defaultdict(int)
+    dispatched: Counter[str] = Counter()
+    for item in first:
+        for task in item["tasks"]:
+            dispatched[task["task_id"]] += 1
+            if task["parent_id"]:
+                qty_of_parts[task["parent_id"]] += json.loads(task["data"])["qty"]
+    assert dict(qty_of_parts) == {p: tasks[p]["qty"] for p in split}
+    assert set(dispatched.values()) == {1}
+    assert set(dispatched) == (set(tasks) - split) | set(parts) | {"warm-up"}
