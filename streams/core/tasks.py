@@ -85,6 +85,12 @@ class TaskQueue:
     #: Wait before attempt n+1 after a failure: retry_backoff_s * 2**(n-1), at most 60 s.
     retry_backoff_s: ClassVar[float] = 1.0
     partitions: ClassVar[int] = 6
+    #: Partitions of the work topic. One by default: a share group's assignor gives each
+    #: partition to one member while there are no more members than partitions, so a worker
+    #: busy with a long handler holds back every item in its partitions (measured: re-driven
+    #: items waited behind a hung handler past timeout_s). One partition is shared by every
+    #: task worker, so a free one takes the next item.
+    work_partitions: ClassVar[int] = 1
 
     def split(self, data: dict[str, Any]) -> list[dict[str, Any]] | None:
         """One task's data into parts that run separately (None: keep it whole)."""
@@ -128,7 +134,13 @@ class TaskQueue:
                 f"{where}: a task queue needs a name of letters, digits, - or _",
                 hint='set name = "shipping"',
             )
-        for attr in ("merge_window_ms", "merge_max", "max_attempts", "partitions"):
+        for attr in (
+            "merge_window_ms",
+            "merge_max",
+            "max_attempts",
+            "partitions",
+            "work_partitions",
+        ):
             value = getattr(cls, attr)
             if not isinstance(value, int) or value < (0 if attr == "merge_window_ms" else 1):
                 raise TaskError(f"{where}: {attr} must be a positive int, not {value!r}")

@@ -1,9 +1,15 @@
 """`refold task-worker`: pull work items of one queue through a Kafka share group (KIP-932)
 and run the queue's handler on them, reporting every status.
 
-Each of the `concurrency` threads has its own share consumer (the client is not thread-safe) in
-the group `<app id>.tasks.<queue>.work`, whose configs refold sets through the admin client
-(earliest, read_committed, record lock, delivery limit). Per work item, in order:
+One share consumer per process, in the group `<app id>.tasks.<queue>.work`, whose configs refold
+sets through the admin client (earliest, read_committed, record lock, delivery limit). The
+records of one poll run on a pool of `concurrency` handler threads, and each is acknowledged (by
+the consumer's thread: the client is not thread-safe) as soon as its handler and statuses are
+done; the next poll waits until every record of the last one is acknowledged (explicit mode).
+Why one consumer with a pool, not a consumer per thread: a share fetch acquires a whole batch of
+records for its consumer (`max.poll.records` did not limit it, measured), so with a consumer per
+thread, the records fetched with a slow handler's item waited behind it, past `timeout_s`, and
+the reconciler re-drove them. Per work item, in order:
 
 1. catch the queue's cancels up to their end: a task cancelled before this point never runs;
 2. `running` for each task (not awaited), then `handle(batch)`;
@@ -25,6 +31,7 @@ import json
 import logging
 import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,10 +142,9 @@ class TaskWorker:
         configure_share_group(self.config, self.group)
         self._log.register(self._producer)
         self._cancels.catch_up()
-        for i in range(self.concurrency):
-            thread = threading.Thread(target=self._loop, name=f"task-worker-{i}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        thread = threading.Thread(target=self._loop, name="task-worker", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -149,25 +155,33 @@ class TaskWorker:
 
     def _loop(self) -> None:
         consumer = clients.share_consumer(self.config, self.group)
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"task-{self.queue.name}")
         try:
             consumer.subscribe([self.queue.work_topic])
             while not self._stop.is_set():
-                msgs = consumer.poll(0.5)
-                for msg in msgs:
-                    if msg.error() is not None:
-                        log.warning("%s: %s", self.queue.name, msg.error())
-                        continue
-                    ack = self._run(msg) if not self._stop.is_set() else AcknowledgeType.RELEASE
-                    consumer.acknowledge(msg, ack)
-                if msgs:
+                msgs = [m for m in consumer.poll(0.5) if _ok(m)]
+                running = {pool.submit(self._run_safely, msg): msg for msg in msgs}
+                for future in as_completed(running):
+                    consumer.acknowledge(running[future], future.result())
                     consumer.commit_async()
         except Exception:
-            log.exception("task worker thread of %s failed", self.queue.name)
+            log.exception("task worker of %s failed", self.queue.name)
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             _close(consumer)
+
+    def _run_safely(self, msg: Message) -> int:
+        try:
+            return self._run(msg)
+        except Exception:  # a bug of ours must not stop the worker: another may succeed
+            log.exception("%s: releasing %s@%d", self.queue.name, msg.topic(), msg.offset())
+            self._count("released")
+            return AcknowledgeType.RELEASE
 
     def _run(self, msg: Message) -> int:
         """One work item, steps 1-3; the acknowledgement it earns."""
+        if self._stop.is_set():
+            return AcknowledgeType.RELEASE
         try:
             type_name, item = self._codec.decode(msg.value())
             if type_name != WORK_ITEM:
@@ -222,6 +236,13 @@ def _task(raw: dict[str, Any], cancelled: Any) -> Task:
         raw["task_id"], raw["key"], json.loads(raw["data"]), raw["attempt"], raw["parent_id"],
         cancelled,
     )  # fmt: skip
+
+
+def _ok(msg: Message) -> bool:
+    if msg.error() is not None:
+        log.warning("share consumer: %s", msg.error())
+        return False
+    return True
 
 
 def _close(consumer: ShareConsumer) -> None:

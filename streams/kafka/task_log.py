@@ -47,7 +47,7 @@ def task_topics(queue: TaskQueue) -> list[TopicSpec]:
     """The topics of a queue: intake, work and status (kept forever), dead tasks, cancels."""
     return [
         event_topic(queue.intake_topic, queue.partitions),
-        event_topic(queue.work_topic, queue.partitions),
+        event_topic(queue.work_topic, queue.work_partitions),
         event_topic(queue.status_topic, queue.partitions),
         dead_letter_topic(queue.dead_topic),
         compacted_topic(queue.cancel_topic),

@@ -149,13 +149,15 @@ def records(config: Config, topic: str) -> list[tuple[str, dict]]:
         for partition, end in Topics(config).end_offsets(topic).items():
             if not end:
                 continue
-            consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-            while True:
-                msg = consumer.poll(10)
-                assert msg is not None and msg.error() is None
-                out.append((msg.key().decode(), codec.decode(msg.value())[1]))
-                if msg.offset() + 1 >= end:
-                    break
+            tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
+            consumer.assign([tp])
+            deadline = time.monotonic() + 30
+            # The end may be a transaction marker, never delivered: stop at the position.
+            while consumer.position([tp])[0].offset < end:
+                assert time.monotonic() < deadline, f"{topic}[{partition}] not read to {end}"
+                msg = consumer.poll(0.5)
+                if msg is not None and msg.error() is None:
+                    out.append((msg.key().decode(), codec.decode(msg.value())[1]))
     finally:
         consumer.close()
     return out
@@ -219,3 +221,74 @@ def test_merged_and_split_tasks_succeed_exactly_once_with_a_task_worker_killed(
     assert dict(qty_of_parts) == {p: tasks[p]["qty"] for p in split}
     assert set(dispatched.values()) == {1}
     assert set(dispatched) == (set(tasks) - split) | set(parts) | {"warm-up"}
+
+
+def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_never_runs(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    queue = unique("ship")
+    run = Processes(config, queue, tmp_path, timeout_s=6)
+    try:
+        run.worker()
+        # Bad input: 4xx, nothing appended.
+        for body in ({"data": "x"}, {"data": {}, "task_id": ""}, {"nope": 1}):
+            assert run.http("POST", f"/tasks/{queue}", body)[0] == 422
+        assert run.http("POST", "/tasks/no-such-queue", {"data": {}})[0] == 404
+        # Cancelled before any task worker runs: never handed to the handler.
+        run.submit("cancel-me", {"product_id": "p2"})
+        deadline = time.monotonic() + 30
+        while run.status("cancel-me")["status"] is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        code, body = run.http("POST", f"/tasks/{queue}/cancel-me/cancel")
+        assert (code, body) == (200, {"task_id": "cancel-me", "status": "cancelled"}), body
+        assert run.http("POST", f"/tasks/{queue}/nobody/cancel")[0] == 404
+        run.task_worker("tw-a")
+        run.task_worker("tw-b")  # takes new items while tw-a's poll waits for the hang
+        run.warm_up()
+        # A repeated task id: the first answer, nothing queued.
+        run.submit("same", {"product_id": "p1"})
+        run.submit("same", {"product_id": "p1", "other": "body"})
+        for i in range(3):
+            run.submit(f"fail-{i}", {"product_id": f"f{i}", "fail": True})
+        run.submit("hang", {"product_id": "h", "hang_once": True})
+        submitted = run.cli(
+            "task", "submit", queue, "--id", "cli-1", "--data", '{"product_id": "c"}', "--wait"
+        )
+        states = run.wait_ended([f"fail-{i}" for i in range(3)] + ["hang", "cancel-me", "same"])
+        code, dead = run.http("GET", f"/tasks/{queue}?status=dead&limit=10")
+        listed = run.cli("task", "list", queue, "--status", "dead")
+        shown = run.cli("task", "status", queue, "hang")
+        assert run.http("POST", f"/tasks/{queue}/same/cancel")[0] == 409  # it ended
+        calls = run.calls()
+    finally:
+        run.stop()
+
+    ran = Counter(task_id for call in calls for task_id, *_ in call["tasks"])
+    assert ran["cancel-me"] == 0 and states["cancel-me"]["status"] == "cancelled"
+    for i in range(3):
+        state = states[f"fail-{i}"]
+        assert (state["status"], state["attempts"]) == ("dead", 3), state
+        assert "Retry: this task always fails" in state["error"]
+        assert ran[f"fail-{i}"] == 3  # exactly max_attempts handler calls
+        failed = [h["attempt"] for h in state["history"] if h["status"] == "failed"]
+        assert failed == [1, 2, 3], state["history"]
+    hang = states["hang"]
+    assert hang["status"] == "succeeded" and hang["attempts"] == 2, hang
+    assert [h["status"] for h in hang["history"]].count("succeeded") == 1
+    assert states["same"]["status"] == "succeeded" and ran["same"] == 1
+    assert code == 200 and {t["task_id"] for t in dead["items"]} == {f"fail-{i}" for i in range(3)}
+    # The dead-letter topic holds each dead task once, with its data and the last error.
+    letters = records(config, f"{queue}.dead")
+    assert sorted(k for k, _ in letters) == [f"fail-{i}" for i in range(3)]
+    assert all(json.loads(v["data"])["fail"] and v["error"] for _, v in letters)
+    # One intake record per distinct task id (the repeat appended nothing).
+    intake = Counter(v["task_id"] for _, v in records(config, f"{queue}.tasks"))
+    assert intake["same"] == 1 and set(intake.values()) == {1}
+    # The CLI: submit --wait, list, status.
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["status"] == "succeeded"
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(json.loads(x)["task_id"] for x in listed.stdout.splitlines()) == [
+        f"fail-{i}" for i in range(3)
+    ]
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"

@@ -138,5 +138,5 @@ def test_queue_validation_and_loading() -> None:
 
     with pytest.raises(TaskError):
         NoHandler.validate()
-    queues = load_task_queues(["tests.unit.test_tasks"])
+    queues = load_task_queues(["tests.unit.test_task_api"])
     assert list(queues) == ["shipping"] and type(queues["shipping"]).__name__ == "Shipping"
