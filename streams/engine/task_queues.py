@@ -152,5 +152,5 @@ class TaskService:
             raise InputError(f"no task {task_id!r} in queue {queue!r}")
         if state["status"] in TERMINAL:
             raise TaskError(f"task {task_id!r} already ended {state['status']}")
-        self.client.cancel(queue, task_id)
+        self.client.cancel(queue, [task_id, *state.get("parts", ())])
         return {"task_id": task_id, "status": "cancelled"}

@@ -113,6 +113,11 @@ class Cancels:
     def __contains__(self, task_id: object) -> bool:
         return task_id in self.ids
 
+    def check(self, task_id: str) -> bool:
+        """Whether `task_id` is cancelled now (what `Task.cancelled()` asks while it runs)."""
+        self.catch_up()
+        return task_id in self.ids
+
     def close(self) -> None:
         self._consumer.close()
 
@@ -186,7 +191,7 @@ class TaskWorker:
             type_name, item = self._codec.decode(msg.value())
             if type_name != WORK_ITEM:
                 raise DecodeError(f"{type_name} is not a work item")
-            tasks = [_task(t, self._cancels.__contains__) for t in item["tasks"]]
+            tasks = [_task(t, self._cancels.check) for t in item["tasks"]]
         except (DecodeError, ValueError, KeyError) as exc:
             log.error("%s: rejecting %s@%d: %s", self.queue.name, msg.topic(), msg.offset(), exc)
             self._count("rejected")

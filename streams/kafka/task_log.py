@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,22 +245,23 @@ class TaskClient:
             return Accepted(task_id, queue, repeated=True)
         return None
 
-    def cancel(self, queue: str, task_id: str) -> None:
-        """Record the cancel where task workers look before running a task, then the status."""
+    def cancel(self, queue: str, task_ids: Sequence[str]) -> None:
+        """Record the cancels where task workers look before running a task (durably first),
+        then the `cancelled` statuses. A split task is cancelled with its parts."""
         q = self.queue(queue)
         with self._lock:
             self._register()
             acks = Acks()
-            value, headers = self.log.record(STATUS, status_data(task_id, "cancelled"))
-            self._producer.produce(
-                q.cancel_topic, value, task_id, headers=headers, on_delivery=acks
-            )
-            acks.wait(self._producer, f"cancel of task {task_id!r}")
-            self.log.produce(
-                self._producer, q.status_topic, task_id, STATUS, status_data(task_id, "cancelled"),
-                acks,
-            )  # fmt: skip
-            acks.wait(self._producer, f"cancel of task {task_id!r}")
+            for task_id in task_ids:
+                value, headers = self.log.record(STATUS, status_data(task_id, "cancelled"))
+                self._producer.produce(
+                    q.cancel_topic, value, task_id, headers=headers, on_delivery=acks
+                )
+            acks.wait(self._producer, f"cancel of {list(task_ids)}")
+            for task_id in task_ids:
+                event = status_data(task_id, "cancelled")
+                self.log.produce(self._producer, q.status_topic, task_id, STATUS, event, acks)
+            acks.wait(self._producer, f"cancel of {list(task_ids)}")
 
     def _register(self) -> None:
         if not self._registered:

@@ -251,10 +251,21 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
         for i in range(3):
             run.submit(f"fail-{i}", {"product_id": f"f{i}", "fail": True})
         run.submit("hang", {"product_id": "h", "hang_once": True})
+        run.submit("long", {"product_id": "l", "until_cancelled": True})
+        deadline = time.monotonic() + 60
+        while run.status("long")["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.http("POST", f"/tasks/{queue}/long/cancel")[0] == 200
         submitted = run.cli(
             "task", "submit", queue, "--id", "cli-1", "--data", '{"product_id": "c"}', "--wait"
         )
-        states = run.wait_ended([f"fail-{i}" for i in range(3)] + ["hang", "cancel-me", "same"])
+        states = run.wait_ended(
+            [f"fail-{i}" for i in range(3)] + ["hang", "cancel-me", "same", "long"]
+        )
+        deadline = time.monotonic() + 30
+        while not any(c.get("told") == "long" for c in run.calls()):
+            assert time.monotonic() < deadline, "the running task was never told"
+            time.sleep(0.2)
         code, dead = run.http("GET", f"/tasks/{queue}?status=dead&limit=10")
         listed = run.cli("task", "list", queue, "--status", "dead")
         shown = run.cli("task", "status", queue, "hang")
@@ -263,7 +274,12 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
     finally:
         run.stop()
 
+    told = [c for c in calls if "told" in c]
+    calls = [c for c in calls if "tasks" in c]
     ran = Counter(task_id for call in calls for task_id, *_ in call["tasks"])
+    # A running task is told (task.cancelled()) and ends cancelled; its success changes nothing.
+    assert told == [{"told": "long", "cancelled": True}]
+    assert states["long"]["status"] == "cancelled" and ran["long"] == 1
     assert ran["cancel-me"] == 0 and states["cancel-me"]["status"] == "cancelled"
     for i in range(3):
         state = states[f"fail-{i}"]

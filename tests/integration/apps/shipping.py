@@ -3,7 +3,8 @@
 The handler appends one JSON line per call to REFOLD_TEST_TASK_LOG (its side-effect log, the
 tests' oracle of what ran): the process, and each task's id, attempt and merge key. Task data
 steers it: `fail` raises Retry every time, `hang_once` sleeps past the timeout on attempt 1,
-`qty` over 10 is split into parts of at most 10.
+`qty` over 10 is split into parts of at most 10, `until_cancelled` runs until
+`task.cancelled()` says so (and logs that it was told).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import time
 from refold.tasks import Retry, Task, TaskQueue
 
 __all__ = ["Shipping"]
+
+
+def _write(path: str | None, line: dict) -> None:
+    if path:
+        with open(path, "a") as log:
+            log.write(json.dumps(line) + "\n")
 
 
 class Shipping(TaskQueue):
@@ -39,9 +46,13 @@ class Shipping(TaskQueue):
             "tasks": [[t.id, t.attempt, t.data.get("product_id"), t.parent_id] for t in batch],
         }
         path = os.environ.get("REFOLD_TEST_TASK_LOG")
-        if path:
-            with open(path, "a") as log:
-                log.write(json.dumps(line) + "\n")
+        _write(path, line)
+        for t in batch:
+            if t.data.get("until_cancelled"):  # a long task that stops when told
+                deadline = time.monotonic() + 30
+                while not t.cancelled() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                _write(path, {"told": t.id, "cancelled": t.cancelled()})
         if any(t.data.get("fail") for t in batch):
             raise Retry("this task always fails")
         if any(t.data.get("hang_once") and t.attempt == 1 for t in batch):
