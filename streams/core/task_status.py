@@ -157,7 +157,7 @@ def status_projection(queue: TaskQueue) -> TaskStatusProjection:
             "__module__": __name__,
         },
     )
-    return cls()  # type: ignore[no-any-return]
+    return cls()
 
 
 # -- reconciliation ---------------------------------------------------------------------------

@@ -109,9 +109,10 @@ class Reconciler:
         if step is None:
             self._pending.pop(task_id, None)
             return
-        if self._pending.get(task_id) == (state.get("status"), attempts):
+        seen = (str(state.get("status")), attempts)
+        if self._pending.get(task_id) == seen:
             return  # what we wrote last time is not folded yet
-        self._pending[task_id] = (state.get("status"), attempts)
+        self._pending[task_id] = seen
         action, error = step
         if action == "dead":
             self._dead(task_id, state, error, acks)

@@ -78,8 +78,10 @@ class TaskService:
                 thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        for part in [*self.dispatchers.values(), *self.reconcilers.values()]:
-            part.stop()
+        for dispatcher in self.dispatchers.values():
+            dispatcher.stop()
+        for reconciler in self.reconcilers.values():
+            reconciler.stop()
         for thread in self._threads:
             thread.join(timeout)
         if self._client is not None:

@@ -29,6 +29,10 @@ from refold.kafka.topics import Topics
 from tests.integration.test_commands import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The merge test's size: 200 tasks over 10 keys by default; the issue's full size is
+#: REFOLD_TEST_TASKS=5000 REFOLD_TEST_TASK_KEYS=50.
+TASKS = int(os.environ.get("REFOLD_TEST_TASKS", "200"))
+KEYS = int(os.environ.get("REFOLD_TEST_TASK_KEYS", "10"))
 APP = "tests.integration.apps.shipping"
 
 
@@ -163,28 +167,28 @@ def records(config: Config, topic: str) -> list[tuple[str, dict]]:
     return out
 
 
-def test_merged_and_split_tasks_succeed_exactly_once_with_a_task_worker_killed(
+def test_merged_and_split_tasks_succeed_exactly_once_with_task_workers_killed(
     config: Config, unique, tmp_path: Path
 ) -> None:
     queue = unique("ship")
     run = Processes(config, queue, tmp_path, timeout_s=20)
     rng = random.Random(13)
     tasks = {
-        f"t{i}": {"product_id": f"p{rng.randrange(10)}", "qty": rng.randrange(1, 25)}
-        for i in range(200)
+        f"t{i}": {"product_id": f"p{rng.randrange(KEYS)}", "qty": rng.randrange(1, 25)}
+        for i in range(TASKS)
     }
     try:
         run.worker()
-        run.task_worker("tw-a")
-        run.task_worker("tw-b")
+        workers = [run.task_worker(name) for name in ("tw-a", "tw-b", "tw-c")]
         run.warm_up()
         for i, (task_id, data) in enumerate(tasks.items()):
             run.submit(task_id, data)
-            if i == 100:  # a task worker dies mid-run, its items in hand
-                run.procs[1].send_signal(signal.SIGKILL)
-                run.procs[1].wait(10)
-                run.task_worker("tw-c")
-        states = run.wait_ended(list(tasks), timeout=180)
+            if i in (TASKS // 3, 2 * TASKS // 3):  # a task worker dies, items in hand
+                victim = workers.pop(0)
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(10)
+                workers.append(run.task_worker(f"tw-{i}"))
+        states = run.wait_ended(list(tasks), timeout=180 + TASKS / 20)
         split = {t for t, d in tasks.items() if d["qty"] > 10}
         parts = {part: run.status(part) for t in split for part in states[t]["parts"]}
         calls = run.calls()
