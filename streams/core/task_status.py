@@ -166,8 +166,9 @@ def status_projection(queue: TaskQueue) -> TaskStatusProjection:
 def next_step(queue: TaskQueue, state: dict[str, Any], now_ms: int) -> tuple[str, str] | None:
     """What the reconciler does for a task now: ("redrive", reason), ("dead", error) or None.
 
-    A failed attempt is re-driven after its backoff; a dispatched, running or retrying task
-    with no status for `timeout_s` counts as a failed attempt ("timed out"). Either way, a task
+    A failed attempt is re-driven after its backoff; a running task with no status for
+    `timeout_s`, or a dispatched or retrying one that no worker started for `queued_timeout_s`,
+    counts as a failed attempt ("no status"). Either way, a task
     that has had `max_attempts` attempts is dead instead. Split parents are never handed to a
     worker (their parts are), and accepted tasks are the dispatcher's.
     """
@@ -182,7 +183,8 @@ def next_step(queue: TaskQueue, state: dict[str, Any], now_ms: int) -> tuple[str
         if idle_ms >= queue.backoff_s(attempts) * 1000:
             return "redrive", str(state.get("error"))
         return None
-    if idle_ms < queue.timeout_s * 1000:
+    limit_s = queue.timeout_s if status == "running" else queue.queued_timeout_s
+    if idle_ms < limit_s * 1000:
         return None
-    error = f"no status for {queue.timeout_s:g} s after {status} (attempt {attempts})"
+    error = f"no status for {limit_s:g} s after {status} (attempt {attempts})"
     return ("dead", error) if attempts >= queue.max_attempts else ("redrive", error)

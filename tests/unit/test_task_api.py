@@ -128,6 +128,9 @@ def test_reconciler_steps_backoff_timeout_and_max_attempts() -> None:
     assert next_step(q, running, 9_999) is None
     assert next_step(q, running, 10_000)[0] == "redrive"
     assert next_step(q, {**running, "attempts": 3}, 10_000)[0] == "dead"
+    queued = {"status": "dispatched", "attempts": 1, "updated_ms": 0}
+    assert next_step(q, queued, 10_000) is None  # waiting in line is no failure
+    assert next_step(q, queued, int(q.queued_timeout_s * 1000))[0] == "redrive"
     assert next_step(q, {"status": "succeeded", "attempts": 1, "updated_ms": 0}, 10**9) is None
     assert next_step(q, {**running, "parts": ["a"]}, 10**9) is None
 
