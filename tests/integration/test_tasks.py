@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from refold.core.config import Config
 from refold.kafka import clients
@@ -167,6 +168,7 @@ def records(config: Config, topic: str) -> list[tuple[str, dict]]:
     return out
 
 
+@pytest.mark.timeout(300 + TASKS // 5)  # the full size takes minutes on 2 cores
 def test_merged_and_split_tasks_succeed_exactly_once_with_task_workers_killed(
     config: Config, unique, tmp_path: Path
 ) -> None:
