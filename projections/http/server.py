@@ -35,6 +35,7 @@ from refold.http.answers import position as _position
 from refold.http.command_routes import CommandRoutes
 from refold.http.fastpath import Answer, Front, new_loop
 from refold.http.replicas import ReaderProcesses
+from refold.http.task_routes import TaskRoutes
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class QueryServer:
         self._requests: dict[tuple[str, int], int] = {}
         self._watermarks = Watermarks(worker.config)
         self._commands = CommandRoutes(worker)
+        self._tasks = TaskRoutes(worker)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
@@ -232,6 +234,10 @@ class QueryServer:
             ("POST", "/events/{topic}", self.post_event),
             ("POST", "/commands/{name}", self._commands.post),
             ("GET", "/commands/{name}", self._commands.get),
+            ("POST", "/tasks/{queue}", self._tasks.submit),
+            ("GET", "/tasks/{queue}", self._tasks.list),
+            ("POST", "/tasks/{queue}/{task_id}/cancel", self._tasks.cancel),
+            ("GET", "/tasks/{queue}/{task_id}", self._tasks.get),
         ]
         # Per-route wrappers instead of a middleware: aiohttp adds a second layer per request
         # once an app has any middleware, and the key lookup is the hot path.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
+from refold.cli import task_commands
 from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
 
@@ -67,7 +68,11 @@ def cmd_topics(args: argparse.Namespace, config: Config) -> int:
     specs += [event_topic(t, args.partitions) for t in _declared_topics(config)]
     topics = Topics(config)
     created = topics.ensure(specs)
-    names = sorted({s.name for s in specs} | _ensure_command_topics(config, topics))
+    names = sorted(
+        {s.name for s in specs}
+        | _ensure_command_topics(config, topics)
+        | _ensure_tasks(config, topics)
+    )
     print(f"{len(names)} topic(s) ready ({len(created)} created): {', '.join(names)}")
     return 0
 
@@ -90,6 +95,14 @@ def _ensure_command_topics(config: Config, topics: Topics) -> set[str]:
             ensure_command_topics(topics, decider)
             names |= {decider.command_topic, decider.results_topic, decider.claims_topic}
     return names
+
+
+def _ensure_tasks(config: Config, topics: Topics) -> set[str]:
+    """The intake, work, status, dead-letter and cancel topics of every task queue."""
+    from refold.core.app import load_task_queues
+    from refold.kafka.task_log import ensure_task_topics
+
+    return set(ensure_task_topics(topics, load_task_queues(config.app_modules)))
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -457,6 +470,8 @@ COMMANDS: dict[str, Command] = {
     "rollback": cmd_rollback,
     "drop": cmd_drop,
     "demo": cmd_demo,
+    "task": task_commands.cmd_task,
+    "task-worker": task_commands.cmd_task_worker,
 }
 
 
@@ -575,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the bank passbook story, end to end, on a local broker")
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running after")
+
+    task_commands.add_parsers(sub)
     return parser
 
 

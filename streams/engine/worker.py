@@ -17,18 +17,20 @@ import threading
 import time
 from collections.abc import Iterable
 
-from refold.core.app import load_deciders, load_versions
+from refold.core.app import load_deciders, load_task_queues, load_versions
 from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
+from refold.core.tasks import TaskQueue
 from refold.engine.command_processor import CommandProcessor
 from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
 from refold.engine.health import HealthMonitor
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.engine.task_queues import TaskService
 from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
 from refold.kafka.command_topics import ensure_command_topics
@@ -56,6 +58,7 @@ class Worker:
         batch_size: int = 5000,
         only: Iterable[str] | None = None,
         deciders: Iterable[Decider] | None = None,
+        task_queues: Iterable[TaskQueue] | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id(config)  # this data dir's identity in every group it joins
@@ -82,9 +85,19 @@ class Worker:
         self.processors: dict[str, CommandProcessor] = {}
         self.results: ResultsIndex | None = None
         self._command_client: CommandClient | None = None
+        # Task queues (REFOLD_APP's, unless projections were passed): their status projections
+        # run like any other.
+        if task_queues is None:
+            queues = load_task_queues(config.app_modules) if projections is None else {}
+        else:
+            queues = {q.name: q for q in task_queues}
+        self.tasks = TaskService(config, self.codec, queues)
+        for status in self.tasks.projections:
+            self.versions.setdefault(status.name, {status.version: status})
         self.projections = [v[max(v)] for v in self.versions.values()]
         self._batch_size = batch_size
         self._topics = Topics(config)
+        self.tasks.ensure_topics(self._topics)
         self._check_sources()
         self._dlq = clients.producer(config)
         self.runners: dict[str, Serving] = {}  # the live version of each projection
@@ -144,6 +157,7 @@ class Worker:
         self._watcher.start()
         self.health.start()
         self._start_commands()
+        self.tasks.start(self.runners)
 
     def _serve(self, name: str, version: int) -> Serving:
         """A runner folding `version` with its own class, or, when the code has no class for
@@ -217,6 +231,7 @@ class Worker:
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         self.health.stop()
+        self.tasks.stop(timeout)
         if self._watcher is not None:
             self._watcher.join(timeout)
         for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:
