@@ -123,6 +123,7 @@ def _submit(
 def _list(args: argparse.Namespace, config: Config, queue: TaskQueue) -> int:
     from refold.core.task_status import public_status, status_projection_name
     from refold.store.rocksdb import RocksStore
+    from refold.store.scratch import scratch_dir
     from refold.store.versions import live_version, store_path
 
     if args.status is not None and args.status not in STATUSES:
@@ -134,7 +135,7 @@ def _list(args: argparse.Namespace, config: Config, queue: TaskQueue) -> int:
             f"no status store for queue {queue.name!r} under {config.data_dir}",
             hint="run `refold worker` with this app first, or check REFOLD_DATA_DIR",
         )
-    store = RocksStore.open_secondary(path)
+    store = RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir))
     try:
         shown, after = 0, None
         while shown < args.limit:
