@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,9 @@ POM = Path(str(resources.files("refold.deploy") / "kafka" / "pom.xml"))
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
 _MARKER = ".refold-complete"
+_ACTIVE_CONTROLLER = re.compile(
+    r"\[QuorumController id=(\d+)\] Becoming the active controller at epoch (\d+)"
+)
 _POM_NS = "http://maven.apache.org/POM/4.0.0"
 _INSTALL_HINT = (
     "install OpenJDK 17 and Maven, or use deploy/docker-compose.yml "
@@ -302,6 +306,24 @@ def status(config: Config) -> BrokerStatus:
     if any(n.running for n in nodes):
         brokers = _metadata_brokers(_admin(info.bootstrap_servers), 3.0) or ()
     return BrokerStatus(info.bootstrap_servers, nodes, bool(brokers), brokers)
+
+
+def active_controller(config: Config) -> int | None:
+    """The node that is the KRaft active controller now (for fault tests), or None if unknown.
+
+    Kafka clients cannot tell: in KRaft a broker answers DescribeCluster and Metadata with a
+    random live broker as "the controller" (measured on this cluster: 2, 3, 3, 2, 3 for five
+    calls while node 2 was active). The nodes' own logs say it: the highest epoch a running node
+    announced "Becoming the active controller at" is the current one.
+    """
+    best: tuple[int, int] | None = None  # (epoch, node id)
+    for node in _recorded_nodes(config):
+        if not _is_ours(node):
+            continue
+        for match in _ACTIVE_CONTROLLER.finditer(_read_all(node.log)):
+            seen = (int(match[2]), int(match[1]))
+            best = seen if best is None or seen > best else best
+    return None if best is None else best[1]
 
 
 def describe_status(state: BrokerStatus) -> str:
@@ -638,6 +660,13 @@ def _read_end(path: Path, size: int = 16384) -> str:
         with path.open("rb") as handle:
             handle.seek(max(0, handle.seek(0, os.SEEK_END) - size))
             return handle.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _read_all(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
 
