@@ -288,6 +288,12 @@ def start_node(config: Config, node_id: int, timeout: float = 60.0) -> NodeInfo:
         info = _require_record(config)
         node = _node(info, node_id)
         if not _is_ours(node):
+            for port in (node.port, node.controller_port):
+                if not _port_free(port):
+                    raise BrokerError(
+                        f"port {port} of Kafka node {node_id} was taken while the node was down",
+                        hint="the local cluster's ports are fixed; free it, or start --fresh",
+                    )
             _prepare(java, jars, info, [node])
             node = _launch(java, jars, node, info.heap_mb)
             info = _with_pids(info, {node_id: node.pid})
@@ -374,7 +380,9 @@ def _new_layout(
         raise BrokerError(f"port {port} on {HOST} is in use", hint="pick another --port or omit it")
     base = port if port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else None)
     chosen: list[int] = []
-    for preferred in [None if base is None else base + i for i in range(nodes)] + [None] * nodes:
+    # Controller ports follow the client ports: a port picked by the OS is in the ephemeral
+    # range, where any outgoing connection on the machine may take it while its node is down.
+    for preferred in [None if base is None else base + i for i in range(2 * nodes)]:
         pick = preferred if preferred is not None and _port_free(preferred) else free_port()
         while pick in chosen:
             pick = free_port()
