@@ -140,8 +140,8 @@ class Topics:
         """Three replicas where the cluster has three brokers, fewer on a smaller one, and never
         fewer than the cluster's own `default.replication.factor`. The metadata lists only the
         live brokers: without that floor a topic created while a node is down (a worker starting
-        creates its dead-letter topics) would stay under-replicated for good; with it, the
-        creation fails until the node is back."""
+        creates its dead-letter topics) would stay under-replicated for good; with it, a KRaft
+        controller places a replica on the fenced node too, which catches up when it is back."""
         wanted = min(3, len(md.brokers))
         resource = ConfigResource(ResourceType.BROKER, str(next(iter(md.brokers))))
         try:
