@@ -14,7 +14,10 @@ it, and every command sent before it had its result (bench/RESULTS.md, "Broker l
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import ConfigResource, ResourceType
 from refold.cli import broker
 from refold.core import envelope
 from refold.core.config import Config
@@ -62,11 +66,30 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Config]:
     """A 3-node cluster of this module's own. Its Config serves the launcher (kill_node) and the
     test's clients alike: they find the cluster in the broker record under its data dir."""
     own = Config(data_dir=tmp_path_factory.mktemp("faults-cluster"))
-    broker.start(own, nodes=3, port=broker.free_port(), timeout=180)
+    broker.start(own, nodes=3, port=quiet_ports(6), timeout=180)
     try:
         yield own
     finally:
         broker.stop(own, timeout=30)
+
+
+def quiet_ports(count: int) -> int:
+    """The first of `count` free consecutive ports below Linux's ephemeral range (32768-60999):
+    while a node is down, an outgoing connection anywhere on the machine may take an ephemeral
+    port, and the node could not start again on it (seen: "Address already in use")."""
+    for base in random.Random().sample(range(20_000, 32_000, 10), 200):
+        if all(port_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError("no free ports below 32000")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class FaultWorker(WorkerProcess):
@@ -79,6 +102,7 @@ class FaultWorker(WorkerProcess):
             "REFOLD_APP": "tests.integration.apps.ledger,tests.integration.apps.vault",
             "VAULT_NAME": vault.name,
             "VAULT_TOPIC": vault.events_topic,
+            "PYTHONFAULTHANDLER": "1",  # SIGABRT (see `dump`) writes every thread's stack
         }
 
     def start(self) -> None:
@@ -90,6 +114,12 @@ class FaultWorker(WorkerProcess):
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
+
+    def dump(self) -> None:
+        """Make the worker write every thread's stack to its log and exit (a stuck worker)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(30)
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         """The ledger store's offsets now (a secondary instance: the worker keeps running)."""
@@ -275,10 +305,16 @@ def run_broker_loss(
         for t in waits:
             t.join(200)
         assert {"before_decided_s", "probe_decided_s"} <= set(numbers), numbers
+        # A topic created now still gets three replicas (one on the lost node, to catch up).
+        spare = unique("while-down")
+        Topics(config).ensure([event_topic(spare, 1)])
+        made = clients.admin(config).list_topics(spare, timeout=30).topics[spare]
+        assert len(made.partitions[0].replicas) == 3
         time.sleep(max(0.0, down_s - (time.monotonic() - killed)))
         broker.start_node(config, node, timeout=180)
         numbers["down_s"] = time.monotonic() - killed
         load.phase = "after"
+        assert broker.status(config).brokers == (1, 2, 3)
         threads[0].join(600)
         assert not threads[0].is_alive(), "publisher still running after 600 s"
         time.sleep(3)  # a few commands after the publisher ended too
@@ -312,11 +348,15 @@ def run_broker_loss(
         assert set(by_id) >= set(ids)
         assert len(by_id) == len(ids) + ACCOUNTS
         assert all(b >= 0 for steps in balances(read_events(config, name)).values() for b in steps)
+        assert broker.status(config).running, "a node exited after its restart"
         numbers["commands"] = len(ids)
         numbers["accepted"] = sum(by_id[c]["status"] == "accepted" for c in ids)
         log.info("broker loss (%s, node %d, %d events): %s", victim, node, events, numbers)
         print(f"\nbroker loss ({victim}, node {node}, {events} events): {numbers}")
         return numbers
+    except AssertionError:
+        worker.dump()
+        raise
     finally:
         stop.set()
         for t in threads:
@@ -346,9 +386,24 @@ def pick_victim(config: Config, victim: str) -> int:
 
 @pytest.mark.timeout(1200)
 def test_losing_the_controller_loses_and_duplicates_nothing(cluster, tmp_path, unique):
-    run_broker_loss(cluster, tmp_path, unique, "controller", events=200_000, down_s=15)
+    events = int(os.environ.get("REFOLD_FAULTS_EVENTS", 200_000))  # smaller for a quick look
+    run_broker_loss(cluster, tmp_path, unique, "controller", events=events, down_s=15)
 
 
 @pytest.mark.timeout(900)
 def test_losing_another_node_loses_and_duplicates_nothing(cluster, tmp_path, unique):
     run_broker_loss(cluster, tmp_path, unique, "other", events=50_000, down_s=10)
+
+
+def test_every_topic_has_three_replicas_and_two_in_sync(cluster, unique):
+    """Kafka's internal topics (offsets, transaction state) and refold's (schemas, events,
+    commands, results, claims, dead letters) as the tests above left them, and a new one."""
+    Topics(cluster).ensure([event_topic(unique("events"), 1)])
+    admin = clients.admin(cluster)
+    topics = admin.list_topics(timeout=30).topics
+    assert {"__consumer_offsets", "__transaction_state", cluster.schemas_topic} <= set(topics)
+    for name, md in topics.items():
+        assert {len(p.replicas) for p in md.partitions.values()} == {3}, name
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics]
+    for resource, future in admin.describe_configs(resources).items():
+        assert future.result(timeout=30)["min.insync.replicas"].value == "2", resource
