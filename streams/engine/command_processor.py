@@ -164,11 +164,14 @@ class CommandProcessor:
             # test_broker_faults.py). A restarted worker waits for the session timeout instead.
             required={"auto.offset.reset": "earliest"},
         )
-        self._reader = clients.consumer(
-            config, f"{group}.reader", defaults={"queued.min.messages": 100_000}
-        )
+        self._reader = self._new_reader()
         self._transactional_id = f"{group}.{instance}"
         self._producer = self._new_producer()
+
+    def _new_reader(self) -> Consumer:
+        """The consumer that reads event and results partitions to their ends (no group)."""
+        group = f"{group_id(self.config, self.name)}.reader"
+        return clients.consumer(self.config, group, defaults={"queued.min.messages": 100_000})
 
     def _new_producer(self) -> Producer:
         return clients.producer(
@@ -367,6 +370,9 @@ class CommandProcessor:
                 log.warning(
                     "commands %s: %s failed (again in %.1fs): %s", self.name, what, pause, exc
                 )
+                # A reader whose metadata went stale in a failover may never recover it.
+                self._reader.close()
+                self._reader = self._new_reader()
                 self._stop.wait(pause)
                 pause = min(2 * pause, 5.0)
 

@@ -29,6 +29,7 @@ _ASK_AGAIN = {
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError._TIMED_OUT,
     KafkaError._TRANSPORT,
+    KafkaError._UNKNOWN_PARTITION,  # seen for minutes after a controller loss, until a refresh
 }
 _ASK_S = 3.0  # one ask for a watermark; a lost leader never answers
 #: How long one read may go without a record or a position moving before it gives up.
