@@ -270,6 +270,7 @@ def run_broker_loss(
     worker.start()
     threads: list[threading.Thread] = []
     numbers: dict[str, float] = {}
+    node: int | None = None
     try:
         for i in range(ACCOUNTS):
             cid = client.send(vault.name, f"acc-{i:02d}", "bank.OpenAccount", {"owner": "ada"})
@@ -358,6 +359,8 @@ def run_broker_loss(
         worker.dump()
         raise
     finally:
+        if node is not None and not broker.status(config).running:
+            broker.start_node(config, node, timeout=180)  # the next test needs all three
         stop.set()
         for t in threads:
             t.join(60)
