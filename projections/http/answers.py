@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from refold.engine.timetravel import murmur2_partition
+
 TP = tuple[str, int]
 Answer = tuple[int, bytes]  # HTTP status, JSON body
 
@@ -40,22 +42,115 @@ def error_body(error: str, detail: Any, **extra: Any) -> bytes:
     return dumps({"error": error, "detail": detail, **extra})
 
 
-def key_found(key: str, state: Any, encoded_position: bytes) -> bytes:
-    """The 200 body of `GET /projections/{name}/{key}` (the position encoded once per commit)."""
-    return b'{"key":%b,"state":%b,"position":%b}' % (dumps(key), dumps(state), encoded_position)
+def key_found(key: str, state: Any, encoded_position: bytes, fresh: bytes) -> bytes:
+    """The 200 body of `GET /projections/{name}/{key}` (the position encoded once per commit;
+    `fresh` is `Freshness.fragment(key)`)."""
+    return b'{"key":%b,"state":%b,"position":%b%b}' % (
+        dumps(key),
+        dumps(state),
+        encoded_position,
+        fresh,
+    )
 
 
-def key_missing(name: str, key: str, positions: Mapping[TP, int]) -> bytes:
-    """The 404 body of a lookup of a key without state."""
-    return error_body(
+def key_missing(name: str, key: str, positions: Mapping[TP, int], fresh: bytes) -> bytes:
+    """The 404 body of a lookup of a key without state (which may be missing because the
+    answer is stale: `fresh` says)."""
+    body = error_body(
         "no state for key",
         f"projection {name!r} has no state for key {key!r}",
         position=position(positions),
     )
+    return body[:-1] + fresh + b"}"
 
 
-def health(states: Mapping[str, str]) -> Answer:
-    """`GET /healthz`: 200 while no projection failed, else 503; each runner's state."""
-    failed = any(state == "failed" for state in states.values())
-    body = {"status": "failed" if failed else "ok", "projections": dict(states)}
-    return 503 if failed else 200, dumps(body)
+_PARTITIONS: dict[int, dict[str, int]] = {}  # partition count -> key -> its partition
+_PARTITIONS_MAX = 100_000  # keys remembered per partition count (then forgotten at once)
+
+
+def partition_of(key: str, count: int) -> int:
+    """murmur2 of the key, as the producer placed it; remembered, since a pure-Python murmur2
+    costs several µs, more than the rest of a lookup (hot keys are looked up again and again)."""
+    known = _PARTITIONS.get(count)
+    if known is None:
+        known = _PARTITIONS[count] = {}
+    found = known.get(key)
+    if found is None:
+        if len(known) >= _PARTITIONS_MAX:
+            known.clear()
+        found = known[key] = murmur2_partition(key.encode(), count)
+    return found
+
+
+#: Per partition of a source topic: (lag, None) when folded here, (None, why) when stale.
+Entry = tuple[int | None, str | None]
+#: Per source topic, in the projection's order: (partition count, an Entry per partition).
+Parts = list[tuple[int, list[Entry]]]
+
+
+def _fragment(entries: list[Entry]) -> bytes:
+    """`,"lag":N,"stale":false` or `,"lag":null,"stale":true,"stale_reason":"..."` for a key
+    whose state depends on these partitions (one per source topic)."""
+    for _lag, why in entries:
+        if why is not None:
+            return b',"lag":null,"stale":true,"stale_reason":%b' % dumps(why)
+    lags = [lag for lag, _ in entries]
+    total = None if None in lags else sum(lag for lag in lags if lag is not None)
+    return b',"lag":%b,"stale":false' % (b"null" if total is None else b"%d" % total)
+
+
+class Freshness:
+    """What a key lookup says about how current its answer is: `"lag"`, the records of the
+    key's partition not folded yet (as of the last second), and `"stale": true` with a reason
+    when that partition is not folded here or the broker is unreachable. Built from the
+    worker's health (`refold.engine.health`) a few times a second; `fragment(key)` is on the
+    lookup path, so when one answer fits every key (the usual case: all partitions here, none
+    behind) it is one attribute read, and only otherwise a murmur2 of the key per topic."""
+
+    __slots__ = ("_tables", "parts", "uniform")
+
+    def __init__(self, parts: Parts, rekeys: bool = False, stale: str | None = None) -> None:
+        self.parts = parts
+        self._tables = [(count, [_fragment([e]) for e in entries]) for count, entries in parts]
+        flat = {e for _count, entries in parts for e in entries}
+        self.uniform: bytes | None = None
+        if stale is not None or not parts:
+            why = stale or "this worker does not know the source partitions yet"
+            self.uniform = _fragment([(None, why)])
+        elif rekeys:  # a re-keyed state may hold events of any partition
+            self.uniform = _fragment([e for _count, entries in parts for e in entries])
+        elif len(flat) == 1:
+            self.uniform = _fragment(list(flat) * len(parts))
+
+    def fragment(self, key: str) -> bytes:
+        if self.uniform is not None:
+            return self.uniform
+        if len(self._tables) == 1:
+            count, fragments = self._tables[0]
+            return fragments[partition_of(key, count)]
+        return _fragment([entries[partition_of(key, n)] for n, entries in self.parts])
+
+    def to_json(self) -> dict[str, Any]:
+        """For the reader processes, which rebuild it with `from_json`."""
+        uniform = None if self.uniform is None else self.uniform.decode()
+        return {"parts": self.parts, "uniform": uniform}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Freshness:
+        parts = [(int(n), [(e[0], e[1]) for e in entries]) for n, entries in obj["parts"]]
+        fresh = cls(parts)
+        if obj.get("uniform") is not None:
+            fresh.uniform = str(obj["uniform"]).encode()
+        return fresh
+
+
+UNKNOWN = Freshness([], stale="this worker does not know the source partitions yet")
+
+
+def health(states: Mapping[str, str], status: str, summary: Mapping[str, Any]) -> Answer:
+    """`GET /healthz`: 200 only while every answer is current (`status` "ok", no projection
+    failed), else 503; each runner's state and what is not current (refold.engine.health)."""
+    if any(state == "failed" for state in states.values()):
+        status = "failed"
+    body = {"status": status, "projections": dict(states), **summary}
+    return 200 if status == "ok" else 503, dumps(body)

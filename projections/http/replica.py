@@ -1,13 +1,13 @@
 """A reader process: serves plain key lookups of a worker's projections from its own CPU.
 
-Started by the worker's query server (projections/readers.py) as
+Started by the worker's query server (refold.http.replicas) as
 `python -m refold.http.replica HOST PORT UPSTREAM_PORT SCRATCH_DIR`. It listens on the worker's
 HTTP port beside the worker (SO_REUSEPORT: the kernel spreads connections over the processes)
 and reads the stores through RocksDB secondary instances, so lookups do not share the worker's
 GIL with its fold threads.
 
 - Plain `GET /projections/{name}/{key}` and `GET /healthz` are answered here (the fast path of
-  projections/fastpath.py). The view is caught up with the worker's commits before a read when
+  refold.http.fastpath). The view is caught up with the worker's commits before a read when
   the last catch-up is older than `READ_LAG_S`, so an answer holds every state committed more
   than that before the request arrived; its position is the one stored with that very state.
 - Everything else — `min_offset` waits, scans, `as_of`, POSTs, `/metrics`, a projection this
@@ -15,10 +15,12 @@ GIL with its fold threads.
   (`UPSTREAM_PORT`), which answers as if the client had asked it directly.
 
 Control: stdin carries JSON lines from the worker, `{"views": {name: {"path", "version",
-"state", "error", "assigned"}}}`, the projections' live versions and runner states (a LIVE
-pointer switch arrives as a new path). stdout carries JSON lines to it: `{"ready": true}` once
-listening, then `{"counts": [[route, status, n], ...]}` (cumulative) while answering. End of
-stdin — the worker stopped or died, even by SIGKILL — ends the process.
+"state", "assigned", "fresh"}}, "healthz": [status, body]}`, the projections' live versions,
+runner states and freshness (`answers.Freshness`: lag or stale per key partition), and the
+worker's `/healthz` answer (a LIVE pointer switch arrives as a new path). stdout carries JSON
+lines to it: `{"ready": true}` once listening, then `{"counts": [[route, status, n], ...]}`
+(cumulative) while answering. End of stdin — the worker stopped or died, even by SIGKILL —
+ends the process.
 """
 
 from __future__ import annotations
@@ -61,12 +63,14 @@ class View:
         self.assigned: tuple[TP, ...] = ()
         self.positions: dict[TP, int] = {}
         self.encoded = b"{}"
+        self.fresh = answers.UNKNOWN
         self.update(info)
 
     def update(self, info: Mapping[str, Any]) -> None:
-        """The runner's state and owned partitions, as the worker last reported them."""
+        """The runner's state, owned partitions and freshness, as the worker last reported."""
         self.state = str(info["state"])
         self.assigned = tuple((str(t), int(p)) for t, p in info["assigned"])
+        self.fresh = answers.Freshness.from_json(info["fresh"])
         self._positions()
 
     def _positions(self) -> None:
@@ -83,9 +87,10 @@ class View:
             self.caught_up_at = now
             self._positions()
         state = self.store.get(key)
+        fresh = self.fresh.fragment(key)
         if state is None:
-            return 404, answers.key_missing(self.name, key, self.positions)
-        return 200, answers.key_found(key, state, self.encoded)
+            return 404, answers.key_missing(self.name, key, self.positions, fresh)
+        return 200, answers.key_found(key, state, self.encoded, fresh)
 
     def close(self) -> None:
         try:
@@ -101,9 +106,9 @@ class Reads:
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch
         self.views: dict[str, View] = {}
-        self.states: dict[str, str] = {}
+        self.healthz: Answer = (503, answers.error_body("starting", "no word from the worker yet"))
 
-    def apply(self, infos: Mapping[str, Mapping[str, Any]]) -> None:
+    def apply(self, infos: Mapping[str, Mapping[str, Any]], healthz: list[Any]) -> None:
         """Follow the worker: open views of new live versions, close those no longer live."""
         for name in set(self.views) - set(infos):
             self.views.pop(name).close()
@@ -122,7 +127,7 @@ class Reads:
             self.views[name] = fresh
             if view is not None:
                 view.close()
-        self.states = {name: str(info["state"]) for name, info in infos.items()}
+        self.healthz = (int(healthz[0]), str(healthz[1]).encode())
 
     def lookup(self, name: str, key: str) -> Answer | None:
         view = self.views.get(name)
@@ -135,7 +140,7 @@ class Reads:
             return None
 
     def healthz_answer(self) -> Answer:
-        return answers.health(self.states)
+        return self.healthz  # the worker's own answer, at most a tick old
 
     def close(self) -> None:
         for view in self.views.values():
@@ -250,7 +255,8 @@ async def serve(host: str, port: int, upstream: int, scratch: Path) -> None:
     reporter: asyncio.Task[None] | None = None
     try:
         while line := await control.readline():
-            reads.apply(json.loads(line)["views"])
+            told = json.loads(line)
+            reads.apply(told["views"], told["healthz"])
             if listener is None:  # listen once the views are open: answers are right at once
                 listener = await loop.create_server(
                     front.protocol, host, port, reuse_port=True, reuse_address=True, backlog=1024

@@ -1,7 +1,7 @@
 """The worker's reader processes: more CPUs for key lookups than one process's GIL.
 
 `refold worker --http HOST:PORT --http-procs N` serves the port from the worker and N-1 reader
-processes (projections/reader.py), all listening with SO_REUSEPORT so the kernel spreads
+processes (refold.http.replica), all listening with SO_REUSEPORT so the kernel spreads
 connections over them. `ReaderProcesses` starts them, tells them the live version and state of
 every projection whenever that changes (so a swap or rollback is followed within a tick),
 collects their request counts for `/metrics`, restarts one that died, and ends them with the
@@ -19,20 +19,29 @@ import selectors
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from refold.core.errors import ConfigError
+from refold.engine.frozen import Serving
 from refold.engine.worker import Worker
+from refold.http.answers import Answer, Freshness
+from refold.store.scratch import make_scratch, scratch_dir
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # how often the views are compared and pushed, and the processes checked
 RESTART_EVERY_S = 1.0  # at most one restart per process slot in this time
+
+
+class Reads(Protocol):
+    """What the readers are told besides the views: how current each answer is, /healthz."""
+
+    def freshness(self, runner: Serving) -> Freshness: ...
+
+    def healthz_answer(self) -> Answer: ...
 
 
 @dataclass(slots=True)
@@ -48,11 +57,15 @@ class _Reader:
 class ReaderProcesses:
     """`count` reader processes on host:port, relaying what they cannot answer to `upstream`."""
 
-    def __init__(self, worker: Worker, count: int, host: str, port: int, upstream: int) -> None:
+    def __init__(
+        self, worker: Worker, count: int, host: str, port: int, upstream: int, reads: Reads
+    ) -> None:
         self.worker = worker
+        self._reads = reads  # the worker's server: its freshness and /healthz answers
         self.count = count
         self._args = [host, str(port), str(upstream)]
-        self._scratch = Path(tempfile.mkdtemp(prefix="refold-readers-"))
+        # The readers' views live in here (removed by stop(), else swept by the next worker).
+        self._scratch = make_scratch(scratch_dir(worker.config.data_dir), "readers")
         self._readers: list[_Reader] = []
         self._retired: dict[tuple[str, int], int] = {}  # counts of readers that ended
         self._lock = threading.Lock()
@@ -164,8 +177,11 @@ class ReaderProcesses:
                 "version": runner.version,
                 "state": runner.stats.state,
                 "assigned": [list(tp) for tp in runner.stats.assigned],
+                "fresh": self._reads.freshness(runner).to_json(),
             }
-        return json.dumps({"views": views}, sort_keys=True).encode() + b"\n"
+        code, body = self._reads.healthz_answer()
+        line = {"views": views, "healthz": [code, body.decode()]}
+        return json.dumps(line, sort_keys=True).encode() + b"\n"
 
     def _send(self, reader: _Reader, line: bytes) -> None:
         stdin = reader.proc.stdin

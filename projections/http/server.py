@@ -21,18 +21,21 @@ from aiohttp import web
 from refold.core.errors import ConfigError, InputError, PublishError, StoreError, TopicError
 from refold.core.inputs import EventInput, event_from_json
 from refold.core.serde import Position
-from refold.engine.runtime import ProjectionRunner
+from refold.engine.frozen import FrozenVersion, Serving
+from refold.engine.health import Health
 from refold.engine.status import Watermarks, describe, describe_on_disk, metrics_text
 from refold.engine.timetravel import fold_as_of, parse_time
 from refold.engine.worker import Worker
 from refold.http import answers
 from refold.http.answers import DOWN as _DOWN
+from refold.http.answers import Freshness
 from refold.http.answers import dumps as _dumps
 from refold.http.answers import loads as _loads
 from refold.http.answers import position as _position
 from refold.http.command_routes import CommandRoutes
 from refold.http.fastpath import Answer, Front, new_loop
 from refold.http.replicas import ReaderProcesses
+from refold.http.task_routes import TaskRoutes
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def parse_min_offset(raw: str, topics: tuple[str, ...]) -> dict[TP, int]:
 class QueryServer:
     """Serves one worker's projections over HTTP until `stop()`; single use (start once).
 
-    With `procs` > 1, `procs - 1` reader processes (projections/readers.py) answer key lookups
+    With `procs` > 1, `procs - 1` reader processes (refold.http.replica) answer key lookups
     on the same port beside this one.
     """
 
@@ -150,9 +153,11 @@ class QueryServer:
         self._requests: dict[tuple[str, int], int] = {}
         self._watermarks = Watermarks(worker.config)
         self._commands = CommandRoutes(worker)
+        self._tasks = TaskRoutes(worker)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
+        self._freshness: tuple[Health | None, dict[str, Freshness]] = (None, {})
 
     @property
     def url(self) -> str:
@@ -175,7 +180,7 @@ class QueryServer:
             ) from self._failure
         if self.procs > 1:
             readers = ReaderProcesses(
-                self.worker, self.procs - 1, self.host, self.port, self._upstream
+                self.worker, self.procs - 1, self.host, self.port, self._upstream, self
             )
             try:
                 readers.start(timeout)
@@ -229,6 +234,10 @@ class QueryServer:
             ("POST", "/events/{topic}", self.post_event),
             ("POST", "/commands/{name}", self._commands.post),
             ("GET", "/commands/{name}", self._commands.get),
+            ("POST", "/tasks/{queue}", self._tasks.submit),
+            ("GET", "/tasks/{queue}", self._tasks.list),
+            ("POST", "/tasks/{queue}/{task_id}/cancel", self._tasks.cancel),
+            ("GET", "/tasks/{queue}/{task_id}", self._tasks.get),
         ]
         # Per-route wrappers instead of a middleware: aiohttp adds a second layer per request
         # once an app has any middleware, and the key lookup is the hot path.
@@ -309,19 +318,32 @@ class QueryServer:
             return self._unavailable(runner, exc)
         return web.Response(status=status, body=body, content_type=_JSON)
 
-    def _read_key(self, runner: ProjectionRunner, key: str) -> Answer:
+    def _read_key(self, runner: Serving, key: str) -> Answer:
         """The 200 or 404 answer for one key of a readable runner (StoreError if it is not)."""
         positions = runner.stats.positions  # before the state: the state is at least this new
         state = runner.store.get(key)
+        fresh = self.freshness(runner).fragment(key)
         if state is None:
-            return 404, answers.key_missing(runner.name, key, positions)
+            return 404, answers.key_missing(runner.name, key, positions, fresh)
         cached = self._position_cache.get(runner.name)
         if cached is None or cached[0] is not positions:
             cached = (positions, _dumps(_position(positions)))
             self._position_cache[runner.name] = cached
-        return 200, answers.key_found(key, state, cached[1])
+        return 200, answers.key_found(key, state, cached[1], fresh)
 
-    # The fast path (projections/fastpath.py) reads through these two; None sends the request
+    def freshness(self, runner: Serving) -> Freshness:
+        """How current `runner`'s answers are, per key partition: rebuilt once per health
+        snapshot (a few times a second), not per lookup."""
+        health = self.worker.health.health
+        built = self._freshness
+        if built[0] is not health:
+            built = self._freshness = (health, {})
+        fresh = built[1].get(runner.name)
+        if fresh is None:
+            fresh = built[1][runner.name] = freshness_of(health, runner)
+        return fresh
+
+    # The fast path (refold.http.fastpath) reads through these two; None sends the request
     # to the full app, which answers unknown names, stopped runners and store errors.
 
     def lookup(self, name: str, key: str) -> Answer | None:
@@ -334,14 +356,22 @@ class QueryServer:
             return None
 
     def healthz_answer(self) -> Answer:
-        return answers.health({name: r.stats.state for name, r in self.worker.runners.items()})
+        health = self.worker.health.health
+        states = {name: r.stats.state for name, r in self.worker.runners.items()}
+        return answers.health(states, health.status(), health.summary())
 
-    async def _as_of(self, runner: ProjectionRunner, key: str, when: str) -> web.Response:
+    async def _as_of(self, runner: Serving, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""
         try:
             moment = parse_time(when)
         except InputError as exc:
             return _error(400, "bad as_of", str(exc))
+        if isinstance(runner, FrozenVersion):  # its fold is not in the code: nothing to fold
+            return _error(
+                409,
+                "as_of not supported",
+                f"v{runner.version} of {runner.name!r} is frozen: {runner.reason}",
+            )
         if runner.projection.rekeys:
             return _error(
                 400,
@@ -349,10 +379,11 @@ class QueryServer:
                 f"projection {runner.name!r} re-keys events; as_of needs aggregate keys",
             )
         worker = self.worker
+        projection = runner.projection
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(
             self._waits,
-            lambda: fold_as_of(worker.config, worker.codec, runner.projection, key, moment),
+            lambda: fold_as_of(worker.config, worker.codec, projection, key, moment),
         )
         if found.state is None:
             return _error(
@@ -403,7 +434,7 @@ class QueryServer:
             },
         )
 
-    async def _reach(self, runner: ProjectionRunner, request: web.Request) -> web.Response | None:
+    async def _reach(self, runner: Serving, request: web.Request) -> web.Response | None:
         """None once the runner folded the query's `min_offset`, else the 400/409 answer."""
         query = request.query
         raw = query.get("min_offset")
@@ -411,7 +442,7 @@ class QueryServer:
             wait_ms = _count(query.get("wait_ms", "0"), "wait_ms", 0, MAX_WAIT_MS)
             if raw is None:
                 return None
-            wanted = parse_min_offset(raw, runner.projection.topics)
+            wanted = parse_min_offset(raw, runner.topics)
         except InputError as exc:
             return _error(400, "bad query", str(exc))
         try:
@@ -435,7 +466,7 @@ class QueryServer:
         known = ", ".join(sorted(self.worker.runners)) or "none"
         return _error(404, "unknown projection", f"no projection {name!r}; known: {known}")
 
-    def _unavailable(self, runner: ProjectionRunner, exc: StoreError | None = None) -> web.Response:
+    def _unavailable(self, runner: Serving, exc: StoreError | None = None) -> web.Response:
         stats = runner.stats
         if exc is not None:
             log.warning("projection %s unreadable (%s): %s", runner.name, stats.state, exc)
@@ -493,10 +524,13 @@ class QueryServer:
         marks = self._watermarks
         config = self.worker.config
 
+        health = self.worker.health.health
+
         def describe_all() -> list[dict[str, Any]]:
             out = []
             for r in runners:
                 entry = describe(r, marks)
+                entry["health"] = health_of(health, r)
                 build = builds.get(r.name)
                 # A newer version being rebuilt beside the live one: its progress.
                 if build is not None:
@@ -520,6 +554,52 @@ class QueryServer:
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(None, metrics_text, runners, self._watermarks, requests)
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
+
+
+def freshness_of(health: Health, runner: Serving) -> Freshness:
+    """What lookups of `runner` say about their key's partition, from a health snapshot."""
+    if isinstance(runner, FrozenVersion):  # nothing folds it: every answer is as old as it is
+        return Freshness([], stale=f"v{runner.version} is frozen: {runner.reason}")
+    if not health.reachable:
+        return Freshness([], stale=f"the broker is unreachable: {health.broker_error}")
+    described = health.projections.get(runner.name)
+    if described is None or described.version != runner.version:
+        return answers.UNKNOWN
+    parts: answers.Parts = []
+    by_tp = {(p.topic, p.partition): p for p in described.partitions}
+    for topic, count in described.counts:
+        entries: list[answers.Entry] = []
+        for partition in range(count):
+            p = by_tp[(topic, partition)]
+            if p.owner == "here":
+                entries.append((p.lag, None))
+            elif p.owner == "elsewhere":
+                why = f"partition {topic}:{partition} is folded by another worker ({p.member})"
+                entries.append((None, why))
+            else:
+                entries.append((None, f"partition {topic}:{partition} is folded by nobody now"))
+        parts.append((count, entries))
+    return Freshness(parts, rekeys=described.rekeys)
+
+
+def health_of(health: Health, runner: Serving) -> dict[str, Any]:
+    """`GET /projections`' account of whether `runner`'s answers are current."""
+    if isinstance(runner, FrozenVersion):
+        return {"status": "frozen", "broker_reachable": health.reachable}
+    described = health.projections.get(runner.name)
+    if described is None or described.version != runner.version:
+        return {"status": "starting", "broker_reachable": health.reachable}
+    if not health.reachable:
+        status = "broker unreachable"
+    else:
+        status = "unowned" if described.unowned else "behind" if described.behind else "ok"
+    return {
+        "status": status,
+        "broker_reachable": health.reachable,
+        "unowned": described.unowned,
+        "behind": described.behind,
+        "partitions": [p.to_json() for p in described.partitions],
+    }
 
 
 def _check_free(host: str, port: int) -> None:

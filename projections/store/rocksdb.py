@@ -2,7 +2,7 @@
 
 Each projection version owns one store directory. `Store` is the port that the runtime and the
 query server use; `RocksStore` is the product's implementation (RocksDB through rocksdict) and
-`MemoryStore` (projections/memory_store.py) is a dict-based stand-in for unit-testing folds.
+`MemoryStore` (refold.store.memory) is a dict-based stand-in for unit-testing folds.
 
 Every implementation keeps these invariants:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime
 import orjson
 import rocksdict
 from refold.core.errors import StoreError
+from refold.store.scratch import make_scratch
 
 log = logging.getLogger(__name__)
 
@@ -312,20 +312,31 @@ class RocksStore:
 
     @classmethod
     def open_secondary(
-        cls, path: Path | str, secondary_path: Path | str | None = None, *, cache_mb: int = 16
+        cls,
+        path: Path | str,
+        secondary_path: Path | str | None = None,
+        *,
+        scratch_root: Path | None = None,
+        cache_mb: int = 16,
     ) -> RocksStore:
         """Open a read-only view of a store that another process is writing.
 
         The view starts at the writer's latest commit and moves forward only on `catch_up()`.
         `secondary_path` is a private scratch directory for this reader's files; without one, a
-        temporary directory is made and removed again by `close()`.
+        directory of this process is made under `scratch_root` (the data dir's `scratch/`, see
+        refold.store.scratch) and removed again by `close()`.
         """
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"no store at {path}", hint="check REFOLD_DATA_DIR")
         scratch = None
         if secondary_path is None:
-            secondary_path = scratch = Path(tempfile.mkdtemp(prefix="refold-reader-"))
+            if scratch_root is None:
+                raise StoreError(
+                    f"a secondary view of {path} needs a scratch dir",
+                    hint="pass secondary_path or scratch_root (the data dir's scratch/)",
+                )
+            secondary_path = scratch = make_scratch(scratch_root, "view")
         Path(secondary_path).mkdir(parents=True, exist_ok=True)
         access = rocksdict.AccessType.secondary(str(secondary_path))
         try:

@@ -7,15 +7,19 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from confluent_kafka import KafkaError, KafkaException
+from refold.cli import task_commands
 from refold.core.config import Config
-from refold.core.errors import InputError, RefoldError
+from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
 
 if TYPE_CHECKING:
     from refold.core.projection import Projection
+    from refold.engine.worker import Worker
     from refold.kafka.topics import Topics
     from refold.store.rocksdb import RocksStore
 
@@ -64,17 +68,19 @@ def cmd_topics(args: argparse.Namespace, config: Config) -> int:
     specs += [event_topic(t, args.partitions) for t in _declared_topics(config)]
     topics = Topics(config)
     created = topics.ensure(specs)
-    names = sorted({s.name for s in specs} | _ensure_command_topics(config, topics))
+    names = sorted(
+        {s.name for s in specs}
+        | _ensure_command_topics(config, topics)
+        | _ensure_tasks(config, topics)
+    )
     print(f"{len(names)} topic(s) ready ({len(created)} created): {', '.join(names)}")
     return 0
 
 
 def _declared_topics(config: Config) -> list[str]:
-    """Source topics of the bundled and the user's projections."""
-    try:
-        from refold.core.app import load_projections
-    except ImportError:
-        return ["bank.accounts"]
+    """Source topics of the app's projections (REFOLD_APP); none without an app."""
+    from refold.core.app import load_projections
+
     return sorted({t for p in load_projections(config.app_modules) for t in p.topics})
 
 
@@ -89,6 +95,14 @@ def _ensure_command_topics(config: Config, topics: Topics) -> set[str]:
             ensure_command_topics(topics, decider)
             names |= {decider.command_topic, decider.results_topic, decider.claims_topic}
     return names
+
+
+def _ensure_tasks(config: Config, topics: Topics) -> set[str]:
+    """The intake, work, status, dead-letter and cancel topics of every task queue."""
+    from refold.core.app import load_task_queues
+    from refold.kafka.task_log import ensure_task_topics
+
+    return set(ensure_task_topics(topics, load_task_queues(config.app_modules)))
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -197,50 +211,76 @@ def cmd_tail(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     import signal
-    import threading
 
     from refold.engine.worker import Worker
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
-    worker = Worker(config, only=args.only.split(",") if args.only else None)
-    server = None
-    worker.start()
+    hint = (
+        "name your app's modules with REFOLD_APP=module or --app module; "
+        "the bank example is refold.examples.bank"
+    )
+    if not config.app_modules:
+        raise ConfigError("nothing to run: no app named", hint=hint)
+    host, port = "", 0
     if args.http:
-        from refold.http.server import QueryServer
-
-        host, _, port = args.http.rpartition(":")
-        if not port.isdigit():
+        host, _, raw_port = args.http.rpartition(":")
+        if not raw_port.isdigit():
             raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
-        server = QueryServer(worker, host or "127.0.0.1", int(port), procs=args.http_procs)
-        server.start()
+        host, port = host or "127.0.0.1", int(raw_port)
+    worker = Worker(config, only=args.only.split(",") if args.only else None)
+    if not worker.projections and not worker.deciders:
+        apps = ",".join(config.app_modules)
+        raise ConfigError(f"nothing to run: {apps} has no projections or deciders", hint=hint)
+    # Before anything starts: a SIGTERM while starting still stops it all in order (readers,
+    # their scratch dirs, runners), instead of killing the process half-way.
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    names = ", ".join(
-        [
-            *(f"{r.name} v{r.version}" for r in worker.runners.values()),
-            *(f"commands {n}" for n in worker.processors),
-        ]
-    )
-    http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
-    print(f"worker running {names}{http}", flush=True)
-    while not done.wait(0.5):
-        failed = [r for r in worker.runners.values() if r.stats.state == "failed"]
-        for runner in failed:
-            log.error("projection %s failed: %s", runner.name, runner.stats.error)
-        for name, processor in worker.processors.items():
-            if processor.stats.state == "failed":
-                log.error("command processor %s failed: %s", name, processor.stats.error)
-    if server:
-        server.stop()
-    worker.stop()
+    server = None
+    worker.start()
+    try:
+        if args.http:
+            from refold.http.server import QueryServer
+
+            query = QueryServer(worker, host, port, procs=args.http_procs)
+            query.start()
+            server = query  # stopped below only once started
+        names = ", ".join(
+            [
+                *(f"{r.name} v{r.version}" for r in worker.runners.values()),
+                *(f"commands {n}" for n in worker.processors),
+            ]
+        )
+        http = f"; HTTP on http://{server.host}:{server.port}" if server else ""
+        print(f"worker running {names}{http}", flush=True)
+        _report_failures_until(done, worker)
+    finally:
+        if server:
+            server.stop()
+        worker.stop()
     return 0
+
+
+def _report_failures_until(done: threading.Event, worker: Worker) -> None:
+    """Log each failed projection and command processor once, checking every half second,
+    until `done`."""
+    said: set[int] = set()  # each failure is logged once, not every half second
+    while not done.wait(0.5):
+        for runner in worker.runners.values():
+            if runner.stats.state == "failed" and id(runner) not in said:
+                said.add(id(runner))
+                log.error("projection %s failed: %s", runner.name, runner.stats.error)
+        for name, processor in worker.processors.items():
+            if processor.stats.state == "failed" and id(processor) not in said:
+                said.add(id(processor))
+                log.error("command processor %s failed: %s", name, processor.stats.error)
 
 
 def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
 
     from refold.store.rocksdb import RocksStore
+    from refold.store.scratch import scratch_dir
     from refold.store.versions import live_version, store_path
 
     version = live_version(config, name) or 1
@@ -250,7 +290,7 @@ def _open_reader(config: Config, name: str) -> tuple[RocksStore, int]:
             f"projection {name!r} has no store under {config.data_dir}",
             hint="run `refold worker` first, or check REFOLD_DATA_DIR",
         )
-    return RocksStore.open_secondary(path), version
+    return RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir)), version
 
 
 def cmd_query(args: argparse.Namespace, config: Config) -> int:
@@ -291,11 +331,11 @@ def cmd_query(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    from refold.core.app import load_projections
+    from refold.core.app import load_versions
     from refold.engine.status import Watermarks, status_table, store_status
 
     watermarks = Watermarks(config, timeout=10.0)
-    rows = [store_status(config, p, watermarks) for p in load_projections(config.app_modules)]
+    rows = [store_status(config, v, watermarks) for v in load_versions(config.app_modules).values()]
     if args.json:
         for row in rows:
             _out(row.to_json())
@@ -304,15 +344,27 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _projection(config: Config, name: str) -> Projection:
+def _projection(config: Config, name: str, version: int | None = None) -> Projection:
+    """The class of that version of the projection (default: the newest). A store is folded
+    only by its own version's code, so a version the code has no class for is an error."""
     from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
 
     versions = load_versions(config.app_modules)
     if name not in versions:
         raise InputError(
             f"unknown projection {name!r}", hint="known: " + ", ".join(sorted(versions))
         )
-    return versions[name][max(versions[name])]
+    classes = versions[name]
+    if version is None:
+        return classes[max(classes)]
+    reason = frozen_reason(name, classes, version)
+    if reason is not None:
+        raise InputError(
+            f"cannot fold v{version}: {reason}",
+            hint=f"deploy v{version}'s class beside the others, or replay v{max(classes)}",
+        )
+    return classes[version]
 
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
@@ -321,7 +373,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
-    projection = _projection(config, args.name)
+    projection = _projection(config, args.name, args.version)
     version = args.version or projection.version
     if args.dry_run:
         print(plan(config, projection, version).describe())
@@ -337,6 +389,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         progress=None if args.quiet else sys.stderr,
         procs=args.procs,
         catch_up_timeout=args.stall_timeout,
+        live_frozen=_live_frozen(config, args.name),
     )
     rate = result.folded / result.seconds if result.seconds else 0.0
     split = f", {result.parts} processes" if result.parts > 1 else ""
@@ -357,11 +410,25 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _live_frozen(config: Config, name: str) -> bool:
+    """Whether the code lacks the live version's class: workers serve it frozen."""
+    from refold.core.app import load_versions
+    from refold.engine.frozen import frozen_reason
+    from refold.store.versions import live_version
+
+    live = live_version(config, name)
+    return (
+        live is not None
+        and frozen_reason(name, load_versions(config.app_modules)[name], live) is not None
+    )
+
+
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from refold.store.versions import rollback
 
     current, target = rollback(config, args.name)
-    print(f"{args.name}: v{target} is live again (was v{current})")
+    frozen = " (frozen: the code has no class for it)" if _live_frozen(config, args.name) else ""
+    print(f"{args.name}: v{target} is live again (was v{current}){frozen}")
     return 0
 
 
@@ -403,6 +470,8 @@ COMMANDS: dict[str, Command] = {
     "rollback": cmd_rollback,
     "drop": cmd_drop,
     "demo": cmd_demo,
+    "task": task_commands.cmd_task,
+    "task-worker": task_commands.cmd_task_worker,
 }
 
 
@@ -521,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the bank passbook story, end to end, on a local broker")
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running after")
+
+    task_commands.add_parsers(sub)
     return parser
 
 
@@ -549,11 +620,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RefoldError as exc:
         _fail(exc)
         return EXIT_ERROR
+    except KafkaException as exc:  # what librdkafka raises when the broker does not answer
+        _fail(_unreachable(config, exc))
+        return EXIT_ERROR
+    except TimeoutError as exc:  # a future (a command's append) not done in time
+        _fail(BrokerError(f"no answer from Kafka at {_address(config)} in time: {exc}", hint=_HINT))
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+_HINT = "is the broker running? `refold broker status`, or check REFOLD_BOOTSTRAP_SERVERS"
+
+
+def _address(config: Config) -> str:
+    try:
+        return config.bootstrap_servers
+    except RefoldError:
+        return "(no address)"
+
+
+def _unreachable(config: Config, exc: KafkaException) -> BrokerError:
+    error = exc.args[0] if exc.args else None
+    text = error.str() if isinstance(error, KafkaError) else str(exc)
+    return BrokerError(f"Kafka at {_address(config)}: {text}", hint=_HINT)
 
 
 def _fail(exc: RefoldError) -> None:

@@ -1,4 +1,5 @@
-"""Finding a user's app: the projections, deciders and schema folders of the REFOLD_APP modules.
+"""Finding a user's app: the projections, deciders, task queues and schema folders of the
+REFOLD_APP modules.
 
 Nothing is bundled: a worker runs exactly the modules it is given (`REFOLD_APP`, `--app`). The
 bank example is such a module, `refold.examples.bank`, loaded only when named.
@@ -19,8 +20,9 @@ from types import ModuleType
 from typing import TypeVar
 
 from refold.core.commands import Decider
-from refold.core.errors import CommandError, ProjectionError
+from refold.core.errors import CommandError, ProjectionError, TaskError
 from refold.core.projection import Projection
+from refold.core.tasks import TaskQueue
 
 T = TypeVar("T")
 
@@ -92,6 +94,20 @@ def load_deciders(app_modules: Iterable[str] = ()) -> dict[str, Decider]:
             if cls.name in found and type(found[cls.name]) is not cls:
                 raise CommandError(
                     f"two deciders are named {cls.name!r}", hint="give each aggregate its own name"
+                )
+            found.setdefault(cls.name, cls())
+    return found
+
+
+def load_task_queues(app_modules: Iterable[str] = ()) -> dict[str, TaskQueue]:
+    """Every task queue the named modules contribute, by name."""
+    found: dict[str, TaskQueue] = {}
+    for module_name in dict.fromkeys(app_modules):
+        for cls in classes_of(import_app(module_name), TaskQueue):
+            cls.validate()
+            if cls.name in found and type(found[cls.name]) is not cls:
+                raise TaskError(
+                    f"two task queues are named {cls.name!r}", hint="give each queue its own name"
                 )
             found.setdefault(cls.name, cls())
     return found

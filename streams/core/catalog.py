@@ -177,11 +177,15 @@ class Catalog:
         try:
             return self.types[name]
         except KeyError:
-            known = ", ".join(sorted(self.types)) or "none"
-            raise SchemaError(
-                f"unknown event type {name!r}",
-                hint=f"known types: {known}",
-            ) from None
+            if not self.types:  # outside a project folder with schemas/, nothing names any
+                hint = (
+                    "no schemas are loaded: set REFOLD_SCHEMAS_DIR to a folder of .avsc files, "
+                    "or name an app that declares SCHEMAS_DIRS in REFOLD_APP; "
+                    "the bank example is refold.examples.bank"
+                )
+            else:
+                hint = "known types: " + ", ".join(sorted(self.types))
+            raise SchemaError(f"unknown event type {name!r}", hint=hint) from None
 
     def validate(self, type_name: str, data: Any) -> None:
         """Raise SchemaError/EncodeError-worthy detail if `data` does not fit the latest schema."""

@@ -62,6 +62,9 @@ class Config:
     #: A rebuild writes its store once per this many events (REFOLD_REBUILD_WRITE_EVERY): fewer
     #: writes per key, and at most this much folding redone after a crash.
     rebuild_write_every: int = 250_000
+    #: Seconds a command waits for a broker that does not answer before it gives up with an
+    #: error (REFOLD_BROKER_TIMEOUT): `status`, `tail`, `query --as-of`, `publish`, `command`.
+    broker_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -84,7 +87,17 @@ class Config:
             raise ConfigError(
                 f"REFOLD_REBUILD_WRITE_EVERY must be a positive number of events, not {raw_every!r}"
             ) from None
+        raw_timeout = env.get("REFOLD_BROKER_TIMEOUT") or "30"
+        try:
+            broker_timeout = float(raw_timeout)
+            if not 0 < broker_timeout < 86_400:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"REFOLD_BROKER_TIMEOUT must be seconds between 0 and 86400, not {raw_timeout!r}"
+            ) from None
         return cls(
+            broker_timeout_s=broker_timeout,
             app_id=check_app_id(env.get("REFOLD_APP_ID") or DEFAULT_APP_ID),
             client_overrides=kafka_overrides(env),
             data_dir=data_dir,

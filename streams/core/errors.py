@@ -63,3 +63,7 @@ class ProjectionError(RefoldError):
 
 class CommandError(RefoldError):
     """A command could not be sent, decided or answered (topics, partitions, transactions)."""
+
+
+class TaskError(RefoldError):
+    """A task queue is malformed, or a task could not be submitted, dispatched or reported."""

@@ -46,6 +46,7 @@ from refold.core.projection import Projection
 from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes, tune_collector
 from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
+from refold.store.scratch import scratch_dir
 from refold.store.versions import parts_path, store_path, versions_on_disk
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def stored_offsets(config: Config, name: str, version: int) -> dict[TP, int]:
         if not (path / "CURRENT").is_file():
             continue
         try:
-            view = RocksStore.open_secondary(path)
+            view = RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir))
         except StoreError:
             continue  # being created right now: nothing folded yet
         try:

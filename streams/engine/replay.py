@@ -36,6 +36,7 @@ from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
 from refold.kafka import clients
 from refold.kafka.log import topic_partitions, watermarks
 from refold.store.rocksdb import RocksStore, Store
+from refold.store.scratch import scratch_dir
 from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,19 @@ class DiffSummary:
     samples: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
     offsets: dict[TP, int] = field(default_factory=dict)
+    frozen_at: dict[TP, int] | None = None  # the live version's offsets, when it was frozen
 
     def describe(self) -> str:
+        counts = (
+            f"{self.changed} changed, {self.added} added, {self.removed} removed, "
+            f"{self.unchanged} unchanged"
+        )
+        if self.frozen_at is None or self.frozen_at == self.offsets:
+            return f"diff at the same offsets: {counts}"
+        behind = sum(max(0, o - self.frozen_at.get(tp, 0)) for tp, o in self.offsets.items())
         return (
-            f"diff at the same offsets: {self.changed} changed, {self.added} added, "
-            f"{self.removed} removed, {self.unchanged} unchanged"
+            f"diff against the frozen live version, {behind} events behind the new one "
+            f"(its changes count too): {counts}"
         )
 
 
@@ -187,7 +196,9 @@ class Progress:
 
 def open_view(config: Config, name: str, version: int) -> RocksStore:
     """A secondary (read-only, following) view of a store another process may be writing."""
-    return RocksStore.open_secondary(store_path(config, name, version))
+    return RocksStore.open_secondary(
+        store_path(config, name, version), scratch_root=scratch_dir(config.data_dir)
+    )
 
 
 def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
@@ -248,12 +259,14 @@ def replay(
     progress: TextIO | None = sys.stderr,
     catch_up_timeout: float = 120.0,
     procs: int | None = None,
+    live_frozen: bool = False,
 ) -> ReplayResult:
     """Build `version` beside the live one until it has caught up with it, then diff and swap.
 
     A build from scratch is split over `procs` processes (default: one per core, for builds of
     at least PARALLEL_MIN_EVENTS events) up to the live version's offsets, merged, and then
-    followed by one runner to the live version's offsets of the moment.
+    followed by one runner to the live version's offsets of the moment. `live_frozen`: the code
+    has no class for the live version (refold.engine.frozen), so its offsets never move.
     """
     name = projection.name
     live = live_version(config, name)
@@ -268,7 +281,16 @@ def replay(
     except StoreError:
         # A worker already builds this version in the background: watch it instead.
         return _attached(
-            config, projection, version, live, diff, swap, diff_path, started, catch_up_timeout
+            config,
+            projection,
+            version,
+            live,
+            diff,
+            swap,
+            diff_path,
+            started,
+            catch_up_timeout,
+            live_frozen,
         )
     live_view = open_view(config, name, live) if live else None
     build = _Build(config, codec, projection, version, store)
@@ -447,10 +469,12 @@ def _attached(
     diff_path: Path | None,
     started: float,
     timeout: float,
+    live_frozen: bool = False,
 ) -> ReplayResult:
     """The version's store is held by another process building it (a worker, or another
-    replay): wait until it has folded exactly what the live version has, then diff through
-    read-only views and move the pointer. Gives up when the build stops moving for `timeout`."""
+    replay): wait until it has folded exactly what the live version has (at least that, when
+    the live version is frozen: the build does not stop there), then diff through read-only
+    views and move the pointer. Gives up when the build stops moving for `timeout`."""
     name = projection.name
     new_view = open_view(config, name, version)
     live_view = open_view(config, name, live) if live else None
@@ -461,6 +485,9 @@ def _attached(
             if live_view is not None:
                 live_view.catch_up()
             same = live_view is None or new_view.offsets() == live_view.offsets()
+            if live_frozen and live_view is not None:
+                reached = new_view.offsets()
+                same = all(reached.get(tp, 0) >= o for tp, o in live_view.offsets().items())
             if same:
                 break
             now = stored_offsets(config, name, version)  # parts included
@@ -477,6 +504,8 @@ def _attached(
         if diff and live_view is not None:
             summary = _diff_to_file(config, name, live_view, new_view, diff_path)
             summary.offsets = new_view.offsets()
+            if live_frozen:
+                summary.frozen_at = live_view.offsets()
         folded = int(new_view.meta("events_folded") or 0)
     finally:
         new_view.close()

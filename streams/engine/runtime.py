@@ -9,13 +9,17 @@ Commit steps, in order, for every batch (the order is what makes a crash at any 
    producer is flushed, before anything else is written;
 4. ONE RocksDB WriteBatch stores the changed states, the re-key links, the counters and every
    partition's next offset — the store is the truth, a crash before this step re-folds from
-   Kafka, a crash after it finds the offsets already moved. While the consumer keeps handing out
+   Kafka, a crash after it finds the offsets already moved. A partition's next offset is the
+   consumer's position when that is further: past the transaction markers (and aborted records)
+   that read_committed never delivers, so a topic written in transactions ends at lag 0. While
+   the consumer keeps handing out
    full batches (a backlog: catching up, rebuilding), consecutive batches share one WriteBatch,
    up to `commit_every` events or `commit_interval_s` seconds, so a key folded many times is
    written once; a short batch (caught up) is written at once, so freshness does not wait;
 5. the offsets are committed to Kafka asynchronously, at most once per `KAFKA_COMMIT_INTERVAL_S`
    (and when partitions are revoked or the runner closes); they are advisory (monitoring, lag):
-   on assignment the consumer always seeks to the store's offsets, never to Kafka's.
+   on assignment the consumer always seeks to the store's offsets, never to Kafka's, and
+   commits them again, so an external reset of the group's offsets does not outlive it.
 
 A poison record found while earlier batches wait for their write may have half-changed their
 cached states, so those batches are not written: the consumer rewinds to the stored offsets and
@@ -46,6 +50,7 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError, ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
+from refold.engine.membership import fold_group_settings
 from refold.kafka import clients
 from refold.kafka.log import end_offsets, topic_partitions
 from refold.store.rocksdb import RocksStore, Store
@@ -64,6 +69,8 @@ KAFKA_COMMIT_INTERVAL_S = 1.0
 #: Batches folded during a backlog share one store write up to this many events or seconds.
 COMMIT_EVERY = 50_000
 COMMIT_INTERVAL_S = 0.5
+#: An owned partition is "behind" while records it held this many seconds ago are not folded.
+BEHIND_S = 5.0
 
 
 def rebuild_writes(config: Config) -> dict[str, Any]:
@@ -129,6 +136,36 @@ class RunnerStats:
     assigned: tuple[TP, ...] = ()
     high_watermarks: dict[TP, int] = field(default_factory=dict)
     last_commit_ms: float = 0.0
+    # Refreshed about once a second by the fold thread (`_refresh_watermarks`), each a new object:
+    lag: dict[TP, int] = field(default_factory=dict)  # records not folded, per owned partition
+    behind: tuple[TP, ...] = ()  # owned partitions with records older than BEHIND_S unfolded
+    refreshed_at: float = 0.0  # time.monotonic() of that refresh
+
+
+class Behind:
+    """Which partitions hold records older than `after` seconds that are not folded yet: fed
+    the end offsets seen and the positions folded, once a second or so."""
+
+    def __init__(self, after: float = BEHIND_S) -> None:
+        self._after = after
+        self._seen: list[tuple[float, Mapping[TP, int]]] = []  # (when, ends), oldest first
+
+    def update(
+        self, now: float, ends: Mapping[TP, int], folded: Mapping[TP, int]
+    ) -> tuple[TP, ...]:
+        """Partitions not folded to the ends seen `after` s ago (or, for partitions watched
+        less long than that, to the first end seen: a new owner is behind until it caught up
+        with what was there when it took the partition)."""
+        seen = self._seen
+        seen.append((now, ends))
+        while len(seen) > 1 and seen[1][0] <= now - self._after:
+            seen.pop(0)  # seen[0] stays: the newest sample at least `after` s old
+        behind = []
+        for tp, nxt in folded.items():
+            ref = next((m[tp] for _t, m in seen if tp in m), None)
+            if ref is not None and nxt < ref:
+                behind.append(tp)
+        return tuple(sorted(behind))
 
 
 class _Poison(Exception):
@@ -180,6 +217,7 @@ class ProjectionRunner:
         commit_every: int = COMMIT_EVERY,
         commit_interval_s: float = COMMIT_INTERVAL_S,
         write_when_caught_up: bool = True,
+        instance_id: str | None = None,
     ) -> None:
         self.config = config
         self.codec = codec
@@ -216,16 +254,24 @@ class ProjectionRunner:
         self._beyond: dict[TP, int] = {}  # first offset past its bound seen, per partition
         self._paused: set[TP] = set()
         self._watermarks_at = 0.0
+        self._behind = Behind()
         self._uncommitted: dict[TP, int] = {}  # stored, not yet committed to Kafka
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
+        # `instance_id`: static membership (refold.engine.membership), given by the worker.
+        self.instance_id = instance_id
+        membership, required = fold_group_settings(config, instance_id)
         self._consumer = clients.consumer(
             config,
             group_id(config, self.name, self.version),
-            defaults={**FOLD_CONSUMER_CONF, **(consumer_conf or {})},
-            required={"partition.assignment.strategy": "cooperative-sticky"},
+            defaults={**FOLD_CONSUMER_CONF, **membership, **(consumer_conf or {})},
+            required=required,
         )
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(self.projection.topics)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -273,12 +319,12 @@ class ProjectionRunner:
     def stop(self) -> None:
         self._stop.set()
 
-    def _write_pending_unless_failed(self) -> None:
+    def _write_pending_unless_failed(self, past_markers: bool = True) -> None:
         """Store the batches folded but not yet written (they are complete: folding happens
         between consume() calls). Not after a failure: the batch that failed may have left its
         records in the pending write without their dead letters."""
         if self.stats.state != "failed" and self._pending.offsets:
-            self._write_pending()
+            self._write_pending(past_markers)
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 
@@ -350,6 +396,8 @@ class ProjectionRunner:
             positions = self._consumer.position([TopicPartition(*tp) for tp in short])
             if any(tp.offset < self._bounds[(tp.topic, tp.partition)] for tp in positions):
                 return False
+            for t, p in short:  # stored at the bound, past its markers
+                self._pending.offsets[(t, p)] = self._bounds[(t, p)]
         self._write_pending()
         return True
 
@@ -361,14 +409,17 @@ class ProjectionRunner:
             key = (tp.topic, tp.partition)
             tp.offset = stored.get(key, OFFSET_BEGINNING)
             self._next[key] = stored.get(key, 0)
+            if key in stored:  # the store is the truth: undo any reset of the group's offsets
+                self._uncommitted[key] = stored[key]
         consumer.incremental_assign(partitions)
         self._publish_assignment(consumer)
         log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Batches waiting for their write are stored first (this runs inside consume(), between
-        # two folds); then Kafka's advisory copy of the revoked partitions' offsets.
-        self._write_pending_unless_failed()
+        # two folds); then Kafka's advisory copy of the revoked partitions' offsets. Not past
+        # the consumer's position: records this consume() call already took are not folded.
+        self._write_pending_unless_failed(past_markers=False)
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._commit_to_kafka([tp for tp in revoked if tp in self._uncommitted])
         for tp in revoked:
@@ -429,7 +480,7 @@ class ProjectionRunner:
             self._careful -= len(msgs)
         if stop is not None:
             msg, reason = stop
-            self._write_pending()
+            self._write_pending(past_markers=False)  # the records after `msg` are not folded
             position = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
             self.stats.error = f"stopped at {position}: {reason}"
             self.stats.state = "failed"
@@ -669,16 +720,23 @@ class ProjectionRunner:
             yield msg, event
 
     def _consume_error(self, msg: Message) -> None:
-        if msg.error().code() != KafkaError._PARTITION_EOF:
-            log.warning("%s: consume error %s", self.name, msg.error())
+        error = msg.error()
+        if error.fatal() or error.code() == KafkaError._FATAL:  # e.g. refused by the group
+            raise ProjectionError(f"{self.name}: the consumer failed: {error}")
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("%s: consume error %s", self.name, error)
 
-    def _write_pending(self) -> None:
-        """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch."""
+    def _write_pending(self, past_markers: bool = True) -> None:
+        """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch.
+        `past_markers`: every record the consumer returned is folded, so its position may be
+        stored where it is further (see `_past_markers`)."""
         pending = self._pending
         next_offsets = pending.offsets
         if not next_offsets:
             pending.clear()
             return
+        if past_markers:
+            self._past_markers(next_offsets)
         stats = self.stats
         folded, skipped, dead = pending.folded, pending.skipped, pending.dead
         meta: dict[str, Any] = {"events_folded": stats.folded + folded}
@@ -706,6 +764,35 @@ class ProjectionRunner:
             self._changed.notify_all()
         self._uncommitted.update(next_offsets)
         self._commit_to_kafka_due()
+
+    def _past_markers(self, offsets: dict[TP, int]) -> None:
+        """Move next offsets up to the consumer's position where it is further: the offsets in
+        between hold transaction markers or aborted records, which read_committed never delivers
+        (position() is the last record returned + 1, past the markers that followed it). Only
+        when every record returned is folded; never past a rebuild's bound. Without this a
+        partition ending in a marker (every transactional write) shows lag 1 forever."""
+        tps = [TopicPartition(t, p) for t, p in offsets if (t, p) not in self._beyond]
+        if not tps or self._paused.intersection(offsets):
+            return
+        bounds = self._bounds
+        for tp in self._consumer.position(tps):
+            key = (tp.topic, tp.partition)
+            position = tp.offset if not bounds else min(tp.offset, bounds.get(key, tp.offset))
+            if position > offsets[key]:
+                offsets[key] = position
+
+    def _skip_trailing_markers(self) -> None:
+        """Store positions that moved past markers while nothing was folded (a marker fetched
+        after the last record of its transaction): an offsets-only write."""
+        if self._pending.offsets or self._beyond or self._stop.is_set():
+            return  # (stopped: maybe at a poison record, with records after it not folded)
+        owned = {tp: self._next[tp] for tp in self.stats.assigned if tp in self._next}
+        moved = dict(owned)
+        self._past_markers(moved)
+        moved = {tp: o for tp, o in moved.items() if o > owned[tp]}
+        if moved:
+            self._pending.offsets.update(moved)
+            self._write_pending(past_markers=False)
 
     def _forget_poison(self, stored: Mapping[TP, int]) -> None:
         """Poison positions now below the stored offsets are never read again."""
@@ -793,12 +880,7 @@ class ProjectionRunner:
         """Records behind the end of each owned partition, as of the last refresh (about once a
         second, done by the fold thread: confluent-kafka serialises calls on one consumer, so
         another thread asking it directly would wait behind the fold loop)."""
-        positions = self.stats.positions
-        return {
-            tp: max(0, high - positions.get(tp, 0))
-            for tp, high in self.stats.high_watermarks.items()
-            if tp in positions
-        }
+        return self.stats.lag
 
     def _refresh_watermarks(self) -> None:
         now = time.monotonic()
@@ -806,9 +888,15 @@ class ProjectionRunner:
             return
         self._watermarks_at = now
         marks: dict[TP, int] = {}
-        for tp in self.stats.assigned:
+        owned = self.stats.assigned
+        for tp in owned:
             # cached=True reads what the fetcher last learned: no broker round trip.
             _low, high = self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
             if high >= 0:
                 marks[tp] = high
         self.stats.high_watermarks = marks
+        self._skip_trailing_markers()  # stored positions move past transaction markers
+        positions = self.stats.positions
+        self.stats.lag = {tp: max(0, high - positions.get(tp, 0)) for tp, high in marks.items()}
+        self.stats.behind = self._behind.update(now, marks, positions)
+        self.stats.refreshed_at = now

@@ -15,15 +15,18 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
 from refold.core.errors import TopicError
 from refold.core.projection import Projection
+from refold.engine.frozen import Serving, frozen_reason
 from refold.engine.rebuild import build_on_disk, stored_offsets
-from refold.engine.runtime import ProjectionRunner
 from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
+from refold.store.scratch import scratch_dir
 from refold.store.versions import live_version, store_path
 
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+WARN_EVERY_S = 60.0
+_DOWN = ("stopped", "failed")
 
 
 class Watermarks:
@@ -41,6 +44,7 @@ class Watermarks:
         self._lock = threading.Lock()
         self._ends: dict[TP, int] = {}
         self._at = 0.0
+        self._warned_at = -WARN_EVERY_S
 
     def ends(self, partitions: Iterable[TP]) -> dict[TP, int]:
         """End offsets of the partitions the broker answered for (blocks: call off the loop)."""
@@ -60,11 +64,23 @@ class Watermarks:
             request_timeout=self._timeout,
         )
         ends: dict[TP, int] = {}
+        missing: list[str] = []
         for tp, future in futures.items():
             try:
                 ends[(tp.topic, tp.partition)] = future.result().offset
             except KafkaException as exc:  # lag is best-effort: unknown rather than wrong
-                log.warning("no end offset for %s[%d]: %s", tp.topic, tp.partition, exc)
+                missing.append(f"{tp.topic}[{tp.partition}]: {exc}")
+        now = time.monotonic()
+        if missing and now - self._warned_at >= WARN_EVERY_S:
+            # One line per WARN_EVERY_S, not one per partition per request: with the broker
+            # gone, every /projections and /metrics request would add a screenful.
+            self._warned_at = now
+            log.warning(
+                "no end offset for %d partition(s), e.g. %s (lag unknown; said once per %.0f s)",
+                len(missing),
+                missing[0],
+                WARN_EVERY_S,
+            )
         self._ends = ends
         self._at = time.monotonic()
 
@@ -104,14 +120,14 @@ def _partitions(
     return out
 
 
-def describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]:
+def describe(runner: Serving, watermarks: Watermarks) -> dict[str, Any]:
     stats = runner.stats
     return {
         "name": runner.name,
         "version": runner.version,
         "state": stats.state,
         "error": stats.error,
-        "topics": list(runner.projection.topics),
+        "topics": list(runner.topics),
         "partitions": _partitions(runner.stats.positions, runner.stats.assigned, watermarks),
         "events_folded": stats.folded,
         "dead_letters": stats.dead_letters,
@@ -120,7 +136,7 @@ def describe(runner: ProjectionRunner, watermarks: Watermarks) -> dict[str, Any]
 
 
 def describe_on_disk(
-    config: Config, runner: ProjectionRunner, watermarks: Watermarks
+    config: Config, runner: Serving, watermarks: Watermarks
 ) -> dict[str, Any] | None:
     """A newer version of `runner`'s projection that another process builds, read from disk."""
     found = build_on_disk(config, runner.name, runner.version)
@@ -145,7 +161,7 @@ def _label(value: object) -> str:
 
 
 def metrics_text(
-    runners: list[ProjectionRunner],
+    runners: list[Serving],
     watermarks: Watermarks,
     requests: Mapping[tuple[str, int], int],
 ) -> str:
@@ -164,8 +180,11 @@ def metrics_text(
     family(
         "refold_projection_up",
         "gauge",
-        "1 while the projection's runner is not stopped or failed.",
-        [({"projection": r.name}, int(r.stats.state in ("starting", "running"))) for r in runners],
+        "1 while the projection answers queries (its runner is not stopped or failed).",
+        [
+            ({"projection": r.name}, int(r.stats.state not in ("stopped", "failed")))
+            for r in runners
+        ],
     )
     family(
         "refold_events_folded_total",
@@ -238,12 +257,16 @@ class StoreStatus:
     dead_letters: int
     offsets: Mapping[TP, int]
     building: Mapping[str, int] | None = None  # version, position, of
+    #: why no code may fold the live version (refold.engine.frozen), or None
+    frozen: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "projection": self.projection,
             "version": self.version,
             "code_version": self.code_version,
+            "state": "frozen" if self.frozen else "folding",
+            "frozen": self.frozen,
             "building": dict(self.building) if self.building else None,
             "events_folded": self.events_folded,
             "lag": self.lag,
@@ -252,15 +275,19 @@ class StoreStatus:
         }
 
 
-def store_status(config: Config, projection: Projection, watermarks: Watermarks) -> StoreStatus:
-    """Read the live (or only) version's store of `projection` and the source topics' ends."""
+def store_status(
+    config: Config, versions: Mapping[int, Projection], watermarks: Watermarks
+) -> StoreStatus:
+    """Read the live (or only) version's store of a projection (its classes by version) and
+    the source topics' ends."""
+    projection = versions[max(versions)]
     name = projection.name
     version = live_version(config, name) or projection.version
     offsets: dict[TP, int] = {}
     counters = {"events_folded": 0, "dead_letters": 0}
     path = store_path(config, name, version)
     if path.is_dir():
-        store = RocksStore.open_secondary(path)
+        store = RocksStore.open_secondary(path, scratch_root=scratch_dir(config.data_dir))
         try:
             offsets = store.offsets()
             counters = {k: int(store.meta(k) or 0) for k in counters}
@@ -283,6 +310,7 @@ def store_status(config: Config, projection: Projection, watermarks: Watermarks)
         counters["dead_letters"],
         offsets,
         building,
+        frozen_reason(name, versions, version),
     )
 
 
@@ -294,6 +322,8 @@ def status_table(rows: Iterable[StoreStatus]) -> str:
         if row.building:
             b = row.building
             offs += f"  (building v{b['version']}: {b['position']}/{b['of']})"
+        if row.frozen:
+            offs += f"  (frozen: {row.frozen})"
         lines.append(
             f"{row.projection:<16} {row.version:>7} {row.events_folded:>10} "
             f"{row.lag:>8} {row.dead_letters:>6}  {offs}"

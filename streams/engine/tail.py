@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from contextlib import closing
@@ -15,12 +16,13 @@ from confluent_kafka import (
     OFFSET_END,
     Consumer,
     KafkaError,
+    KafkaException,
     Message,
     TopicPartition,
 )
 from refold.core import envelope
 from refold.core.config import Config
-from refold.core.errors import DecodeError, TopicError
+from refold.core.errors import BrokerError, DecodeError, TopicError
 from refold.core.serde import Codec, Event
 from refold.kafka import clients
 from refold.kafka.log import read_to_end, topic_partitions
@@ -96,9 +98,9 @@ def tail(
     try:
         numbers = topic_partitions(consumer, topic)
         if follow:
-            records = _follow(consumer, topic, numbers, from_beginning, poll_timeout)
+            records = _follow(config, consumer, topic, numbers, from_beginning, poll_timeout)
         else:
-            records = _to_end(consumer, topic, numbers, from_beginning)
+            records = _to_end(consumer, topic, numbers, from_beginning, config.broker_timeout_s)
         with closing(records):  # the reader unassigns before the consumer closes
             for msg in islice(records, limit):
                 try:
@@ -110,30 +112,55 @@ def tail(
 
 
 def _to_end(
-    consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool
+    consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool, timeout: float
 ) -> Generator[Message, None, None]:
     """The records up to the ends of the moment (none when starting at the end)."""
     if not from_beginning:
         return
-    for batch in read_to_end(consumer, {(topic, p): OFFSET_BEGINNING for p in numbers}):
+    starts = {(topic, p): OFFSET_BEGINNING for p in numbers}
+    for batch in read_to_end(consumer, starts, timeout=timeout):
         yield from batch
 
 
 def _follow(
-    consumer: Consumer, topic: str, numbers: list[int], from_beginning: bool, poll_timeout: float
+    config: Config,
+    consumer: Consumer,
+    topic: str,
+    numbers: list[int],
+    from_beginning: bool,
+    poll_timeout: float,
 ) -> Generator[Message, None, None]:
-    """Every record from the start (or the end) on, as it arrives, until the caller stops."""
+    """Every record from the start (or the end) on, as it arrives, until the caller stops, or
+    until nothing came for REFOLD_BROKER_TIMEOUT and the broker does not answer (BrokerError):
+    a quiet topic is no reason to stop, a broker gone for good is."""
     start = OFFSET_BEGINNING if from_beginning else OFFSET_END
     consumer.assign([TopicPartition(topic, p, start) for p in numbers])
+    quiet_since = time.monotonic()
     while True:
         msg = consumer.poll(poll_timeout)
         if msg is None:
+            if time.monotonic() - quiet_since >= config.broker_timeout_s:
+                _still_there(config, consumer, topic)
+                quiet_since = time.monotonic()
             continue
         if msg.error():
             if msg.error().code() != KafkaError._PARTITION_EOF:
                 log.warning("consume error on %s: %s", topic, msg.error())
             continue
+        quiet_since = time.monotonic()
         yield msg
+
+
+def _still_there(config: Config, consumer: Consumer, topic: str) -> None:
+    """BrokerError unless the broker answers a metadata request."""
+    try:
+        consumer.list_topics(topic, timeout=5)
+    except KafkaException as exc:
+        raise BrokerError(
+            f"following {topic}: nothing came for {config.broker_timeout_s:.0f} s and the broker "
+            f"at {config.bootstrap_servers} does not answer: {exc}",
+            hint="is the broker running? `refold broker status` (REFOLD_BROKER_TIMEOUT: the wait)",
+        ) from exc
 
 
 def dead_letters(

@@ -83,7 +83,8 @@ def fold_as_of(
         for topic in projection.topics:
             tp, start, stop = _prefix_before(consumer, topic, raw_key, ms)
             position[f"{topic}:{tp[1]}"] = stop
-            for event in _events_of(consumer, codec, tp, start, stop, raw_key):
+            timeout = config.broker_timeout_s
+            for event in _events_of(consumer, codec, tp, start, stop, raw_key, timeout):
                 state = projection.apply(projection.initial(key) if state is None else state, event)
                 folded += 1
     finally:
@@ -110,11 +111,12 @@ def _events_of(
     start: int,
     stop: int,
     raw_key: bytes,
+    timeout: float,
 ) -> Iterator[Event]:
     """The decodable events of one key in offsets [start, stop) of its partition."""
     if stop <= start:
         return
-    for batch in read_to_end(consumer, {tp: start}, until={tp: stop}):
+    for batch in read_to_end(consumer, {tp: start}, until={tp: stop}, timeout=timeout):
         for msg in batch:
             if msg.key() != raw_key:
                 continue

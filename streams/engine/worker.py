@@ -5,6 +5,9 @@ one, it also builds the new version in the background (from offset zero, beside 
 once caught up, either swaps (`on_new_version = "swap"`) or waits for `refold replay NAME --swap`.
 A watcher follows the LIVE pointer, so a swap or rollback made by another process takes effect
 here without a restart: the target version is caught up first, then queries switch to it.
+
+A store is folded only by its own version's code: a version to serve whose class the code lacks
+is frozen (refold.engine.frozen), answering at its last offsets while nothing folds into it.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import threading
 import time
 from collections.abc import Iterable
 
-from refold.core.app import load_deciders, load_versions
+from refold.core.app import load_deciders, load_task_queues, load_versions
 from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
+from refold.core.tasks import TaskQueue
 from refold.engine.command_processor import CommandProcessor
+from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
+from refold.engine.health import HealthMonitor
+from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.engine.task_queues import TaskService
 from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
 from refold.kafka.command_topics import ensure_command_topics
@@ -30,6 +38,7 @@ from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
 from refold.kafka.topics import Topics, dead_letter_topic, internal_topics
 from refold.store.rocksdb import RocksStore
+from refold.store.scratch import scratch_dir, sweep
 from refold.store.versions import live_version, set_live, store_path
 
 log = logging.getLogger(__name__)
@@ -49,8 +58,10 @@ class Worker:
         batch_size: int = 5000,
         only: Iterable[str] | None = None,
         deciders: Iterable[Decider] | None = None,
+        task_queues: Iterable[TaskQueue] | None = None,
     ) -> None:
         self.config = config
+        self.worker_id = worker_id(config)  # this data dir's identity in every group it joins
         self.codec = codec or codec_for(config)
         # Deciders (commands): the bundled and REFOLD_APP ones, unless projections were passed.
         if deciders is None:
@@ -74,19 +85,31 @@ class Worker:
         self.processors: dict[str, CommandProcessor] = {}
         self.results: ResultsIndex | None = None
         self._command_client: CommandClient | None = None
+        # Task queues (REFOLD_APP's, unless projections were passed): their status projections
+        # run like any other.
+        if task_queues is None:
+            queues = load_task_queues(config.app_modules) if projections is None else {}
+        else:
+            queues = {q.name: q for q in task_queues}
+        self.tasks = TaskService(config, self.codec, queues)
+        for status in self.tasks.projections:
+            self.versions.setdefault(status.name, {status.version: status})
         self.projections = [v[max(v)] for v in self.versions.values()]
         self._batch_size = batch_size
         self._topics = Topics(config)
+        self.tasks.ensure_topics(self._topics)
         self._check_sources()
         self._dlq = clients.producer(config)
-        self.runners: dict[str, ProjectionRunner] = {}  # the live version of each projection
+        self.runners: dict[str, Serving] = {}  # the live version of each projection
         self.builds: dict[str, ProjectionRunner] = {}  # newer code versions being built
         self._threads: list[threading.Thread] = []
-        self._retired: list[ProjectionRunner] = []
+        self._retired: list[Serving] = []
         self._publisher: Publisher | None = None
         self._publisher_lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Who folds each partition, lag, the broker's reachability: read by the query server.
+        self.health = HealthMonitor(config, lambda: self.runners)
 
     def _check_sources(self) -> None:
         for projection in self.projections:
@@ -109,6 +132,7 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        sweep(scratch_dir(self.config.data_dir))  # left by processes killed while reading
         self._topics.ensure(
             [
                 *internal_topics(self.config),
@@ -124,19 +148,24 @@ class Worker:
             if live is None:
                 set_live(self.config, name, code)
                 live = code
-            serving = self._start_runner(name, live)
+            serving = self._serve(name, live)
             self.runners[name] = serving
             if code > live:
                 log.info("%s: building v%d beside live v%d", name, code, live)
                 self._start_build(name, code, serving.store.offsets())
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
+        self.health.start()
         self._start_commands()
+        self.tasks.start(self.runners)
 
-    def _fold_for(self, name: str, version: int) -> Projection:
-        """The class written for that version if the code still has it, else the newest."""
-        versions = self.versions[name]
-        return versions.get(version) or versions[max(versions)]
+    def _serve(self, name: str, version: int) -> Serving:
+        """A runner folding `version` with its own class, or, when the code has no class for
+        it, the version frozen at its stored offsets (never folded by another version's code)."""
+        reason = frozen_reason(name, self.versions[name], version)
+        if reason is None:
+            return self._start_runner(name, version)
+        return FrozenVersion(self.config, name, version, reason)
 
     def _start_runner(
         self,
@@ -148,12 +177,13 @@ class Worker:
         runner = ProjectionRunner(
             self.config,
             self.codec,
-            self._fold_for(name, version),
+            self.versions[name][version],
             dead_letters=self._dlq,
             store=store,
             version=version,
             batch_size=self._batch_size,
             replay_below=replay_below,
+            instance_id=f"{self.worker_id}.{name}.v{version}",
         )
         thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
         self._threads.append(thread)
@@ -175,7 +205,7 @@ class Worker:
             try:
                 merged = build_in_parts(
                     self.config,
-                    self._fold_for(name, version),
+                    self.versions[name][version],
                     version,
                     store,
                     live,
@@ -200,6 +230,8 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
+        self.health.stop()
+        self.tasks.stop(timeout)
         if self._watcher is not None:
             self._watcher.join(timeout)
         for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:
@@ -248,7 +280,7 @@ class Worker:
                 self._command_client = CommandClient(self.config, running)
             return self._command_client
 
-    def runner(self, name: str) -> ProjectionRunner:
+    def runner(self, name: str) -> Serving:
         try:
             return self.runners[name]
         except KeyError:
@@ -275,7 +307,7 @@ class Worker:
             self._switch(name, live)
         elif (
             build is not None
-            and self._fold_for(name, build.version).on_new_version == "swap"
+            and self.versions[name][build.version].on_new_version == "swap"
             and build.stats.state == "running"
             and build.reached(_folded(serving))
         ):
@@ -286,12 +318,17 @@ class Worker:
     def _switch(self, name: str, version: int) -> None:
         old = self.runners[name]
         build = self.builds.get(name)
+        new: Serving
         if build is not None and build.version == version:
             new = self.builds.pop(name)
         else:
-            new = self._start_runner(name, version)
+            new = self._serve(name, version)
         deadline = time.monotonic() + 60
-        while not new.reached(_folded(old)) and time.monotonic() < deadline:
+        while (
+            not isinstance(new, FrozenVersion)  # it serves what it holds: nothing to wait for
+            and not new.reached(_folded(old))
+            and time.monotonic() < deadline
+        ):
             if new.stats.state == "failed" or self._stopping.is_set():
                 break
             time.sleep(0.05)
@@ -303,6 +340,6 @@ class Worker:
         timer.start()
 
 
-def _folded(runner: ProjectionRunner) -> dict[TP, int]:
+def _folded(runner: Serving) -> dict[TP, int]:
     """The last offset `runner` folded per partition (for `reached`)."""
     return {tp: nxt - 1 for tp, nxt in runner.stats.positions.items() if nxt > 0}

@@ -8,7 +8,9 @@ requires for correctness, which no setting can change (a user value it overrides
   record is written once and other clients agree on placement;
 - consumers: a group of this deployment (`Config.group`), no auto-commit (the store holds the
   offsets), `read_committed` (aborted command transactions are never folded);
-- transactional producers: a stable `transactional.id` of this deployment.
+- transactional producers: a stable `transactional.id` of this deployment;
+- share consumers (KIP-932): a share group of this deployment, explicit acknowledgement (each
+  record is accepted, released or rejected by the caller, never implicitly on the next poll).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, ShareConsumer
 from confluent_kafka.admin import AdminClient
 from refold.core.config import Config
 
@@ -68,6 +70,19 @@ def consumer(
     """A consumer in `group` (build it with `config.group(...)`), offsets kept by the caller."""
     needed: dict[str, object] = {**CONSUMER_REQUIRED, "group.id": group, **(required or {})}
     return Consumer(config.kafka(defaults=defaults, **needed))
+
+
+#: What every share consumer needs: refold acknowledges each record itself.
+SHARE_CONSUMER_REQUIRED: Mapping[str, object] = {"share.acknowledgement.mode": "explicit"}
+
+
+def share_consumer(
+    config: Config, group: str, *, defaults: Mapping[str, object] | None = None
+) -> ShareConsumer:
+    """A share consumer in `group` (`config.group(...)`). The group's own settings (offset
+    reset, isolation, record lock) are group configs, set through the admin client."""
+    needed: dict[str, object] = {**SHARE_CONSUMER_REQUIRED, "group.id": group}
+    return ShareConsumer(config.kafka(defaults=defaults, **needed))
 
 
 def admin(config: Config, **defaults: object) -> AdminClient:

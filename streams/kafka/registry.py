@@ -14,6 +14,7 @@ from refold.core.catalog import Catalog, SchemaVersion
 from refold.core.config import Config
 from refold.core.errors import LogReadError, PublishError
 from refold.core.serde import Codec
+from refold.core.tasks import TASK_SCHEMAS
 from refold.kafka import clients
 from refold.kafka.log import read_to_end
 
@@ -88,8 +89,9 @@ class SchemaRegistry:
 
 def codec_for(config: Config) -> Codec:
     """The catalog from the schema directories (REFOLD_SCHEMAS_DIR and those the app modules
-    declare) plus a registry fallback for unknown writers."""
-    dirs = {d.resolve(): d for d in [*config.schemas_dirs, *schema_dirs(config.app_modules)]}
+    declare), the task events' own schemas, and a registry fallback for unknown writers."""
+    found = [*config.schemas_dirs, *schema_dirs(config.app_modules), TASK_SCHEMAS]
+    dirs = {d.resolve(): d for d in found}
     catalog = Catalog.load(dirs.values())
     registry = SchemaRegistry(config, catalog)
     return Codec(catalog, on_unknown_fingerprint=registry.lookup)

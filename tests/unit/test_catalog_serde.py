@@ -57,7 +57,8 @@ def test_round_trip_is_single_object_encoded(codec: Codec) -> None:
 
 
 def test_plain_fastavro_decodes_our_records(codec: Codec) -> None:
-    """The README's snippet: nothing but fastavro and the .avsc files."""
+    """The README's snippet, without Kafka: nothing but fastavro and the .avsc files
+    (tests/integration/test_readme.py runs the README's own text against the broker)."""
     value = codec.encode("bank.MoneyWithdrawn", {"account_id": "a", "amount_cents": 7, "memo": ""})
     # --- snippet (kept in sync with README.md) ---
     schemas = {}
@@ -252,3 +253,13 @@ def test_version_gap_is_rejected(tmp_path: Path) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match="does not exist"):
         Catalog.load([tmp_path / "nope"])
+
+
+def test_an_unknown_type_says_where_types_come_from(codec: Codec) -> None:
+    with pytest.raises(SchemaError) as known:
+        codec.catalog.event_type("bank.Nope")
+    assert "known types: bank.AccountClosed" in (known.value.hint or "")
+    with pytest.raises(SchemaError) as empty:  # outside a project: no schemas/ folder, no app
+        Catalog().event_type("bank.MoneyDeposited")
+    assert "REFOLD_SCHEMAS_DIR" in (empty.value.hint or "")
+    assert "REFOLD_APP" in (empty.value.hint or "")

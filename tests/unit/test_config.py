@@ -25,6 +25,14 @@ def test_a_bad_rebuild_write_interval_names_the_variable(bad: str) -> None:
         Config.from_env({"REFOLD_REBUILD_WRITE_EVERY": bad})
 
 
+def test_the_broker_timeout_defaults_to_30_s_and_names_the_variable_when_bad() -> None:
+    assert Config.from_env({}).broker_timeout_s == 30.0
+    assert Config.from_env({"REFOLD_BROKER_TIMEOUT": "2.5"}).broker_timeout_s == 2.5
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ConfigError, match="REFOLD_BROKER_TIMEOUT"):
+            Config.from_env({"REFOLD_BROKER_TIMEOUT": bad})
+
+
 def test_refold_kafka_variables_pass_through_to_every_client() -> None:
     config = Config.from_env(
         {

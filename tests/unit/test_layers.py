@@ -1,8 +1,9 @@
 """The package's layers point one way: every import of refold goes down the declared list.
 
 core → store → kafka → engine → http → cli. The root module `refold` is the public API (it
-re-exports core types and the Kafka clients users call); library modules never import it, and
-the example apps import nothing else.
+re-exports core types and the Kafka clients users call), and so is `refold.tasks` (the task API,
+re-exported from core); library modules never import them, and the example apps import nothing
+else.
 Function-level and TYPE_CHECKING imports count too: a layer that needs an upper one at run time
 is as tangled as one that imports it at the top.
 """
@@ -18,13 +19,15 @@ import refold
 
 LAYERS = ["core", "store", "kafka", "engine", "http", "cli"]
 DATA = {"schemas", "deploy"}  # package data, no code
-PUBLIC = {"refold"}  # what an example app may import
+PUBLIC = {"refold", "refold.tasks"}  # what an example app may import
 
 
 def _modules() -> dict[str, Path]:
     """Every module of the installed package by dotted name (subpackages may live in other
     folders of the repo, so walk each subpackage's own __path__)."""
     found: dict[str, Path] = {"refold": Path(refold.__file__)}
+    for public in PUBLIC - {"refold"}:
+        found[public] = Path(str(importlib.import_module(public).__file__))
     for sub in [*LAYERS, "examples", "examples.bank"]:
         package = importlib.import_module(f"refold.{sub}")
         for directory in package.__path__:
@@ -50,7 +53,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
 
 def _area(module: str) -> str:
     parts = module.split(".")
-    return "refold" if len(parts) == 1 else parts[1]
+    return "refold" if len(parts) == 1 or module in PUBLIC else parts[1]
 
 
 MODULES = _modules()

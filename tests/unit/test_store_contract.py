@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -198,24 +197,25 @@ class TestRocksStore(StoreContract):
         path = tmp_path / "s"
         with RocksStore.open(path) as writer:
             writer.commit({"a": 1}, {P0: 1})
-            reader = RocksStore.open_secondary(path)
+            with pytest.raises(StoreError, match="needs a scratch dir"):
+                RocksStore.open_secondary(path)  # never in /tmp
+            reader = RocksStore.open_secondary(path, scratch_root=tmp_path / "scratch")
             scratch = reader._scratch
             assert scratch is not None and scratch.is_dir()
+            assert scratch.parent == tmp_path / "scratch"
+            assert scratch.name.startswith(f"{os.getpid()}-")
             writer.commit({"a": 2}, {P0: 2})
             reader.catch_up()
             assert reader.get("a") == 2 and reader.offsets() == {P0: 2}
             reader.close()
             assert not scratch.exists()
 
-    def test_a_secondary_that_fails_to_open_leaves_no_scratch_dir(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_a_secondary_that_fails_to_open_leaves_no_scratch_dir(self, tmp_path: Path) -> None:
         temp = tmp_path / "temp"
         temp.mkdir()
-        monkeypatch.setattr(tempfile, "tempdir", str(temp))
         (tmp_path / "half").mkdir()  # a store directory being created: no CURRENT yet
         with pytest.raises(StoreError):
-            RocksStore.open_secondary(tmp_path / "half")
+            RocksStore.open_secondary(tmp_path / "half", scratch_root=temp)
         assert list(temp.iterdir()) == []
 
     def test_secondary_reader_in_another_process(self, tmp_path: Path) -> None:

@@ -1,0 +1,108 @@
+"""HTTP for task queues (mounted by the query server):
+
+- `POST /tasks/{queue}` `{"task_id"?, "key"?, "data": {...}}` -> 202 `{"task_id", "status":
+  "accepted", "status_url"}` once the task is durably in the intake topic; a repeated task id
+  answers the same and appends nothing; bad input 400/404/422, never appended;
+- `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state);
+- `GET /tasks/{queue}?status=&after=&limit=` -> a page of tasks;
+- `POST /tasks/{queue}/{task_id}/cancel` -> 200, or 409 when the task already ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from aiohttp import web
+from refold.core.errors import InputError, TaskError
+from refold.engine.worker import Worker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+_JSON = "application/json"
+
+
+def _respond(status: int, body: Any) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+
+
+def _error(status: int, error: str, detail: Any) -> web.Response:
+    return _respond(status, {"error": error, "detail": detail})
+
+
+class TaskRoutes:
+    """The task handlers over one worker's task queues."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.tasks = worker.tasks
+        # Submits wait for Kafka's acknowledgement: off the event loop, one flush at a time.
+        self._appends = ThreadPoolExecutor(1, thread_name_prefix="refold-http-tasks")
+
+    def _unknown(self, queue: str) -> web.Response | None:
+        if queue in self.tasks.queues:
+            return None
+        known = ", ".join(sorted(self.tasks.queues)) or "none"
+        return _error(404, "unknown task queue", f"no task queue {queue!r} here; known: {known}")
+
+    async def submit(self, request: web.Request) -> web.StreamResponse:
+        queue = request.match_info["queue"]
+        unknown = self._unknown(queue)
+        if unknown is not None:
+            return unknown
+        try:
+            obj = orjson.loads(await request.read())
+        except ValueError as exc:
+            return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
+        loop = asyncio.get_running_loop()
+        try:
+            accepted = await loop.run_in_executor(self._appends, self.tasks.submit, queue, obj)
+        except InputError as exc:
+            return _error(422, "invalid task", str(exc))
+        except TaskError as exc:
+            log.warning("POST /tasks/%s: %s", queue, exc)
+            return _error(503, "not acknowledged", str(exc))
+        return _respond(202, accepted.to_json())
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        queue, task_id = request.match_info["queue"], request.match_info["task_id"]
+        unknown = self._unknown(queue)
+        if unknown is not None:
+            return unknown
+        state = self.tasks.status(queue, task_id)
+        if state is None:
+            return _error(404, "unknown task", f"no task {task_id!r} in queue {queue!r} (yet)")
+        return _respond(200, state)
+
+    async def list(self, request: web.Request) -> web.StreamResponse:
+        queue = request.match_info["queue"]
+        unknown = self._unknown(queue)
+        if unknown is not None:
+            return unknown
+        query = request.query
+        raw = query.get("limit", str(DEFAULT_LIMIT))
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_LIMIT):
+            return _error(400, "bad query", f"limit must be 1..{MAX_LIMIT}, not {raw!r}")
+        try:
+            items, nxt = self.tasks.list(queue, query.get("status"), query.get("after"), int(raw))
+        except InputError as exc:
+            return _error(400, "bad query", str(exc))
+        return _respond(200, {"items": items, "next": nxt})
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        queue, task_id = request.match_info["queue"], request.match_info["task_id"]
+        unknown = self._unknown(queue)
+        if unknown is not None:
+            return unknown
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(self._appends, self.tasks.cancel, queue, task_id)
+        except InputError as exc:
+            return _error(404, "unknown task", str(exc))
+        except TaskError as exc:
+            return _error(409, "task ended", str(exc))
+        return _respond(200, answer)

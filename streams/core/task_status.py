@@ -1,0 +1,190 @@
+"""Task status as a projection: the status events of one queue, folded by task id.
+
+The fold is pure, so a replay of the status topic rebuilds every task's status. Its rules:
+- a terminal status (`succeeded`, `dead`, `cancelled`) is final: the first one wins and every
+  later event for that task is counted in `duplicates`, changing nothing else — which is what
+  makes a late duplicate success (a re-driven task whose first run finally returned) harmless;
+- `attempts` is the highest attempt any event named;
+- a split parent holds its `parts`; each part's terminal status also reaches the parent as a
+  `part-succeeded` / `part-dead` event (keyed by the parent): the parent succeeds once every
+  part has, and is dead as soon as one part is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, ClassVar
+
+from refold.core.projection import Projection
+from refold.core.serde import Event
+from refold.core.tasks import TERMINAL, TaskQueue
+
+MAX_HISTORY = 50
+
+
+def time_ms(event: Event) -> int:
+    """The event's time (its CloudEvents `time`, else the record timestamp) in epoch ms."""
+    try:
+        return int(datetime.fromisoformat(event.time.replace("Z", "+00:00")).timestamp() * 1000)
+    except (ValueError, AttributeError):
+        return event.timestamp_ms
+
+
+def initial_status(task_id: str) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "status": None,
+        "attempts": 0,
+        "batch_id": None,
+        "parent_id": None,
+        "parts": [],
+        "parts_done": [],
+        "key": None,
+        "data": None,
+        "result": None,
+        "error": None,
+        "duplicates": 0,
+        "updated_ms": 0,
+        "history": [],
+    }
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def apply_status(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    """Fold one TaskStatus event (its data) into a task's state."""
+    status = data["status"]
+    if state["status"] in TERMINAL:
+        state["duplicates"] += 1
+        return state
+    if status in ("part-succeeded", "part-dead"):
+        return _apply_part(state, data, at_ms)
+    if status == "accepted" and state["status"] is not None:
+        state["duplicates"] += 1  # a second accepted (a retried intake) changes nothing
+        return state
+    state["status"] = status
+    state["attempts"] = max(state["attempts"], int(data.get("attempt") or 0))
+    for name in ("batch_id", "parent_id", "key"):
+        if data.get(name) is not None:
+            state[name] = data[name]
+    if data.get("parts"):
+        state["parts"] = list(data["parts"])
+    if data.get("data") is not None:
+        state["data"] = _loads(data["data"])
+    if status == "succeeded":
+        state["result"] = _loads(data.get("result"))
+    if data.get("error") is not None:
+        state["error"] = data["error"]
+    _record(state, status, at_ms, data)
+    return state
+
+
+def _apply_part(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    part = data.get("part_id")
+    if data["status"] == "part-dead":
+        state["status"] = "dead"
+        state["error"] = f"part {part} is dead: {data.get('error')}"
+        _record(state, "dead", at_ms, {"part_id": part})
+        return state
+    if part not in state["parts_done"]:
+        state["parts_done"].append(part)
+    if state["parts"] and set(state["parts"]) <= set(state["parts_done"]):
+        state["status"] = "succeeded"
+        state["result"] = {"parts": len(state["parts"])}
+        _record(state, "succeeded", at_ms, {})
+    return state
+
+
+def _record(state: dict[str, Any], status: str, at_ms: int, data: dict[str, Any]) -> None:
+    state["updated_ms"] = at_ms
+    entry: dict[str, Any] = {"status": status, "at_ms": at_ms}
+    for name in ("attempt", "batch_id", "error", "part_id"):
+        if data.get(name):
+            entry[name] = data[name]
+    history = state["history"]
+    history.append(entry)
+    if len(history) > MAX_HISTORY:  # the first entries and the last ones tell the story
+        del history[1 : len(history) - MAX_HISTORY + 1]
+
+
+def public_status(state: dict[str, Any]) -> dict[str, Any]:
+    """What `GET /tasks/{queue}/{id}` answers."""
+    return {
+        name: state.get(name)
+        for name in (
+            "task_id",
+            "status",
+            "attempts",
+            "batch_id",
+            "parent_id",
+            "parts",
+            "result",
+            "error",
+            "history",
+        )
+    }
+
+
+class TaskStatusProjection(Projection):
+    """The built-in status projection of one queue: `status_projection(queue)` makes it."""
+
+    queue: ClassVar[str] = ""
+
+    def initial(self, key: str) -> dict[str, Any]:
+        return initial_status(key)
+
+    def apply(self, state: Any, event: Event) -> Any:
+        return apply_status(state, event.data, time_ms(event))
+
+
+def status_projection_name(queue: str) -> str:
+    return f"tasks.{queue}"
+
+
+def status_projection(queue: TaskQueue) -> TaskStatusProjection:
+    """The status projection of `queue`: named `tasks.<queue>`, reading `<queue>.status`."""
+    cls = type(
+        f"TaskStatus_{queue.name}",
+        (TaskStatusProjection,),
+        {
+            "name": status_projection_name(queue.name),
+            "topics": (queue.status_topic,),
+            "version": 1,
+            "queue": queue.name,
+            "__module__": __name__,
+        },
+    )
+    return cls()
+
+
+# -- reconciliation ---------------------------------------------------------------------------
+
+
+def next_step(queue: TaskQueue, state: dict[str, Any], now_ms: int) -> tuple[str, str] | None:
+    """What the reconciler does for a task now: ("redrive", reason), ("dead", error) or None.
+
+    A failed attempt is re-driven after its backoff; a running task with no status for
+    `timeout_s`, or a dispatched or retrying one that no worker started for `queued_timeout_s`,
+    counts as a failed attempt ("no status"). Either way, a task
+    that has had `max_attempts` attempts is dead instead. Split parents are never handed to a
+    worker (their parts are), and accepted tasks are the dispatcher's.
+    """
+    status = state.get("status")
+    if status in TERMINAL or status in (None, "accepted") or state.get("parts"):
+        return None
+    attempts = int(state.get("attempts") or 0)
+    idle_ms = now_ms - int(state.get("updated_ms") or 0)
+    if status == "failed":
+        if attempts >= queue.max_attempts:
+            return "dead", str(state.get("error"))
+        if idle_ms >= queue.backoff_s(attempts) * 1000:
+            return "redrive", str(state.get("error"))
+        return None
+    limit_s = queue.timeout_s if status == "running" else queue.queued_timeout_s
+    if idle_ms < limit_s * 1000:
+        return None
+    error = f"no status for {limit_s:g} s after {status} (attempt {attempts})"
+    return ("dead", error) if attempts >= queue.max_attempts else ("redrive", error)

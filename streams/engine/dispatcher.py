@@ -1,0 +1,214 @@
+"""The dispatcher of one task queue: intake records into work items, merged and split, pushed in
+Kafka transactions with the intake offsets.
+
+One dispatcher owns each intake partition (the consumer group `<app id>.tasks.<queue>.dispatch`,
+inside `refold worker`). Tasks to merge share an intake partition (their intake key is the merge
+key's value), so one dispatcher sees them all. The steps, in order:
+
+1. collect intake records for `merge_window_ms` from the first one (a tumbling window);
+2. plan (`refold.core.tasks.plan_batches`): split what `split` divides into parts (each its own
+   work item, with `parent_id`), merge the rest by merge-key value, at most `merge_max` each;
+3. in one Kafka transaction: every work item, a `dispatched` status per task (and per parent,
+   with its parts), and the intake offsets after the window (`send_offsets_to_transaction`);
+4. commit. A crash before 4 aborts everything (read_committed readers never see it, and the
+   intake records are read again from the committed offsets); after 4, nothing is read again. So
+   a task is neither dropped nor dispatched twice by the dispatcher; the batch ids are a function
+   of the intake positions, so a redone window writes the same ids.
+
+A partition revoked in the middle of a window loses its buffered records: they were not
+committed, so its next owner reads them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from refold.core.config import Config
+from refold.core.errors import DecodeError, TaskError
+from refold.core.serde import Codec
+from refold.core.tasks import STATUS, WORK_ITEM, Plan, Task, TaskQueue, plan_batches
+from refold.engine.command_processor import _instance_id
+from refold.kafka import clients
+from refold.kafka.task_log import Acks, TaskLog, status_data
+
+log = logging.getLogger(__name__)
+
+TXN_TIMEOUT_MS = 10_000
+
+
+@dataclass(slots=True)
+class DispatcherStats:
+    state: str = "starting"  # starting | running | stopped | failed
+    error: str | None = None
+    tasks: int = 0
+    batches: int = 0
+    parts: int = 0
+    transactions: int = 0
+    aborts: int = 0
+    poison: int = 0
+
+
+class Dispatcher:
+    """Moves one queue's intake to its work topic; run() until stop()."""
+
+    def __init__(self, config: Config, codec: Codec, queue: TaskQueue) -> None:
+        self.config = config
+        self.queue = queue
+        self.stats = DispatcherStats()
+        self._log = TaskLog(config, codec, source=f"refold://dispatcher/{queue.name}")
+        self._codec = codec
+        self._stop = threading.Event()
+        group = config.group("tasks", queue.name, "dispatch")
+        instance = _instance_id(config.data_dir / "tasks" / queue.name / "dispatcher")
+        self._consumer = clients.consumer(
+            config,
+            group,
+            defaults={"session.timeout.ms": 10_000},
+            required={"auto.offset.reset": "earliest"},
+        )
+        self._producer = clients.producer(
+            config,
+            defaults={"linger.ms": 1},
+            transactional_id=f"{group}.{instance}",
+            required={"transaction.timeout.ms": TXN_TIMEOUT_MS, "message.timeout.ms": 9_000},
+        )
+        self._window: list[Message] = []
+
+    def run(self) -> None:
+        try:
+            self._producer.init_transactions(30)
+            plain = clients.producer(self.config)
+            self._log.register(plain)
+            plain.flush(10)
+            self._consumer.subscribe(
+                [self.queue.intake_topic], on_revoke=self._on_revoke, on_lost=self._on_revoke
+            )
+            self.stats.state = "running"
+            while not self._stop.is_set():
+                if self._collect():
+                    self._dispatch()
+        except Exception as exc:
+            log.exception("dispatcher %s failed", self.queue.name)
+            self.stats.state = "failed"
+            self.stats.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if self.stats.state != "failed":
+                self.stats.state = "stopped"
+            self._consumer.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self._window = [m for m in self._window if (m.topic(), m.partition()) not in revoked]
+
+    def _collect(self) -> bool:
+        """Fill the window: wait for a first record, then take records for merge_window_ms."""
+        first = self._consumer.poll(0.1)
+        if first is None:
+            return bool(self._window)
+        self._window.append(first)
+        deadline = time.monotonic() + self.queue.merge_window_ms / 1000
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._window.extend(self._consumer.consume(1000, min(left, 0.05)))
+        return True
+
+    def _dispatch(self) -> None:
+        msgs = [m for m in self._window if m.error() is None]
+        self._window = []
+        if not msgs:
+            return
+        tasks = self._decode(msgs)
+        first = msgs[0]
+        prefix = f"{first.topic()}-{first.partition()}-{first.offset()}"
+        try:
+            self._transact(msgs, plan_batches(self.queue, tasks, prefix))
+        except (KafkaException, TaskError) as exc:
+            self._recover(str(exc))
+
+    def _decode(self, msgs: list[Message]) -> list[Task]:
+        tasks: list[Task] = []
+        for msg in msgs:
+            try:
+                type_name, data = self._codec.decode(msg.value())
+                if type_name != "refold.tasks.TaskSubmitted":
+                    raise DecodeError(f"{type_name} is not a task submission")
+                tasks.append(Task(data["task_id"], data["key"], json.loads(data["data"])))
+            except (DecodeError, ValueError, KeyError) as exc:
+                # Only TaskClient writes intake; a stranger's record is skipped, and says so.
+                self.stats.poison += 1
+                log.error(
+                    "dispatcher %s: skipping %s[%d]@%d: %s",
+                    self.queue.name, msg.topic(), msg.partition(), msg.offset(), exc,
+                )  # fmt: skip
+        return tasks
+
+    def _transact(self, msgs: list[Message], plan: Plan) -> None:
+        q, produce, p = self.queue, self._log.produce, self._producer
+        acks = Acks()
+        p.begin_transaction()
+        for batch in plan.batches:
+            item = {"batch_id": batch.batch_id, "tasks": [_work_task(t) for t in batch.tasks]}
+            produce(p, q.work_topic, batch.batch_id, WORK_ITEM, item, acks)
+            for task in batch.tasks:
+                event = status_data(
+                    task.id,
+                    "dispatched",
+                    attempt=1,
+                    batch_id=batch.batch_id,
+                    parent_id=task.parent_id,
+                    key=task.key,
+                    data=json.dumps(task.data) if task.parent_id else None,
+                )
+                produce(p, q.status_topic, task.id, STATUS, event, acks)
+        for parent, parts in plan.parents.items():
+            event = status_data(parent, "dispatched", attempt=1, parts=list(parts))
+            produce(p, q.status_topic, parent, STATUS, event, acks)
+        acks.wait(p, f"dispatch of {len(msgs)} intake records")
+        nxt: dict[tuple[str, int], int] = {}
+        for msg in msgs:
+            tp = (msg.topic(), msg.partition())
+            nxt[tp] = max(nxt.get(tp, 0), msg.offset() + 1)
+        offsets = [TopicPartition(t, part, o) for (t, part), o in nxt.items()]
+        p.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
+        p.commit_transaction(30)
+        self.stats.transactions += 1
+        self.stats.batches += len(plan.batches)
+        self.stats.tasks += sum(len(b.tasks) for b in plan.batches if not b.tasks[0].parent_id)
+        self.stats.parts += sum(len(parts) for parts in plan.parents.values())
+        self.stats.tasks += len(plan.parents)
+
+    def _recover(self, reason: str) -> None:
+        """Abort and read the window again from the committed intake offsets."""
+        log.warning("dispatcher %s: transaction aborted: %s", self.queue.name, reason)
+        self.stats.aborts += 1
+        try:
+            self._producer.abort_transaction(30)
+        except KafkaException as exc:
+            if exc.args[0].fatal():
+                raise TaskError(f"dispatcher {self.queue.name}: cannot abort: {exc}") from exc
+        assignment = self._consumer.assignment()
+        for tp in self._consumer.committed(assignment, timeout=30):
+            if tp.offset < 0:
+                tp.offset = OFFSET_BEGINNING
+            self._consumer.seek(tp)
+
+
+def _work_task(task: Task) -> dict[str, Any]:
+    return {
+        "task_id": task.id,
+        "key": task.key,
+        "data": json.dumps(task.data),
+        "attempt": task.attempt,
+        "parent_id": task.parent_id,
+    }

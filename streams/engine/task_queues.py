@@ -1,0 +1,158 @@
+"""The task queues a `refold worker` runs: per queue, its built-in status projection (a runner
+like any other, named `tasks.<queue>`), a dispatcher and a reconciler; and the reads, submits and
+cancels the HTTP routes call.
+
+The worker mounts this in three places: the status projections join its projections, the
+queue topics are ensured before its source check, and `start`/`stop` follow its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from refold.core.config import Config
+from refold.core.errors import InputError, TaskError
+from refold.core.serde import Codec
+from refold.core.task_status import (
+    TaskStatusProjection,
+    public_status,
+    status_projection,
+    status_projection_name,
+)
+from refold.core.tasks import STATUSES, TERMINAL, Submission, TaskQueue
+from refold.engine.dispatcher import Dispatcher
+from refold.engine.frozen import Serving
+from refold.engine.reconciler import Reconciler
+from refold.kafka.task_log import Accepted, TaskClient, ensure_task_topics
+from refold.kafka.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class TaskService:
+    """The task queues of one worker process."""
+
+    def __init__(self, config: Config, codec: Codec, queues: Mapping[str, TaskQueue]) -> None:
+        self.config = config
+        self.codec = codec
+        self.queues = dict(queues)
+        self.projections: list[TaskStatusProjection] = [
+            status_projection(q) for q in self.queues.values()
+        ]
+        self.dispatchers: dict[str, Dispatcher] = {}
+        self.reconcilers: dict[str, Reconciler] = {}
+        self._runners: Mapping[str, Serving] = {}
+        self._threads: list[threading.Thread] = []
+        self._client: TaskClient | None = None
+        self._client_lock = threading.Lock()
+        self._partitions: dict[str, int] = {}
+
+    def ensure_topics(self, topics: Topics) -> None:
+        if not self.queues:
+            return
+        ensure_task_topics(topics, self.queues)
+        for q in self.queues.values():
+            self._partitions[q.name] = topics.partitions(q.status_topic)
+
+    def start(self, runners: Mapping[str, Serving]) -> None:
+        """Dispatchers and reconcilers; `runners` is the worker's live runner per projection
+        (looked up at each use: a replay swap replaces the entry)."""
+        self._runners = runners
+        for name, queue in self.queues.items():
+            dispatcher = Dispatcher(self.config, self.codec, queue)
+            reconciler = Reconciler(
+                self.config,
+                self.codec,
+                queue,
+                lambda n=name: self.runner(n),  # type: ignore[misc]
+                partitions=self._partitions[name],
+            )
+            self.dispatchers[name] = dispatcher
+            self.reconcilers[name] = reconciler
+            for what, target in (("dispatch", dispatcher.run), ("reconcile", reconciler.run)):
+                thread = threading.Thread(target=target, name=f"{what}-{name}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for dispatcher in self.dispatchers.values():
+            dispatcher.stop()
+        for reconciler in self.reconcilers.values():
+            reconciler.stop()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._client is not None:
+            self._client.close()
+
+    # -- what the HTTP routes call ------------------------------------------------------------
+
+    def runner(self, queue: str) -> Serving:
+        return self._runners[status_projection_name(queue)]
+
+    def queue(self, name: str) -> TaskQueue:
+        try:
+            return self.queues[name]
+        except KeyError:
+            known = ", ".join(sorted(self.queues)) or "none"
+            raise InputError(f"unknown task queue {name!r}; known: {known}") from None
+
+    @property
+    def client(self) -> TaskClient:
+        with self._client_lock:
+            if self._client is None:
+                self._client = TaskClient(
+                    self.config, self.queues, codec=self.codec, known=self._state
+                )
+            return self._client
+
+    def _state(self, queue: str, task_id: str) -> dict[str, Any] | None:
+        state: dict[str, Any] | None = self.runner(queue).store.get(task_id)
+        return state
+
+    def submit(self, queue: str, obj: Any) -> Accepted:
+        """Check and append one task (InputError for bad input, TaskError if not acked)."""
+        client = self.client
+        submission: Submission = client.prepare(queue, obj)
+        return client.submit(queue, submission)
+
+    def status(self, queue: str, task_id: str) -> dict[str, Any] | None:
+        self.queue(queue)
+        state = self._state(queue, task_id)
+        return None if state is None else public_status(state)
+
+    def list(
+        self, queue: str, status: str | None, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of tasks in id order, optionally only those with `status`; and the next
+        `after` (None at the end)."""
+        self.queue(queue)
+        if status is not None and status not in STATUSES:
+            raise InputError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        store = self.runner(queue).store
+        found: list[dict[str, Any]] = []
+        cursor = after
+        while len(found) < limit:
+            page = store.scan("", cursor, 1000)
+            for task_id, state in page:
+                cursor = task_id
+                if status is None or state.get("status") == status:
+                    found.append(public_status(state))
+                    if len(found) == limit:
+                        return found, task_id
+            if len(page) < 1000:
+                return found, None
+        return found, cursor
+
+    def cancel(self, queue: str, task_id: str) -> dict[str, Any]:
+        """Cancel a task that has not ended; TaskError names its end otherwise."""
+        self.queue(queue)
+        state = self._state(queue, task_id)
+        if state is None:
+            raise InputError(f"no task {task_id!r} in queue {queue!r}")
+        if state["status"] in TERMINAL:
+            raise TaskError(f"task {task_id!r} already ended {state['status']}")
+        self.client.cancel(queue, [task_id, *state.get("parts", ())])
+        return {"task_id": task_id, "status": "cancelled"}

@@ -1,0 +1,257 @@
+"""`refold task-worker`: pull work items of one queue through a Kafka share group (KIP-932)
+and run the queue's handler on them, reporting every status.
+
+One share consumer per process, in the group `<app id>.tasks.<queue>.work`, whose configs refold
+sets through the admin client (earliest, read_committed, record lock, delivery limit). The
+records of one poll run on a pool of `concurrency` handler threads, and each is acknowledged (by
+the consumer's thread: the client is not thread-safe) as soon as its handler and statuses are
+done; the next poll waits until every record of the last one is acknowledged (explicit mode).
+Why one consumer with a pool, not a consumer per thread: a share fetch acquires a whole batch of
+records for its consumer (`max.poll.records` did not limit it, measured), so with a consumer per
+thread, the records fetched with a slow handler's item waited behind it, past `timeout_s`, and
+the reconciler re-drove them. Per work item, in order:
+
+1. catch the queue's cancels up to their end: a task cancelled before this point never runs;
+2. `running` for each task (not awaited), then `handle(batch)`;
+3. `succeeded` (with the result) or `failed` (with the error and attempt) for each task, and for
+   a part the `part-succeeded` event its parent folds; wait until Kafka acknowledged them;
+4. ACCEPT the work item. Retries are the reconciler's (with backoff, counted in the status log),
+   so a failed attempt is accepted too, once its `failed` status is durable.
+
+RELEASE hands an item back at once: when its statuses could not be written, or when the worker
+stops with it in hand. REJECT is for an item that is not a work item (poison). A worker killed
+between 3 and 4 leaves its item locked until the record lock expires; the broker then hands it
+to another worker, which runs it again: the first `succeeded` counts, handlers are idempotent.
+Share-group acknowledgements are not transactional; the reconciler closes that gap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    AcknowledgeType,
+    KafkaException,
+    Message,
+    ShareConsumer,
+    TopicPartition,
+)
+from refold.core.config import Config
+from refold.core.errors import DecodeError, TaskError
+from refold.core.serde import Codec
+from refold.core.tasks import STATUS, WORK_ITEM, Task, TaskQueue
+from refold.kafka import clients
+from refold.kafka.task_log import (
+    Acks,
+    TaskLog,
+    configure_share_group,
+    status_data,
+    work_group,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TaskWorkerStats:
+    items: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    released: int = 0
+    rejected: int = 0
+
+
+class Cancels:
+    """The ids in a queue's cancel topic, read to its end on demand (shared by the threads).
+
+    The partitions stay paused between catch-ups: a consumer fetching an idle partition holds a
+    long-poll fetch on the connection, and the watermark query then waits behind it (0.5 s,
+    `fetch.wait.max.ms`, measured per work item before this)."""
+
+    def __init__(self, config: Config, queue: TaskQueue) -> None:
+        self._topic = queue.cancel_topic
+        self._consumer = clients.consumer(config, config.group("tasks", queue.name, "cancels"))
+        self._lock = threading.Lock()
+        self.ids: set[str] = set()
+        self._next: dict[int, int] = {}
+
+    def catch_up(self) -> None:
+        with self._lock:
+            if not self._next:
+                md = self._consumer.list_topics(self._topic, timeout=10).topics[self._topic]
+                parts = [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in md.partitions]
+                self._consumer.assign(parts)
+                self._consumer.pause(parts)
+                self._next = {p: 0 for p in md.partitions}
+            for partition, nxt in self._next.items():
+                tp = TopicPartition(self._topic, partition)
+                _, high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+                if nxt < high:
+                    self._read(tp, high)
+
+    def _read(self, tp: TopicPartition, high: int) -> None:
+        self._consumer.resume([tp])
+        try:
+            while self._next[tp.partition] < high:
+                msg = self._consumer.poll(1.0)
+                if msg is None or msg.error() is not None:
+                    continue
+                self._next[msg.partition()] = msg.offset() + 1
+                if msg.key():
+                    self.ids.add(msg.key().decode())
+        finally:
+            self._consumer.pause([tp])
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self.ids
+
+    def check(self, task_id: str) -> bool:
+        """Whether `task_id` is cancelled now (what `Task.cancelled()` asks while it runs)."""
+        self.catch_up()
+        return task_id in self.ids
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class TaskWorker:
+    """Runs a queue's handler on work items pulled through its share group."""
+
+    def __init__(
+        self, config: Config, codec: Codec, queue: TaskQueue, *, concurrency: int = 1
+    ) -> None:
+        if concurrency < 1:
+            raise TaskError(f"--concurrency must be at least 1, not {concurrency}")
+        self.config = config
+        self.queue = queue
+        self.concurrency = concurrency
+        self.stats = TaskWorkerStats()
+        self._log = TaskLog(config, codec, source=f"refold://task-worker/{queue.name}")
+        self._codec = codec
+        self._producer = clients.producer(config, defaults={"linger.ms": 1})
+        self._cancels = Cancels(config, queue)
+        self._stop = threading.Event()
+        self._stats_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.group = work_group(config, queue)
+
+    def start(self) -> None:
+        configure_share_group(self.config, self.group)
+        self._log.register(self._producer)
+        self._cancels.catch_up()
+        thread = threading.Thread(target=self._loop, name="task-worker", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._producer.flush(10)
+        self._cancels.close()
+
+    def _loop(self) -> None:
+        consumer = clients.share_consumer(self.config, self.group)
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"task-{self.queue.name}")
+        try:
+            consumer.subscribe([self.queue.work_topic])
+            while not self._stop.is_set():
+                msgs = [m for m in consumer.poll(0.5) if _ok(m)]
+                running = {pool.submit(self._run_safely, msg): msg for msg in msgs}
+                for future in as_completed(running):
+                    consumer.acknowledge(running[future], future.result())
+                    consumer.commit_async()
+        except Exception:
+            log.exception("task worker of %s failed", self.queue.name)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            _close(consumer)
+
+    def _run_safely(self, msg: Message) -> int:
+        try:
+            return self._run(msg)
+        except Exception:  # a bug of ours must not stop the worker: another may succeed
+            log.exception("%s: releasing %s@%d", self.queue.name, msg.topic(), msg.offset())
+            self._count("released")
+            return AcknowledgeType.RELEASE
+
+    def _run(self, msg: Message) -> int:
+        """One work item, steps 1-3; the acknowledgement it earns."""
+        if self._stop.is_set():
+            return AcknowledgeType.RELEASE
+        try:
+            type_name, item = self._codec.decode(msg.value())
+            if type_name != WORK_ITEM:
+                raise DecodeError(f"{type_name} is not a work item")
+            tasks = [_task(t, self._cancels.check) for t in item["tasks"]]
+        except (DecodeError, ValueError, KeyError) as exc:
+            log.error("%s: rejecting %s@%d: %s", self.queue.name, msg.topic(), msg.offset(), exc)
+            self._count("rejected")
+            return AcknowledgeType.REJECT
+        try:
+            self._cancels.catch_up()
+            batch = [t for t in tasks if t.id not in self._cancels]
+            self._count("cancelled", len(tasks) - len(batch))
+            if batch:
+                self._handle(item["batch_id"], batch)
+        except (KafkaException, TaskError) as exc:
+            log.warning("%s: releasing %s: %s", self.queue.name, item["batch_id"], exc)
+            self._count("released")
+            return AcknowledgeType.RELEASE
+        self._count("items")
+        return AcknowledgeType.ACCEPT
+
+    def _handle(self, batch_id: str, batch: list[Task]) -> None:
+        q, p, produce = self.queue, self._producer, self._log.produce
+        acks = Acks()
+        for task in batch:
+            running = status_data(task.id, "running", attempt=task.attempt, batch_id=batch_id)
+            produce(p, q.status_topic, task.id, STATUS, running, acks)
+        try:
+            result = q.handle(batch)
+            outcome: dict[str, Any] = {"status": "succeeded", "result": json.dumps(result)}
+        except Exception as exc:  # user code: any exception fails the attempt, with the reason
+            error = f"{type(exc).__name__}: {exc}"
+            log.info("%s: batch %s failed: %s", q.name, batch_id, traceback.format_exc(limit=3))
+            outcome = {"status": "failed", "error": error}
+        for task in batch:
+            event = status_data(task.id, attempt=task.attempt, batch_id=batch_id, **outcome)
+            produce(p, q.status_topic, task.id, STATUS, event, acks)
+            if task.parent_id and outcome["status"] == "succeeded":
+                part = status_data(task.parent_id, "part-succeeded", part_id=task.id)
+                produce(p, q.status_topic, task.parent_id, STATUS, part, acks)
+        acks.wait(p, f"status of batch {batch_id}")
+        self._count(outcome["status"], len(batch))
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
+
+def _task(raw: dict[str, Any], cancelled: Any) -> Task:
+    return Task(
+        raw["task_id"], raw["key"], json.loads(raw["data"]), raw["attempt"], raw["parent_id"],
+        cancelled,
+    )  # fmt: skip
+
+
+def _ok(msg: Message) -> bool:
+    if msg.error() is not None:
+        log.warning("share consumer: %s", msg.error())
+        return False
+    return True
+
+
+def _close(consumer: ShareConsumer) -> None:
+    try:
+        consumer.close()
+    except KafkaException:
+        log.warning("share consumer close failed", exc_info=True)

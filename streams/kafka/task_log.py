@@ -1,0 +1,274 @@
+"""Task queues on Kafka: their topics, the records of task events, share-group settings, and the
+client that submits and cancels tasks (`TaskClient`, used by `POST /tasks`, the CLI and Python).
+
+Every task record is a refold event (Avro single-object encoded, CloudEvents headers): intake
+records `refold.tasks.TaskSubmitted`, work items `refold.tasks.WorkItem`, status events
+`refold.tasks.TaskStatus` keyed by task id, so `refold tail` and the projection runtime read them
+like any other event.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+from refold.core import envelope
+from refold.core.config import Config
+from refold.core.envelope import Headers
+from refold.core.errors import InputError, TaskError
+from refold.core.serde import Codec
+from refold.core.tasks import (
+    STATUS,
+    SUBMITTED,
+    WORK_ITEM,
+    Submission,
+    TaskQueue,
+    intake_key,
+    submission_from_json,
+)
+from refold.kafka import clients
+from refold.kafka.registry import SchemaRegistry, codec_for
+from refold.kafka.topics import Topics, TopicSpec, compacted_topic, dead_letter_topic, event_topic
+
+log = logging.getLogger(__name__)
+
+#: How long a share-group worker holds a work item before the broker hands it to another.
+RECORD_LOCK_MS = 60_000
+#: Deliveries of one work item before the broker archives it (a worker crashing on it each time).
+DELIVERY_LIMIT = 5
+
+
+def task_topics(queue: TaskQueue) -> list[TopicSpec]:
+    """The topics of a queue: intake, work and status (kept forever), dead tasks, cancels."""
+    return [
+        event_topic(queue.intake_topic, queue.partitions),
+        event_topic(queue.work_topic, queue.work_partitions),
+        event_topic(queue.status_topic, queue.partitions),
+        dead_letter_topic(queue.dead_topic),
+        compacted_topic(queue.cancel_topic),
+    ]
+
+
+def ensure_task_topics(topics: Topics, queues: Mapping[str, TaskQueue]) -> list[str]:
+    specs = [spec for queue in queues.values() for spec in task_topics(queue)]
+    topics.ensure(specs)
+    return [s.name for s in specs]
+
+
+def work_group(config: Config, queue: TaskQueue) -> str:
+    """The share group of a queue's task workers."""
+    return config.group("tasks", queue.name, "work")
+
+
+def configure_share_group(config: Config, group: str, *, lock_ms: int = RECORD_LOCK_MS) -> None:
+    """Set the share group's configs refold relies on: start at the earliest work item, read
+    only committed dispatches, the record lock, and the delivery limit."""
+    settings = {
+        "share.auto.offset.reset": "earliest",
+        "share.isolation.level": "read_committed",
+        "share.record.lock.duration.ms": str(lock_ms),
+        "share.delivery.count.limit": str(DELIVERY_LIMIT),
+    }
+    entries = [
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+        for name, value in settings.items()
+    ]
+    resource = ConfigResource(ResourceType.GROUP, group, incremental_configs=entries)
+    admin = clients.admin(config)  # held until the answer came: a dropped client cancels it
+    try:
+        for future in admin.incremental_alter_configs([resource]).values():
+            future.result(30)
+    except KafkaException as exc:
+        raise TaskError(
+            f"cannot configure share group {group!r}: {exc}",
+            hint="share groups need Kafka 4.2+ with share.version enabled",
+        ) from exc
+
+
+def status_data(task_id: str, status: str, **fields: Any) -> dict[str, Any]:
+    """A TaskStatus event's data; JSON values (`data`, `result`) must already be text."""
+    return {"task_id": task_id, "status": status, **fields}
+
+
+class TaskLog:
+    """Encodes task events with their envelope; the writer schemas are registered once."""
+
+    def __init__(self, config: Config, codec: Codec, source: str | None = None) -> None:
+        self.config = config
+        self.codec = codec
+        self.source = source or f"refold://{socket.gethostname()}"
+        self._registry = SchemaRegistry(config, codec.catalog)
+
+    def register(self, producer: Producer) -> None:
+        """Make the task schemas durable in the registry topic (a plain producer, not in a
+        transaction) before any task record references them."""
+        for type_name in (SUBMITTED, WORK_ITEM, STATUS):
+            self._registry.ensure_registered(self.codec.writer_for(type_name), producer)
+
+    def record(self, type_name: str, data: dict[str, Any]) -> tuple[bytes, Headers]:
+        headers = envelope.headers(type_name, source=self.source, id=uuid.uuid4().hex)
+        return self.codec.encode(type_name, data), headers
+
+    def produce(
+        self,
+        producer: Producer,
+        topic: str,
+        key: str,
+        type_name: str,
+        data: dict[str, Any],
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+    ) -> None:
+        value, headers = self.record(type_name, data)
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+
+class Acks:
+    """Delivery reports of a group of records: `wait` raises TaskError unless all arrived."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.errors.append(f"{msg.topic()}: {err.str()}")
+
+    def wait(self, producer: Producer, what: str, timeout: float = 30.0) -> None:
+        remaining = producer.flush(timeout)
+        if self.errors or remaining:
+            raise TaskError(f"{what} not acknowledged: {self.errors or f'{remaining} pending'}")
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The answer to a submit: the same for a repeat of the task id."""
+
+    task_id: str
+    queue: str
+    status: str = "accepted"
+    repeated: bool = False
+
+    @property
+    def status_url(self) -> str:
+        return f"/tasks/{self.queue}/{self.task_id}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "status": self.status, "status_url": self.status_url}
+
+
+#: Looks a task id up in the status projection: its state, or None when unknown.
+Lookup = Callable[[str, str], dict[str, Any] | None]
+
+
+class TaskClient:
+    """Submits and cancels tasks of the given queues. A submit is durable (acks=all, idempotent
+    producer) before it returns; `known` (queue, task id) -> state makes a repeated task id
+    return the first answer and queue nothing."""
+
+    def __init__(
+        self,
+        config: Config,
+        queues: Mapping[str, TaskQueue],
+        *,
+        codec: Codec | None = None,
+        known: Lookup | None = None,
+    ) -> None:
+        self.queues = dict(queues)
+        self.log = TaskLog(config, codec or codec_for(config))
+        self._known = known
+        self._producer = clients.producer(config, defaults={"linger.ms": 1})
+        self._lock = threading.Lock()  # flush() waits for everything: one caller at a time
+        self._recent: dict[tuple[str, str], Accepted] = {}  # until the projection has folded it
+        self._registered = False
+
+    def queue(self, name: str) -> TaskQueue:
+        try:
+            return self.queues[name]
+        except KeyError:
+            known = ", ".join(sorted(self.queues)) or "none"
+            raise InputError(f"unknown task queue {name!r}; known: {known}") from None
+
+    def prepare(self, queue: str, obj: Any) -> Submission:
+        """Check an intake request without sending anything (InputError if bad)."""
+        self.queue(queue)
+        return submission_from_json(obj)
+
+    def submit(self, queue: str, submission: Submission) -> Accepted:
+        """Append the task to the intake topic and its `accepted` status; a known id appends
+        nothing and answers as the first time."""
+        q = self.queue(queue)
+        with self._lock:
+            first = self._first(queue, submission.task_id)
+            if first is not None:
+                return first
+            self._register()
+            acks = Acks()
+            self.log.produce(
+                self._producer,
+                q.intake_topic,
+                intake_key(q, submission),
+                SUBMITTED,
+                {
+                    "task_id": submission.task_id,
+                    "key": submission.key,
+                    "data": submission.data_json,
+                },
+                acks,
+            )
+            accepted = status_data(
+                submission.task_id, "accepted", key=submission.key, data=submission.data_json
+            )
+            self.log.produce(
+                self._producer, q.status_topic, submission.task_id, STATUS, accepted, acks
+            )
+            acks.wait(self._producer, f"task {submission.task_id!r} for queue {queue!r}")
+            answer = Accepted(submission.task_id, queue)
+            if len(self._recent) > 100_000:
+                self._recent.clear()
+            self._recent[(queue, submission.task_id)] = answer
+            return answer
+
+    def _first(self, queue: str, task_id: str) -> Accepted | None:
+        recent = self._recent.get((queue, task_id))
+        if recent is not None:
+            return Accepted(task_id, queue, repeated=True)
+        if self._known is not None and self._known(queue, task_id) is not None:
+            return Accepted(task_id, queue, repeated=True)
+        return None
+
+    def cancel(self, queue: str, task_ids: Sequence[str]) -> None:
+        """Record the cancels where task workers look before running a task (durably first),
+        then the `cancelled` statuses. A split task is cancelled with its parts."""
+        q = self.queue(queue)
+        with self._lock:
+            self._register()
+            acks = Acks()
+            for task_id in task_ids:
+                value, headers = self.log.record(STATUS, status_data(task_id, "cancelled"))
+                self._producer.produce(
+                    q.cancel_topic, value, task_id, headers=headers, on_delivery=acks
+                )
+            acks.wait(self._producer, f"cancel of {list(task_ids)}")
+            for task_id in task_ids:
+                event = status_data(task_id, "cancelled")
+                self.log.produce(self._producer, q.status_topic, task_id, STATUS, event, acks)
+            acks.wait(self._producer, f"cancel of {list(task_ids)}")
+
+    def _register(self) -> None:
+        if not self._registered:
+            self.log.register(self._producer)
+            self._registered = True
+
+    def close(self) -> None:
+        self._producer.flush(30)

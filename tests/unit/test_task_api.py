@@ -1,0 +1,145 @@
+"""The task API without Kafka: intake checks, the batch planner, the status fold, reconciliation
+decisions. Oracles are computed here from the inputs."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+from refold.core.app import load_task_queues
+from refold.core.errors import InputError, TaskError
+from refold.core.task_status import apply_status, initial_status, next_step
+from refold.core.tasks import Task, TaskQueue, intake_key, plan_batches, submission_from_json
+
+
+class Shipping(TaskQueue):
+    name = "shipping"
+    merge_key = "product_id"
+    merge_max = 4
+    max_attempts = 3
+    timeout_s = 10
+    retry_backoff_s = 1.0
+
+    def split(self, data):
+        if data.get("qty", 0) > 10:
+            return [{**data, "qty": q} for q in (10, data["qty"] - 10)]
+        return None
+
+    def handle(self, batch):
+        return None
+
+
+def test_submission_checks_refuse_bad_input() -> None:
+    ok = submission_from_json({"task_id": "t1", "data": {"a": 1}})
+    assert (ok.task_id, ok.key, ok.data) == ("t1", "t1", {"a": 1})
+    assert submission_from_json({"data": {}}).task_id  # a new id when none is given
+    for bad in (
+        [],
+        {"data": "x"},
+        {"data": {}, "task_id": ""},
+        {"data": {}, "task_id": 5},
+        {"data": {}, "extra": 1},
+        {"data": {"big": "x" * 300_000}},
+    ):
+        with pytest.raises(InputError):
+            submission_from_json(bad)
+
+
+def test_intake_key_puts_tasks_to_merge_in_one_partition() -> None:
+    q = Shipping()
+    a = submission_from_json({"data": {"product_id": "p1"}})
+    b = submission_from_json({"data": {"product_id": "p1"}, "key": "other"})
+    assert intake_key(q, a) == intake_key(q, b) == "product_id=p1"
+    assert intake_key(q, submission_from_json({"key": "k", "data": {}})) == "k"
+
+
+def test_plan_merges_by_key_at_most_merge_max_and_splits_add_up() -> None:
+    rng = random.Random(7)
+    tasks = [
+        Task(f"t{i}", f"t{i}", {"product_id": f"p{rng.randrange(5)}", "qty": rng.randrange(1, 20)})
+        for i in range(200)
+    ]
+    plan = plan_batches(Shipping(), tasks, "x")
+    by_id = {t.id: t for t in tasks}
+    parts_seen: Counter[str] = Counter()
+    whole: list[str] = []
+    for batch in plan.batches:
+        assert 1 <= len(batch.tasks) <= Shipping.merge_max
+        assert len({t.data["product_id"] for t in batch.tasks}) == 1
+        for t in batch.tasks:
+            if t.parent_id:
+                assert len(batch.tasks) == 1  # a part is its own work item
+                parts_seen[t.parent_id] += t.data["qty"]
+            else:
+                whole.append(t.id)
+    split_ids = {t.id for t in tasks if t.data["qty"] > 10}
+    assert set(plan.parents) == split_ids
+    assert {p: by_id[p].data["qty"] for p in split_ids} == dict(parts_seen)
+    assert sorted(whole) == sorted(set(by_id) - split_ids)  # every other task exactly once
+    assert len({b.batch_id for b in plan.batches}) == len(plan.batches)
+    assert plan_batches(Shipping(), tasks, "x") == plan  # a redone window plans the same
+
+
+def _fold(events: list[dict]) -> dict:
+    state = initial_status("t1")
+    for at, event in enumerate(events):
+        state = apply_status(state, {"task_id": "t1", **event}, at)
+    return state
+
+
+def test_first_terminal_status_wins() -> None:
+    state = _fold(
+        [
+            {"status": "accepted", "data": json.dumps({"a": 1}), "key": "t1"},
+            {"status": "dispatched", "attempt": 1, "batch_id": "b1"},
+            {"status": "succeeded", "attempt": 1, "result": json.dumps({"ok": 1})},
+            {"status": "succeeded", "attempt": 2, "result": json.dumps({"ok": 2})},
+            {"status": "failed", "attempt": 2, "error": "late"},
+        ]
+    )
+    assert state["status"] == "succeeded" and state["result"] == {"ok": 1}
+    assert state["duplicates"] == 2 and state["error"] is None
+    assert [h["status"] for h in state["history"]].count("succeeded") == 1
+
+
+def test_parent_succeeds_after_all_parts_and_dies_with_one() -> None:
+    parent = initial_status("p")
+    parent = apply_status(parent, {"status": "dispatched", "parts": ["p.0", "p.1"]}, 1)
+    parent = apply_status(parent, {"status": "part-succeeded", "part_id": "p.0"}, 2)
+    parent = apply_status(parent, {"status": "part-succeeded", "part_id": "p.0"}, 3)
+    assert parent["status"] == "dispatched"
+    parent = apply_status(parent, {"status": "part-succeeded", "part_id": "p.1"}, 4)
+    assert parent["status"] == "succeeded"
+    other = apply_status(initial_status("q"), {"status": "dispatched", "parts": ["q.0"]}, 1)
+    other = apply_status(other, {"status": "part-dead", "part_id": "q.0", "error": "x"}, 2)
+    assert other["status"] == "dead" and "q.0" in other["error"]
+
+
+def test_reconciler_steps_backoff_timeout_and_max_attempts() -> None:
+    q = Shipping()
+    failed = {"status": "failed", "attempts": 1, "updated_ms": 0, "error": "boom"}
+    assert next_step(q, failed, 999) is None  # backoff 1 s after attempt 1
+    assert next_step(q, failed, 1000) == ("redrive", "boom")
+    assert next_step(q, {**failed, "attempts": 2}, 1999) is None  # 2 s after attempt 2
+    assert next_step(q, {**failed, "attempts": 3}, 0) == ("dead", "boom")
+    running = {"status": "running", "attempts": 1, "updated_ms": 0}
+    assert next_step(q, running, 9_999) is None
+    assert next_step(q, running, 10_000)[0] == "redrive"
+    assert next_step(q, {**running, "attempts": 3}, 10_000)[0] == "dead"
+    queued = {"status": "dispatched", "attempts": 1, "updated_ms": 0}
+    assert next_step(q, queued, 10_000) is None  # waiting in line is no failure
+    assert next_step(q, queued, int(q.queued_timeout_s * 1000))[0] == "redrive"
+    assert next_step(q, {"status": "succeeded", "attempts": 1, "updated_ms": 0}, 10**9) is None
+    assert next_step(q, {**running, "parts": ["a"]}, 10**9) is None
+
+
+def test_queue_validation_and_loading() -> None:
+    class NoHandler(TaskQueue):
+        name = "x"
+
+    with pytest.raises(TaskError):
+        NoHandler.validate()
+    queues = load_task_queues(["tests.unit.test_task_api"])
+    assert list(queues) == ["shipping"] and type(queues["shipping"]).__name__ == "Shipping"
