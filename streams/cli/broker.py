@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,9 @@ POM = Path(str(resources.files("refold.deploy") / "kafka" / "pom.xml"))
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
 _MARKER = ".refold-complete"
+_ACTIVE_CONTROLLER = re.compile(
+    r"\[QuorumController id=(\d+)\] Becoming the active controller at epoch (\d+)"
+)
 _POM_NS = "http://maven.apache.org/POM/4.0.0"
 _INSTALL_HINT = (
     "install OpenJDK 17 and Maven, or use deploy/docker-compose.yml "
@@ -284,6 +288,12 @@ def start_node(config: Config, node_id: int, timeout: float = 60.0) -> NodeInfo:
         info = _require_record(config)
         node = _node(info, node_id)
         if not _is_ours(node):
+            for port in (node.port, node.controller_port):
+                if not _port_free(port):
+                    raise BrokerError(
+                        f"port {port} of Kafka node {node_id} was taken while the node was down",
+                        hint="the local cluster's ports are fixed; free it, or start --fresh",
+                    )
             _prepare(java, jars, info, [node])
             node = _launch(java, jars, node, info.heap_mb)
             info = _with_pids(info, {node_id: node.pid})
@@ -302,6 +312,24 @@ def status(config: Config) -> BrokerStatus:
     if any(n.running for n in nodes):
         brokers = _metadata_brokers(_admin(info.bootstrap_servers), 3.0) or ()
     return BrokerStatus(info.bootstrap_servers, nodes, bool(brokers), brokers)
+
+
+def active_controller(config: Config) -> int | None:
+    """The node that is the KRaft active controller now (for fault tests), or None if unknown.
+
+    Kafka clients cannot tell: in KRaft a broker answers DescribeCluster and Metadata with a
+    random live broker as "the controller" (measured on this cluster: 2, 3, 3, 2, 3 for five
+    calls while node 2 was active). The nodes' own logs say it: the highest epoch a running node
+    announced "Becoming the active controller at" is the current one.
+    """
+    best: tuple[int, int] | None = None  # (epoch, node id)
+    for node in _recorded_nodes(config):
+        if not _is_ours(node):
+            continue
+        for match in _ACTIVE_CONTROLLER.finditer(_read_all(node.log)):
+            seen = (int(match[2]), int(match[1]))
+            best = seen if best is None or seen > best else best
+    return None if best is None else best[1]
 
 
 def describe_status(state: BrokerStatus) -> str:
@@ -352,7 +380,9 @@ def _new_layout(
         raise BrokerError(f"port {port} on {HOST} is in use", hint="pick another --port or omit it")
     base = port if port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else None)
     chosen: list[int] = []
-    for preferred in [None if base is None else base + i for i in range(nodes)] + [None] * nodes:
+    # Controller ports follow the client ports: a port picked by the OS is in the ephemeral
+    # range, where any outgoing connection on the machine may take it while its node is down.
+    for preferred in [None if base is None else base + i for i in range(2 * nodes)]:
         pick = preferred if preferred is not None and _port_free(preferred) else free_port()
         while pick in chosen:
             pick = free_port()
@@ -638,6 +668,13 @@ def _read_end(path: Path, size: int = 16384) -> str:
         with path.open("rb") as handle:
             handle.seek(max(0, handle.seek(0, os.SEEK_END) - size))
             return handle.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _read_all(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
 

@@ -50,12 +50,13 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
+    Producer,
     TopicPartition,
 )
 from refold.core import envelope
 from refold.core.commands import Command, CommandResult, Decider
 from refold.core.config import Config
-from refold.core.errors import CommandError, DecodeError, InputError
+from refold.core.errors import CommandError, DecodeError, InputError, LogReadError, TopicError
 from refold.core.serde import Codec, Event
 from refold.engine.claims import ClaimsIndex
 from refold.engine.decisions import (
@@ -77,7 +78,12 @@ log = logging.getLogger(__name__)
 
 _AGG = "a/"
 _RES = "r/"
-TXN_TIMEOUT_MS = 10_000  # how long a dead processor's open transaction can block readers
+#: How long a transaction may stay open, and a record may wait for its acknowledgement. It must
+#: outlast a leader election: losing the KRaft controller of a 3-node cluster took 13.5 s here
+#: until its partitions had new leaders (10 s, the former value, expired mid-failover). It is also
+#: how long a processor that died for good (its data directory never restarted) can hold back
+#: read_committed readers of its partitions; a restart with the same directory aborts at once.
+TXN_TIMEOUT_MS = 30_000
 MAX_CACHED = 100_000
 
 
@@ -91,7 +97,7 @@ def store_dir(config: Config, name: str) -> Path:
 
 
 def _instance_id(path: Path) -> str:
-    """A stable id for this worker's data directory (transactional.id, static membership)."""
+    """A stable id for this worker's data directory (its transactional.id)."""
     marker = path.parent / f"{path.name}.instance"
     marker.parent.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
@@ -151,18 +157,27 @@ class CommandProcessor:
             config,
             group,
             defaults={"session.timeout.ms": 10_000},
-            required={
-                "group.instance.id": f"{self.name}-{instance}",
-                "auto.offset.reset": "earliest",
-            },
+            # No static membership (group.instance.id): when the group coordinator's node is
+            # lost, librdkafka 2.16 heartbeats the new coordinator with an empty member id, is
+            # fenced (FENCED_INSTANCE_ID, fatal for the consumer), and send_offsets_to_transaction
+            # with that consumer's metadata then hung past its timeout (tests/integration/
+            # test_broker_faults.py). A restarted worker waits for the session timeout instead.
+            required={"auto.offset.reset": "earliest"},
         )
-        self._reader = clients.consumer(
-            config, f"{group}.reader", defaults={"queued.min.messages": 100_000}
-        )
-        self._producer = clients.producer(
-            config,
+        self._reader = self._new_reader()
+        self._transactional_id = f"{group}.{instance}"
+        self._producer = self._new_producer()
+
+    def _new_reader(self) -> Consumer:
+        """The consumer that reads event and results partitions to their ends (no group)."""
+        group = f"{group_id(self.config, self.name)}.reader"
+        return clients.consumer(self.config, group, defaults={"queued.min.messages": 100_000})
+
+    def _new_producer(self) -> Producer:
+        return clients.producer(
+            self.config,
             defaults={"linger.ms": 1},
-            transactional_id=f"{group}.{instance}",
+            transactional_id=self._transactional_id,
             # librdkafka refuses a message timeout above the transaction timeout
             required={
                 "transaction.timeout.ms": TXN_TIMEOUT_MS,
@@ -224,7 +239,7 @@ class CommandProcessor:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         owned = sorted(tp.partition for tp in partitions)
-        self._catch_up(owned)
+        self._retrying("the catch-up", lambda: self._catch_up(owned))
         consumer.assign(partitions)
         self.stats.assigned = tuple(owned)
         log.info("commands %s: deciding for partitions %s", self.name, owned)
@@ -320,21 +335,55 @@ class CommandProcessor:
         except _Abort as exc:
             self._recover(str(exc))
         except KafkaException as exc:
-            err = exc.args[0]
-            if err.fatal():
-                raise CommandError(f"commands {self.name}: fatal Kafka error: {err}") from exc
-            self._recover(str(err))
+            self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
 
-    def _recover(self, reason: str) -> None:
-        """Abort, rebuild states from store + topics, rewind commands to the committed offsets."""
+    def _recover(self, reason: str, *, fatal: bool = False) -> None:
+        """Abort, rebuild states from store + topics, rewind commands to the committed offsets.
+
+        A producer that cannot abort (a fatal error, or one the abort itself raises: after a
+        broker loss the coordinator may already have ended the transaction) is replaced by a new
+        one with the same transactional.id, whose init_transactions aborts whatever the old one
+        left open. Until the catch-up and rewind succeed (a coordinator or leader may still be
+        moving) they are retried, so a broker loss never stops the processor.
+        """
         log.warning("commands %s: transaction aborted: %s", self.name, reason)
         self.stats.aborts += 1
-        try:
-            self._producer.abort_transaction(30)
-        except KafkaException as exc:
-            if exc.args[0].fatal():
-                raise CommandError(f"commands {self.name}: cannot abort: {exc}") from exc
-            log.info("commands %s: abort: %s", self.name, exc)
+        if not fatal:
+            try:
+                self._producer.abort_transaction(30)
+            except KafkaException as exc:
+                log.warning("commands %s: abort failed: %s", self.name, exc.args[0])
+                fatal = True
+        if fatal:
+            self._retrying("a new producer", self._renew_producer)
+        self._retrying("the rewind", self._rewind)
+
+    def _retrying(self, what: str, step: Callable[[], None]) -> None:
+        """Run `step` until it succeeds or the processor stops: while a broker is moving leaders
+        or coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s)."""
+        pause = 0.5
+        while not self._stop.is_set():
+            try:
+                step()
+                return
+            except (KafkaException, LogReadError, TopicError) as exc:
+                log.warning(
+                    "commands %s: %s failed (again in %.1fs): %s", self.name, what, pause, exc
+                )
+                # A reader whose metadata went stale in a failover may never recover it.
+                self._reader.close()
+                self._reader = self._new_reader()
+                self._stop.wait(pause)
+                pause = min(2 * pause, 5.0)
+
+    def _renew_producer(self) -> None:
+        log.warning("commands %s: new transactional producer %s", self.name, self._transactional_id)
+        self._producer.flush(0)
+        self._producer = self._new_producer()
+        self._producer.init_transactions(30)
+
+    def _rewind(self) -> None:
+        """States from store + topics; the command consumer back to the committed offsets."""
         assignment = self._consumer.assignment()
         self._catch_up(sorted(tp.partition for tp in assignment))
         for tp in self._consumer.committed(assignment, timeout=30):

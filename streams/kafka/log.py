@@ -24,7 +24,14 @@ from refold.core.errors import LogReadError, TopicError
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
-_LEADER_MOVING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
+_ASK_AGAIN = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._UNKNOWN_PARTITION,  # seen for minutes after a controller loss, until a refresh
+}
+_ASK_S = 3.0  # one ask for a watermark; a lost leader never answers
 #: How long one read may go without a record or a position moving before it gives up.
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -57,16 +64,25 @@ def watermarks(
 def _watermark(consumer: Consumer, topic: str, partition: int, timeout: float) -> tuple[int, int]:
     deadline = time.monotonic() + timeout
     while True:
+        remaining = deadline - time.monotonic()
         try:
-            low, high = consumer.get_watermark_offsets(KafkaTP(topic, partition), timeout)
+            low, high = consumer.get_watermark_offsets(
+                KafkaTP(topic, partition), max(0.1, min(remaining, _ASK_S))
+            )
             return low, high
         except KafkaException as exc:
-            # A new topic's partition has no leader for a moment: ask again until the deadline.
-            if exc.args[0].code() not in _LEADER_MOVING or time.monotonic() > deadline:
+            # A leader moving (a new topic elects one, a broker was lost) answers with an error
+            # or not at all: librdkafka asks the leader it has cached, even one that is gone,
+            # so refresh the topic's metadata, then ask again until the deadline.
+            if exc.args[0].code() not in _ASK_AGAIN or time.monotonic() > deadline:
                 raise LogReadError(
                     f"no end offsets for {topic}[{partition}] within {timeout:.0f} s: {exc}",
                     hint="is the broker running? `refold broker status`",
                 ) from exc
+            try:
+                consumer.list_topics(topic, timeout=max(0.1, min(remaining, _ASK_S)))
+            except KafkaException as refresh:
+                log.debug("metadata refresh of %s failed: %s", topic, refresh)
             time.sleep(0.1)
 
 

@@ -8,7 +8,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import NewTopic, OffsetSpec
+from confluent_kafka.admin import (
+    ClusterMetadata,
+    ConfigResource,
+    NewTopic,
+    OffsetSpec,
+    ResourceType,
+)
 from refold.core.config import Config
 from refold.core.errors import TopicError
 from refold.kafka import clients
@@ -112,7 +118,7 @@ class Topics:
             md = self._admin.list_topics(timeout=timeout)
         except KafkaException as exc:
             raise TopicError(f"cannot reach Kafka: {exc}", hint="`refold broker status`") from exc
-        replication = min(3, len(md.brokers))
+        replication = self._replication(md)
         missing = [s for name, s in wanted.items() if name not in md.topics]
         created: list[str] = []
         if missing:
@@ -129,6 +135,22 @@ class Topics:
             log.info("created topics %s", created)
         self._wait_visible(list(wanted), timeout)
         return created
+
+    def _replication(self, md: ClusterMetadata) -> int:
+        """Three replicas where the cluster has three brokers, fewer on a smaller one, and never
+        fewer than the cluster's own `default.replication.factor`. The metadata lists only the
+        live brokers: without that floor a topic created while a node is down (a worker starting
+        creates its dead-letter topics) would stay under-replicated for good; with it, a KRaft
+        controller places a replica on the fenced node too, which catches up when it is back."""
+        wanted = min(3, len(md.brokers))
+        resource = ConfigResource(ResourceType.BROKER, str(next(iter(md.brokers))))
+        try:
+            entries = self._admin.describe_configs([resource])[resource].result(timeout=10)
+            default = int(entries["default.replication.factor"].value)
+        except (KafkaException, KeyError, ValueError, TypeError) as exc:  # not allowed to read it
+            log.debug("cannot read default.replication.factor: %s", exc)
+            return wanted
+        return max(wanted, default)
 
     def _wait_visible(self, names: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
