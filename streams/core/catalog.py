@@ -177,14 +177,16 @@ class Catalog:
         try:
             return self.types[name]
         except KeyError:
-            if not self.types:  # outside a project folder with schemas/, nothing names any
+            # refold's own types (`refold.*`, the task events) are not the user's to publish
+            users = sorted(t for t in self.types if not t.startswith("refold."))
+            if not users:  # outside a project folder with schemas/, nothing names any
                 hint = (
                     "no schemas are loaded: set REFOLD_SCHEMAS_DIR to a folder of .avsc files, "
                     "or name an app that declares SCHEMAS_DIRS in REFOLD_APP; "
                     "the bank example is refold.examples.bank"
                 )
             else:
-                hint = "known types: " + ", ".join(sorted(self.types))
+                hint = "known types: " + ", ".join(users)
             raise SchemaError(f"unknown event type {name!r}", hint=hint) from None
 
     def validate(self, type_name: str, data: Any) -> None:
