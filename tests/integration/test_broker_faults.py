@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import ConfigResource, ResourceType
 from refold.cli import broker
 from refold.core import envelope
@@ -413,7 +414,24 @@ def test_losing_another_node_loses_and_duplicates_nothing(cluster, tmp_path, uni
 def test_every_topic_has_three_replicas_and_two_in_sync(cluster, unique):
     """Kafka's internal topics (offsets, transaction state) and refold's (schemas, events,
     commands, results, claims, dead letters) as the tests above left them, and a new one."""
-    Topics(cluster).ensure([event_topic(unique("events"), 1)])
+    topic = unique("events")
+    Topics(cluster).ensure([*internal_topics(cluster), event_topic(topic, 1)])
+    # Kafka makes its own internal topics on first use: a transaction, a group's offsets.
+    producer = clients.producer(cluster, transactional_id=unique("txn"))
+    producer.init_transactions(60)
+    consumer = clients.consumer(cluster, unique("group"))
+    deadline = time.monotonic() + 60
+    try:
+        while True:  # NOT_COORDINATOR while the offsets topic is being made
+            try:
+                consumer.committed([TopicPartition(topic, 0)], timeout=30)
+                break
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    finally:
+        consumer.close()
     admin = clients.admin(cluster)
     topics = admin.list_topics(timeout=30).topics
     assert {"__consumer_offsets", "__transaction_state", cluster.schemas_topic} <= set(topics)
