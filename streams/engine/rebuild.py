@@ -188,7 +188,7 @@ def build_in_parts(
         return False
     folded_at = time.monotonic()
     _merge(store, paths, copied)
-    shutil.rmtree(root)
+    discard_parts(config, projection.name, version)
     log.info(
         "%s v%d: %d parts folded in %.1f s, merged in %.1f s after the last one",
         projection.name,
@@ -200,11 +200,24 @@ def build_in_parts(
     return True
 
 
-def discard_parts(config: Config, name: str, version: int) -> None:
-    """Remove parts left by a rebuild whose merge completed (or that is being redone serially)."""
+def discard_parts(config: Config, name: str, version: int, attempts: int = 20) -> bool:
+    """Remove parts left by a rebuild whose merge completed (or that is being redone serially).
+    A file that appears or vanishes while the tree goes (a part store still closing) only makes
+    it try again; cleanup never fails the build: after `attempts` tries it warns and returns
+    False, and the next build of the version removes what is left."""
     root = parts_path(config, name, version)
-    if root.is_dir():
-        shutil.rmtree(root)
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(root)
+            return True
+        except FileNotFoundError:
+            if not root.exists():
+                return True
+        except OSError as exc:
+            if attempt == attempts - 1:
+                log.warning("%s v%d: parts left in %s: %s", name, version, root, exc)
+        time.sleep(0.1 * (attempt + 1))
+    return False
 
 
 def _layout(
@@ -373,7 +386,10 @@ def _merge(store: RocksStore, parts: list[Path], copied: list[Path]) -> None:
         store.absorb(opened, meta=totals, copied=copied)
     finally:
         for part in opened:
-            part.close()
+            try:
+                part.close()
+            except StoreError as exc:  # merged or not, the parts are only read: go on
+                log.warning("closing part %s after the merge: %s", part.path, exc)
 
 
 # -- the child process ----------------------------------------------------------------------

@@ -484,7 +484,9 @@ def test_a_worker_builds_a_new_version_in_parts_beside_the_live_one(
         stop.set()
         watcher.join()
         env.stop_worker()
-    assert seen.is_set() and not parts.exists()  # built in parts, merged, cleaned up
+    # Built in parts, merged, cleaned up (the worker's log says why not).
+    worker_log = (env.data_dir.parent / "worker.log").read_text(errors="replace")
+    assert seen.is_set() and not parts.exists(), worker_log[-4000:]
     fixed, buggy = fold(events, buggy=False), fold(events, buggy=True)
     assert env.states(2)[0] == fixed
     affected = {k for k in fixed if fixed[k] != buggy[k]}
