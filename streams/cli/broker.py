@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -247,11 +247,21 @@ def start(
             launched = [_launch(java, jars, n, heap_mb) for n in launched]
             info = replace(info, nodes=tuple(_pick(launched, n) for n in info.nodes))
             _write_record(config, info)
+
+        def relaunch(node: NodeInfo) -> NodeInfo:
+            again = _launch(java, jars, node, heap_mb)
+            launched[:] = [again if n.node_id == node.node_id else n for n in launched]
+            _write_record(config, _with_pids(info, {n.node_id: n.pid for n in launched}))
+            return again
+
         try:
-            _wait_for(info, [n.node_id for n in info.nodes], timeout)
+            nodes_now = _wait_for(
+                info, [n.node_id for n in info.nodes], timeout, relaunch if launched else None
+            )
         except BrokerError:
             _signal_and_wait(config, launched, 10.0)
             raise
+        info = replace(info, nodes=tuple(_pick(nodes_now, n) for n in info.nodes))
         log.info("Kafka %s answering on %s", kafka_version(), info.bootstrap_servers)
         return info
 
@@ -508,21 +518,33 @@ def _metadata_brokers(admin: AdminClient, timeout: float) -> tuple[int, ...] | N
         return None
 
 
-def _wait_for(info: BrokerInfo, node_ids: list[int], timeout: float) -> None:
-    """Wait until the metadata lists every node in `node_ids`; fail fast if one exits."""
+def _wait_for(
+    info: BrokerInfo,
+    node_ids: list[int],
+    timeout: float,
+    relaunch: Callable[[NodeInfo], NodeInfo] | None = None,
+) -> list[NodeInfo]:
+    """Wait until the metadata lists every node in `node_ids`; return those nodes. A node that
+    exits while starting is started once more by `relaunch` (a KRaft node on a loaded machine
+    can give up on its first quorum contact), else, or the second time, it fails at once."""
     admin, deadline = _admin(info.bootstrap_servers), time.monotonic() + timeout
     waiting = [n for n in info.nodes if n.node_id in node_ids]
+    relaunched: set[int] = set()
     seen: tuple[int, ...] | None = None
     while (remaining := deadline - time.monotonic()) > 0:
-        for node in waiting:
-            if not _is_ours(node):
-                raise BrokerError(
-                    f"Kafka node {node.node_id} exited while starting:\n{_node_tail(node)}",
-                    hint=f"full log: {node.log}",
-                )
+        for i, node in enumerate(waiting):
+            if _is_ours(node):
+                continue
+            why = f"Kafka node {node.node_id} exited while starting:\n{_node_tail(node)}"
+            if relaunch is None or node.node_id in relaunched:
+                raise BrokerError(why, hint=f"full log: {node.log}")
+            log.warning("%s\nstarting it once more", why)
+            relaunched.add(node.node_id)
+            waiting[i] = relaunch(node)
+            deadline = max(deadline, time.monotonic() + timeout / 2)
         seen = _metadata_brokers(admin, min(2.0, remaining))
         if seen is not None and set(node_ids) <= set(seen):
-            return
+            return waiting
         time.sleep(0.2)
     raise BrokerError(
         f"Kafka on {info.bootstrap_servers} did not list nodes {node_ids} within {timeout:.0f}s"
@@ -657,10 +679,14 @@ def _port_free(port: int) -> bool:
 
 
 def _node_tail(node: NodeInfo) -> str:
+    """The node's first errors (why it stopped, usually) and the ends of its logs."""
+    text = _read_end(node.log, 1 << 20)
+    errors = [line for line in text.splitlines() if " ERROR " in line or " FATAL " in line][:5]
+    first = "first errors:\n" + "\n".join(errors) + "\n" if errors else ""
     console, server = (
         _last_lines(_read_end(p), n) for p, n in ((node.console_log, 10), (node.log, 15))
     )
-    return f"--- node {node.node_id} ({node.dir}) ---\n{console}{server}"
+    return f"--- node {node.node_id} ({node.dir}) ---\n{first}{console}{server}"
 
 
 def _read_end(path: Path, size: int = 16384) -> str:
