@@ -18,6 +18,11 @@ A partition is, for one projection:
 - `nobody`: no member owns it (a rebalance, or a group that lost its members).
 The broker is `unreachable` once no call succeeded for `UNREACHABLE_AFTER_S`; lookups are then
 marked stale, and `/healthz` answers 503 until a call succeeds again.
+
+A runner whose group, as the broker describes it, has gone on without it (its static member is
+not in the group, or partitions of its topics are owned by nobody) for longer than
+`membership.rejoin_after_s` is told to replace its consumer (`ProjectionRunner.rejoin`): after
+the group coordinator's node is lost, librdkafka was seen to stay out of its group for good.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
+from refold.engine.membership import rejoin_after_s
 from refold.engine.runtime import TP, Behind, ProjectionRunner, group_id
 from refold.kafka import clients
 
@@ -132,6 +138,7 @@ class _GroupView:
     ends: dict[TP, int] = field(default_factory=dict)
     behind: tuple[TP, ...] = ()
     history: Behind = field(default_factory=Behind)
+    stranded_since: float | None = None  # since when the group goes on without this runner
 
 
 class HealthMonitor:
@@ -205,6 +212,9 @@ class HealthMonitor:
                 self._read_group(self._admin, runner)
             except KafkaException as exc:  # its last view stays; reachability is the above's
                 log.debug("group of %s v%d not described: %s", runner.name, runner.version, exc)
+                view = self._groups.get(group_id(self._config, runner.name, runner.version))
+                if view is not None:  # stranded counts only while the broker says so
+                    view.stranded_since = None
             self.health = self._snapshot()  # a slow coordinator delays no other news
 
     def _failed(self, exc: KafkaException) -> None:
@@ -240,6 +250,8 @@ class HealthMonitor:
                 for tp in member.assignment.topic_partitions:
                     owners[(tp.topic, tp.partition)] = name
         view.owners = owners
+        instances = {m.group_instance_id for m in description.members}
+        self._watch_membership(runner, view, instances)
         here = set(runner.stats.assigned)
         elsewhere = sorted(tp for tp in owners if tp not in here)
         if not elsewhere:
@@ -263,6 +275,28 @@ class HealthMonitor:
         }
         folded = {tp: view.committed.get(tp, 0) for tp in elsewhere}
         view.behind = view.history.update(time.monotonic(), view.ends, folded)
+
+    def _watch_membership(
+        self, runner: ProjectionRunner, view: _GroupView, instances: set[str | None]
+    ) -> None:
+        """Tell `runner` to rejoin once its group has gone on without it for too long."""
+        missing = runner.instance_id is not None and runner.instance_id not in instances
+        unowned = [
+            f"{t}:{p}"
+            for t in runner.projection.topics
+            for p in range(self._counts.get(t, 0))
+            if (t, p) not in view.owners
+        ]
+        if not missing and not unowned:
+            view.stranded_since = None
+            return
+        now = time.monotonic()
+        if view.stranded_since is None:
+            view.stranded_since = now
+        elif now - view.stranded_since > rejoin_after_s(self._config):
+            view.stranded_since = now  # give the new consumer as long again
+            why = "not a member of its group" if missing else f"{', '.join(unowned)} unowned"
+            runner.rejoin(f"{why} for {rejoin_after_s(self._config):.0f} s")
 
     # -- the snapshot ---------------------------------------------------------------------
 

@@ -76,6 +76,19 @@ def uses_consumer_protocol(config: Config) -> bool:
     return str(config.client_overrides.get("group.protocol", "classic")).lower() == "consumer"
 
 
+def rejoin_after_s(config: Config) -> float:
+    """How long a fold consumer may stay out of its group (while the group goes on without it)
+    before it is replaced (refold.engine.health): two session timeouts, so the group's own
+    rebalances and expiries have run first; with KIP-848 the broker's 45 s plus 10 s."""
+    if uses_consumer_protocol(config):
+        return 55.0
+    session_ms = config.client_overrides.get("session.timeout.ms", SESSION_TIMEOUT_MS)
+    try:
+        return 2 * int(session_ms) / 1000
+    except ValueError:
+        return 2 * SESSION_TIMEOUT_MS / 1000
+
+
 def fold_group_settings(
     config: Config, instance_id: str | None
 ) -> tuple[dict[str, object], dict[str, object]]:
