@@ -31,6 +31,7 @@ from refold.kafka import clients
 
 log = logging.getLogger(__name__)
 
+_ABORTED = " (librdkafka aborted it: confluentinc/librdkafka#5397)"
 #: A child that does not answer within the request's own timeout plus this is replaced.
 GRACE_S = 3.0
 
@@ -90,11 +91,8 @@ class GroupProbe:
             return self._proc
         if self._proc is not None:
             code = self._proc.returncode
-            log.warning(
-                "the group probe exited (%s); starting another%s",
-                code,
-                " (librdkafka aborted it: confluentinc/librdkafka#5397)" if code == -6 else "",
-            )
+            aborted = _ABORTED if code == -signal.SIGABRT else ""
+            log.warning("the group probe exited (%s)%s; starting another", code, aborted)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "refold.engine.group_probe"],
             stdin=subprocess.PIPE,
@@ -118,8 +116,14 @@ class GroupProbe:
                     raise ProbeError("the group probe did not answer in time")
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
+                    code = proc.wait()
                     self._stop_child()
-                    raise ProbeError("the group probe exited")
+                    log.warning(
+                        "the group probe exited (%s)%s; the next question starts another",
+                        code,
+                        _ABORTED if code == -signal.SIGABRT else "",
+                    )
+                    raise ProbeError(f"the group probe exited ({code})")
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line

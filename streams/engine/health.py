@@ -5,9 +5,10 @@ is, and whether the broker answers.
 bounded by `REQUEST_TIMEOUT_S`) for the source topics' partitions, each live projection group's
 members and assignments, and, for partitions other members own, the group's committed offsets
 and the end offsets. The group questions go through a child process (refold.engine.group_probe:
-librdkafka can abort the process that asks them while a broker is lost). Every `LOCAL_EVERY_S` it combines that with what the fold
-threads publish (owned partitions, lag, behind) into a `Health` snapshot, replaced whole, that
-`/healthz`, `GET /projections` and every key lookup read without a broker round trip.
+librdkafka can abort the process that asks them while a broker is lost). Every `LOCAL_EVERY_S`
+it combines that with what the fold threads publish (owned partitions, lag, behind) into a
+`Health` snapshot, replaced whole, that `/healthz`, `GET /projections` and every key lookup read
+without a broker round trip.
 
 A partition is, for one projection:
 - `here`: owned by this worker; its lag is the runner's (records not folded, refreshed each

@@ -13,7 +13,8 @@ Measured against the KIP-848 consumer protocol (`group.protocol=consumer`) in be
 ("Recovery"): without static membership the dead member keeps its partitions until the broker's
 session timeout (`group.consumer.session.timeout.ms`, 45 s, not settable by a client) expires
 it; with static membership the broker refuses the restarted member's instance id until then
-(UNRELEASED_INSTANCE_ID), which librdkafka 2.16 treats as fatal: that consumer never folds again.
+(UNRELEASED_INSTANCE_ID), which librdkafka 2.16 treats as fatal (the runner then replaces its
+consumer every few seconds until the dead member has expired: `ProjectionRunner.rejoin`).
 `REFOLD_KAFKA_GROUP_PROTOCOL=consumer` still selects it: the assignment then happens on the broker
 and the client-side assignment and session settings are left out, as librdkafka requires.
 """
