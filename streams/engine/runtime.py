@@ -135,6 +135,7 @@ class RunnerStats:
     dead_letters: int = 0
     skipped: int = 0
     batches: int = 0
+    rejoins: int = 0  # consumers replaced (`ProjectionRunner.rejoin`)
     positions: dict[TP, int] = field(default_factory=dict)  # next offset per owned partition
     assigned: tuple[TP, ...] = ()
     high_watermarks: dict[TP, int] = field(default_factory=dict)
@@ -334,6 +335,7 @@ class ProjectionRunner:
         self._consumer = self._new_consumer()
         self._rejoin = None
         self._rejoined_at = time.monotonic()
+        self.stats.rejoins += 1
         self._next.clear()
         self._uncommitted.clear()  # the new owner commits the stored offsets on assignment
         self._set_owned(())
