@@ -84,6 +84,12 @@ _RES = "r/"
 #: how long a processor that died for good (its data directory never restarted) can hold back
 #: read_committed readers of its partitions; a restart with the same directory aborts at once.
 TXN_TIMEOUT_MS = 30_000
+#: How long a transactional call (init, send offsets, commit, abort) may block before its producer
+#: is given up. librdkafka 2.16 does not always honour these calls' own timeouts: when the group
+#: coordinator's node is lost, send_offsets_to_transaction can wait for a coordinator that its
+#: cache still names, forever (confluentinc/librdkafka#5456, #5511; seen in
+#: tests/integration/test_broker_faults.py). Each call gets its own timeout below this.
+TXN_CALL_TIMEOUT_S = 30.0
 MAX_CACHED = 100_000
 
 
@@ -125,6 +131,10 @@ class _Abort(Exception):
     """The current transaction must be aborted (a delivery failed, an abortable Kafka error)."""
 
 
+class _Stuck(Exception):
+    """A transactional call did not return in time: its producer is given up, not aborted."""
+
+
 class CommandProcessor:
     """Decides the commands of one aggregate type for the command partitions it owns."""
 
@@ -153,20 +163,46 @@ class CommandProcessor:
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
         group = group_id(config, self.name)
-        self._consumer = clients.consumer(
-            config,
-            group,
-            defaults={"session.timeout.ms": 10_000},
-            # No static membership (group.instance.id): when the group coordinator's node is
-            # lost, librdkafka 2.16 heartbeats the new coordinator with an empty member id, is
-            # fenced (FENCED_INSTANCE_ID, fatal for the consumer), and send_offsets_to_transaction
-            # with that consumer's metadata then hung past its timeout (tests/integration/
-            # test_broker_faults.py). A restarted worker waits for the session timeout instead.
-            required={"auto.offset.reset": "earliest"},
-        )
+        self._consumer = self._new_consumer()
         self._reader = self._new_reader()
         self._transactional_id = f"{group}.{instance}"
         self._producer = self._new_producer()
+        # Producers given up while a call of theirs was stuck, with the thread still in it: kept
+        # referenced until that call returns, so no thread destroys a handle in use.
+        self._stuck: list[tuple[Producer, threading.Thread]] = []
+
+    def _new_consumer(self) -> Consumer:
+        return clients.consumer(
+            self.config,
+            group_id(self.config, self.name),
+            defaults={"session.timeout.ms": 10_000},
+            # No static membership (group.instance.id): when the group coordinator's node is
+            # lost, librdkafka 2.16 heartbeats the new coordinator with an empty member id, is
+            # fenced (FENCED_INSTANCE_ID, fatal for the consumer). A restarted worker waits for
+            # the session timeout instead.
+            required={"auto.offset.reset": "earliest"},
+        )
+
+    def _renew_consumer(self, reason: str) -> None:
+        """Replace a consumer that failed for good (a fatal error) by a new one in the group;
+        the old one is closed in the background (cut off from its coordinator, closing can take
+        long). Nothing is in flight between batches; the new one catches up on assignment."""
+        log.warning("commands %s: a new consumer joins the group: %s", self.name, reason)
+        old = self._consumer
+        self._consumer = self._new_consumer()
+        self._cache.clear()
+        self.stats.assigned = ()
+        threading.Thread(target=_close_quietly, args=(old,), daemon=True).start()
+        self._subscribe()
+        self._stop.wait(1.0)  # a fatal error that recurs at once does not spin
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(
+            [self.decider.command_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
 
     def _new_reader(self) -> Consumer:
         """The consumer that reads event and results partitions to their ends (no group)."""
@@ -191,19 +227,14 @@ class CommandProcessor:
         """Decide until `stop()`; any unexpected error ends the processor in state `failed`."""
         try:
             # Fences a predecessor with the same transactional.id and aborts its open transaction.
-            self._producer.init_transactions(30)
+            self._retrying("starting transactions", self._init_transactions)
             self._claims.start()
             # Writer schemas must be durable before any event that uses them; the registry
             # write is not part of a transaction, so it goes through a plain producer.
             plain = clients.producer(self.config)
             for type_name in self.codec.catalog.types:
                 self._registry.ensure_registered(self.codec.writer_for(type_name), plain)
-            self._consumer.subscribe(
-                [self.decider.command_topic],
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
-            )
+            self._subscribe()
             self.stats.state = "running"
             while not self._stop.is_set():
                 first = self._consumer.poll(0.1)
@@ -238,6 +269,8 @@ class CommandProcessor:
     # -- assignment: fold the event and results partitions first ------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            return  # a replaced consumer, closing
         owned = sorted(tp.partition for tp in partitions)
         self._retrying("the catch-up", lambda: self._catch_up(owned))
         consumer.assign(partitions)
@@ -245,6 +278,8 @@ class CommandProcessor:
         log.info("commands %s: deciding for partitions %s", self.name, owned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            return  # a replaced consumer, closing
         # Every batch is committed or aborted before the next poll, so nothing is in flight.
         self._cache.clear()
         consumer.unassign()
@@ -324,16 +359,22 @@ class CommandProcessor:
     def _process(self, msgs: list[Message]) -> None:
         good = []
         for msg in msgs:
-            if msg.error() is None:
+            error = msg.error()
+            if error is None:
                 good.append(msg)
-            elif msg.error().code() != KafkaError._PARTITION_EOF:
-                log.warning("commands %s: consume error %s", self.name, msg.error())
+            elif error.fatal() or error.code() == KafkaError._FATAL:
+                self._renew_consumer(f"the consumer failed: {error}")
+                return  # the batch's commands are read again by the new consumer
+            elif error.code() != KafkaError._PARTITION_EOF:
+                log.warning("commands %s: consume error %s", self.name, error)
         if not good:
             return
         try:
             self._transact(good)
         except _Abort as exc:
             self._recover(str(exc))
+        except _Stuck as exc:
+            self._recover(str(exc), fatal=True)
         except KafkaException as exc:
             self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
 
@@ -341,18 +382,20 @@ class CommandProcessor:
         """Abort, rebuild states from store + topics, rewind commands to the committed offsets.
 
         A producer that cannot abort (a fatal error, or one the abort itself raises: after a
-        broker loss the coordinator may already have ended the transaction) is replaced by a new
-        one with the same transactional.id, whose init_transactions aborts whatever the old one
-        left open. Until the catch-up and rewind succeed (a coordinator or leader may still be
-        moving) they are retried, so a broker loss never stops the processor.
+        broker loss the coordinator may already have ended the transaction), or whose call is
+        stuck (`_bounded`), is replaced by a new one with the same transactional.id, whose
+        init_transactions fences the old one and ends whatever it left open: committed if its
+        commit had reached the coordinator, else aborted; the rewind reads which. Until the
+        catch-up and rewind succeed (a coordinator or leader may still be moving) they are
+        retried, so a broker loss never stops the processor.
         """
         log.warning("commands %s: transaction aborted: %s", self.name, reason)
         self.stats.aborts += 1
         if not fatal:
             try:
-                self._producer.abort_transaction(30)
-            except KafkaException as exc:
-                log.warning("commands %s: abort failed: %s", self.name, exc.args[0])
+                self._bounded("abort_transaction", self._producer.abort_transaction)
+            except (KafkaException, _Stuck) as exc:
+                log.warning("commands %s: abort failed: %s", self.name, exc)
                 fatal = True
         if fatal:
             self._retrying("a new producer", self._renew_producer)
@@ -366,7 +409,7 @@ class CommandProcessor:
             try:
                 step()
                 return
-            except (KafkaException, LogReadError, TopicError) as exc:
+            except (KafkaException, LogReadError, TopicError, _Stuck) as exc:
                 log.warning(
                     "commands %s: %s failed (again in %.1fs): %s", self.name, what, pause, exc
                 )
@@ -377,10 +420,45 @@ class CommandProcessor:
                 pause = min(2 * pause, 5.0)
 
     def _renew_producer(self) -> None:
+        """A new producer with the same transactional.id: its init_transactions fences the old
+        one (a call of the old one that returns later fails as fenced) and ends the transaction
+        the old one left open. The old one is not flushed when a call of its is stuck."""
         log.warning("commands %s: new transactional producer %s", self.name, self._transactional_id)
-        self._producer.flush(0)
+        if not self._is_stuck():
+            self._producer.flush(0)
         self._producer = self._new_producer()
-        self._producer.init_transactions(30)
+        self._init_transactions()
+
+    def _init_transactions(self) -> None:
+        """init_transactions, on a new producer if a call of the current one is stuck."""
+        self._stuck = [(p, t) for p, t in self._stuck if t.is_alive()]
+        if self._is_stuck():
+            self._producer = self._new_producer()
+        self._bounded("init_transactions", self._producer.init_transactions)
+
+    def _is_stuck(self) -> bool:
+        return any(producer is self._producer for producer, _thread in self._stuck)
+
+    def _bounded(self, what: str, call: Callable[[float], object]) -> None:
+        """`call(timeout)` on the current producer, given up after TXN_CALL_TIMEOUT_S plus a
+        grace: then the producer is recorded as stuck and `_Stuck` raised (see the constant).
+        The call runs in a thread of its own; its exceptions are re-raised here."""
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                call(TXN_CALL_TIMEOUT_S)
+            except BaseException as exc:  # re-raised in the caller's thread below
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, name=f"txn-{self.name}", daemon=True)
+        thread.start()
+        thread.join(TXN_CALL_TIMEOUT_S + 5)
+        if thread.is_alive():
+            self._stuck.append((self._producer, thread))
+            raise _Stuck(f"{what} did not return in {TXN_CALL_TIMEOUT_S + 5:.0f}s")
+        if failure:
+            raise failure[0]
 
     def _rewind(self) -> None:
         """States from store + topics; the command consumer back to the committed offsets."""
@@ -419,7 +497,7 @@ class CommandProcessor:
         self._producer.begin_transaction()
         results = self._produce(batch.decisions)
         self._send_offsets(msgs)
-        self._producer.commit_transaction(30)
+        self._bounded("commit_transaction", self._producer.commit_transaction)
         self._after_commit(batch, results)
 
     def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
@@ -526,17 +604,18 @@ class CommandProcessor:
         for msg in msgs:
             tp = (msg.topic(), msg.partition())
             nxt[tp] = max(nxt.get(tp, 0), msg.offset() + 1)
-        self._producer.send_offsets_to_transaction(
-            [TopicPartition(t, p, o) for (t, p), o in nxt.items()],
-            self._consumer.consumer_group_metadata(),
-            30,
+        offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
+        metadata = self._consumer.consumer_group_metadata()
+        send = self._producer.send_offsets_to_transaction
+        self._bounded(
+            "send_offsets_to_transaction", lambda timeout: send(offsets, metadata, timeout)
         )
 
     def _commit_offsets_only(self, msgs: list[Message]) -> None:
         """A batch of duplicates only: move the command offsets in an empty transaction."""
         self._producer.begin_transaction()
         self._send_offsets(msgs)
-        self._producer.commit_transaction(30)
+        self._bounded("commit_transaction", self._producer.commit_transaction)
         self.stats.transactions += 1
 
     def _after_commit(
@@ -587,6 +666,13 @@ def _record(msg: Message) -> CommandRecord:
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     cid = command.command_id if command is not None else f"{topic}-{partition}-{offset}"
     return CommandRecord(cid, command, problem, msg.key(), topic, partition, offset)
+
+
+def _close_quietly(consumer: Consumer) -> None:
+    try:
+        consumer.close()
+    except Exception as exc:  # it is gone either way; the group expires it
+        log.info("closing a replaced consumer: %s", exc)
 
 
 def _on_delivery(box: Box, index: int, failures: list[str]) -> DeliveryCallback:

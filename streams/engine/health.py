@@ -1,12 +1,14 @@
 """Whether a worker's answers are current: who folds each source partition, how far behind it
 is, and whether the broker answers.
 
-`HealthMonitor` runs one thread per worker. Every `CHECK_EVERY_S` it asks the broker (one admin
-client, each call bounded by `REQUEST_TIMEOUT_S`) for the source topics' partitions, each live
-projection group's members and assignments, and, for partitions other members own, the group's
-committed offsets and the end offsets. Every `LOCAL_EVERY_S` it combines that with what the fold
-threads publish (owned partitions, lag, behind) into a `Health` snapshot, replaced whole, that
-`/healthz`, `GET /projections` and every key lookup read without a broker round trip.
+`HealthMonitor` runs one thread per worker. Every `CHECK_EVERY_S` it asks the broker (each call
+bounded by `REQUEST_TIMEOUT_S`) for the source topics' partitions, each live projection group's
+members and assignments, and, for partitions other members own, the group's committed offsets
+and the end offsets. The group questions go through a child process (refold.engine.group_probe:
+librdkafka can abort the process that asks them while a broker is lost). Every `LOCAL_EVERY_S`
+it combines that with what the fold threads publish (owned partitions, lag, behind) into a
+`Health` snapshot, replaced whole, that `/healthz`, `GET /projections` and every key lookup read
+without a broker round trip.
 
 A partition is, for one projection:
 - `here`: owned by this worker; its lag is the runner's (records not folded, refreshed each
@@ -18,6 +20,11 @@ A partition is, for one projection:
 - `nobody`: no member owns it (a rebalance, or a group that lost its members).
 The broker is `unreachable` once no call succeeded for `UNREACHABLE_AFTER_S`; lookups are then
 marked stale, and `/healthz` answers 503 until a call succeeds again.
+
+A runner whose group, as the broker describes it, has gone on without it (its static member is
+not in the group, or partitions of its topics are owned by nobody) for longer than
+`membership.rejoin_after_s` is told to replace its consumer (`ProjectionRunner.rejoin`): after
+the group coordinator's node is lost, librdkafka was seen to stay out of its group for good.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import (
-    ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaException,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
+from refold.engine.group_probe import GroupProbe, ProbeError
+from refold.engine.membership import rejoin_after_s
 from refold.engine.runtime import TP, Behind, ProjectionRunner, group_id
 from refold.kafka import clients
 
@@ -132,6 +140,7 @@ class _GroupView:
     ends: dict[TP, int] = field(default_factory=dict)
     behind: tuple[TP, ...] = ()
     history: Behind = field(default_factory=Behind)
+    stranded_since: float | None = None  # since when the group goes on without this runner
 
 
 class HealthMonitor:
@@ -141,6 +150,7 @@ class HealthMonitor:
         self._config = config
         self._runners = runners
         self._admin: AdminClient | None = None
+        self._probe: GroupProbe | None = None  # the group questions, asked from a child process
         self._counts: dict[str, int] = {}  # partitions per source topic
         self._groups: dict[str, _GroupView] = {}
         self._last_ok = time.monotonic()
@@ -162,6 +172,8 @@ class HealthMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._probe is not None:
+            self._probe.close()
 
     @property
     def reachable(self) -> bool:
@@ -203,8 +215,11 @@ class HealthMonitor:
         for runner in runners.values():
             try:
                 self._read_group(self._admin, runner)
-            except KafkaException as exc:  # its last view stays; reachability is the above's
+            except (KafkaException, ProbeError) as exc:  # its last view stays (see above)
                 log.debug("group of %s v%d not described: %s", runner.name, runner.version, exc)
+                view = self._groups.get(group_id(self._config, runner.name, runner.version))
+                if view is not None:  # stranded counts only while the broker says so
+                    view.stranded_since = None
             self.health = self._snapshot()  # a slow coordinator delays no other news
 
     def _failed(self, exc: KafkaException) -> None:
@@ -231,27 +246,22 @@ class HealthMonitor:
     def _read_group(self, admin: AdminClient, runner: ProjectionRunner) -> None:
         group = group_id(self._config, runner.name, runner.version)
         view = self._groups.setdefault(group, _GroupView())
-        described = admin.describe_consumer_groups([group], request_timeout=REQUEST_TIMEOUT_S)
-        description = described[group].result(timeout=REQUEST_TIMEOUT_S + 1)
+        if self._probe is None:
+            self._probe = GroupProbe(self._config)
+        members = self._probe.describe(group, REQUEST_TIMEOUT_S)
         owners: dict[TP, str] = {}
-        for member in description.members:
-            name = member.group_instance_id or f"{member.client_id}@{member.host}"
-            if member.assignment is not None:
-                for tp in member.assignment.topic_partitions:
-                    owners[(tp.topic, tp.partition)] = name
+        for member in members:
+            for topic, partition in member["assignment"]:
+                owners[(topic, partition)] = member["name"]
         view.owners = owners
+        self._watch_membership(runner, view, {m["instance"] for m in members})
         here = set(runner.stats.assigned)
         elsewhere = sorted(tp for tp in owners if tp not in here)
         if not elsewhere:
             view.committed, view.ends, view.behind = {}, {}, ()
             return
         tps = [TopicPartition(t, p) for t, p in elsewhere]
-        request = [ConsumerGroupTopicPartitions(group, tps)]
-        offsets = admin.list_consumer_group_offsets(request, request_timeout=REQUEST_TIMEOUT_S)
-        listed = offsets[group].result(timeout=REQUEST_TIMEOUT_S + 1)
-        view.committed = {
-            (tp.topic, tp.partition): tp.offset for tp in listed.topic_partitions if tp.offset >= 0
-        }
+        view.committed = self._probe.committed(group, elsewhere, REQUEST_TIMEOUT_S)
         futures = admin.list_offsets(
             {tp: OffsetSpec.latest() for tp in tps},
             isolation_level=IsolationLevel.READ_COMMITTED,
@@ -263,6 +273,28 @@ class HealthMonitor:
         }
         folded = {tp: view.committed.get(tp, 0) for tp in elsewhere}
         view.behind = view.history.update(time.monotonic(), view.ends, folded)
+
+    def _watch_membership(
+        self, runner: ProjectionRunner, view: _GroupView, instances: set[str | None]
+    ) -> None:
+        """Tell `runner` to rejoin once its group has gone on without it for too long."""
+        missing = runner.instance_id is not None and runner.instance_id not in instances
+        unowned = [
+            f"{t}:{p}"
+            for t in runner.projection.topics
+            for p in range(self._counts.get(t, 0))
+            if (t, p) not in view.owners
+        ]
+        if not missing and not unowned:
+            view.stranded_since = None
+            return
+        now = time.monotonic()
+        if view.stranded_since is None:
+            view.stranded_since = now
+        elif now - view.stranded_since > rejoin_after_s(self._config):
+            view.stranded_since = now  # give the new consumer as long again
+            why = "not a member of its group" if missing else f"{', '.join(unowned)} unowned"
+            runner.rejoin(f"{why} for {rejoin_after_s(self._config):.0f} s")
 
     # -- the snapshot ---------------------------------------------------------------------
 

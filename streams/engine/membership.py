@@ -13,7 +13,8 @@ Measured against the KIP-848 consumer protocol (`group.protocol=consumer`) in be
 ("Recovery"): without static membership the dead member keeps its partitions until the broker's
 session timeout (`group.consumer.session.timeout.ms`, 45 s, not settable by a client) expires
 it; with static membership the broker refuses the restarted member's instance id until then
-(UNRELEASED_INSTANCE_ID), which librdkafka 2.16 treats as fatal: that consumer never folds again.
+(UNRELEASED_INSTANCE_ID), which librdkafka 2.16 treats as fatal (the runner then replaces its
+consumer every few seconds until the dead member has expired: `ProjectionRunner.rejoin`).
 `REFOLD_KAFKA_GROUP_PROTOCOL=consumer` still selects it: the assignment then happens on the broker
 and the client-side assignment and session settings are left out, as librdkafka requires.
 """
@@ -74,6 +75,19 @@ def worker_id(config: Config) -> str:
 def uses_consumer_protocol(config: Config) -> bool:
     """True when the user chose KIP-848 groups (`REFOLD_KAFKA_GROUP_PROTOCOL=consumer`)."""
     return str(config.client_overrides.get("group.protocol", "classic")).lower() == "consumer"
+
+
+def rejoin_after_s(config: Config) -> float:
+    """How long a fold consumer may stay out of its group (while the group goes on without it)
+    before it is replaced (refold.engine.health): two session timeouts, so the group's own
+    rebalances and expiries have run first; with KIP-848 the broker's 45 s plus 10 s."""
+    if uses_consumer_protocol(config):
+        return 55.0
+    session_ms = config.client_overrides.get("session.timeout.ms", SESSION_TIMEOUT_MS)
+    try:
+        return 2 * int(session_ms) / 1000
+    except ValueError:
+        return 2 * SESSION_TIMEOUT_MS / 1000
 
 
 def fold_group_settings(

@@ -71,6 +71,9 @@ COMMIT_EVERY = 50_000
 COMMIT_INTERVAL_S = 0.5
 #: An owned partition is "behind" while records it held this many seconds ago are not folded.
 BEHIND_S = 5.0
+#: A consumer is replaced at most this often (a fatal error that recurs, say a KIP-848 static
+#: member refused until its predecessor expires, does not spin).
+REJOIN_EVERY_S = 5.0
 
 
 def rebuild_writes(config: Config) -> dict[str, Any]:
@@ -132,6 +135,7 @@ class RunnerStats:
     dead_letters: int = 0
     skipped: int = 0
     batches: int = 0
+    rejoins: int = 0  # consumers replaced (`ProjectionRunner.rejoin`)
     positions: dict[TP, int] = field(default_factory=dict)  # next offset per owned partition
     assigned: tuple[TP, ...] = ()
     high_watermarks: dict[TP, int] = field(default_factory=dict)
@@ -261,11 +265,18 @@ class ProjectionRunner:
         self._changed = threading.Condition()
         # `instance_id`: static membership (refold.engine.membership), given by the worker.
         self.instance_id = instance_id
-        membership, required = fold_group_settings(config, instance_id)
-        self._consumer = clients.consumer(
-            config,
-            group_id(config, self.name, self.version),
-            defaults={**FOLD_CONSUMER_CONF, **membership, **(consumer_conf or {})},
+        self._consumer_conf = consumer_conf
+        self._consumer = self._new_consumer()
+        self._rejoin: str | None = None  # why the consumer must be replaced (see `rejoin`)
+        self._rejoined_at = 0.0
+        self._closing: list[threading.Thread] = []  # replaced consumers being closed
+
+    def _new_consumer(self) -> Consumer:
+        membership, required = fold_group_settings(self.config, self.instance_id)
+        return clients.consumer(
+            self.config,
+            group_id(self.config, self.name, self.version),
+            defaults={**FOLD_CONSUMER_CONF, **membership, **(self._consumer_conf or {})},
             required=required,
         )
 
@@ -278,14 +289,12 @@ class ProjectionRunner:
     def run(self) -> None:
         """Fold until `stop()`; exceptions end the runner in state `failed` with the reason."""
         try:
-            self._consumer.subscribe(
-                list(self.projection.topics),
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
-            )
+            self._subscribe()
             self.stats.state = "running"
             while not self._stop.is_set():
+                if self._rejoin is not None:
+                    self._renew_consumer(self._rejoin)
+                    continue
                 msgs = self._next_batch()
                 if msgs:
                     self._process(msgs)
@@ -294,6 +303,54 @@ class ProjectionRunner:
             self._failed(exc)
         finally:
             self.close()
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(
+            list(self.projection.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+
+    def rejoin(self, reason: str) -> None:
+        """Ask the fold thread to replace its consumer with a new one in the same group (any
+        thread may call this): for a consumer that lost its group for good. librdkafka 2.16 was
+        seen not to rejoin after the group coordinator's node was lost (the coordinator that
+        took over dropped the static member and it never came back), and treats some refusals
+        as fatal; the health monitor calls this when the group shows it (refold.engine.health).
+        """
+        if self._rejoin is None:
+            self._rejoin = reason
+
+    def _renew_consumer(self, reason: str) -> None:
+        """Store what is folded, close the consumer (in the background: a consumer cut off from
+        its coordinator may take long to close) and subscribe a new one. Nothing else changes:
+        on assignment the new one seeks to the store's offsets, like any owner."""
+        wait = self._rejoined_at + REJOIN_EVERY_S - time.monotonic()
+        if wait > 0 and self._stop.wait(wait):
+            return
+        log.warning("%s v%d: a new consumer joins the group: %s", self.name, self.version, reason)
+        self._write_pending_unless_failed(past_markers=False)
+        old = self._consumer
+        self._consumer = self._new_consumer()
+        self._rejoin = None
+        self._rejoined_at = time.monotonic()
+        self.stats.rejoins += 1
+        self._next.clear()
+        self._uncommitted.clear()  # the new owner commits the stored offsets on assignment
+        self._set_owned(())
+        closing = threading.Thread(
+            target=self._close_replaced, args=(old,), name=f"close-{self.name}", daemon=True
+        )
+        closing.start()
+        self._closing = [t for t in self._closing if t.is_alive()] + [closing]
+        self._subscribe()
+
+    def _close_replaced(self, consumer: Consumer) -> None:
+        try:
+            consumer.close()
+        except Exception as exc:  # it is gone either way; the group expires or fences it
+            log.info("%s v%d: closing a replaced consumer: %s", self.name, self.version, exc)
 
     def _failed(self, exc: Exception) -> None:
         log.exception("projection %s v%d failed", self.name, self.version)
@@ -404,6 +461,8 @@ class ProjectionRunner:
     # -- rebalancing ------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            return  # a replaced consumer, closing: it folds nothing more
         stored = self.store.offsets()
         for tp in partitions:
             key = (tp.topic, tp.partition)
@@ -416,6 +475,8 @@ class ProjectionRunner:
         log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            return  # a replaced consumer, closing (its folded batches were stored before)
         # Batches waiting for their write are stored first (this runs inside consume(), between
         # two folds); then Kafka's advisory copy of the revoked partitions' offsets. Not past
         # the consumer's position: records this consume() call already took are not folded.
@@ -722,7 +783,8 @@ class ProjectionRunner:
     def _consume_error(self, msg: Message) -> None:
         error = msg.error()
         if error.fatal() or error.code() == KafkaError._FATAL:  # e.g. refused by the group
-            raise ProjectionError(f"{self.name}: the consumer failed: {error}")
+            self.rejoin(f"the consumer failed: {error}")
+            return
         if error.code() != KafkaError._PARTITION_EOF:
             log.warning("%s: consume error %s", self.name, error)
 

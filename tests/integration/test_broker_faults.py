@@ -5,7 +5,9 @@ Everything is checked against what the test itself saw acknowledged: every ackno
 in the log exactly once (by the event ids the test gave them), the projection equals a fold
 computed here, and the commands sent before, during and after the loss all have one result, the
 event topic holding exactly the accepted ones' events. The cluster is the test module's own (not
-the session broker); the nodes it kills are only the ones it started.
+the session broker); the nodes it kills are only the ones it started. When the controller is
+killed, it is also the group coordinator of the fold consumers and of the command processor
+(the test picks their names so): every coordinator and leader there moves at once.
 
 Each test logs how long after the kill the projection had folded every event acknowledged before
 it, and every command sent before it had its result (bench/RESULTS.md, "Broker loss").
@@ -257,8 +259,17 @@ def log_ends(config: Config, topic: str) -> dict[tuple[str, int], int]:
 def run_broker_loss(
     config: Config, tmp_path: Path, unique, victim: str, events: int, down_s: float
 ) -> dict[str, float]:
-    """One scenario; returns its measurements (also logged)."""
-    topic, ledger, name = unique("ledger"), unique("ledger"), unique("vault")
+    """One scenario; returns its measurements (also logged). Losing the controller: the fold
+    group's and the command group's coordinator are on the controller too (their names chosen
+    so), the worst case: everything moves at once."""
+    topic = unique("ledger")
+    ledger, name = unique("ledger"), unique("vault")
+    if victim == "controller":
+        target = pick_victim(config, victim)
+        ledger = coordinated_by(config, target, unique, "ledger", lambda n: config.group(n, "v1"))
+        name = coordinated_by(
+            config, target, unique, "vault", lambda n: config.group("commands", n)
+        )
     vault = type("Vault", (Accounts,), {"name": name, "events_topic": name})()
     topics = Topics(config)
     topics.ensure([*internal_topics(config), event_topic(topic, PARTITIONS)])
@@ -287,6 +298,8 @@ def run_broker_loss(
             time.sleep(0.1)
 
         node = pick_victim(config, victim)
+        if victim == "controller":
+            assert node == target, "the controller moved before the kill"
         ends = log_ends(config, topic)
         before = [cid for cid, phase in load.commands]
         killed = time.monotonic()
@@ -380,6 +393,51 @@ def report_worker_log(worker: FaultWorker) -> None:
     log.info("worker: %d warnings/errors of refold's, %d aborted transactions", len(ours), aborts)
 
 
+def coordinated_by(config: Config, node: int, unique, prefix: str, group_of) -> str:
+    """A unique name whose consumer group `group_of(name)` has its coordinator on `node`: the
+    leader of the `__consumer_offsets` partition Kafka maps the group to (abs(Java hashCode of
+    the group id) mod the partition count)."""
+    offsets = offsets_topic(config)
+    leaders = {p: md.leader for p, md in offsets.partitions.items()}
+    for _ in range(1000):
+        name = unique(prefix)
+        if leaders[java_hash(group_of(name)) % len(leaders)] == node:
+            return name
+    raise AssertionError(f"no {prefix} name whose group node {node} coordinates: {leaders}")
+
+
+def offsets_topic(config: Config):
+    """`__consumer_offsets`' metadata, once Kafka made it (on a group's first offset fetch)."""
+    consumer = clients.consumer(config, config.group("faults-coordinators"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # NOT_COORDINATOR while the offsets topic is being made
+            try:
+                consumer.committed([TopicPartition("__consumer_offsets", 0)], timeout=30)
+                break
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    finally:
+        consumer.close()
+    return (
+        clients.admin(config)
+        .list_topics("__consumer_offsets", timeout=30)
+        .topics["__consumer_offsets"]
+    )
+
+
+def java_hash(text: str) -> int:
+    """abs(String.hashCode()) as Kafka computes it (Utils.abs: MIN_VALUE -> 0), ASCII text."""
+    h = 0
+    for ch in text:
+        h = (31 * h + ord(ch)) & 0xFFFFFFFF
+    if h >= 1 << 31:
+        h -= 1 << 32
+    return 0 if h == -(1 << 31) else abs(h)
+
+
 def pick_victim(config: Config, victim: str) -> int:
     controller = broker.active_controller(config)
     assert controller is not None
@@ -388,24 +446,12 @@ def pick_victim(config: Config, victim: str) -> int:
     return next(n for n in (1, 2, 3) if n != controller)
 
 
-@pytest.mark.skip(
-    reason="known failure, issue #12 open: after the controller (and group coordinator) moves, "
-    "a fold consumer with static membership (group.instance.id) is dropped from its group and "
-    "never rejoins under librdkafka 2.16, and the command processor can hang in "
-    "send_offsets_to_transaction; passed before static membership landed (10.9 s to current)"
-)
 @pytest.mark.timeout(1200)
 def test_losing_the_controller_loses_and_duplicates_nothing(cluster, tmp_path, unique):
     events = int(os.environ.get("REFOLD_FAULTS_EVENTS", 200_000))  # smaller for a quick look
     run_broker_loss(cluster, tmp_path, unique, "controller", events=events, down_s=15)
 
 
-@pytest.mark.skip(
-    reason="known intermittent failure, issue #12 open: after a node loss moves the group "
-    "coordinator, the command processor can hang in send_offsets_to_transaction past its "
-    "timeout (librdkafka 2.16; seen in 1 of 3 full runs); passed in the others (0 lost or "
-    "duplicated, projection current 10.5 s after the kill)"
-)
 @pytest.mark.timeout(900)
 def test_losing_another_node_loses_and_duplicates_nothing(cluster, tmp_path, unique):
     run_broker_loss(cluster, tmp_path, unique, "other", events=50_000, down_s=10)

@@ -5,6 +5,7 @@ generously; the measured times are printed (`-s`) and recorded in bench/RESULTS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -20,13 +21,14 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from refold.cli import broker
 from refold.core.config import Config
-from refold.engine.membership import SESSION_TIMEOUT_MS
-from refold.engine.runtime import group_id
+from refold.engine.membership import SESSION_TIMEOUT_MS, fold_group_settings
+from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name, group_id
 from refold.engine.worker import Worker
 from refold.http.server import QueryServer
+from refold.kafka import clients
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import Topics, event_topic, internal_topics
+from refold.kafka.topics import Topics, dead_letter_topic, event_topic, internal_topics
 
 from tests.integration.apps.ledger import Ledger
 from tests.integration.test_projections import (
@@ -35,6 +37,7 @@ from tests.integration.test_projections import (
     events_for,
     key_partition,
     oracle,
+    publish,
 )
 
 Events = list[tuple[str, str, dict[str, Any]]]
@@ -270,3 +273,60 @@ def test_healthz_503_while_the_only_broker_is_stopped_then_current_again_without
     finally:
         server.stop()
         worker.stop()
+
+
+def test_a_fold_consumer_fenced_out_of_its_group_is_replaced_and_folds_every_event_once(
+    config, ledger_topic, unique
+):
+    """A consumer its group refuses for good (here another consumer takes its static instance
+    id: FENCED_INSTANCE_ID, fatal in librdkafka) is replaced by its runner; the new one fences
+    the intruder in turn and folds on from the store's offsets. The ledger fold raises on an
+    event folded twice or out of order, which would show as a dead letter."""
+
+    class Fenced(Ledger):
+        name = unique("fenced")
+        topics = (ledger_topic,)
+
+    events = events_for(2000, accounts=50, seed=5)
+    publish(config, ledger_topic, events[:1000])
+    Topics(config).ensure([dead_letter_topic(dead_letter_topic_name(config, Fenced.name))])
+    instance = unique("instance")
+    runner = ProjectionRunner(
+        config,
+        codec_for(config),
+        Fenced(),
+        dead_letters=clients.producer(config),
+        instance_id=instance,
+    )
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    defaults, required = fold_group_settings(config, instance)  # the runner's, same instance id
+    intruder = clients.consumer(
+        config, group_id(config, Fenced.name, 1), defaults=defaults, required=required
+    )
+    try:
+        wait_until(lambda: runner.stats.folded >= 1000, 60, "the first half folded")
+        intruder.subscribe([ledger_topic])
+        deadline = time.monotonic() + 60
+        while runner.stats.rejoins == 0 and time.monotonic() < deadline:
+            intruder.poll(0.2)
+        assert runner.stats.rejoins >= 1, "the fenced consumer was not replaced"
+        publish(config, ledger_topic, events[1000:])
+        wait_until(lambda: runner.stats.folded >= 2000, 90, "the second half folded")
+        time.sleep(1)  # nothing more arrives: no event folded twice
+        assert (runner.stats.folded, runner.stats.dead_letters) == (2000, 0)
+        assert runner.stats.state == "running", runner.stats.error
+        states = dict(runner.store.scan(limit=10_000))
+        assert {k: (s["balance_cents"], s["events"]) for k, s in states.items()} == oracle(events)
+    finally:
+        runner.stop()
+        thread.join(30)
+        with contextlib.suppress(Exception):  # fenced in turn: its close may report it
+            intruder.close()
+
+
+def wait_until(done: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 from refold.core.config import Config
-from refold.engine.membership import SESSION_TIMEOUT_MS, fold_group_settings, worker_id
+from refold.engine.membership import (
+    SESSION_TIMEOUT_MS,
+    fold_group_settings,
+    rejoin_after_s,
+    worker_id,
+)
 
 
 def test_the_worker_id_is_created_once_and_kept_in_the_data_dir(tmp_path: Path) -> None:
@@ -36,3 +41,10 @@ def test_kip_848_leaves_assignment_and_session_to_the_broker(
     assert (defaults, required) == ({}, {"group.instance.id": "w1.balances.v1"})
     monkeypatch.setenv("REFOLD_STATIC_MEMBERSHIP", "0")
     assert fold_group_settings(config, "w1.balances.v1") == ({}, {})
+
+
+def test_a_consumer_is_replaced_after_two_session_timeouts_out_of_its_group() -> None:
+    assert rejoin_after_s(Config()) == 2 * SESSION_TIMEOUT_MS / 1000
+    assert rejoin_after_s(Config(client_overrides={"session.timeout.ms": "30000"})) == 60.0
+    # KIP-848: the broker's session timeout (45 s), which clients cannot set, plus 10 s
+    assert rejoin_after_s(Config(client_overrides={"group.protocol": "consumer"})) == 55.0
