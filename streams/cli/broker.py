@@ -247,11 +247,12 @@ def start(
             launched = [_launch(java, jars, n, heap_mb) for n in launched]
             info = replace(info, nodes=tuple(_pick(launched, n) for n in info.nodes))
             _write_record(config, info)
+        record = info
 
         def relaunch(node: NodeInfo) -> NodeInfo:
             again = _launch(java, jars, node, heap_mb)
             launched[:] = [again if n.node_id == node.node_id else n for n in launched]
-            _write_record(config, _with_pids(info, {n.node_id: n.pid for n in launched}))
+            _write_record(config, _with_pids(record, {n.node_id: n.pid for n in launched}))
             return again
 
         try:
