@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from refold.core.config import BUNDLED_SCHEMAS
-from refold.core.errors import InputError, RefoldError
+from refold.core.errors import InputError, SagaError
 from refold.core.projection import Projection
 from refold.core.serde import Event
 
@@ -45,10 +45,6 @@ TERMINAL = frozenset({"completed", "compensated", "failed"})
 STATUSES = ("running", "compensating", "completed", "compensated", "failed")
 MAX_SAGA_ID = 120
 MAX_DATA_BYTES = 64 * 1024
-
-
-class SagaError(RefoldError):
-    """A saga cannot be run (a bad declaration) or its events cannot be written."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 from refold import Command, Rejected
-from refold.core.errors import InputError
+from refold.core.errors import InputError, SagaError
 from refold.core.sagas import (
-    SagaError,
     apply_event,
     command_id,
     initial_state,

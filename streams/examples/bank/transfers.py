@@ -8,7 +8,7 @@ or closed account) the withdrawal is compensated by a deposit back to `from` wit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from refold.sagas import Saga, Send, Step
 
@@ -16,6 +16,7 @@ from refold.sagas import Saga, Send, Step
 class Transfers(Saga):
     name = "transfers"
     fields = {"from": str, "to": str, "amount_cents": int}
+    aggregate: ClassVar[str] = "accounts"  # the decider the money moves through
 
     def steps(self, saga_id: str, data: dict[str, Any]) -> list[Step]:
         amount = data["amount_cents"]
@@ -23,13 +24,13 @@ class Transfers(Saga):
             Step(
                 "withdraw",
                 do=Send(
-                    "accounts",
+                    self.aggregate,
                     data["from"],
                     "bank.Withdraw",
                     {"amount_cents": amount, "memo": f"transfer {saga_id} to {data['to']}"},
                 ),
                 undo=Send(
-                    "accounts",
+                    self.aggregate,
                     data["from"],
                     "bank.Deposit",
                     {"amount_cents": amount, "memo": f"refund {saga_id}"},
@@ -38,7 +39,7 @@ class Transfers(Saga):
             Step(
                 "deposit",
                 do=Send(
-                    "accounts",
+                    self.aggregate,
                     data["to"],
                     "bank.Deposit",
                     {"amount_cents": amount, "memo": f"transfer {saga_id} from {data['from']}"},
