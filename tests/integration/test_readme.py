@@ -165,9 +165,18 @@ def _check_commands(ns: dict[str, Any], _config: Config) -> None:
         accounts.decide(command, {"balance_cents": 499})
 
 
+def _check_sagas(ns: dict[str, Any], config: Config) -> None:
+    """The transfer compensates its withdrawal with the refund the prose names."""
+    ns["Transfers"].validate()
+    undo = ns["nxt"].commands[0]
+    assert undo.command_id == "saga:transfers/t-1/withdraw/undo"
+    assert undo.send.data == {"amount_cents": 500, "memo": "refund t-1"}
+
+
 SECTION_CHECKS: dict[str, Callable[[dict[str, Any], Config], None]] = {
     "Publishing and reading events": _check_publishing,
     "Commands": _check_commands,
+    "Sagas": _check_sagas,
 }
 
 
