@@ -19,6 +19,9 @@ The rules:
 - after a failed step, the accepted steps before it are compensated in reverse order (steps
   without a compensation are skipped); then the saga is `compensated`, or `failed` when there
   was nothing to undo (the first step failed);
+- a step that timed out is fenced first: its command id is claimed for nothing, so the command
+  processor never decides it (when the processor claimed it first, it will be decided: the saga
+  waits for that result instead);
 - a rejected compensation is tried again after a backoff (a new command id per attempt); past
   `max_compensation_attempts` the saga is `failed` with the reason (and the runner writes a
   dead letter). A compensation never times out: it is re-sent (same id) until it is decided.
@@ -334,18 +337,29 @@ class Advance:
     commands: tuple[Outgoing, ...] = ()
     waiting: tuple[Outgoing, ...] = ()
     dead: str | None = None  # the reason, when the saga ends failed for a person to look at
+    #: A timed-out step's command, to fence before recording `events`: the runner claims its
+    #: id first (refold.engine.claims) so it is never decided; when the command processor
+    #: claimed it already, it will be decided, and the runner records nothing and waits.
+    fence: Outgoing | None = None
 
 
 def advance(
-    saga: Saga, state: dict[str, Any], results: Callable[[str], Result | None], now_ms: int
+    saga: Saga,
+    state: dict[str, Any],
+    results: Callable[[str], Result | None],
+    now_ms: int,
+    *,
+    since_ms: int = 0,
 ) -> Advance:
-    """The next events and commands of a saga, from its state and the results known now."""
+    """The next events and commands of a saga, from its state and the results known now.
+    A step's timeout counts from when it was sent, or from `since_ms` if later (when the runner
+    took the saga over: a worker that was down does not time out every step at once)."""
     status = state.get("status")
     if status is None or status in TERMINAL:
         return Advance()
     steps = list(saga.steps(state["saga_id"], state["data"]))
     if status == "running":
-        return _forward(saga, state, steps, results, now_ms)
+        return _forward(saga, state, steps, results, now_ms, since_ms)
     return _backward(saga, state, steps, results, now_ms)
 
 
@@ -359,6 +373,7 @@ def _forward(
     steps: list[Step],
     results: Callable[[str], Result | None],
     now_ms: int,
+    since_ms: int,
 ) -> Advance:
     sid = state["saga_id"]
     for i, (step, s) in enumerate(zip(steps, state["steps"], strict=True)):
@@ -371,11 +386,10 @@ def _forward(
         result = results(out.command_id)
         if result is None:
             limit_s = step.timeout_s or saga.step_timeout_s
-            if now_ms - s["sent_ms"] >= limit_s * 1000:
+            if now_ms - max(s["sent_ms"], since_ms) >= limit_s * 1000:
                 reason = f"no result within {limit_s:g} s"
-                return Advance(
-                    events=(saga_event(sid, "step_timed_out", step=i, reason=reason, at_ms=now_ms),)
-                )
+                timed_out = saga_event(sid, "step_timed_out", step=i, reason=reason, at_ms=now_ms)
+                return Advance(events=(timed_out,), fence=out)
             return Advance(waiting=(out,))
         if result.get("status") == "accepted":
             return Advance(events=(saga_event(sid, "step_accepted", step=i, at_ms=now_ms),))

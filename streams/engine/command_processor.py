@@ -168,6 +168,11 @@ class CommandProcessor:
         self._transactional_id = f"{group}.{instance}"
         self._producer = self._new_producer()
 
+    @property
+    def claims(self) -> ClaimsIndex:
+        """The first claim of each command id of this decider (a saga fences a command with it)."""
+        return self._claims
+
     def _new_reader(self) -> Consumer:
         """The consumer that reads event and results partitions to their ends (no group)."""
         group = f"{group_id(self.config, self.name)}.reader"

@@ -18,11 +18,19 @@ to do with the state and the command results known now. Its steps, in order:
 4. until the fold shows what it appended, the runner leaves that saga alone (so it never
    appends the same step twice in a row).
 
+A step that timed out is fenced before `step_timed_out` is recorded: the runner claims its
+command id for nothing through the processor's claims index (`refold.engine.claims`); the first
+claim of an id wins everywhere, so a fenced command is never decided, and when the processor's
+claim came first the command will be decided and the runner waits for its result instead.
+A sweep that fails (the broker unreachable) is retried a second later from the fold: a repeated
+event is a no-op in the fold, a repeated command in the processor.
+
 Crash safety: a kill -9 between 2 and 3 leaves a step `sent` whose command may not exist; step 3
 after the restart sends it. Between 3 and the result: the result is on the results topic, which
 the runner's results index reads (RocksDB, offsets in the same WriteBatch). Timeouts count from
 the `at_ms` recorded in the events, so a timer survives restarts: the due times are rebuilt from
-the fold.
+the fold; they count from the later of the step's send and the moment this runner took the
+partition over, so a worker that was down does not time out every step at once.
 """
 
 from __future__ import annotations
@@ -36,9 +44,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import TopicPartition
-from refold.core.commands import Command, Decider
+from refold.core.commands import Command
 from refold.core.config import Config
-from refold.core.errors import CommandError, InputError
+from refold.core.errors import CommandError, InputError, RefoldError
 from refold.core.sagas import (
     TERMINAL,
     Outgoing,
@@ -52,6 +60,8 @@ from refold.core.sagas import (
     saga_projection_name,
 )
 from refold.core.serde import Codec
+from refold.engine.claims import ClaimsIndex
+from refold.engine.command_processor import CommandProcessor
 from refold.engine.frozen import Serving
 from refold.engine.timetravel import murmur2_partition
 from refold.kafka import clients
@@ -63,6 +73,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 1000
 SEND_TIMEOUT_S = 30.0
+FENCE = "refold.sagas.Fence"  # the type of the claim that fences a timed-out step's command
 
 
 @dataclass(slots=True)
@@ -74,6 +85,9 @@ class SagaRunnerStats:
     commands: int = 0
     resent: int = 0
     dead: int = 0
+    fenced: int = 0  # timed-out steps whose command will never be decided
+    unfenced: int = 0  # timed-out steps whose command was claimed already: their result comes
+    errors: int = 0  # sweeps that failed (the broker unreachable...); the next one retries
     ready: tuple[int, ...] = ()  # the owned partitions whose state is caught up
 
 
@@ -90,6 +104,7 @@ class SagaRunner:
         partitions: int,
         commands: CommandClient,
         results: ResultsIndex,
+        claims: Mapping[str, ClaimsIndex],
         interval_s: float = 0.2,
     ) -> None:
         self.saga = saga
@@ -98,12 +113,14 @@ class SagaRunner:
         self._partitions = partitions
         self._commands = commands
         self._results = results
+        self._claims = claims
         self._interval_s = interval_s
         self._log = SagaLog(config, codec, source=f"refold://sagas/{saga.name}")
         self._producer = clients.producer(config, defaults={"linger.ms": 1})
         self._watermarks = clients.consumer(config, config.group("sagas", saga.name, "ends"))
         self._ends: dict[int, int] = {}  # owned partition -> its end when this runner got it
-        self._ready: set[int] = set()
+        self._ready: dict[int, int] = {}  # caught-up partition -> since when (epoch ms)
+        self._claimed: set[str] = set()  # timed-out commands the processor claimed first
         self._pending: dict[str, int] = {}  # saga id -> its event count when we last appended
         self._sent_here: set[str] = set()  # command ids this process sent
         self._wake = threading.Event()
@@ -116,7 +133,15 @@ class SagaRunner:
             while not self._stop.is_set():
                 self._wake.wait(self._interval_s)
                 self._wake.clear()
-                self.sweep(int(time.time() * 1000))
+                try:
+                    self.sweep(int(time.time() * 1000))
+                except (RefoldError, TimeoutError) as exc:
+                    # Nothing is lost: what was not acknowledged is decided again (the fold
+                    # takes a repeated event as a no-op, the processor a repeated command).
+                    log.warning("saga %s: sweep failed, retrying: %s", self.saga.name, exc)
+                    self.stats.errors += 1
+                    self._pending.clear()
+                    self._stop.wait(1.0)
         except Exception as exc:  # the saga stops moving; /healthz and the log say why
             log.exception("saga runner %s failed", self.saga.name)
             self.stats.state = "failed"
@@ -143,8 +168,10 @@ class SagaRunner:
             for saga_id, state in page:
                 if state.get("status") in TERMINAL:
                     self._pending.pop(saga_id, None)
-                elif murmur2_partition(saga_id.encode(), self._partitions) in ready:
-                    outbox.extend(self._drive(saga_id, state, now_ms, acks))
+                else:
+                    since = ready.get(murmur2_partition(saga_id.encode(), self._partitions))
+                    if since is not None:
+                        outbox.extend(self._drive(saga_id, state, now_ms, since, acks))
             if len(page) < PAGE:
                 break
             after = page[-1][0]
@@ -152,39 +179,41 @@ class SagaRunner:
         self._send(outbox)
         self.stats.sweeps += 1
 
-    def _caught_up(self, runner: Serving) -> set[int]:
+    def _caught_up(self, runner: Serving) -> dict[int, int]:
         """The owned partitions whose store has folded up to their end at assignment (1.)."""
         topic = self.saga.topic
         owned = {p for t, p in runner.stats.assigned if t == topic}
         for p in set(self._ends) - owned:  # lost: another worker drives them now
             del self._ends[p]
-            self._ready.discard(p)
+            self._ready.pop(p, None)
             self._sent_here = {c for c in self._sent_here if not self._of(c, p)}
         for p in owned - set(self._ends):
             _low, high = self._watermarks.get_watermark_offsets(
                 TopicPartition(topic, p), timeout=10
             )
             self._ends[p] = high
-        if owned - self._ready:
+        if owned - self._ready.keys():
             stored = runner.store.offsets()
-            for p in owned - self._ready:
+            for p in owned - self._ready.keys():
                 if stored.get((topic, p), 0) >= self._ends[p]:
                     log.info("saga %s: partition %d caught up, driving it", self.saga.name, p)
-                    self._ready.add(p)
+                    self._ready[p] = int(time.time() * 1000)
             self.stats.ready = tuple(sorted(self._ready))
-        return self._ready & owned
+        return {p: since for p, since in self._ready.items() if p in owned}
 
     def _of(self, command_id: str, partition: int) -> bool:
         saga_id = command_id.split("/", 1)[1].rsplit("/", 2)[0]
         return murmur2_partition(saga_id.encode(), self._partitions) == partition
 
     def _drive(
-        self, saga_id: str, state: dict[str, Any], now_ms: int, acks: Acks
+        self, saga_id: str, state: dict[str, Any], now_ms: int, since_ms: int, acks: Acks
     ) -> list[Outgoing]:
         if self._pending.get(saga_id) == state["events"]:
             return []  # what we appended is not folded yet (4.)
         self._pending.pop(saga_id, None)
-        step = advance(self.saga, state, self._results.get, now_ms)
+        step = advance(self.saga, state, self._results.get, now_ms, since_ms=since_ms)
+        if step.fence is not None and not self._fenced(step.fence):
+            return []  # claimed by the processor: its result will come
         if step.dead is not None:
             self._dead(saga_id, state, step.dead)
         for event in step.events:
@@ -195,6 +224,25 @@ class SagaRunner:
         resend = [out for out in step.waiting if out.command_id not in self._sent_here]
         self.stats.resent += len(resend)
         return [*step.commands, *resend]
+
+    def _fenced(self, out: Outgoing) -> bool:
+        """Claim a timed-out step's command id for nothing, so that no processor ever decides
+        it; False when a processor claimed it first (it will be decided)."""
+        if out.command_id in self._claimed:
+            return False
+        claims = self._claims.get(out.send.aggregate)
+        if claims is None:  # no processor of that aggregate here: time it out unfenced
+            log.warning("saga %s: cannot fence %s", self.saga.name, out.command_id)
+            return True
+        send = out.send
+        fence = Command(out.command_id, send.aggregate, send.key, FENCE, {})
+        winner = claims.claim([fence]).get(out.command_id)
+        if winner is not None and winner.get("fingerprint") != fence.fingerprint:
+            self._claimed.add(out.command_id)
+            self.stats.unfenced += 1
+            return False
+        self.stats.fenced += 1
+        return True
 
     def _dead(self, saga_id: str, state: dict[str, Any], reason: str) -> None:
         acks = Acks()
@@ -248,12 +296,15 @@ class SagaService:
         for s in self.sagas.values():
             self._partitions[s.name] = topics.partitions(s.topic)
 
-    def start(self, runners: Mapping[str, Serving], deciders: Mapping[str, Decider]) -> None:
+    def start(
+        self, runners: Mapping[str, Serving], processors: Mapping[str, CommandProcessor]
+    ) -> None:
         """A runner per saga; `runners` is the worker's live runner per projection (looked up
-        at each use), `deciders` those whose commands this worker decides."""
+        at each use), `processors` the command processors of this worker."""
         self._runners = runners
         if not self.sagas:
             return
+        deciders = {name: p.decider for name, p in processors.items()}
         if not deciders:
             log.warning("sagas %s: no deciders run here, not driving", sorted(self.sagas))
             return
@@ -272,6 +323,7 @@ class SagaService:
                 partitions=self._partitions[name],
                 commands=self._commands,
                 results=self._results,
+                claims={name: p.claims for name, p in processors.items()},
             )
             self.runners[name] = runner
             thread = threading.Thread(target=runner.run, name=f"saga-{name}", daemon=True)

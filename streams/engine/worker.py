@@ -166,7 +166,7 @@ class Worker:
         self.health.start()
         self._start_commands()
         self.tasks.start(self.runners)
-        self.sagas.start(self.runners, {n: self.deciders[n] for n in self.processors})
+        self.sagas.start(self.runners, self.processors)
 
     def _serve(self, name: str, version: int) -> Serving:
         """A runner folding `version` with its own class, or, when the code has no class for

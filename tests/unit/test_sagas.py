@@ -257,3 +257,16 @@ def test_a_saga_declaration_is_checked() -> None:
         with pytest.raises(SagaError):
             cls.validate()
     Transfers.validate()
+
+
+def test_a_timeout_names_the_command_to_fence_and_counts_from_the_takeover() -> None:
+    saga, state = Transfers(), initial_state("t9")
+    apply_event(
+        saga, state, {"kind": "started", "data": _json({"from": "a", "to": "b", "amount_cents": 1})}
+    )
+    apply_event(saga, state, {"kind": "step_sent", "step": 0, "at_ms": T0})
+    later = T0 + 61_000
+    assert advance(saga, state, {}.get, later, since_ms=T0 + 30_000).waiting  # still waiting
+    nxt = advance(saga, state, {}.get, later)
+    assert [e["kind"] for e in nxt.events] == ["step_timed_out"]
+    assert nxt.fence is not None and nxt.fence.command_id == "saga:transfers/t9/withdraw/do"
