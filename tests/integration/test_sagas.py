@@ -310,3 +310,50 @@ def test_steps_that_time_out_are_fenced_so_the_money_still_adds_up(
     _check(plan, states, events(config, vault.events_topic), accounts, timeouts=True)
     reasons = Counter(str(s["reason"]).split(":")[0] for s in states.values())
     assert any("timed_out" in r for r in reasons), reasons  # the race did happen
+
+
+@pytest.mark.timeout(300)
+def test_http_and_cli_starts_are_checked_and_idempotent(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    try:
+        _fund(client, vault)
+        good = {"from": "acc-0", "to": "acc-1", "amount_cents": 5}
+        assert worker.http("POST", "/sagas/nope", {"data": good})[0] == 404
+        code, body = worker.http("POST", f"/sagas/{saga}", {"data": {"from": "acc-0"}})
+        assert code == 422 and "data.to" in body["detail"], body
+        for _ in range(2):  # the saga id is the idempotency key
+            worker.start_saga("twice", good)
+        assert worker.http("GET", f"/sagas/{saga}/unknown")[0] == 404
+        state = worker.states(["twice"])["twice"]
+        assert state["status"] == "completed"
+        assert [s["command_id"] for s in state["steps"]] == [
+            f"saga:{saga}/twice/withdraw/do",
+            f"saga:{saga}/twice/deposit/do",
+        ]
+        cli = [sys.executable, "-m", "refold.cli.main", "saga"]
+        env = {**worker.env, "REFOLD_DATA_DIR": str(tmp_path / "cli")}
+        data = json.dumps({"from": "acc-1", "to": "missing", "amount_cents": 7})
+        run = subprocess.run(
+            [*cli, "start", saga, "by-cli", "--data", data, "--wait", "--timeout", "120"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert run.returncode == 1, run.stderr  # ended, but not completed
+        assert json.loads(run.stdout)["status"] == "compensated"
+        run = subprocess.run(
+            [*cli, "status", saga, "by-cli"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0 and json.loads(run.stdout)["status"] == "compensated"
+        run = subprocess.run(
+            [*cli, "status", saga, "nope"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode != 0 and len(run.stderr.strip().splitlines()) <= 2, run.stderr
+    finally:
+        worker.stop()
+    started = [
+        d for k, t, d in events(config, f"{saga}.saga") if k == "twice" and d["kind"] == "started"
+    ]
+    assert len(started) == 1
