@@ -242,6 +242,8 @@ def _assert_demo_story(out: str) -> None:
     assert re.search(r"refund +150\.00 +1,391\.75$", out, re.M), out  # the passbook's last line
     assert re.search(rf"GET http://127\.0\.0\.1:\d+/projections/balances/{acc}\n", out), out
     assert '"balance_cents": 139175' in out
+    assert re.search(rf"rent-share-{run[1]} +{acc} -> bob-{run[1]}: completed", out), out
+    assert re.search(rf"typo-{run[1]} +{acc} -> bobb-{run[1]}: compensated", out), out
 
 
 def _get_when_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> Any:
