@@ -74,7 +74,11 @@ def _package_dirs() -> dict[str, str]:
 def test_the_wheel_holds_refold_and_nothing_else(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {n.split("/")[0] for n in names} == {"refold", f"refold-{VERSION}.dist-info"}
-    for needed in ("refold/py.typed", "refold/deploy/kafka/pom.xml"):
+    for needed in (
+        "refold/py.typed",
+        "refold/deploy/kafka/pom.xml",
+        "refold/schemas/sagas/SagaEvent.avsc",
+    ):
         assert needed in names
     bank_schemas = {n for n in names if re.fullmatch(r"refold/schemas/bank/\w+\.avsc", n)}
     assert len(bank_schemas) == len(list((REPO / "schemas" / "bank").glob("*.avsc"))) > 0
