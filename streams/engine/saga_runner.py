@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from refold.core.commands import Command
 from refold.core.config import Config
 from refold.core.errors import CommandError, InputError, RefoldError
@@ -127,15 +127,18 @@ class SagaRunner:
         self._stop = threading.Event()
 
     def run(self) -> None:
+        registered = False
         try:
-            self._log.register(self._producer)
             self.stats.state = "running"
             while not self._stop.is_set():
                 self._wake.wait(self._interval_s)
                 self._wake.clear()
                 try:
+                    if not registered:  # the schema is durable before any event uses it
+                        self._log.register(self._producer)
+                        registered = True
                     self.sweep(int(time.time() * 1000))
-                except (RefoldError, TimeoutError) as exc:
+                except (RefoldError, KafkaException, TimeoutError) as exc:
                     # Nothing is lost: what was not acknowledged is decided again (the fold
                     # takes a repeated event as a no-op, the processor a repeated command).
                     log.warning("saga %s: sweep failed, retrying: %s", self.saga.name, exc)
