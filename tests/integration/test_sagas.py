@@ -213,18 +213,30 @@ def test_concurrent_transfers_through_kills_end_with_the_money_where_it_belongs(
     rng = random.Random(14)
     plan = _plan(accounts, SAGAS, rng)
 
+    accepted: list[str] = []
+
+    def post(saga_id: str, data: dict) -> None:
+        worker.start_saga(saga_id, data)
+        accepted.append(saga_id)
+        time.sleep(0.1)  # paced, so that every kill falls among starts and running sagas
+
     def post_all() -> None:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda item: worker.start_saga(*item), plan.items()))
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda item: post(*item), plan.items()))
 
     posting = threading.Thread(target=post_all)
     try:
         posting.start()
-        for _ in range(KILLS):  # kill -9 at random moments of the run, restart at once
-            time.sleep(rng.uniform(2, 6))
+        at_kill = []
+        for i in range(KILLS):  # kill -9 while sagas start and run, restart at once
+            while len(accepted) < (i + 1) * SAGAS // (KILLS + 1) and posting.is_alive():
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 0.5))
+            at_kill.append(len(accepted))
             worker.kill()
             worker.start()
         posting.join()
+        assert all(n < SAGAS for n in at_kill), at_kill  # every kill came mid-run
         states = worker.states(list(plan))
         commands_end = Topics(config).end_offsets(vault.command_topic)
         saga_end = Topics(config).end_offsets(f"{saga}.saga")
