@@ -369,3 +369,36 @@ def test_http_and_cli_starts_are_checked_and_idempotent(
         d for k, t, d in events(config, f"{saga}.saga") if k == "twice" and d["kind"] == "started"
     ]
     assert len(started) == 1
+
+
+@pytest.mark.timeout(300)
+def test_a_compensation_rejected_past_its_limit_fails_the_saga_with_a_dead_letter(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    saga = unique("transfers")
+    stubborn = f"{saga}-stubborn"
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    try:
+        _fund(client, vault)
+        code, body = worker.http(
+            "POST", f"/sagas/{stubborn}", {"saga_id": "s-1", "data": {"from": "acc-0",
+                                                                      "amount_cents": 9}}
+        )  # fmt: skip
+        assert code == 202, body
+        worker.saga = stubborn
+        state = worker.states(["s-1"])["s-1"]
+    finally:
+        worker.stop()
+    assert state["status"] == "failed", state
+    assert state["reason"].startswith("compensation of step withdraw rejected 2 time(s)"), state
+    assert "closed-0 is closed" in state["reason"], state
+    first = state["steps"][0]
+    assert (first["status"], first["compensation_attempts"]) == ("compensation_rejected", 2)
+    assert first["compensation_command_id"] == f"saga:{stubborn}/s-1/withdraw/undo-2"
+    letters = events(config, f"{stubborn}.saga.dead")
+    assert [(k, d["kind"], d["reason"]) for k, _t, d in letters] == [
+        ("s-1", "dead", state["reason"])
+    ]
+    moved = [(k, t) for k, t, d in events(config, vault.events_topic) if d.get("memo") == "s-1"]
+    assert moved == [("acc-0", "bank.MoneyWithdrawn")]  # and nothing came back: a person looks
