@@ -362,7 +362,8 @@ class QueryServer:
     def healthz_answer(self) -> Answer:
         health = self.worker.health.health
         states = {name: r.stats.state for name, r in self.worker.runners.items()}
-        return answers.health(states, health.status(), health.summary())
+        sagas = {name: r.stats.state for name, r in self.worker.sagas.runners.items()}
+        return answers.health(states, health.status(), health.summary(), sagas)
 
     async def _as_of(self, runner: Serving, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""

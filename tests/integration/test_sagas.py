@@ -342,6 +342,7 @@ def test_http_and_cli_starts_are_checked_and_idempotent(
         assert worker.http("GET", f"/sagas/{saga}/unknown")[0] == 404
         state = worker.states(["twice"])["twice"]
         assert state["status"] == "completed"
+        assert worker.http("GET", "/healthz")[1]["sagas"][saga] == "running"
         assert [s["command_id"] for s in state["steps"]] == [
             f"saga:{saga}/twice/withdraw/do",
             f"saga:{saga}/twice/deposit/do",
