@@ -407,74 +407,74 @@ def _backward(
     results: Callable[[str], Result | None],
     now_ms: int,
 ) -> Advance:
-    """Compensate accepted steps from the last to the first, one at a time."""
+    """Compensate accepted steps from the last to the first, one at a time; then finish."""
     sid = state["saga_id"]
-    undone = 0
     for i in reversed(range(len(steps))):
-        step, s = steps[i], state["steps"][i]
-        if s["status"] == "compensated":
-            undone += 1
-            continue
-        if s["status"] == "timed_out":
-            # its command may still be decided after the timeout: learn how, then undo it too
-            late = results(s["command_id"])
-            if late is not None and late.get("status") == "accepted":
-                return Advance(events=(saga_event(sid, "step_accepted", step=i, at_ms=now_ms),))
-            continue
-        if s["status"] not in ("accepted", "compensating", "compensation_rejected"):
-            continue
-        if step.undo is None:
-            if s["status"] == "accepted" and s.get("late"):
-                # a timed-out step applied late and cannot be undone: a person must look
-                reason = f"step {step.name} was applied after its timeout and has no compensation"
-                return _fail(sid, reason, now_ms)
-            continue
-        if s["status"] == "accepted":
-            out = Outgoing(command_id(saga, sid, step.name, 1), step.undo)
-            sent = saga_event(
-                sid,
-                "compensation_sent",
-                step=i,
-                command_id=out.command_id,
-                attempt=1,
-                at_ms=now_ms,
-            )
-            return Advance(events=(sent,), commands=(out,))
-        attempt = int(s["undo_attempts"])
-        if s["status"] == "compensating":
-            out = Outgoing(s["undo_command_id"], step.undo)
-            result = results(out.command_id)
-            if result is None:
-                return Advance(waiting=(out,))
-            if result.get("status") == "accepted":
-                return Advance(events=(saga_event(sid, "compensation_done", step=i, at_ms=now_ms),))
-            rejected = saga_event(
-                sid,
-                "compensation_rejected",
-                step=i,
-                attempt=attempt,
-                reason=_rejected(result),
-                at_ms=now_ms,
-            )
-            return Advance(events=(rejected,))
-        # compensation_rejected: again after the backoff, or give up
+        nxt = _undo(saga, sid, i, steps[i], state["steps"][i], results, now_ms)
+        if nxt is not None:
+            return nxt
+    undone = any(s["status"] == "compensated" for s in state["steps"])
+    final = "compensated" if undone else "failed"
+    return Advance(events=(saga_event(sid, "finished", status=final, at_ms=now_ms),))
+
+
+def _undo(
+    saga: Saga,
+    sid: str,
+    i: int,
+    step: Step,
+    s: dict[str, Any],
+    results: Callable[[str], Result | None],
+    now_ms: int,
+) -> Advance | None:
+    """What compensating step i needs now (an empty Advance: wait), or None: nothing, go on."""
+    if s["status"] == "timed_out":
+        # not fenced (no claims index for it), so it may be decided late: learn how, undo it too
+        late = results(s["command_id"])
+        if late is not None and late.get("status") == "accepted":
+            return Advance(events=(saga_event(sid, "step_accepted", step=i, at_ms=now_ms),))
+        return None
+    if s["status"] not in ("accepted", "compensating", "compensation_rejected"):
+        return None
+    if step.undo is None:
+        if s["status"] == "accepted" and s.get("late"):
+            # a timed-out step applied late and cannot be undone: a person must look
+            reason = f"step {step.name} was applied after its timeout and has no compensation"
+            return _fail(sid, reason, now_ms)
+        return None
+    attempt = int(s["undo_attempts"])
+    if s["status"] == "compensating":
+        out = Outgoing(s["undo_command_id"], step.undo)
+        result = results(out.command_id)
+        if result is None:
+            return Advance(waiting=(out,))
+        if result.get("status") == "accepted":
+            return Advance(events=(saga_event(sid, "compensation_done", step=i, at_ms=now_ms),))
+        rejected = saga_event(
+            sid,
+            "compensation_rejected",
+            step=i,
+            attempt=attempt,
+            reason=_rejected(result),
+            at_ms=now_ms,
+        )
+        return Advance(events=(rejected,))
+    if s["status"] == "compensation_rejected":  # again after the backoff, or give up
         if attempt >= saga.max_compensation_attempts:
             reason = f"compensation of step {step.name} rejected {attempt} time(s): {s['reason']}"
             return _fail(sid, reason, now_ms)
         if now_ms - int(s["undo_ms"]) < saga.backoff_s(attempt) * 1000:
             return Advance()
-        out = Outgoing(command_id(saga, sid, step.name, attempt + 1), step.undo)
-        sent = saga_event(
-            sid,
-            "compensation_sent",
-            step=i,
-            command_id=out.command_id,
-            attempt=attempt + 1,
-            at_ms=now_ms,
-        )
-        return Advance(events=(sent,), commands=(out,))
-    final = "compensated" if undone else "failed"
-    return Advance(events=(saga_event(sid, "finished", status=final, at_ms=now_ms),))
+    out = Outgoing(command_id(saga, sid, step.name, attempt + 1), step.undo)
+    sent = saga_event(
+        sid,
+        "compensation_sent",
+        step=i,
+        command_id=out.command_id,
+        attempt=attempt + 1,
+        at_ms=now_ms,
+    )
+    return Advance(events=(sent,), commands=(out,))
 
 
 def _fail(saga_id: str, reason: str, now_ms: int) -> Advance:
