@@ -147,10 +147,18 @@ class Freshness:
 UNKNOWN = Freshness([], stale="this worker does not know the source partitions yet")
 
 
-def health(states: Mapping[str, str], status: str, summary: Mapping[str, Any]) -> Answer:
+def health(
+    states: Mapping[str, str],
+    status: str,
+    summary: Mapping[str, Any],
+    sagas: Mapping[str, str] | None = None,
+) -> Answer:
     """`GET /healthz`: 200 only while every answer is current (`status` "ok", no projection
-    failed), else 503; each runner's state and what is not current (refold.engine.health)."""
-    if any(state == "failed" for state in states.values()):
+    or saga runner failed), else 503; each runner's state and what is not current
+    (refold.engine.health)."""
+    if any(state == "failed" for state in [*states.values(), *(sagas or {}).values()]):
         status = "failed"
     body = {"status": status, "projections": dict(states), **summary}
+    if sagas:
+        body["sagas"] = dict(sagas)
     return 200 if status == "ok" else 503, dumps(body)

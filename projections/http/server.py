@@ -35,6 +35,7 @@ from refold.http.answers import position as _position
 from refold.http.command_routes import CommandRoutes
 from refold.http.fastpath import Answer, Front, new_loop
 from refold.http.replicas import ReaderProcesses
+from refold.http.saga_routes import SagaRoutes
 from refold.http.task_routes import TaskRoutes
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class QueryServer:
         self._watermarks = Watermarks(worker.config)
         self._commands = CommandRoutes(worker)
         self._tasks = TaskRoutes(worker)
+        self._sagas = SagaRoutes(worker)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
@@ -238,6 +240,8 @@ class QueryServer:
             ("GET", "/tasks/{queue}", self._tasks.list),
             ("POST", "/tasks/{queue}/{task_id}/cancel", self._tasks.cancel),
             ("GET", "/tasks/{queue}/{task_id}", self._tasks.get),
+            ("POST", "/sagas/{name}", self._sagas.start),
+            ("GET", "/sagas/{name}/{saga_id}", self._sagas.get),
         ]
         # Per-route wrappers instead of a middleware: aiohttp adds a second layer per request
         # once an app has any middleware, and the key lookup is the hot path.
@@ -358,7 +362,8 @@ class QueryServer:
     def healthz_answer(self) -> Answer:
         health = self.worker.health.health
         states = {name: r.stats.state for name, r in self.worker.runners.items()}
-        return answers.health(states, health.status(), health.summary())
+        sagas = {name: r.stats.state for name, r in self.worker.sagas.runners.items()}
+        return answers.health(states, health.status(), health.summary(), sagas)
 
     async def _as_of(self, runner: Serving, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""

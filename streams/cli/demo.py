@@ -14,7 +14,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from refold.cli import broker
+from refold.cli import broker, demo_sagas
 from refold.core.config import Config
 from refold.core.errors import ConfigError, RefoldError
 from refold.kafka import clients
@@ -118,7 +118,8 @@ def _play(config: Config) -> None:
                     tp = (pos["topic"], pos["partition"])
                     wanted[tp] = max(wanted.get(tp, -1), pos["offset"])
         for runner in worker.runners.values():
-            if not runner.wait_for(wanted, timeout=60):
+            mine = {tp: o for tp, o in wanted.items() if tp[0] in runner.topics}
+            if not runner.wait_for(mine, timeout=60):
                 raise RefoldError(f"projection {runner.name} did not catch up within 60 s")
         _show(worker, story, run)
         key = f"alice-{run}"
@@ -126,6 +127,7 @@ def _play(config: Config) -> None:
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.loads(response.read())
         print(f"\nover HTTP: GET {url}\n  {json.dumps(body)}")
+        demo_sagas.show_transfers(worker, run)
     finally:
         server.stop()
         worker.stop()

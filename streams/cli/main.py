@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
-from refold.cli import task_commands
+from refold.cli import saga_commands, task_commands
 from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
 
@@ -72,6 +72,7 @@ def cmd_topics(args: argparse.Namespace, config: Config) -> int:
         {s.name for s in specs}
         | _ensure_command_topics(config, topics)
         | _ensure_tasks(config, topics)
+        | _ensure_sagas(config, topics)
     )
     print(f"{len(names)} topic(s) ready ({len(created)} created): {', '.join(names)}")
     return 0
@@ -103,6 +104,14 @@ def _ensure_tasks(config: Config, topics: Topics) -> set[str]:
     from refold.kafka.task_log import ensure_task_topics
 
     return set(ensure_task_topics(topics, load_task_queues(config.app_modules)))
+
+
+def _ensure_sagas(config: Config, topics: Topics) -> set[str]:
+    """The saga and dead-letter topics of every saga."""
+    from refold.core.app import load_sagas
+    from refold.kafka.saga_log import ensure_saga_topics
+
+    return set(ensure_saga_topics(topics, load_sagas(config.app_modules)))
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -472,6 +481,7 @@ COMMANDS: dict[str, Command] = {
     "demo": cmd_demo,
     "task": task_commands.cmd_task,
     "task-worker": task_commands.cmd_task_worker,
+    "saga": saga_commands.cmd_saga,
 }
 
 
@@ -592,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running after")
 
     task_commands.add_parsers(sub)
+    saga_commands.add_parsers(sub)
     return parser
 
 

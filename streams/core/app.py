@@ -1,4 +1,4 @@
-"""Finding a user's app: the projections, deciders, task queues and schema folders of the
+"""Finding a user's app: the projections, deciders, task queues, sagas and schema folders of the
 REFOLD_APP modules.
 
 Nothing is bundled: a worker runs exactly the modules it is given (`REFOLD_APP`, `--app`). The
@@ -20,8 +20,9 @@ from types import ModuleType
 from typing import TypeVar
 
 from refold.core.commands import Decider
-from refold.core.errors import CommandError, ProjectionError, TaskError
+from refold.core.errors import CommandError, ProjectionError, SagaError, TaskError
 from refold.core.projection import Projection
+from refold.core.sagas import Saga
 from refold.core.tasks import TaskQueue
 
 T = TypeVar("T")
@@ -120,3 +121,17 @@ def schema_dirs(app_modules: Iterable[str] = ()) -> list[Path]:
         declared = getattr(import_app(module_name), "SCHEMAS_DIRS", ())
         dirs.extend(Path(str(d)) for d in declared)
     return dirs
+
+
+def load_sagas(app_modules: Iterable[str] = ()) -> dict[str, Saga]:
+    """Every saga the named modules contribute, by name."""
+    found: dict[str, Saga] = {}
+    for module_name in dict.fromkeys(app_modules):
+        for cls in classes_of(import_app(module_name), Saga):
+            cls.validate()
+            if cls.name in found and type(found[cls.name]) is not cls:
+                raise SagaError(
+                    f"two sagas are named {cls.name!r}", hint="give each saga its own name"
+                )
+            found.setdefault(cls.name, cls())
+    return found

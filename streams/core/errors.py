@@ -67,3 +67,7 @@ class CommandError(RefoldError):
 
 class TaskError(RefoldError):
     """A task queue is malformed, or a task could not be submitted, dispatched or reported."""
+
+
+class SagaError(RefoldError):
+    """A saga is malformed, or its events could not be written."""

@@ -204,6 +204,11 @@ class CommandProcessor:
             on_lost=self._on_revoke,
         )
 
+    @property
+    def claims(self) -> ClaimsIndex:
+        """The first claim of each command id of this decider (a saga fences a command with it)."""
+        return self._claims
+
     def _new_reader(self) -> Consumer:
         """The consumer that reads event and results partitions to their ends (no group)."""
         group = f"{group_id(self.config, self.name)}.reader"

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from refold.core.app import load_deciders, load_task_queues, load_versions
+from refold.core.app import load_deciders, load_sagas, load_task_queues, load_versions
 from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
@@ -30,6 +30,7 @@ from refold.engine.health import HealthMonitor
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
 from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.engine.saga_runner import SagaService
 from refold.engine.task_queues import TaskService
 from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
@@ -94,10 +95,17 @@ class Worker:
         self.tasks = TaskService(config, self.codec, queues)
         for status in self.tasks.projections:
             self.versions.setdefault(status.name, {status.version: status})
+        # Sagas (REFOLD_APP's, unless projections were passed): their state projections too.
+        self.sagas = SagaService(
+            config, self.codec, load_sagas(config.app_modules) if projections is None else {}
+        )
+        for state in self.sagas.projections:
+            self.versions.setdefault(state.name, {state.version: state})
         self.projections = [v[max(v)] for v in self.versions.values()]
         self._batch_size = batch_size
         self._topics = Topics(config)
         self.tasks.ensure_topics(self._topics)
+        self.sagas.ensure_topics(self._topics)
         self._check_sources()
         self._dlq = clients.producer(config)
         self.runners: dict[str, Serving] = {}  # the live version of each projection
@@ -158,6 +166,7 @@ class Worker:
         self.health.start()
         self._start_commands()
         self.tasks.start(self.runners)
+        self.sagas.start(self.runners, self.processors)
 
     def _serve(self, name: str, version: int) -> Serving:
         """A runner folding `version` with its own class, or, when the code has no class for
@@ -232,6 +241,7 @@ class Worker:
         self._stopping.set()
         self.health.stop()
         self.tasks.stop(timeout)
+        self.sagas.stop(timeout)
         if self._watcher is not None:
             self._watcher.join(timeout)
         for runner in [*self.runners.values(), *self.builds.values(), *self._retired]:

@@ -13,6 +13,7 @@ from refold.core.app import schema_dirs
 from refold.core.catalog import Catalog, SchemaVersion
 from refold.core.config import Config
 from refold.core.errors import LogReadError, PublishError
+from refold.core.sagas import SAGA_SCHEMAS
 from refold.core.serde import Codec
 from refold.core.tasks import TASK_SCHEMAS
 from refold.kafka import clients
@@ -89,8 +90,8 @@ class SchemaRegistry:
 
 def codec_for(config: Config) -> Codec:
     """The catalog from the schema directories (REFOLD_SCHEMAS_DIR and those the app modules
-    declare), the task events' own schemas, and a registry fallback for unknown writers."""
-    found = [*config.schemas_dirs, *schema_dirs(config.app_modules), TASK_SCHEMAS]
+    declare), the task and saga events' own schemas, and a registry fallback for unknown writers."""
+    found = [*config.schemas_dirs, *schema_dirs(config.app_modules), TASK_SCHEMAS, SAGA_SCHEMAS]
     dirs = {d.resolve(): d for d in found}
     catalog = Catalog.load(dirs.values())
     registry = SchemaRegistry(config, catalog)

@@ -40,9 +40,14 @@ SKIP = "<!-- doctest: skip -->"
 
 
 def bank_topics(admin: AdminClient) -> set[str]:
-    """bank.accounts and the topics named after it (its decider's commands, results, claims)."""
+    """bank.accounts and the topics named after it (its decider's commands, results, claims),
+    and those of the bank's transfers saga."""
     names = admin.list_topics(timeout=10).topics
-    return {t for t in names if t == "bank.accounts" or t.startswith("bank.accounts.")}
+    return {
+        t
+        for t in names
+        if t == "bank.accounts" or t.startswith(("bank.accounts.", "transfers.saga"))
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +170,18 @@ def _check_commands(ns: dict[str, Any], _config: Config) -> None:
         accounts.decide(command, {"balance_cents": 499})
 
 
+def _check_sagas(ns: dict[str, Any], config: Config) -> None:
+    """The transfer compensates its withdrawal with the refund the prose names."""
+    ns["Transfers"].validate()
+    undo = ns["nxt"].commands[0]
+    assert undo.command_id == "saga:transfers/t-1/withdraw/undo"
+    assert undo.send.data == {"amount_cents": 500, "memo": "refund t-1"}
+
+
 SECTION_CHECKS: dict[str, Callable[[dict[str, Any], Config], None]] = {
     "Publishing and reading events": _check_publishing,
     "Commands": _check_commands,
+    "Sagas": _check_sagas,
 }
 
 

@@ -74,7 +74,11 @@ def _package_dirs() -> dict[str, str]:
 def test_the_wheel_holds_refold_and_nothing_else(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {n.split("/")[0] for n in names} == {"refold", f"refold-{VERSION}.dist-info"}
-    for needed in ("refold/py.typed", "refold/deploy/kafka/pom.xml"):
+    for needed in (
+        "refold/py.typed",
+        "refold/deploy/kafka/pom.xml",
+        "refold/schemas/sagas/SagaEvent.avsc",
+    ):
         assert needed in names
     bank_schemas = {n for n in names if re.fullmatch(r"refold/schemas/bank/\w+\.avsc", n)}
     assert len(bank_schemas) == len(list((REPO / "schemas" / "bank").glob("*.avsc"))) > 0
@@ -218,7 +222,8 @@ def test_the_demo_runs_from_the_wheel(outside: Outside) -> None:
     try:
         url = f"http://127.0.0.1:{http}/projections/balances/{account}"
         for _ in range(4):  # new connections: the kernel spreads them over both processes
-            assert _get_when_up(url, worker)["state"]["balance_cents"] == 139175
+            # the story's 1,391.75 less the demo's completed transfer (the other was refunded)
+            assert _get_when_up(url, worker)["state"]["balance_cents"] == 109175
     finally:
         worker.terminate()
         assert worker.wait(timeout=30) == 0, (outside.cwd / "worker.log").read_text()
@@ -242,6 +247,8 @@ def _assert_demo_story(out: str) -> None:
     assert re.search(r"refund +150\.00 +1,391\.75$", out, re.M), out  # the passbook's last line
     assert re.search(rf"GET http://127\.0\.0\.1:\d+/projections/balances/{acc}\n", out), out
     assert '"balance_cents": 139175' in out
+    assert re.search(rf"rent-share-{run[1]} +{acc} -> bob-{run[1]}: completed", out), out
+    assert re.search(rf"typo-{run[1]} +{acc} -> bobb-{run[1]}: compensated", out), out
 
 
 def _get_when_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> Any:

@@ -19,7 +19,7 @@ import refold
 
 LAYERS = ["core", "store", "kafka", "engine", "http", "cli"]
 DATA = {"schemas", "deploy"}  # package data, no code
-PUBLIC = {"refold", "refold.tasks"}  # what an example app may import
+PUBLIC = {"refold", "refold.tasks", "refold.sagas"}  # what an example app may import
 
 
 def _modules() -> dict[str, Path]:

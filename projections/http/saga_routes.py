@@ -1,0 +1,75 @@
+"""HTTP for sagas (mounted by the query server):
+
+- `POST /sagas/{name}` `{"saga_id"?, "data": {...}}` -> 202 `{"saga_id", "status": "running",
+  "status_url"}` once the `started` event is durably on the saga topic; a repeated saga id
+  answers the same and appends nothing; bad input 400/404/422, never appended;
+- `GET /sagas/{name}/{saga_id}` -> the saga's state (its state projection, made public).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from aiohttp import web
+from refold.core.errors import InputError, SagaError
+from refold.engine.worker import Worker
+
+log = logging.getLogger(__name__)
+
+_JSON = "application/json"
+
+
+def _respond(status: int, body: Any) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+
+
+def _error(status: int, error: str, detail: Any) -> web.Response:
+    return _respond(status, {"error": error, "detail": detail})
+
+
+class SagaRoutes:
+    """The saga handlers over one worker's sagas."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.sagas = worker.sagas
+        # Starts wait for Kafka's acknowledgement: off the event loop, one flush at a time.
+        self._appends = ThreadPoolExecutor(1, thread_name_prefix="refold-http-sagas")
+
+    def _unknown(self, name: str) -> web.Response | None:
+        if name in self.sagas.sagas:
+            return None
+        known = ", ".join(sorted(self.sagas.sagas)) or "none"
+        return _error(404, "unknown saga", f"no saga {name!r} here; known: {known}")
+
+    async def start(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        unknown = self._unknown(name)
+        if unknown is not None:
+            return unknown
+        try:
+            obj = orjson.loads(await request.read())
+        except ValueError as exc:
+            return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
+        loop = asyncio.get_running_loop()
+        try:
+            started = await loop.run_in_executor(self._appends, self.sagas.start_saga, name, obj)
+        except InputError as exc:
+            return _error(422, "invalid saga start", str(exc))
+        except SagaError as exc:
+            log.warning("POST /sagas/%s: %s", name, exc)
+            return _error(503, "not acknowledged", str(exc))
+        return _respond(202, started.to_json())
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        name, saga_id = request.match_info["name"], request.match_info["saga_id"]
+        unknown = self._unknown(name)
+        if unknown is not None:
+            return unknown
+        state = self.sagas.status(name, saga_id)
+        if state is None:
+            return _error(404, "unknown saga run", f"no saga {saga_id!r} of {name!r} (yet)")
+        return _respond(200, state)

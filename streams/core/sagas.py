@@ -1,0 +1,482 @@
+"""The saga API: a business transaction across aggregates as ordered steps with compensations.
+
+A `Saga` names its steps for one run (`steps(saga_id, data)`, pure: the same input gives the same
+steps); each step is a command to an aggregate (`Send`) with an optional compensating command.
+A saga's state is the fold of its own events (`SagaEvent`, on `<name>.saga`, keyed by saga id),
+and what happens next is the pure function `advance(saga, state, results, now_ms)`: from the
+state and the command results known so far, the events to record and the commands to send. The
+saga runner in `refold.engine.saga_runner` does the I/O; everything here is unit-tested without
+Kafka.
+
+Every command a saga sends has a deterministic id (`command_id`): `saga:<name>/<saga id>/<step>/do`
+for the step, `.../undo` for its compensation (`.../undo-<n>` for attempt n > 1, because the
+command processor answers a repeated id with its first result). Sending it again after a crash
+is answered by the command processor's idempotency and applies nothing twice.
+
+The rules:
+- steps run one at a time, in order; a step's result `accepted` moves on, `rejected` (or no
+  result within the step's timeout) fails it;
+- after a failed step, the accepted steps before it are compensated in reverse order (steps
+  without a compensation are skipped); then the saga is `compensated`, or `failed` when there
+  was nothing to undo (the first step failed);
+- a step that timed out is fenced first: its command id is claimed for nothing, so the command
+  processor never decides it (when the processor claimed it first, it will be decided: the saga
+  waits for that result instead);
+- a rejected compensation is tried again after a backoff (a new command id per attempt); past
+  `max_compensation_attempts` the saga is `failed` with the reason (and the runner writes a
+  dead letter). A compensation never times out: it is re-sent (same id) until it is decided.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from refold.core.config import BUNDLED_SCHEMAS
+from refold.core.errors import InputError, SagaError
+from refold.core.projection import Projection
+from refold.core.serde import Event
+
+#: The Avro schema of saga events, shipped in the package and loaded by every codec.
+SAGA_SCHEMAS = Path(BUNDLED_SCHEMAS) / "sagas"
+SAGA_EVENT = "refold.sagas.SagaEvent"
+TERMINAL = frozenset({"completed", "compensated", "failed"})
+STATUSES = ("running", "compensating", "completed", "compensated", "failed")
+MAX_SAGA_ID = 120
+MAX_DATA_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A command a saga sends: to `aggregate` (a decider's name), for aggregate id `key`."""
+
+    aggregate: str
+    key: str
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step: `do`, and `undo` to compensate it once it was accepted (None: nothing to undo)."""
+
+    name: str
+    do: Send
+    undo: Send | None = None
+    #: No result within this long fails the step (None: the saga's step_timeout_s).
+    timeout_s: float | None = None
+
+
+class Saga:
+    """Subclass, set `name`, override `steps(saga_id, data)`; optionally `fields` to check data."""
+
+    name: ClassVar[str] = ""
+    #: The data a start must carry, like a decider's command fields: {"from": str, ...}.
+    fields: ClassVar[Mapping[str, type]] = {}
+    step_timeout_s: ClassVar[float] = 60.0
+    max_compensation_attempts: ClassVar[int] = 5
+    #: Wait before compensation attempt n+1 after a rejection: backoff * 2**(n-1), at most 60 s.
+    compensation_backoff_s: ClassVar[float] = 1.0
+    partitions: ClassVar[int] = 6
+
+    def steps(self, saga_id: str, data: dict[str, Any]) -> Sequence[Step]:
+        raise NotImplementedError(f"{type(self).__name__}.steps")
+
+    @property
+    def topic(self) -> str:
+        return f"{self.name}.saga"
+
+    @property
+    def dead_topic(self) -> str:
+        return f"{self.name}.saga.dead"
+
+    def backoff_s(self, attempt: int) -> float:
+        return float(min(self.compensation_backoff_s * 2 ** max(attempt - 1, 0), 60.0))
+
+    @classmethod
+    def validate(cls) -> None:
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if not cls.name or not all(ch.isalnum() or ch in "-_" for ch in cls.name):
+            raise SagaError(
+                f"{where}: a saga needs a name of letters, digits, - or _",
+                hint='set name = "transfers"',
+            )
+        if cls.steps is Saga.steps:
+            raise SagaError(f"{where}: saga {cls.name!r} does not define steps(saga_id, data)")
+        if not cls.step_timeout_s > 0 or cls.compensation_backoff_s < 0:
+            raise SagaError(f"{where}: step_timeout_s must be > 0, compensation_backoff_s >= 0")
+        for attr in ("max_compensation_attempts", "partitions"):
+            value = getattr(cls, attr)
+            if not isinstance(value, int) or value < 1:
+                raise SagaError(f"{where}: {attr} must be a positive int, not {value!r}")
+
+
+def command_id(saga: Saga, saga_id: str, step: str, undo_attempt: int = 0) -> str:
+    """The deterministic id of a step's command (undo_attempt 0) or of its compensation."""
+    base = f"saga:{saga.name}/{saga_id}/{step}/"
+    if undo_attempt == 0:
+        return base + "do"
+    return base + ("undo" if undo_attempt == 1 else f"undo-{undo_attempt}")
+
+
+# -- starting ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """A checked start request: what the `started` event carries."""
+
+    saga_id: str
+    data: dict[str, Any]
+
+    @property
+    def data_json(self) -> str:
+        return json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+
+
+def start_from_json(saga: Saga, obj: Any) -> Start:
+    """`{"saga_id"?, "data": {...}}` -> Start; InputError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise InputError('a saga start is a JSON object {"data": {...}, "saga_id"?}')
+    unknown = set(obj) - {"saga_id", "data"}
+    if unknown:
+        raise InputError(f"unknown field(s) {sorted(unknown)}; a saga start has saga_id, data")
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        raise InputError(f"data must be a JSON object, not {type(data).__name__}")
+    saga_id = obj.get("saga_id")
+    if saga_id is None:
+        saga_id = uuid.uuid4().hex
+    if not isinstance(saga_id, str) or not saga_id.strip() or len(saga_id) > MAX_SAGA_ID:
+        raise InputError(f"saga_id must be a non-empty string of at most {MAX_SAGA_ID} characters")
+    for name, kind in saga.fields.items():
+        value = data.get(name)
+        if (
+            value is None
+            or not isinstance(value, kind)
+            or isinstance(value, bool) != (kind is bool)
+        ):
+            raise InputError(f"data.{name} must be {kind.__name__}, not {value!r}")
+    start = Start(saga_id, data)
+    if len(start.data_json) > MAX_DATA_BYTES:
+        raise InputError(f"data is larger than {MAX_DATA_BYTES} bytes as JSON")
+    try:
+        steps = list(saga.steps(saga_id, data))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"saga {saga.name!r} cannot run with this data: {exc!r}") from exc
+    if not steps or len({s.name for s in steps}) != len(steps):
+        raise SagaError(f"saga {saga.name!r}: steps() must give at least one step, unique names")
+    return start
+
+
+def saga_event(saga_id: str, kind: str, **fields: Any) -> dict[str, Any]:
+    """A SagaEvent's data; `data` must already be JSON text."""
+    return {"saga_id": saga_id, "kind": kind, **fields}
+
+
+# -- the fold ---------------------------------------------------------------------------------
+
+
+def initial_state(saga_id: str) -> dict[str, Any]:
+    return {
+        "saga_id": saga_id,
+        "status": None,
+        "data": None,
+        "steps": [],
+        "reason": None,
+        "started_ms": 0,
+        "updated_ms": 0,
+        "events": 0,
+        "duplicates": 0,
+    }
+
+
+def apply_event(saga: Saga, state: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Fold one SagaEvent (its data) into a saga's state. Events after the end, a second
+    `started` and events of an unknown step change nothing but `duplicates`."""
+    kind, at = data["kind"], int(data.get("at_ms") or 0)
+    state["events"] += 1
+    if state["status"] in TERMINAL or (kind == "started") == (state["status"] is not None):
+        state["duplicates"] += 1
+        return state
+    if kind == "started":
+        state["data"] = json.loads(data.get("data") or "{}")
+        state["status"] = "running"
+        state["started_ms"] = at
+        state["steps"] = [
+            {
+                "name": s.name,
+                "status": "pending",
+                "command_id": command_id(saga, state["saga_id"], s.name),
+                "reason": None,
+                "sent_ms": 0,
+                "undo_command_id": None,
+                "undo_attempts": 0,
+                "undo_ms": 0,
+            }
+            for s in saga.steps(state["saga_id"], state["data"])
+        ]
+    elif kind == "finished":
+        state["status"] = data.get("status") or "failed"
+        state["reason"] = data.get("reason") or state["reason"]
+    else:
+        index = int(data.get("step", -1))
+        if not 0 <= index < len(state["steps"]):
+            state["duplicates"] += 1
+            return state
+        _apply_step(state, state["steps"][index], kind, data, at)
+    state["updated_ms"] = max(state["updated_ms"], at)
+    return state
+
+
+def _apply_step(
+    state: dict[str, Any], step: dict[str, Any], kind: str, data: dict[str, Any], at: int
+) -> None:
+    if kind == "step_sent":
+        step.update(status="sent", sent_ms=at)
+    elif kind == "step_accepted":
+        # accepted after its timeout: the saga was already compensating without it
+        step["late"] = step["status"] == "timed_out"
+        step["status"] = "accepted"
+    elif kind in ("step_rejected", "step_timed_out"):
+        step.update(status="rejected" if kind == "step_rejected" else "timed_out")
+        step["reason"] = data.get("reason")
+        state["status"] = "compensating"
+        state["reason"] = f"step {step['name']} {step['status']}: {step['reason']}"
+    elif kind == "compensation_sent":
+        step.update(status="compensating", undo_command_id=data.get("command_id"), undo_ms=at)
+        step["undo_attempts"] = int(data.get("attempt") or 1)
+    elif kind == "compensation_done":
+        step["status"] = "compensated"
+    elif kind == "compensation_rejected":
+        step.update(status="compensation_rejected", reason=data.get("reason"), undo_ms=at)
+
+
+def public_state(state: dict[str, Any], name: str) -> dict[str, Any]:
+    """What `GET /sagas/{name}/{saga_id}` answers."""
+    steps = []
+    for s in state["steps"]:
+        entry = {"name": s["name"], "status": s["status"], "command_id": s["command_id"]}
+        if s.get("reason"):
+            entry["reason"] = s["reason"]
+        if s.get("undo_command_id"):
+            entry["compensation_command_id"] = s["undo_command_id"]
+            entry["compensation_attempts"] = s["undo_attempts"]
+        steps.append(entry)
+    status = state["status"]
+    return {
+        "saga_id": state["saga_id"],
+        "saga": name,
+        # compensating is still running for a caller: the issue's four statuses
+        "status": "running" if status == "compensating" else status,
+        "phase": status,
+        "steps": steps,
+        "reason": state.get("reason"),
+        "data": state.get("data"),
+        "started_ms": state.get("started_ms"),
+        "updated_ms": state.get("updated_ms"),
+    }
+
+
+class SagaStateProjection(Projection):
+    """The built-in state projection of one saga: `saga_projection(saga)` makes it."""
+
+    saga: ClassVar[Saga]
+
+    def initial(self, key: str) -> dict[str, Any]:
+        return initial_state(key)
+
+    def apply(self, state: Any, event: Event) -> Any:
+        return apply_event(self.saga, state, event.data)
+
+
+def saga_projection_name(saga: str) -> str:
+    return f"sagas.{saga}"
+
+
+def saga_projection(saga: Saga) -> SagaStateProjection:
+    """The state projection of `saga`: named `sagas.<name>`, reading `<name>.saga`."""
+    cls = type(
+        f"SagaState_{saga.name}",
+        (SagaStateProjection,),
+        {
+            "name": saga_projection_name(saga.name),
+            "topics": (saga.topic,),
+            "version": 1,
+            "saga": saga,
+            "__module__": __name__,
+        },
+    )
+    return cls()
+
+
+# -- the decision -----------------------------------------------------------------------------
+
+#: A command result as the results topic holds it (`status`: accepted | rejected | ...).
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A command to send with its deterministic id."""
+
+    command_id: str
+    send: Send
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """What to do now: record `events` (in order), then send `commands`; `waiting` are commands
+    sent before whose results are awaited (a runner re-sends them once after a restart)."""
+
+    events: tuple[dict[str, Any], ...] = ()
+    commands: tuple[Outgoing, ...] = ()
+    waiting: tuple[Outgoing, ...] = ()
+    dead: str | None = None  # the reason, when the saga ends failed for a person to look at
+    #: A timed-out step's command, to fence before recording `events`: the runner claims its
+    #: id first (refold.engine.claims) so it is never decided; when the command processor
+    #: claimed it already, it will be decided, and the runner records nothing and waits.
+    fence: Outgoing | None = None
+
+
+def advance(
+    saga: Saga,
+    state: dict[str, Any],
+    results: Callable[[str], Result | None],
+    now_ms: int,
+    *,
+    since_ms: int = 0,
+) -> Advance:
+    """The next events and commands of a saga, from its state and the results known now.
+    A step's timeout counts from when it was sent, or from `since_ms` if later (when the runner
+    took the saga over: a worker that was down does not time out every step at once)."""
+    status = state.get("status")
+    if status is None or status in TERMINAL:
+        return Advance()
+    steps = list(saga.steps(state["saga_id"], state["data"]))
+    if status == "running":
+        return _forward(saga, state, steps, results, now_ms, since_ms)
+    return _backward(saga, state, steps, results, now_ms)
+
+
+def _rejected(result: Result) -> str:
+    return str(result.get("reason") or result.get("status"))
+
+
+def _forward(
+    saga: Saga,
+    state: dict[str, Any],
+    steps: list[Step],
+    results: Callable[[str], Result | None],
+    now_ms: int,
+    since_ms: int,
+) -> Advance:
+    sid = state["saga_id"]
+    for i, (step, s) in enumerate(zip(steps, state["steps"], strict=True)):
+        out = Outgoing(s["command_id"], step.do)
+        if s["status"] == "accepted":
+            continue
+        if s["status"] == "pending":
+            sent = saga_event(sid, "step_sent", step=i, command_id=out.command_id, at_ms=now_ms)
+            return Advance(events=(sent,), commands=(out,))
+        result = results(out.command_id)
+        if result is None:
+            limit_s = step.timeout_s or saga.step_timeout_s
+            if now_ms - max(s["sent_ms"], since_ms) >= limit_s * 1000:
+                reason = f"no result within {limit_s:g} s"
+                timed_out = saga_event(sid, "step_timed_out", step=i, reason=reason, at_ms=now_ms)
+                return Advance(events=(timed_out,), fence=out)
+            return Advance(waiting=(out,))
+        if result.get("status") == "accepted":
+            return Advance(events=(saga_event(sid, "step_accepted", step=i, at_ms=now_ms),))
+        reason = _rejected(result)
+        return Advance(
+            events=(saga_event(sid, "step_rejected", step=i, reason=reason, at_ms=now_ms),)
+        )
+    return Advance(events=(saga_event(sid, "finished", status="completed", at_ms=now_ms),))
+
+
+def _backward(
+    saga: Saga,
+    state: dict[str, Any],
+    steps: list[Step],
+    results: Callable[[str], Result | None],
+    now_ms: int,
+) -> Advance:
+    """Compensate accepted steps from the last to the first, one at a time; then finish."""
+    sid = state["saga_id"]
+    for i in reversed(range(len(steps))):
+        nxt = _undo(saga, sid, i, steps[i], state["steps"][i], results, now_ms)
+        if nxt is not None:
+            return nxt
+    undone = any(s["status"] == "compensated" for s in state["steps"])
+    final = "compensated" if undone else "failed"
+    return Advance(events=(saga_event(sid, "finished", status=final, at_ms=now_ms),))
+
+
+def _undo(
+    saga: Saga,
+    sid: str,
+    i: int,
+    step: Step,
+    s: dict[str, Any],
+    results: Callable[[str], Result | None],
+    now_ms: int,
+) -> Advance | None:
+    """What compensating step i needs now (an empty Advance: wait), or None: nothing, go on."""
+    if s["status"] == "timed_out":
+        # not fenced (no claims index for it), so it may be decided late: learn how, undo it too
+        late = results(s["command_id"])
+        if late is not None and late.get("status") == "accepted":
+            return Advance(events=(saga_event(sid, "step_accepted", step=i, at_ms=now_ms),))
+        return None
+    if s["status"] not in ("accepted", "compensating", "compensation_rejected"):
+        return None
+    if step.undo is None:
+        if s["status"] == "accepted" and s.get("late"):
+            # a timed-out step applied late and cannot be undone: a person must look
+            reason = f"step {step.name} was applied after its timeout and has no compensation"
+            return _fail(sid, reason, now_ms)
+        return None
+    attempt = int(s["undo_attempts"])
+    if s["status"] == "compensating":
+        out = Outgoing(s["undo_command_id"], step.undo)
+        result = results(out.command_id)
+        if result is None:
+            return Advance(waiting=(out,))
+        if result.get("status") == "accepted":
+            return Advance(events=(saga_event(sid, "compensation_done", step=i, at_ms=now_ms),))
+        rejected = saga_event(
+            sid,
+            "compensation_rejected",
+            step=i,
+            attempt=attempt,
+            reason=_rejected(result),
+            at_ms=now_ms,
+        )
+        return Advance(events=(rejected,))
+    if s["status"] == "compensation_rejected":  # again after the backoff, or give up
+        if attempt >= saga.max_compensation_attempts:
+            reason = f"compensation of step {step.name} rejected {attempt} time(s): {s['reason']}"
+            return _fail(sid, reason, now_ms)
+        if now_ms - int(s["undo_ms"]) < saga.backoff_s(attempt) * 1000:
+            return Advance()
+    out = Outgoing(command_id(saga, sid, step.name, attempt + 1), step.undo)
+    sent = saga_event(
+        sid,
+        "compensation_sent",
+        step=i,
+        command_id=out.command_id,
+        attempt=attempt + 1,
+        at_ms=now_ms,
+    )
+    return Advance(events=(sent,), commands=(out,))
+
+
+def _fail(saga_id: str, reason: str, now_ms: int) -> Advance:
+    done = saga_event(saga_id, "finished", status="failed", reason=reason, at_ms=now_ms)
+    return Advance(events=(done,), dead=reason)

@@ -1,0 +1,382 @@
+"""The sagas a `refold worker` runs: per saga, its state projection (a runner like any other,
+named `sagas.<name>`, folding `<name>.saga` with atomic offsets) and a `SagaRunner` that drives
+the sagas of the partitions this worker owns.
+
+The runner sweeps the state store every `interval_s` (and at once when a result it waits for
+arrives) and, for each saga not ended, asks the pure decision (`refold.core.sagas.advance`) what
+to do with the state and the command results known now. Its steps, in order:
+
+1. the partition's state must be caught up: when the worker gets a saga partition, the runner
+   notes the partition's end offset and does nothing for its sagas until the store has folded up
+   to it. So a store rebuilt from offset zero (a replay) sends nothing while it rebuilds, and a
+   restarted worker decides from the state the log holds, not from a stale one;
+2. the events the decision names (`step_sent`, `step_accepted`, ...) are appended to the saga
+   topic and acknowledged (acks=all) — a dead letter first when the saga ends `failed`;
+3. only then the commands are sent, with their deterministic ids, through `CommandClient`; the
+   commands a saga waits on are re-sent once by a runner that did not send them itself (after a
+   restart or a rebalance), which the command processor answers with the first result;
+4. until the fold shows what it appended, the runner leaves that saga alone (so it never
+   appends the same step twice in a row).
+
+A step that timed out is fenced before `step_timed_out` is recorded: the runner claims its
+command id for nothing through the processor's claims index (`refold.engine.claims`); the first
+claim of an id wins everywhere, so a fenced command is never decided, and when the processor's
+claim came first the command will be decided and the runner waits for its result instead.
+A sweep that fails (the broker unreachable) is retried a second later from the fold: a repeated
+event is a no-op in the fold, a repeated command in the processor.
+
+Crash safety: a kill -9 between 2 and 3 leaves a step `sent` whose command may not exist; step 3
+after the restart sends it. Between 3 and the result: the result is on the results topic, which
+the runner's results index reads (RocksDB, offsets in the same WriteBatch). Timeouts count from
+the `at_ms` recorded in the events, so a timer survives restarts: the due times are rebuilt from
+the fold; they count from the later of the step's send and the moment this runner took the
+partition over, so a worker that was down does not time out every step at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaException, TopicPartition
+from refold.core.commands import Command
+from refold.core.config import Config
+from refold.core.errors import CommandError, InputError, RefoldError
+from refold.core.sagas import (
+    TERMINAL,
+    Outgoing,
+    Saga,
+    SagaStateProjection,
+    Start,
+    advance,
+    public_state,
+    saga_event,
+    saga_projection,
+    saga_projection_name,
+)
+from refold.core.serde import Codec
+from refold.engine.claims import ClaimsIndex
+from refold.engine.command_processor import CommandProcessor
+from refold.engine.frozen import Serving
+from refold.engine.timetravel import murmur2_partition
+from refold.kafka import clients
+from refold.kafka.command_client import CommandClient, ResultsIndex
+from refold.kafka.saga_log import Acks, SagaClient, SagaLog, Started, ensure_saga_topics
+from refold.kafka.topics import Topics
+
+log = logging.getLogger(__name__)
+
+PAGE = 1000
+SEND_TIMEOUT_S = 30.0
+FENCE = "refold.sagas.Fence"  # the type of the claim that fences a timed-out step's command
+
+
+@dataclass(slots=True)
+class SagaRunnerStats:
+    state: str = "starting"
+    error: str | None = None
+    sweeps: int = 0
+    events: int = 0
+    commands: int = 0
+    resent: int = 0
+    dead: int = 0
+    fenced: int = 0  # timed-out steps whose command will never be decided
+    unfenced: int = 0  # timed-out steps whose command was claimed already: their result comes
+    errors: int = 0  # sweeps that failed (the broker unreachable...); the next one retries
+    ready: tuple[int, ...] = ()  # the owned partitions whose state is caught up
+
+
+class SagaRunner:
+    """Drives one saga's runs; `runner()` is its state projection's live runner."""
+
+    def __init__(
+        self,
+        config: Config,
+        codec: Codec,
+        saga: Saga,
+        runner: Callable[[], Serving],
+        *,
+        partitions: int,
+        commands: CommandClient,
+        results: ResultsIndex,
+        claims: Mapping[str, ClaimsIndex],
+        interval_s: float = 0.2,
+    ) -> None:
+        self.saga = saga
+        self.stats = SagaRunnerStats()
+        self._runner = runner
+        self._partitions = partitions
+        self._commands = commands
+        self._results = results
+        self._claims = claims
+        self._interval_s = interval_s
+        self._log = SagaLog(config, codec, source=f"refold://sagas/{saga.name}")
+        self._producer = clients.producer(config, defaults={"linger.ms": 1})
+        self._watermarks = clients.consumer(config, config.group("sagas", saga.name, "ends"))
+        self._ends: dict[int, int] = {}  # owned partition -> its end when this runner got it
+        self._ready: dict[int, int] = {}  # caught-up partition -> since when (epoch ms)
+        self._claimed: set[str] = set()  # timed-out commands the processor claimed first
+        self._pending: dict[str, int] = {}  # saga id -> its event count when we last appended
+        self._sent_here: set[str] = set()  # command ids this process sent
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        registered = False
+        try:
+            self.stats.state = "running"
+            while not self._stop.is_set():
+                self._wake.wait(self._interval_s)
+                self._wake.clear()
+                try:
+                    if not registered:  # the schema is durable before any event uses it
+                        self._log.register(self._producer)
+                        registered = True
+                    self.sweep(int(time.time() * 1000))
+                except (RefoldError, KafkaException, TimeoutError) as exc:
+                    # Nothing is lost: what was not acknowledged is decided again (the fold
+                    # takes a repeated event as a no-op, the processor a repeated command).
+                    log.warning("saga %s: sweep failed, retrying: %s", self.saga.name, exc)
+                    self.stats.errors += 1
+                    self._pending.clear()
+                    self._stop.wait(1.0)
+        except Exception as exc:  # the saga stops moving; /healthz and the log say why
+            log.exception("saga runner %s failed", self.saga.name)
+            self.stats.state = "failed"
+            self.stats.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if self.stats.state != "failed":
+                self.stats.state = "stopped"
+            self._producer.flush(10)
+            self._watermarks.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def sweep(self, now_ms: int) -> None:
+        runner = self._runner()
+        ready = self._caught_up(runner)
+        if not ready:
+            return
+        acks, outbox = Acks(), []
+        after: str | None = None
+        while True:
+            page = runner.store.scan("", after, PAGE)
+            for saga_id, state in page:
+                if state.get("status") in TERMINAL:
+                    self._pending.pop(saga_id, None)
+                else:
+                    since = ready.get(murmur2_partition(saga_id.encode(), self._partitions))
+                    if since is not None:
+                        outbox.extend(self._drive(saga_id, state, now_ms, since, acks))
+            if len(page) < PAGE:
+                break
+            after = page[-1][0]
+        acks.wait(self._producer, f"events of saga {self.saga.name!r}")
+        self._send(outbox)
+        self.stats.sweeps += 1
+
+    def _caught_up(self, runner: Serving) -> dict[int, int]:
+        """The owned partitions whose store has folded up to their end at assignment (1.)."""
+        topic = self.saga.topic
+        owned = {p for t, p in runner.stats.assigned if t == topic}
+        for p in set(self._ends) - owned:  # lost: another worker drives them now
+            del self._ends[p]
+            self._ready.pop(p, None)
+            self._sent_here = {c for c in self._sent_here if not self._of(c, p)}
+        for p in owned - set(self._ends):
+            _low, high = self._watermarks.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=10
+            )
+            self._ends[p] = high
+        if owned - self._ready.keys():
+            stored = runner.store.offsets()
+            for p in owned - self._ready.keys():
+                if stored.get((topic, p), 0) >= self._ends[p]:
+                    log.info("saga %s: partition %d caught up, driving it", self.saga.name, p)
+                    self._ready[p] = int(time.time() * 1000)
+            self.stats.ready = tuple(sorted(self._ready))
+        return {p: since for p, since in self._ready.items() if p in owned}
+
+    def _of(self, command_id: str, partition: int) -> bool:
+        saga_id = command_id.split("/", 1)[1].rsplit("/", 2)[0]
+        return murmur2_partition(saga_id.encode(), self._partitions) == partition
+
+    def _drive(
+        self, saga_id: str, state: dict[str, Any], now_ms: int, since_ms: int, acks: Acks
+    ) -> list[Outgoing]:
+        if self._pending.get(saga_id) == state["events"]:
+            return []  # what we appended is not folded yet (4.)
+        self._pending.pop(saga_id, None)
+        step = advance(self.saga, state, self._results.get, now_ms, since_ms=since_ms)
+        if step.fence is not None and not self._fenced(step.fence):
+            return []  # claimed by the processor: its result will come
+        if step.dead is not None:
+            self._dead(saga_id, state, step.dead)
+        for event in step.events:
+            self._log.produce(self._producer, self.saga.topic, saga_id, event, acks)
+            self.stats.events += 1
+        if step.events:
+            self._pending[saga_id] = state["events"]
+        resend = [out for out in step.waiting if out.command_id not in self._sent_here]
+        self.stats.resent += len(resend)
+        return [*step.commands, *resend]
+
+    def _fenced(self, out: Outgoing) -> bool:
+        """Claim a timed-out step's command id for nothing, so that no processor ever decides
+        it; False when a processor claimed it first (it will be decided)."""
+        if out.command_id in self._claimed:
+            return False
+        claims = self._claims.get(out.send.aggregate)
+        if claims is None:  # no processor of that aggregate here: time it out unfenced
+            log.warning("saga %s: cannot fence %s", self.saga.name, out.command_id)
+            return True
+        send = out.send
+        fence = Command(out.command_id, send.aggregate, send.key, FENCE, {})
+        winner = claims.claim([fence]).get(out.command_id)
+        if winner is not None and winner.get("fingerprint") != fence.fingerprint:
+            self._claimed.add(out.command_id)
+            self.stats.unfenced += 1
+            return False
+        self.stats.fenced += 1
+        return True
+
+    def _dead(self, saga_id: str, state: dict[str, Any], reason: str) -> None:
+        acks = Acks()
+        letter = saga_event(saga_id, "dead", reason=reason, data=json.dumps(state))
+        self._log.produce(self._producer, self.saga.dead_topic, saga_id, letter, acks)
+        acks.wait(self._producer, f"dead letter of saga {saga_id!r}")  # before the end (2.)
+        self.stats.dead += 1
+        log.warning("saga %s %s failed: %s", self.saga.name, saga_id, reason)
+
+    def _send(self, outbox: list[Outgoing]) -> None:
+        """Append the commands (3.); each one's result wakes the next sweep."""
+        futures = []
+        for out in outbox:
+            send = out.send
+            command = Command(out.command_id, send.aggregate, send.key, send.type, send.data)
+            try:
+                futures.append((out, self._commands.append(command)))
+            except (CommandError, InputError) as exc:  # a bad step: no result will come
+                log.error("saga %s: cannot send %s: %s", self.saga.name, out.command_id, exc)
+                continue
+            self._results.watch(out.command_id, lambda _r: self._wake.set())
+        for out, future in futures:
+            future.result(SEND_TIMEOUT_S)
+            self._sent_here.add(out.command_id)
+            self.stats.commands += 1
+
+
+class SagaService:
+    """The sagas of one worker process."""
+
+    def __init__(self, config: Config, codec: Codec, sagas: Mapping[str, Saga]) -> None:
+        self.config = config
+        self.codec = codec
+        self.sagas = dict(sagas)
+        self.projections: list[SagaStateProjection] = [
+            saga_projection(s) for s in self.sagas.values()
+        ]
+        self.runners: dict[str, SagaRunner] = {}
+        self._runners: Mapping[str, Serving] = {}
+        self._threads: list[threading.Thread] = []
+        self._partitions: dict[str, int] = {}
+        self._client: SagaClient | None = None
+        self._client_lock = threading.Lock()
+        self._commands: CommandClient | None = None
+        self._results: ResultsIndex | None = None
+
+    def ensure_topics(self, topics: Topics) -> None:
+        if not self.sagas:
+            return
+        ensure_saga_topics(topics, self.sagas)
+        for s in self.sagas.values():
+            self._partitions[s.name] = topics.partitions(s.topic)
+
+    def start(
+        self, runners: Mapping[str, Serving], processors: Mapping[str, CommandProcessor]
+    ) -> None:
+        """A runner per saga; `runners` is the worker's live runner per projection (looked up
+        at each use), `processors` the command processors of this worker."""
+        self._runners = runners
+        if not self.sagas:
+            return
+        deciders = {name: p.decider for name, p in processors.items()}
+        if not deciders:
+            log.warning("sagas %s: no deciders run here, not driving", sorted(self.sagas))
+            return
+        self._commands = CommandClient(self.config, deciders)
+        self._results = ResultsIndex(
+            self.config,
+            [d.results_topic for d in deciders.values()],
+            store_path=self.config.data_dir / "sagas" / "results",
+        ).start()
+        for name, saga in self.sagas.items():
+            runner = SagaRunner(
+                self.config,
+                self.codec,
+                saga,
+                lambda n=name: self.runner(n),  # type: ignore[misc]
+                partitions=self._partitions[name],
+                commands=self._commands,
+                results=self._results,
+                claims={name: p.claims for name, p in processors.items()},
+            )
+            self.runners[name] = runner
+            thread = threading.Thread(target=runner.run, name=f"saga-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for runner in self.runners.values():
+            runner.stop()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._results is not None:
+            self._results.stop(timeout)
+        if self._commands is not None:
+            self._commands.close()
+        if self._client is not None:
+            self._client.close()
+
+    # -- what the HTTP routes call ------------------------------------------------------------
+
+    def runner(self, name: str) -> Serving:
+        return self._runners[saga_projection_name(name)]
+
+    def saga(self, name: str) -> Saga:
+        try:
+            return self.sagas[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sagas)) or "none"
+            raise InputError(f"unknown saga {name!r}; known: {known}") from None
+
+    @property
+    def client(self) -> SagaClient:
+        with self._client_lock:
+            if self._client is None:
+                self._client = SagaClient(
+                    self.config, self.sagas, codec=self.codec, known=self._state
+                )
+            return self._client
+
+    def _state(self, name: str, saga_id: str) -> dict[str, Any] | None:
+        state: dict[str, Any] | None = self.runner(name).store.get(saga_id)
+        return state
+
+    def start_saga(self, name: str, obj: Any) -> Started:
+        """Check and append one start (InputError for bad input, SagaError if not acked)."""
+        client = self.client
+        start: Start = client.prepare(name, obj)
+        return client.start(name, start)
+
+    def status(self, name: str, saga_id: str) -> dict[str, Any] | None:
+        self.saga(name)
+        state = self._state(name, saga_id)
+        return None if state is None or state["status"] is None else public_state(state, name)

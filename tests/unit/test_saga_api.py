@@ -1,0 +1,272 @@
+"""The saga API without Kafka: the fold of saga events and the pure decision `advance`, driven
+against the bank's own decider (decided in memory) as the command processor would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from refold import Command, Rejected
+from refold.core.errors import InputError, SagaError
+from refold.core.sagas import (
+    apply_event,
+    command_id,
+    initial_state,
+    public_state,
+    saga_projection,
+    start_from_json,
+)
+from refold.examples.bank import Accounts, Transfers
+from refold.sagas import Saga, Send, Step, advance
+
+T0 = 1_700_000_000_000
+
+
+class Bank:
+    """The accounts decider decided in memory, with the command processor's idempotency: a
+    command id seen before answers its first result and applies nothing."""
+
+    def __init__(self, balances: dict[str, int], closed: tuple[str, ...] = ()) -> None:
+        self.decider = Accounts()
+        self.states = {
+            k: {"status": "closed" if k in closed else "open", "owner": k, "balance_cents": v}
+            for k, v in balances.items()
+        }
+        self.results: dict[str, dict[str, Any]] = {}
+        self.applied: list[tuple[str, str, int, str]] = []
+        self.hold: set[str] = set()  # command ids left undecided (a slow or lost command)
+
+    def send(self, cid: str, send: Send) -> None:
+        if cid in self.results or cid in self.hold:
+            return
+        state = self.states.get(send.key, self.decider.initial(send.key))
+        command = Command(cid, send.aggregate, send.key, send.type, dict(send.data))
+        try:
+            events = self.decider.decide(command, state)
+        except Rejected as exc:
+            self.results[cid] = {"command_id": cid, "status": "rejected", "reason": exc.reason}
+            return
+        for type_name, data in events:
+            sign = -1 if type_name == "bank.MoneyWithdrawn" else 1
+            state["balance_cents"] += sign * data["amount_cents"]
+            self.applied.append((send.key, type_name, data["amount_cents"], data["memo"]))
+        self.states[send.key] = state
+        self.results[cid] = {"command_id": cid, "status": "accepted"}
+
+
+def run(
+    saga: Saga, bank: Bank, saga_id: str, data: dict[str, Any], *, ticks: int = 50, step_ms=100
+) -> dict[str, Any]:
+    state = initial_state(saga_id)
+    apply_event(saga, state, {"saga_id": saga_id, "kind": "started", "data": _json(data)})
+    now = T0
+    for _ in range(ticks):
+        now += step_ms
+        nxt = advance(saga, state, bank.results.get, now)
+        for event in nxt.events:
+            apply_event(saga, state, event)
+        for out in (*nxt.commands, *nxt.waiting):  # re-sending is harmless: same ids
+            bank.send(out.command_id, out.send)
+        if state["status"] in ("completed", "compensated", "failed"):
+            break
+    return state
+
+
+def _json(data: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(data)
+
+
+def test_a_transfer_completes() -> None:
+    bank = Bank({"a": 1000, "b": 0})
+    state = run(Transfers(), bank, "t1", {"from": "a", "to": "b", "amount_cents": 300})
+    assert state["status"] == "completed"
+    assert bank.states["a"]["balance_cents"] == 700
+    assert bank.states["b"]["balance_cents"] == 300
+    view = public_state(state, "transfers")
+    assert [s["status"] for s in view["steps"]] == ["accepted", "accepted"]
+    assert view["steps"][0]["command_id"] == "saga:transfers/t1/withdraw/do"
+
+
+def test_a_transfer_to_an_unknown_account_is_compensated_once() -> None:
+    bank = Bank({"a": 1000})
+    state = run(Transfers(), bank, "t2", {"from": "a", "to": "nobody", "amount_cents": 300})
+    assert state["status"] == "compensated"
+    assert bank.states["a"]["balance_cents"] == 1000
+    memos = [memo for key, _t, _a, memo in bank.applied if key == "a"]
+    assert memos == ["transfer t2 to nobody", "refund t2"]
+    assert "unknown account nobody" in state["reason"]
+    assert [s["status"] for s in state["steps"]] == ["compensated", "rejected"]
+
+
+def test_a_transfer_to_a_closed_account_is_compensated() -> None:
+    bank = Bank({"a": 1000, "c": 0}, closed=("c",))
+    state = run(Transfers(), bank, "t3", {"from": "a", "to": "c", "amount_cents": 1})
+    assert state["status"] == "compensated"
+    assert bank.states["a"]["balance_cents"] == 1000
+
+
+def test_insufficient_funds_fails_with_nothing_to_undo() -> None:
+    bank = Bank({"a": 100, "b": 0})
+    state = run(Transfers(), bank, "t4", {"from": "a", "to": "b", "amount_cents": 300})
+    assert state["status"] == "failed"
+    assert "insufficient funds" in state["reason"]
+    assert bank.applied == []
+
+
+def test_a_step_with_no_result_times_out_and_the_saga_compensates() -> None:
+    bank = Bank({"a": 1000, "b": 0})
+    bank.hold.add("saga:transfers/t5/deposit/do")
+    state = run(
+        Transfers(), bank, "t5", {"from": "a", "to": "b", "amount_cents": 5}, step_ms=10_000
+    )
+    assert state["status"] == "compensated"
+    assert state["steps"][1]["status"] == "timed_out"
+    assert bank.states["a"]["balance_cents"] == 1000
+
+
+def test_a_timed_out_step_applied_late_without_undo_fails_for_a_person() -> None:
+    saga, bank = Transfers(), Bank({"a": 1000, "b": 0})
+    dep = "saga:transfers/t6/deposit/do"
+    bank.hold.add(dep)
+    state = initial_state("t6")
+    apply_event(
+        saga, state, {"kind": "started", "data": _json({"from": "a", "to": "b", "amount_cents": 5})}
+    )
+    now = T0
+    for _ in range(4):  # withdraw sent + accepted, deposit sent
+        now += 1
+        nxt = advance(saga, state, bank.results.get, now)
+        for e in nxt.events:
+            apply_event(saga, state, e)
+        for out in nxt.commands:
+            bank.send(out.command_id, out.send)
+    nxt = advance(saga, state, bank.results.get, now + 61_000)
+    assert [e["kind"] for e in nxt.events] == ["step_timed_out"]
+    apply_event(saga, state, nxt.events[0])
+    bank.results[dep] = {"command_id": dep, "status": "accepted"}  # decided after all
+    nxt = advance(saga, state, bank.results.get, now + 62_000)
+    assert [e["kind"] for e in nxt.events] == ["step_accepted"]
+    apply_event(saga, state, nxt.events[0])
+    nxt = advance(saga, state, bank.results.get, now + 63_000)
+    assert nxt.events[0]["status"] == "failed" and nxt.dead
+
+
+class Stubborn(Saga):
+    """A compensation the aggregate keeps rejecting (its account was closed meanwhile)."""
+
+    name = "stubborn"
+    max_compensation_attempts = 3
+    compensation_backoff_s = 1.0
+
+    def steps(self, saga_id: str, data: dict[str, Any]) -> list[Step]:
+        return [
+            Step(
+                "take",
+                Send("accounts", "a", "bank.Withdraw", {"amount_cents": 10}),
+                undo=Send("accounts", "gone", "bank.Deposit", {"amount_cents": 10}),
+            ),
+            Step("give", Send("accounts", "nobody", "bank.Deposit", {"amount_cents": 10})),
+        ]
+
+
+def test_a_rejected_compensation_is_retried_with_backoff_then_fails() -> None:
+    bank = Bank({"a": 100})
+    state = run(Stubborn(), bank, "s1", {}, ticks=200, step_ms=500)
+    assert state["status"] == "failed"
+    assert "rejected 3 time(s)" in state["reason"]
+    ids = [c for c in bank.results if "/take/undo" in c]
+    assert ids == [
+        "saga:stubborn/s1/take/undo",
+        "saga:stubborn/s1/take/undo-2",
+        "saga:stubborn/s1/take/undo-3",
+    ]
+
+
+def test_the_backoff_waits_before_the_next_attempt() -> None:
+    saga = Stubborn()
+    state = initial_state("s2")
+    apply_event(saga, state, {"kind": "started", "data": "{}"})
+    state["status"] = "compensating"
+    state["steps"][0].update(
+        status="compensation_rejected", undo_attempts=1, undo_ms=T0, reason="no"
+    )
+    assert advance(saga, state, {}.get, T0 + 999) == type(advance(saga, state, {}.get, 0))()
+    nxt = advance(saga, state, {}.get, T0 + 1000)
+    assert nxt.commands[0].command_id == command_id(saga, "s2", "take", 2)
+
+
+def test_the_fold_ignores_events_after_the_end_and_a_second_start() -> None:
+    saga, state = Transfers(), initial_state("t7")
+    start = {"kind": "started", "data": _json({"from": "a", "to": "b", "amount_cents": 1})}
+    apply_event(saga, state, start)
+    apply_event(saga, state, start)
+    apply_event(saga, state, {"kind": "finished", "status": "completed"})
+    apply_event(saga, state, {"kind": "step_rejected", "step": 0, "reason": "late"})
+    assert state["status"] == "completed" and state["duplicates"] == 2
+    assert advance(saga, state, {}.get, T0).events == ()
+
+
+def test_the_projection_folds_events() -> None:
+    from refold.core.serde import Event
+
+    projection = saga_projection(Transfers())
+    assert projection.name == "sagas.transfers" and projection.topics == ("transfers.saga",)
+    event = Event(
+        type="refold.sagas.SagaEvent",
+        key="t8",
+        data={"kind": "started", "data": _json({"from": "a", "to": "b", "amount_cents": 1})},
+        topic="transfers.saga",
+        partition=0,
+        offset=0,
+    )
+    state = projection.apply(projection.initial("t8"), event)
+    assert state["status"] == "running" and len(state["steps"]) == 2
+
+
+def test_starts_are_checked() -> None:
+    saga = Transfers()
+    ok = start_from_json(
+        saga, {"saga_id": "x", "data": {"from": "a", "to": "b", "amount_cents": 5}}
+    )
+    assert ok.saga_id == "x"
+    assert start_from_json(saga, {"data": {"from": "a", "to": "b", "amount_cents": 5}}).saga_id
+    for bad in (
+        [],
+        {"data": []},
+        {"data": {"from": "a", "to": "b"}},
+        {"data": {"from": "a", "to": "b", "amount_cents": "5"}},
+        {"data": {"from": "a", "to": "b", "amount_cents": True}},
+        {"saga_id": "", "data": {"from": "a", "to": "b", "amount_cents": 5}},
+        {"data": {"from": "a", "to": "b", "amount_cents": 5}, "extra": 1},
+    ):
+        with pytest.raises(InputError):
+            start_from_json(saga, bad)
+
+
+def test_a_saga_declaration_is_checked() -> None:
+    class Nameless(Saga):
+        def steps(self, saga_id: str, data: dict[str, Any]) -> list[Step]:
+            return []
+
+    class NoSteps(Saga):
+        name = "nosteps"
+
+    for cls in (Nameless, NoSteps):
+        with pytest.raises(SagaError):
+            cls.validate()
+    Transfers.validate()
+
+
+def test_a_timeout_names_the_command_to_fence_and_counts_from_the_takeover() -> None:
+    saga, state = Transfers(), initial_state("t9")
+    apply_event(
+        saga, state, {"kind": "started", "data": _json({"from": "a", "to": "b", "amount_cents": 1})}
+    )
+    apply_event(saga, state, {"kind": "step_sent", "step": 0, "at_ms": T0})
+    later = T0 + 61_000
+    assert advance(saga, state, {}.get, later, since_ms=T0 + 30_000).waiting  # still waiting
+    nxt = advance(saga, state, {}.get, later)
+    assert [e["kind"] for e in nxt.events] == ["step_timed_out"]
+    assert nxt.fence is not None and nxt.fence.command_id == "saga:transfers/t9/withdraw/do"
