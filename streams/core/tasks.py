@@ -55,10 +55,21 @@ class Retry(Exception):
     `max_attempts`). Any other exception does the same; Retry just says it was expected."""
 
 
+#: Reports a task's progress: (task, the progress as `Task.progress` builds it).
+ProgressSink = Callable[["Task", dict[str, Any]], None]
+
+
 @dataclass(slots=True)
 class Task:
-    """One task as a handler sees it. `cancelled()` says whether a cancel arrived since it
-    was handed over (a long handler may check it and stop early)."""
+    """One task as a handler sees it.
+
+    - `cancelled()` says whether a cancel arrived since it was handed over (a long handler may
+      check it and stop early; a task whose handler was told ends `cancelled`);
+    - `progress(done, total, message)` reports how far it got: a `progress` status event, shown
+      by `GET /tasks/{queue}/{id}`; it also counts as a sign of life for `timeout_s`;
+    - `result`, when the handler sets it, is this task's own result (else the batch's return
+      value is every task's result): a merged batch answers each task apart.
+    """
 
     id: str
     key: str
@@ -66,9 +77,30 @@ class Task:
     attempt: int = 1
     parent_id: str | None = None
     _cancelled: Callable[[str], bool] = field(default=lambda _id: False, repr=False)
+    _progress: ProgressSink | None = field(default=None, repr=False)
+    result: Any = None
+    _told: bool = field(default=False, repr=False)
 
     def cancelled(self) -> bool:
-        return self._cancelled(self.id)
+        if not self._told and self._cancelled(self.id):
+            self._told = True  # the worker ends it `cancelled`, whatever handle returns
+        return self._told
+
+    @property
+    def told_cancelled(self) -> bool:
+        """Whether `cancelled()` said yes to the handler (what the worker reports)."""
+        return self._told
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report progress: `task.progress(3, 10, "3 of 10 months")`, or a fraction,
+        `task.progress(0.3)`. Each call is one status event: report at a human pace."""
+        report: dict[str, Any] = {"done": done}
+        if total is not None:
+            report["total"] = total
+        if message is not None:
+            report["message"] = str(message)
+        if self._progress is not None:
+            self._progress(self, report)
 
 
 class TaskQueue:
