@@ -1,8 +1,9 @@
 """The bank passbook, refold's guiding example app: `REFOLD_APP=refold.examples.bank`.
 
 Balances are folds of deposits and withdrawals, never stored as truth. The app holds the
-`accounts` decider (commands with invariants: no overdraft) and the `balances`, `passbook` and
-`owners` projections; its Avro schemas ship with refold (`refold.schemas`, folder `bank/`).
+`accounts` decider (commands with invariants: no overdraft), the `balances`, `passbook` and
+`owners` projections, and the `statements` task queue (monthly statements from the passbook,
+merged by account); its Avro schemas ship with refold (`refold.schemas`, folder `bank/`).
 It uses only the public API, like any user's app.
 """
 
@@ -10,8 +11,9 @@ from importlib import resources
 
 from refold.examples.bank.accounts import Accounts
 from refold.examples.bank.projections import ACCOUNTS, Balances, Owners, Passbook
+from refold.examples.bank.statements import Statements
 
-__all__ = ["ACCOUNTS", "Accounts", "Balances", "Owners", "Passbook"]
+__all__ = ["ACCOUNTS", "Accounts", "Balances", "Owners", "Passbook", "Statements"]
 
 #: The bank's Avro schemas, shipped as package data (the repo's schemas/bank/).
 SCHEMAS_DIRS = (resources.files("refold.schemas") / "bank",)
