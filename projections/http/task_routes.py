@@ -3,7 +3,9 @@
 - `POST /tasks/{queue}` `{"task_id"?, "key"?, "data": {...}}` -> 202 `{"task_id", "status":
   "accepted", "status_url"}` once the task is durably in the intake topic; a repeated task id
   answers the same and appends nothing; bad input 400/404/422, never appended;
-- `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state);
+- `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state); for a
+  task this worker accepted, at least `accepted` (read-your-writes: it waits briefly for the
+  projection to fold the accepted event, else answers that event), never 404;
 - `GET /tasks/{queue}?status=&after=&limit=` -> a page of tasks;
 - `POST /tasks/{queue}/{task_id}/cancel` -> 200, or 409 when the task already ended.
 """
@@ -42,6 +44,7 @@ class TaskRoutes:
         self.tasks = worker.tasks
         # Submits wait for Kafka's acknowledgement: off the event loop, one flush at a time.
         self._appends = ThreadPoolExecutor(1, thread_name_prefix="refold-http-tasks")
+        self._waits = ThreadPoolExecutor(8, thread_name_prefix="refold-http-task-waits")
 
     def _unknown(self, queue: str) -> web.Response | None:
         if queue in self.tasks.queues:
@@ -74,6 +77,12 @@ class TaskRoutes:
         if unknown is not None:
             return unknown
         state = self.tasks.status(queue, task_id)
+        if state is None and self.tasks.submitted(queue, task_id):
+            # Accepted here, not folded yet: wait for it off the loop (read-your-writes).
+            loop = asyncio.get_running_loop()
+            state = await loop.run_in_executor(
+                self._waits, self.tasks.status_after_submit, queue, task_id
+            )
         if state is None:
             return _error(404, "unknown task", f"no task {task_id!r} in queue {queue!r} (yet)")
         return _respond(200, state)

@@ -18,6 +18,8 @@ from refold.core.errors import InputError, TaskError
 from refold.core.serde import Codec
 from refold.core.task_status import (
     TaskStatusProjection,
+    apply_status,
+    initial_status,
     public_status,
     status_projection,
     status_projection_name,
@@ -30,6 +32,9 @@ from refold.kafka.task_log import Accepted, TaskClient, ensure_task_topics
 from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
+
+#: How long a status read waits for the projection to fold a task this worker just accepted.
+RYW_WAIT_S = 2.0
 
 
 class TaskService:
@@ -119,9 +124,34 @@ class TaskService:
         return client.submit(queue, submission)
 
     def status(self, queue: str, task_id: str) -> dict[str, Any] | None:
+        """The task's status as the status projection has folded it (None: not yet, or never)."""
         self.queue(queue)
         state = self._state(queue, task_id)
         return None if state is None else public_status(state)
+
+    def submitted(self, queue: str, task_id: str) -> bool:
+        """Whether this worker's intake accepted the task recently (its status is due)."""
+        client = self._client
+        return client is not None and client.remembered(queue, task_id) is not None
+
+    def status_after_submit(
+        self, queue: str, task_id: str, wait_s: float = RYW_WAIT_S
+    ) -> dict[str, Any] | None:
+        """Read-your-writes for a task this worker accepted: wait (at most `wait_s`) until the
+        status projection has folded its `accepted` event, when this worker folds that
+        partition; else, or if the fold is behind, answer that event folded alone, so a read
+        after the 202 is never a 404. May block: off the event loop."""
+        client = self._client
+        seen = None if client is None else client.remembered(queue, task_id)
+        if seen is None:
+            return self.status(queue, task_id)
+        runner = self.runner(queue)
+        tp = (seen.topic, seen.partition)
+        if tp in runner.stats.assigned and runner.wait_for({tp: seen.offset}, wait_s):
+            state = self._state(queue, task_id)
+            if state is not None:
+                return public_status(state)
+        return public_status(apply_status(initial_status(task_id), seen.event, seen.at_ms))
 
     def list(
         self, queue: str, status: str | None, after: str | None, limit: int

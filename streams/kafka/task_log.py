@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -167,6 +168,18 @@ class Accepted:
         return {"task_id": self.task_id, "status": self.status, "status_url": self.status_url}
 
 
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    """A submit this client made: its `accepted` status event, where it landed and when, so a
+    status read right after the 202 can wait for it or answer it (read-your-writes)."""
+
+    event: dict[str, Any]
+    topic: str
+    partition: int
+    offset: int
+    at_ms: int
+
+
 #: Looks a task id up in the status projection: its state, or None when unknown.
 Lookup = Callable[[str, str], dict[str, Any] | None]
 
@@ -189,7 +202,8 @@ class TaskClient:
         self._known = known
         self._producer = clients.producer(config, defaults={"linger.ms": 1})
         self._lock = threading.Lock()  # flush() waits for everything: one caller at a time
-        self._recent: dict[tuple[str, str], Accepted] = {}  # until the projection has folded it
+        # The submits made here, until the projection has surely folded them.
+        self._recent: dict[tuple[str, str], Remembered] = {}
         self._registered = False
 
     def queue(self, name: str) -> TaskQueue:
@@ -229,15 +243,27 @@ class TaskClient:
             accepted = status_data(
                 submission.task_id, "accepted", key=submission.key, data=submission.data_json
             )
+            landed: list[Message] = []
+
+            def on_status(err: KafkaError | None, msg: Message) -> None:
+                acks(err, msg)
+                landed.append(msg)
+
             self.log.produce(
-                self._producer, q.status_topic, submission.task_id, STATUS, accepted, acks
+                self._producer, q.status_topic, submission.task_id, STATUS, accepted, on_status
             )
             acks.wait(self._producer, f"task {submission.task_id!r} for queue {queue!r}")
-            answer = Accepted(submission.task_id, queue)
             if len(self._recent) > 100_000:
                 self._recent.clear()
-            self._recent[(queue, submission.task_id)] = answer
-            return answer
+            msg = landed[0]
+            self._recent[(queue, submission.task_id)] = Remembered(
+                accepted, msg.topic(), msg.partition(), msg.offset(), int(time.time() * 1000)
+            )
+            return Accepted(submission.task_id, queue)
+
+    def remembered(self, queue: str, task_id: str) -> Remembered | None:
+        """The `accepted` event of a task this client submitted (recently), if it did."""
+        return self._recent.get((queue, task_id))
 
     def _first(self, queue: str, task_id: str) -> Accepted | None:
         recent = self._recent.get((queue, task_id))
