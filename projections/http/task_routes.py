@@ -2,7 +2,8 @@
 
 - `POST /tasks/{queue}` `{"task_id"?, "key"?, "data": {...}}` -> 202 `{"task_id", "status":
   "accepted", "status_url"}` once the task is durably in the intake topic; a repeated task id
-  answers the same and appends nothing; bad input 400/404/422, never appended;
+  answers the same and appends nothing (on any worker: ids are claimed first), a repeat with
+  another body 409; bad input 400/404/422, never appended;
 - `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state); for a
   task this worker accepted, at least `accepted` (read-your-writes: it waits briefly for the
   projection to fold the accepted event, else answers that event), never 404;
@@ -19,7 +20,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from refold.core.errors import InputError, TaskError
+from refold.core.errors import InputError, TaskConflict, TaskError
 from refold.engine.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class TaskRoutes:
             accepted = await loop.run_in_executor(self._appends, self.tasks.submit, queue, obj)
         except InputError as exc:
             return _error(422, "invalid task", str(exc))
+        except TaskConflict as exc:
+            return _error(409, "task id conflict", str(exc))
         except TaskError as exc:
             log.warning("POST /tasks/%s: %s", queue, exc)
             return _error(503, "not acknowledged", str(exc))

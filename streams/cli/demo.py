@@ -93,7 +93,6 @@ def run_demo(config: Config, *, keep_broker: bool = False) -> int:
 def _play(config: Config) -> None:
     from refold.engine.task_worker import TaskWorker
     from refold.engine.worker import Worker
-    from refold.examples.bank import Statements
     from refold.http.server import QueryServer
 
     config = config.with_(app_modules=(*config.app_modules, BANK_APP))
@@ -106,7 +105,10 @@ def _play(config: Config) -> None:
     server = QueryServer(worker, "127.0.0.1", 0)
     server.start()
     # Started now: a task worker takes seconds to join its share group, the story's time.
-    task_worker = TaskWorker(config, codec, Statements(server.url), concurrency=2)
+    statements = worker.tasks.queue("statements")
+    # The bank queue reads the passbook from this demo's server.
+    setattr(statements, "url", server.url)  # noqa: B010
+    task_worker = TaskWorker(config, codec, statements, concurrency=2)
     task_worker.start()
     try:
         print(f"\nsending the passbook story as {len(story)} commands to `accounts`")

@@ -67,3 +67,7 @@ class CommandError(RefoldError):
 
 class TaskError(RefoldError):
     """A task queue is malformed, or a task could not be submitted, dispatched or reported."""
+
+
+class TaskConflict(TaskError):
+    """A task id was submitted before with another body: the id names that first task."""

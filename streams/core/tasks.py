@@ -15,6 +15,7 @@ idempotency key passed to the downstream API).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -123,6 +124,8 @@ class TaskQueue:
     queued_timeout_s: ClassVar[float] = 600.0
     #: Wait before attempt n+1 after a failure: retry_backoff_s * 2**(n-1), at most 60 s.
     retry_backoff_s: ClassVar[float] = 1.0
+    #: The task-id idempotency window: a repeat within it queues nothing (7 days).
+    id_retention_ms: ClassVar[int] = 7 * 24 * 3600 * 1000
     partitions: ClassVar[int] = 6
     #: Partitions of the work topic. One by default: a share group's assignor gives each
     #: partition to one member while there are no more members than partitions, so a worker
@@ -156,6 +159,12 @@ class TaskQueue:
     @property
     def dead_topic(self) -> str:
         return f"{self.name}.dead"
+
+    @property
+    def claims_topic(self) -> str:
+        """Task ids claimed by the intake nodes, keyed by id, never compacted: the first claim
+        of an id wins (`refold.engine.claims`), within `id_retention_ms`."""
+        return f"{self.name}.ids"
 
     @property
     def cancel_topic(self) -> str:
@@ -205,6 +214,18 @@ class Submission:
     @property
     def data_json(self) -> str:
         return json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes two submits of one task id the same task: its key and data (canonical
+        JSON, SHA-256). A repeat with another fingerprint is a conflict, never queued."""
+        return fingerprint(self.key, self.data)
+
+
+def fingerprint(key: str, data: Any) -> str:
+    """The fingerprint of a task's key and data (see `Submission.fingerprint`)."""
+    body = json.dumps({"data": data, "key": key}, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
 def submission_from_json(obj: Any) -> Submission:

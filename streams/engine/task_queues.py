@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from refold.core.config import Config
-from refold.core.errors import InputError, TaskError
+from refold.core.errors import CommandError, InputError, TaskConflict, TaskError
 from refold.core.serde import Codec
 from refold.core.task_status import (
     TaskStatusProjection,
@@ -25,8 +25,10 @@ from refold.core.task_status import (
     status_projection_name,
 )
 from refold.core.tasks import STATUSES, TERMINAL, Submission, TaskQueue
+from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.dispatcher import Dispatcher
 from refold.engine.frozen import Serving
+from refold.engine.membership import worker_id
 from refold.engine.reconciler import Reconciler
 from refold.kafka.task_log import Accepted, TaskClient, ensure_task_topics
 from refold.kafka.topics import Topics
@@ -54,6 +56,9 @@ class TaskService:
         self._client: TaskClient | None = None
         self._client_lock = threading.Lock()
         self._partitions: dict[str, int] = {}
+        # Task-id claims (refold.engine.claims): the first intake node to claim an id queues it.
+        self._claimer = worker_id(config)
+        self.claims: dict[str, ClaimsIndex] = {}
 
     def ensure_topics(self, topics: Topics) -> None:
         if not self.queues:
@@ -67,6 +72,10 @@ class TaskService:
         (looked up at each use: a replay swap replaces the entry)."""
         self._runners = runners
         for name, queue in self.queues.items():
+            group = self.config.group("tasks", name, "ids")
+            path = self.config.data_dir / "tasks" / name / "ids"
+            index = ClaimsIndex(self.config, queue.claims_topic, group, queue.id_retention_ms, path)
+            self.claims[name] = index.start()
             dispatcher = Dispatcher(self.config, self.codec, queue)
             reconciler = Reconciler(
                 self.config,
@@ -91,6 +100,8 @@ class TaskService:
             thread.join(timeout)
         if self._client is not None:
             self._client.close()
+        for index in self.claims.values():
+            index.stop()
 
     # -- what the HTTP routes call ------------------------------------------------------------
 
@@ -109,9 +120,29 @@ class TaskService:
         with self._client_lock:
             if self._client is None:
                 self._client = TaskClient(
-                    self.config, self.queues, codec=self.codec, known=self._state
+                    self.config, self.queues, codec=self.codec, known=self._state, claim=self._claim
                 )
             return self._client
+
+    def _claim(self, queue: str, submission: Submission) -> bool:
+        """Claim a new task id for this worker: True when its claim is the first (append the
+        task; also after a restart, the claimer is this data dir's worker id), False when
+        another node's claim of the same body is (a repeat); TaskConflict for another body."""
+        index = self.claims[queue]
+        request = ClaimRequest(
+            submission.task_id, submission.fingerprint, submission.key, queue, self._claimer
+        )
+        try:
+            first = index.claim([request])[submission.task_id]
+        except (CommandError, KeyError) as exc:
+            raise TaskError(f"task id {submission.task_id!r} could not be claimed: {exc}") from exc
+        if first["fingerprint"] != submission.fingerprint:
+            raise TaskConflict(
+                f"task id {submission.task_id!r} was submitted before with another body "
+                f"(first claimed with key {first.get('key')!r})",
+                hint="use a new task id for another task",
+            )
+        return bool(first.get("claimer") == self._claimer)
 
     def _state(self, queue: str, task_id: str) -> dict[str, Any] | None:
         state: dict[str, Any] | None = self.runner(queue).store.get(task_id)
