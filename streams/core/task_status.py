@@ -186,6 +186,23 @@ def status_projection(queue: TaskQueue) -> TaskStatusProjection:
 # -- reconciliation ---------------------------------------------------------------------------
 
 
+def due_ms(queue: TaskQueue, state: dict[str, Any]) -> int | None:
+    """When `next_step` may first act on this task (epoch ms), or None if it never will in its
+    current state: the reconciler's index keeps open tasks by this time, so a sweep looks at
+    the due ones only."""
+    status = state.get("status")
+    if status in TERMINAL or status in (None, "accepted") or state.get("parts"):
+        return None
+    attempts = int(state.get("attempts") or 0)
+    updated = int(state.get("updated_ms") or 0)
+    if status == "failed":
+        if attempts >= queue.max_attempts:
+            return updated
+        return updated + int(queue.backoff_s(attempts) * 1000)
+    limit_s = queue.timeout_s if status == "running" else queue.queued_timeout_s
+    return updated + int(limit_s * 1000)
+
+
 def next_step(queue: TaskQueue, state: dict[str, Any], now_ms: int) -> tuple[str, str] | None:
     """What the reconciler does for a task now: ("redrive", reason), ("dead", error) or None.
 
