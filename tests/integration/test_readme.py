@@ -40,9 +40,14 @@ SKIP = "<!-- doctest: skip -->"
 
 
 def bank_topics(admin: AdminClient) -> set[str]:
-    """bank.accounts and the topics named after it (its decider's commands, results, claims)."""
+    """bank.accounts and the topics named after it (its decider's commands, results, claims),
+    and those of the bank's `statements` task queue."""
     names = admin.list_topics(timeout=10).topics
-    return {t for t in names if t == "bank.accounts" or t.startswith("bank.accounts.")}
+    return {
+        t
+        for t in names
+        if t == "bank.accounts" or t.startswith("bank.accounts.") or t.startswith("statements.")
+    }
 
 
 @dataclass(frozen=True, slots=True)
