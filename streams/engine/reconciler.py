@@ -143,8 +143,8 @@ class Reconciler:
             self._changes.update(keys)
 
     def _rebuild(self, runner: Serving, owned: set[int]) -> None:
-        if self._watched is not None and self._watched is not runner:
-            self._watched.on_commit = None  # type: ignore[union-attr]
+        if isinstance(self._watched, ProjectionRunner) and self._watched is not runner:
+            self._watched.on_commit = None
         if isinstance(runner, ProjectionRunner):
             runner.on_commit = self._touched
         self._watched, self._owned = runner, owned
