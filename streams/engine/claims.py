@@ -178,7 +178,12 @@ class ClaimsIndex:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                msgs = self._consumer.consume(1000, 0.05)
+                # The first record at once, then what else is there: consume(n, timeout) alone
+                # waits out its whole timeout unless n records come (50 ms on every claim).
+                first = self._consumer.poll(0.05)
+                if first is None:
+                    continue
+                msgs = [first, *self._consumer.consume(999, 0)]
                 good = [m for m in msgs if m.error() is None]
                 for m in msgs:
                     if m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
