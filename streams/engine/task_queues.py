@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from refold.core.config import Config
@@ -37,6 +38,33 @@ log = logging.getLogger(__name__)
 
 #: How long a status read waits for the projection to fold a task this worker just accepted.
 RYW_WAIT_S = 2.0
+
+
+def claim_task_id(index: ClaimsIndex, claimer: str, queue: str, submission: Submission) -> bool:
+    """Claim a new task id for `claimer` (a data dir's worker id, so its claims still count as
+    its own after a restart): True when its claim is the first (append the task), False when
+    another's claim of the same body is (a repeat: append nothing); TaskConflict for another
+    body, TaskError when the claims topic cannot be written or read."""
+    request = ClaimRequest(
+        submission.task_id, submission.fingerprint, submission.key, queue, claimer
+    )
+    try:
+        first = index.claim([request])[submission.task_id]
+    except (CommandError, KeyError) as exc:
+        raise TaskError(f"task id {submission.task_id!r} could not be claimed: {exc}") from exc
+    if first["fingerprint"] != submission.fingerprint:
+        raise TaskConflict(
+            f"task id {submission.task_id!r} was submitted before with another body "
+            f"(first claimed with key {first.get('key')!r})",
+            hint="use a new task id for another task",
+        )
+    return bool(first.get("claimer") == claimer)
+
+
+def claims_index(config: Config, queue: TaskQueue, path: Path) -> ClaimsIndex:
+    """The (not yet started) index of a queue's task-id claims, stored at `path`."""
+    group = config.group("tasks", queue.name, "ids")
+    return ClaimsIndex(config, queue.claims_topic, group, queue.id_retention_ms, path)
 
 
 class TaskService:
@@ -72,10 +100,8 @@ class TaskService:
         (looked up at each use: a replay swap replaces the entry)."""
         self._runners = runners
         for name, queue in self.queues.items():
-            group = self.config.group("tasks", name, "ids")
             path = self.config.data_dir / "tasks" / name / "ids"
-            index = ClaimsIndex(self.config, queue.claims_topic, group, queue.id_retention_ms, path)
-            self.claims[name] = index.start()
+            self.claims[name] = claims_index(self.config, queue, path).start()
             dispatcher = Dispatcher(self.config, self.codec, queue)
             reconciler = Reconciler(
                 self.config,
@@ -125,24 +151,7 @@ class TaskService:
             return self._client
 
     def _claim(self, queue: str, submission: Submission) -> bool:
-        """Claim a new task id for this worker: True when its claim is the first (append the
-        task; also after a restart, the claimer is this data dir's worker id), False when
-        another node's claim of the same body is (a repeat); TaskConflict for another body."""
-        index = self.claims[queue]
-        request = ClaimRequest(
-            submission.task_id, submission.fingerprint, submission.key, queue, self._claimer
-        )
-        try:
-            first = index.claim([request])[submission.task_id]
-        except (CommandError, KeyError) as exc:
-            raise TaskError(f"task id {submission.task_id!r} could not be claimed: {exc}") from exc
-        if first["fingerprint"] != submission.fingerprint:
-            raise TaskConflict(
-                f"task id {submission.task_id!r} was submitted before with another body "
-                f"(first claimed with key {first.get('key')!r})",
-                hint="use a new task id for another task",
-            )
-        return bool(first.get("claimer") == self._claimer)
+        return claim_task_id(self.claims[queue], self._claimer, queue, submission)
 
     def _state(self, queue: str, task_id: str) -> dict[str, Any] | None:
         state: dict[str, Any] | None = self.runner(queue).store.get(task_id)

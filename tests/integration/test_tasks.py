@@ -268,6 +268,8 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
         submitted = run.cli(
             "task", "submit", queue, "--id", "cli-1", "--data", '{"product_id": "c"}', "--wait"
         )
+        clash = run.cli("task", "submit", queue, "--id", "same", "--data", '{"product_id": "x"}')
+        again = run.cli("task", "submit", queue, "--id", "cli-1", "--data", '{"product_id": "c"}')
         states = run.wait_ended(
             [f"fail-{i}" for i in range(3)] + ["hang", "cancel-me", "same", "long"]
         )
@@ -314,6 +316,9 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
     # The CLI: submit --wait, list, status.
     assert submitted.returncode == 0, submitted.stderr
     assert json.loads(submitted.stdout)["status"] == "succeeded"
+    assert clash.returncode != 0 and "another body" in clash.stderr, clash.stderr
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "accepted"
+    assert intake["cli-1"] == 1
     assert listed.returncode == 0, listed.stderr
     assert sorted(json.loads(x)["task_id"] for x in listed.stdout.splitlines()) == [
         f"fail-{i}" for i in range(3)
