@@ -179,8 +179,9 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Remembered:
-    """A submit this client made: its `accepted` status event, where it landed and when, so a
-    status read right after the 202 can wait for it or answer it (read-your-writes)."""
+    """A submit this client answered: its `accepted` status event, where it landed (partition
+    -1: another node appends it) and when, so a status read right after the 202 can wait for
+    it or answer it (read-your-writes)."""
 
     event: dict[str, Any]
     topic: str
@@ -240,7 +241,12 @@ class TaskClient:
             first = self._first(queue, submission)
             if first is not None:
                 return first
+            accepted = status_data(
+                submission.task_id, "accepted", key=submission.key, data=submission.data_json
+            )
             if self._claim is not None and not self._claim(queue, submission):
+                # Another node's to append: what it appends is this, wherever it lands.
+                self._remember(queue, accepted, q.status_topic, -1, -1)
                 return Accepted(submission.task_id, queue, repeated=True)
             self._register()
             acks = Acks()
@@ -256,9 +262,6 @@ class TaskClient:
                 },
                 acks,
             )
-            accepted = status_data(
-                submission.task_id, "accepted", key=submission.key, data=submission.data_json
-            )
             landed: list[Message] = []
 
             def on_status(err: KafkaError | None, msg: Message) -> None:
@@ -269,13 +272,17 @@ class TaskClient:
                 self._producer, q.status_topic, submission.task_id, STATUS, accepted, on_status
             )
             acks.wait(self._producer, f"task {submission.task_id!r} for queue {queue!r}")
-            if len(self._recent) > 100_000:
-                self._recent.clear()
             msg = landed[0]
-            self._recent[(queue, submission.task_id)] = Remembered(
-                accepted, msg.topic(), msg.partition(), msg.offset(), int(time.time() * 1000)
-            )
+            self._remember(queue, accepted, msg.topic(), msg.partition(), msg.offset())
             return Accepted(submission.task_id, queue)
+
+    def _remember(
+        self, queue: str, event: dict[str, Any], topic: str, partition: int, offset: int
+    ) -> None:
+        if len(self._recent) > 100_000:
+            self._recent.clear()
+        at_ms = int(time.time() * 1000)
+        self._recent[(queue, event["task_id"])] = Remembered(event, topic, partition, offset, at_ms)
 
     def remembered(self, queue: str, task_id: str) -> Remembered | None:
         """The `accepted` event of a task this client submitted (recently), if it did."""

@@ -351,6 +351,10 @@ def test_two_intake_workers_one_task_id_read_your_writes_progress_and_own_result
         with ThreadPoolExecutor(2) as pool:
             for task_id in duplicates:
                 list(pool.map(lambda node, t=task_id: node.submit(t, {"product_id": "d"}), (a, b)))
+        # Both answered 202, so both show the task (one appended it, one knew it was a repeat).
+        dup_reads = [
+            node.http("GET", f"/tasks/{queue}/{t}")[0] for t in duplicates for node in (a, b)
+        ]
         # Another body for a claimed id: 409 from either worker, nothing queued.
         other = {"task_id": "dup-0", "data": {"product_id": "other"}}
         conflicts = [
@@ -383,6 +387,7 @@ def test_two_intake_workers_one_task_id_read_your_writes_progress_and_own_result
         b.stop()
 
     assert [code for code, _ in answers] == [200] * 20, answers
+    assert dup_reads == [200] * len(dup_reads)
     assert all(body["status"] is not None for _, body in answers), answers
     assert all(s["status"] == "succeeded" for s in states.values()), states
     intake = Counter(v["task_id"] for _, v in records(config, f"{queue}.tasks"))
