@@ -188,6 +188,7 @@ class TaskQueue:
             "max_attempts",
             "partitions",
             "work_partitions",
+            "id_retention_ms",
         ):
             value = getattr(cls, attr)
             if not isinstance(value, int) or value < (0 if attr == "merge_window_ms" else 1):
