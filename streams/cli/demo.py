@@ -211,7 +211,7 @@ def _statements(base: str, run: str) -> None:
         ids.append(answer["task_id"])
     code, first = _http("GET", f"{base}/tasks/statements/{ids[0]}")  # read-your-writes
     print(f"  GET  /tasks/statements/{ids[0]} at once: {code} {first.get('status')}")
-    states = _wait_ended(base, ids, timeout=60)
+    states = _wait_ended(base, ids, timeout=120)  # seconds when all is well; load stretches it
     for task_id in ids:
         state = states[task_id]
         merged = [t for t in ids if t != task_id and states[t]["batch_id"] == state["batch_id"]]
