@@ -2,8 +2,11 @@
 
 - `POST /tasks/{queue}` `{"task_id"?, "key"?, "data": {...}}` -> 202 `{"task_id", "status":
   "accepted", "status_url"}` once the task is durably in the intake topic; a repeated task id
-  answers the same and appends nothing; bad input 400/404/422, never appended;
-- `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state);
+  answers the same and appends nothing (on any worker: ids are claimed first), a repeat with
+  another body 409; bad input 400/404/422, never appended;
+- `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state); for a
+  task this worker accepted, at least `accepted` (read-your-writes: it waits briefly for the
+  projection to fold the accepted event, else answers that event), never 404;
 - `GET /tasks/{queue}?status=&after=&limit=` -> a page of tasks;
 - `POST /tasks/{queue}/{task_id}/cancel` -> 200, or 409 when the task already ended.
 """
@@ -17,7 +20,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from refold.core.errors import InputError, TaskError
+from refold.core.errors import InputError, TaskConflict, TaskError
 from refold.engine.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class TaskRoutes:
         self.tasks = worker.tasks
         # Submits wait for Kafka's acknowledgement: off the event loop, one flush at a time.
         self._appends = ThreadPoolExecutor(1, thread_name_prefix="refold-http-tasks")
+        self._waits = ThreadPoolExecutor(8, thread_name_prefix="refold-http-task-waits")
 
     def _unknown(self, queue: str) -> web.Response | None:
         if queue in self.tasks.queues:
@@ -63,6 +67,8 @@ class TaskRoutes:
             accepted = await loop.run_in_executor(self._appends, self.tasks.submit, queue, obj)
         except InputError as exc:
             return _error(422, "invalid task", str(exc))
+        except TaskConflict as exc:
+            return _error(409, "task id conflict", str(exc))
         except TaskError as exc:
             log.warning("POST /tasks/%s: %s", queue, exc)
             return _error(503, "not acknowledged", str(exc))
@@ -74,6 +80,12 @@ class TaskRoutes:
         if unknown is not None:
             return unknown
         state = self.tasks.status(queue, task_id)
+        if state is None and self.tasks.submitted(queue, task_id):
+            # Accepted here, not folded yet: wait for it off the loop (read-your-writes).
+            loop = asyncio.get_running_loop()
+            state = await loop.run_in_executor(
+                self._waits, self.tasks.status_after_submit, queue, task_id
+            )
         if state is None:
             return _error(404, "unknown task", f"no task {task_id!r} in queue {queue!r} (yet)")
         return _respond(200, state)

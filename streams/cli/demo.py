@@ -2,7 +2,9 @@
 
 Starts a local broker if none answers, publishes a handful of deposits and withdrawals, folds them
 with a worker, prints balances and a passbook with the balance after each line, then asks the HTTP
-API. Stops everything it started (the broker too, unless asked to keep it).
+API; then submits monthly statements to the `statements` task queue over HTTP (202, a merged
+batch, `succeeded` with each statement). Stops everything it started (the broker too, unless
+asked to keep it).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import gc
 import json
 import time
+import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from refold.cli import broker, demo_sagas
@@ -87,6 +91,7 @@ def run_demo(config: Config, *, keep_broker: bool = False) -> int:
 
 
 def _play(config: Config) -> None:
+    from refold.engine.task_worker import TaskWorker
     from refold.engine.worker import Worker
     from refold.http.server import QueryServer
 
@@ -99,6 +104,12 @@ def _play(config: Config) -> None:
     worker.start()
     server = QueryServer(worker, "127.0.0.1", 0)
     server.start()
+    # Started now: a task worker takes seconds to join its share group, the story's time.
+    statements = worker.tasks.queue("statements")
+    # The bank queue reads the passbook from this demo's server.
+    setattr(statements, "url", server.url)  # noqa: B010
+    task_worker = TaskWorker(config, codec, statements, concurrency=2)
+    task_worker.start()
     try:
         print(f"\nsending the passbook story as {len(story)} commands to `accounts`")
         wanted: dict[tuple[str, int], int] = {}
@@ -127,8 +138,10 @@ def _play(config: Config) -> None:
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.loads(response.read())
         print(f"\nover HTTP: GET {url}\n  {json.dumps(body)}")
+        _statements(server.url, run)
         demo_sagas.show_transfers(worker, run)
     finally:
+        task_worker.stop()
         server.stop()
         worker.stop()
 
@@ -161,3 +174,73 @@ def _show(worker: Any, story: list[tuple[str, str, dict[str, Any]]], run: str) -
             f"\nowner alice (projection `owners`): {len(alice['accounts'])} account(s) over all "
             f"demo runs, total {_money(alice['total_cents']).strip()}"
         )
+
+
+def _http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _months() -> tuple[str, str]:
+    """This month and the one before, as `YYYY-MM`."""
+    now = datetime.now(UTC)
+    year, month = (now.year, now.month - 1) if now.month > 1 else (now.year - 1, 12)
+    return f"{now:%Y-%m}", f"{year:04d}-{month:02d}"
+
+
+def _statements(base: str, run: str) -> None:
+    """Monthly statements through the task queue: alice's two months merge into one batch."""
+    this, last = _months()
+    alice = f"alice-{run}"
+    wanted = [(alice, this), (alice, last), (f"bob-{run}", this)]
+    print("\nmonthly statements: tasks on the `statements` queue, merged by account")
+    ids: list[str] = []
+    for account, month in wanted:
+        task = {
+            "task_id": f"statement-{account}-{month}",
+            "data": {"account": account, "month": month},
+        }
+        code, answer = _http("POST", f"{base}/tasks/statements", task)
+        if code != 202:
+            raise RefoldError(f"POST /tasks/statements answered {code}: {answer}")
+        print(f"  POST /tasks/statements {json.dumps(task['data'])}  {code} {answer['status']}")
+        ids.append(answer["task_id"])
+    code, first = _http("GET", f"{base}/tasks/statements/{ids[0]}")  # read-your-writes
+    print(f"  GET  /tasks/statements/{ids[0]} at once: {code} {first.get('status')}")
+    states = _wait_ended(base, ids, timeout=120)  # seconds when all is well; load stretches it
+    for task_id in ids:
+        state = states[task_id]
+        merged = [t for t in ids if t != task_id and states[t]["batch_id"] == state["batch_id"]]
+        with_ = f" (one batch with {', '.join(merged)})" if merged else ""
+        print(f"  {task_id:<34}{state['status']:<10} batch {state['batch_id']}{with_}")
+    statement = states[ids[0]]["result"]
+    print(
+        f"\nstatement of {alice} for {this} (the task's result): opening "
+        f"{_money(statement['opening_cents']).strip()}, closing "
+        f"{_money(statement['closing_cents']).strip()}"
+    )
+    for line in statement["lines"]:
+        print(
+            f"  {line['time'][:10]}  {line['memo']:<16}{_money(line['amount_cents'])}"
+            f"{_money(line['balance_cents'])}"
+        )
+
+
+def _wait_ended(base: str, ids: list[str], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    states: dict[str, Any] = {}
+    while len(states) < len(ids):
+        for task_id in ids:
+            code, state = _http("GET", f"{base}/tasks/statements/{task_id}")
+            if code == 200 and state["status"] in ("succeeded", "dead", "cancelled"):
+                states[task_id] = state
+        if len(states) < len(ids):
+            if time.monotonic() > deadline:
+                raise RefoldError(f"statements did not end within {timeout:g} s: {states}")
+            time.sleep(0.1)
+    return states

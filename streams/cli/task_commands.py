@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -53,14 +54,23 @@ def _queue(queues: dict[str, TaskQueue], name: str) -> TaskQueue:
 
 def fold_status(config: Config, queue: TaskQueue, task_id: str) -> dict[str, Any] | None:
     """A task's status now, folded from the status topic (no worker needed)."""
-    from refold.core.task_status import public_status, status_projection
+    from refold.core.task_status import public_status
+
+    state = _folded(config, queue, task_id)
+    return None if state is None else public_status(state)
+
+
+def _folded(config: Config, queue: TaskQueue, task_id: str) -> dict[str, Any] | None:
+    """A task's whole folded state (its key and data included), from the status topic."""
+    from refold.core.task_status import status_projection
     from refold.engine.timetravel import fold_as_of
     from refold.kafka.registry import codec_for
 
     found = fold_as_of(
         config, codec_for(config), status_projection(queue), task_id, datetime.now(UTC)
     )
-    return None if found.state is None else public_status(found.state)
+    state: dict[str, Any] | None = found.state
+    return state
 
 
 def cmd_task(args: argparse.Namespace, config: Config) -> int:
@@ -83,7 +93,10 @@ def cmd_task(args: argparse.Namespace, config: Config) -> int:
 def _submit(
     args: argparse.Namespace, config: Config, queues: dict[str, TaskQueue], queue: TaskQueue
 ) -> int:
+    from refold.engine.membership import worker_id
+    from refold.engine.task_queues import claim_task_id, claims_index
     from refold.kafka.task_log import TaskClient
+    from refold.store.scratch import make_scratch, scratch_dir
 
     try:
         data = json.loads(args.data)
@@ -96,13 +109,27 @@ def _submit(
         obj["key"] = args.key
 
     def known(name: str, task_id: str) -> dict[str, Any] | None:
-        return fold_status(config, queues[name], task_id)
+        return _folded(config, queues[name], task_id)
 
-    client = TaskClient(config, queues, known=known)
+    # The id is claimed like a worker's intake claims it (one task per id across every node);
+    # the index lives in a scratch folder (a worker may hold the data dir's own), removed after.
+    scratch = make_scratch(scratch_dir(config.data_dir), "task-ids")
     try:
-        accepted = client.submit(queue.name, client.prepare(queue.name, obj))
+        index = claims_index(config, queue, scratch / "ids").start()
+        claimer = worker_id(config)
+        client = TaskClient(
+            config,
+            queues,
+            known=known,
+            claim=lambda name, submission: claim_task_id(index, claimer, name, submission),
+        )
+        try:
+            accepted = client.submit(queue.name, client.prepare(queue.name, obj))
+        finally:
+            client.close()
+            index.stop()
     finally:
-        client.close()
+        shutil.rmtree(scratch, ignore_errors=True)
     if not args.wait:
         _out(accepted.to_json())
         return 0

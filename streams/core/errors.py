@@ -71,3 +71,7 @@ class TaskError(RefoldError):
 
 class SagaError(RefoldError):
     """A saga is malformed, or its events could not be written."""
+
+
+class TaskConflict(TaskError):
+    """A task id was submitted before with another body: the id names that first task."""

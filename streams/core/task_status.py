@@ -5,6 +5,10 @@ The fold is pure, so a replay of the status topic rebuilds every task's status. 
   later event for that task is counted in `duplicates`, changing nothing else — which is what
   makes a late duplicate success (a re-driven task whose first run finally returned) harmless;
 - `attempts` is the highest attempt any event named;
+- a `progress` event (a handler's `task.progress(...)`) keeps the status, sets `progress` and
+  `updated_ms` (a sign of life the reconciler's `timeout_s` counts from), and shows in the
+  history as one entry, the latest, however many came in a row; one from an earlier attempt
+  is counted in `duplicates`;
 - a split parent holds its `parts`; each part's terminal status also reaches the parent as a
   `part-succeeded` / `part-dead` event (keyed by the parent): the parent succeeds once every
   part has, and is dead as soon as one part is.
@@ -44,6 +48,7 @@ def initial_status(task_id: str) -> dict[str, Any]:
         "data": None,
         "result": None,
         "error": None,
+        "progress": None,
         "duplicates": 0,
         "updated_ms": 0,
         "history": [],
@@ -65,6 +70,8 @@ def apply_status(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dic
     if status == "accepted" and state["status"] is not None:
         state["duplicates"] += 1  # a second accepted (a retried intake) changes nothing
         return state
+    if status == "progress":
+        return _apply_progress(state, data, at_ms)
     state["status"] = status
     state["attempts"] = max(state["attempts"], int(data.get("attempt") or 0))
     for name in ("batch_id", "parent_id", "key"):
@@ -74,6 +81,8 @@ def apply_status(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dic
         state["parts"] = list(data["parts"])
     if data.get("data") is not None:
         state["data"] = _loads(data["data"])
+    if status == "running":
+        state["progress"] = None  # a new run reports its own
     if status == "succeeded":
         state["result"] = _loads(data.get("result"))
     if data.get("error") is not None:
@@ -98,10 +107,23 @@ def _apply_part(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dict
     return state
 
 
+def _apply_progress(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    if int(data.get("attempt") or 0) < state["attempts"]:
+        state["duplicates"] += 1  # an earlier attempt still running: not this attempt's progress
+        return state
+    state["progress"] = _loads(data.get("progress"))
+    history = state["history"]
+    if history and history[-1]["status"] == "progress":
+        history.pop()  # a run of progress reports shows as its latest
+    _record(state, "progress", at_ms, {"progress": state["progress"]})
+    state["updated_ms"] = at_ms
+    return state
+
+
 def _record(state: dict[str, Any], status: str, at_ms: int, data: dict[str, Any]) -> None:
     state["updated_ms"] = at_ms
     entry: dict[str, Any] = {"status": status, "at_ms": at_ms}
-    for name in ("attempt", "batch_id", "error", "part_id"):
+    for name in ("attempt", "batch_id", "error", "part_id", "progress"):
         if data.get(name):
             entry[name] = data[name]
     history = state["history"]
@@ -123,6 +145,7 @@ def public_status(state: dict[str, Any]) -> dict[str, Any]:
             "parts",
             "result",
             "error",
+            "progress",
             "history",
         )
     }
@@ -161,6 +184,23 @@ def status_projection(queue: TaskQueue) -> TaskStatusProjection:
 
 
 # -- reconciliation ---------------------------------------------------------------------------
+
+
+def due_ms(queue: TaskQueue, state: dict[str, Any]) -> int | None:
+    """When `next_step` may first act on this task (epoch ms), or None if it never will in its
+    current state: the reconciler's index keeps open tasks by this time, so a sweep looks at
+    the due ones only."""
+    status = state.get("status")
+    if status in TERMINAL or status in (None, "accepted") or state.get("parts"):
+        return None
+    attempts = int(state.get("attempts") or 0)
+    updated = int(state.get("updated_ms") or 0)
+    if status == "failed":
+        if attempts >= queue.max_attempts:
+            return updated
+        return updated + int(queue.backoff_s(attempts) * 1000)
+    limit_s = queue.timeout_s if status == "running" else queue.queued_timeout_s
+    return updated + int(limit_s * 1000)
 
 
 def next_step(queue: TaskQueue, state: dict[str, Any], now_ms: int) -> tuple[str, str] | None:

@@ -15,6 +15,7 @@ idempotency key passed to the downstream API).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -55,10 +56,21 @@ class Retry(Exception):
     `max_attempts`). Any other exception does the same; Retry just says it was expected."""
 
 
+#: Reports a task's progress: (task, the progress as `Task.progress` builds it).
+ProgressSink = Callable[["Task", dict[str, Any]], None]
+
+
 @dataclass(slots=True)
 class Task:
-    """One task as a handler sees it. `cancelled()` says whether a cancel arrived since it
-    was handed over (a long handler may check it and stop early)."""
+    """One task as a handler sees it.
+
+    - `cancelled()` says whether a cancel arrived since it was handed over (a long handler may
+      check it and stop early; a task whose handler was told ends `cancelled`);
+    - `progress(done, total, message)` reports how far it got: a `progress` status event, shown
+      by `GET /tasks/{queue}/{id}`; it also counts as a sign of life for `timeout_s`;
+    - `result`, when the handler sets it, is this task's own result (else the batch's return
+      value is every task's result): a merged batch answers each task apart.
+    """
 
     id: str
     key: str
@@ -66,9 +78,30 @@ class Task:
     attempt: int = 1
     parent_id: str | None = None
     _cancelled: Callable[[str], bool] = field(default=lambda _id: False, repr=False)
+    _progress: ProgressSink | None = field(default=None, repr=False)
+    result: Any = None
+    _told: bool = field(default=False, repr=False)
 
     def cancelled(self) -> bool:
-        return self._cancelled(self.id)
+        if not self._told and self._cancelled(self.id):
+            self._told = True  # the worker ends it `cancelled`, whatever handle returns
+        return self._told
+
+    @property
+    def told_cancelled(self) -> bool:
+        """Whether `cancelled()` said yes to the handler (what the worker reports)."""
+        return self._told
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report progress: `task.progress(3, 10, "3 of 10 months")`, or a fraction,
+        `task.progress(0.3)`. Each call is one status event: report at a human pace."""
+        report: dict[str, Any] = {"done": done}
+        if total is not None:
+            report["total"] = total
+        if message is not None:
+            report["message"] = str(message)
+        if self._progress is not None:
+            self._progress(self, report)
 
 
 class TaskQueue:
@@ -91,6 +124,8 @@ class TaskQueue:
     queued_timeout_s: ClassVar[float] = 600.0
     #: Wait before attempt n+1 after a failure: retry_backoff_s * 2**(n-1), at most 60 s.
     retry_backoff_s: ClassVar[float] = 1.0
+    #: The task-id idempotency window: a repeat within it queues nothing (7 days).
+    id_retention_ms: ClassVar[int] = 7 * 24 * 3600 * 1000
     partitions: ClassVar[int] = 6
     #: Partitions of the work topic. One by default: a share group's assignor gives each
     #: partition to one member while there are no more members than partitions, so a worker
@@ -126,6 +161,12 @@ class TaskQueue:
         return f"{self.name}.dead"
 
     @property
+    def claims_topic(self) -> str:
+        """Task ids claimed by the intake nodes, keyed by id, never compacted: the first claim
+        of an id wins (`refold.engine.claims`), within `id_retention_ms`."""
+        return f"{self.name}.ids"
+
+    @property
     def cancel_topic(self) -> str:
         """Compacted: the ids of cancelled tasks, which task workers read before running one."""
         return f"{self.name}.cancels"
@@ -147,6 +188,7 @@ class TaskQueue:
             "max_attempts",
             "partitions",
             "work_partitions",
+            "id_retention_ms",
         ):
             value = getattr(cls, attr)
             if not isinstance(value, int) or value < (0 if attr == "merge_window_ms" else 1):
@@ -173,6 +215,18 @@ class Submission:
     @property
     def data_json(self) -> str:
         return json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes two submits of one task id the same task: its key and data (canonical
+        JSON, SHA-256). A repeat with another fingerprint is a conflict, never queued."""
+        return fingerprint(self.key, self.data)
+
+
+def fingerprint(key: str, data: Any) -> str:
+    """The fingerprint of a task's key and data (see `Submission.fingerprint`)."""
+    body = json.dumps({"data": data, "key": key}, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
 def submission_from_json(obj: Any) -> Submission:

@@ -1,4 +1,8 @@
-"""Command ids that mean one command: the first claim of an id wins, across every partition.
+"""Ids that mean one thing: the first claim of an id wins, across every partition.
+
+Used for command ids (below) and for task ids (`refold.engine.task_queues`: a task id is
+claimed by the intake node that received it before the task is appended, so two nodes that
+receive one id append it once, and a repeat with another body is a conflict).
 
 A command id is unique across its aggregate type (its decider), not per partition. The same id
 sent for two accounts lands in two command partitions, decided by two processors (maybe in two
@@ -25,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +47,34 @@ log = logging.getLogger(__name__)
 Claim = dict[str, Any]
 
 
-class ClaimsIndex:
-    """The first claim of every command id on a decider's claims topic, and `claim()`."""
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """What one claim says: the id, the fingerprint of the body it names, its key and type,
+    and who claims it (`claimer`: an intake node's identity, for ids where the same body sent
+    twice must still be appended once)."""
 
-    def __init__(self, config: Config, decider: Decider, path: Path) -> None:
-        self.topic = decider.claims_topic
-        self._window_ms = decider.result_retention_ms
+    id: str
+    fingerprint: str
+    key: str
+    type: str
+    claimer: str = ""
+
+    @classmethod
+    def of(cls, command: Command) -> ClaimRequest:
+        return cls(command.command_id, command.fingerprint, command.key, command.type)
+
+
+class ClaimsIndex:
+    """The first claim of every id on a claims topic, and `claim()`: a decider's command ids
+    (`for_decider`), a task queue's task ids (refold.engine.task_queues)."""
+
+    def __init__(self, config: Config, topic: str, group: str, window_ms: int, path: Path) -> None:
+        self.topic = topic
+        self._window_ms = window_ms
         self._config = config
         self._store = RocksStore.open(path)
         self._consumer = clients.consumer(
-            config,
-            config.group("commands", decider.name, "claims"),
-            defaults={"fetch.wait.max.ms": 5, "fetch.error.backoff.ms": 50},
+            config, group, defaults={"fetch.wait.max.ms": 5, "fetch.error.backoff.ms": 50}
         )
         self._producer = clients.producer(config, defaults={"linger.ms": 0})
         self._positions: dict[int, int] = {}
@@ -61,6 +82,11 @@ class ClaimsIndex:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
+
+    @classmethod
+    def for_decider(cls, config: Config, decider: Decider, path: Path) -> ClaimsIndex:
+        group = config.group("commands", decider.name, "claims")
+        return cls(config, decider.claims_topic, group, decider.result_retention_ms, path)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -90,10 +116,10 @@ class ClaimsIndex:
 
     # -- claiming ---------------------------------------------------------------------------
 
-    def claim(self, commands: Iterable[Command], timeout: float = 30.0) -> dict[str, Claim]:
-        """Append a claim for each command, wait until the index has read them, and return the
-        winning (first) claim of each command id. CommandError if that takes over `timeout`."""
-        wanted = {c.command_id: c for c in commands}
+    def claim(self, requests: Iterable[ClaimRequest], timeout: float = 30.0) -> dict[str, Claim]:
+        """Append a claim for each request, wait until the index has read them, and return the
+        winning (first) claim of each id. CommandError if that takes over `timeout`."""
+        wanted = {r.id: r for r in requests}
         if not wanted:
             return {}
         landed: dict[int, int] = {}
@@ -107,19 +133,18 @@ class ClaimsIndex:
                 landed[p] = max(landed.get(p, -1), msg.offset())
 
         now_ms = int(time.time() * 1000)
-        for command in wanted.values():
+        for request in wanted.values():
             record = {
-                "command_id": command.command_id,
-                "fingerprint": command.fingerprint,
-                "key": command.key,
-                "type": command.type,
+                "command_id": request.id,  # the id's field keeps its first name (claims in topics)
+                "fingerprint": request.fingerprint,
+                "key": request.key,
+                "type": request.type,
                 "claimed_at_ms": now_ms,
             }
+            if request.claimer:
+                record["claimer"] = request.claimer
             self._producer.produce(
-                self.topic,
-                orjson.dumps(record),
-                command.command_id.encode(),
-                on_delivery=on_delivery,
+                self.topic, orjson.dumps(record), request.id.encode(), on_delivery=on_delivery
             )
         remaining = self._producer.flush(timeout)
         if failures or remaining:
@@ -153,7 +178,12 @@ class ClaimsIndex:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                msgs = self._consumer.consume(1000, 0.05)
+                # The first record at once, then what else is there: consume(n, timeout) alone
+                # waits out its whole timeout unless n records come (50 ms on every claim).
+                first = self._consumer.poll(0.05)
+                if first is None:
+                    continue
+                msgs = [first, *self._consumer.consume(999, 0)]
                 good = [m for m in msgs if m.error() is None]
                 for m in msgs:
                     if m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:

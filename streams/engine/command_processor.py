@@ -58,7 +58,7 @@ from refold.core.commands import Command, CommandResult, Decider
 from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, InputError, LogReadError, TopicError
 from refold.core.serde import Codec, Event
-from refold.engine.claims import ClaimsIndex
+from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.decisions import (
     Aggregate,
     BatchDecision,
@@ -158,7 +158,9 @@ class CommandProcessor:
         path = store_dir(config, self.name)
         instance = _instance_id(path)
         self.store = RocksStore.open(path)
-        self._claims = ClaimsIndex(config, decider, path.with_name(f"{path.name}.claims"))
+        self._claims = ClaimsIndex.for_decider(
+            config, decider, path.with_name(f"{path.name}.claims")
+        )
         self._cache: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
@@ -516,7 +518,7 @@ class CommandProcessor:
         """The first claim of each new command id (refold.engine.claims); an index that cannot
         answer aborts the batch, to be retried, rather than deciding without it."""
         try:
-            return self._claims.claim(commands)
+            return self._claims.claim(ClaimRequest.of(c) for c in commands)
         except CommandError as exc:
             raise _Abort(str(exc)) from exc
 

@@ -2,30 +2,36 @@
 up to `max_attempts`; then the task is dead and goes to the queue's dead-letter topic.
 
 It runs inside `refold worker` beside the queue's status projection and reads that projection's
-store (the fold of the status topic), every `interval_s`. Only tasks in the status partitions
-this worker owns are its business, so two workers never both re-drive a task. The decision
-itself is pure (`refold.core.task_status.next_step`). What a re-drive writes: a work item with
-the task alone at attempt n+1, then a `retrying` status event. A crash between the two is healed
-by the next sweep (the status is still the old one, so the task is re-driven again: handlers are
-idempotent). The sweep remembers the attempts it re-drove until the fold shows them, so a task
-is not re-driven twice in a row while its `retrying` event is being folded.
+store (the fold of the status topic), every `interval_s`. A tick costs O(due tasks), not O(all
+tasks): an index keeps the open tasks of the owned partitions by the time `next_step` may first
+act on them (`due_ms`), fed by the runner's commit hook with the keys it changed, and rebuilt by
+one scan of the store when the runner or its partitions change. Only tasks in the status
+partitions this worker owns are its business, so two workers never both re-drive a task. The
+decision itself is pure (`refold.core.task_status.next_step`). What a re-drive writes: a work
+item with the task alone at attempt n+1, then a `retrying` status event. A crash between the two
+is healed by the next sweep after a restart (the status is still the old one, so the task is
+re-driven again: handlers are idempotent). The sweep remembers the attempts it re-drove until the
+fold shows them, so a task is not re-driven twice in a row while its `retrying` event is being
+folded (it looks again every RECHECK_MS).
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from refold.core.config import Config
 from refold.core.serde import Codec
-from refold.core.task_status import next_step
+from refold.core.task_status import due_ms, next_step
 from refold.core.tasks import STATUS, WORK_ITEM, TaskQueue
 from refold.engine.frozen import Serving
+from refold.engine.runtime import ProjectionRunner
 from refold.engine.timetravel import murmur2_partition
 from refold.kafka import clients
 from refold.kafka.task_log import Acks, TaskLog, status_data
@@ -33,6 +39,9 @@ from refold.kafka.task_log import Acks, TaskLog, status_data
 log = logging.getLogger(__name__)
 
 PAGE = 1000
+#: A task acted on (or skipped while our last write is being folded) is looked at again after
+#: this, unless the fold moves it first.
+RECHECK_MS = 1000
 
 
 @dataclass(slots=True)
@@ -42,6 +51,7 @@ class ReconcilerStats:
     redriven: int = 0
     dead: int = 0
     sweeps: int = 0
+    open: int = 0  # tasks in the due index
 
 
 class Reconciler:
@@ -66,6 +76,15 @@ class Reconciler:
         self._producer = clients.producer(config, defaults={"linger.ms": 1})
         self._stop = threading.Event()
         self._pending: dict[str, tuple[str, int]] = {}  # task id -> (step, attempts then)
+        # The due index: open tasks (those `next_step` may act on) by due time, a heap with
+        # lazy deletion (an entry counts while it matches `_due`), fed by the status runner's
+        # commit hook; rebuilt by one scan when the runner or its partitions change.
+        self._due: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+        self._changes: set[str] = set()
+        self._lock = threading.Lock()
+        self._watched: Serving | None = None
+        self._owned: set[int] = set()
 
     def run(self) -> None:
         try:
@@ -86,22 +105,89 @@ class Reconciler:
         self._stop.set()
 
     def sweep(self, now_ms: int) -> None:
+        """One tick: bring the due index up to date, then act on the tasks that are due."""
         runner = self._runner()
         owned = {p for topic, p in runner.stats.assigned if topic == self.queue.status_topic}
+        if runner is not self._watched or owned != self._owned:
+            self._rebuild(runner, owned)  # a new runner (a swap) or new partitions: scan once
         if not owned:
             return
+        self._index_changes(runner.store)
+        due: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms:
+            at, task_id = heapq.heappop(heap)
+            if self._due.get(task_id) == at:  # else a stale entry: the task moved on
+                due.append(task_id)
+        if due:
+            acks = Acks()
+            states = runner.store.get_many(due)
+            for task_id in due:
+                state = states.get(task_id)
+                if state is None:
+                    self._due.pop(task_id, None)
+                    continue
+                self._reconcile(task_id, state, now_ms, acks)
+                # Looked at again in a while unless the fold moves it first (what we wrote
+                # being folded, or the task ending).
+                self._schedule(task_id, now_ms + RECHECK_MS)
+            acks.wait(self._producer, f"reconciliation of queue {self.queue.name!r}")
+        self.stats.sweeps += 1
+        self.stats.open = len(self._due)
+
+    # -- the due index: open tasks of the owned partitions by due time -----------------------
+
+    def _touched(self, keys: Iterable[str]) -> None:
+        """The runner's commit hook (its fold thread): note the keys, index them on the tick."""
+        with self._lock:
+            self._changes.update(keys)
+
+    def _rebuild(self, runner: Serving, owned: set[int]) -> None:
+        if isinstance(self._watched, ProjectionRunner) and self._watched is not runner:
+            self._watched.on_commit = None
+        if isinstance(runner, ProjectionRunner):
+            runner.on_commit = self._touched
+        self._watched, self._owned = runner, owned
+        self._due.clear()
+        self._heap.clear()
+        with self._lock:
+            self._changes.clear()
         after: str | None = None
-        acks = Acks()
-        while True:
+        while owned:
             page = runner.store.scan("", after, PAGE)
             for task_id, state in page:
-                if murmur2_partition(task_id.encode(), self._partitions) in owned:
-                    self._reconcile(task_id, state, now_ms, acks)
+                self._index(task_id, state)
             if len(page) < PAGE:
                 break
             after = page[-1][0]
-        acks.wait(self._producer, f"reconciliation of queue {self.queue.name!r}")
-        self.stats.sweeps += 1
+        log.info("%s: reconciler index rebuilt: %d open task(s)", self.queue.name, len(self._due))
+
+    def _index_changes(self, store: Any) -> None:
+        with self._lock:
+            keys, self._changes = self._changes, set()
+        if keys:
+            states = store.get_many(list(keys))
+            for task_id in keys:
+                self._index(task_id, states.get(task_id))
+
+    def _index(self, task_id: str, state: dict[str, Any] | None) -> None:
+        at = None if state is None else due_ms(self.queue, state)
+        if at is None or not self._mine(task_id):
+            self._due.pop(task_id, None)
+            self._pending.pop(task_id, None)
+            return
+        self._schedule(task_id, at)
+
+    def _schedule(self, task_id: str, at: int) -> None:
+        if self._due.get(task_id) != at:
+            self._due[task_id] = at
+            heapq.heappush(self._heap, (at, task_id))
+        if len(self._heap) > 4 * len(self._due) + 1000:  # stale entries: compact
+            self._heap = [(t, k) for k, t in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def _mine(self, task_id: str) -> bool:
+        return murmur2_partition(task_id.encode(), self._partitions) in self._owned
 
     def _reconcile(self, task_id: str, state: dict[str, Any], now_ms: int, acks: Acks) -> None:
         step = next_step(self.queue, state, now_ms)

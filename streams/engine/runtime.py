@@ -32,7 +32,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -263,6 +263,8 @@ class ProjectionRunner:
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
+        #: Told the keys of every commit, after it (the task reconciler's index listens here).
+        self.on_commit: Callable[[Iterable[str]], None] | None = None
         # `instance_id`: static membership (refold.engine.membership), given by the worker.
         self.instance_id = instance_id
         self._consumer_conf = consumer_conf
@@ -807,6 +809,8 @@ class ProjectionRunner:
         if skipped:
             meta["skipped"] = stats.skipped + skipped
         self.store.commit(pending.changed, next_offsets, links=pending.links, meta=meta)
+        if self.on_commit is not None:
+            self.on_commit(pending.changed.keys())
         pending.clear()
         stats.folded += folded
         stats.dead_letters += dead

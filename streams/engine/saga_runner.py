@@ -60,7 +60,7 @@ from refold.core.sagas import (
     saga_projection_name,
 )
 from refold.core.serde import Codec
-from refold.engine.claims import ClaimsIndex
+from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.command_processor import CommandProcessor
 from refold.engine.frozen import Serving
 from refold.engine.timetravel import murmur2_partition
@@ -239,7 +239,7 @@ class SagaRunner:
             return True
         send = out.send
         fence = Command(out.command_id, send.aggregate, send.key, FENCE, {})
-        winner = claims.claim([fence]).get(out.command_id)
+        winner = claims.claim([ClaimRequest.of(fence)]).get(out.command_id)
         if winner is not None and winner.get("fingerprint") != fence.fingerprint:
             self._claimed.add(out.command_id)
             self.stats.unfenced += 1

@@ -11,25 +11,60 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from refold.core.config import Config
-from refold.core.errors import InputError, TaskError
+from refold.core.errors import CommandError, InputError, TaskConflict, TaskError
 from refold.core.serde import Codec
 from refold.core.task_status import (
     TaskStatusProjection,
+    apply_status,
+    initial_status,
     public_status,
     status_projection,
     status_projection_name,
 )
 from refold.core.tasks import STATUSES, TERMINAL, Submission, TaskQueue
+from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.dispatcher import Dispatcher
 from refold.engine.frozen import Serving
+from refold.engine.membership import worker_id
 from refold.engine.reconciler import Reconciler
 from refold.kafka.task_log import Accepted, TaskClient, ensure_task_topics
 from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
+
+#: How long a status read waits for the projection to fold a task this worker just accepted.
+RYW_WAIT_S = 2.0
+
+
+def claim_task_id(index: ClaimsIndex, claimer: str, queue: str, submission: Submission) -> bool:
+    """Claim a new task id for `claimer` (a data dir's worker id, so its claims still count as
+    its own after a restart): True when its claim is the first (append the task), False when
+    another's claim of the same body is (a repeat: append nothing); TaskConflict for another
+    body, TaskError when the claims topic cannot be written or read."""
+    request = ClaimRequest(
+        submission.task_id, submission.fingerprint, submission.key, queue, claimer
+    )
+    try:
+        first = index.claim([request])[submission.task_id]
+    except (CommandError, KeyError) as exc:
+        raise TaskError(f"task id {submission.task_id!r} could not be claimed: {exc}") from exc
+    if first["fingerprint"] != submission.fingerprint:
+        raise TaskConflict(
+            f"task id {submission.task_id!r} was submitted before with another body "
+            f"(first claimed with key {first.get('key')!r})",
+            hint="use a new task id for another task",
+        )
+    return bool(first.get("claimer") == claimer)
+
+
+def claims_index(config: Config, queue: TaskQueue, path: Path) -> ClaimsIndex:
+    """The (not yet started) index of a queue's task-id claims, stored at `path`."""
+    group = config.group("tasks", queue.name, "ids")
+    return ClaimsIndex(config, queue.claims_topic, group, queue.id_retention_ms, path)
 
 
 class TaskService:
@@ -49,6 +84,9 @@ class TaskService:
         self._client: TaskClient | None = None
         self._client_lock = threading.Lock()
         self._partitions: dict[str, int] = {}
+        # Task-id claims (refold.engine.claims): the first intake node to claim an id queues it.
+        self._claimer = worker_id(config)
+        self.claims: dict[str, ClaimsIndex] = {}
 
     def ensure_topics(self, topics: Topics) -> None:
         if not self.queues:
@@ -62,6 +100,8 @@ class TaskService:
         (looked up at each use: a replay swap replaces the entry)."""
         self._runners = runners
         for name, queue in self.queues.items():
+            path = self.config.data_dir / "tasks" / name / "ids"
+            self.claims[name] = claims_index(self.config, queue, path).start()
             dispatcher = Dispatcher(self.config, self.codec, queue)
             reconciler = Reconciler(
                 self.config,
@@ -86,6 +126,8 @@ class TaskService:
             thread.join(timeout)
         if self._client is not None:
             self._client.close()
+        for index in self.claims.values():
+            index.stop()
 
     # -- what the HTTP routes call ------------------------------------------------------------
 
@@ -104,9 +146,12 @@ class TaskService:
         with self._client_lock:
             if self._client is None:
                 self._client = TaskClient(
-                    self.config, self.queues, codec=self.codec, known=self._state
+                    self.config, self.queues, codec=self.codec, known=self._state, claim=self._claim
                 )
             return self._client
+
+    def _claim(self, queue: str, submission: Submission) -> bool:
+        return claim_task_id(self.claims[queue], self._claimer, queue, submission)
 
     def _state(self, queue: str, task_id: str) -> dict[str, Any] | None:
         state: dict[str, Any] | None = self.runner(queue).store.get(task_id)
@@ -119,9 +164,34 @@ class TaskService:
         return client.submit(queue, submission)
 
     def status(self, queue: str, task_id: str) -> dict[str, Any] | None:
+        """The task's status as the status projection has folded it (None: not yet, or never)."""
         self.queue(queue)
         state = self._state(queue, task_id)
         return None if state is None else public_status(state)
+
+    def submitted(self, queue: str, task_id: str) -> bool:
+        """Whether this worker's intake accepted the task recently (its status is due)."""
+        client = self._client
+        return client is not None and client.remembered(queue, task_id) is not None
+
+    def status_after_submit(
+        self, queue: str, task_id: str, wait_s: float = RYW_WAIT_S
+    ) -> dict[str, Any] | None:
+        """Read-your-writes for a task this worker accepted: wait (at most `wait_s`) until the
+        status projection has folded its `accepted` event, when this worker folds that
+        partition; else, or if the fold is behind, answer that event folded alone, so a read
+        after the 202 is never a 404. May block: off the event loop."""
+        client = self._client
+        seen = None if client is None else client.remembered(queue, task_id)
+        if seen is None:
+            return self.status(queue, task_id)
+        runner = self.runner(queue)
+        tp = (seen.topic, seen.partition)
+        if tp in runner.stats.assigned and runner.wait_for({tp: seen.offset}, wait_s):
+            state = self._state(queue, task_id)
+            if state is not None:
+                return public_status(state)
+        return public_status(apply_status(initial_status(task_id), seen.event, seen.at_ms))
 
     def list(
         self, queue: str, status: str | None, after: str | None, limit: int

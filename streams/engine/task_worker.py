@@ -13,8 +13,11 @@ the reconciler re-drove them. Per work item, in order:
 
 1. catch the queue's cancels up to their end: a task cancelled before this point never runs;
 2. `running` for each task (not awaited), then `handle(batch)`;
-3. `succeeded` (with the result) or `failed` (with the error and attempt) for each task, and for
-   a part the `part-succeeded` event its parent folds; wait until Kafka acknowledged them;
+3. `succeeded` (with the result: the task's own `task.result`, else the batch's return value)
+   or `failed` (with the error and attempt) for each task, `cancelled` instead for a task whose
+   handler was told it is cancelled, and for a part the `part-succeeded` event its parent
+   folds; wait until Kafka acknowledged them (a handler's `task.progress(...)` reports go out
+   as `progress` events while it runs);
 4. ACCEPT the work item. Retries are the reconciler's (with backoff, counted in the status log),
    so a failed attempt is accepted too, once its `failed` status is durable.
 
@@ -31,6 +34,7 @@ import json
 import logging
 import threading
 import traceback
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,7 @@ from typing import Any
 from confluent_kafka import (
     OFFSET_BEGINNING,
     AcknowledgeType,
+    KafkaError,
     KafkaException,
     Message,
     ShareConsumer,
@@ -191,7 +196,7 @@ class TaskWorker:
             type_name, item = self._codec.decode(msg.value())
             if type_name != WORK_ITEM:
                 raise DecodeError(f"{type_name} is not a work item")
-            tasks = [_task(t, self._cancels.check) for t in item["tasks"]]
+            tasks = [_task(t, self._cancels.check, self._progress) for t in item["tasks"]]
         except (DecodeError, ValueError, KeyError) as exc:
             log.error("%s: rejecting %s@%d: %s", self.queue.name, msg.topic(), msg.offset(), exc)
             self._count("rejected")
@@ -217,30 +222,61 @@ class TaskWorker:
             produce(p, q.status_topic, task.id, STATUS, running, acks)
         try:
             result = q.handle(batch)
-            outcome: dict[str, Any] = {"status": "succeeded", "result": json.dumps(result)}
+            outcome: dict[str, Any] = {"status": "succeeded", "result": result}
         except Exception as exc:  # user code: any exception fails the attempt, with the reason
             error = f"{type(exc).__name__}: {exc}"
             log.info("%s: batch %s failed: %s", q.name, batch_id, traceback.format_exc(limit=3))
             outcome = {"status": "failed", "error": error}
+        ended: Counter[str] = Counter()
         for task in batch:
-            event = status_data(task.id, attempt=task.attempt, batch_id=batch_id, **outcome)
+            event = status_data(
+                task.id, attempt=task.attempt, batch_id=batch_id, **_outcome(task, outcome)
+            )
+            ended[event["status"]] += 1
             produce(p, q.status_topic, task.id, STATUS, event, acks)
-            if task.parent_id and outcome["status"] == "succeeded":
+            if task.parent_id and event["status"] == "succeeded":
                 part = status_data(task.parent_id, "part-succeeded", part_id=task.id)
                 produce(p, q.status_topic, task.parent_id, STATUS, part, acks)
         acks.wait(p, f"status of batch {batch_id}")
-        self._count(outcome["status"], len(batch))
+        for status, n in ended.items():
+            self._count(status, n)
+
+    def _progress(self, task: Task, report: dict[str, Any]) -> None:
+        """A handler's `task.progress(...)`: one `progress` status event, not awaited (the
+        batch's statuses flush it; a lost report is only a missing line)."""
+        event = status_data(
+            task.id, "progress", attempt=task.attempt, progress=json.dumps(report, default=str)
+        )
+        self._log.produce(
+            self._producer, self.queue.status_topic, task.id, STATUS, event, _log_failure
+        )
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:
             setattr(self.stats, name, getattr(self.stats, name) + n)
 
 
-def _task(raw: dict[str, Any], cancelled: Any) -> Task:
+def _task(raw: dict[str, Any], cancelled: Any, progress: Any) -> Task:
     return Task(
         raw["task_id"], raw["key"], json.loads(raw["data"]), raw["attempt"], raw["parent_id"],
-        cancelled,
+        cancelled, progress,
     )  # fmt: skip
+
+
+def _outcome(task: Task, batch: dict[str, Any]) -> dict[str, Any]:
+    """One task's final status fields: `cancelled` when its handler was told so (whatever it
+    returned), else the batch's outcome with the task's own `result` when the handler set one."""
+    if task.told_cancelled:
+        return {"status": "cancelled"}
+    if batch["status"] != "succeeded":
+        return batch
+    result = task.result if task.result is not None else batch["result"]
+    return {"status": "succeeded", "result": json.dumps(result, default=str)}
+
+
+def _log_failure(err: KafkaError | None, msg: Message) -> None:
+    if err is not None:
+        log.warning("progress report on %s not delivered: %s", msg.topic(), err.str())
 
 
 def _ok(msg: Message) -> bool:

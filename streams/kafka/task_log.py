@@ -9,9 +9,11 @@ like any other event.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from refold.core import envelope
 from refold.core.config import Config
 from refold.core.envelope import Headers
-from refold.core.errors import InputError, TaskError
+from refold.core.errors import InputError, TaskConflict, TaskError
 from refold.core.serde import Codec
 from refold.core.tasks import (
     STATUS,
@@ -30,6 +32,7 @@ from refold.core.tasks import (
     WORK_ITEM,
     Submission,
     TaskQueue,
+    fingerprint,
     intake_key,
     submission_from_json,
 )
@@ -46,13 +49,20 @@ DELIVERY_LIMIT = 5
 
 
 def task_topics(queue: TaskQueue) -> list[TopicSpec]:
-    """The topics of a queue: intake, work and status (kept forever), dead tasks, cancels."""
+    """The topics of a queue: intake, work and status (kept forever), dead tasks, cancels, and
+    the task-id claims (never compacted: the first claim of an id wins)."""
+    window = str(queue.id_retention_ms)
     return [
         event_topic(queue.intake_topic, queue.partitions),
         event_topic(queue.work_topic, queue.work_partitions),
         event_topic(queue.status_topic, queue.partitions),
         dead_letter_topic(queue.dead_topic),
         compacted_topic(queue.cancel_topic),
+        TopicSpec(
+            queue.claims_topic,
+            queue.partitions,
+            {"cleanup.policy": "delete", "retention.ms": window},
+        ),
     ]
 
 
@@ -167,8 +177,24 @@ class Accepted:
         return {"task_id": self.task_id, "status": self.status, "status_url": self.status_url}
 
 
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    """A submit this client answered: its `accepted` status event, where it landed (partition
+    -1: another node appends it) and when, so a status read right after the 202 can wait for
+    it or answer it (read-your-writes)."""
+
+    event: dict[str, Any]
+    topic: str
+    partition: int
+    offset: int
+    at_ms: int
+
+
 #: Looks a task id up in the status projection: its state, or None when unknown.
 Lookup = Callable[[str, str], dict[str, Any] | None]
+#: Claims a new task id for this intake node: True when its claim won (append the task), False
+#: when another node's claim of the same body did (a repeat); TaskConflict for another body.
+Claim = Callable[[str, Submission], bool]
 
 
 class TaskClient:
@@ -183,13 +209,16 @@ class TaskClient:
         *,
         codec: Codec | None = None,
         known: Lookup | None = None,
+        claim: Claim | None = None,
     ) -> None:
         self.queues = dict(queues)
         self.log = TaskLog(config, codec or codec_for(config))
         self._known = known
+        self._claim = claim
         self._producer = clients.producer(config, defaults={"linger.ms": 1})
         self._lock = threading.Lock()  # flush() waits for everything: one caller at a time
-        self._recent: dict[tuple[str, str], Accepted] = {}  # until the projection has folded it
+        # The submits made here, until the projection has surely folded them.
+        self._recent: dict[tuple[str, str], Remembered] = {}
         self._registered = False
 
     def queue(self, name: str) -> TaskQueue:
@@ -206,12 +235,19 @@ class TaskClient:
 
     def submit(self, queue: str, submission: Submission) -> Accepted:
         """Append the task to the intake topic and its `accepted` status; a known id appends
-        nothing and answers as the first time."""
+        nothing and answers as the first time (TaskConflict when its body differs)."""
         q = self.queue(queue)
         with self._lock:
-            first = self._first(queue, submission.task_id)
+            first = self._first(queue, submission)
             if first is not None:
                 return first
+            accepted = status_data(
+                submission.task_id, "accepted", key=submission.key, data=submission.data_json
+            )
+            if self._claim is not None and not self._claim(queue, submission):
+                # Another node's to append: what it appends is this, wherever it lands.
+                self._remember(queue, accepted, q.status_topic, -1, -1)
+                return Accepted(submission.task_id, queue, repeated=True)
             self._register()
             acks = Acks()
             self.log.produce(
@@ -226,26 +262,53 @@ class TaskClient:
                 },
                 acks,
             )
-            accepted = status_data(
-                submission.task_id, "accepted", key=submission.key, data=submission.data_json
-            )
+            landed: list[Message] = []
+
+            def on_status(err: KafkaError | None, msg: Message) -> None:
+                acks(err, msg)
+                landed.append(msg)
+
             self.log.produce(
-                self._producer, q.status_topic, submission.task_id, STATUS, accepted, acks
+                self._producer, q.status_topic, submission.task_id, STATUS, accepted, on_status
             )
             acks.wait(self._producer, f"task {submission.task_id!r} for queue {queue!r}")
-            answer = Accepted(submission.task_id, queue)
-            if len(self._recent) > 100_000:
-                self._recent.clear()
-            self._recent[(queue, submission.task_id)] = answer
-            return answer
+            msg = landed[0]
+            self._remember(queue, accepted, msg.topic(), msg.partition(), msg.offset())
+            return Accepted(submission.task_id, queue)
 
-    def _first(self, queue: str, task_id: str) -> Accepted | None:
+    def _remember(
+        self, queue: str, event: dict[str, Any], topic: str, partition: int, offset: int
+    ) -> None:
+        if len(self._recent) > 100_000:
+            self._recent.clear()
+        at_ms = int(time.time() * 1000)
+        self._recent[(queue, event["task_id"])] = Remembered(event, topic, partition, offset, at_ms)
+
+    def remembered(self, queue: str, task_id: str) -> Remembered | None:
+        """The `accepted` event of a task this client submitted (recently), if it did."""
+        return self._recent.get((queue, task_id))
+
+    def _first(self, queue: str, submission: Submission) -> Accepted | None:
+        """The answer to a task id seen before (submitted here, or in the status projection)."""
+        task_id = submission.task_id
         recent = self._recent.get((queue, task_id))
-        if recent is not None:
-            return Accepted(task_id, queue, repeated=True)
-        if self._known is not None and self._known(queue, task_id) is not None:
-            return Accepted(task_id, queue, repeated=True)
-        return None
+        state = recent.event if recent is not None else None
+        if state is None and self._known is not None:
+            state = self._known(queue, task_id)
+        if state is None:
+            return None
+        data = state.get("data")
+        if isinstance(data, str):
+            data = json.loads(data)  # an event's data travels as text
+        if data is not None and fingerprint(state.get("key") or task_id, data) != (
+            submission.fingerprint
+        ):
+            raise TaskConflict(
+                f"task id {task_id!r} was submitted before with another body; "
+                f"first: key {state.get('key')!r}, data {json.dumps(data)[:200]}",
+                hint="use a new task id for another task",
+            )
+        return Accepted(task_id, queue, repeated=True)
 
     def cancel(self, queue: str, task_ids: Sequence[str]) -> None:
         """Record the cancels where task workers look before running a task (durably first),

@@ -41,12 +41,12 @@ SKIP = "<!-- doctest: skip -->"
 
 def bank_topics(admin: AdminClient) -> set[str]:
     """bank.accounts and the topics named after it (its decider's commands, results, claims),
-    and those of the bank's transfers saga."""
+    and those of the bank's transfers saga and `statements` task queue."""
     names = admin.list_topics(timeout=10).topics
     return {
         t
         for t in names
-        if t == "bank.accounts" or t.startswith(("bank.accounts.", "transfers.saga"))
+        if t == "bank.accounts" or t.startswith(("bank.accounts.", "transfers.saga", "statements."))
     }
 
 

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +252,11 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
         run.task_worker("tw-a")
         run.task_worker("tw-b")  # takes new items while tw-a's poll waits for the hang
         run.warm_up()
-        # A repeated task id: the first answer, nothing queued.
+        # A repeated task id: the first answer, nothing queued; with another body, 409.
         run.submit("same", {"product_id": "p1"})
-        run.submit("same", {"product_id": "p1", "other": "body"})
+        run.submit("same", {"product_id": "p1"})
+        other = {"task_id": "same", "data": {"product_id": "p1", "other": "body"}}
+        conflict = run.http("POST", f"/tasks/{queue}", other)
         for i in range(3):
             run.submit(f"fail-{i}", {"product_id": f"f{i}", "fail": True})
         run.submit("hang", {"product_id": "h", "hang_once": True})
@@ -265,6 +268,8 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
         submitted = run.cli(
             "task", "submit", queue, "--id", "cli-1", "--data", '{"product_id": "c"}', "--wait"
         )
+        clash = run.cli("task", "submit", queue, "--id", "same", "--data", '{"product_id": "x"}')
+        again = run.cli("task", "submit", queue, "--id", "cli-1", "--data", '{"product_id": "c"}')
         states = run.wait_ended(
             [f"fail-{i}" for i in range(3)] + ["hang", "cancel-me", "same", "long"]
         )
@@ -298,6 +303,8 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
     assert hang["status"] == "succeeded" and hang["attempts"] == 2, hang
     assert [h["status"] for h in hang["history"]].count("succeeded") == 1
     assert states["same"]["status"] == "succeeded" and ran["same"] == 1
+    assert conflict[0] == 409 and conflict[1]["error"] == "task id conflict", conflict
+    assert states["long"]["history"][-1]["status"] == "cancelled"
     assert code == 200 and {t["task_id"] for t in dead["items"]} == {f"fail-{i}" for i in range(3)}
     # The dead-letter topic holds each dead task once, with its data and the last error.
     letters = records(config, f"{queue}.dead")
@@ -309,8 +316,108 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
     # The CLI: submit --wait, list, status.
     assert submitted.returncode == 0, submitted.stderr
     assert json.loads(submitted.stdout)["status"] == "succeeded"
+    assert clash.returncode != 0 and "another body" in clash.stderr, clash.stderr
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "accepted"
+    assert intake["cli-1"] == 1
     assert listed.returncode == 0, listed.stderr
     assert sorted(json.loads(x)["task_id"] for x in listed.stdout.splitlines()) == [
         f"fail-{i}" for i in range(3)
     ]
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+
+
+def test_two_intake_workers_one_task_id_read_your_writes_progress_and_own_results(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    queue = unique("ship")
+    a = Processes(config, queue, tmp_path / "a", timeout_s=6)
+    b = Processes(config, queue, tmp_path / "b", timeout_s=6)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    b.handled = a.handled  # one side-effect log for the handler, wherever it runs
+    b.env["REFOLD_TEST_TASK_LOG"] = str(a.handled)
+    try:
+        a.worker()
+        b.worker()  # two intake nodes: the status partitions are split between them
+        a.task_worker("tw-a")
+        # Read-your-writes: a GET right after the 202, to the same worker, is never a 404.
+        answers = []
+        for i in range(20):
+            node = (a, b)[i % 2]
+            node.submit(f"ryw-{i}", {"product_id": f"r{i % 3}"})
+            answers.append(node.http("GET", f"/tasks/{queue}/ryw-{i}"))
+        # One task id sent to both workers at once, the same body: both 202, queued once.
+        duplicates = [f"dup-{i}" for i in range(8)]
+        with ThreadPoolExecutor(2) as pool:
+            for task_id in duplicates:
+                list(pool.map(lambda node, t=task_id: node.submit(t, {"product_id": "d"}), (a, b)))
+        # Both answered 202, so both show the task (one appended it, one knew it was a repeat).
+        dup_reads = [
+            node.http("GET", f"/tasks/{queue}/{t}")[0] for t in duplicates for node in (a, b)
+        ]
+        # Another body for a claimed id: 409 from either worker, nothing queued.
+        other = {"task_id": "dup-0", "data": {"product_id": "other"}}
+        conflicts = [
+            a.http("POST", f"/tasks/{queue}", other),
+            b.http("POST", f"/tasks/{queue}", other),
+        ]
+        # Progress: 10 steps of 1 s, longer than timeout_s (6 s): reports keep it alive (the
+        # slack, 5 s between reports and the timeout, is for a status fold behind under load).
+        a.submit("slow", {"product_id": "s", "progress": 10, "step_s": 1.0})
+        seen: list[dict] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            state = max(
+                (a.status("slow"), b.status("slow")), key=lambda s: len(s.get("history", ()))
+            )
+            if state["status"] == "succeeded":
+                break
+            if state.get("progress"):
+                seen.append(state["progress"])
+            time.sleep(0.3)
+        # Merged or not, each task gets its own result.
+        for i in range(3):
+            b.submit(f"own-{i}", {"product_id": "o", "own_result": True})
+        # A task's status is folded by the worker that owns its status partition.
+        ids = [f"ryw-{i}" for i in range(20)] + duplicates + ["slow"]
+        states = _ended_on_either((a, b), ids)
+        own = _ended_on_either((a, b), [f"own-{i}" for i in range(3)])
+        calls = a.calls()
+    finally:
+        a.stop()
+        b.stop()
+
+    assert [code for code, _ in answers] == [200] * 20, answers
+    assert dup_reads == [200] * len(dup_reads)
+    assert all(body["status"] is not None for _, body in answers), answers
+    assert all(s["status"] == "succeeded" for s in states.values()), states
+    intake = Counter(v["task_id"] for _, v in records(config, f"{queue}.tasks"))
+    assert {t: intake[t] for t in duplicates} == dict.fromkeys(duplicates, 1)
+    assert set(intake.values()) == {1} and "other" not in json.dumps(list(intake))
+    assert [c for c, _ in conflicts] == [409, 409], conflicts
+    assert all(body["error"] == "task id conflict" for _, body in conflicts)
+    ran = Counter(task_id for call in calls if "tasks" in call for task_id, *_ in call["tasks"])
+    assert all(ran[t] == 1 for t in duplicates), ran
+    slow = states["slow"]
+    assert slow["attempts"] == 1 and ran["slow"] == 1, slow  # never re-driven
+    assert slow["progress"] == {"done": 10, "total": 10, "message": "step 10"}
+    assert seen and all(p["total"] == 10 and 1 <= p["done"] <= 10 for p in seen)
+    assert [p["done"] for p in seen] == sorted(p["done"] for p in seen)
+    assert [h["status"] for h in slow["history"]][-3:] == ["running", "progress", "succeeded"]
+    assert slow["history"][-2]["progress"] == slow["progress"]
+    assert {t: s["result"] for t, s in own.items()} == {t: {"task_id": t} for t in own}
+
+
+def _ended_on_either(nodes: tuple[Processes, ...], ids: list[str]) -> dict[str, dict]:
+    """Each task's ended status from whichever worker folds its status partition."""
+    deadline = time.monotonic() + 120
+    states: dict[str, dict] = {}
+    while len(states) < len(ids) and time.monotonic() < deadline:
+        for task_id in ids:
+            for node in nodes:
+                state = node.status(task_id)
+                if state["status"] in ("succeeded", "dead", "cancelled"):
+                    states[task_id] = state
+        time.sleep(0.5)
+    assert len(states) == len(ids), sorted(set(ids) - set(states))[:10]
+    return states

@@ -247,6 +247,11 @@ def _assert_demo_story(out: str) -> None:
     assert re.search(r"refund +150\.00 +1,391\.75$", out, re.M), out  # the passbook's last line
     assert re.search(rf"GET http://127\.0\.0\.1:\d+/projections/balances/{acc}\n", out), out
     assert '"balance_cents": 139175' in out
+    # The statements task queue: three 202s, a status right away, each task succeeded.
+    assert len(re.findall(r"POST /tasks/statements \{.*\}  202 accepted$", out, re.M)) == 3, out
+    assert re.search(r"at once: 200 (accepted|dispatched|running|succeeded)$", out, re.M), out
+    assert len(re.findall(rf"^  statement-\S+-{run[1]}-\d{{4}}-\d\d +succeeded ", out, re.M)) == 3
+    assert re.search(rf"statement of {acc} for .*closing 1,391\.75$", out, re.M), out
     assert re.search(rf"rent-share-{run[1]} +{acc} -> bob-{run[1]}: completed", out), out
     assert re.search(rf"typo-{run[1]} +{acc} -> bobb-{run[1]}: compensated", out), out
 

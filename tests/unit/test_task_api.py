@@ -10,8 +10,15 @@ from collections import Counter
 import pytest
 from refold.core.app import load_task_queues
 from refold.core.errors import InputError, TaskError
-from refold.core.task_status import apply_status, initial_status, next_step
+from refold.core.task_status import (
+    apply_status,
+    due_ms,
+    initial_status,
+    next_step,
+    public_status,
+)
 from refold.core.tasks import Task, TaskQueue, intake_key, plan_batches, submission_from_json
+from refold.examples.bank.statements import statement
 
 
 class Shipping(TaskQueue):
@@ -143,3 +150,113 @@ def test_queue_validation_and_loading() -> None:
         NoHandler.validate()
     queues = load_task_queues(["tests.unit.test_task_api"])
     assert list(queues) == ["shipping"] and type(queues["shipping"]).__name__ == "Shipping"
+
+
+def test_progress_keeps_the_status_shows_the_latest_and_is_a_sign_of_life() -> None:
+    state = _fold(
+        [
+            {"status": "accepted", "data": json.dumps({"a": 1}), "key": "t1"},
+            {"status": "running", "attempt": 1, "batch_id": "b1"},
+            *(
+                {"status": "progress", "attempt": 1, "progress": json.dumps({"done": i})}
+                for i in range(1, 4)
+            ),
+        ]
+    )
+    assert state["status"] == "running" and state["progress"] == {"done": 3}
+    assert [h["status"] for h in state["history"]] == ["accepted", "running", "progress"]
+    assert state["history"][-1]["progress"] == {"done": 3}
+    assert state["updated_ms"] == 4  # the last report's time: timeout_s counts from it
+    late = apply_status(state, {"status": "progress", "attempt": 0, "progress": "{}"}, 9)
+    assert late["progress"] == {"done": 3} and late["duplicates"] == 1
+    rerun = apply_status(state, {"status": "running", "attempt": 2}, 10)
+    assert rerun["progress"] is None  # a new run reports its own
+    assert "progress" in public_status(state)
+
+
+def test_task_progress_and_cancelled_as_a_handler_sees_them() -> None:
+    reports: list[tuple[str, dict]] = []
+    cancels = {"t2"}
+    t1 = Task(
+        "t1",
+        "k",
+        {},
+        _cancelled=cancels.__contains__,
+        _progress=lambda t, r: reports.append((t.id, r)),
+    )
+    t1.progress(3, 10, "three")
+    t1.progress(0.5)
+    assert reports == [("t1", {"done": 3, "total": 10, "message": "three"}), ("t1", {"done": 0.5})]
+    assert not t1.cancelled() and not t1.told_cancelled
+    t2 = Task("t2", "k", {}, _cancelled=cancels.__contains__)
+    assert t2.cancelled() and t2.told_cancelled
+    cancels.clear()
+    assert t2.cancelled()  # once told, it stays told
+    Task("t3", "k", {}).progress(1)  # no sink: nothing happens
+
+
+def test_due_ms_is_exactly_when_next_step_first_acts() -> None:
+    q = Shipping()
+    rng = random.Random(5)
+    for _ in range(500):
+        state = {
+            "status": rng.choice(
+                ["accepted", "dispatched", "running", "failed", "retrying", "succeeded", None]
+            ),
+            "attempts": rng.randrange(0, 5),
+            "updated_ms": rng.randrange(0, 10_000),
+            "error": "e",
+        }
+        if rng.random() < 0.1:
+            state["parts"] = ["x"]
+        due = due_ms(q, state)
+        if due is None:
+            assert all(next_step(q, state, now) is None for now in (0, 10**6, 10**12))
+        else:
+            assert next_step(q, state, due) is not None
+            assert due == state["updated_ms"] or next_step(q, state, due - 1) is None
+
+
+def test_submission_fingerprint_is_key_and_data() -> None:
+    a = submission_from_json({"task_id": "x", "data": {"a": 1, "b": 2}})
+    b = submission_from_json({"task_id": "x", "data": {"b": 2, "a": 1}})
+    c = submission_from_json({"task_id": "x", "data": {"a": 1, "b": 3}})
+    d = submission_from_json({"task_id": "x", "key": "other", "data": {"a": 1, "b": 2}})
+    assert a.fingerprint == b.fingerprint
+    assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
+
+
+def test_statement_of_a_month_from_the_passbook() -> None:
+    entries, balance = [], 0
+    rng = random.Random(11)
+    for day in range(60):
+        amount = rng.choice([1, -1]) * rng.randrange(1, 5000)
+        balance += amount
+        month = "2026-10" if day < 31 else "2026-11"
+        entries.append(
+            {
+                "time": f"{month}-{day % 28 + 1:02d}T10:00:00Z",
+                "memo": f"m{day}",
+                "amount_cents": amount,
+                "balance_cents": balance,
+                "offset": day,
+            }
+        )
+    book = {"owner": "ada", "balance_cents": balance, "entries": entries}
+    oct_, nov = (statement(book, "acc", m) for m in ("2026-10", "2026-11"))
+    october = [e for e in entries if e["time"].startswith("2026-10")]
+    assert oct_["opening_cents"] == 0 and oct_["closing_cents"] == october[-1]["balance_cents"]
+    assert nov["opening_cents"] == oct_["closing_cents"] and nov["closing_cents"] == balance
+    for s, mine in ((oct_, october), (nov, entries[len(october) :])):
+        assert len(s["lines"]) == len(mine)
+        assert s["deposits_cents"] == sum(e["amount_cents"] for e in mine if e["amount_cents"] > 0)
+        assert (
+            s["opening_cents"] + s["deposits_cents"] - s["withdrawals_cents"] == s["closing_cents"]
+        )
+    later = statement(book, "acc", "2027-01")
+    assert (later["opening_cents"], later["closing_cents"], later["lines"]) == (
+        balance,
+        balance,
+        [],
+    )
+    assert statement(book, "acc", "2026-01")["closing_cents"] == 0

@@ -4,7 +4,8 @@ The handler appends one JSON line per call to REFOLD_TEST_TASK_LOG (its side-eff
 tests' oracle of what ran): the process, and each task's id, attempt and merge key. Task data
 steers it: `fail` raises Retry every time, `hang_once` sleeps past the timeout on attempt 1,
 `qty` over 10 is split into parts of at most 10, `until_cancelled` runs until
-`task.cancelled()` says so (and logs that it was told).
+`task.cancelled()` says so (and logs that it was told), `progress: n` takes n steps of `step_s`
+reporting `task.progress(i, n, "step i")` after each, `own_result` sets the task's own result.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class Shipping(TaskQueue):
                 while not t.cancelled() and time.monotonic() < deadline:
                     time.sleep(0.1)
                 _write(path, {"told": t.id, "cancelled": t.cancelled()})
+        for t in batch:
+            for step in range(1, int(t.data.get("progress", 0)) + 1):
+                time.sleep(float(t.data.get("step_s", 1.0)))
+                t.progress(step, t.data["progress"], f"step {step}")
+            if t.data.get("own_result"):
+                t.result = {"task_id": t.id}
         if any(t.data.get("fail") for t in batch):
             raise Retry("this task always fails")
         if any(t.data.get("hang_once") and t.attempt == 1 for t in batch):
