@@ -24,11 +24,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+ACK_TIMEOUT_S = 30.0
 _JSON = "application/json"
 
 
 def _respond(status: int, body: Any) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+
+
+def _set(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _error(status: int, error: str, detail: Any) -> web.Response:
@@ -40,7 +46,7 @@ class TaskRoutes:
 
     def __init__(self, worker: Worker) -> None:
         self.tasks = worker.tasks
-        # Submits wait for Kafka's acknowledgement: off the event loop, one flush at a time.
+        # Cancels wait for Kafka's acknowledgement: off the event loop, one flush at a time.
         self._appends = ThreadPoolExecutor(1, thread_name_prefix="refold-http-tasks")
 
     def _unknown(self, queue: str) -> web.Response | None:
@@ -60,12 +66,19 @@ class TaskRoutes:
             return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
         loop = asyncio.get_running_loop()
         try:
-            accepted = await loop.run_in_executor(self._appends, self.tasks.submit, queue, obj)
+            # Appended from the event loop (a few microseconds, the acks not awaited there), so
+            # concurrent POSTs share the producer's batches; the answer waits for this task's
+            # own acknowledgements (measured: one flush at a time held intake to ~100/s).
+            pending = self.tasks.submit_nowait(queue, obj)
+            acked: asyncio.Future[None] = loop.create_future()
+            pending.on_done(lambda _: loop.call_soon_threadsafe(_set, acked))
+            await asyncio.wait_for(acked, ACK_TIMEOUT_S)
+            accepted = pending.result()
         except InputError as exc:
             return _error(422, "invalid task", str(exc))
-        except TaskError as exc:
+        except (TaskError, TimeoutError) as exc:
             log.warning("POST /tasks/%s: %s", queue, exc)
-            return _error(503, "not acknowledged", str(exc))
+            return _error(503, "not acknowledged", str(exc) or "no acknowledgement in time")
         return _respond(202, accepted.to_json())
 
     async def get(self, request: web.Request) -> web.StreamResponse:

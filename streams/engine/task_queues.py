@@ -26,7 +26,7 @@ from refold.core.tasks import STATUSES, TERMINAL, Submission, TaskQueue
 from refold.engine.dispatcher import Dispatcher
 from refold.engine.frozen import Serving
 from refold.engine.reconciler import Reconciler
-from refold.kafka.task_log import Accepted, TaskClient, ensure_task_topics
+from refold.kafka.task_log import Accepted, Pending, TaskClient, ensure_task_topics
 from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,14 @@ class TaskService:
 
     def submit(self, queue: str, obj: Any) -> Accepted:
         """Check and append one task (InputError for bad input, TaskError if not acked)."""
+        return self.submit_nowait(queue, obj).wait()
+
+    def submit_nowait(self, queue: str, obj: Any) -> Pending:
+        """Check and append one task (InputError for bad input) without waiting for Kafka:
+        the answer is final when the Pending is done."""
         client = self.client
         submission: Submission = client.prepare(queue, obj)
-        return client.submit(queue, submission)
+        return client.submit_nowait(queue, [submission])[0]
 
     def status(self, queue: str, task_id: str) -> dict[str, Any] | None:
         self.queue(queue)
