@@ -7,7 +7,9 @@ What is set, and why (bench/RESULTS.md repeats it):
 - `task_acks_late` False (the default): a task is acknowledged when a worker reserves it, the
   fastest mode (acks_late=True would be closer to refold's ack-after-status, and slower);
 - results stored in Redis (`task_ignore_result` False): success must be observable per task,
-  and the result backend is how a Celery client observes it; `result_expires` one hour;
+  and the result backend is how a Celery client observes it; `result_expires` one hour; the
+  bench sends through `sender`, an app without the backend, so that apply_async does not
+  subscribe to each result's channel (it polls the results instead, as a batch client would);
 - no task events, no gossip/mingle/heartbeat (`--without-*`), no rate limits;
 - pool: solo processes or prefork (the bench runs both and keeps the faster as the peer).
 """
@@ -35,6 +37,14 @@ app.conf.update(
     accept_content=["json"],
     worker_hijack_root_logger=False,
 )
+
+
+#: What the bench sends with: the same broker, no result backend. A client app with the Redis
+#: backend subscribes to every task's result channel in apply_async (a round trip per task,
+#: measured: 89-133 submits/s); the workers still store every result (`app` above has the
+#: backend and the task does not ignore results), which is what the bench reads.
+sender = Celery("bench_tasks_sender", broker=URL)
+sender.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
 
 
 @app.task(name="bench.noop")

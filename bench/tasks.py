@@ -10,7 +10,7 @@ Starts its own Kafka broker (unless REFOLD_BOOTSTRAP_SERVERS names one) and its 
 and stops both by pid. Per repetition, interleaved (refold, Celery, bare, refold, ...):
 
 1. refold: one `refold worker --http` (intake, dispatcher, status projection, reconciler) and W
-   `refold task-worker`s; N tasks submitted through the Python `TaskClient` from 8 threads,
+   `refold task-worker`s; N tasks submitted through the Python `TaskClient` (bulk, 1,000 at a time),
    then N through `POST /tasks/{queue}` (64 connections); a task counts when its `succeeded`
    event is read from the status topic (read_committed), and the end waits until the status
    projection answers `succeeded` for the last one. Rate = N / (last succeeded - first submit).
@@ -66,7 +66,6 @@ log = logging.getLogger("bench.tasks")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "out"
 KEYS = 50  # merge-key values (the issue's test size: 5,000 tasks over 50 keys)
-SUBMIT_THREADS = 8
 HTTP_CONNECTIONS = 64
 HALF_LOAD_CAP = 2500.0  # half the 5,000 tasks/s aim
 
@@ -247,7 +246,8 @@ class RefoldSet:
         queue = self.queue_def()
         self.watch = StatusWatch(self.config, queue.status_topic, queue.partitions)
         self.client = TaskClient(self.config, {self.queue: queue})
-        warm = submit_client(self.client, self.queue, self.ids("warm", 50), 1)[0]
+        warm = self.ids("warm", 50)
+        submit_client(self.client, self.queue, warm)
         if self.watch.wait(warm, 120) is None:
             raise RuntimeError(f"warm-up tasks did not succeed; see the logs in {self.work}")
 
@@ -289,23 +289,17 @@ def task_data(i: int) -> dict[str, Any]:
     return {"product_id": f"p{i % KEYS:03d}", "qty": 1}
 
 
-def submit_client(
-    client: TaskClient, queue: str, ids: list[str], threads: int
-) -> tuple[list[str], float]:
-    """Submit `ids` from `threads` threads (as a threaded app would); seconds it took."""
+def submit_client(client: TaskClient, queue: str, ids: list[str]) -> float:
+    """Submit `ids` as a bulk submitter would (`submit_nowait` 1,000 at a time, then every
+    acknowledgement awaited); seconds it took."""
     subs = [client.prepare(queue, {"task_id": t, "data": task_data(i)}) for i, t in enumerate(ids)]
     t0 = time.monotonic()
-
-    def part(k: int) -> None:
-        for s in subs[k::threads]:
-            client.submit(queue, s)
-
-    pool = [threading.Thread(target=part, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return ids, time.monotonic() - t0
+    pending = []
+    for k in range(0, len(subs), 1000):
+        pending += client.submit_nowait(queue, subs[k : k + 1000])
+    for p in pending:
+        p.wait(60)
+    return time.monotonic() - t0
 
 
 async def post_all(port: int, queue: str, ids: list[str], connections: int) -> None:
@@ -358,7 +352,7 @@ def refold_rate(s: RefoldSet, label: str, n: int, via: str) -> dict[str, Any]:
     ids = s.ids(label, n)
     t0 = time.monotonic()
     if via == "client":
-        submit_client(s.client, s.queue, ids, SUBMIT_THREADS)
+        submit_client(s.client, s.queue, ids)
     else:
         asyncio.run(post_all(s.port, s.queue, ids, HTTP_CONNECTIONS))
     submitted = time.monotonic()
@@ -412,17 +406,18 @@ def celery_run(url: str, work: Path, n: int, processes: int, pool: str) -> dict[
     r.flushdb()
     out = (work / f"celery-{pool}.log").open("ab")
     procs = [subprocess.Popen(c, env=env, stdout=out, stderr=subprocess.STDOUT) for c in commands]
-    from bench.celery_app import app, noop
+    from bench.celery_app import sender
 
-    app.conf.broker_url = app.conf.result_backend = url
+    sender.conf.broker_url = url
+    send = sender.send_task
     try:
-        warm = [noop.apply_async(("p0",), task_id=f"warm-{uuid.uuid4().hex}") for _ in range(50)]
+        warm = [send("bench.noop", ("p0",), task_id=f"warm-{uuid.uuid4().hex}") for _ in range(50)]
         if celery_wait(r, [w.id for w in warm], 120) is None:
             raise RuntimeError(f"Celery warm-up did not finish; see {work}/celery-{pool}.log")
         ids = [f"c-{uuid.uuid4().hex}" for _ in range(n)]
         t0 = time.time()
         for i, task_id in enumerate(ids):
-            noop.apply_async((task_data(i)["product_id"],), task_id=task_id)
+            send("bench.noop", (task_data(i)["product_id"],), task_id=task_id)
         submitted = time.time()
         last = celery_wait(r, ids, max(120.0, n / 50))
         if last is None:
@@ -593,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="5,000 tasks, 1 repetition")
     parser.add_argument("--tasks", type=int, help="tasks per measured run (default 20,000)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 3)")
-    parser.add_argument("--workers", type=int, default=2, help="refold task-worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="refold task-worker processes")
     parser.add_argument("--concurrency", type=int, default=4, help="threads per task worker")
     parser.add_argument("--windows", help="merge windows to sweep, ms (default 20,50,200)")
     parser.add_argument("--seconds", type=float, help="latency run length (default 20 s)")
