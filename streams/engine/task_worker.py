@@ -181,8 +181,10 @@ class TaskWorker:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         consumer.acknowledge(running[future], future.result())
-                    if pending:  # the next poll carries the last ones
-                        consumer.commit_async()
+                    # Left to the next poll, the last acknowledgements held it back: a poll
+                    # waits for the acknowledgement of everything fetched (measured: ~25 no-op
+                    # tasks/s with one worker, against 1,100+ with a commit per round).
+                    consumer.commit_async()
         except Exception:
             log.exception("task worker of %s failed", self.queue.name)
         finally:
