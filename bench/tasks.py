@@ -34,6 +34,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -570,9 +571,9 @@ def refold_rep(
         if args.http:
             out["http"] = attempt(f"{label} http", lambda: refold_rate(s, "h", args.tasks, "http"))
         if latency:
-            rates = [out[k].get("succeeded_per_s", float("nan")) for k in ("client", "http")
-                     if k in out]  # fmt: skip
-            half = args.rate or min(HALF_LOAD_CAP, min(rates) / 2)
+            rates = [out[k].get("succeeded_per_s") for k in ("client", "http") if k in out]
+            measured = [r for r in rates if isinstance(r, float) and r == r]  # finite ones
+            half = args.rate or min([HALF_LOAD_CAP] + [r / 2 for r in measured])
             out["latency"] = attempt(
                 f"{label} latency", lambda: refold_latency(s, "l", half, args.seconds)
             )
@@ -598,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the processes this bench started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.tasks = args.tasks or (5_000 if args.quick else 20_000)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.seconds = args.seconds or (8.0 if args.quick else 20.0)

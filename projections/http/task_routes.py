@@ -32,6 +32,11 @@ def _respond(status: int, body: Any) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
 
 
+def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """From the producer's poll thread: resolve `future` on its loop."""
+    loop.call_soon_threadsafe(_set, future)
+
+
 def _set(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -71,7 +76,7 @@ class TaskRoutes:
             # own acknowledgements (measured: one flush at a time held intake to ~100/s).
             pending = self.tasks.submit_nowait(queue, obj)
             acked: asyncio.Future[None] = loop.create_future()
-            pending.on_done(lambda _: loop.call_soon_threadsafe(_set, acked))
+            pending.on_done(lambda _: _wake(loop, acked))
             await asyncio.wait_for(acked, ACK_TIMEOUT_S)
             accepted = pending.result()
         except InputError as exc:

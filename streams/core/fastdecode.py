@@ -1,10 +1,11 @@
 """Straight-line Avro decoders for flat event records, generated once per writer schema.
 
 fastavro's `schemaless_reader` spends most of its ~4-6 µs per small record on per-call set-up
-(stream object, schema walk). Event records are usually flat: strings, longs, booleans, doubles,
-optional (`["null", T]`) fields and arrays of those (a task status's `parts`). For those, this module writes the decoding code out field by
-field (like `dataclasses` writes `__init__`) and compiles it once; anything else returns None and
-the codec keeps using fastavro. The generated code is checked against fastavro in the unit tests.
+(stream object, schema walk). Event records are usually flat: strings, longs, booleans,
+doubles, optional (`["null", T]`) fields and arrays of those (a task status's `parts`). For
+those, this module writes the decoding code out field by field (like `dataclasses` writes
+`__init__`) and compiles it once; anything else returns None and the codec keeps using
+fastavro. The generated code is checked against fastavro in the unit tests.
 """
 
 from __future__ import annotations
