@@ -359,7 +359,7 @@ def refold_rate(s: RefoldSet, label: str, n: int, via: str) -> dict[str, Any]:
     submitted = time.monotonic()
     last = s.watch.wait(ids, max(120.0, n / 50))
     if last is None:
-        return {"status": "failed", "error": "tasks did not succeed in time"}
+        return _unfinished(s.watch, ids, t0)
     last_id = max(ids, key=lambda i: s.watch.done[i])  # type: ignore[union-attr]
     readable = s.readable(last_id) or float("nan")
     return {
@@ -372,13 +372,26 @@ def refold_rate(s: RefoldSet, label: str, n: int, via: str) -> dict[str, Any]:
     }
 
 
+def _unfinished(watch: StatusWatch, ids: list[str], t0: float) -> dict[str, Any]:
+    """A run whose last tasks did not succeed in time: how far it got."""
+    done = [watch.done[i] for i in ids if i in watch.done]
+    return {
+        "status": "failed",
+        "error": f"{len(ids) - len(done)} of {len(ids)} tasks did not succeed in time",
+        "finished": len(done),
+        "finished_per_s": len(done) / (max(done) - t0) if done else 0.0,
+    }
+
+
 def refold_latency(s: RefoldSet, label: str, rate: float, seconds: float) -> dict[str, Any]:
     """Open-loop POSTs at `rate`: POST -> `succeeded` read from the status topic."""
     assert s.watch is not None
     ids = s.ids(label, max(1, int(rate * seconds)))
     started, offered = asyncio.run(post_open_loop(s.port, s.queue, ids, rate))
     if s.watch.wait(ids, max(120.0, len(ids) / 50)) is None:
-        return {"status": "failed", "error": "tasks did not succeed in time"}
+        out = _unfinished(s.watch, ids, min(started.values()))
+        done = [s.watch.done[i] - started[i] for i in ids if i in s.watch.done]
+        return {**out, **{f"finished_{k}_ms": v for k, v in latency_summary(done).items()}}
     lat = latency_summary(s.watch.done[i] - started[i] for i in ids)
     return {
         "rate": rate,
