@@ -28,14 +28,17 @@ unit: $(STAMP)
 demo: jars
 	$(BIN)/refold demo
 
-# Publish, rebuild (with the Faust peer), freshness and queries; then commands (its own report).
+# Publish, rebuild (with the Faust peer), freshness and queries; then commands (its own report);
+# then tasks beside Celery + Redis (needs Debian's redis-server) and a bare share-consumer loop.
 bench: jars
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.commands
+	$(BIN)/python -m bench.tasks
 
 bench-quick: jars
 	$(BIN)/python -m bench.run --quick
 	$(BIN)/python -m bench.commands --commands 10000 --accounts 1000 --seconds 8
+	$(BIN)/python -m bench.tasks --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check streams projections tests bench

@@ -1,10 +1,11 @@
 """Straight-line Avro decoders for flat event records, generated once per writer schema.
 
 fastavro's `schemaless_reader` spends most of its ~4-6 µs per small record on per-call set-up
-(stream object, schema walk). Event records are usually flat: strings, longs, booleans, doubles
-and optional (`["null", T]`) fields. For those, this module writes the decoding code out field by
-field (like `dataclasses` writes `__init__`) and compiles it once; anything else returns None and
-the codec keeps using fastavro. The generated code is checked against fastavro in the unit tests.
+(stream object, schema walk). Event records are usually flat: strings, longs, booleans,
+doubles, optional (`["null", T]`) fields and arrays of those (a task status's `parts`). For
+those, this module writes the decoding code out field by field (like `dataclasses` writes
+`__init__`) and compiles it once; anything else returns None and the codec keeps using
+fastavro. The generated code is checked against fastavro in the unit tests.
 """
 
 from __future__ import annotations
@@ -74,16 +75,48 @@ def _primitive(kind: str, target: str, indent: str) -> list[str]:
     return [f"{indent}{target} = None"]  # null
 
 
+def _array_items(avro_type: Any) -> str | None:
+    """The item kind of an array of a primitive type (`{"type": "array", "items": "string"}`)."""
+    if isinstance(avro_type, dict) and avro_type.get("type") == "array":
+        kind = _kind(avro_type.get("items"))
+        if isinstance(kind, str) and kind != "null":
+            return kind
+    return None
+
+
+def _array(kind: str, target: str, indent: str) -> list[str]:
+    """Avro blocks: a count (negative: followed by the block's byte size), items, ..., 0."""
+    inner = indent + "        "
+    return [
+        f"{indent}items = []",
+        f"{indent}while True:",
+        *_varint("count", indent + "    "),
+        f"{indent}    if count == 0:",
+        f"{indent}        break",
+        f"{indent}    if count < 0:",
+        f"{indent}        count = -count",
+        *_varint("skip", indent + "        "),
+        f"{indent}    for _ in range(count):",
+        *_primitive(kind, "item", inner),
+        f"{inner}items.append(item)",
+        f"{indent}{target} = items",
+    ]
+
+
 def generate(schema: Mapping[str, Any], offset: int) -> Decoder | None:
     """A decoder for the record body starting at `offset`, or None if the schema is not flat."""
     if schema.get("type") != "record":
         return None
     lines = ["def decode(b):", f"    pos = {offset}", "    size = len(b)", "    out = {}"]
     for field in schema["fields"]:
+        target = f"out[{field['name']!r}]"
+        items = _array_items(field["type"])
+        if items is not None:
+            lines += _array(items, target, "    ")
+            continue
         kind = _kind(field["type"])
         if kind is None:
             return None
-        target = f"out[{field['name']!r}]"
         if isinstance(kind, tuple):
             lines += _varint("branch", "    ")
             for i, branch in enumerate(kind):

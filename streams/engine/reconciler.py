@@ -90,8 +90,14 @@ class Reconciler:
         try:
             self._log.register(self._producer)
             self.stats.state = "running"
-            while not self._stop.wait(self._interval_s):
+            wait = self._interval_s
+            while not self._stop.wait(wait):
+                started = time.monotonic()
                 self.sweep(int(time.time() * 1000))
+                # A sweep reads every task in the store (no index of open tasks yet): at most
+                # ~10% of the time sweeping, so it does not starve the fold and the intake of
+                # the same process (measured: 41% of the worker's samples at 20k tasks).
+                wait = max(self._interval_s, 9 * (time.monotonic() - started))
         except Exception as exc:
             log.exception("reconciler %s failed", self.queue.name)
             self.stats.state = "failed"

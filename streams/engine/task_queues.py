@@ -31,7 +31,7 @@ from refold.engine.dispatcher import Dispatcher
 from refold.engine.frozen import Serving
 from refold.engine.membership import worker_id
 from refold.engine.reconciler import Reconciler
-from refold.kafka.task_log import Accepted, TaskClient, ensure_task_topics
+from refold.kafka.task_log import Accepted, Pending, TaskClient, ensure_task_topics
 from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,14 @@ class TaskService:
 
     def submit(self, queue: str, obj: Any) -> Accepted:
         """Check and append one task (InputError for bad input, TaskError if not acked)."""
+        return self.submit_nowait(queue, obj).wait()
+
+    def submit_nowait(self, queue: str, obj: Any) -> Pending:
+        """Check and append one task (InputError for bad input) without waiting for Kafka:
+        the answer is final when the Pending is done."""
         client = self.client
         submission: Submission = client.prepare(queue, obj)
-        return client.submit(queue, submission)
+        return client.submit_nowait(queue, [submission])[0]
 
     def status(self, queue: str, task_id: str) -> dict[str, Any] | None:
         """The task's status as the status projection has folded it (None: not yet, or never)."""

@@ -25,6 +25,8 @@ SCHEMA = fastavro.parse_schema(
             {"name": "o", "type": ["null", "string"]},
             {"name": "u", "type": ["long", "null", "string"]},
             {"name": "n", "type": "null"},
+            {"name": "a", "type": {"type": "array", "items": "string"}},
+            {"name": "al", "type": {"type": "array", "items": "long"}},
         ],
     }
 )
@@ -47,6 +49,8 @@ def random_record(rng: random.Random) -> dict:
         "o": rng.choice([None, text()]),
         "u": rng.choice([None, text(), rng.randrange(-(2**40), 2**40)]),
         "n": None,
+        "a": [text() for _ in range(rng.randrange(0, 4))],
+        "al": [rng.randrange(-(2**40), 2**40) for _ in range(rng.randrange(0, 300))],
     }
 
 
@@ -76,12 +80,31 @@ def test_truncated_or_padded_bytes_fail() -> None:
         decode(value + b"\x00")
 
 
+def test_array_blocks_with_a_byte_size() -> None:
+    """Writers may send a negative count followed by the block's byte size (Avro spec)."""
+    schema = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "A",
+            "fields": [{"name": "a", "type": {"type": "array", "items": "string"}}],
+        }
+    )
+    decode = generate(schema, 0)
+    assert decode is not None
+    # -2 items (zigzag 3), 4 bytes (zigzag 8), "x", "y", then 1 item "z", then the end (0)
+    value = bytes([3, 8, 2, ord("x"), 2, ord("y"), 2, 2, ord("z"), 0])
+    assert decode(value) == {"a": ["x", "y", "z"]}
+    assert decode(value) == fastavro.schemaless_reader(io.BytesIO(value), schema, None)
+
+
 def test_nested_or_logical_types_fall_back_to_fastavro() -> None:
     nested = fastavro.parse_schema(
         {
             "type": "record",
             "name": "N",
-            "fields": [{"name": "x", "type": {"type": "array", "items": "long"}}],
+            "fields": [
+                {"name": "x", "type": {"type": "array", "items": {"type": "map", "values": "long"}}}
+            ],
         }
     )
     logical = fastavro.parse_schema(
