@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars test unit demo bench bench-quick lint clean
+.PHONY: install jars redis test unit demo bench bench-quick lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,15 +30,19 @@ demo: jars
 
 # Publish, rebuild (with the Faust peer), freshness and queries; then commands (its own report);
 # then tasks beside Celery + Redis (needs Debian's redis-server) and a bare share-consumer loop.
-bench: jars
+bench: jars redis
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.commands
 	$(BIN)/python -m bench.tasks
 
-bench-quick: jars
+bench-quick: jars redis
 	$(BIN)/python -m bench.run --quick
 	$(BIN)/python -m bench.commands --commands 10000 --accounts 1000 --seconds 8
 	$(BIN)/python -m bench.tasks --quick
+
+# The Celery peer's broker: Debian's redis-server, installed once when missing (apt, as root).
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check streams projections tests bench
