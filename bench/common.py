@@ -18,7 +18,7 @@ from refold.core.config import Config
 from refold.core.inputs import EventInput
 from refold.core.projection import Projection
 from refold.core.serde import Codec
-from refold.engine.runtime import FOLD_CONSUMER_CONF
+from refold.engine.runner_consumer import FOLD_CONSUMER_CONF
 from refold.examples.bank.projections import Balances
 from refold.kafka.topics import Topics, event_topic, internal_topics
 

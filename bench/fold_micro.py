@@ -8,6 +8,8 @@ of that git revision beside the working tree's and runs both, printing
 each repetition's ratio and their median; the two runners take turns batch by batch, so load
 from other processes falls on both alike. Two cases: a fresh store (a rebuild from scratch:
 every key is known to be absent) and a warm one (keys read from the store once per batch).
+The fold loop lives in runtime.py itself; the runner's other parts (`runner_writes.py`,
+`runner_consumer.py`, ...) are imported from the working tree for both runners.
 
     PYTHONPATH=. python bench/fold_micro.py [--events 200000] [--accounts 20000] [--repeats 5]
         [--against main]

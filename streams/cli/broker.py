@@ -4,6 +4,7 @@ Each node is one JVM acting as broker and controller, with its data under
 `<data_dir>/broker/node-<id>/`. What runs is recorded in `<data_dir>/broker/broker.json` (the file
 `Config.bootstrap_servers` reads); `stop` and `kill_node` signal only the pids recorded there, and
 only after checking that the pid still runs `kafka.Kafka` with that node's properties file.
+Each node's process (config files, launch, that check, its logs) is `refold.cli.broker_nodes`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+from refold.cli.broker_nodes import (
+    HOST,
+    INSTALL_HINT,
+    BrokerInfo,
+    NodeInfo,
+    is_ours,
+    java_path,
+    last_lines,
+    launch_node,
+    node_tail,
+    prepare_nodes,
+    read_all,
+    wait_gone,
+)
 from refold.core.config import Config
 from refold.core.errors import BrokerError
 from refold.kafka import clients
@@ -41,73 +56,11 @@ log = logging.getLogger(__name__)
 #: checkout.
 POM = Path(str(resources.files("refold.deploy") / "kafka" / "pom.xml"))
 DEFAULT_PORT = 19092
-HOST = "127.0.0.1"
 _MARKER = ".refold-complete"
 _ACTIVE_CONTROLLER = re.compile(
     r"\[QuorumController id=(\d+)\] Becoming the active controller at epoch (\d+)"
 )
 _POM_NS = "http://maven.apache.org/POM/4.0.0"
-_INSTALL_HINT = (
-    "install OpenJDK 17 and Maven, or use deploy/docker-compose.yml "
-    "and set REFOLD_BOOTSTRAP_SERVERS"
-)
-# Broker log to server.log (rolled at 50 MB); only warnings reach the JVM's console.log.
-_LOG4J2 = """\
-status = warn
-shutdownHook = disable
-appender.file.type = RollingFile
-appender.file.name = file
-appender.file.fileName = {dir}/server.log
-appender.file.filePattern = {dir}/server.log.%i
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-appender.file.policies.type = SizeBasedTriggeringPolicy
-appender.file.policies.size = 50MB
-appender.console.type = Console
-appender.console.name = console
-appender.console.layout.type = PatternLayout
-appender.console.layout.pattern = [%d] %p %m (%c)%n
-appender.console.filter.threshold.type = ThresholdFilter
-appender.console.filter.threshold.level = warn
-rootLogger = info, file, console
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """One KRaft node (broker + controller); `pid` is None when it is not running."""
-
-    node_id: int
-    pid: int | None
-    port: int
-    controller_port: int
-    dir: Path
-
-    @property
-    def properties(self) -> Path:
-        return self.dir / "server.properties"
-
-    @property
-    def log(self) -> Path:  # the broker's log, INFO and up
-        return self.dir / "server.log"
-
-    @property
-    def console_log(self) -> Path:  # the JVM's stdout/stderr: warnings, errors, crashes
-        return self.dir / "console.log"
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerInfo:
-    """A local cluster: where clients connect and where each node lives and logs."""
-
-    bootstrap_servers: str
-    cluster_id: str
-    nodes: tuple[NodeInfo, ...]
-    heap_mb: int
-
-    @property
-    def logs(self) -> tuple[Path, ...]:
-        return tuple(node.log for node in self.nodes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +113,9 @@ def ensure_jars() -> Path:
     marker = target / _MARKER
     if marker.is_file() and marker.read_text().strip() == digest:
         return target
-    _java()
+    java_path()
     if (mvn := shutil.which("mvn")) is None:
-        raise BrokerError("Maven (`mvn`) is not on PATH", hint=_INSTALL_HINT)
+        raise BrokerError("Maven (`mvn`) is not on PATH", hint=INSTALL_HINT)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _flock(target.parent / f".{target.name}.lock"):
         if marker.is_file() and marker.read_text().strip() == digest:
@@ -185,7 +138,7 @@ def ensure_jars() -> Path:
         if done.returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)
             raise BrokerError(
-                f"Maven could not assemble Kafka:\n{_last_lines(done.stdout + done.stderr)}",
+                f"Maven could not assemble Kafka:\n{last_lines(done.stdout + done.stderr)}",
                 hint="check access to Maven Central (or the mirror in ~/.m2/settings.xml)",
             )
         (staging / _MARKER).write_text(digest + "\n")
@@ -213,7 +166,7 @@ def start(
     """
     if nodes not in (1, 3):
         raise BrokerError(f"a local cluster has 1 or 3 nodes, not {nodes}")
-    jars, java = ensure_jars(), _java()
+    jars, java = ensure_jars(), java_path()
     with _locked(config):
         if fresh:
             try:
@@ -226,7 +179,7 @@ def start(
             if port is None and old and _port_free(old[0].port):
                 port = old[0].port  # a wiped cluster comes back at the same address
         info = _read_record(config)
-        running = info is not None and any(_is_ours(n) for n in info.nodes)
+        running = info is not None and any(is_ours(n) for n in info.nodes)
         if info is not None and len(info.nodes) != nodes:
             raise BrokerError(
                 f"{_broker_dir(config)} holds a {len(info.nodes)}-node cluster"
@@ -240,17 +193,17 @@ def start(
             )
         if info is None or port not in (None, info.nodes[0].port) or _ports_lost(info, running):
             info = _new_layout(config, nodes, port, heap_mb, info)
-        launched = [n for n in info.nodes if not _is_ours(n)]
+        launched = [n for n in info.nodes if not is_ours(n)]
         if launched:
             info = replace(info, heap_mb=heap_mb)
-            _prepare(java, jars, info, launched)
-            launched = [_launch(java, jars, n, heap_mb) for n in launched]
+            prepare_nodes(java, jars, info, launched)
+            launched = [launch_node(java, jars, n, heap_mb) for n in launched]
             info = replace(info, nodes=tuple(_pick(launched, n) for n in info.nodes))
             _write_record(config, info)
         record = info
 
         def relaunch(node: NodeInfo) -> NodeInfo:
-            again = _launch(java, jars, node, heap_mb)
+            again = launch_node(java, jars, node, heap_mb)
             launched[:] = [again if n.node_id == node.node_id else n for n in launched]
             _write_record(config, _with_pids(record, {n.node_id: n.pid for n in launched}))
             return again
@@ -283,30 +236,30 @@ def kill_node(
     with _locked(config):
         info = _require_record(config)
         node = _node(info, node_id)
-        if node.pid is None or not _is_ours(node):
+        if node.pid is None or not is_ours(node):
             raise BrokerError(f"Kafka node {node_id} is not running")
         log.info("sending %s to Kafka node %d (pid %d)", sig.name, node_id, node.pid)
         os.kill(node.pid, sig)
-        if _wait_gone([node], timeout):
+        if wait_gone([node], timeout):
             raise BrokerError(f"Kafka node {node_id} still runs {timeout:.0f}s after {sig.name}")
         _write_record(config, _with_pids(info, {node_id: None}))
 
 
 def start_node(config: Config, node_id: int, timeout: float = 60.0) -> NodeInfo:
     """Restart one recorded node and wait until the cluster lists it again."""
-    jars, java = ensure_jars(), _java()
+    jars, java = ensure_jars(), java_path()
     with _locked(config):
         info = _require_record(config)
         node = _node(info, node_id)
-        if not _is_ours(node):
+        if not is_ours(node):
             for port in (node.port, node.controller_port):
                 if not _port_free(port):
                     raise BrokerError(
                         f"port {port} of Kafka node {node_id} was taken while the node was down",
                         hint="the local cluster's ports are fixed; free it, or start --fresh",
                     )
-            _prepare(java, jars, info, [node])
-            node = _launch(java, jars, node, info.heap_mb)
+            prepare_nodes(java, jars, info, [node])
+            node = launch_node(java, jars, node, info.heap_mb)
             info = _with_pids(info, {node_id: node.pid})
             _write_record(config, info)
         _wait_for(info, [node_id], timeout)
@@ -318,7 +271,7 @@ def status(config: Config) -> BrokerStatus:
     info = _read_record(config)
     if info is None:
         return BrokerStatus(None, (), False, ())
-    nodes = tuple(NodeStatus(n.node_id, _is_ours(n), n.pid, n.port) for n in info.nodes)
+    nodes = tuple(NodeStatus(n.node_id, is_ours(n), n.pid, n.port) for n in info.nodes)
     brokers: tuple[int, ...] = ()
     if any(n.running for n in nodes):
         brokers = _metadata_brokers(_admin(info.bootstrap_servers), 3.0) or ()
@@ -335,9 +288,9 @@ def active_controller(config: Config) -> int | None:
     """
     best: tuple[int, int] | None = None  # (epoch, node id)
     for node in _recorded_nodes(config):
-        if not _is_ours(node):
+        if not is_ours(node):
             continue
-        for match in _ACTIVE_CONTROLLER.finditer(_read_all(node.log)):
+        for match in _ACTIVE_CONTROLLER.finditer(read_all(node.log)):
             seen = (int(match[2]), int(match[1]))
             best = seen if best is None or seen > best else best
     return None if best is None else best[1]
@@ -373,14 +326,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-def _java() -> str:
-    home = os.environ.get("JAVA_HOME")
-    java = str(Path(home, "bin", "java")) if home else shutil.which("java")
-    if not java or not os.access(java, os.X_OK):
-        raise BrokerError("Java (`java`) is not on PATH or JAVA_HOME", hint=_INSTALL_HINT)
-    return java
 
 
 def _new_layout(
@@ -423,83 +368,6 @@ def _random_uuid() -> str:
             return text
 
 
-def _properties(info: BrokerInfo, node: NodeInfo) -> str:
-    """server.properties for one combined node; replication follows the cluster size."""
-    rf, isr = (3, 2) if len(info.nodes) == 3 else (1, 1)
-    voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in info.nodes)
-    props: dict[str, object] = {
-        "process.roles": "broker,controller",
-        "node.id": node.node_id,
-        "controller.quorum.voters": voters,
-        "listeners": f"PLAINTEXT://{HOST}:{node.port},CONTROLLER://{HOST}:{node.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{node.port}",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "log.dirs": node.dir / "data",
-        "num.partitions": 6,
-        "default.replication.factor": rf,
-        "min.insync.replicas": isr,
-        "offsets.topic.replication.factor": rf,
-        "transaction.state.log.replication.factor": rf,
-        "transaction.state.log.min.isr": isr,
-        "share.coordinator.state.topic.replication.factor": rf,
-        "share.coordinator.state.topic.min.isr": isr,
-        "auto.create.topics.enable": "false",
-        "group.initial.rebalance.delay.ms": 0,
-    }
-    if len(info.nodes) > 1:
-        # Fence a dead node within seconds (default 9 s), so fault tests and demos fail over fast.
-        props["broker.heartbeat.interval.ms"] = 1000
-        props["broker.session.timeout.ms"] = 3000
-    return "".join(f"{key}={value}\n" for key, value in props.items())
-
-
-def _prepare(java: str, jars: Path, info: BrokerInfo, nodes: list[NodeInfo]) -> None:
-    """Write the nodes' config files and format the storage of new ones (in parallel)."""
-    formats: list[tuple[NodeInfo, subprocess.Popen[str]]] = []
-    for node in nodes:
-        node.dir.mkdir(parents=True, exist_ok=True)
-        node.properties.write_text(_properties(info, node))
-        (node.dir / "log4j2.properties").write_text(_LOG4J2.format(dir=node.dir))
-        if not (node.dir / "data" / "meta.properties").is_file():
-            cmd = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={node.dir}/log4j2.properties",
-                   "-cp", f"{jars}/*", "kafka.tools.StorageTool",
-                   "format", "-t", info.cluster_id, "-c", str(node.properties)]  # fmt: skip
-            out = subprocess.PIPE
-            formats.append((node, subprocess.Popen(cmd, stdout=out, stderr=out, text=True)))
-    for node, proc in formats:
-        output, errors = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            raise BrokerError(
-                f"could not format Kafka storage in {node.dir}:\n{_last_lines(output + errors)}",
-                hint="`refold broker start --fresh` wipes the local broker data",
-            )
-
-
-def _launch(java: str, jars: Path, node: NodeInfo, heap_mb: int) -> NodeInfo:
-    """Start the node's JVM detached from us; return the node with its pid."""
-    # The JVM's temp dir (where lz4-java unpacks its native library on every start, and never
-    # removes it) lives with the node's data, not in the machine's /tmp.
-    (node.dir / "tmp").mkdir(parents=True, exist_ok=True)
-    cmd = [java, f"-Xmx{heap_mb}m", f"-Xms{heap_mb}m", "-XX:+ExitOnOutOfMemoryError",
-           "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={node.dir}/log4j2.properties",
-           f"-Djava.io.tmpdir={node.dir}/tmp",
-           "-cp", f"{jars}/*", "kafka.Kafka", str(node.properties)]  # fmt: skip
-    # `sh` starts the JVM in the background and exits, so the broker is re-parented to init:
-    # it outlives the CLI that started it and never lingers as our zombie once it exits.
-    script = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
-    done = subprocess.run(
-        ["/bin/sh", "-c", script, str(node.console_log), *cmd],
-        capture_output=True, text=True, check=False, start_new_session=True, cwd=node.dir,
-    )  # fmt: skip
-    if done.returncode != 0 or not done.stdout.strip().isdigit():
-        raise BrokerError(f"could not launch Kafka node {node.node_id}: {done.stderr.strip()}")
-    pid = int(done.stdout)
-    log.info("started Kafka node %d (pid %d) on %s:%d", node.node_id, pid, HOST, node.port)
-    return replace(node, pid=pid)
-
-
 def _admin(bootstrap: str) -> AdminClient:
     """An admin client for the nodes this launcher started (plain loopback, no user settings)."""
     conf: dict[str, Any] = {
@@ -534,9 +402,9 @@ def _wait_for(
     seen: tuple[int, ...] | None = None
     while (remaining := deadline - time.monotonic()) > 0:
         for i, node in enumerate(waiting):
-            if _is_ours(node):
+            if is_ours(node):
                 continue
-            why = f"Kafka node {node.node_id} exited while starting:\n{_node_tail(node)}"
+            why = f"Kafka node {node.node_id} exited while starting:\n{node_tail(node)}"
             if relaunch is None or node.node_id in relaunched:
                 raise BrokerError(why, hint=f"full log: {node.log}")
             log.warning("%s\nstarting it once more", why)
@@ -549,47 +417,25 @@ def _wait_for(
         time.sleep(0.2)
     raise BrokerError(
         f"Kafka on {info.bootstrap_servers} did not list nodes {node_ids} within {timeout:.0f}s"
-        f" (it listed {list(seen or ())}):\n" + "".join(_node_tail(n) for n in waiting),
+        f" (it listed {list(seen or ())}):\n" + "".join(node_tail(n) for n in waiting),
         hint=f"see the node logs under {info.nodes[0].dir.parent}",
     )
 
 
 def _signal_and_wait(config: Config, nodes: list[NodeInfo], timeout: float) -> int:
     """SIGTERM our live nodes, SIGKILL those left after `timeout`, clear their recorded pids."""
-    live = [n for n in nodes if n.pid is not None and _is_ours(n)]
+    live = [n for n in nodes if n.pid is not None and is_ours(n)]
     for node in live:
         log.info("stopping Kafka node %d (pid %s)", node.node_id, node.pid)
         os.kill(node.pid, signal.SIGTERM)  # type: ignore[arg-type]
-    for node in _wait_gone(live, timeout):
+    for node in wait_gone(live, timeout):
         log.warning("Kafka node %d ignored SIGTERM for %.0fs; killing it", node.node_id, timeout)
         os.kill(node.pid, signal.SIGKILL)  # type: ignore[arg-type]
-    if survivors := _wait_gone(live, 10.0):
+    if survivors := wait_gone(live, 10.0):
         raise BrokerError(f"Kafka nodes {[n.node_id for n in survivors]} survived SIGKILL")
     if (info := _read_record(config)) is not None:
         _write_record(config, _with_pids(info, {n.node_id: None for n in nodes}))
     return len(live)
-
-
-def _wait_gone(nodes: list[NodeInfo], timeout: float) -> list[NodeInfo]:
-    """Wait until none of `nodes` runs; return those still running after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while (live := [n for n in nodes if _is_ours(n)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return live
-
-
-def _is_ours(node: NodeInfo) -> bool:
-    """True if `node.pid` is alive and runs kafka.Kafka with this node's properties file."""
-    if node.pid is None:
-        return False
-    try:
-        args = Path(f"/proc/{node.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except FileNotFoundError:
-        return False  # gone (a zombie has an empty cmdline, so it counts as gone too)
-    except OSError:  # no procfs (macOS): ask ps
-        cmd = ["ps", "-o", "command=", "-p", str(node.pid)]
-        args = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.split()
-    return "kafka.Kafka" in args and str(node.properties) in args
 
 
 def _broker_dir(config: Config) -> Path:
@@ -677,34 +523,3 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _node_tail(node: NodeInfo) -> str:
-    """The node's first errors (why it stopped, usually) and the ends of its logs."""
-    text = _read_end(node.log, 1 << 20)
-    errors = [line for line in text.splitlines() if " ERROR " in line or " FATAL " in line][:5]
-    first = "first errors:\n" + "\n".join(errors) + "\n" if errors else ""
-    console, server = (
-        _last_lines(_read_end(p), n) for p, n in ((node.console_log, 10), (node.log, 15))
-    )
-    return f"--- node {node.node_id} ({node.dir}) ---\n{first}{console}{server}"
-
-
-def _read_end(path: Path, size: int = 16384) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - size))
-            return handle.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-def _read_all(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-def _last_lines(text: str, count: int = 20, width: int = 300) -> str:
-    return "".join(line[:width] + "\n" for line in text.strip().splitlines()[-count:])

@@ -37,7 +37,6 @@ import logging
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +68,7 @@ from refold.engine.decisions import (
     new_aggregate,
 )
 from refold.engine.tail import event_from_message
+from refold.engine.transactions import BoundedTransactions, Stuck, stable_instance_id
 from refold.kafka import clients
 from refold.kafka.log import read_to_end
 from refold.kafka.registry import SchemaRegistry
@@ -78,18 +78,6 @@ log = logging.getLogger(__name__)
 
 _AGG = "a/"
 _RES = "r/"
-#: How long a transaction may stay open, and a record may wait for its acknowledgement. It must
-#: outlast a leader election: losing the KRaft controller of a 3-node cluster took 13.5 s here
-#: until its partitions had new leaders (10 s, the former value, expired mid-failover). It is also
-#: how long a processor that died for good (its data directory never restarted) can hold back
-#: read_committed readers of its partitions; a restart with the same directory aborts at once.
-TXN_TIMEOUT_MS = 30_000
-#: How long a transactional call (init, send offsets, commit, abort) may block before its producer
-#: is given up. librdkafka 2.16 does not always honour these calls' own timeouts: when the group
-#: coordinator's node is lost, send_offsets_to_transaction can wait for a coordinator that its
-#: cache still names, forever (confluentinc/librdkafka#5456, #5511; seen in
-#: tests/integration/test_broker_faults.py). Each call gets its own timeout below this.
-TXN_CALL_TIMEOUT_S = 30.0
 MAX_CACHED = 100_000
 
 
@@ -100,17 +88,6 @@ def group_id(config: Config, name: str) -> str:
 
 def store_dir(config: Config, name: str) -> Path:
     return config.data_dir / "commands" / name
-
-
-def _instance_id(path: Path) -> str:
-    """A stable id for this worker's data directory (its transactional.id)."""
-    marker = path.parent / f"{path.name}.instance"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(uuid.uuid4().hex[:12])
-        tmp.replace(marker)
-    return marker.read_text().strip()
 
 
 @dataclass(slots=True)
@@ -131,11 +108,7 @@ class _Abort(Exception):
     """The current transaction must be aborted (a delivery failed, an abortable Kafka error)."""
 
 
-class _Stuck(Exception):
-    """A transactional call did not return in time: its producer is given up, not aborted."""
-
-
-class CommandProcessor:
+class CommandProcessor(BoundedTransactions):
     """Decides the commands of one aggregate type for the command partitions it owns."""
 
     def __init__(
@@ -156,7 +129,7 @@ class CommandProcessor:
         self._on_decided = on_decided
         self._source = f"refold://{socket.gethostname()}/commands/{self.name}"
         path = store_dir(config, self.name)
-        instance = _instance_id(path)
+        instance = stable_instance_id(path)
         self.store = RocksStore.open(path)
         self._claims = ClaimsIndex.for_decider(
             config, decider, path.with_name(f"{path.name}.claims")
@@ -215,20 +188,6 @@ class CommandProcessor:
         """The consumer that reads event and results partitions to their ends (no group)."""
         group = f"{group_id(self.config, self.name)}.reader"
         return clients.consumer(self.config, group, defaults={"queued.min.messages": 100_000})
-
-    def _new_producer(self) -> Producer:
-        return clients.producer(
-            self.config,
-            defaults={"linger.ms": 1},
-            transactional_id=self._transactional_id,
-            # librdkafka refuses a message timeout above the transaction timeout
-            required={
-                "transaction.timeout.ms": TXN_TIMEOUT_MS,
-                "message.timeout.ms": TXN_TIMEOUT_MS,
-            },
-        )
-
-    # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> None:
         """Decide until `stop()`; any unexpected error ends the processor in state `failed`."""
@@ -380,7 +339,7 @@ class CommandProcessor:
             self._transact(good)
         except _Abort as exc:
             self._recover(str(exc))
-        except _Stuck as exc:
+        except Stuck as exc:
             self._recover(str(exc), fatal=True)
         except KafkaException as exc:
             self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
@@ -401,7 +360,7 @@ class CommandProcessor:
         if not fatal:
             try:
                 self._bounded("abort_transaction", self._producer.abort_transaction)
-            except (KafkaException, _Stuck) as exc:
+            except (KafkaException, Stuck) as exc:
                 log.warning("commands %s: abort failed: %s", self.name, exc)
                 fatal = True
         if fatal:
@@ -416,7 +375,7 @@ class CommandProcessor:
             try:
                 step()
                 return
-            except (KafkaException, LogReadError, TopicError, _Stuck) as exc:
+            except (KafkaException, LogReadError, TopicError, Stuck) as exc:
                 log.warning(
                     "commands %s: %s failed (again in %.1fs): %s", self.name, what, pause, exc
                 )
@@ -425,47 +384,6 @@ class CommandProcessor:
                 self._reader = self._new_reader()
                 self._stop.wait(pause)
                 pause = min(2 * pause, 5.0)
-
-    def _renew_producer(self) -> None:
-        """A new producer with the same transactional.id: its init_transactions fences the old
-        one (a call of the old one that returns later fails as fenced) and ends the transaction
-        the old one left open. The old one is not flushed when a call of its is stuck."""
-        log.warning("commands %s: new transactional producer %s", self.name, self._transactional_id)
-        if not self._is_stuck():
-            self._producer.flush(0)
-        self._producer = self._new_producer()
-        self._init_transactions()
-
-    def _init_transactions(self) -> None:
-        """init_transactions, on a new producer if a call of the current one is stuck."""
-        self._stuck = [(p, t) for p, t in self._stuck if t.is_alive()]
-        if self._is_stuck():
-            self._producer = self._new_producer()
-        self._bounded("init_transactions", self._producer.init_transactions)
-
-    def _is_stuck(self) -> bool:
-        return any(producer is self._producer for producer, _thread in self._stuck)
-
-    def _bounded(self, what: str, call: Callable[[float], object]) -> None:
-        """`call(timeout)` on the current producer, given up after TXN_CALL_TIMEOUT_S plus a
-        grace: then the producer is recorded as stuck and `_Stuck` raised (see the constant).
-        The call runs in a thread of its own; its exceptions are re-raised here."""
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                call(TXN_CALL_TIMEOUT_S)
-            except BaseException as exc:  # re-raised in the caller's thread below
-                failure.append(exc)
-
-        thread = threading.Thread(target=run, name=f"txn-{self.name}", daemon=True)
-        thread.start()
-        thread.join(TXN_CALL_TIMEOUT_S + 5)
-        if thread.is_alive():
-            self._stuck.append((self._producer, thread))
-            raise _Stuck(f"{what} did not return in {TXN_CALL_TIMEOUT_S + 5:.0f}s")
-        if failure:
-            raise failure[0]
 
     def _rewind(self) -> None:
         """States from store + topics; the command consumer back to the committed offsets."""

@@ -33,7 +33,7 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError, TaskError
 from refold.core.serde import Codec
 from refold.core.tasks import STATUS, WORK_ITEM, Plan, Task, TaskQueue, plan_batches
-from refold.engine.command_processor import _instance_id
+from refold.engine.transactions import stable_instance_id
 from refold.kafka import clients
 from refold.kafka.task_log import Acks, TaskLog, status_data
 
@@ -65,7 +65,7 @@ class Dispatcher:
         self._codec = codec
         self._stop = threading.Event()
         group = config.group("tasks", queue.name, "dispatch")
-        instance = _instance_id(config.data_dir / "tasks" / queue.name / "dispatcher")
+        instance = stable_instance_id(config.data_dir / "tasks" / queue.name / "dispatcher")
         self._consumer = clients.consumer(
             config,
             group,

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 
 from refold.core.config import Config
 from refold.core.projection import Projection
-from refold.engine.runtime import TP, ProjectionRunner, RunnerStats
+from refold.engine.runner_stats import TP, RunnerStats
+from refold.engine.runtime import ProjectionRunner
 from refold.store.rocksdb import RocksStore
 from refold.store.versions import store_path
 

@@ -12,7 +12,7 @@ without a broker round trip.
 
 A partition is, for one projection:
 - `here`: owned by this worker; its lag is the runner's (records not folded, refreshed each
-  second) and it is `behind` while records older than `runtime.BEHIND_S` are not folded;
+  second) and it is `behind` while records older than `runner_stats.BEHIND_S` are not folded;
 - `elsewhere`: owned by another member of the group; its lag is counted from the group's
   committed offsets (committed within a second of each store write) and it is `behind` on the
   same rule. A member that died keeps its partitions until the session timeout expires it;
@@ -44,7 +44,9 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
 from refold.engine.group_probe import GroupProbe, ProbeError
 from refold.engine.membership import rejoin_after_s
-from refold.engine.runtime import TP, Behind, ProjectionRunner, group_id
+from refold.engine.runner_consumer import group_id
+from refold.engine.runner_stats import TP, Behind
+from refold.engine.runtime import ProjectionRunner
 from refold.kafka import clients
 
 log = logging.getLogger(__name__)

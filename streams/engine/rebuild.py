@@ -43,7 +43,9 @@ from typing import Any
 from refold.core.config import Config
 from refold.core.errors import ProjectionError, StoreError
 from refold.core.projection import Projection
-from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes, tune_collector
+from refold.engine.runner_stats import TP
+from refold.engine.runner_writes import rebuild_writes
+from refold.engine.runtime import ProjectionRunner, tune_collector
 from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
 from refold.store.scratch import scratch_dir

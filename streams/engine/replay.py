@@ -32,7 +32,9 @@ from refold.engine.rebuild import (
     discard_parts,
     stored_offsets,
 )
-from refold.engine.runtime import TP, ProjectionRunner, rebuild_writes
+from refold.engine.runner_stats import TP
+from refold.engine.runner_writes import rebuild_writes
+from refold.engine.runtime import ProjectionRunner
 from refold.kafka import clients
 from refold.kafka.log import topic_partitions, watermarks
 from refold.store.rocksdb import RocksStore, Store

@@ -24,6 +24,11 @@ Commit steps, in order, for every batch (the order is what makes a crash at any 
 A poison record found while earlier batches wait for their write may have half-changed their
 cached states, so those batches are not written: the consumer rewinds to the stored offsets and
 folds them again, skipping (dead-lettering) the poison record by its position.
+
+Here: the fold loop (steps 1-2), bounded folding for rebuilds and read-your-writes. Beside it:
+`refold.engine.runner_writes` (steps 4-5), `refold.engine.runner_poison` (step 3),
+`refold.engine.runner_consumer` (the consumer, its group and rebalances) and
+`refold.engine.runner_stats` (what a runner publishes).
 """
 
 from __future__ import annotations
@@ -33,59 +38,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, Producer, TopicPartition
 from refold.core.config import Config
-from refold.core.errors import DecodeError, ProjectionError
+from refold.core.errors import DecodeError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
-from refold.engine.membership import fold_group_settings
-from refold.kafka import clients
+from refold.engine.runner_consumer import RunnerConsumer
+from refold.engine.runner_poison import Poison, RunnerPoison
+from refold.engine.runner_stats import TP, Behind, RunnerStats
+from refold.engine.runner_writes import COMMIT_EVERY, COMMIT_INTERVAL_S, PendingWrite, Where
 from refold.kafka.log import end_offsets, topic_partitions
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.versions import store_path
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
 _MISSING = object()
 _key = Message.key
-MAX_CACHED_STATES = 200_000
-# Kafka's copy of the offsets only informs monitoring, so it may trail the store's by this much.
-# (Committing it after every batch sent hundreds of OffsetCommit requests a second at light load,
-# broker and client work on the path of every fresh event.)
-KAFKA_COMMIT_INTERVAL_S = 1.0
-#: Batches folded during a backlog share one store write up to this many events or seconds.
-COMMIT_EVERY = 50_000
-COMMIT_INTERVAL_S = 0.5
-#: An owned partition is "behind" while records it held this many seconds ago are not folded.
-BEHIND_S = 5.0
-#: A consumer is replaced at most this often (a fatal error that recurs, say a KIP-848 static
-#: member refused until its predecessor expires, does not spin).
-REJOIN_EVERY_S = 5.0
-
-
-def rebuild_writes(config: Config) -> dict[str, Any]:
-    """How rebuilds write: nobody reads a rebuild's store before it is done, so one WriteBatch
-    takes `config.rebuild_write_every` events (250k by default; with 100k keys over 1M events,
-    2 writes per key instead of 9: 15-20% less CPU per event, measured) and a crash re-folds at
-    most that much."""
-    return {
-        "commit_every": config.rebuild_write_every,
-        "commit_interval_s": 5.0,
-        "write_when_caught_up": False,
-    }
 
 
 def tune_collector() -> None:
@@ -95,115 +66,11 @@ def tune_collector() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
-#: How the fold consumer reads. The prefetch bounds keep a worker's memory independent of the
-#: backlog: librdkafka keeps ~340 bytes per buffered record beside the record itself (measured),
-#: and fetch sizes count compressed bytes, so 10 MiB partition fetches of small lz4 records once
-#: buffered 3 of a 4M-record backlog (1.1 GB). Now at most queued.min.messages plus one 1 MiB
-#: fetch response are buffered; the 10 ms backoff refetches as soon as the queue runs below the
-#: minimum (the default 1 s starved the fold loop of such a small queue).
-FOLD_CONSUMER_CONF: Mapping[str, object] = MappingProxyType(
-    {
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "fetch.max.bytes": 1 << 20,
-        "max.partition.fetch.bytes": 256 << 10,
-        "queued.min.messages": 20_000,
-        "queued.max.messages.kbytes": 16 << 10,
-        "fetch.queue.backoff.ms": 10,
-    }
-)
-
-
-def group_id(config: Config, name: str, version: int) -> str:
-    """The consumer group of one projection version: `<app id>.<name>.v<version>`."""
-    return config.group(name, f"v{version}")
-
-
 def dead_letter_topic_name(config: Config, name: str) -> str:
     return config.dead_letter_topic(name)
 
 
-@dataclass(slots=True)
-class RunnerStats:
-    """Counters and positions a runner publishes for status, metrics and read-your-writes."""
-
-    state: str = "starting"  # starting | running | stopped | failed
-    error: str | None = None
-    folded: int = 0
-    dead_letters: int = 0
-    skipped: int = 0
-    batches: int = 0
-    rejoins: int = 0  # consumers replaced (`ProjectionRunner.rejoin`)
-    positions: dict[TP, int] = field(default_factory=dict)  # next offset per owned partition
-    assigned: tuple[TP, ...] = ()
-    high_watermarks: dict[TP, int] = field(default_factory=dict)
-    last_commit_ms: float = 0.0
-    # Refreshed about once a second by the fold thread (`_refresh_watermarks`), each a new object:
-    lag: dict[TP, int] = field(default_factory=dict)  # records not folded, per owned partition
-    behind: tuple[TP, ...] = ()  # owned partitions with records older than BEHIND_S unfolded
-    refreshed_at: float = 0.0  # time.monotonic() of that refresh
-
-
-class Behind:
-    """Which partitions hold records older than `after` seconds that are not folded yet: fed
-    the end offsets seen and the positions folded, once a second or so."""
-
-    def __init__(self, after: float = BEHIND_S) -> None:
-        self._after = after
-        self._seen: list[tuple[float, Mapping[TP, int]]] = []  # (when, ends), oldest first
-
-    def update(
-        self, now: float, ends: Mapping[TP, int], folded: Mapping[TP, int]
-    ) -> tuple[TP, ...]:
-        """Partitions not folded to the ends seen `after` s ago (or, for partitions watched
-        less long than that, to the first end seen: a new owner is behind until it caught up
-        with what was there when it took the partition)."""
-        seen = self._seen
-        seen.append((now, ends))
-        while len(seen) > 1 and seen[1][0] <= now - self._after:
-            seen.pop(0)  # seen[0] stays: the newest sample at least `after` s old
-        behind = []
-        for tp, nxt in folded.items():
-            ref = next((m[tp] for _t, m in seen if tp in m), None)
-            if ref is not None and nxt < ref:
-                behind.append(tp)
-        return tuple(sorted(behind))
-
-
-class _Poison(Exception):
-    """A record that cannot be folded (undecodable, or the fold raised), and why."""
-
-    def __init__(self, msg: Message, reason: str) -> None:
-        self.msg = msg
-        self.reason = reason
-
-
-Where = tuple[str, int, int]  # topic, partition, offset
-
-
-@dataclass(slots=True)
-class _Pending:
-    """Folded batches not yet written to the store: what their one WriteBatch will hold."""
-
-    changed: dict[str, Any] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)
-    offsets: dict[TP, int] = field(default_factory=dict)  # next offset per partition
-    folded: int = 0
-    skipped: int = 0
-    dead: int = 0
-    batches: int = 0
-    since: float = 0.0  # when the first of them was folded
-
-    def clear(self) -> None:
-        self.changed = {}
-        self.links = {}
-        self.offsets = {}
-        self.folded = self.skipped = self.dead = self.batches = 0
-
-
-class ProjectionRunner:
+class ProjectionRunner(RunnerConsumer, RunnerPoison):
     """Runs one projection version: a consumer in group `refold.<name>.v<version>` and a store."""
 
     def __init__(
@@ -245,7 +112,7 @@ class ProjectionRunner:
         # While every state this runner ever stored is still cached, a key missing from the
         # cache has no state in the store either: no need to read it (a rebuild from scratch).
         self._cache_complete = not self.store.offsets() and not self.store.scan(limit=1)
-        self._pending = _Pending()
+        self._pending = PendingWrite()
         self._poison: dict[Where, str] = {}  # positions to skip (or stop at), with the reason
         self._dead_lettered: set[Where] = set()  # of those, already in the dead-letter topic
         self._careful = 0  # after a rewind, write every batch for this many records
@@ -273,15 +140,6 @@ class ProjectionRunner:
         self._rejoined_at = 0.0
         self._closing: list[threading.Thread] = []  # replaced consumers being closed
 
-    def _new_consumer(self) -> Consumer:
-        membership, required = fold_group_settings(self.config, self.instance_id)
-        return clients.consumer(
-            self.config,
-            group_id(self.config, self.name, self.version),
-            defaults={**FOLD_CONSUMER_CONF, **membership, **(self._consumer_conf or {})},
-            required=required,
-        )
-
     @property
     def topics(self) -> tuple[str, ...]:
         return tuple(self.projection.topics)
@@ -306,54 +164,6 @@ class ProjectionRunner:
         finally:
             self.close()
 
-    def _subscribe(self) -> None:
-        self._consumer.subscribe(
-            list(self.projection.topics),
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
-        )
-
-    def rejoin(self, reason: str) -> None:
-        """Ask the fold thread to replace its consumer with a new one in the same group (any
-        thread may call this): for a consumer that lost its group for good. librdkafka 2.16 was
-        seen not to rejoin after the group coordinator's node was lost (the coordinator that
-        took over dropped the static member and it never came back), and treats some refusals
-        as fatal; the health monitor calls this when the group shows it (refold.engine.health).
-        """
-        if self._rejoin is None:
-            self._rejoin = reason
-
-    def _renew_consumer(self, reason: str) -> None:
-        """Store what is folded, close the consumer (in the background: a consumer cut off from
-        its coordinator may take long to close) and subscribe a new one. Nothing else changes:
-        on assignment the new one seeks to the store's offsets, like any owner."""
-        wait = self._rejoined_at + REJOIN_EVERY_S - time.monotonic()
-        if wait > 0 and self._stop.wait(wait):
-            return
-        log.warning("%s v%d: a new consumer joins the group: %s", self.name, self.version, reason)
-        self._write_pending_unless_failed(past_markers=False)
-        old = self._consumer
-        self._consumer = self._new_consumer()
-        self._rejoin = None
-        self._rejoined_at = time.monotonic()
-        self.stats.rejoins += 1
-        self._next.clear()
-        self._uncommitted.clear()  # the new owner commits the stored offsets on assignment
-        self._set_owned(())
-        closing = threading.Thread(
-            target=self._close_replaced, args=(old,), name=f"close-{self.name}", daemon=True
-        )
-        closing.start()
-        self._closing = [t for t in self._closing if t.is_alive()] + [closing]
-        self._subscribe()
-
-    def _close_replaced(self, consumer: Consumer) -> None:
-        try:
-            consumer.close()
-        except Exception as exc:  # it is gone either way; the group expires or fences it
-            log.info("%s v%d: closing a replaced consumer: %s", self.name, self.version, exc)
-
     def _failed(self, exc: Exception) -> None:
         log.exception("projection %s v%d failed", self.name, self.version)
         self.stats.state = "failed"
@@ -377,13 +187,6 @@ class ProjectionRunner:
 
     def stop(self) -> None:
         self._stop.set()
-
-    def _write_pending_unless_failed(self, past_markers: bool = True) -> None:
-        """Store the batches folded but not yet written (they are complete: folding happens
-        between consume() calls). Not after a failure: the batch that failed may have left its
-        records in the pending write without their dead letters."""
-        if self.stats.state != "failed" and self._pending.offsets:
-            self._write_pending(past_markers)
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 
@@ -460,44 +263,6 @@ class ProjectionRunner:
         self._write_pending()
         return True
 
-    # -- rebalancing ------------------------------------------------------------------------
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if consumer is not self._consumer:
-            return  # a replaced consumer, closing: it folds nothing more
-        stored = self.store.offsets()
-        for tp in partitions:
-            key = (tp.topic, tp.partition)
-            tp.offset = stored.get(key, OFFSET_BEGINNING)
-            self._next[key] = stored.get(key, 0)
-            if key in stored:  # the store is the truth: undo any reset of the group's offsets
-                self._uncommitted[key] = stored[key]
-        consumer.incremental_assign(partitions)
-        self._publish_assignment(consumer)
-        log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if consumer is not self._consumer:
-            return  # a replaced consumer, closing (its folded batches were stored before)
-        # Batches waiting for their write are stored first (this runs inside consume(), between
-        # two folds); then Kafka's advisory copy of the revoked partitions' offsets. Not past
-        # the consumer's position: records this consume() call already took are not folded.
-        self._write_pending_unless_failed(past_markers=False)
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
-        self._commit_to_kafka([tp for tp in revoked if tp in self._uncommitted])
-        for tp in revoked:
-            self._next.pop(tp, None)
-        consumer.incremental_unassign(partitions)
-        # Not consumer.assignment(): during close() the handle is already being destroyed.
-        self._set_owned(tuple(tp for tp in self.stats.assigned if tp not in revoked))
-
-    def _publish_assignment(self, consumer: Consumer) -> None:
-        self._set_owned(tuple(sorted((tp.topic, tp.partition) for tp in consumer.assignment())))
-
-    def _set_owned(self, owned: tuple[TP, ...]) -> None:
-        self.stats.assigned = owned
-        self.stats.positions = {tp: self._next.get(tp, 0) for tp in owned}
-
     # -- folding ----------------------------------------------------------------------------
 
     def _next_batch(self) -> list[Message]:
@@ -523,7 +288,7 @@ class ProjectionRunner:
             try:
                 stop, dead = self._fold(msgs)
                 break
-            except _Poison as p:
+            except Poison as p:
                 msg = p.msg
                 self._poison[(msg.topic(), msg.partition(), msg.offset())] = p.reason
                 # The fold may have half-mutated cached states: forget them all; fold again from
@@ -607,41 +372,6 @@ class ProjectionRunner:
             next_offsets[tp] = max(next_offsets.get(tp, 0), nxt)
         return stop, dead
 
-    def _without_poison(
-        self, msgs: list[Message]
-    ) -> tuple[list[Message], tuple[Message, str] | None, list[tuple[Message, str]], dict[TP, int]]:
-        """Take the records at known poison positions out of the batch. For a projection that
-        stops on errors, the batch ends before the first one (returned as where to stop);
-        otherwise each is counted, dead-lettered once, and its partition's next offset moves
-        past it (returned, applied after the fold). Positions the fold would skip anyway
-        (already folded, past a rebuild's bound) stay in the batch for it to skip."""
-        poison, pending = self._poison, self._pending
-        stops = self.projection.on_error == "stop"
-        keep: list[Message] = []
-        dead: list[tuple[Message, str]] = []
-        passed: dict[TP, int] = {}
-        for index, msg in enumerate(msgs):
-            where = (msg.topic(), msg.partition(), msg.offset())
-            reason = poison.get(where) if msg.error() is None else None
-            if reason is None or not self._unfolded(where):
-                keep.append(msg)
-                continue
-            if stops:
-                return msgs[:index], (msg, reason), [], {}
-            pending.dead += 1
-            passed[where[:2]] = where[2] + 1
-            if where not in self._dead_lettered:
-                dead.append((msg, reason))
-        return keep, None, dead, passed
-
-    def _unfolded(self, where: Where) -> bool:
-        """True if the fold would take a record at `where`: not folded yet, within bounds."""
-        tp, offset = where[:2], where[2]
-        if offset < max(self._next.get(tp, 0), self._pending.offsets.get(tp, 0)):
-            return False
-        bound = self._bounds.get(tp) if self._bounds else None
-        return bound is None or offset < bound
-
     def _fold_keyed(self, msgs: list[Message]) -> None:
         """Fold each record under its own key. The measured hot loop (bench/fold_micro.py,
         the rebuild scenario), so one function with everything inline: records come in runs
@@ -694,9 +424,9 @@ class ProjectionRunner:
                         type_name, data = decode(value)
                 except (IndexError, ValueError, UnicodeDecodeError) as exc:
                     reason = f"undecodable: Avro body does not decode: {exc}"
-                    raise _Poison(msg, reason) from exc
+                    raise Poison(msg, reason) from exc
                 except DecodeError as exc:
-                    raise _Poison(msg, f"undecodable: {exc}") from exc
+                    raise Poison(msg, f"undecodable: {exc}") from exc
                 event = Event(type_name, key, data, topic, partition, offset, 0, None, msg)
                 if offset < replay_floor:
                     event.replay = True
@@ -704,7 +434,7 @@ class ProjectionRunner:
                     state = cache.get(key, _MISSING)
                     state = apply(initial(key) if state is _MISSING else state, event)
                 except Exception as exc:  # a bug or bad data in user code: poison, not a crash
-                    raise _Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                    raise Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
                 cache[key] = state
                 changed[key] = state
                 folded += 1
@@ -744,7 +474,7 @@ class ProjectionRunner:
                             state = projection.initial(key)
                     state = projection.apply(state, event)
                 except Exception as exc:  # a bug or bad data in user code: poison, not a crash
-                    raise _Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                    raise Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
                 cache[key] = state
                 pending.changed[key] = state
                 folded += 1
@@ -776,7 +506,7 @@ class ProjectionRunner:
                     raise DecodeError("record has no key (events are keyed by aggregate id)")
                 type_name, data = self.codec.decode(msg.value())
             except DecodeError as exc:
-                raise _Poison(msg, f"undecodable: {exc}") from exc
+                raise Poison(msg, f"undecodable: {exc}") from exc
             key = raw_key.decode("utf-8", "replace")
             event = Event(type_name, key, data, topic, partition, offset, 0, None, msg)
             event.replay = offset < self._replay_below.get(tp, 0)
@@ -789,133 +519,6 @@ class ProjectionRunner:
             return
         if error.code() != KafkaError._PARTITION_EOF:
             log.warning("%s: consume error %s", self.name, error)
-
-    def _write_pending(self, past_markers: bool = True) -> None:
-        """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch.
-        `past_markers`: every record the consumer returned is folded, so its position may be
-        stored where it is further (see `_past_markers`)."""
-        pending = self._pending
-        next_offsets = pending.offsets
-        if not next_offsets:
-            pending.clear()
-            return
-        if past_markers:
-            self._past_markers(next_offsets)
-        stats = self.stats
-        folded, skipped, dead = pending.folded, pending.skipped, pending.dead
-        meta: dict[str, Any] = {"events_folded": stats.folded + folded}
-        if dead:
-            meta["dead_letters"] = stats.dead_letters + dead
-        if skipped:
-            meta["skipped"] = stats.skipped + skipped
-        self.store.commit(pending.changed, next_offsets, links=pending.links, meta=meta)
-        if self.on_commit is not None:
-            self.on_commit(pending.changed.keys())
-        pending.clear()
-        stats.folded += folded
-        stats.dead_letters += dead
-        stats.skipped += skipped
-        stats.batches += 1
-        stats.last_commit_ms = time.time() * 1000
-        self._next.update(next_offsets)
-        positions = dict(stats.positions)
-        positions.update(next_offsets)
-        stats.positions = positions
-        if self._poison:
-            self._forget_poison(next_offsets)
-        if len(self._cache) > MAX_CACHED_STATES:
-            self._cache.clear()
-            self._cache_complete = False
-        with self._changed:
-            self._changed.notify_all()
-        self._uncommitted.update(next_offsets)
-        self._commit_to_kafka_due()
-
-    def _past_markers(self, offsets: dict[TP, int]) -> None:
-        """Move next offsets up to the consumer's position where it is further: the offsets in
-        between hold transaction markers or aborted records, which read_committed never delivers
-        (position() is the last record returned + 1, past the markers that followed it). Only
-        when every record returned is folded; never past a rebuild's bound. Without this a
-        partition ending in a marker (every transactional write) shows lag 1 forever."""
-        tps = [TopicPartition(t, p) for t, p in offsets if (t, p) not in self._beyond]
-        if not tps or self._paused.intersection(offsets):
-            return
-        bounds = self._bounds
-        for tp in self._consumer.position(tps):
-            key = (tp.topic, tp.partition)
-            position = tp.offset if not bounds else min(tp.offset, bounds.get(key, tp.offset))
-            if position > offsets[key]:
-                offsets[key] = position
-
-    def _skip_trailing_markers(self) -> None:
-        """Store positions that moved past markers while nothing was folded (a marker fetched
-        after the last record of its transaction): an offsets-only write."""
-        if self._pending.offsets or self._beyond or self._stop.is_set():
-            return  # (stopped: maybe at a poison record, with records after it not folded)
-        owned = {tp: self._next[tp] for tp in self.stats.assigned if tp in self._next}
-        moved = dict(owned)
-        self._past_markers(moved)
-        moved = {tp: o for tp, o in moved.items() if o > owned[tp]}
-        if moved:
-            self._pending.offsets.update(moved)
-            self._write_pending(past_markers=False)
-
-    def _forget_poison(self, stored: Mapping[TP, int]) -> None:
-        """Poison positions now below the stored offsets are never read again."""
-        for where in [w for w in self._poison if w[2] < stored.get((w[0], w[1]), -1)]:
-            del self._poison[where]
-            self._dead_lettered.discard(where)
-
-    def pending_positions(self) -> dict[TP, int]:
-        """Next offsets folded so far, stored or still waiting for their write (progress)."""
-        return {**self.stats.positions, **self._pending.offsets}
-
-    def folded_so_far(self) -> int:
-        """Events folded, stored or still waiting for their write (progress)."""
-        return self.stats.folded + self._pending.folded
-
-    def _commit_to_kafka_due(self) -> None:
-        if self._uncommitted and (
-            time.monotonic() - self._kafka_committed_at >= KAFKA_COMMIT_INTERVAL_S
-        ):
-            self._commit_to_kafka(list(self._uncommitted))
-
-    def _commit_to_kafka(self, tps: list[TP]) -> None:
-        """Commit the stored offsets of `tps` to the group, asynchronously (advisory only)."""
-        if not tps:
-            return
-        self._kafka_committed_at = time.monotonic()
-        offsets = [TopicPartition(t, p, self._uncommitted.pop((t, p))) for t, p in tps]
-        try:
-            self._consumer.commit(offsets=offsets, asynchronous=True)
-        except KafkaException as exc:  # e.g. not a group member right now; the store is the truth
-            log.info("%s v%d: advisory offset commit failed: %s", self.name, self.version, exc)
-
-    # -- poison -----------------------------------------------------------------------------
-
-    def _dead_letter(self, records: list[tuple[Message, str]]) -> None:
-        for msg, reason in records:
-            log.warning(
-                "%s: dead-lettering %s[%d]@%d: %s",
-                self.name,
-                msg.topic(),
-                msg.partition(),
-                msg.offset(),
-                reason,
-            )
-            headers = list(msg.headers() or [])
-            headers += [
-                ("refold_dlq_reason", reason.encode()),
-                ("refold_dlq_projection", f"{self.name}.v{self.version}".encode()),
-                ("refold_dlq_topic", msg.topic().encode()),
-                ("refold_dlq_partition", str(msg.partition()).encode()),
-                ("refold_dlq_offset", str(msg.offset()).encode()),
-            ]
-            self._dlq.produce(self.dlq_topic, msg.value(), msg.key(), headers=headers)
-        if self._dlq.flush(30):
-            # Without the dead letter durable, the offset must not move past the poison record.
-            raise ProjectionError(f"{self.name}: dead-letter topic {self.dlq_topic} unreachable")
-        self._dead_lettered.update((m.topic(), m.partition(), m.offset()) for m, _ in records)
 
     # -- read-your-writes -------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
 from refold.engine.health import HealthMonitor
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
-from refold.engine.runtime import TP, ProjectionRunner, dead_letter_topic_name
+from refold.engine.runner_stats import TP
+from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name
 from refold.engine.saga_runner import SagaService
 from refold.engine.task_queues import TaskService
 from refold.kafka import clients

@@ -13,7 +13,7 @@ from typing import Any, cast
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from refold.core.config import Config
-from refold.engine.runtime import group_id
+from refold.engine.runner_consumer import group_id
 from refold.kafka.registry import codec_for
 
 from tests.integration.test_projections import end_offsets

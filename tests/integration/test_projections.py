@@ -19,7 +19,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from refold.core.config import Config
 from refold.core.errors import StoreError
-from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name, group_id, store_path
+from refold.engine.runner_consumer import group_id
+from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name, store_path
 from refold.engine.tail import dead_letters
 from refold.examples.bank.projections import Balances
 from refold.kafka.publisher import PRODUCER_DEFAULTS, Publisher

@@ -22,7 +22,8 @@ from confluent_kafka.admin import AdminClient
 from refold.cli import broker
 from refold.core.config import Config
 from refold.engine.membership import SESSION_TIMEOUT_MS, fold_group_settings
-from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name, group_id
+from refold.engine.runner_consumer import group_id
+from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name
 from refold.engine.worker import Worker
 from refold.http.server import QueryServer
 from refold.kafka import clients

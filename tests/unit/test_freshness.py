@@ -1,11 +1,11 @@
 """What a lookup says about its key's partition (`answers.Freshness`), and when a partition
-counts as behind (`runtime.Behind`): pure logic, no Kafka."""
+counts as behind (`runner_stats.Behind`): pure logic, no Kafka."""
 
 from __future__ import annotations
 
 import json
 
-from refold.engine.runtime import Behind
+from refold.engine.runner_stats import Behind
 from refold.engine.timetravel import murmur2_partition
 from refold.http.answers import Freshness, key_found, key_missing
 
