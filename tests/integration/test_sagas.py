@@ -49,7 +49,13 @@ class Worker:
     """`refold worker --http` subprocesses for the test's saga, one at a time."""
 
     def __init__(
-        self, config: Config, vault: Decider, saga: str, tmp: Path, timeout_s: float = 300
+        self,
+        config: Config,
+        vault: Decider,
+        saga: str,
+        tmp: Path,
+        timeout_s: float = 300,
+        decide_delay_s: float = 0,
     ) -> None:
         self.saga = saga
         self.tmp = tmp
@@ -62,6 +68,7 @@ class Worker:
             "REFOLD_TEST_SAGA": saga,
             # by default past any restart here: a step times out only when its command is lost
             "REFOLD_TEST_STEP_TIMEOUT_S": str(timeout_s),
+            "VAULT_DECIDE_DELAY_S": str(decide_delay_s),
             "PYTHONPATH": str(ROOT),
         }
         self.port = _free_port()
@@ -306,10 +313,13 @@ def _check(
 def test_steps_that_time_out_are_fenced_so_the_money_still_adds_up(
     config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
 ) -> None:
-    """Steps time out after 50 ms, racing the command processor: a timed-out step's command is
-    fenced (its id claimed for nothing) or, when the processor claimed it first, awaited. Either
-    way no command applies without its saga knowing."""
-    worker = Worker(config, vault, unique("transfers"), tmp_path, timeout_s=0.05)
+    """Steps time out after 50 ms, racing a command processor that takes 100 ms per decision (so
+    commands queue behind it on any machine): a timed-out step's command is fenced (its id claimed
+    for nothing) or, when the processor claimed it first, awaited. Either way no command applies
+    without its saga knowing."""
+    worker = Worker(
+        config, vault, unique("transfers"), tmp_path, timeout_s=0.05, decide_delay_s=0.1
+    )
     worker.start()
     try:
         accounts = _fund(client, vault)
