@@ -26,6 +26,7 @@ from refold.core.sagas import Saga
 from refold.core.tasks import TaskQueue
 
 T = TypeVar("T")
+N = TypeVar("N")
 
 
 def import_app(module_name: str) -> ModuleType:
@@ -84,34 +85,45 @@ def load_projections(app_modules: Iterable[str] = ()) -> list[Projection]:
     return [versions[max(versions)] for versions in load_versions(app_modules).values()]
 
 
+def _load_named(
+    app_modules: Iterable[str],
+    base: type[N],
+    error: type[Exception],
+    kind: str,
+    hint: str,
+    skip_unnamed: bool = False,
+) -> dict[str, N]:
+    """One instance of every `base` subclass the named modules contribute, by its `name`; two
+    classes with one name are an error. A class without a name fails its own validation, or is
+    skipped as abstract when `skip_unnamed` (deciders)."""
+    found: dict[str, N] = {}
+    for module_name in dict.fromkeys(app_modules):
+        for cls in classes_of(import_app(module_name), base):
+            if skip_unnamed and not getattr(cls, "name", None):
+                continue
+            cls.validate()  # type: ignore[attr-defined]
+            name = cls.name  # type: ignore[attr-defined]
+            if name in found and type(found[name]) is not cls:
+                raise error(f"two {kind} are named {name!r}", hint=hint)  # type: ignore[call-arg]
+            found.setdefault(name, cls())
+    return found
+
+
 def load_deciders(app_modules: Iterable[str] = ()) -> dict[str, Decider]:
     """Every decider the named modules contribute, by name."""
-    found: dict[str, Decider] = {}
-    for module_name in dict.fromkeys(app_modules):
-        for cls in classes_of(import_app(module_name), Decider):
-            if not cls.name:
-                continue
-            cls.validate()
-            if cls.name in found and type(found[cls.name]) is not cls:
-                raise CommandError(
-                    f"two deciders are named {cls.name!r}", hint="give each aggregate its own name"
-                )
-            found.setdefault(cls.name, cls())
-    return found
+    hint = "give each aggregate its own name"
+    return _load_named(app_modules, Decider, CommandError, "deciders", hint, skip_unnamed=True)
 
 
 def load_task_queues(app_modules: Iterable[str] = ()) -> dict[str, TaskQueue]:
     """Every task queue the named modules contribute, by name."""
-    found: dict[str, TaskQueue] = {}
-    for module_name in dict.fromkeys(app_modules):
-        for cls in classes_of(import_app(module_name), TaskQueue):
-            cls.validate()
-            if cls.name in found and type(found[cls.name]) is not cls:
-                raise TaskError(
-                    f"two task queues are named {cls.name!r}", hint="give each queue its own name"
-                )
-            found.setdefault(cls.name, cls())
-    return found
+    hint = "give each queue its own name"
+    return _load_named(app_modules, TaskQueue, TaskError, "task queues", hint)
+
+
+def load_sagas(app_modules: Iterable[str] = ()) -> dict[str, Saga]:
+    """Every saga the named modules contribute, by name."""
+    return _load_named(app_modules, Saga, SagaError, "sagas", "give each saga its own name")
 
 
 def schema_dirs(app_modules: Iterable[str] = ()) -> list[Path]:
@@ -121,17 +133,3 @@ def schema_dirs(app_modules: Iterable[str] = ()) -> list[Path]:
         declared = getattr(import_app(module_name), "SCHEMAS_DIRS", ())
         dirs.extend(Path(str(d)) for d in declared)
     return dirs
-
-
-def load_sagas(app_modules: Iterable[str] = ()) -> dict[str, Saga]:
-    """Every saga the named modules contribute, by name."""
-    found: dict[str, Saga] = {}
-    for module_name in dict.fromkeys(app_modules):
-        for cls in classes_of(import_app(module_name), Saga):
-            cls.validate()
-            if cls.name in found and type(found[cls.name]) is not cls:
-                raise SagaError(
-                    f"two sagas are named {cls.name!r}", hint="give each saga its own name"
-                )
-            found.setdefault(cls.name, cls())
-    return found
