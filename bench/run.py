@@ -111,8 +111,13 @@ def run_scenarios(bench: Bench, params: Params, only: set[str], out: dict[str, A
             "rebuild", lambda: scenarios_rebuild.run(bench, topic, ends, data, params).to_json()
         )
     if "faust" in only and topic:
+        # one Faust worker, then two in one group: refold's replay runs on as many processes
         out["faust"] = attempt(
             "faust", lambda: scenarios_faust.run(bench, topic, len(ends), data, params).to_json()
+        )
+        out["faust2"] = attempt(
+            "faust2",
+            lambda: scenarios_faust.run(bench, topic, len(ends), data, params, workers=2).to_json(),
         )
     if "freshness" in only:
         out["freshness"] = attempt(
