@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars redis test unit demo bench bench-quick lint clean
+.PHONY: install jars redis chromium test unit demo bench bench-quick lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,8 @@ jars: $(STAMP)
 	$(BIN)/python -c "from refold.cli.broker import ensure_jars; print('kafka jars:', ensure_jars())"
 
 # The whole suite against a real broker that the test session starts (or REFOLD_BOOTSTRAP_SERVERS).
-test: jars
+# The dashboard test renders the page in Debian's Chromium (installed here when missing).
+test: jars chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 unit: $(STAMP)
@@ -43,6 +44,12 @@ bench-quick: jars redis
 # The Celery peer's broker: Debian's redis-server, installed once when missing (apt, as root).
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+# Debian's headless Chromium for the dashboard test, installed once when missing (apt, as root);
+# where apt cannot, that one test is skipped and says why.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the page test will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check streams projections tests bench

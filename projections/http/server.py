@@ -33,6 +33,7 @@ from refold.http.answers import dumps as _dumps
 from refold.http.answers import loads as _loads
 from refold.http.answers import position as _position
 from refold.http.command_routes import CommandRoutes
+from refold.http.dashboard import Dashboard
 from refold.http.fastpath import Answer, Front, new_loop
 from refold.http.replicas import ReaderProcesses
 from refold.http.saga_routes import SagaRoutes
@@ -156,6 +157,7 @@ class QueryServer:
         self._commands = CommandRoutes(worker)
         self._tasks = TaskRoutes(worker)
         self._sagas = SagaRoutes(worker)
+        self._dashboard = Dashboard(worker, self.describe_projections)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
@@ -232,6 +234,8 @@ class QueryServer:
             ("GET", "/projections/{name}", self.scan),
             ("GET", "/projections", self.projections),
             ("GET", "/healthz", self.healthz),
+            ("GET", "/", self._dashboard.page),
+            ("GET", "/dashboard.json", self._dashboard.data),
             ("GET", "/metrics", self.metrics),
             ("POST", "/events/{topic}", self.post_event),
             ("POST", "/commands/{name}", self._commands.post),
@@ -524,30 +528,28 @@ class QueryServer:
 
     async def projections(self, request: web.Request) -> web.StreamResponse:
         """`GET /projections`: every runner with its counters, positions and lag."""
-        runners = list(self.worker.runners.values())
+        loop = asyncio.get_running_loop()
+        described = await loop.run_in_executor(None, self.describe_projections)
+        return _respond(200, described)
+
+    def describe_projections(self) -> list[dict[str, Any]]:
+        """Every live runner as `GET /projections` shows it, with the version being rebuilt."""
         builds = dict(self.worker.builds)
         marks = self._watermarks
         config = self.worker.config
-
         health = self.worker.health.health
-
-        def describe_all() -> list[dict[str, Any]]:
-            out = []
-            for r in runners:
-                entry = describe(r, marks)
-                entry["health"] = health_of(health, r)
-                build = builds.get(r.name)
-                # A newer version being rebuilt beside the live one: its progress.
-                if build is not None:
-                    entry["rebuild"] = describe(build, marks)
-                else:  # maybe by `refold replay`, in its own processes
-                    entry["rebuild"] = describe_on_disk(config, r, marks)
-                out.append(entry)
-            return out
-
-        loop = asyncio.get_running_loop()
-        described = await loop.run_in_executor(None, describe_all)
-        return _respond(200, described)
+        out = []
+        for r in list(self.worker.runners.values()):
+            entry = describe(r, marks)
+            entry["health"] = health_of(health, r)
+            build = builds.get(r.name)
+            # A newer version being rebuilt beside the live one: its progress.
+            if build is not None:
+                entry["rebuild"] = describe(build, marks)
+            else:  # maybe by `refold replay`, in its own processes
+                entry["rebuild"] = describe_on_disk(config, r, marks)
+            out.append(entry)
+        return out
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         """`GET /metrics`: Prometheus text format 0.0.4."""
