@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +78,7 @@ def test_statements_are_merged_by_account_and_each_task_gets_its_month(
     months = _months()
     rng = random.Random(3)
     amounts: dict[str, list[int]] = defaultdict(list)
+    decided: Counter[str] = Counter()
     try:
         subprocess.run([*cli, "topics", "ensure"], env=env, check=True, capture_output=True)
         spawn("worker", "worker", "--http", f"127.0.0.1:{port}", "--http-procs", "1")
@@ -101,6 +102,7 @@ def test_statements_are_merged_by_account_and_each_task_gets_its_month(
                 body = {"key": account, "type": type_name, "data": data}
                 code, result = _http(port, "POST", "/commands/accounts?wait_ms=10000", body)
                 assert code in (200, 202) and result["status"] in ("accepted", "rejected"), result
+                decided[result["status"]] += 1
                 if result["status"] == "accepted" and type_name != "bank.OpenAccount":
                     sign = 1 if type_name == "bank.Deposit" else -1
                     amounts[account].append(sign * data["amount_cents"])
@@ -132,6 +134,21 @@ def test_statements_are_merged_by_account_and_each_task_gets_its_month(
                 if code == 200 and state["status"] in ("succeeded", "dead", "cancelled"):
                     states[task_id] = state
             time.sleep(0.3)
+        # The dashboard's numbers are this worker's: its commands decided, the queue's tasks.
+        deadline = time.monotonic() + 30
+        while True:
+            dash = _http(port, "GET", "/dashboard.json")[1]
+            [queue] = [q for q in dash["tasks"] if q["name"] == "statements"]
+            if queue["counts"].get("succeeded", 0) >= len(tasks):
+                break
+            assert time.monotonic() < deadline, queue
+            time.sleep(0.5)
+        [accounts_processor] = [c for c in dash["commands"] if c["name"] == "accounts"]
+        assert (accounts_processor["accepted"], accounts_processor["rejected"]) == (
+            decided["accepted"],
+            decided["rejected"],
+        ), (accounts_processor, decided)
+        assert queue["total"] == sum(queue["counts"].values()) and not queue["capped"], queue
     finally:
         for proc in procs:
             proc.terminate()
