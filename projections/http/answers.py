@@ -107,10 +107,21 @@ class Freshness:
     lookup path, so when one answer fits every key (the usual case: all partitions here, none
     behind) it is one attribute read, and only otherwise a murmur2 of the key per topic."""
 
-    __slots__ = ("_tables", "parts", "uniform")
+    __slots__ = ("_owners", "_tables", "parts", "uniform")
 
-    def __init__(self, parts: Parts, rekeys: bool = False, stale: str | None = None) -> None:
+    def __init__(
+        self,
+        parts: Parts,
+        rekeys: bool = False,
+        stale: str | None = None,
+        owners: list[str | None] | None = None,
+    ) -> None:
         self.parts = parts
+        # Which member folds each partition another worker folds: for routing a lookup to it
+        # (single-topic projections that keep their keys; a re-keyed state has no one owner).
+        self._owners: list[str | None] | None = None
+        if owners is not None and len(parts) == 1 and not rekeys and any(owners):
+            self._owners = owners
         self._tables = [(count, [_fragment([e]) for e in entries]) for count, entries in parts]
         flat = {e for _count, entries in parts for e in entries}
         self.uniform: bytes | None = None
@@ -130,15 +141,22 @@ class Freshness:
             return fragments[partition_of(key, count)]
         return _fragment([entries[partition_of(key, n)] for n, entries in self.parts])
 
+    def owner(self, key: str) -> str | None:
+        """The group member (its instance id) that folds `key`'s partition when another
+        worker does; None when this one does, or when no single member holds the key."""
+        if self._owners is None:
+            return None
+        return self._owners[partition_of(key, self.parts[0][0])]
+
     def to_json(self) -> dict[str, Any]:
         """For the reader processes, which rebuild it with `from_json`."""
         uniform = None if self.uniform is None else self.uniform.decode()
-        return {"parts": self.parts, "uniform": uniform}
+        return {"parts": self.parts, "uniform": uniform, "owners": self._owners}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Freshness:
         parts = [(int(n), [(e[0], e[1]) for e in entries]) for n, entries in obj["parts"]]
-        fresh = cls(parts)
+        fresh = cls(parts, owners=obj.get("owners"))
         if obj.get("uniform") is not None:
             fresh.uniform = str(obj["uniform"]).encode()
         return fresh

@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -84,11 +85,11 @@ class Dashboard:
                 for name, p in sorted(worker.processors.items())
             ],
             "tasks": [
-                self._count("tasks", name, lambda n=name: worker.tasks.runner(n))
+                self._count("tasks", name, partial(worker.tasks.runner, name))
                 for name in sorted(worker.tasks.queues)
             ],
             "sagas": [
-                self._count("sagas", name, lambda n=name: worker.sagas.runner(n))
+                self._count("sagas", name, partial(worker.sagas.runner, name))
                 for name in sorted(worker.sagas.sagas)
             ],
         }

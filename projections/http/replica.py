@@ -131,8 +131,8 @@ class Reads:
 
     def lookup(self, name: str, key: str) -> Answer | None:
         view = self.views.get(name)
-        if view is None or view.state in DOWN:
-            return None
+        if view is None or view.state in DOWN or view.fresh.owner(key) is not None:
+            return None  # the worker answers: unknown names, stopped runners, keys it routes
         try:
             return view.read(key)
         except StoreError as exc:

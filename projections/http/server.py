@@ -36,6 +36,7 @@ from refold.http.command_routes import CommandRoutes
 from refold.http.dashboard import Dashboard
 from refold.http.fastpath import Answer, Front, new_loop
 from refold.http.replicas import ReaderProcesses
+from refold.http.routing import Router
 from refold.http.saga_routes import SagaRoutes
 from refold.http.task_routes import TaskRoutes
 
@@ -132,6 +133,7 @@ class QueryServer:
         *,
         procs: int = 1,
         fast_path: bool = True,  # False: aiohttp answers everything (a benchmark baseline)
+        advertise: str | None = None,  # the URL other workers forward to (default: `url`)
     ) -> None:
         if procs < 1:
             raise ConfigError(f"--http-procs must be at least 1, not {procs}")
@@ -158,6 +160,8 @@ class QueryServer:
         self._tasks = TaskRoutes(worker)
         self._sagas = SagaRoutes(worker)
         self._dashboard = Dashboard(worker, self.describe_projections)
+        self._advertise = advertise
+        self.router = Router(worker, self.freshness)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
@@ -182,6 +186,7 @@ class QueryServer:
                 f"cannot serve HTTP on {self.host}:{self.port}: {self._failure}",
                 hint="choose another --http HOST:PORT (port 0 picks a free one)",
             ) from self._failure
+        self.router.start(self._advertise or self.url)
         if self.procs > 1:
             readers = ReaderProcesses(
                 self.worker, self.procs - 1, self.host, self.port, self._upstream, self
@@ -198,6 +203,9 @@ class QueryServer:
         """Close the listener and connections, end the loop thread; idempotent."""
         if self.readers is not None:
             self.readers.stop()
+        if self.router.url is not None:
+            self.router.stop()
+            self.router.url = None
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
             loop.call_soon_threadsafe(loop.stop)
@@ -224,6 +232,7 @@ class QueryServer:
                 self._front.close_all()
             if self._runner is not None:
                 loop.run_until_complete(self._runner.cleanup())
+            loop.run_until_complete(self.router.close())
             loop.close()
             log.info("query server on %s stopped", self.url)
 
@@ -316,6 +325,9 @@ class QueryServer:
             return self._unavailable(runner)
         if "as_of" in request.query:
             return await self._as_of(runner, info["key"], request.query["as_of"])
+        forwarded = await self.router.forward(runner, info["key"], request)
+        if forwarded is not None:  # another worker folds this key (refold.http.routing)
+            return forwarded
         if request.query_string:
             refused = await self._reach(runner, request)
             if refused is not None:
@@ -356,7 +368,7 @@ class QueryServer:
 
     def lookup(self, name: str, key: str) -> Answer | None:
         runner = self.worker.runners.get(name)
-        if runner is None or runner.stats.state in _DOWN:
+        if runner is None or runner.stats.state in _DOWN or self.router.routes(runner, key):
             return None
         try:
             return self._read_key(runner, key)
@@ -573,11 +585,14 @@ def freshness_of(health: Health, runner: Serving) -> Freshness:
     if described is None or described.version != runner.version:
         return answers.UNKNOWN
     parts: answers.Parts = []
+    owners: list[str | None] = []  # of the first topic's partitions: where lookups are routed
     by_tp = {(p.topic, p.partition): p for p in described.partitions}
     for topic, count in described.counts:
         entries: list[answers.Entry] = []
         for partition in range(count):
             p = by_tp[(topic, partition)]
+            if not parts:
+                owners.append(p.member if p.owner == "elsewhere" else None)
             if p.owner == "here":
                 entries.append((p.lag, None))
             elif p.owner == "elsewhere":
@@ -586,7 +601,7 @@ def freshness_of(health: Health, runner: Serving) -> Freshness:
             else:
                 entries.append((None, f"partition {topic}:{partition} is folded by nobody now"))
         parts.append((count, entries))
-    return Freshness(parts, rekeys=described.rekeys)
+    return Freshness(parts, rekeys=described.rekeys, owners=owners)
 
 
 def health_of(health: Health, runner: Serving) -> dict[str, Any]:

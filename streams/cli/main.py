@@ -250,7 +250,8 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         if args.http:
             from refold.http.server import QueryServer
 
-            query = QueryServer(worker, host, port, procs=args.http_procs)
+            advertise = f"http://{args.advertise}" if args.advertise else None
+            query = QueryServer(worker, host, port, procs=args.http_procs, advertise=advertise)
             query.start()
             server = query  # stopped below only once started
         names = ", ".join(
@@ -373,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes serving HTTP key lookups: the worker and N-1 readers (default: cores)",
     )
     p.add_argument("--only", help="comma-separated projection names to run (default: all)")
+    p.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the address other workers forward lookups to (default: the --http address)",
+    )
 
     projection_commands.add_parsers(sub)
 

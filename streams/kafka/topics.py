@@ -46,8 +46,9 @@ def dead_letter_topic(name: str) -> TopicSpec:
 
 
 def internal_topics(config: Config) -> list[TopicSpec]:
-    """The topics refold itself needs on any cluster: the writer schemas of this deployment."""
-    return [compacted_topic(config.schemas_topic)]
+    """The topics refold itself needs on any cluster: the writer schemas of this deployment,
+    and the workers' advertised HTTP addresses (`refold.kafka.members`)."""
+    return [compacted_topic(config.schemas_topic), compacted_topic(f"_{config.app_id}.members")]
 
 
 _LEADER_MOVING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}

@@ -1,0 +1,126 @@
+"""Any worker answers any key: a lookup of a key whose partition another worker folds is
+forwarded to that worker (or answered 307 with its URL), so a client may ask whichever worker
+it likes, and a load balancer in front of several needs no idea of partitions.
+
+The owner of a key's partition comes from the worker's health snapshot (the group's
+assignment, as the broker describes it: `answers.Freshness.owner`); its HTTP address from the
+members topic (`refold.kafka.members`), where each query server advertises its own. The
+forwarded request carries `X-Refold-Forwarded-By`, and a request that carries it is answered
+where it lands, so two workers that disagree about ownership for a moment never bounce it.
+
+- `?route=local` answers from this worker's store (stale says how far to trust it);
+  `?route=redirect` answers 307 with the owner's URL instead of forwarding.
+- The owner's answer is passed through as is (status, body, its position and lag), with
+  `X-Refold-Served-By: <worker id>`.
+- When ownership moves while a lookup is in flight — the owner answers stale because it no
+  longer folds the partition, or cannot be reached — the lookup is retried on whoever owns it
+  by the next health snapshot, for up to `RETRY_S`; then it is answered here, marked stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+from refold.engine.frozen import Serving
+from refold.engine.worker import Worker
+from refold.http.answers import Freshness
+from refold.kafka.members import Members
+
+log = logging.getLogger(__name__)
+
+FORWARDED = "X-Refold-Forwarded-By"
+SERVED_BY = "X-Refold-Served-By"
+RETRY_S = 5.0
+TIMEOUT_S = 35.0  # a forwarded lookup may wait up to MAX_WAIT_MS for its min_offset
+
+
+class Router:
+    """Forwards lookups of keys other workers fold, for one query server."""
+
+    def __init__(self, worker: Worker, freshness: Callable[[Serving], Freshness]) -> None:
+        self.worker = worker
+        self.members = Members(worker.config)
+        self._freshness = freshness
+        self._session: aiohttp.ClientSession | None = None
+        self.url: str | None = None
+        self.forwarded = 0
+        self.failed = 0
+
+    def start(self, url: str) -> None:
+        """Tail the members topic and advertise this server at `url`."""
+        self.url = url
+        self.members.start()
+        self.members.advertise(self.worker.worker_id, url)
+
+    def stop(self) -> None:
+        try:
+            self.members.withdraw(self.worker.worker_id)
+        except Exception as exc:  # the broker gone: the entry stays, which is harmless
+            log.info("could not withdraw %s from the members topic: %s", self.url, exc)
+        self.members.stop()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def owner_url(self, runner: Serving, key: str) -> tuple[str, str] | None:
+        """(worker id, URL) of the worker that folds `key`, when it is another known one."""
+        member = self._freshness(runner).owner(key)
+        if member is None:
+            return None
+        worker_id = member.split(".", 1)[0]  # instance ids are `<worker id>.<name>.v<version>`
+        url = self.members.url(worker_id)
+        if url is None or worker_id == self.worker.worker_id:
+            return None
+        return worker_id, url
+
+    def routes(self, runner: Serving, key: str) -> bool:
+        """Whether a plain lookup of `key` is for another worker (the fast path hands it over)."""
+        return self.owner_url(runner, key) is not None
+
+    async def forward(self, runner: Serving, key: str, request: web.Request) -> web.Response | None:
+        """The owner's answer to this lookup, a 307 to it, or None: answer here."""
+        route = request.query.get("route", "")
+        if route == "local" or FORWARDED in request.headers:
+            return None
+        deadline = asyncio.get_running_loop().time() + RETRY_S
+        while True:
+            found = self.owner_url(runner, key)
+            if found is None:
+                return None
+            worker_id, url = found
+            target = url + request.path_qs
+            if route == "redirect":
+                return web.Response(status=307, headers={"Location": target, SERVED_BY: worker_id})
+            answer = await self._get(target)
+            if answer is not None:
+                status, body = answer
+                if b'"stale":true' not in body or asyncio.get_running_loop().time() > deadline:
+                    self.forwarded += 1
+                    return web.Response(
+                        status=status,
+                        body=body,
+                        content_type="application/json",
+                        headers={SERVED_BY: worker_id},
+                    )
+            if asyncio.get_running_loop().time() > deadline:
+                self.failed += 1
+                return None
+            await asyncio.sleep(0.25)  # the next health snapshot may name a new owner
+
+    async def _get(self, target: str) -> tuple[int, bytes] | None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=TIMEOUT_S, connect=2.0)
+            )
+        headers = {FORWARDED: self.worker.worker_id}
+        try:
+            async with self._session.get(target, headers=headers, allow_redirects=False) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("forwarding to %s failed: %s", target, exc)
+            return None
