@@ -141,6 +141,15 @@ class Freshness:
             return fragments[partition_of(key, count)]
         return _fragment([entries[partition_of(key, n)] for n, entries in self.parts])
 
+    @property
+    def owners(self) -> list[str | None] | None:
+        """Per partition, the member that folds it when another worker does (None: here)."""
+        return self._owners
+
+    def here(self, key: str) -> bool:
+        """Whether this worker folds `key`'s partition (or no one else does)."""
+        return self.owner(key) is None
+
     def owner(self, key: str) -> str | None:
         """The group member (its instance id) that folds `key`'s partition when another
         worker does; None when this one does, or when no single member holds the key."""

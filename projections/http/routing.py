@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
 from refold.engine.frozen import Serving
 from refold.engine.worker import Worker
-from refold.http.answers import Freshness
+from refold.http.answers import Freshness, dumps, error_body, loads
 from refold.kafka.members import Members
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,23 @@ class Router:
             return None
         return worker_id, url
 
+    def others(self, runner: Serving) -> dict[str, str] | None:
+        """{worker id: URL} of every other worker that folds some of `runner`'s partitions,
+        or None when this worker folds them all (or cannot tell who does)."""
+        owners = self._freshness(runner).owners
+        if owners is None:
+            return None
+        found: dict[str, str] = {}
+        for member in owners:
+            if member is None:
+                continue
+            worker_id = member.split(".", 1)[0]
+            url = self.members.url(worker_id)
+            if url is None:
+                return None  # an owner we cannot reach: the caller answers from here, stale
+            found[worker_id] = url
+        return found or None
+
     def routes(self, runner: Serving, key: str) -> bool:
         """Whether a plain lookup of `key` is for another worker (the fast path hands it over)."""
         return self.owner_url(runner, key) is not None
@@ -111,6 +130,56 @@ class Router:
                 self.failed += 1
                 return None
             await asyncio.sleep(0.25)  # the next health snapshot may name a new owner
+
+    async def scan(
+        self,
+        runner: Serving,
+        request: web.Request,
+        local: Callable[[int], list[Any]],
+        limit: int,
+        position: dict[str, int],
+    ) -> web.Response | None:
+        """A page of keys across every worker that folds some of the projection's partitions:
+        each answers the keys of the partitions it folds (`local(n)`: this worker's first n),
+        merged in key order. None: answer from here (every partition is here, or an owner is
+        unknown, or the request was forwarded or asked `route=local`)."""
+        if request.query.get("route") == "local" or FORWARDED in request.headers:
+            return None
+        others = self.others(runner)
+        if others is None:
+            return None
+        query = {**request.query, "limit": str(limit + 1)}
+        path = request.path + "?" + urlencode(query)
+        answers = await asyncio.gather(*(self._get(url + path) for url in others.values()))
+        rows = list(local(limit + 1))
+        position = dict(position)  # ours, then each owner's for the partitions it folds
+        for worker_id, answer in zip(others, answers, strict=True):
+            if answer is None or answer[0] != 200:
+                self.failed += 1
+                detail = f"worker {worker_id} did not answer its part of the scan"
+                return web.Response(
+                    status=503,
+                    body=error_body("scan incomplete", detail, retry=True),
+                    content_type="application/json",
+                )
+            part = loads(answer[1])
+            rows += [(item["key"], item["state"]) for item in part["items"]]
+            position.update(part.get("position", {}))
+        rows.sort(key=lambda row: row[0].encode())
+        page = rows[:limit]
+        self.forwarded += 1
+        return web.Response(
+            status=200,
+            body=dumps(
+                {
+                    "items": [{"key": k, "state": s} for k, s in page],
+                    "next": page[-1][0] if len(rows) > limit else None,
+                    "position": position,
+                    "served_by": sorted([self.worker.worker_id, *others]),
+                }
+            ),
+            content_type="application/json",
+        )
 
     async def _get(self, target: str) -> tuple[int, bytes] | None:
         if self._session is None:

@@ -36,7 +36,7 @@ from refold.http.command_routes import CommandRoutes
 from refold.http.dashboard import Dashboard
 from refold.http.fastpath import Answer, Front, new_loop
 from refold.http.replicas import ReaderProcesses
-from refold.http.routing import Router
+from refold.http.routing import FORWARDED, Router
 from refold.http.saga_routes import SagaRoutes
 from refold.http.task_routes import TaskRoutes
 
@@ -439,10 +439,34 @@ class QueryServer:
         refused = await self._reach(runner, request)
         if refused is not None:
             return refused
+        prefix, after = query.get("prefix", ""), query.get("after")
+        fresh = self.freshness(runner)
+
+        def local(n: int, only_here: bool) -> list[tuple[str, Any]]:
+            """The first `n` keys of this store; `only_here`: of the partitions folded here
+            (the store may still hold keys of partitions it folded before a rebalance)."""
+            if not only_here or fresh.owners is None:
+                return runner.store.scan(prefix, after, n)
+            found, cursor, step = [], after, max(n, 1000)
+            while len(found) < n:
+                rows = runner.store.scan(prefix, cursor, step)
+                found += [(k, s) for k, s in rows if fresh.here(k)]
+                if len(rows) < step:
+                    break
+                cursor = rows[-1][0]
+            return found[:n]
+
         positions = runner.stats.positions
         try:
+            # Other workers fold some partitions: the page merges their keys with ours.
+            merged = await self.router.scan(
+                runner, request, lambda n: local(n, True), limit, _position(positions)
+            )
+            if merged is not None:
+                return merged
             # One more than asked: `next` is null exactly when nothing follows this page.
-            rows = runner.store.scan(query.get("prefix", ""), query.get("after"), limit + 1)
+            # Asked by another worker for its merge: only the keys of our partitions.
+            rows = local(limit + 1, FORWARDED in request.headers)
         except StoreError as exc:
             return self._unavailable(runner, exc)
         page = rows[:limit]

@@ -203,6 +203,20 @@ def start(
         record = info
 
         def relaunch(node: NodeInfo) -> NodeInfo:
+            nonlocal record
+            # A controller port in the ephemeral range can be taken by any outgoing connection
+            # between picking it and the node binding it ("Unable to start acceptor for
+            # CONTROLLER"): a single node moves to another one (its voters are only itself).
+            if len(record.nodes) == 1 and not _port_free(node.controller_port):
+                moved = free_port()
+                while moved == node.port:
+                    moved = free_port()
+                log.warning(
+                    "controller port %d is taken: node 1 moves to %d", node.controller_port, moved
+                )
+                node = replace(node, controller_port=moved)
+                record = replace(record, nodes=(node,))
+                prepare_nodes(java, jars, record, [node])
             again = launch_node(java, jars, node, heap_mb)
             launched[:] = [again if n.node_id == node.node_id else n for n in launched]
             _write_record(config, _with_pids(record, {n.node_id: n.pid for n in launched}))

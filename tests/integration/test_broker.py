@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,33 @@ def test_failed_start_says_why_and_leaves_nothing_running(own_config):
     assert "OutOfMemoryError" in str(failure.value)
     state = broker.status(own_config)
     assert not state.answering and [n.pid for n in state.nodes] == [None]
+
+
+def test_a_node_whose_controller_port_was_taken_moves_to_another(own_config, unique, monkeypatch):
+    """Between picking a port and binding it, an outgoing connection may take it (the ports
+    the OS hands out are in the ephemeral range): the node is relaunched on another one."""
+    real = broker._new_layout
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        def layout(*args, **kwargs):  # the layout chose `port` while it was still free
+            info = real(*args, **kwargs)
+            return replace(info, nodes=(replace(info.nodes[0], controller_port=port),))
+
+        monkeypatch.setattr(broker, "_new_layout", layout)
+        info = broker.start(own_config, port=broker.free_port(), heap_mb=HEAP_MB)
+    monkeypatch.undo()
+    assert info.nodes[0].controller_port != port
+    topic = unique("moved")
+    create_topic(info.bootstrap_servers, topic)
+    produce(info.bootstrap_servers, topic, b"still here")
+    # The record holds the new port: a restart comes back on it, with its data.
+    broker.stop(own_config)
+    again = broker.start(own_config, heap_mb=HEAP_MB)
+    assert again.nodes[0].controller_port == info.nodes[0].controller_port
+    assert consume_all(again.bootstrap_servers, topic, 1) == [b"still here"]
 
 
 def test_three_nodes_survive_losing_one(own_config, unique):

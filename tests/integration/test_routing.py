@@ -132,6 +132,22 @@ def test_every_worker_answers_every_key_and_goes_on_when_one_dies(
         assert (
             redirect.value.headers["Location"] == f"http://127.0.0.1:{b.port}{path}?route=redirect"
         )
+        # A scan from either lists every key once, in order, with the oracle's states.
+        for w in (a, b):
+            listed, after = [], None
+            while True:
+                query = "?limit=40" + (f"&after={urllib.parse.quote(after)}" if after else "")
+                code, page, _ = w.get(f"/projections/{name}{query}")
+                assert code == 200, page
+                listed += page["items"]
+                after = page["next"]
+                if after is None:
+                    break
+            keys = [item["key"] for item in listed]
+            assert keys == sorted(truth, key=str.encode), (len(keys), len(truth))
+            for item in listed:
+                state = item["state"]
+                assert (state["balance_cents"], state["events"]) == truth[item["key"]], item
         # kill -9 one: the other takes its partitions and answers every key itself.
         b.kill9()
         served = _eventually(lambda: _all_answered(a, truth), 90)
