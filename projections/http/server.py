@@ -447,7 +447,8 @@ class QueryServer:
             (the store may still hold keys of partitions it folded before a rebalance)."""
             if not only_here or fresh.owners is None:
                 return runner.store.scan(prefix, after, n)
-            found, cursor, step = [], after, max(n, 1000)
+            found: list[tuple[str, Any]] = []
+            cursor, step = after, max(n, 1000)
             while len(found) < n:
                 rows = runner.store.scan(prefix, cursor, step)
                 found += [(k, s) for k, s in rows if fresh.here(k)]

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,7 +24,7 @@ import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -208,9 +209,7 @@ def start(
             # between picking it and the node binding it ("Unable to start acceptor for
             # CONTROLLER"): a single node moves to another one (its voters are only itself).
             if len(record.nodes) == 1 and not _port_free(node.controller_port):
-                moved = free_port()
-                while moved == node.port:
-                    moved = free_port()
+                moved = quiet_port([node.port])
                 log.warning(
                     "controller port %d is taken: node 1 moves to %d", node.controller_port, moved
                 )
@@ -342,6 +341,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (and to bind(port 0))."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
+def quiet_port(exclude: Sequence[int] = ()) -> int:
+    """A free loopback port below the ephemeral range, which no outgoing connection takes
+    (any free port when that range leaves no room below it)."""
+    low, _high = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, low) if low > 20_100 else free_port()
+        if port not in exclude and _port_free(port):
+            return port
+    return free_port()
+
+
 def _new_layout(
     config: Config, nodes: int, port: int | None, heap_mb: int, old: BrokerInfo | None
 ) -> BrokerInfo:
@@ -350,10 +370,15 @@ def _new_layout(
         raise BrokerError(f"port {port} on {HOST} is in use", hint="pick another --port or omit it")
     base = port if port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else None)
     chosen: list[int] = []
-    # Controller ports follow the client ports: a port picked by the OS is in the ephemeral
-    # range, where any outgoing connection on the machine may take it while its node is down.
-    for preferred in [None if base is None else base + i for i in range(2 * nodes)]:
-        pick = preferred if preferred is not None and _port_free(preferred) else free_port()
+    # Controller ports follow the client ports, unless those are in the ephemeral range (a port
+    # the OS picked), where any outgoing connection on the machine may take one between our
+    # choice and the node's bind, or while its node is down: then they come from below it.
+    low, high = _ephemeral_range()
+    for i, preferred in enumerate([None if base is None else base + i for i in range(2 * nodes)]):
+        if i >= nodes and (preferred is None or low <= preferred <= high):
+            pick = quiet_port(chosen)
+        else:
+            pick = preferred if preferred is not None and _port_free(preferred) else free_port()
         while pick in chosen:
             pick = free_port()
         chosen.append(pick)
