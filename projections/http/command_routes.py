@@ -2,9 +2,10 @@
 query server).
 
 A POST answers 202 only once the command is durably in the command topic; a malformed command is
-refused at once (400/404/422) and never appended. `?wait_ms=N` (on both routes) waits up to N ms
-for the result, answered from the worker's results index (read_committed), without a thread per
-waiting request.
+refused at once (400/404/422) and never appended, and so is one that would wait more than a
+second behind this worker's backlog (429 with Retry-After: `refold.http.admission`).
+`?wait_ms=N` (on both routes) waits up to N ms for the result, answered from the worker's
+results index (read_committed), without a thread per waiting request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from refold.core.commands import Command, is_conflict, pending
 from refold.core.errors import CommandError, InputError
 from refold.engine.worker import Worker
+from refold.http.admission import Backlog
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class CommandRoutes:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        self._backlogs: dict[str, Backlog] = {}  # per aggregate: admission under overload
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         """`POST /commands/{aggregate}` with `{"command_id"?, "key", "type", "data",
@@ -85,14 +88,28 @@ class CommandRoutes:
             command = client.prepare(aggregate, obj)
         except InputError as exc:
             return _error(422, "invalid command", str(exc))
-        first = self.worker.results.get(command.command_id) if self.worker.results else None
+        results = self.worker.results
+        first = results.get(command.command_id) if results else None
         if first is not None and is_conflict(first, command):
             return _conflict(command, first)  # known already: nothing is appended
+        backlog = self._backlogs.setdefault(aggregate, Backlog())
+        retry = backlog.refuse() if first is None else None
+        if retry is not None:  # overloaded: say so now rather than answer seconds late
+            response = _error(
+                429,
+                "too many commands",
+                f"{len(backlog)} commands for {aggregate!r} wait for a decision here, more "
+                f"than {backlog.max_queue_s:g} s of work at the current rate; nothing appended",
+            )
+            response.headers["Retry-After"] = f"{retry:.0f}"
+            return response
         try:
             await asyncio.wrap_future(client.append(command))
         except CommandError as exc:
             log.warning("POST /commands/%s: %s", aggregate, exc)
             return _error(503, "not acknowledged", str(exc))
+        if results is not None and first is None:
+            backlog.watch(asyncio.get_running_loop(), command.command_id, results.watch)
         status_url = f"/commands/{quote(command.command_id, safe='')}"
         if wait_ms:
             result = await self._result(command.command_id, wait_ms)
