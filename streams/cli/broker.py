@@ -47,6 +47,8 @@ from refold.cli.broker_nodes import (
     read_all,
     wait_gone,
 )
+from refold.cli.broker_secure import client_settings, create_acls, env_lines, secure_dir
+from refold.cli.broker_secure import prepare as prepare_secure
 from refold.core.config import Config
 from refold.core.errors import BrokerError
 from refold.kafka import clients
@@ -158,8 +160,12 @@ def start(
     fresh: bool = False,
     heap_mb: int = 512,
     timeout: float = 60.0,
+    secure: bool = False,
 ) -> BrokerInfo:
     """Start (or find running) a local cluster of 1 or 3 nodes; return once all of them answer.
+
+    `secure`: clients connect over TLS with SASL/SCRAM and ACLs (refold.cli.broker_secure);
+    chosen when the cluster is made (its data holds the credentials), kept across restarts.
 
     `port` is the first node's client port (the others try the next ones); without it 19092 is
     used when free, else any free port. Data and ports are kept across stop/start; `fresh` stops
@@ -187,6 +193,11 @@ def start(
                 + (" that is running" if running else ""),
                 hint=f"use --nodes {len(info.nodes)}, or --fresh to wipe it",
             )
+        if info is not None and info.secure != secure:
+            raise BrokerError(
+                f"{_broker_dir(config)} holds a {'secured' if info.secure else 'plain'} cluster",
+                hint="start it as it was made, or --fresh to wipe it",
+            )
         if info is not None and port not in (None, info.nodes[0].port) and running:
             raise BrokerError(
                 f"the local broker already runs on {info.bootstrap_servers}",
@@ -194,6 +205,9 @@ def start(
             )
         if info is None or port not in (None, info.nodes[0].port) or _ports_lost(info, running):
             info = _new_layout(config, nodes, port, heap_mb, info)
+        if secure:
+            prepare_secure(secure_dir(_broker_dir(config)))
+            info = replace(info, secure=True)
         launched = [n for n in info.nodes if not is_ours(n)]
         if launched:
             info = replace(info, heap_mb=heap_mb)
@@ -229,6 +243,8 @@ def start(
             _signal_and_wait(config, launched, 10.0)
             raise
         info = replace(info, nodes=tuple(_pick(nodes_now, n) for n in info.nodes))
+        if info.secure_dir is not None:
+            create_acls(info.secure_dir, info.bootstrap_servers, config.app_id)
         log.info("Kafka %s answering on %s", kafka_version(), info.bootstrap_servers)
         return info
 
@@ -287,7 +303,7 @@ def status(config: Config) -> BrokerStatus:
     nodes = tuple(NodeStatus(n.node_id, is_ours(n), n.pid, n.port) for n in info.nodes)
     brokers: tuple[int, ...] = ()
     if any(n.running for n in nodes):
-        brokers = _metadata_brokers(_admin(info.bootstrap_servers), 3.0) or ()
+        brokers = _metadata_brokers(_admin(info.bootstrap_servers, info.secure_dir), 3.0) or ()
     return BrokerStatus(info.bootstrap_servers, nodes, bool(brokers), brokers)
 
 
@@ -407,15 +423,33 @@ def _random_uuid() -> str:
             return text
 
 
-def _admin(bootstrap: str) -> AdminClient:
-    """An admin client for the nodes this launcher started (plain loopback, no user settings)."""
+def _admin(bootstrap: str, secure: Path | None = None) -> AdminClient:
+    """An admin client for the nodes this launcher started (loopback, no user settings; the
+    admin role's credentials when the cluster is secured)."""
     conf: dict[str, Any] = {
         "reconnect.backoff.max.ms": 500,
         "socket.connection.setup.timeout.ms": 3000,
         "log_level": 2,  # refused connections are expected while the broker boots
         "error_cb": lambda err: log.debug("admin client: %s", err),
     }
-    return clients.admin(Config(bootstrap_override=bootstrap), **conf)
+    overrides = {}
+    if secure is not None:
+        overrides = client_settings(secure, "admin", bootstrap)
+        del overrides["bootstrap.servers"]
+    config = Config(bootstrap_override=bootstrap, client_overrides=overrides)
+    return clients.admin(config, **conf)
+
+
+def credentials(config: Config, role: str) -> list[str]:
+    """`REFOLD_KAFKA_*` lines with the settings `role`'s clients need for the local secured
+    cluster (`refold broker credentials ROLE`)."""
+    info = _require_record(config)
+    if info.secure_dir is None:
+        raise BrokerError(
+            "the local broker is not secured: its clients need no credentials",
+            hint="`refold broker start --secure --fresh` makes a secured one",
+        )
+    return env_lines(client_settings(info.secure_dir, role, info.bootstrap_servers))
 
 
 def _metadata_brokers(admin: AdminClient, timeout: float) -> tuple[int, ...] | None:
@@ -435,7 +469,7 @@ def _wait_for(
     """Wait until the metadata lists every node in `node_ids`; return those nodes. A node that
     exits while starting is started once more by `relaunch` (a KRaft node on a loaded machine
     can give up on its first quorum contact), else, or the second time, it fails at once."""
-    admin, deadline = _admin(info.bootstrap_servers), time.monotonic() + timeout
+    admin, deadline = _admin(info.bootstrap_servers, info.secure_dir), time.monotonic() + timeout
     waiting = [n for n in info.nodes if n.node_id in node_ids]
     relaunched: set[int] = set()
     seen: tuple[int, ...] | None = None
@@ -508,7 +542,13 @@ def _read_record(config: Config) -> BrokerInfo | None:
     try:
         raw = json.loads(config.broker_record.read_text())
         nodes = tuple(NodeInfo(**{**n, "dir": Path(n["dir"])}) for n in raw["nodes"])
-        return BrokerInfo(raw["bootstrap_servers"], raw["cluster_id"], nodes, raw["heap_mb"])
+        return BrokerInfo(
+            raw["bootstrap_servers"],
+            raw["cluster_id"],
+            nodes,
+            raw["heap_mb"],
+            bool(raw.get("secure", False)),
+        )
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as exc:

@@ -6,6 +6,7 @@ is `refold.cli.broker`; nothing here signals a pid without `is_ours` saying it i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from refold.cli.broker_secure import node_properties as secure_properties
+from refold.cli.broker_secure import scram_format_args, secure_dir
 from refold.core.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,12 @@ class BrokerInfo:
     cluster_id: str
     nodes: tuple[NodeInfo, ...]
     heap_mb: int
+    secure: bool = False  # TLS + SASL/SCRAM + ACLs (refold.cli.broker_secure)
+
+    @property
+    def secure_dir(self) -> Path | None:
+        """Where the secured cluster's CA, certificate and credentials live."""
+        return secure_dir(self.nodes[0].dir.parent) if self.secure else None
 
     @property
     def logs(self) -> tuple[Path, ...]:
@@ -116,6 +125,10 @@ def node_properties(info: BrokerInfo, node: NodeInfo) -> str:
         "auto.create.topics.enable": "false",
         "group.initial.rebalance.delay.ms": 0,
     }
+    folder = info.secure_dir
+    if folder is not None:
+        passwords = json.loads((folder / "credentials.json").read_text())
+        props.update(secure_properties(folder, passwords, node.port, node.controller_port))
     if len(info.nodes) > 1:
         # Fence a dead node within seconds (default 9 s), so fault tests and demos fail over fast.
         props["broker.heartbeat.interval.ms"] = 1000
@@ -134,6 +147,9 @@ def prepare_nodes(java: str, jars: Path, info: BrokerInfo, nodes: list[NodeInfo]
             cmd = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={node.dir}/log4j2.properties",
                    "-cp", f"{jars}/*", "kafka.tools.StorageTool",
                    "format", "-t", info.cluster_id, "-c", str(node.properties)]  # fmt: skip
+            if info.secure_dir is not None:  # the roles' SCRAM credentials, in the metadata log
+                passwords = json.loads((info.secure_dir / "credentials.json").read_text())
+                cmd += scram_format_args(passwords)
             out = subprocess.PIPE
             formats.append((node, subprocess.Popen(cmd, stdout=out, stderr=out, text=True)))
     for node, proc in formats:

@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException
 from refold.cli import projection_commands, saga_commands, task_commands
 from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
+from refold.kafka.log import NOT_AUTHORIZED
 
 if TYPE_CHECKING:
     from refold.engine.worker import Worker
@@ -40,12 +41,24 @@ def cmd_broker(args: argparse.Namespace, config: Config) -> int:
     from refold.cli import broker
 
     if args.action == "start":
-        info = broker.start(config, nodes=args.nodes, port=args.port, fresh=args.fresh)
+        info = broker.start(
+            config, nodes=args.nodes, port=args.port, fresh=args.fresh, secure=args.secure
+        )
         print(
             f"Kafka {broker.kafka_version()} ({len(info.nodes)} node(s)) "
-            f"at {info.bootstrap_servers}"
+            f"at {info.bootstrap_servers}" + (" (TLS, SASL/SCRAM, ACLs)" if info.secure else "")
         )
         print(f"recorded in {config.broker_record}; data in {config.data_dir / 'broker'}")
+        if info.secure:
+            print(
+                "client settings per role: refold broker credentials admin|worker|publisher|reader"
+            )
+    elif args.action == "credentials":
+        if args.role is None:
+            raise InputError(
+                "credentials of which role?", hint="admin, worker, publisher or reader"
+            )
+        print("\n".join(broker.credentials(config, args.role)))
     elif args.action == "stop":
         stopped = broker.stop(config)
         print(f"stopped {stopped} node(s)" if stopped else "no broker of ours was running")
@@ -324,12 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("broker", help="run a local Apache Kafka broker (KRaft) from Maven jars")
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["start", "stop", "status", "credentials"])
+    p.add_argument("role", nargs="?", help="credentials: admin | worker | publisher | reader")
     p.add_argument(
         "--nodes", type=int, choices=[1, 3], default=1, help="1 node or a 3-node cluster"
     )
     p.add_argument("--port", type=int, help="client port of the first node (default 19092)")
     p.add_argument("--fresh", action="store_true", help="wipe the broker's data first")
+    p.add_argument("--secure", action="store_true", help="TLS, SASL/SCRAM users per role, and ACLs")
 
     p = sub.add_parser("topics", help="create the declared topics")
     p.add_argument("action", choices=["ensure"])
@@ -418,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KafkaException as exc:  # what librdkafka raises when the broker does not answer
         _fail(_unreachable(config, exc))
         return EXIT_ERROR
+    except SystemError as exc:  # a KafkaException raised inside a librdkafka callback
+        if not isinstance(exc.__cause__, KafkaException):
+            raise
+        _fail(_unreachable(config, exc.__cause__))
+        return EXIT_ERROR
     except TimeoutError as exc:  # a future (a command's append) not done in time
         _fail(BrokerError(f"no answer from Kafka at {_address(config)} in time: {exc}", hint=_HINT))
         return EXIT_ERROR
@@ -441,6 +461,12 @@ def _address(config: Config) -> str:
 def _unreachable(config: Config, exc: KafkaException) -> BrokerError:
     error = exc.args[0] if exc.args else None
     text = error.str() if isinstance(error, KafkaError) else str(exc)
+    if isinstance(error, KafkaError) and error.code() in NOT_AUTHORIZED:
+        hint = (
+            "this client's Kafka principal lacks an ACL for that (on a `refold broker start "
+            "--secure` cluster, `refold broker credentials ROLE` prints each role's settings)"
+        )
+        return BrokerError(f"Kafka at {_address(config)} refused: {text}", hint=hint)
     return BrokerError(f"Kafka at {_address(config)}: {text}", hint=_HINT)
 
 

@@ -170,9 +170,26 @@ def _read(
             )
 
 
+#: Errors no retry can fix: this client's principal may not read the topic (or use its group).
+NOT_AUTHORIZED = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+    }
+)
+
+
 def _wanted(msg: Message, todo: Mapping[TP, int]) -> bool:
     err = msg.error()
     if err is not None:
+        if err.code() in NOT_AUTHORIZED:
+            raise LogReadError(
+                f"not allowed to read {msg.topic()}: {err.str()}",
+                hint="this client's Kafka principal has no READ ACL for it "
+                "(on a `refold broker start --secure` cluster: the reader or worker role)",
+            )
         if err.code() != KafkaError._PARTITION_EOF:
             log.warning("consume error on %s[%s]: %s", msg.topic(), msg.partition(), err)
         return False
