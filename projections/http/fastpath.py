@@ -21,6 +21,7 @@ from typing import Protocol, cast
 
 from aiohttp.http import SERVER_SOFTWARE
 from refold.http.answers import Answer
+from refold.http.auth import Tokens
 
 # The route labels the full app counts these requests under (aiohttp's canonical paths).
 LOOKUP_ROUTE = "/projections/{name}/{key}"
@@ -61,8 +62,10 @@ class Front:
         reads: Reads,
         full_app: Callable[[], asyncio.Protocol],
         counts: dict[tuple[str, int], int],
+        tokens: Tokens | None = None,
     ) -> None:
         self.reads = reads
+        self.tokens = tokens  # lookups need a `read` token (refold.http.auth); else aiohttp says so
         self.full_app = full_app  # a new aiohttp RequestHandler per call
         self.counts = counts
         self.connections: set[FastHTTP] = set()
@@ -167,13 +170,16 @@ class FastHTTP(asyncio.Protocol):
         if target.translate(None, _PLAIN) or b"/." in target or b"//" in target:
             return None
         close = False
+        authorization = None
         if line_end >= 0:
             for header in head[line_end + 2 :].split(b"\r\n"):
                 name, colon, value = header.partition(b":")
                 lowered = name.lower()
                 if not colon or lowered in _REFUSED_HEADERS or name != name.strip():
                     return None
-                if lowered == b"connection":
+                if lowered == b"authorization":
+                    authorization = value
+                elif lowered == b"connection":
                     option = value.strip().lower()
                     if option == b"close":
                         close = True
@@ -184,6 +190,9 @@ class FastHTTP(asyncio.Protocol):
             name, slash, key = target[len(_PREFIX) :].partition(b"/")
             if not (name and slash and key):
                 return None
+            tokens = self._front.tokens
+            if tokens is not None and tokens.allows(authorization, "read") != 200:
+                return None  # aiohttp answers 401 / 403 in the API's error shape
             answer = reads.lookup(name.decode(), key.decode())
             return None if answer is None else (LOOKUP_ROUTE, answer, close)
         if target == b"/healthz":

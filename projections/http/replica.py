@@ -41,6 +41,7 @@ from typing import Any, cast
 from refold.core.errors import StoreError
 from refold.http import answers
 from refold.http.answers import DOWN, TP, Answer
+from refold.http.auth import Tokens
 from refold.http.fastpath import Front, new_loop
 from refold.store.rocksdb import RocksStore
 
@@ -250,7 +251,7 @@ async def serve(host: str, port: int, upstream: int, scratch: Path) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(control), sys.stdin)
     reads = Reads(scratch)
     counts: dict[tuple[str, int], int] = {}
-    front = Front(reads, lambda: Relay(("127.0.0.1", upstream)), counts)
+    front = Front(reads, lambda: Relay(("127.0.0.1", upstream)), counts, Tokens.from_env())
     listener: asyncio.AbstractServer | None = None
     reporter: asyncio.Task[None] | None = None
     try:

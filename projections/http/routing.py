@@ -115,7 +115,7 @@ class Router:
             target = url + request.path_qs
             if route == "redirect":
                 return web.Response(status=307, headers={"Location": target, SERVED_BY: worker_id})
-            answer = await self._get(target)
+            answer = await self._get(target, request.headers.get("Authorization"))
             if answer is not None:
                 status, body = answer
                 if b'"stale":true' not in body or asyncio.get_running_loop().time() > deadline:
@@ -150,7 +150,10 @@ class Router:
             return None
         query = {**request.query, "limit": str(limit + 1)}
         path = request.path + "?" + urlencode(query)
-        answers = await asyncio.gather(*(self._get(url + path) for url in others.values()))
+        authorization = request.headers.get("Authorization")
+        answers = await asyncio.gather(
+            *(self._get(url + path, authorization) for url in others.values())
+        )
         rows = list(local(limit + 1))
         position = dict(position)  # ours, then each owner's for the partitions it folds
         for worker_id, answer in zip(others, answers, strict=True):
@@ -181,12 +184,14 @@ class Router:
             content_type="application/json",
         )
 
-    async def _get(self, target: str) -> tuple[int, bytes] | None:
+    async def _get(self, target: str, authorization: str | None) -> tuple[int, bytes] | None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=TIMEOUT_S, connect=2.0)
             )
         headers = {FORWARDED: self.worker.worker_id}
+        if authorization is not None:  # the owner checks the caller's token too
+            headers["Authorization"] = authorization
         try:
             async with self._session.get(target, headers=headers, allow_redirects=False) as resp:
                 return resp.status, await resp.read()

@@ -15,7 +15,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from refold.core.errors import ConfigError, InputError, PublishError, StoreError, TopicError
@@ -32,6 +32,7 @@ from refold.http.answers import Freshness
 from refold.http.answers import dumps as _dumps
 from refold.http.answers import loads as _loads
 from refold.http.answers import position as _position
+from refold.http.auth import Tokens, route_scope
 from refold.http.command_routes import CommandRoutes
 from refold.http.dashboard import Dashboard
 from refold.http.fastpath import Answer, Front, new_loop
@@ -162,6 +163,7 @@ class QueryServer:
         self._dashboard = Dashboard(worker, self.describe_projections)
         self._advertise = advertise
         self.router = Router(worker, self.freshness)
+        self.tokens = Tokens.from_env()  # None: the API is open (refold.http.auth)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
@@ -261,7 +263,8 @@ class QueryServer:
         allowed: dict[web.Resource, list[str]] = {}  # one path may take several methods
         for method, path, handler in routes:
             resource = app.router.add_resource(path)  # reuses the previous one for the same path
-            resource.add_route(method, self._guard(resource.canonical, handler))
+            scope = route_scope(method, path)
+            resource.add_route(method, self._guard(resource.canonical, handler, scope))
             allowed.setdefault(resource, []).append(method)
         for resource, methods in allowed.items():
             refuse = _refuse(405, "method not allowed", allow=", ".join(methods))
@@ -272,7 +275,7 @@ class QueryServer:
         full_app = self._runner.server
         assert full_app is not None  # set by setup()
         # Connections start on the fast path, which hands them to aiohttp when it must.
-        self._front = Front(self, full_app, self._requests)
+        self._front = Front(self, full_app, self._requests, self.tokens)
         loop = asyncio.get_running_loop()
         shared = self.procs > 1
         if shared and self.port:
@@ -293,13 +296,29 @@ class QueryServer:
             self._listeners.append(upstream)
             self._upstream = upstream.sockets[0].getsockname()[1]
 
-    def _guard(self, route: str, handler: Handler) -> Handler:
-        """`handler`, answering a JSON error for whatever it raises, counting every answer."""
+    def _guard(self, route: str, handler: Handler, scope: str | None = None) -> Handler:
+        """`handler`, answering a JSON error for whatever it raises, counting every answer;
+        with API tokens, only for a token with `scope` (401 / 403 otherwise)."""
         counts = self._requests
+        tokens = self.tokens if scope is not None else None
 
         async def guarded(request: web.Request) -> web.StreamResponse:
+            response: web.StreamResponse
             try:
-                response = await handler(request)
+                allowed = (
+                    200
+                    if tokens is None
+                    else tokens.allows(request.headers.get("Authorization"), cast(str, scope))
+                )
+                if allowed == 401:
+                    response = _error(
+                        401, "unauthorized", "send Authorization: Bearer TOKEN (a known token)"
+                    )
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="refold"'
+                elif allowed == 403:
+                    response = _error(403, "forbidden", f"this token lacks the {scope!r} scope")
+                else:
+                    response = await handler(request)
             except web.HTTPException as exc:  # aiohttp's own, e.g. 413 for a body too large
                 where = f"{request.method} {request.path}"
                 response = _error(exc.status, exc.reason.lower(), where)

@@ -248,6 +248,16 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         if not raw_port.isdigit():
             raise InputError(f"--http wants HOST:PORT, not {args.http!r}")
         host, port = host or "127.0.0.1", int(raw_port)
+        from refold.http.auth import ENV as TOKENS_ENV
+
+        loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+        if not loopback and not os.environ.get(TOKENS_ENV) and not args.insecure:
+            raise ConfigError(
+                f"refusing to serve HTTP on {host} without API tokens: anyone who reaches it "
+                "could read every projection and send commands",
+                hint=f"set {TOKENS_ENV} to a tokens file (see the README's Security section), "
+                "listen on 127.0.0.1, or pass --insecure",
+            )
     worker = Worker(config, only=args.only.split(",") if args.only else None)
     if not worker.projections and not worker.deciders:
         apps = ",".join(config.app_modules)
@@ -389,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes serving HTTP key lookups: the worker and N-1 readers (default: cores)",
     )
     p.add_argument("--only", help="comma-separated projection names to run (default: all)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve HTTP beyond loopback without API tokens (REFOLD_API_TOKENS_FILE)",
+    )
     p.add_argument(
         "--advertise",
         metavar="HOST:PORT",
