@@ -76,7 +76,7 @@ class TaskRoutes:
         loop = asyncio.get_running_loop()
         try:
             # Checked and queued for its claim here, on the loop (nothing blocks: the client's
-            # claims thread claims every id waiting in one round trip, then appends); the
+            # claims threads claim every id waiting in one round trip, then append); the
             # answer waits for this task's own acknowledgements. Measured: a claim round trip
             # per POST on 8 intake threads held HTTP intake to 0.31x Celery.
             pending = self.tasks.submit_nowait(queue, obj)

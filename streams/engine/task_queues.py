@@ -186,7 +186,7 @@ class TaskService:
             return self._client
 
     def _claim_many(self, queue: str, subs: Sequence[Submission]) -> list[Verdict]:
-        """Claim new task ids together (the TaskClient's claims thread calls this with every
+        """Claim new task ids together (a TaskClient claims thread calls this with every
         id that waited for the previous round): per id, append it, a repeat, or its error."""
         requests = [
             ClaimRequest(s.task_id, s.fingerprint, s.key, queue, self._claimer) for s in subs
@@ -204,7 +204,7 @@ class TaskService:
                 _same_body(first, submission)
                 if first.get("claimer") == self._claimer:
                     out.append(True)
-                else:  # rare: it reads the intake (off the claims thread)
+                else:  # rare: it reads the intake (off the claims threads)
                     out.append(partial(self._unqueued, queue, submission, first))
             except TaskError as exc:
                 out.append(exc)
