@@ -34,14 +34,8 @@ from refold.engine.dispatcher import Dispatcher
 from refold.engine.frozen import Serving
 from refold.engine.membership import worker_id
 from refold.engine.reconciler import Reconciler
-from refold.kafka.task_log import (
-    Accepted,
-    Pending,
-    TaskClient,
-    Verdict,
-    ensure_task_topics,
-    intake_holds,
-)
+from refold.kafka.task_answers import Accepted, Pending
+from refold.kafka.task_log import TaskClient, Verdict, ensure_task_topics, intake_holds
 from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -42,6 +41,7 @@ from refold.core.tasks import (
 from refold.kafka import clients
 from refold.kafka.log import read_to_end, topic_partitions
 from refold.kafka.registry import SchemaRegistry, codec_for
+from refold.kafka.task_answers import Accepted, Pending, Remembered, follow
 from refold.kafka.topics import Topics, TopicSpec, compacted_topic, dead_letter_topic, event_topic
 
 log = logging.getLogger(__name__)
@@ -222,38 +222,6 @@ class Acks:
             raise TaskError(f"{what} not acknowledged: {self.errors or f'{remaining} pending'}")
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """The answer to a submit: the same for a repeat of the task id."""
-
-    task_id: str
-    queue: str
-    status: str = "accepted"
-    repeated: bool = False
-
-    @property
-    def status_url(self) -> str:
-        return f"/tasks/{self.queue}/{self.task_id}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "status": self.status, "status_url": self.status_url}
-
-
-@dataclass(slots=True)
-class Remembered:
-    """A submit this client answered: its `accepted` status event, where it landed (partition
-    -1: not yet acknowledged, or another node appends it) and when, so a status read right
-    after the 202 can wait for it or answer it (read-your-writes); and, while its records are
-    in flight, their Pending (a repeat meanwhile is answered with it)."""
-
-    event: dict[str, Any]
-    topic: str
-    partition: int
-    offset: int
-    at_ms: int
-    pending: Pending | None = None
-
-
 #: Looks a task id up in the status projection: its state, or None when unknown.
 Lookup = Callable[[str, str], dict[str, Any] | None]
 #: Claims a new task id for this intake node: True when its claim won (append the task), False
@@ -267,81 +235,8 @@ Verdict = bool | TaskError | Callable[[], bool]
 ClaimMany = Callable[[str, Sequence[Submission]], Sequence[Verdict]]
 
 
-class Pending:
-    """The acknowledgements one submit waits for (its intake record and its `accepted` status).
-
-    Set from the producer's delivery callbacks, on the client's poll thread; `wait` blocks a
-    thread, `on_done` calls back (on the poll thread) for callers with an event loop."""
-
-    __slots__ = ("_callbacks", "_done", "_left", "_lock", "answer", "errors", "exc")
-
-    def __init__(self, answer: Accepted, records: int) -> None:
-        self.answer = answer
-        self.errors: list[str] = []
-        self.exc: TaskError | None = None  # the answer instead (TaskConflict: the id is taken)
-        self._left = records
-        self._done = records == 0
-        self._callbacks: list[Callable[[Pending], None]] = []
-        self._lock = threading.Condition(threading.Lock())
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        """A delivery report of one of its records."""
-        self.ack(None if err is None else f"{msg.topic()}: {err.str()}")
-
-    def ack(self, error: str | None) -> None:
-        with self._lock:
-            if error is not None:
-                self.errors.append(error)
-            self._left -= 1
-            if self._left > 0:
-                return
-            self._done = True
-            self._lock.notify_all()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
-
-    def fail(self, error: str, exc: TaskError | None = None) -> None:
-        """Done now, with `error` (its records were never sent); `result` raises `exc`."""
-        with self._lock:
-            self.errors.append(error)
-            self.exc = exc
-            self._left = 0
-            self._done = True
-            self._lock.notify_all()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
-
-    def on_done(self, callback: Callable[[Pending], None]) -> None:
-        with self._lock:
-            if not self._done:
-                self._callbacks.append(callback)
-                return
-        callback(self)
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def result(self) -> Accepted:
-        """The answer once acknowledged; TaskError if Kafka refused a record, or the error its
-        claim ended with (TaskConflict: the id was claimed for another body)."""
-        if self.exc is not None:
-            raise self.exc
-        if self.errors:
-            raise TaskError(f"task {self.answer.task_id!r} not acknowledged: {self.errors}")
-        return self.answer
-
-    def wait(self, timeout: float = 30.0) -> Accepted:
-        with self._lock:
-            if not self._lock.wait_for(lambda: self._done, timeout):
-                raise TaskError(f"task {self.answer.task_id!r} not acknowledged in {timeout:g} s")
-        return self.result()
-
-
 #: A new id waiting for its claim: its queue, submission, Pending and remembered event.
-_Claiming = tuple[TaskQueue, Submission, "Pending", Remembered]
+_Claiming = tuple[TaskQueue, Submission, Pending, Remembered]
 
 
 class TaskClient:
@@ -468,7 +363,11 @@ class TaskClient:
                     log.warning("claims of %d task ids failed", len(subs), exc_info=True)
                     verdicts = [TaskError(f"could not be claimed: {exc}")] * len(subs)
                 for (_q, submission, pending, fresh), verdict in zip(items, verdicts, strict=True):
-                    self._settle(q, submission, pending, fresh, verdict)
+                    try:
+                        self._settle(q, submission, pending, fresh, verdict)
+                    except Exception as exc:  # this task answers 503; the thread goes on
+                        log.exception("task %s/%s: not appended", q.name, submission.task_id)
+                        pending.fail(str(exc), TaskError(f"not appended: {exc}"))
 
     def _settle(
         self,
@@ -509,7 +408,7 @@ class TaskClient:
         if first is not None:
             if first.pending is not None and not first.pending.done:
                 repeat = Pending(Accepted(task_id, q.name, repeated=True), 1)
-                first.pending.on_done(lambda done: _follow(repeat, done))
+                first.pending.on_done(lambda done: follow(repeat, done))
                 return repeat, None
             if first.pending is None or not first.pending.errors:
                 return Pending(Accepted(task_id, q.name, repeated=True), 0), None
@@ -623,14 +522,6 @@ def _one(claim: Claim, queue: str, submission: Submission) -> bool | TaskError:
         return claim(queue, submission)
     except TaskError as exc:
         return exc
-
-
-def _follow(repeat: Pending, first: Pending) -> None:
-    """End a repeat's Pending as its first submit's ended."""
-    if first.exc is not None:
-        repeat.fail("; ".join(first.errors), first.exc)
-    else:
-        repeat.ack("; ".join(first.errors) or None)
 
 
 def _by_queue(batch: list[_Claiming]) -> list[tuple[TaskQueue, list[_Claiming]]]:
