@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +34,23 @@ from refold.engine.dispatcher import Dispatcher
 from refold.engine.frozen import Serving
 from refold.engine.membership import worker_id
 from refold.engine.reconciler import Reconciler
-from refold.kafka.task_log import Accepted, Pending, TaskClient, ensure_task_topics
+from refold.kafka.task_answers import Accepted, Pending
+from refold.kafka.task_log import TaskClient, Verdict, ensure_task_topics, intake_holds
 from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
 #: How long a status read waits for the projection to fold a task this worker just accepted.
 RYW_WAIT_S = 2.0
+#: How long another node's claim of a task id may go without its task on the intake before a
+#: repeat here queues it (that node died between claim and append): past the producer's
+#: message timeout (60 s), its append can no longer land.
+TAKEOVER_AFTER_S = 65.0
+#: How far before its claim a task's intake record is looked for (clocks of two nodes).
+CLOCK_MARGIN_MS = 5_000
+#: How long a repeat of a task id another node claimed looks for its intake record (its append
+#: lands milliseconds after its claim, unless that node is gone) before answering 503.
+SETTLE_S = 3.0
 
 
 def claim_task_id(index: ClaimsIndex, claimer: str, queue: str, submission: Submission) -> bool:
@@ -52,13 +65,18 @@ def claim_task_id(index: ClaimsIndex, claimer: str, queue: str, submission: Subm
         first = index.claim([request])[submission.task_id]
     except (CommandError, KeyError) as exc:
         raise TaskError(f"task id {submission.task_id!r} could not be claimed: {exc}") from exc
+    _same_body(first, submission)
+    return bool(first.get("claimer") == claimer)
+
+
+def _same_body(first: dict[str, Any], submission: Submission) -> None:
+    """TaskConflict unless the winning claim names this submission's body."""
     if first["fingerprint"] != submission.fingerprint:
         raise TaskConflict(
             f"task id {submission.task_id!r} was submitted before with another body "
             f"(first claimed with key {first.get('key')!r})",
             hint="use a new task id for another task",
         )
-    return bool(first.get("claimer") == claimer)
 
 
 def claims_index(config: Config, queue: TaskQueue, path: Path) -> ClaimsIndex:
@@ -85,8 +103,12 @@ class TaskService:
         self._client_lock = threading.Lock()
         self._partitions: dict[str, int] = {}
         # Task-id claims (refold.engine.claims): the first intake node to claim an id queues it.
-        self._claimer = worker_id(config)
+        # A claim names this process run (`<worker id>/<run>`): a claim from another run, of
+        # this data dir or another node's, may have been left by a crash before its append.
+        self._worker = worker_id(config)
+        self._claimer = f"{self._worker}/{uuid.uuid4().hex[:12]}"
         self.claims: dict[str, ClaimsIndex] = {}
+        self.takeover_after_s = TAKEOVER_AFTER_S
 
     def ensure_topics(self, topics: Topics) -> None:
         if not self.queues:
@@ -102,6 +124,9 @@ class TaskService:
         for name, queue in self.queues.items():
             path = self.config.data_dir / "tasks" / name / "ids"
             self.claims[name] = claims_index(self.config, queue, path).start()
+        if self.queues:
+            self.client.register()  # so a submit never waits for the registry (on a loop)
+        for name, queue in self.queues.items():
             dispatcher = Dispatcher(self.config, self.codec, queue)
             reconciler = Reconciler(
                 self.config,
@@ -146,12 +171,70 @@ class TaskService:
         with self._client_lock:
             if self._client is None:
                 self._client = TaskClient(
-                    self.config, self.queues, codec=self.codec, known=self._state, claim=self._claim
+                    self.config,
+                    self.queues,
+                    codec=self.codec,
+                    known=self._state,
+                    claim_many=self._claim_many,
                 )
             return self._client
 
-    def _claim(self, queue: str, submission: Submission) -> bool:
-        return claim_task_id(self.claims[queue], self._claimer, queue, submission)
+    def _claim_many(self, queue: str, subs: Sequence[Submission]) -> list[Verdict]:
+        """Claim new task ids together (a TaskClient claims thread calls this with every
+        id that waited for the previous round): per id, append it, a repeat, or its error."""
+        requests = [
+            ClaimRequest(s.task_id, s.fingerprint, s.key, queue, self._claimer) for s in subs
+        ]
+        try:
+            won = self.claims[queue].claim(requests)
+        except CommandError as exc:
+            return [TaskError(f"task ids could not be claimed: {exc}")] * len(subs)
+        out: list[Verdict] = []
+        for submission in subs:
+            first = won.get(submission.task_id)
+            try:
+                if first is None:
+                    raise TaskError(f"task id {submission.task_id!r} could not be claimed")
+                _same_body(first, submission)
+                if first.get("claimer") == self._claimer:
+                    out.append(True)
+                else:  # rare: it reads the intake (off the claims threads)
+                    out.append(partial(self._unqueued, queue, submission, first))
+            except TaskError as exc:
+                out.append(exc)
+        return out
+
+    def _unqueued(self, queue: str, submission: Submission, first: dict[str, Any]) -> bool:
+        """A repeat of a task id another run claimed first, for the same body: whether to queue
+        it here (True), because that run died between its claim and its append (the intake
+        holds no record of the task since the claim). Answered as a repeat when the intake has
+        it (looked for again for up to SETTLE_S: a live claimer's append is on its way);
+        TaskError (retry later) while another node's append may still land."""
+        task_id = submission.task_id
+        claimed_ms = int(first.get("claimed_at_ms") or 0)
+        q = self.queues[queue]
+        claimer = str(first.get("claimer") or "")
+        mine = claimer.split("/")[0] == self._worker  # this data dir's previous run: it died
+        settle = time.monotonic() + (0 if mine else SETTLE_S)
+        while True:
+            since = claimed_ms - CLOCK_MARGIN_MS
+            if intake_holds(self.config, self.codec, q, submission, since):
+                return False
+            if time.monotonic() >= settle:
+                break
+            time.sleep(0.1)
+        age_s = time.time() - claimed_ms / 1000
+        if not mine and age_s < self.takeover_after_s:
+            raise TaskError(
+                f"task id {task_id!r} was claimed by {claimer or 'another node'} {age_s:.0f} s "
+                "ago and is not queued yet",
+                hint=f"retry later: after {self.takeover_after_s:g} s this node queues it",
+            )
+        log.warning(
+            "task %s/%s: claimed by %s %.0f s ago, never queued: queued here",
+            queue, task_id, claimer or "another node", age_s,
+        )  # fmt: skip
+        return True
 
     def _state(self, queue: str, task_id: str) -> dict[str, Any] | None:
         state: dict[str, Any] | None = self.runner(queue).store.get(task_id)
