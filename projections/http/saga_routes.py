@@ -3,7 +3,9 @@
 - `POST /sagas/{name}` `{"saga_id"?, "data": {...}}` -> 202 `{"saga_id", "status": "running",
   "status_url"}` once the `started` event is durably on the saga topic; a repeated saga id
   answers the same and appends nothing; bad input 400/404/422, never appended;
-- `GET /sagas/{name}/{saga_id}` -> the saga's state (its state projection, made public).
+- `GET /sagas/{name}/{saga_id}` -> the saga's state (its state projection, made public);
+- `GET /sagas/{name}` -> this worker's runner of the saga: its counters and the partitions it
+  drives (`runner.ready`), or `runner: null` where no runner drives it.
 """
 
 from __future__ import annotations
@@ -73,3 +75,10 @@ class SagaRoutes:
         if state is None:
             return _error(404, "unknown saga run", f"no saga {saga_id!r} of {name!r} (yet)")
         return _respond(200, state)
+
+    async def describe(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        unknown = self._unknown(name)
+        if unknown is not None:
+            return unknown
+        return _respond(200, self.sagas.describe(name))

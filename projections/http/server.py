@@ -254,6 +254,7 @@ class QueryServer:
             ("POST", "/tasks/{queue}/{task_id}/cancel", self._tasks.cancel),
             ("GET", "/tasks/{queue}/{task_id}", self._tasks.get),
             ("POST", "/sagas/{name}", self._sagas.start),
+            ("GET", "/sagas/{name}", self._sagas.describe),
             ("GET", "/sagas/{name}/{saga_id}", self._sagas.get),
         ]
         # Per-route wrappers instead of a middleware: aiohttp adds a second layer per request

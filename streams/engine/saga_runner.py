@@ -40,11 +40,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from confluent_kafka import KafkaException, TopicPartition
-from refold.core.commands import Command
+from refold.core.app import load_deciders
+from refold.core.commands import Command, Decider
 from refold.core.config import Config
 from refold.core.errors import CommandError, InputError, RefoldError
 from refold.core.sagas import (
@@ -66,6 +67,7 @@ from refold.engine.frozen import Serving
 from refold.engine.timetravel import murmur2_partition
 from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
+from refold.kafka.command_topics import ensure_command_topics
 from refold.kafka.saga_log import Acks, SagaClient, SagaLog, Started, ensure_saga_topics
 from refold.kafka.topics import Topics
 
@@ -104,7 +106,7 @@ class SagaRunner:
         partitions: int,
         commands: CommandClient,
         results: ResultsIndex,
-        claims: Mapping[str, ClaimsIndex],
+        claims: Callable[[str], ClaimsIndex | None],
         interval_s: float = 0.2,
     ) -> None:
         self.saga = saga
@@ -201,7 +203,7 @@ class SagaRunner:
                 if stored.get((topic, p), 0) >= self._ends[p]:
                     log.info("saga %s: partition %d caught up, driving it", self.saga.name, p)
                     self._ready[p] = int(time.time() * 1000)
-            self.stats.ready = tuple(sorted(self._ready))
+        self.stats.ready = tuple(sorted(self._ready))  # lost ones dropped above
         return {p: since for p, since in self._ready.items() if p in owned}
 
     def _of(self, command_id: str, partition: int) -> bool:
@@ -233,8 +235,8 @@ class SagaRunner:
         it; False when a processor claimed it first (it will be decided)."""
         if out.command_id in self._claimed:
             return False
-        claims = self._claims.get(out.send.aggregate)
-        if claims is None:  # no processor of that aggregate here: time it out unfenced
+        claims = self._claims(out.send.aggregate)
+        if claims is None:  # an aggregate no decider of the app knows: nothing decides it
             log.warning("saga %s: cannot fence %s", self.saga.name, out.command_id)
             return True
         send = out.send
@@ -291,6 +293,10 @@ class SagaService:
         self._client_lock = threading.Lock()
         self._commands: CommandClient | None = None
         self._results: ResultsIndex | None = None
+        self._processors: Mapping[str, CommandProcessor] = {}
+        self._deciders: dict[str, Decider] = {}
+        self._own_claims: dict[str, ClaimsIndex] = {}  # of deciders no processor here runs
+        self._claims_lock = threading.Lock()
 
     def ensure_topics(self, topics: Topics) -> None:
         if not self.sagas:
@@ -303,13 +309,26 @@ class SagaService:
         self, runners: Mapping[str, Serving], processors: Mapping[str, CommandProcessor]
     ) -> None:
         """A runner per saga; `runners` is the worker's live runner per projection (looked up
-        at each use), `processors` the command processors of this worker."""
+        at each use), `processors` the command processors of this worker. The commands go to
+        every decider of the app, whether or not its processor runs here (`--only`)."""
         self._runners = runners
         if not self.sagas:
             return
+        self._processors = processors
         deciders = {name: p.decider for name, p in processors.items()}
+        topics = Topics(self.config)
+        for name, decider in load_deciders(self.config.app_modules).items():
+            if name in deciders:
+                continue
+            try:  # a decider whose event topic is missing cannot take commands: skip it
+                ensure_command_topics(topics, decider)
+            except RefoldError as exc:
+                log.warning("sagas: cannot send to decider %s: %s", name, exc)
+                continue
+            deciders[name] = decider
+        self._deciders = deciders
         if not deciders:
-            log.warning("sagas %s: no deciders run here, not driving", sorted(self.sagas))
+            log.warning("sagas %s: the app has no deciders, not driving", sorted(self.sagas))
             return
         self._commands = CommandClient(self.config, deciders)
         self._results = ResultsIndex(
@@ -326,18 +345,38 @@ class SagaService:
                 partitions=self._partitions[name],
                 commands=self._commands,
                 results=self._results,
-                claims={name: p.claims for name, p in processors.items()},
+                claims=self.claims,
             )
             self.runners[name] = runner
             thread = threading.Thread(target=runner.run, name=f"saga-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
+    def claims(self, aggregate: str) -> ClaimsIndex | None:
+        """The claims index of `aggregate`'s command ids, to fence a timed-out step: the local
+        processor's, or one of the saga service's own (every index reads every partition of
+        the claims topic, so any of them sees the first claim of an id)."""
+        processor = self._processors.get(aggregate)
+        if processor is not None:
+            return processor.claims
+        decider = self._deciders.get(aggregate)
+        if decider is None:
+            return None
+        with self._claims_lock:
+            index = self._own_claims.get(aggregate)
+            if index is None:
+                path = self.config.data_dir / "sagas" / "claims" / aggregate
+                index = ClaimsIndex.for_decider(self.config, decider, path).start()
+                self._own_claims[aggregate] = index
+            return index
+
     def stop(self, timeout: float = 30.0) -> None:
         for runner in self.runners.values():
             runner.stop()
         for thread in self._threads:
             thread.join(timeout)
+        for index in self._own_claims.values():
+            index.stop(timeout)
         if self._results is not None:
             self._results.stop(timeout)
         if self._commands is not None:
@@ -375,6 +414,14 @@ class SagaService:
         client = self.client
         start: Start = client.prepare(name, obj)
         return client.start(name, start)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """`GET /sagas/{name}`: what this worker's runner of the saga has done (its counters,
+        the partitions it drives), for operators and for tests that wait on a sweep."""
+        saga = self.saga(name)
+        runner = self.runners.get(name)
+        stats = None if runner is None else asdict(runner.stats)
+        return {"saga": name, "topic": saga.topic, "runner": stats}
 
     def status(self, name: str, saga_id: str) -> dict[str, Any] | None:
         self.saga(name)
