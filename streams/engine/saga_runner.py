@@ -337,6 +337,9 @@ class SagaService:
             store_path=self.config.data_dir / "sagas" / "results",
         ).start()
         for name, saga in self.sagas.items():
+            if saga_projection_name(name) not in runners:  # `--only` left its state out
+                log.info("saga %s: its state is not folded here, not driving it", name)
+                continue
             runner = SagaRunner(
                 self.config,
                 self.codec,

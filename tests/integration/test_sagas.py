@@ -74,9 +74,9 @@ class Worker:
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
 
-    def start(self, data_dir: str = "worker") -> None:
+    def start(self, data_dir: str = "worker", *args: str) -> None:
         log = (self.tmp / f"{data_dir}.log").open("ab")
-        cmd = [sys.executable, "-m", "refold.cli.main", "worker"]
+        cmd = [sys.executable, "-m", "refold.cli.main", "worker", *args]
         cmd += ["--http", f"127.0.0.1:{self.port}", "--http-procs", "1"]
         env = {**self.env, "REFOLD_DATA_DIR": str(self.tmp / data_dir)}
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
