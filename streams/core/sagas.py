@@ -337,15 +337,17 @@ def saga_projection_name(saga: str) -> str:
     return f"sagas.{saga}"
 
 
-def saga_projection(saga: Saga) -> SagaStateProjection:
-    """The state projection of `saga`: named `sagas.<name>`, reading `<name>.saga`."""
+def saga_projection(saga: Saga, version: int = 1) -> SagaStateProjection:
+    """The state projection of `saga`: named `sagas.<name>`, reading `<name>.saga`. Its fold is
+    built in, so every version folds alike; another `version` is a rebuild beside the live one
+    (`refold saga rebuild`)."""
     cls = type(
         f"SagaState_{saga.name}",
         (SagaStateProjection,),
         {
             "name": saga_projection_name(saga.name),
             "topics": (saga.topic,),
-            "version": 1,
+            "version": version,
             "saga": saga,
             "__module__": __name__,
         },

@@ -102,6 +102,14 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
+    def cli(self, data_dir: str, *args: str, code: int = 0) -> Any:
+        """`refold saga ARGS` on the data dir of `data_dir`; its JSON answer (one line)."""
+        env = {**self.env, "REFOLD_DATA_DIR": str(self.tmp / data_dir)}
+        cmd = [sys.executable, "-m", "refold.cli.main", "saga", *args]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == code, (run.returncode, run.stdout, run.stderr)
+        return [json.loads(line) for line in run.stdout.splitlines()]
+
     def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         url = f"http://127.0.0.1:{self.port}{path}"
@@ -271,6 +279,9 @@ def test_concurrent_transfers_through_kills_end_with_the_money_where_it_belongs(
 
     log = events(config, vault.events_topic)
     _check(plan, states, log, accounts)
+    # `refold saga rebuild` on the last worker's store: folded again beside it, no difference
+    [rebuild] = worker.cli("worker", "rebuild", saga, "--quiet")
+    assert (rebuild["unchanged"], rebuild["changed"], rebuild["added"]) == (SAGAS, 0, 0), rebuild
 
     assert_rebuilt_alike(config, worker, vault, states, commands_end, saga_end)
 
@@ -405,6 +416,11 @@ def test_http_and_cli_starts_are_checked_and_idempotent(
             [*cli, "status", saga, "nope"], env=env, capture_output=True, text=True, timeout=60
         )
         assert run.returncode != 0 and len(run.stderr.strip().splitlines()) <= 2, run.stderr
+        # the state folded again from offset zero beside the running worker's: alike, nothing sent
+        commands_end = Topics(config).end_offsets(vault.command_topic)
+        [rebuild] = worker.cli("worker", "rebuild", saga, "--quiet")
+        assert (rebuild["unchanged"], rebuild["changed"], rebuild["removed"]) == (2, 0, 0)
+        assert Topics(config).end_offsets(vault.command_topic) == commands_end
     finally:
         worker.stop()
     started = [
@@ -442,5 +458,9 @@ def test_a_compensation_rejected_past_its_limit_fails_the_saga_with_a_dead_lette
     assert [(k, d["kind"], d["reason"]) for k, _t, d in letters] == [
         ("s-1", "dead", state["reason"])
     ]
+    [letter] = worker.cli("worker", "dead-letters", stubborn)
+    assert (letter["saga_id"], letter["reason"]) == ("s-1", state["reason"])
+    assert letter["state"]["steps"][0]["undo_attempts"] == 2, letter  # its state when it failed
+    assert worker.cli("worker", "dead-letters", saga) == []  # none of the transfers failed so
     moved = [(k, t) for k, t, d in events(config, vault.events_topic) if d.get("memo") == "s-1"]
     assert moved == [("acc-0", "bank.MoneyWithdrawn")]  # and nothing came back: a person looks
