@@ -158,10 +158,10 @@ class QueryServer:
         self._watermarks = Watermarks(worker.config)
         self._commands = CommandRoutes(worker)
         self._tasks = TaskRoutes(worker)
-        self._sagas = SagaRoutes(worker)
         self._dashboard = Dashboard(worker, self.describe_projections)
         self._advertise = advertise
         self.router = Router(worker, self.freshness)
+        self._sagas = SagaRoutes(worker, self.router)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}

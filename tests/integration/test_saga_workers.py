@@ -24,6 +24,7 @@ from refold.kafka.command_client import CommandClient
 from refold.kafka.topics import Topics
 
 from tests.integration.test_sagas import (
+    ACCOUNTS,
     ENDED,
     SAGAS,
     Worker,
@@ -92,12 +93,10 @@ def test_two_workers_share_sagas_through_rebalances_and_a_kill(
     saga = unique("transfers")
     a = Worker(config, vault, saga, tmp_path)
     b = Worker(config, vault, saga, tmp_path)
-    a.start("a")
-    accounts = _fund(client, vault)
+    accounts = [f"acc-{i}" for i in range(ACCOUNTS)]  # what _fund opens
     plan = _plan(accounts, SAGAS, random.Random(28))
     ids = list(plan)
     quarters = [ids[i * len(ids) // 4 : (i + 1) * len(ids) // 4] for i in range(4)]
-    partitions = Topics(config).partitions(f"{saga}.saga")
     repeated: list[str] = []
     lock = threading.Lock()
 
@@ -116,6 +115,9 @@ def test_two_workers_share_sagas_through_rebalances_and_a_kill(
             list(pool.map(one, range(len(chunk)), chunk))
 
     try:
+        a.start("a")  # its command processor decides the funding too
+        assert _fund(client, vault) == accounts
+        partitions = Topics(config).partitions(f"{saga}.saga")  # made by the worker
         start_all(quarters[0], [a])
         b.start("b")  # joins while the first quarter runs: the partitions split
         split = drives([a, b], partitions)
@@ -127,6 +129,10 @@ def test_two_workers_share_sagas_through_rebalances_and_a_kill(
         again = drives([a, b], partitions)
         start_all(quarters[3], [a, b])
         states = ended([a, b], ids)
+        for worker in (a, b):  # either worker answers every saga: the owner's state, forwarded
+            for saga_id in ids:
+                answer = worker.http("GET", f"/sagas/{saga}/{saga_id}")
+                assert answer == (200, states[saga_id]), (worker.port, saga_id, answer)
         commands_end = Topics(config).end_offsets(vault.command_topic)
         saga_end = Topics(config).end_offsets(f"{saga}.saga")
     finally:
@@ -163,9 +169,9 @@ def test_a_worker_without_the_command_processor_drives_and_fences_sagas(
     slow = {"timeout_s": 0.05, "decide_delay_s": 0.1}
     processor = Worker(config, vault, saga, tmp_path, **slow)
     sagas = Worker(config, vault, saga, tmp_path, **slow)
-    processor.start("processor", "--only", vault.name)
-    sagas.start("sagas", "--only", f"sagas.{saga},sagas.{saga}-stubborn")
     try:
+        processor.start("processor", "--only", vault.name)
+        sagas.start("sagas", "--only", f"sagas.{saga},sagas.{saga}-stubborn")
         accounts = _fund(client, vault)
         plan = _plan(accounts, 60, random.Random(7))
         with ThreadPoolExecutor(8) as pool:

@@ -70,6 +70,7 @@ class Worker:
             "REFOLD_TEST_STEP_TIMEOUT_S": str(timeout_s),
             "VAULT_DECIDE_DELAY_S": str(decide_delay_s),
             "PYTHONPATH": str(ROOT),
+            "PYTHONFAULTHANDLER": "1",
         }
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
@@ -87,7 +88,12 @@ class Worker:
                     return
             except OSError:
                 time.sleep(0.2)
-        raise AssertionError("worker did not answer /healthz")
+        # where it hangs: faulthandler (PYTHONFAULTHANDLER) dumps every thread on SIGABRT
+        self.proc.send_signal(signal.SIGABRT)
+        self.proc.wait(30)
+        raise AssertionError(
+            f"worker did not answer /healthz; its threads: {self.tmp}/{data_dir}.log"
+        )
 
     def kill(self) -> None:
         assert self.proc is not None
