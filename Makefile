@@ -31,18 +31,21 @@ demo: jars
 
 # Publish, rebuild (with the Faust peer), freshness and queries; then commands (its own report);
 # then tasks beside Celery + Redis (needs Debian's redis-server) and a bare share-consumer loop;
-# then lookups through a worker that forwards them against the owner asked directly.
+# then lookups through a worker that forwards them against the owner asked directly;
+# then sagas beside the same transfers sent as plain commands.
 bench: jars redis
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.commands
 	$(BIN)/python -m bench.tasks
 	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.sagas
 
 bench-quick: jars redis
 	$(BIN)/python -m bench.run --quick
 	$(BIN)/python -m bench.commands --commands 10000 --accounts 1000 --seconds 8
 	$(BIN)/python -m bench.tasks --quick
 	$(BIN)/python -m bench.routing --events 20000 --accounts 2000 --seconds 3 --repeats 2
+	$(BIN)/python -m bench.sagas --quick
 
 # The Celery peer's broker: Debian's redis-server, installed once when missing (apt, as root).
 redis:

@@ -3,7 +3,11 @@
 - `POST /sagas/{name}` `{"saga_id"?, "data": {...}}` -> 202 `{"saga_id", "status": "running",
   "status_url"}` once the `started` event is durably on the saga topic; a repeated saga id
   answers the same and appends nothing; bad input 400/404/422, never appended;
-- `GET /sagas/{name}/{saga_id}` -> the saga's state (its state projection, made public).
+- `GET /sagas/{name}/{saga_id}` -> the saga's state (its state projection, made public), from
+  the worker that folds the saga's partition: a worker that does not forwards the lookup to it
+  (`refold.http.routing`; `?route=local` answers here, `?route=redirect` with a 307);
+- `GET /sagas/{name}` -> this worker's runner of the saga: its counters and the partitions it
+  drives (`runner.ready`), or `runner: null` where no runner drives it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 from refold.core.errors import InputError, SagaError
+from refold.core.sagas import saga_projection_name
 from refold.engine.worker import Worker
+from refold.http.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +40,10 @@ def _error(status: int, error: str, detail: Any) -> web.Response:
 class SagaRoutes:
     """The saga handlers over one worker's sagas."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, router: Router | None = None) -> None:
         self.sagas = worker.sagas
+        self._runners = worker.runners
+        self._router = router
         # Starts wait for Kafka's acknowledgement: off the event loop, one flush at a time.
         self._appends = ThreadPoolExecutor(1, thread_name_prefix="refold-http-sagas")
 
@@ -69,7 +77,19 @@ class SagaRoutes:
         unknown = self._unknown(name)
         if unknown is not None:
             return unknown
+        runner = self._runners.get(saga_projection_name(name))
+        if self._router is not None and runner is not None:
+            forwarded = await self._router.forward(runner, saga_id, request)
+            if forwarded is not None:  # another worker folds this saga's partition
+                return forwarded
         state = self.sagas.status(name, saga_id)
         if state is None:
             return _error(404, "unknown saga run", f"no saga {saga_id!r} of {name!r} (yet)")
         return _respond(200, state)
+
+    async def describe(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        unknown = self._unknown(name)
+        if unknown is not None:
+            return unknown
+        return _respond(200, self.sagas.describe(name))

@@ -159,11 +159,11 @@ class QueryServer:
         self._watermarks = Watermarks(worker.config)
         self._commands = CommandRoutes(worker)
         self._tasks = TaskRoutes(worker)
-        self._sagas = SagaRoutes(worker)
         self._dashboard = Dashboard(worker, self.describe_projections)
         self._advertise = advertise
         self.router = Router(worker, self.freshness)
         self.tokens = Tokens.from_env()  # None: the API is open (refold.http.auth)
+        self._sagas = SagaRoutes(worker, self.router)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
@@ -256,6 +256,7 @@ class QueryServer:
             ("POST", "/tasks/{queue}/{task_id}/cancel", self._tasks.cancel),
             ("GET", "/tasks/{queue}/{task_id}", self._tasks.get),
             ("POST", "/sagas/{name}", self._sagas.start),
+            ("GET", "/sagas/{name}", self._sagas.describe),
             ("GET", "/sagas/{name}/{saga_id}", self._sagas.get),
         ]
         # Per-route wrappers instead of a middleware: aiohttp adds a second layer per request

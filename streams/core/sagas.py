@@ -197,7 +197,8 @@ def initial_state(saga_id: str) -> dict[str, Any]:
 
 def apply_event(saga: Saga, state: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """Fold one SagaEvent (its data) into a saga's state. Events after the end, a second
-    `started` and events of an unknown step change nothing but `duplicates`."""
+    `started`, events of an unknown step and stale step events (`_stale`) change nothing but
+    `duplicates`: the first of each counts, so a repeat from any runner is a no-op."""
     kind, at = data["kind"], int(data.get("at_ms") or 0)
     state["events"] += 1
     if state["status"] in TERMINAL or (kind == "started") == (state["status"] is not None):
@@ -228,9 +229,47 @@ def apply_event(saga: Saga, state: dict[str, Any], data: dict[str, Any]) -> dict
         if not 0 <= index < len(state["steps"]):
             state["duplicates"] += 1
             return state
-        _apply_step(state, state["steps"][index], kind, data, at)
+        step = state["steps"][index]
+        if _stale(state, step, kind, data):
+            state["duplicates"] += 1
+            return state
+        _apply_step(state, step, kind, data, at)
     state["updated_ms"] = max(state["updated_ms"], at)
     return state
+
+
+#: Each step event's allowed (saga phase, step status) before it; any other is stale.
+_FROM: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "step_sent": (frozenset({"running"}), frozenset({"pending"})),
+    # a step accepted after its timeout (unfenced) is learnt while compensating
+    "step_accepted": (frozenset({"running", "compensating"}), frozenset({"sent", "timed_out"})),
+    "step_rejected": (frozenset({"running"}), frozenset({"sent"})),
+    "step_timed_out": (frozenset({"running"}), frozenset({"sent"})),
+    "compensation_sent": (
+        frozenset({"compensating"}),
+        frozenset({"accepted", "compensation_rejected"}),
+    ),
+    "compensation_done": (frozenset({"compensating"}), frozenset({"compensating"})),
+    "compensation_rejected": (frozenset({"compensating"}), frozenset({"compensating"})),
+}
+
+
+def _stale(state: dict[str, Any], step: dict[str, Any], kind: str, data: dict[str, Any]) -> bool:
+    """Whether a step event no longer fits the saga: a repeat, or one decided from an older state
+    (two runners drive a saga for a moment when its partition moves between workers). Folding it
+    could move a step backwards (a second `step_sent` after `step_accepted`), or let a late
+    rejection of attempt n count against attempt n+1; the fold keeps the first of each instead."""
+    phases, statuses = _FROM.get(kind, (frozenset(), frozenset()))
+    if state["status"] not in phases or step["status"] not in statuses:
+        return True
+    if kind == "step_accepted" and state["status"] == "compensating":
+        return step["status"] != "timed_out"
+    attempt = int(data.get("attempt") or 0)
+    if kind == "compensation_sent":
+        return attempt != int(step["undo_attempts"]) + 1
+    if kind in ("compensation_done", "compensation_rejected"):
+        return attempt not in (0, int(step["undo_attempts"]))  # 0: written before attempts
+    return False
 
 
 def _apply_step(
@@ -298,15 +337,17 @@ def saga_projection_name(saga: str) -> str:
     return f"sagas.{saga}"
 
 
-def saga_projection(saga: Saga) -> SagaStateProjection:
-    """The state projection of `saga`: named `sagas.<name>`, reading `<name>.saga`."""
+def saga_projection(saga: Saga, version: int = 1) -> SagaStateProjection:
+    """The state projection of `saga`: named `sagas.<name>`, reading `<name>.saga`. Its fold is
+    built in, so every version folds alike; another `version` is a rebuild beside the live one
+    (`refold saga rebuild`)."""
     cls = type(
         f"SagaState_{saga.name}",
         (SagaStateProjection,),
         {
             "name": saga_projection_name(saga.name),
             "topics": (saga.topic,),
-            "version": 1,
+            "version": version,
             "saga": saga,
             "__module__": __name__,
         },
@@ -449,7 +490,8 @@ def _undo(
         if result is None:
             return Advance(waiting=(out,))
         if result.get("status") == "accepted":
-            return Advance(events=(saga_event(sid, "compensation_done", step=i, at_ms=now_ms),))
+            done = saga_event(sid, "compensation_done", step=i, attempt=attempt, at_ms=now_ms)
+            return Advance(events=(done,))
         rejected = saga_event(
             sid,
             "compensation_rejected",

@@ -11,7 +11,9 @@ to do with the state and the command results known now. Its steps, in order:
    to it. So a store rebuilt from offset zero (a replay) sends nothing while it rebuilds, and a
    restarted worker decides from the state the log holds, not from a stale one;
 2. the events the decision names (`step_sent`, `step_accepted`, ...) are appended to the saga
-   topic and acknowledged (acks=all) — a dead letter first when the saga ends `failed`;
+   topic and acknowledged (acks=all) — a dead letter first when the saga ends `failed`; a
+   decision that sends nothing is folded into a copy of the state and the next one made at once
+   (a step's result and the next step's send go out in one sweep);
 3. only then the commands are sent, with their deterministic ids, through `CommandClient`; the
    commands a saga waits on are re-sent once by a runner that did not send them itself (after a
    restart or a rebalance), which the command processor answers with the first result;
@@ -35,16 +37,18 @@ partition over, so a worker that was down does not time out every step at once.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from confluent_kafka import KafkaException, TopicPartition
-from refold.core.commands import Command
+from refold.core.app import load_deciders
+from refold.core.commands import Command, Decider
 from refold.core.config import Config
 from refold.core.errors import CommandError, InputError, RefoldError
 from refold.core.sagas import (
@@ -54,6 +58,7 @@ from refold.core.sagas import (
     SagaStateProjection,
     Start,
     advance,
+    apply_event,
     public_state,
     saga_event,
     saga_projection,
@@ -66,6 +71,7 @@ from refold.engine.frozen import Serving
 from refold.engine.timetravel import murmur2_partition
 from refold.kafka import clients
 from refold.kafka.command_client import CommandClient, ResultsIndex
+from refold.kafka.command_topics import ensure_command_topics
 from refold.kafka.saga_log import Acks, SagaClient, SagaLog, Started, ensure_saga_topics
 from refold.kafka.topics import Topics
 
@@ -74,6 +80,7 @@ log = logging.getLogger(__name__)
 PAGE = 1000
 SEND_TIMEOUT_S = 30.0
 FENCE = "refold.sagas.Fence"  # the type of the claim that fences a timed-out step's command
+CHAIN = 8  # decisions one sweep may chain for a saga (a transfer needs at most 2 in a row)
 
 
 @dataclass(slots=True)
@@ -87,6 +94,7 @@ class SagaRunnerStats:
     dead: int = 0
     fenced: int = 0  # timed-out steps whose command will never be decided
     unfenced: int = 0  # timed-out steps whose command was claimed already: their result comes
+    chained: int = 0  # decisions made on a decision of the same sweep (not a sweep later)
     errors: int = 0  # sweeps that failed (the broker unreachable...); the next one retries
     ready: tuple[int, ...] = ()  # the owned partitions whose state is caught up
 
@@ -104,7 +112,7 @@ class SagaRunner:
         partitions: int,
         commands: CommandClient,
         results: ResultsIndex,
-        claims: Mapping[str, ClaimsIndex],
+        claims: Callable[[str], ClaimsIndex | None],
         interval_s: float = 0.2,
     ) -> None:
         self.saga = saga
@@ -201,7 +209,7 @@ class SagaRunner:
                 if stored.get((topic, p), 0) >= self._ends[p]:
                     log.info("saga %s: partition %d caught up, driving it", self.saga.name, p)
                     self._ready[p] = int(time.time() * 1000)
-            self.stats.ready = tuple(sorted(self._ready))
+        self.stats.ready = tuple(sorted(self._ready))  # lost ones dropped above
         return {p: since for p, since in self._ready.items() if p in owned}
 
     def _of(self, command_id: str, partition: int) -> bool:
@@ -211,30 +219,43 @@ class SagaRunner:
     def _drive(
         self, saga_id: str, state: dict[str, Any], now_ms: int, since_ms: int, acks: Acks
     ) -> list[Outgoing]:
+        """Decide for one saga. Decisions that send nothing (a step accepted or rejected, a
+        compensation done) are folded here into a copy of the state and decided on at once, so
+        a step's result and the next step's send are appended in one sweep, not two; the chain
+        stops at the first decision that sends a command or waits for a result."""
         if self._pending.get(saga_id) == state["events"]:
             return []  # what we appended is not folded yet (4.)
         self._pending.pop(saga_id, None)
-        step = advance(self.saga, state, self._results.get, now_ms, since_ms=since_ms)
-        if step.fence is not None and not self._fenced(step.fence):
-            return []  # claimed by the processor: its result will come
-        if step.dead is not None:
-            self._dead(saga_id, state, step.dead)
-        for event in step.events:
-            self._log.produce(self._producer, self.saga.topic, saga_id, event, acks)
-            self.stats.events += 1
-        if step.events:
-            self._pending[saga_id] = state["events"]
-        resend = [out for out in step.waiting if out.command_id not in self._sent_here]
-        self.stats.resent += len(resend)
-        return [*step.commands, *resend]
+        outbox: list[Outgoing] = []
+        for _ in range(CHAIN):
+            step = advance(self.saga, state, self._results.get, now_ms, since_ms=since_ms)
+            if step.fence is not None and not self._fenced(step.fence):
+                break  # claimed by the processor: its result will come
+            if step.dead is not None:
+                self._dead(saga_id, state, step.dead)
+            for event in step.events:
+                self._log.produce(self._producer, self.saga.topic, saga_id, event, acks)
+                self.stats.events += 1
+            if step.events and saga_id not in self._pending:
+                self._pending[saga_id] = state["events"]  # the store's count, before them
+            resend = [out for out in step.waiting if out.command_id not in self._sent_here]
+            self.stats.resent += len(resend)
+            outbox += [*step.commands, *resend]
+            if not step.events or step.commands or step.waiting or step.fence is not None:
+                break
+            state = copy.deepcopy(state)  # the store's own value stays as the store has it
+            for event in step.events:
+                apply_event(self.saga, state, event)
+            self.stats.chained += 1
+        return outbox
 
     def _fenced(self, out: Outgoing) -> bool:
         """Claim a timed-out step's command id for nothing, so that no processor ever decides
         it; False when a processor claimed it first (it will be decided)."""
         if out.command_id in self._claimed:
             return False
-        claims = self._claims.get(out.send.aggregate)
-        if claims is None:  # no processor of that aggregate here: time it out unfenced
+        claims = self._claims(out.send.aggregate)
+        if claims is None:  # an aggregate no decider of the app knows: nothing decides it
             log.warning("saga %s: cannot fence %s", self.saga.name, out.command_id)
             return True
         send = out.send
@@ -291,6 +312,10 @@ class SagaService:
         self._client_lock = threading.Lock()
         self._commands: CommandClient | None = None
         self._results: ResultsIndex | None = None
+        self._processors: Mapping[str, CommandProcessor] = {}
+        self._deciders: dict[str, Decider] = {}
+        self._own_claims: dict[str, ClaimsIndex] = {}  # of deciders no processor here runs
+        self._claims_lock = threading.Lock()
 
     def ensure_topics(self, topics: Topics) -> None:
         if not self.sagas:
@@ -303,13 +328,26 @@ class SagaService:
         self, runners: Mapping[str, Serving], processors: Mapping[str, CommandProcessor]
     ) -> None:
         """A runner per saga; `runners` is the worker's live runner per projection (looked up
-        at each use), `processors` the command processors of this worker."""
+        at each use), `processors` the command processors of this worker. The commands go to
+        every decider of the app, whether or not its processor runs here (`--only`)."""
         self._runners = runners
         if not self.sagas:
             return
+        self._processors = processors
         deciders = {name: p.decider for name, p in processors.items()}
+        topics = Topics(self.config)
+        for name, decider in load_deciders(self.config.app_modules).items():
+            if name in deciders:
+                continue
+            try:  # a decider whose event topic is missing cannot take commands: skip it
+                ensure_command_topics(topics, decider)
+            except RefoldError as exc:
+                log.warning("sagas: cannot send to decider %s: %s", name, exc)
+                continue
+            deciders[name] = decider
+        self._deciders = deciders
         if not deciders:
-            log.warning("sagas %s: no deciders run here, not driving", sorted(self.sagas))
+            log.warning("sagas %s: the app has no deciders, not driving", sorted(self.sagas))
             return
         self._commands = CommandClient(self.config, deciders)
         self._results = ResultsIndex(
@@ -318,6 +356,9 @@ class SagaService:
             store_path=self.config.data_dir / "sagas" / "results",
         ).start()
         for name, saga in self.sagas.items():
+            if saga_projection_name(name) not in runners:  # `--only` left its state out
+                log.info("saga %s: its state is not folded here, not driving it", name)
+                continue
             runner = SagaRunner(
                 self.config,
                 self.codec,
@@ -326,18 +367,38 @@ class SagaService:
                 partitions=self._partitions[name],
                 commands=self._commands,
                 results=self._results,
-                claims={name: p.claims for name, p in processors.items()},
+                claims=self.claims,
             )
             self.runners[name] = runner
             thread = threading.Thread(target=runner.run, name=f"saga-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
+    def claims(self, aggregate: str) -> ClaimsIndex | None:
+        """The claims index of `aggregate`'s command ids, to fence a timed-out step: the local
+        processor's, or one of the saga service's own (every index reads every partition of
+        the claims topic, so any of them sees the first claim of an id)."""
+        processor = self._processors.get(aggregate)
+        if processor is not None:
+            return processor.claims
+        decider = self._deciders.get(aggregate)
+        if decider is None:
+            return None
+        with self._claims_lock:
+            index = self._own_claims.get(aggregate)
+            if index is None:
+                path = self.config.data_dir / "sagas" / "claims" / aggregate
+                index = ClaimsIndex.for_decider(self.config, decider, path).start()
+                self._own_claims[aggregate] = index
+            return index
+
     def stop(self, timeout: float = 30.0) -> None:
         for runner in self.runners.values():
             runner.stop()
         for thread in self._threads:
             thread.join(timeout)
+        for index in self._own_claims.values():
+            index.stop(timeout)
         if self._results is not None:
             self._results.stop(timeout)
         if self._commands is not None:
@@ -375,6 +436,14 @@ class SagaService:
         client = self.client
         start: Start = client.prepare(name, obj)
         return client.start(name, start)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """`GET /sagas/{name}`: what this worker's runner of the saga has done (its counters,
+        the partitions it drives), for operators and for tests that wait on a sweep."""
+        saga = self.saga(name)
+        runner = self.runners.get(name)
+        stats = None if runner is None else asdict(runner.stats)
+        return {"saga": name, "topic": saga.topic, "runner": stats}
 
     def status(self, name: str, saga_id: str) -> dict[str, Any] | None:
         self.saga(name)

@@ -22,6 +22,7 @@ from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
+from refold.core.sagas import saga_projection_name
 from refold.core.serde import Codec
 from refold.core.tasks import TaskQueue
 from refold.engine.command_processor import CommandProcessor
@@ -76,9 +77,13 @@ class Worker:
             self.versions = {}
             for p in projections:
                 self.versions.setdefault(p.name, {})[p.version] = p
+        sagas = load_sagas(config.app_modules) if projections is None else {}
         if only is not None:
             wanted = set(only)
-            unknown = wanted - set(self.versions) - set(found)
+            sagas = {n: s for n, s in sagas.items() if saga_projection_name(n) in wanted}
+            unknown = (
+                wanted - set(self.versions) - set(found) - set(map(saga_projection_name, sagas))
+            )
             if unknown:
                 raise ProjectionError(f"unknown projection(s) {sorted(unknown)}")
             self.versions = {n: v for n, v in self.versions.items() if n in wanted}
@@ -97,9 +102,7 @@ class Worker:
         for status in self.tasks.projections:
             self.versions.setdefault(status.name, {status.version: status})
         # Sagas (REFOLD_APP's, unless projections were passed): their state projections too.
-        self.sagas = SagaService(
-            config, self.codec, load_sagas(config.app_modules) if projections is None else {}
-        )
+        self.sagas = SagaService(config, self.codec, sagas)
         for state in self.sagas.projections:
             self.versions.setdefault(state.name, {state.version: state})
         self.projections = [v[max(v)] for v in self.versions.values()]

@@ -70,24 +70,35 @@ class Worker:
             "REFOLD_TEST_STEP_TIMEOUT_S": str(timeout_s),
             "VAULT_DECIDE_DELAY_S": str(decide_delay_s),
             "PYTHONPATH": str(ROOT),
+            "PYTHONFAULTHANDLER": "1",
         }
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
 
-    def start(self, data_dir: str = "worker") -> None:
+    def start(self, data_dir: str = "worker", *args: str) -> None:
         log = (self.tmp / f"{data_dir}.log").open("ab")
-        cmd = [sys.executable, "-m", "refold.cli.main", "worker"]
+        cmd = [sys.executable, "-m", "refold.cli.main", "worker", *args]
         cmd += ["--http", f"127.0.0.1:{self.port}", "--http-procs", "1"]
         env = {**self.env, "REFOLD_DATA_DIR": str(self.tmp / data_dir)}
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
+        health = None
         while time.monotonic() < deadline:
+            # Up: every answer current (200), or its saga runner running while the group
+            # settles (two workers under load may show a partition unowned or behind for long)
             try:
-                if self.http("GET", "/healthz")[0] == 200:
-                    return
+                health = self.http("GET", "/healthz")
             except OSError:
-                time.sleep(0.2)
-        raise AssertionError("worker did not answer /healthz")
+                health = None
+            if health is not None and (
+                health[0] == 200 or health[1].get("sagas", {}).get(self.saga) == "running"
+            ):
+                return
+            time.sleep(0.2)
+        # where it hangs: faulthandler (PYTHONFAULTHANDLER) dumps every thread on SIGABRT
+        self.proc.send_signal(signal.SIGABRT)
+        self.proc.wait(30)
+        raise AssertionError(f"worker not up: {health}; its threads: {self.tmp}/{data_dir}.log")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -101,6 +112,14 @@ class Worker:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+    def cli(self, data_dir: str, *args: str, code: int = 0) -> Any:
+        """`refold saga ARGS` on the data dir of `data_dir`; its JSON answer (one line)."""
+        env = {**self.env, "REFOLD_DATA_DIR": str(self.tmp / data_dir)}
+        cmd = [sys.executable, "-m", "refold.cli.main", "saga", *args]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == code, (run.returncode, run.stdout, run.stderr)
+        return [json.loads(line) for line in run.stdout.splitlines()]
 
     def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -133,6 +152,25 @@ class Worker:
                 pass
             assert time.monotonic() < deadline, f"saga {saga_id} never accepted"
             time.sleep(0.3)
+
+    def runner(self) -> dict:
+        """This worker's saga runner: its counters (GET /sagas/{name})."""
+        code, body = self.http("GET", f"/sagas/{self.saga}")
+        assert code == 200, body
+        return body["runner"] or {}
+
+    def swept(self, partitions: int, sweeps: int = 2, timeout: float = 120) -> dict:
+        """Wait until the runner drives `partitions` partitions (their state caught up) and has
+        swept `sweeps` more times since: whatever it would send, it has sent."""
+        deadline = time.monotonic() + timeout
+        while len(self.runner().get("ready", ())) < partitions:
+            assert time.monotonic() < deadline, f"runner never drove {partitions} partitions"
+            time.sleep(0.2)
+        first = self.runner()["sweeps"]
+        while (now := self.runner())["sweeps"] < first + sweeps:
+            assert time.monotonic() < deadline, "runner stopped sweeping"
+            time.sleep(0.2)
+        return now
 
     def states(self, ids: list[str], timeout: float = 240) -> dict[str, dict]:
         deadline = time.monotonic() + timeout
@@ -252,20 +290,35 @@ def test_concurrent_transfers_through_kills_end_with_the_money_where_it_belongs(
 
     log = events(config, vault.events_topic)
     _check(plan, states, log, accounts)
+    # `refold saga rebuild` on the last worker's store: folded again beside it, no difference
+    [rebuild] = worker.cli("worker", "rebuild", saga, "--quiet")
+    assert (rebuild["unchanged"], rebuild["changed"], rebuild["added"]) == (SAGAS, 0, 0), rebuild
 
-    # The saga store rebuilt from offset zero (a fresh data dir): the same statuses, no command
-    # sent, no saga event appended.
+    assert_rebuilt_alike(config, worker, vault, states, commands_end, saga_end)
+
+
+def assert_rebuilt_alike(
+    config: Config,
+    worker: Worker,
+    vault: Decider,
+    states: dict[str, dict],
+    commands_end: dict[int, int],
+    saga_end: dict[int, int],
+) -> None:
+    """The saga store and results index rebuilt from offset zero (a fresh data dir): every saga
+    in the same state (status, steps with their command ids and reasons, times), and, once its
+    runner drives every partition and has swept twice, no command sent and no saga event
+    appended."""
     try:
         worker.start("rebuilt")
-        rebuilt = worker.states(list(plan))
-        time.sleep(3)  # a sweep that would send something has had time to
+        rebuilt = worker.states(list(states))
+        stats = worker.swept(Topics(config).partitions(f"{worker.saga}.saga"))
         assert Topics(config).end_offsets(vault.command_topic) == commands_end
-        assert Topics(config).end_offsets(f"{saga}.saga") == saga_end
+        assert Topics(config).end_offsets(f"{worker.saga}.saga") == saga_end
     finally:
         worker.stop()
-    assert {k: v["status"] for k, v in rebuilt.items()} == {
-        k: v["status"] for k, v in states.items()
-    }
+    assert (stats["events"], stats["commands"], stats["resent"]) == (0, 0, 0), stats
+    assert rebuilt == states
 
 
 def _check(
@@ -374,6 +427,11 @@ def test_http_and_cli_starts_are_checked_and_idempotent(
             [*cli, "status", saga, "nope"], env=env, capture_output=True, text=True, timeout=60
         )
         assert run.returncode != 0 and len(run.stderr.strip().splitlines()) <= 2, run.stderr
+        # the state folded again from offset zero beside the running worker's: alike, nothing sent
+        commands_end = Topics(config).end_offsets(vault.command_topic)
+        [rebuild] = worker.cli("worker", "rebuild", saga, "--quiet")
+        assert (rebuild["unchanged"], rebuild["changed"], rebuild["removed"]) == (2, 0, 0)
+        assert Topics(config).end_offsets(vault.command_topic) == commands_end
     finally:
         worker.stop()
     started = [
@@ -411,5 +469,9 @@ def test_a_compensation_rejected_past_its_limit_fails_the_saga_with_a_dead_lette
     assert [(k, d["kind"], d["reason"]) for k, _t, d in letters] == [
         ("s-1", "dead", state["reason"])
     ]
+    [letter] = worker.cli("worker", "dead-letters", stubborn)
+    assert (letter["saga_id"], letter["reason"]) == ("s-1", state["reason"])
+    assert letter["state"]["steps"][0]["undo_attempts"] == 2, letter  # its state when it failed
+    assert worker.cli("worker", "dead-letters", saga) == []  # none of the transfers failed so
     moved = [(k, t) for k, t, d in events(config, vault.events_topic) if d.get("memo") == "s-1"]
     assert moved == [("acc-0", "bank.MoneyWithdrawn")]  # and nothing came back: a person looks

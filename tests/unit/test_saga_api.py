@@ -270,3 +270,79 @@ def test_a_timeout_names_the_command_to_fence_and_counts_from_the_takeover() -> 
     nxt = advance(saga, state, {}.get, later)
     assert [e["kind"] for e in nxt.events] == ["step_timed_out"]
     assert nxt.fence is not None and nxt.fence.command_id == "saga:transfers/t9/withdraw/do"
+
+
+def _drive(saga: Saga, state: dict[str, Any], bank: Bank, now: int) -> list[dict[str, Any]]:
+    """One decision of a runner on `state`: the events it records (not folded here)."""
+    nxt = advance(saga, state, bank.results.get, now)
+    for out in (*nxt.commands, *nxt.waiting):
+        bank.send(out.command_id, out.send)
+    return list(nxt.events)
+
+
+def test_events_decided_from_an_older_state_change_nothing() -> None:
+    """Two runners drive one saga for a moment when its partition moves between workers: the old
+    owner decides from the state it last folded. Every event it adds is a repeat or stale, and
+    the saga still ends where one runner alone would have, with the money moved once."""
+    import copy
+
+    saga, bank = Transfers(), Bank({"a": 1000})
+    data = {"from": "a", "to": "nobody", "amount_cents": 300}
+    log: list[dict[str, Any]] = [{"kind": "started", "data": _json(data)}]
+    snapshots = []
+    state = initial_state("t10")
+    apply_event(saga, state, log[0])
+    now = T0
+    while state["status"] not in ("completed", "compensated", "failed"):
+        snapshots.append(copy.deepcopy(state))
+        now += 100
+        events = _drive(saga, state, bank, now)
+        for event in events:
+            apply_event(saga, state, event)
+        log.extend(events)
+    alone = copy.deepcopy(state)
+    assert alone["status"] == "compensated"
+    # The old owner's decisions from each older state, appended after everything else.
+    stale = [e for snap in snapshots for e in _drive(saga, snap, bank, now + 100)]
+    assert {e["kind"] for e in stale} >= {"step_sent", "compensation_sent", "step_rejected"}
+    again = initial_state("t10")
+    for event in log + stale:
+        apply_event(saga, again, event)
+    assert again["steps"] == alone["steps"] and again["status"] == "compensated"
+    assert again["duplicates"] == len(stale)
+    # ...and interleaved: each stale decision right after the event that followed its snapshot.
+    mixed = initial_state("t10")
+    for i, event in enumerate(log):
+        apply_event(saga, mixed, event)
+        if 0 < i <= len(snapshots):
+            for e in _drive(saga, snapshots[i - 1], bank, now + 100):
+                apply_event(saga, mixed, e)
+    assert mixed["steps"] == alone["steps"] and mixed["status"] == "compensated"
+    memos = [m for k, _t, _a, m in bank.applied if k == "a"]
+    assert memos == ["transfer t10 to nobody", "refund t10"]
+
+
+def test_a_late_rejection_of_an_earlier_attempt_does_not_count_against_the_next() -> None:
+    saga = Stubborn()
+    state = initial_state("s3")
+    apply_event(saga, state, {"kind": "started", "data": "{}"})
+    events = [
+        {"kind": "step_sent", "step": 0},
+        {"kind": "step_accepted", "step": 0},
+        {"kind": "step_sent", "step": 1},
+        {"kind": "step_rejected", "step": 1, "reason": "unknown account"},
+        {"kind": "compensation_sent", "step": 0, "attempt": 1, "command_id": "u1"},
+        {"kind": "compensation_rejected", "step": 0, "attempt": 1, "reason": "closed"},
+        {"kind": "compensation_sent", "step": 0, "attempt": 2, "command_id": "u2"},
+        {"kind": "compensation_rejected", "step": 0, "attempt": 1, "reason": "closed"},  # stale
+        {"kind": "compensation_sent", "step": 0, "attempt": 2, "command_id": "u2"},  # repeat
+    ]
+    for event in events:
+        apply_event(saga, state, event)
+    take = state["steps"][0]
+    assert (take["status"], take["undo_attempts"], take["undo_command_id"]) == (
+        "compensating",
+        2,
+        "u2",
+    )
+    assert state["duplicates"] == 2

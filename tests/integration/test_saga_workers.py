@@ -1,0 +1,186 @@
+"""Sagas driven by two `refold worker` processes that share the saga's partitions (and the
+vault's command partitions): a second worker joins while sagas run, one is killed with kill -9
+and its partitions move to the other, then it comes back and takes some of them again. Starts
+go to either worker, and some saga ids are started on both (the second time with other data).
+
+The oracle is the test's own, as in test_sagas: the accounts it funded and the events read back
+from Kafka. On top: every saga ends final once (one final status in the log, whichever worker
+wrote it), the first start's data wins, and a store rebuilt from offset zero agrees.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from refold.core.commands import Decider
+from refold.core.config import Config
+from refold.kafka.command_client import CommandClient
+from refold.kafka.topics import Topics
+
+from tests.integration.test_sagas import (
+    ACCOUNTS,
+    ENDED,
+    SAGAS,
+    Worker,
+    _check,
+    _fund,
+    _plan,
+    assert_rebuilt_alike,
+    events,
+)
+
+
+def post(workers: list[Worker], saga: str, saga_id: str, data: dict) -> Worker:
+    """POST the start to the first worker that answers 202; returns it."""
+    deadline = time.monotonic() + 180
+    while True:
+        for worker in workers:
+            try:
+                code, body = worker.http(
+                    "POST", f"/sagas/{saga}", {"saga_id": saga_id, "data": data}
+                )
+            except OSError:
+                continue
+            if code == 202:
+                assert body["saga_id"] == saga_id and body["status"] == "running", body
+                return worker
+            assert code == 503, body
+        assert time.monotonic() < deadline, f"saga {saga_id} never accepted"
+        time.sleep(0.3)
+
+
+def drives(workers: list[Worker], partitions: int, timeout: float = 120) -> list[set[int]]:
+    """Wait until each worker drives some saga partitions and together all of them, each once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = [set(w.runner().get("ready", ())) for w in workers]
+        split = sum(len(r) for r in ready) == partitions and all(ready)
+        if split and len(set().union(*ready)) == partitions:
+            return ready
+        assert time.monotonic() < deadline, f"partitions never split: {ready}"
+        time.sleep(0.3)
+
+
+def ended(workers: list[Worker], ids: list[str], timeout: float = 300) -> dict[str, dict]:
+    """Each saga's final state, from whichever worker folds its partition; where both answer a
+    final state, they agree."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, dict] = {}
+    while len(found) < len(ids):
+        assert time.monotonic() < deadline, f"{len(ids) - len(found)} saga(s) not ended"
+        for saga_id in ids:
+            for worker in workers:
+                try:
+                    code, body = worker.http("GET", f"/sagas/{worker.saga}/{saga_id}")
+                except OSError:
+                    continue
+                if code == 200 and body["status"] in ENDED:
+                    assert found.setdefault(saga_id, body) == body, (found[saga_id], body)
+        time.sleep(0.5)
+    return found
+
+
+@pytest.mark.timeout(900 + SAGAS)
+def test_two_workers_share_sagas_through_rebalances_and_a_kill(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    saga = unique("transfers")
+    a = Worker(config, vault, saga, tmp_path)
+    b = Worker(config, vault, saga, tmp_path)
+    accounts = [f"acc-{i}" for i in range(ACCOUNTS)]  # what _fund opens
+    plan = _plan(accounts, SAGAS, random.Random(28))
+    ids = list(plan)
+    quarters = [ids[i * len(ids) // 4 : (i + 1) * len(ids) // 4] for i in range(4)]
+    repeated: list[str] = []
+    lock = threading.Lock()
+
+    def start_all(chunk: list[str], up: list[Worker]) -> None:
+        def one(i: int, saga_id: str) -> None:
+            order = up[i % len(up) :] + up[: i % len(up)]  # alternate between the workers up
+            first = post(order, saga, saga_id, plan[saga_id])
+            if len(up) > 1 and i % 5 == 0:  # the same saga id on the other worker, other data
+                other = [w for w in up if w is not first]
+                changed = {**plan[saga_id], "amount_cents": plan[saga_id]["amount_cents"] + 1}
+                post(other, saga, saga_id, changed)
+                with lock:
+                    repeated.append(saga_id)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(len(chunk)), chunk))
+
+    try:
+        a.start("a")  # its command processor decides the funding too
+        assert _fund(client, vault) == accounts
+        partitions = Topics(config).partitions(f"{saga}.saga")  # made by the worker
+        start_all(quarters[0], [a])
+        b.start("b")  # joins while the first quarter runs: the partitions split
+        split = drives([a, b], partitions)
+        start_all(quarters[1], [a, b])
+        a.kill()  # for good, for now: its partitions move to b once its session expires
+        start_all(quarters[2], [b])
+        drives([b], partitions)
+        a.start("a")  # back: the partitions split again
+        again = drives([a, b], partitions)
+        start_all(quarters[3], [a, b])
+        states = ended([a, b], ids)
+        for worker in (a, b):  # either worker answers every saga: the owner's state, forwarded
+            for saga_id in ids:
+                answer = worker.http("GET", f"/sagas/{saga}/{saga_id}")
+                assert answer == (200, states[saga_id]), (worker.port, saga_id, answer)
+        commands_end = Topics(config).end_offsets(vault.command_topic)
+        saga_end = Topics(config).end_offsets(f"{saga}.saga")
+    finally:
+        a.stop()
+        b.stop()
+    assert split and again and repeated
+
+    _check(plan, states, events(config, vault.events_topic), accounts)
+    for saga_id, t in plan.items():  # the first start's data, not a repeat's
+        assert states[saga_id]["data"] == t, (saga_id, states[saga_id])
+    # One final status per saga in the log, whichever worker (or both, once) wrote it.
+    finals: dict[str, set[str]] = defaultdict(set)
+    starts: Counter[str] = Counter()
+    for key, _type, data in events(config, f"{saga}.saga"):
+        if data["kind"] == "finished":
+            finals[key].add(data["status"])
+        elif data["kind"] == "started":
+            starts[key] += 1
+    assert {k: v for k, v in finals.items()} == {k: {s["status"]} for k, s in states.items()}
+    assert set(starts) == set(plan) and max(starts.values()) <= 2, starts.most_common(3)
+
+    assert_rebuilt_alike(config, a, vault, states, commands_end, saga_end)
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_without_the_command_processor_drives_and_fences_sagas(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """One worker runs only the vault's command processor (`--only <vault>`), another only the
+    saga's state (`--only sagas.<name>,...`): the saga runner sends to a decider that runs
+    elsewhere, and fences the steps that time out (50 ms, against a processor that takes 100 ms
+    per decision) through a claims index of its own."""
+    saga = unique("transfers")
+    slow = {"timeout_s": 0.05, "decide_delay_s": 0.1}
+    processor = Worker(config, vault, saga, tmp_path, **slow)
+    sagas = Worker(config, vault, saga, tmp_path, **slow)
+    try:
+        processor.start("processor", "--only", vault.name)
+        sagas.start("sagas", "--only", f"sagas.{saga},sagas.{saga}-stubborn")
+        accounts = _fund(client, vault)
+        plan = _plan(accounts, 60, random.Random(7))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: sagas.start_saga(*item), plan.items()))
+        states = sagas.states(list(plan))
+        stats = sagas.runner()
+        assert processor.http("GET", f"/sagas/{saga}")[0] == 404  # no saga runs there
+    finally:
+        sagas.stop()
+        processor.stop()
+    _check(plan, states, events(config, vault.events_topic), accounts, timeouts=True)
+    assert stats["fenced"] > 0, stats  # timed-out steps fenced from the saga's own worker
