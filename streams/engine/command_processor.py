@@ -63,6 +63,7 @@ from refold.engine.decisions import (
     BatchDecision,
     CommandRecord,
     Decision,
+    copy_state,
     decide_batch,
     fold,
     new_aggregate,
@@ -72,7 +73,7 @@ from refold.engine.transactions import BoundedTransactions, Stuck, stable_instan
 from refold.kafka import clients
 from refold.kafka.log import read_to_end
 from refold.kafka.registry import SchemaRegistry
-from refold.store.rocksdb import RocksStore
+from refold.store.rocksdb import RocksStore, UnstorableValue
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class ProcessorStats:
     duplicates: int = 0
     #: commands whose id was first claimed by another command (refold.engine.claims)
     conflicts: int = 0
+    #: events read back that the decider could not fold or whose state could not be stored
+    skipped_events: int = 0
     transactions: int = 0
     aborts: int = 0
     assigned: tuple[int, ...] = ()
@@ -272,7 +275,20 @@ class CommandProcessor(BoundedTransactions):
             )
 
     def _fold_records(self, msgs: list[Message]) -> int:
-        """Fold events / learn results read back from Kafka; store them with their offsets."""
+        """Fold events / learn results read back from Kafka; store them with their offsets.
+
+        An event the decider cannot fold, or after which the state cannot be stored (written
+        by someone else than this processor, e.g. `POST /events`), is skipped with a warning
+        and counted (`skipped_events`): the batch is folded again carefully, each event on a
+        copy of the state, checked. A stopped processor would leave every command pending."""
+        try:
+            return self._fold_batch(msgs, careful=False)
+        except (CommandError, UnstorableValue) as exc:
+            log.warning("commands %s: folding again, carefully: %s", self.name, exc)
+            self._cache.clear()  # the folds may have changed cached states in place
+            return self._fold_batch(msgs, careful=True)
+
+    def _fold_batch(self, msgs: list[Message], careful: bool) -> int:
         d = self.decider
         changed: dict[str, Any] = {}
         offsets: dict[tuple[str, int], int] = {}
@@ -306,7 +322,24 @@ class CommandProcessor(BoundedTransactions):
                 continue
             key = _AGG + event.key
             wrapper = changed.get(key) or self._load(event.key)
-            changed[key] = fold(d, wrapper, event)
+            if careful:
+                try:
+                    folded = fold(d, copy_state(wrapper), event)
+                    orjson.dumps(folded)
+                except (CommandError, TypeError, ValueError) as exc:
+                    self.stats.skipped_events += 1
+                    log.warning(
+                        "commands %s: skipping %s[%d]@%d, its state cannot be kept: %s",
+                        self.name,
+                        topic,
+                        msg.partition(),
+                        offset,
+                        exc,
+                    )
+                    continue
+                changed[key] = folded
+            else:
+                changed[key] = fold(d, wrapper, event)
         if offsets:
             self.store.commit(changed, offsets)
         self._cache.clear()
