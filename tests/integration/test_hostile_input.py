@@ -217,3 +217,51 @@ def test_a_fold_returning_a_set_dead_letters_the_event(serve, config) -> None:  
     assert "cannot be stored" in dead[0]["reason"] and "set" in dead[0]["reason"], dead
     assert s.worker.runners[s.name].stats.state == "running"
     assert s.worker.runners[s.name].stats.dead_letters == 1
+
+
+COERCED = [5.5, 2.9, 5.0, True, "7", 2**63, -(2**63) - 1]
+
+
+def test_publish_paths_refuse_what_avro_would_coerce(serve, config, tmp_path: Path) -> None:  # noqa: F811
+    from refold.core.errors import EncodeError
+
+    s = serve()
+    env = {
+        **os.environ,
+        "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "REFOLD_DATA_DIR": str(tmp_path / "cli"),
+    }
+    for amount in COERCED:
+        data = {"account_id": "a", "amount_cents": amount, "memo": ""}
+        resp = s.post({"type": "bank.MoneyDeposited", "key": "a", "data": data})
+        assert resp.status == 422 and "amount_cents" in resp.body["detail"], (amount, resp.body)
+        with pytest.raises(EncodeError, match="amount_cents"):
+            s.publisher.publish(s.topic, "bank.MoneyDeposited", "a", data)
+    cli = [*CLI, "publish", s.topic, "--type", "bank.MoneyDeposited", "--key", "a", "--data"]
+    for raw in ("5.5", "true", "9223372036854775808"):
+        data_arg = f'{{"account_id": "a", "amount_cents": {raw}}}'
+        out = subprocess.run([*cli, data_arg], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "amount_cents" in out.stderr, (raw, out.stderr)
+    jsonl = tmp_path / "events.jsonl"
+    good = {
+        "type": "bank.MoneyDeposited",
+        "key": "a",
+        "data": {"account_id": "a", "amount_cents": 5},
+    }
+    bad = {**good, "data": {"account_id": "a", "amount_cents": 2.9}}
+    jsonl.write_bytes(
+        (json.dumps(good) + "\n" + json.dumps(bad) + "\n").encode() + b"\x89PNG\xff\x00\n"
+    )
+    out = subprocess.run(
+        [*CLI, "publish", s.topic, "--file", str(jsonl)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"{jsonl}:2: " in out.stderr and "amount_cents" in out.stderr
+    assert f"{jsonl}:3: not UTF-8" in out.stderr and "Traceback" not in out.stderr
+    # nothing of it reached the topic: the first event published now lands at offset 0
+    [where] = s.publish([("a", 5, "only")])
+    assert where.offset == 0
