@@ -6,7 +6,9 @@ the accepted events imply, and the one record each projection had to dead-letter
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,10 @@ import pytest
 
 from tests.integration.test_bank_statements import _http
 from tests.integration.test_commands import _free_port
-from tests.integration.test_http import serve  # noqa: F401 (a fixture)
+from tests.integration.test_http import (
+    serve,  # noqa: F401 (a fixture)
+    wait_healthy,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "refold.cli.main"]
@@ -124,6 +129,30 @@ def test_overflowing_commands_are_rejected_and_later_ones_decided(bank: BankWork
     at = result["events"][0]
     assert bank.state("balances", account, at)["balance_cents"] == 10**15 - 5
     assert bank.state("passbook", account, at)["balance_cents"] == 10**15 - 5
+
+
+def test_unknown_ids_and_names_are_errors_but_a_fresh_command_is_pending(
+    bank: BankWorker,
+) -> None:
+    status, unknown = bank.http("GET", f"/commands/nope-{uuid.uuid4().hex}")
+    assert status == 404 and unknown["error"] == "unknown command", unknown
+    cid = f"fresh-{uuid.uuid4().hex}"
+    body = {"command_id": cid, "key": cid, "type": "bank.OpenAccount", "data": {"owner": "o"}}
+    status, posted = bank.http("POST", "/commands/accounts", body)  # no wait: 202 at once
+    assert status == 202 and posted["status"] == "pending", posted
+    status, fresh = bank.http("GET", posted["status_url"])  # pending, or decided already
+    assert status == 200 and fresh["status"] in ("pending", "accepted"), fresh
+    status, decided = bank.http("GET", posted["status_url"] + WAIT)
+    assert status == 200 and decided["status"] == "accepted", decided
+    out = subprocess.run(
+        [*CLI, "dead-letters", "no-such-projection"],
+        env=bank.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "unknown projection" in out.stderr, out
+    assert "balances" in out.stderr  # the hint names the known ones
 
 
 def test_an_event_whose_state_cannot_be_stored_is_dead_lettered(bank: BankWorker) -> None:
@@ -265,3 +294,70 @@ def test_publish_paths_refuse_what_avro_would_coerce(serve, config, tmp_path: Pa
     # nothing of it reached the topic: the first event published now lands at offset 0
     [where] = s.publish([("a", 5, "only")])
     assert where.offset == 0
+
+
+def _raw(port: int, data: bytes) -> bytes:
+    """Send raw bytes, read the answer until the server closes or 2 s of silence."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.settimeout(2)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def test_clear_errors_instead_of_500s_and_tracebacks(serve, config, caplog) -> None:  # noqa: F811
+    from tests.integration.test_http import assert_error
+
+    s = serve()
+    deposit = {
+        "type": "bank.MoneyDeposited",
+        "key": "acc",
+        "data": {"account_id": "acc", "amount_cents": 5, "memo": ""},
+    }
+    ok = s.post(deposit)
+    assert ok.status == 201, ok.body
+    for when in ("1969-12-31T23:59:59Z", "0001-01-01T00:00:00Z"):
+        assert_error(s.get_key("acc", as_of=when), 400, "bad as_of")
+    found = s.get_key("acc", as_of="2999-01-01T00:00:00Z")
+    assert found.status == 200 and found.body["state"]["balance_cents"] == 5
+    for internal in ("bank.accounts.commands", "accounts.results", "_refold.schemas"):
+        assert_error(s.post(deposit, topic=internal), 403, "internal topic")
+    big = {**deposit, "data": {**deposit["data"], "memo": "m" * 950_000}}
+    assert_error(s.post(big), 413, "event too large")
+    for path in ("/nowhere", "/projections/", "/events", "/commands", "/%ff"):
+        assert_error(s.get(path), 404)
+    caplog.clear()
+    port = s.server.port
+    for junk in (
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET /healthz HTTP/9.9\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01 binary\r\n\r\n",
+    ):
+        answer = _raw(port, junk)
+        status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.") else b""
+        assert status.startswith(b"4"), (junk, answer[:200])
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+    metrics = s.get("/metrics").body
+    assert 'route="malformed"' in metrics, metrics[-2000:]
+    assert wait_healthy(s).status == 200  # and it still serves
+
+
+def test_as_of_without_a_broker_answers_503(serve, config) -> None:  # noqa: F811
+    import dataclasses
+
+    from tests.integration.test_http import assert_error
+
+    s = serve()
+    # The worker keeps running; its as_of reads go to an address where no broker answers.
+    dead = dataclasses.replace(
+        config, bootstrap_override=f"127.0.0.1:{_free_port()}", broker_timeout_s=3.0
+    )
+    s.worker.config = dead
+    assert_error(s.get_key("acc", as_of="2026-01-01T00:00:00Z"), 503, "broker unavailable")
