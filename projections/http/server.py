@@ -589,7 +589,7 @@ def health_of(health: Health, runner: Serving) -> dict[str, Any]:
     }
 
 
-class MalformedRequests(logging.LoggerAdapter):  # type: ignore[type-arg]
+class MalformedRequests(logging.LoggerAdapter):
     """aiohttp's server log, where a request it cannot parse (a 4xx it answers itself) becomes
     one counted warning line (route `malformed` in `refold_http_requests_total`) instead of an
     ERROR with a traceback per request; anything else passes through unchanged."""
@@ -600,8 +600,8 @@ class MalformedRequests(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
-        code = getattr(exc, "code", None) if isinstance(exc, HttpProcessingError) else None
-        if isinstance(code, int) and 400 <= code < 500:
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            code = exc.code
             counter = ("malformed", code)
             self._counts[counter] = self._counts.get(counter, 0) + 1  # on the loop thread
             self.logger.warning("malformed HTTP request (%d): %s", code, exc.message)
