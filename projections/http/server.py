@@ -538,8 +538,11 @@ class QueryServer:
             for counter, n in self.readers.counts().items():
                 requests[counter] = requests.get(counter, 0) + n
         runners = list(self.worker.runners.values())
+        processors = dict(self.worker.processors)
         loop = asyncio.get_running_loop()
-        text = await loop.run_in_executor(None, metrics_text, runners, self._watermarks, requests)
+        text = await loop.run_in_executor(
+            None, metrics_text, runners, self._watermarks, requests, processors
+        )
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
 
 

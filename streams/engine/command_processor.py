@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 _AGG = "a/"
 _RES = "r/"
 MAX_CACHED = 100_000
+RETRY_LOG_INTERVAL_S = 60.0  # a step failing for long logs once a minute, counted throughout
 
 
 def group_id(config: Config, name: str) -> str:
@@ -104,6 +105,8 @@ class ProcessorStats:
     skipped_events: int = 0
     transactions: int = 0
     aborts: int = 0
+    #: failed steps tried again (catch-up, rewind, new producer, starting transactions)
+    retries: int = 0
     assigned: tuple[int, ...] = ()
 
 
@@ -402,16 +405,34 @@ class CommandProcessor(BoundedTransactions):
 
     def _retrying(self, what: str, step: Callable[[], None]) -> None:
         """Run `step` until it succeeds or the processor stops: while a broker is moving leaders
-        or coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s)."""
+        or coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s).
+        Every retry is counted (`stats.retries`, `refold_command_retries_total`); the log has
+        the first failure, then one line a minute while it goes on, not one per retry."""
         pause = 0.5
+        failures = 0
+        logged_at = 0.0
         while not self._stop.is_set():
             try:
                 step()
+                if failures:
+                    log.info(
+                        "commands %s: %s succeeded after %d retries", self.name, what, failures
+                    )
                 return
             except (KafkaException, LogReadError, TopicError, Stuck) as exc:
-                log.warning(
-                    "commands %s: %s failed (again in %.1fs): %s", self.name, what, pause, exc
-                )
+                failures += 1
+                self.stats.retries += 1
+                now = time.monotonic()
+                if failures == 1 or now - logged_at >= RETRY_LOG_INTERVAL_S:
+                    logged_at = now
+                    log.warning(
+                        "commands %s: %s failed %d time(s), retrying every %.1fs at most: %s",
+                        self.name,
+                        what,
+                        failures,
+                        pause,
+                        exc,
+                    )
                 # A reader whose metadata went stale in a failover may never recover it.
                 self._reader.close()
                 self._reader = self._new_reader()
