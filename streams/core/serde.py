@@ -13,7 +13,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
@@ -340,7 +340,23 @@ def strict_check(schema: dict[str, Any]) -> Callable[[dict[str, Any]], None] | N
                     continue
                 raise ValueError(f"field {name!r}: expected a number ({kind}), not {_shown(value)}")
 
-    return check
+    # The bulk path runs one generated expression (all fields right: ~0.1-0.2 us for the bank's
+    # one long); `check` above only runs to say what is wrong (or that a field is missing).
+    conds = [
+        f"(type(v{i} := get({n!r})) is int and {lo} <= v{i} <= {hi})"
+        for i, (n, _kind, lo, hi) in enumerate(ints)
+    ]
+    conds += [f"type(get({n!r})) is bool" for n in flags]
+    conds += [
+        f"(type(r{i} := get({n!r})) is float"
+        f" or (type(r{i}) is int and -{2**63} <= r{i} <= {2**63}))"
+        for i, (n, _kind) in enumerate(reals)
+    ]
+    body = " and ".join(conds)
+    source = f"def fast(data):\n    get = data.get\n    if not ({body}):\n        slow(data)\n"
+    namespace: dict[str, Any] = {"slow": check}
+    exec(compile(source, f"<strict check of {schema.get('name')}>", "exec"), namespace)
+    return cast(Callable[[dict[str, Any]], None], namespace["fast"])
 
 
 def _holds_numbers(ftype: Any) -> bool:
