@@ -89,11 +89,12 @@ class RunnerPoison:
         unstorable (a fold that returned a `set`, then the next one failed on it): that earlier
         record is the poison, so fold again from the store checking the key (`_suspect`)."""
         key = poison.key
-        state = None if key is None else self._pending.changed.get(key)
+        if key is None or key in self._suspects:
+            return False  # checked already: the states before this record were storable
+        state = self._pending.changed.get(key)
         problem = None if state is None else unstorable(state)
         if problem is None:
             return False
-        assert key is not None
         self._suspect(
             key, f"the fold of {key!r} raised on a state that cannot be stored: {problem}", msgs
         )

@@ -361,3 +361,37 @@ def test_as_of_without_a_broker_answers_503(serve, config) -> None:  # noqa: F81
     )
     s.worker.config = dead
     assert_error(s.get_key("acc", as_of="2026-01-01T00:00:00Z"), 503, "broker unavailable")
+
+
+def _half_then_raise(self: Any, state: dict[str, Any], event: Any) -> Any:
+    """A fold with a bug: for memo 'half' it leaves a set in the state, then raises."""
+    if event.data["memo"] == "half":
+        state["memos"] = {"half"}
+        raise ValueError("half done")
+    state["balance_cents"] += event.data["amount_cents"]
+    state["deposits"] += 1
+    state["memos"].append(event.data["memo"])
+    return state
+
+
+def test_a_fold_that_raises_after_leaving_a_set_dead_letters_only_its_event(
+    serve,  # noqa: F811
+    config,
+) -> None:
+    from refold.engine.tail import dead_letters
+
+    s = serve(on_MoneyDeposited=_half_then_raise)
+    positions = s.publish([("a", 2, "x"), ("a", 3, "half"), ("a", 4, "y"), ("b", 5, "z")])
+    wanted = {p.partition: p.offset for p in positions}
+    query = {"min_offset": ",".join(f"{p}:{o}" for p, o in wanted.items()), "wait_ms": "20000"}
+    a = s.get_key("a", **query)
+    assert a.status == 200 and a.body["state"] == {
+        "balance_cents": 6,
+        "deposits": 2,
+        "memos": ["x", "y"],
+    }, a.body
+    assert s.get_key("b", **query).body["state"]["balance_cents"] == 5
+    dead = list(dead_letters(config, s.name))
+    half = positions[1]
+    assert [(d["partition"], d["offset"]) for d in dead] == [(half.partition, half.offset)]
+    assert "half done" in dead[0]["reason"]
