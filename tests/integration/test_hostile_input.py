@@ -153,6 +153,15 @@ def test_unknown_ids_and_names_are_errors_but_a_fresh_command_is_pending(
     )
     assert out.returncode == 2 and "unknown projection" in out.stderr, out
     assert "balances" in out.stderr  # the hint names the known ones
+    out = subprocess.run(
+        [*CLI, "query", "balances", cid, "--as-of", "0001-01-01T00:00:00Z"],
+        env=bank.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "before 1970" in out.stderr, out
+    assert "Traceback" not in out.stderr
 
 
 def test_an_event_whose_state_cannot_be_stored_is_dead_lettered(bank: BankWorker) -> None:
