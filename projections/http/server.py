@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from confluent_kafka import KafkaException
 from refold.core.errors import (
     BrokerError,
@@ -41,6 +40,7 @@ from refold.http.answers import position as _position
 from refold.http.command_routes import CommandRoutes
 from refold.http.event_routes import EventRoutes
 from refold.http.fastpath import Answer, Front, new_loop
+from refold.http.malformed import MalformedRequests
 from refold.http.replicas import ReaderProcesses
 from refold.http.saga_routes import SagaRoutes
 from refold.http.task_routes import TaskRoutes
@@ -590,26 +590,6 @@ def health_of(health: Health, runner: Serving) -> dict[str, Any]:
         "behind": described.behind,
         "partitions": [p.to_json() for p in described.partitions],
     }
-
-
-class MalformedRequests(logging.LoggerAdapter):
-    """aiohttp's server log, where a request it cannot parse (a 4xx it answers itself) becomes
-    one counted warning line (route `malformed` in `refold_http_requests_total`) instead of an
-    ERROR with a traceback per request; anything else passes through unchanged."""
-
-    def __init__(self, logger: logging.Logger, counts: dict[tuple[str, int], int]) -> None:
-        super().__init__(logger, {})
-        self._counts = counts
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info")
-        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
-            code = exc.code
-            counter = ("malformed", code)
-            self._counts[counter] = self._counts.get(counter, 0) + 1  # on the loop thread
-            self.logger.warning("malformed HTTP request (%d): %s", code, exc.message)
-            return
-        super().log(level, msg, *args, **kwargs)
 
 
 def _check_free(host: str, port: int) -> None:
