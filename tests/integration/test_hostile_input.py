@@ -54,14 +54,19 @@ class BankWorker:
                 stderr=out,
             )
         deadline = time.monotonic() + 90
-        while True:
-            try:
-                if self.http("GET", "/healthz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.2)
+        try:
+            while True:
+                try:
+                    if self.http("GET", "/healthz")[0] == 200:
+                        return
+                except OSError:
+                    pass
+                alive = self.proc.poll() is None
+                assert alive and time.monotonic() < deadline, self.log.read_text()
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()  # never healthy: the fixture's teardown does not run for it
+            raise
 
     def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         return _http(self.port, method, path, body)
