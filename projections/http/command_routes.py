@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
@@ -25,6 +26,7 @@ from refold.http.admission import Backlog
 log = logging.getLogger(__name__)
 
 MAX_WAIT_MS = 30_000
+MAX_REMEMBERED = 100_000  # pending command ids remembered for GET /commands/{id}
 _JSON = "application/json"
 
 
@@ -63,6 +65,10 @@ class CommandRoutes:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._backlogs: dict[str, Backlog] = {}  # per aggregate: admission under overload
+        # Ids appended through this server and not decided yet, so that `GET /commands/{id}`
+        # tells a pending command (200 pending) from an unknown id (404): the results index
+        # only knows decided ones. Bounded; oldest forgotten first.
+        self._submitted: OrderedDict[str, None] = OrderedDict()
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         """`POST /commands/{aggregate}` with `{"command_id"?, "key", "type", "data",
@@ -103,6 +109,7 @@ class CommandRoutes:
             )
             response.headers["Retry-After"] = f"{retry:.0f}"
             return response
+        self._remember(command.command_id)  # before the append: a GET may race its answer
         try:
             await asyncio.wrap_future(client.append(command))
         except CommandError as exc:
@@ -131,7 +138,24 @@ class CommandRoutes:
         except InputError as exc:
             return _error(400, "bad query", str(exc))
         result = await self._result(command_id, wait_ms)
-        return _respond(200, result if result is not None else pending(command_id))
+        if result is not None:
+            self._submitted.pop(command_id, None)
+            return _respond(200, result)
+        if command_id in self._submitted:
+            return _respond(200, pending(command_id))
+        return _error(
+            404,
+            "unknown command",
+            f"no result for command {command_id!r} and it was not submitted through this "
+            "server; a command submitted elsewhere is found here once it is decided",
+        )
+
+    def _remember(self, command_id: str) -> None:
+        submitted = self._submitted
+        submitted[command_id] = None
+        submitted.move_to_end(command_id)
+        if len(submitted) > MAX_REMEMBERED:
+            submitted.popitem(last=False)
 
     async def _result(self, command_id: str, wait_ms: int) -> dict[str, Any] | None:
         index = self.worker.results

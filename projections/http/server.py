@@ -18,9 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from aiohttp import web
-from refold.core.errors import ConfigError, InputError, PublishError, StoreError, TopicError
-from refold.core.inputs import EventInput, event_from_json
-from refold.core.serde import Position
+from confluent_kafka import KafkaException
+from refold.core.errors import (
+    BrokerError,
+    ConfigError,
+    InputError,
+    LogReadError,
+    StoreError,
+    TopicError,
+)
 from refold.engine.frozen import FrozenVersion, Serving
 from refold.engine.health import Health
 from refold.engine.status import Watermarks, describe, describe_on_disk, metrics_text
@@ -30,12 +36,13 @@ from refold.http import answers
 from refold.http.answers import DOWN as _DOWN
 from refold.http.answers import Freshness
 from refold.http.answers import dumps as _dumps
-from refold.http.answers import loads as _loads
 from refold.http.answers import position as _position
 from refold.http.auth import Tokens, route_scope
 from refold.http.command_routes import CommandRoutes
 from refold.http.dashboard import Dashboard
+from refold.http.event_routes import EventRoutes
 from refold.http.fastpath import Answer, Front, new_loop
+from refold.http.malformed import MalformedRequests
 from refold.http.replicas import ReaderProcesses
 from refold.http.routing import FORWARDED, Router
 from refold.http.saga_routes import SagaRoutes
@@ -157,6 +164,7 @@ class QueryServer:
         self._publishing = ThreadPoolExecutor(1, thread_name_prefix="refold-http-publish")
         self._requests: dict[tuple[str, int], int] = {}
         self._watermarks = Watermarks(worker.config)
+        self._events = EventRoutes(worker, self._publishing)
         self._commands = CommandRoutes(worker)
         self._tasks = TaskRoutes(worker)
         self._dashboard = Dashboard(worker, self.describe_projections)
@@ -248,7 +256,7 @@ class QueryServer:
             ("GET", "/", self._dashboard.page),
             ("GET", "/dashboard.json", self._dashboard.data),
             ("GET", "/metrics", self.metrics),
-            ("POST", "/events/{topic}", self.post_event),
+            ("POST", "/events/{topic}", self._events.post),
             ("POST", "/commands/{name}", self._commands.post),
             ("GET", "/commands/{name}", self._commands.get),
             ("POST", "/tasks/{queue}", self._tasks.submit),
@@ -271,7 +279,12 @@ class QueryServer:
             refuse = _refuse(405, "method not allowed", allow=", ".join(methods))
             resource.add_route("*", self._guard(resource.canonical, refuse))
         app.router.add_route("*", "/{path:.*}", self._guard("unmatched", _refuse(404, "no route")))
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=2.0,
+            logger=MalformedRequests(logging.getLogger("aiohttp.server"), self._requests),
+        )
         await self._runner.setup()
         full_app = self._runner.server
         assert full_app is not None  # set by setup()
@@ -422,10 +435,14 @@ class QueryServer:
         worker = self.worker
         projection = runner.projection
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(
-            self._waits,
-            lambda: fold_as_of(worker.config, worker.codec, projection, key, moment),
-        )
+        try:
+            found = await loop.run_in_executor(
+                self._waits,
+                lambda: fold_as_of(worker.config, worker.codec, projection, key, moment),
+            )
+        except (KafkaException, LogReadError, TopicError, BrokerError) as exc:
+            log.warning("as_of %s/%s: %s", runner.name, key, exc)
+            return _error(503, "broker unavailable", f"cannot read the log for as_of: {exc}")
         if found.state is None:
             return _error(
                 404,
@@ -541,41 +558,6 @@ class QueryServer:
             503, "projection unavailable", f"projection {runner.name!r} is {stats.state}: {reason}"
         )
 
-    # -- events -----------------------------------------------------------------------------
-
-    async def post_event(self, request: web.Request) -> web.StreamResponse:
-        """`POST /events/{topic}` with `{"type","key","data"}`: 201 with where it landed."""
-        topic = request.match_info["topic"]
-        if topic.startswith("_") or topic.startswith(self.worker.config.dead_letter_topic("")):
-            return _error(403, "internal topic", f"topic {topic!r} is written by refold only")
-        body = await request.read()
-        try:
-            obj = _loads(body)
-        except ValueError as exc:
-            return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
-        try:
-            event = event_from_json(obj, self.worker.codec)
-        except InputError as exc:
-            return _error(422, "invalid event", str(exc))
-        try:
-            where = await asyncio.get_running_loop().run_in_executor(
-                self._publishing, self._publish, topic, event
-            )
-        except TopicError as exc:
-            if exc.__cause__ is None:  # Topics raises without a cause only for a missing topic
-                return _error(404, "unknown topic", str(exc))
-            log.warning("POST /events/%s: %s", topic, exc)
-            return _error(503, "broker unavailable", str(exc))
-        except PublishError as exc:
-            log.error("POST /events/%s: %s", topic, exc)
-            return _error(503, "not acknowledged", str(exc))
-        return _respond(
-            201, {"topic": where.topic, "partition": where.partition, "offset": where.offset}
-        )
-
-    def _publish(self, topic: str, event: EventInput) -> Position:
-        return self.worker.publisher.publish_encoded(topic, [event])[0]
-
     # -- status -----------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
@@ -615,8 +597,11 @@ class QueryServer:
             for counter, n in self.readers.counts().items():
                 requests[counter] = requests.get(counter, 0) + n
         runners = list(self.worker.runners.values())
+        processors = dict(self.worker.processors)
         loop = asyncio.get_running_loop()
-        text = await loop.run_in_executor(None, metrics_text, runners, self._watermarks, requests)
+        text = await loop.run_in_executor(
+            None, metrics_text, runners, self._watermarks, requests, processors
+        )
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from refold.core.errors import StoreError
-from refold.store.rocksdb import Store
+from refold.store.rocksdb import Store, UnstorableValue, unstorable
 
 P0 = ("bank.accounts", 0)
 P1 = ("bank.accounts", 1)
@@ -83,6 +83,22 @@ class StoreContract:
         assert store.offsets() == {P0: 1}
         store.commit({"a": 2}, {P0: 2})  # the store is still usable
         assert store.get("a") == 2
+
+    def test_an_unstorable_value_is_named(self, store: Store) -> None:
+        """The runtime finds the record behind an unstorable state by the key named here."""
+        cases = [
+            (dict(states={"ok": 1, "big": 2**64}), "big", "state"),
+            (dict(states={"small": -(2**63) - 1}), "small", "state"),
+            (dict(states={"s": {1}}), "s", "state"),
+            (dict(states={}, meta={"m": object()}), "m", "meta"),
+        ]
+        for kwargs, key, kind in cases:
+            with pytest.raises(UnstorableValue) as caught:
+                store.commit(offsets={P0: 1}, **kwargs)  # type: ignore[arg-type]
+            assert (caught.value.key, caught.value.kind) == (key, kind)
+        store.commit({"edge": [2**64 - 1, -(2**63)]}, {P0: 1})  # the extremes fit
+        assert store.get("edge") == [2**64 - 1, -(2**63)]
+        assert unstorable({"x": 2**64}) is not None and unstorable({"x": 2**64 - 1}) is None
 
     def test_key_both_set_and_deleted_is_refused(self, store: Store) -> None:
         with pytest.raises(StoreError, match="both set and deleted"):

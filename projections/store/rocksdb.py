@@ -93,6 +93,26 @@ class Store(Protocol):
         """Release the store. Calling it again does nothing; any other later call raises."""
 
 
+class UnstorableValue(StoreError):
+    """A commit refused because one value cannot be stored as JSON (not JSON-compatible, an
+    integer beyond 64 bits); `key` names it, `kind` says where it was going (state, link, meta).
+    Nothing of the commit was written."""
+
+    def __init__(self, message: str, key: object, kind: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.kind = kind
+
+
+def unstorable(value: Any) -> str | None:
+    """Why `value` cannot be stored as a state (None if it can): the check `commit` makes."""
+    try:
+        orjson.dumps(value)
+    except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+        return str(exc)
+    return None
+
+
 def _offset_key(tp: TopicPartition) -> bytes:
     return b"%s%s/%d" % (_OFFSET, tp[0].encode(), tp[1])
 
@@ -151,11 +171,13 @@ def _encode_commit(
         raise StoreError(f"store {path}: keys both set and deleted in one commit: {both}")
     dumps = orjson.dumps
     key: object = ""
+    kind = "state"
     try:
         for key, state in states.items():
             put(key.encode(), dumps(state))
         for key in deletes:
             delete(key.encode())
+        kind = "link"
         for key, target in links.items():
             if target is None:
                 delete(_LINK + key.encode(), meta_cf)
@@ -163,14 +185,15 @@ def _encode_commit(
                 put(_LINK + key.encode(), dumps(target), meta_cf)
             else:
                 raise TypeError(f"a link target must be str or None, not {type(target).__name__}")
+        kind = "meta"
         for key, value in meta.items():
             if value is None:
                 delete(_META + key.encode(), meta_cf)
             else:
                 put(_META + key.encode(), dumps(value), meta_cf)
     except (TypeError, ValueError, AttributeError) as exc:  # orjson, str.encode, non-str keys
-        raise StoreError(
-            f"store {path}: cannot encode the value of {key!r} as JSON: {exc}"
+        raise UnstorableValue(
+            f"store {path}: cannot encode the value of {key!r} as JSON: {exc}", key, kind
         ) from exc
 
 

@@ -171,7 +171,7 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             raise InputError("give either --file or --type/--key/--data, not both")
         path = Path(args.file)
         try:
-            with sys.stdin if args.file == "-" else path.open(encoding="utf-8") as fh:
+            with sys.stdin.buffer if args.file == "-" else path.open("rb") as fh:
                 events, problems = events_from_lines(fh, codec)
         except OSError as exc:
             raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc

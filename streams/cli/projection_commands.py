@@ -237,8 +237,18 @@ def cmd_drop(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace, config: Config) -> int:
+    from refold.core.app import load_versions
+    from refold.engine.runtime import dead_letter_topic_name
     from refold.engine.tail import dead_letters
+    from refold.kafka.topics import Topics
 
+    versions = load_versions(config.app_modules)
+    if args.name not in versions and not Topics(config).exists(
+        dead_letter_topic_name(config, args.name)
+    ):  # a projection gone from the code may still have dead letters: those are shown
+        raise InputError(
+            f"unknown projection {args.name!r}", hint="known: " + ", ".join(sorted(versions))
+        )
     for record in dead_letters(config, args.name, limit=args.limit):
         _out(record)
     return 0

@@ -64,12 +64,24 @@ def event_from_json(obj: Any, codec: Codec) -> EventInput:
 
 
 def events_from_lines(
-    lines: Iterable[str], codec: Codec
+    lines: Iterable[str | bytes], codec: Codec
 ) -> tuple[list[EventInput], list[LineProblem]]:
-    """Parse JSON lines; blank lines are skipped. Returns events and every problem found."""
+    """Parse JSON lines (text, or bytes decoded as UTF-8 here so that a binary file is a
+    problem on its line, not a crash); blank lines are skipped. Returns events and every
+    problem found."""
     events: list[EventInput] = []
     problems: list[LineProblem] = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(
+                    LineProblem(number, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+                )
+                continue
+        else:
+            line = raw
         if not line.strip():
             continue
         try:

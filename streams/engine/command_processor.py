@@ -63,6 +63,7 @@ from refold.engine.decisions import (
     BatchDecision,
     CommandRecord,
     Decision,
+    copy_state,
     decide_batch,
     fold,
     new_aggregate,
@@ -72,13 +73,14 @@ from refold.engine.transactions import BoundedTransactions, Stuck, stable_instan
 from refold.kafka import clients
 from refold.kafka.log import read_to_end
 from refold.kafka.registry import SchemaRegistry
-from refold.store.rocksdb import RocksStore
+from refold.store.rocksdb import RocksStore, UnstorableValue
 
 log = logging.getLogger(__name__)
 
 _AGG = "a/"
 _RES = "r/"
 MAX_CACHED = 100_000
+RETRY_LOG_INTERVAL_S = 60.0  # a step failing for long logs once a minute, counted throughout
 
 
 def group_id(config: Config, name: str) -> str:
@@ -99,8 +101,12 @@ class ProcessorStats:
     duplicates: int = 0
     #: commands whose id was first claimed by another command (refold.engine.claims)
     conflicts: int = 0
+    #: events read back that the decider could not fold or whose state could not be stored
+    skipped_events: int = 0
     transactions: int = 0
     aborts: int = 0
+    #: failed steps tried again (catch-up, rewind, new producer, starting transactions)
+    retries: int = 0
     assigned: tuple[int, ...] = ()
 
 
@@ -272,7 +278,20 @@ class CommandProcessor(BoundedTransactions):
             )
 
     def _fold_records(self, msgs: list[Message]) -> int:
-        """Fold events / learn results read back from Kafka; store them with their offsets."""
+        """Fold events / learn results read back from Kafka; store them with their offsets.
+
+        An event the decider cannot fold, or after which the state cannot be stored (written
+        by someone else than this processor, e.g. `POST /events`), is skipped with a warning
+        and counted (`skipped_events`): the batch is folded again carefully, each event on a
+        copy of the state, checked. A stopped processor would leave every command pending."""
+        try:
+            return self._fold_batch(msgs, careful=False)
+        except (CommandError, UnstorableValue) as exc:
+            log.warning("commands %s: folding again, carefully: %s", self.name, exc)
+            self._cache.clear()  # the folds may have changed cached states in place
+            return self._fold_batch(msgs, careful=True)
+
+    def _fold_batch(self, msgs: list[Message], careful: bool) -> int:
         d = self.decider
         changed: dict[str, Any] = {}
         offsets: dict[tuple[str, int], int] = {}
@@ -306,7 +325,24 @@ class CommandProcessor(BoundedTransactions):
                 continue
             key = _AGG + event.key
             wrapper = changed.get(key) or self._load(event.key)
-            changed[key] = fold(d, wrapper, event)
+            if careful:
+                try:
+                    folded = fold(d, copy_state(wrapper), event)
+                    orjson.dumps(folded)
+                except (CommandError, TypeError, ValueError) as exc:
+                    self.stats.skipped_events += 1
+                    log.warning(
+                        "commands %s: skipping %s[%d]@%d, its state cannot be kept: %s",
+                        self.name,
+                        topic,
+                        msg.partition(),
+                        offset,
+                        exc,
+                    )
+                    continue
+                changed[key] = folded
+            else:
+                changed[key] = fold(d, wrapper, event)
         if offsets:
             self.store.commit(changed, offsets)
         self._cache.clear()
@@ -369,16 +405,34 @@ class CommandProcessor(BoundedTransactions):
 
     def _retrying(self, what: str, step: Callable[[], None]) -> None:
         """Run `step` until it succeeds or the processor stops: while a broker is moving leaders
-        or coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s)."""
+        or coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s).
+        Every retry is counted (`stats.retries`, `refold_command_retries_total`); the log has
+        the first failure, then one line a minute while it goes on, not one per retry."""
         pause = 0.5
+        failures = 0
+        logged_at = 0.0
         while not self._stop.is_set():
             try:
                 step()
+                if failures:
+                    log.info(
+                        "commands %s: %s succeeded after %d retries", self.name, what, failures
+                    )
                 return
             except (KafkaException, LogReadError, TopicError, Stuck) as exc:
-                log.warning(
-                    "commands %s: %s failed (again in %.1fs): %s", self.name, what, pause, exc
-                )
+                failures += 1
+                self.stats.retries += 1
+                now = time.monotonic()
+                if failures == 1 or now - logged_at >= RETRY_LOG_INTERVAL_S:
+                    logged_at = now
+                    log.warning(
+                        "commands %s: %s failed %d time(s), retrying every %.1fs at most: %s",
+                        self.name,
+                        what,
+                        failures,
+                        pause,
+                        exc,
+                    )
                 # A reader whose metadata went stale in a failover may never recover it.
                 self._reader.close()
                 self._reader = self._new_reader()

@@ -123,11 +123,46 @@ def decide_batch(
             batch.before[key] = committed
             batch.after[key] = _copy(committed)  # decisions must not touch committed states
         decision = decide_one(decider, check, record, batch.after[key])
-        for type_name, data in decision.events:
-            event = Event(type_name, key, data, "", record.partition, -1, now_ms)
-            batch.after[key] = fold(decider, batch.after[key], event)
+        if decision.events:
+            problem = _fold_decision(decider, batch.after, key, decision, now_ms)
+            if problem is not None:  # the state the events leave could not be stored
+                accepted = [d for d in batch.decisions if d.record.key == key and d.events]
+                batch.after[key] = _refold(decider, batch.before[key], key, accepted, now_ms)
+                decision = Decision(record, decision.version - len(decision.events), reason=problem)
         batch.decisions.append(decision)
     return batch
+
+
+def _fold_decision(
+    decider: Decider, after: dict[str, Aggregate], key: str, decision: Decision, now_ms: int
+) -> str | None:
+    """Fold an accepted decision's events into `after[key]`; the reason to reject it instead
+    if the decider cannot fold them or the state they leave cannot be stored (not JSON, an
+    integer beyond 64 bits): accepting it would stop the processor at its store write. On a
+    reason, `after[key]` may be half-changed (folds mutate states)."""
+    record = decision.record
+    try:
+        for type_name, data in decision.events:
+            event = Event(type_name, key, data, "", record.partition, -1, now_ms)
+            after[key] = fold(decider, after[key], event)
+        orjson.dumps(after[key])
+    except CommandError as exc:
+        return str(exc)
+    except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+        return f"the state of {key!r} after these events could not be stored: {exc}"
+    return None
+
+
+def _refold(
+    decider: Decider, before: Aggregate, key: str, accepted: list[Decision], now_ms: int
+) -> Aggregate:
+    """`before` with the events of the batch's accepted decisions for `key` folded again."""
+    state = _copy(before)
+    for decision in accepted:
+        for type_name, data in decision.events:
+            event = Event(type_name, key, data, "", decision.record.partition, -1, now_ms)
+            state = fold(decider, state, event)
+    return state
 
 
 def decide_one(
@@ -190,5 +225,9 @@ def fold(decider: Decider, aggregate: Aggregate, event: Event) -> Aggregate:
     return {"version": aggregate["version"] + 1, "state": state}
 
 
-def _copy(value: Any) -> Any:
+def copy_state(value: Any) -> Any:
+    """A deep copy of a JSON-compatible state."""
     return orjson.loads(orjson.dumps(value))
+
+
+_copy = copy_state

@@ -7,12 +7,14 @@ them (commit step 3 of `refold.engine.runtime`); a projection that stops on erro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from confluent_kafka import Message, Producer
 from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
 from refold.engine.runner_stats import TP
 from refold.engine.runner_writes import PendingWrite, Where
+from refold.store.rocksdb import unstorable
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +22,10 @@ log = logging.getLogger(__name__)
 class Poison(Exception):
     """A record that cannot be folded (undecodable, or the fold raised), and why."""
 
-    def __init__(self, msg: Message, reason: str) -> None:
+    def __init__(self, msg: Message, reason: str, key: str | None = None) -> None:
         self.msg = msg
         self.reason = reason
+        self.key = key  # the state key the fold raised on, if it got that far
 
 
 class RunnerPoison:
@@ -38,6 +41,8 @@ class RunnerPoison:
     _bounds: dict[TP, int]
     _poison: dict[Where, str]
     _dead_lettered: set[Where]
+    _suspects: dict[str, str]
+    _suspect: Callable[[str, str, list[Message]], None]
 
     def _without_poison(
         self, msgs: list[Message]
@@ -65,6 +70,35 @@ class RunnerPoison:
             if where not in self._dead_lettered:
                 dead.append((msg, reason))
         return keep, None, dead, passed
+
+    def _fold_checked(self, msgs: list[Message], fold: Callable[[list[Message]], None]) -> None:
+        """Fold record by record, checking after each that the suspect keys' states can still
+        be stored; the first record that makes one unstorable is poison. Only after a write
+        found such a state (`RunnerWrites._suspect`), so the hot loop stays unchecked."""
+        changed, suspects = self._pending.changed, self._suspects
+        for msg in msgs:
+            fold([msg])
+            for key in suspects:
+                state = changed.get(key)
+                problem = None if state is None else unstorable(state)
+                if problem is not None:
+                    raise Poison(msg, f"the state of {key!r} cannot be stored: {problem}")
+
+    def _came_unstorable(self, poison: Poison, msgs: list[Message]) -> bool:
+        """True if the fold raised on a state that an earlier record of the pending write left
+        unstorable (a fold that returned a `set`, then the next one failed on it): that earlier
+        record is the poison, so fold again from the store checking the key (`_suspect`)."""
+        key = poison.key
+        if key is None or key in self._suspects:
+            return False  # checked already: the states before this record were storable
+        state = self._pending.changed.get(key)
+        problem = None if state is None else unstorable(state)
+        if problem is None:
+            return False
+        self._suspect(
+            key, f"the fold of {key!r} raised on a state that cannot be stored: {problem}", msgs
+        )
+        return True
 
     def _unfolded(self, where: Where) -> bool:
         """True if the fold would take a record at `where`: not folded yet, within bounds."""

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from refold.core.config import Config
 from refold.engine.runner_stats import TP, RunnerStats
-from refold.store.rocksdb import Store
+from refold.store.rocksdb import Store, UnstorableValue
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ class RunnerWrites:
     _dead_lettered: set[Where]
     _cache: dict[str, Any]
     _cache_complete: bool
+    #: keys whose folded state could not be stored, with the partitions' offsets up to which
+    #: each record's effect on them is checked (`refold.engine.runner_poison`)
+    _suspects: dict[str, str]
+    _suspect_until: dict[TP, int]
     _uncommitted: dict[TP, int]
     _kafka_committed_at: float
 
@@ -97,15 +101,23 @@ class RunnerWrites:
         if self.stats.state != "failed" and self._pending.offsets:
             self._write_pending(past_markers)
 
-    def _write_pending(self, past_markers: bool = True) -> None:
+    def _rewind(self, msgs: list[Message]) -> None:
+        raise NotImplementedError  # refold.engine.runtime
+
+    def _write_pending(self, past_markers: bool = True) -> bool:
         """Step 4: the pending batches' states, links, counters and offsets in one WriteBatch.
         `past_markers`: every record the consumer returned is folded, so its position may be
-        stored where it is further (see `_past_markers`)."""
+        stored where it is further (see `_past_markers`).
+
+        A state that cannot be stored (not JSON, an integer beyond 64 bits) writes nothing:
+        its key becomes a suspect and the batches are folded again, checking that key after
+        each record, so the record that made it unstorable is dead-lettered like any poison
+        record. Returns False then (nothing was written)."""
         pending = self._pending
         next_offsets = pending.offsets
         if not next_offsets:
             pending.clear()
-            return
+            return True
         if past_markers:
             self._past_markers(next_offsets)
         stats = self.stats
@@ -115,7 +127,14 @@ class RunnerWrites:
             meta["dead_letters"] = stats.dead_letters + dead
         if skipped:
             meta["skipped"] = stats.skipped + skipped
-        self.store.commit(pending.changed, next_offsets, links=pending.links, meta=meta)
+        try:
+            self.store.commit(pending.changed, next_offsets, links=pending.links, meta=meta)
+        except UnstorableValue as exc:
+            if exc.kind != "state" or exc.key not in pending.changed:
+                raise
+            assert isinstance(exc.key, str)  # a key of `changed`
+            self._suspect(exc.key, str(exc))
+            return False
         if self.on_commit is not None:
             self.on_commit(pending.changed.keys())
         pending.clear()
@@ -130,6 +149,11 @@ class RunnerWrites:
         stats.positions = positions
         if self._poison:
             self._forget_poison(next_offsets)
+        if self._suspects and all(
+            self._next.get(tp, 0) >= until for tp, until in self._suspect_until.items()
+        ):
+            self._suspects.clear()
+            self._suspect_until.clear()
         if len(self._cache) > MAX_CACHED_STATES:
             self._cache.clear()
             self._cache_complete = False
@@ -137,6 +161,23 @@ class RunnerWrites:
             self._changed.notify_all()
         self._uncommitted.update(next_offsets)
         self._commit_to_kafka_due()
+        return True
+
+    def _suspect(self, key: str, reason: str, msgs: list[Message] | None = None) -> None:
+        """The state of `key` cannot be stored: fold the pending batches (and `msgs`) again from
+        the stored offsets, checking `key` after each record (see `_write_pending`)."""
+        log.warning("%s v%d: %s; folding again to find the record", self.name, self.version, reason)
+        self._suspects[key] = reason
+        until = self._suspect_until
+        for tp, offset in self._pending.offsets.items():
+            until[tp] = max(until.get(tp, 0), offset)
+        for msg in msgs or ():
+            if msg.error() is None:
+                tp = (msg.topic(), msg.partition())
+                until[tp] = max(until.get(tp, 0), msg.offset() + 1)
+        self._cache.clear()  # holds the unstorable state
+        self._cache_complete = False
+        self._rewind(msgs or [])
 
     def _past_markers(self, offsets: dict[TP, int]) -> None:
         """Move next offsets up to the consumer's position where it is further: the offsets in

@@ -114,6 +114,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
         self._cache_complete = not self.store.offsets() and not self.store.scan(limit=1)
         self._pending = PendingWrite()
         self._poison: dict[Where, str] = {}  # positions to skip (or stop at), with the reason
+        self._suspects: dict[str, str] = {}  # keys whose state could not be stored
+        self._suspect_until: dict[TP, int] = {}
         self._dead_lettered: set[Where] = set()  # of those, already in the dead-letter topic
         self._careful = 0  # after a rewind, write every batch for this many records
         self._next: dict[TP, int] = {}
@@ -260,8 +262,7 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
                 return False
             for t, p in short:  # stored at the bound, past its markers
                 self._pending.offsets[(t, p)] = self._bounds[(t, p)]
-        self._write_pending()
-        return True
+        return self._write_pending()  # False: a state could not be stored, folding again
 
     # -- folding ----------------------------------------------------------------------------
 
@@ -289,6 +290,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
                 stop, dead = self._fold(msgs)
                 break
             except Poison as p:
+                if self._came_unstorable(p, msgs):
+                    return  # an earlier record left the state it failed on: find that one
                 msg = p.msg
                 self._poison[(msg.topic(), msg.partition(), msg.offset())] = p.reason
                 # The fold may have half-mutated cached states: forget them all; fold again from
@@ -363,7 +366,9 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
         passed: dict[TP, int] = {}
         if self._poison:
             msgs, stop, dead, passed = self._without_poison(msgs)
-        if self._rekeys:
+        if self._suspects:
+            self._fold_checked(msgs, self._fold_rekeyed if self._rekeys else self._fold_keyed)
+        elif self._rekeys:
             self._fold_rekeyed(msgs)
         else:
             self._fold_keyed(msgs)
@@ -434,7 +439,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
                     state = cache.get(key, _MISSING)
                     state = apply(initial(key) if state is _MISSING else state, event)
                 except Exception as exc:  # a bug or bad data in user code: poison, not a crash
-                    raise Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                    reason = f"{event.type}: {type(exc).__name__}: {exc}"
+                    raise Poison(msg, reason, key) from exc
                 cache[key] = state
                 changed[key] = state
                 folded += 1
@@ -458,6 +464,7 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
         folded = skipped = 0
         try:
             for msg, event in self._events(msgs):
+                key = None
                 try:
                     key = projection.key(event)
                     if key is None:
@@ -474,7 +481,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
                             state = projection.initial(key)
                     state = projection.apply(state, event)
                 except Exception as exc:  # a bug or bad data in user code: poison, not a crash
-                    raise Poison(msg, f"{event.type}: {type(exc).__name__}: {exc}") from exc
+                    reason = f"{event.type}: {type(exc).__name__}: {exc}"
+                    raise Poison(msg, reason, key) from exc
                 cache[key] = state
                 pending.changed[key] = state
                 folded += 1

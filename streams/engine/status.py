@@ -164,6 +164,7 @@ def metrics_text(
     runners: list[Serving],
     watermarks: Watermarks,
     requests: Mapping[tuple[str, int], int],
+    processors: Mapping[str, Any] = {},
 ) -> str:
     lines: list[str] = []
 
@@ -229,6 +230,26 @@ def metrics_text(
             if p["lag"] is not None
         ],
     )
+    for name, doc, attr in (
+        ("refold_commands_accepted_total", "Commands accepted.", "accepted"),
+        ("refold_commands_rejected_total", "Commands rejected, with a reason.", "rejected"),
+        (
+            "refold_command_retries_total",
+            "Failed command-processor steps tried again (backing off 0.5 s to 5 s).",
+            "retries",
+        ),
+        (
+            "refold_command_events_skipped_total",
+            "Events read back that the decider could not fold or whose state could not be stored.",
+            "skipped_events",
+        ),
+    ):
+        family(
+            name,
+            "counter",
+            doc,
+            [({"aggregate": n}, getattr(p.stats, attr)) for n, p in sorted(processors.items())],
+        )
     family(
         "refold_http_requests_total",
         "counter",

@@ -46,6 +46,9 @@ def murmur2_partition(key: bytes, partitions: int) -> int:
     return (h & 0x7FFFFFFF) % partitions
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -53,7 +56,13 @@ def parse_time(text: str) -> datetime:
         raise InputError(
             f"as-of time {text!r} is not an ISO-8601 time", hint="e.g. 2026-11-26T14:00:00Z"
         ) from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if moment < EPOCH:  # Kafka timestamps start there; the broker refuses a lookup before it
+        raise InputError(
+            f"as-of time {text!r} is before 1970-01-01T00:00:00Z, older than any event",
+            hint="e.g. 2026-11-26T14:00:00Z",
+        )
+    return moment
 
 
 @dataclass(frozen=True, slots=True)

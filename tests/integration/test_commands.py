@@ -278,7 +278,7 @@ def test_http_versions_idempotency_and_bad_input(config, vault, tmp_path):
             "status": "accepted",
         }
         status, missing = worker.http("GET", "/commands/no-such-command")
-        assert status == 200 and missing["status"] == "pending"
+        assert status == 404 and missing["error"] == "unknown command", missing
         assert worker.http("POST", "/commands/nope", body)[0] == 404
         for bad in (
             {"key": "acc-7", "type": "bank.Deposit", "data": {"amount_cents": "7"}},

@@ -263,3 +263,67 @@ def test_an_unknown_type_says_where_types_come_from(codec: Codec) -> None:
         Catalog().event_type("bank.MoneyDeposited")
     assert "REFOLD_SCHEMAS_DIR" in (empty.value.hint or "")
     assert "REFOLD_APP" in (empty.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [5.5, 2.9, 5.0, True, False, "7", None, 2**63, -(2**63) - 1, float("nan"), [1]],
+)
+def test_encode_refuses_what_avro_would_coerce(codec: Codec, amount: object) -> None:
+    data = {"account_id": "a", "amount_cents": amount, "memo": ""}
+    with pytest.raises(EncodeError, match="amount_cents"):
+        codec.encode("bank.MoneyDeposited", data)
+    with pytest.raises(InputError, match="amount_cents"):
+        event_from_json({"type": "bank.MoneyDeposited", "key": "a", "data": data}, codec)
+
+
+@pytest.mark.parametrize("amount", [0, -1, 2**63 - 1, -(2**63)])
+def test_encode_takes_every_long(codec: Codec, amount: int) -> None:
+    data = {"account_id": "a", "amount_cents": amount, "memo": ""}
+    value = codec.encode("bank.MoneyDeposited", data)
+    assert codec.decode(value) == ("bank.MoneyDeposited", data)
+
+
+def test_strict_check_covers_int_boolean_double_and_nested_numbers() -> None:
+    from refold.core.serde import strict_check
+
+    flat = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "F",
+            "fields": [
+                {"name": "i", "type": "int"},
+                {"name": "b", "type": "boolean"},
+                {"name": "d", "type": "double"},
+            ],
+        }
+    )
+    check = strict_check(flat)
+    assert check is not None
+    check({"i": 2**31 - 1, "b": False, "d": 3})
+    for bad in ({"i": 2**31}, {"b": 1}, {"d": "5.5"}, {"d": True}, {"i": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            check({"i": 1, "b": True, "d": 1.0, **bad})
+    nested = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "N",
+            "fields": [{"name": "xs", "type": {"type": "array", "items": "long"}}],
+        }
+    )
+    check = strict_check(nested)
+    assert check is not None
+    check({"xs": [1, 2]})
+    with pytest.raises(ValueError):
+        check({"xs": [1, 2.5]})
+    strings = fastavro.parse_schema(
+        {"type": "record", "name": "S", "fields": [{"name": "s", "type": "string"}]}
+    )
+    assert strict_check(strings) is None  # fastavro refuses non-strings itself
+
+
+def test_a_binary_jsonl_line_is_a_problem_on_its_line(codec: Codec) -> None:
+    good = b'{"type": "bank.AccountOpened", "key": "a", "data": {"account_id": "a", "owner": "o"}}'
+    events, problems = events_from_lines([good + b"\n", b"\xff\xfe\x00junk\n"], codec)
+    assert len(events) == 1
+    assert [(p.line, "UTF-8" in p.reason) for p in problems] == [(2, True)]

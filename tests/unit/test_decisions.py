@@ -265,3 +265,61 @@ def test_amounts_must_be_positive(amount: int) -> None:
         [record("c1", "bank.Deposit", {"amount_cents": amount})], {"acc-1": open_account()}
     )
     assert batch.decisions[0].reason == f"amount_cents must be positive, not {amount}"
+
+
+class Unbounded(Accounts):
+    """The bank's decider without its amount bound: only the processor's check is left."""
+
+    name = "accounts"
+
+    def decide_Deposit(self, command: Command, state: dict[str, Any]) -> list[EventSpec]:
+        data = {"account_id": command.key, "amount_cents": command.data["amount_cents"]}
+        return [("bank.MoneyDeposited", {**data, "memo": ""})]
+
+
+def test_a_command_whose_state_could_not_be_stored_is_rejected_and_later_ones_decided() -> None:
+    big = 2**63 - 1
+    batch = decide(
+        [
+            record("c1", "bank.Deposit", {"amount_cents": 5}),
+            record("c2", "bank.Deposit", {"amount_cents": big}),  # 2**63 + 4: still 64 bits
+            record("c3", "bank.Deposit", {"amount_cents": big}),  # 2**64 + 3: beyond 64 bits
+            record("c4", "bank.Deposit", {"amount_cents": 1}),
+        ],
+        {"acc-1": open_account()},
+        decider=Unbounded(),
+    )
+    got = outcomes(batch)
+    assert [(cid, reason is None) for cid, _v, reason in got] == [
+        ("c1", True),
+        ("c2", True),
+        ("c3", False),
+        ("c4", True),
+    ]
+    assert "could not be stored" in (got[2][2] or "") and got[2][1] == 3
+    assert batch.after["acc-1"] == {
+        "version": 4,
+        "state": {"status": "open", "owner": "ada", "balance_cents": 2**63 + 5},
+    }
+    assert batch.before["acc-1"] == open_account()  # untouched
+
+
+@pytest.mark.parametrize(
+    "amount, reason",
+    [(10**15 + 1, "at most"), (2**63 - 1, "at most"), (10**15, None)],
+)
+def test_the_bank_bounds_amounts(amount: int, reason: str | None) -> None:
+    batch = decide(
+        [record("c1", "bank.Deposit", {"amount_cents": amount})], {"acc-1": open_account()}
+    )
+    assert (batch.decisions[0].reason is None) == (reason is None)
+    if reason:
+        assert reason in (batch.decisions[0].reason or "")
+
+
+def test_the_bank_bounds_balances() -> None:
+    batch = decide(
+        [record("c1", "bank.Deposit", {"amount_cents": 10})],
+        {"acc-1": open_account(balance=10**15 - 9)},
+    )
+    assert "balance limit" in (batch.decisions[0].reason or "")

@@ -12,12 +12,18 @@ from refold import Command, Decider, Event, EventSpec, Rejected
 
 State = dict[str, Any]
 
+#: The largest amount and balance the bank accepts, in cents (10 trillion in currency units).
+#: Far above any real account and far below 2**63, so no sum of two accepted amounts overflows
+#: the 64-bit integers that the Avro schemas and the stores hold.
+MAX_CENTS = 10**15
+
 
 class Accounts(Decider):
     """An account's state: `status` (new | open | closed), `owner`, `balance_cents`.
 
-    Invariants: the balance never goes below zero; a closed account takes no money; an account
-    closes only at zero balance; every amount is positive.
+    Invariants: the balance never goes below zero nor above `MAX_CENTS`; a closed account takes
+    no money; an account closes only at zero balance; every amount is positive and at most
+    `MAX_CENTS`.
     """
 
     name = "accounts"
@@ -64,6 +70,11 @@ class Accounts(Decider):
     def decide_Deposit(self, command: Command, state: State) -> list[EventSpec]:
         amount = _amount(command)
         _must_be_open(command, state)
+        if state["balance_cents"] + amount > MAX_CENTS:
+            raise Rejected(
+                f"balance limit: balance {state['balance_cents']} cents plus {amount} cents "
+                f"would exceed {MAX_CENTS} cents"
+            )
         return [
             (
                 "bank.MoneyDeposited",
@@ -108,6 +119,8 @@ def _amount(command: Command) -> int:
     amount = command.data["amount_cents"]
     if amount <= 0:
         raise Rejected(f"amount_cents must be positive, not {amount}")
+    if amount > MAX_CENTS:
+        raise Rejected(f"amount_cents must be at most {MAX_CENTS}, not {amount}")
     return int(amount)
 
 

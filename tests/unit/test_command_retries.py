@@ -1,0 +1,61 @@
+"""The command processor's retry policy for steps that fail while a broker recovers: backing off
+from 0.5 s to 5 s, counted, logged once (then once a minute), not once per retry. The policy
+runs on a stand-in for the processor's own fields; the pauses are recorded, not slept."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import SimpleNamespace
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from refold.engine.command_processor import CommandProcessor, ProcessorStats
+
+
+class RecordedStop(threading.Event):
+    """A stop event whose waits return at once, recording how long they would have been."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pauses: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.pauses.append(timeout or 0.0)
+        return self.is_set()
+
+
+class Reader:
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_step_backs_off_is_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stop = RecordedStop()
+    processor = SimpleNamespace(
+        name="accounts",
+        stats=ProcessorStats(),
+        _stop=stop,
+        _reader=Reader(),
+        _new_reader=Reader,
+    )
+    calls = {"n": 0}
+
+    def step() -> None:
+        calls["n"] += 1
+        if calls["n"] <= 12:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))
+
+    with caplog.at_level(logging.INFO, logger="refold.engine.command_processor"):
+        CommandProcessor._retrying(processor, "the catch-up", step)  # type: ignore[arg-type]
+    assert calls["n"] == 13 and processor.stats.retries == 12
+    assert stop.pauses == [0.5, 1.0, 2.0, 4.0] + [5.0] * 8
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "broker down" in warnings[0].getMessage()
+    assert any("after 12 retries" in r.getMessage() for r in caplog.records)
+    from refold.engine.status import metrics_text
+
+    text = metrics_text([], None, {}, {"accounts": processor})  # type: ignore[arg-type]
+    assert 'refold_command_retries_total{aggregate="accounts"} 12' in text.splitlines()
