@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING
 from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.kafka import clients
 from refold.kafka.command_client import CommandClient
+from refold.kafka.log import read_to_end
 from refold.kafka.registry import codec_for
 from refold.kafka.topics import Topics
 
@@ -193,24 +194,16 @@ class Worker:
 
 
 def events(config: Config, topic: str) -> list[tuple[str, str, dict]]:
-    """Every event of a topic, decoded, partition by partition in order: (key, type, data)."""
+    """Every event of a topic, decoded, each partition in order: (key, type, data)."""
     codec = codec_for(config)
     consumer = clients.consumer(config, config.group("test-reader"))
+    starts = {(topic, p): OFFSET_BEGINNING for p in range(Topics(config).partitions(topic))}
     out: list[tuple[str, str, dict]] = []
     try:
-        for partition, end in Topics(config).end_offsets(topic).items():
-            if not end:
-                continue
-            tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
-            consumer.assign([tp])
-            deadline = time.monotonic() + 60
-            # The end may be a transaction marker, never delivered: stop at the position.
-            while consumer.position([tp])[0].offset < end:
-                assert time.monotonic() < deadline, f"{topic}[{partition}] not read to {end}"
-                msg = consumer.poll(0.5)
-                if msg is not None and msg.error() is None:
-                    type_name, data = codec.decode(msg.value())
-                    out.append((msg.key().decode(), type_name, data))
+        for batch in read_to_end(consumer, starts, timeout=60):
+            for msg in batch:
+                type_name, data = codec.decode(msg.value())
+                out.append((msg.key().decode(), type_name, data))
     finally:
         consumer.close()
     return out

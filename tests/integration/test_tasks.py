@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING
 from refold.core.config import Config
 from refold.kafka import clients
+from refold.kafka.log import read_to_end
 from refold.kafka.registry import codec_for
 from refold.kafka.topics import Topics
 
@@ -147,23 +148,14 @@ class Processes:
 
 
 def records(config: Config, topic: str) -> list[tuple[str, dict]]:
-    """Every record of a task topic, decoded: (key, data)."""
+    """Every record of a task topic, decoded, each partition in order: (key, data)."""
     codec = codec_for(config)
     consumer = clients.consumer(config, config.group("test-reader"))
+    starts = {(topic, p): OFFSET_BEGINNING for p in range(Topics(config).partitions(topic))}
     out: list[tuple[str, dict]] = []
     try:
-        for partition, end in Topics(config).end_offsets(topic).items():
-            if not end:
-                continue
-            tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
-            consumer.assign([tp])
-            deadline = time.monotonic() + 30
-            # The end may be a transaction marker, never delivered: stop at the position.
-            while consumer.position([tp])[0].offset < end:
-                assert time.monotonic() < deadline, f"{topic}[{partition}] not read to {end}"
-                msg = consumer.poll(0.5)
-                if msg is not None and msg.error() is None:
-                    out.append((msg.key().decode(), codec.decode(msg.value())[1]))
+        for batch in read_to_end(consumer, starts, timeout=30):
+            out += [(msg.key().decode(), codec.decode(msg.value())[1]) for msg in batch]
     finally:
         consumer.close()
     return out
