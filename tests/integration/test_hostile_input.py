@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from tests.integration.test_bank_statements import _http
 from tests.integration.test_commands import _free_port
@@ -110,6 +111,28 @@ class BankWorker:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _bank_topics(admin: AdminClient) -> set[str]:
+    prefixes = ("bank.accounts", "statements.", "transfers.")
+    return {t for t in admin.list_topics(timeout=10).topics if t.startswith(prefixes)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leave_the_broker_as_found(bootstrap: str) -> Iterator[None]:
+    """The bank topics these tests create (and poison) are deleted afterwards, so later tests
+    (test_user_app: a worker needs no bank topic) see the session broker as it was."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existed = _bank_topics(admin)
+    yield
+    made = sorted(_bank_topics(admin) - existed)
+    if made:
+        for future in admin.delete_topics(made, operation_timeout=30).values():
+            future.result()
+        deadline = time.monotonic() + 30
+        while set(made) & set(admin.list_topics(timeout=10).topics):
+            assert time.monotonic() < deadline, f"topics {made} still listed 30 s after deletion"
+            time.sleep(0.2)
 
 
 @pytest.fixture
