@@ -16,15 +16,13 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -38,12 +36,16 @@ from refold.cli.broker_nodes import (
     INSTALL_HINT,
     BrokerInfo,
     NodeInfo,
+    ephemeral_range,
+    free_port,
     is_ours,
     java_path,
     last_lines,
     launch_node,
     node_tail,
+    port_free,
     prepare_nodes,
+    quiet_port,
     read_all,
     wait_gone,
 )
@@ -183,7 +185,7 @@ def start(
                 old = []
             _signal_and_wait(config, old, 30.0)
             _wipe(config)
-            if port is None and old and _port_free(old[0].port):
+            if port is None and old and port_free(old[0].port):
                 port = old[0].port  # a wiped cluster comes back at the same address
         info = _read_record(config)
         running = info is not None and any(is_ours(n) for n in info.nodes)
@@ -222,7 +224,7 @@ def start(
             # A controller port in the ephemeral range can be taken by any outgoing connection
             # between picking it and the node binding it ("Unable to start acceptor for
             # CONTROLLER"): a single node moves to another one (its voters are only itself).
-            if len(record.nodes) == 1 and not _port_free(node.controller_port):
+            if len(record.nodes) == 1 and not port_free(node.controller_port):
                 moved = quiet_port([node.port])
                 log.warning(
                     "controller port %d is taken: node 1 moves to %d", node.controller_port, moved
@@ -282,7 +284,7 @@ def start_node(config: Config, node_id: int, timeout: float = 60.0) -> NodeInfo:
         node = _node(info, node_id)
         if not is_ours(node):
             for port in (node.port, node.controller_port):
-                if not _port_free(port):
+                if not port_free(port):
                     raise BrokerError(
                         f"port {port} of Kafka node {node_id} was taken while the node was down",
                         hint="the local cluster's ports are fixed; free it, or start --fresh",
@@ -350,51 +352,23 @@ def wait_until_answering(
     raise BrokerError(f"Kafka on {bootstrap} did not list {brokers} broker(s) in {timeout:.0f}s")
 
 
-def free_port() -> int:
-    """A loopback TCP port the OS says is free right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    """The ports the kernel hands to outgoing connections (and to bind(port 0))."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    return low, high
-
-
-def quiet_port(exclude: Sequence[int] = ()) -> int:
-    """A free loopback port below the ephemeral range, which no outgoing connection takes
-    (any free port when that range leaves no room below it)."""
-    low, _high = _ephemeral_range()
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20_000, low) if low > 20_100 else free_port()
-        if port not in exclude and _port_free(port):
-            return port
-    return free_port()
-
-
 def _new_layout(
     config: Config, nodes: int, port: int | None, heap_mb: int, old: BrokerInfo | None
 ) -> BrokerInfo:
     """Pick ports; keep the cluster id (and so the data) of an existing cluster."""
-    if port is not None and not _port_free(port):
+    if port is not None and not port_free(port):
         raise BrokerError(f"port {port} on {HOST} is in use", hint="pick another --port or omit it")
-    base = port if port is not None else (DEFAULT_PORT if _port_free(DEFAULT_PORT) else None)
+    base = port if port is not None else (DEFAULT_PORT if port_free(DEFAULT_PORT) else None)
     chosen: list[int] = []
     # Controller ports follow the client ports, unless those are in the ephemeral range (a port
     # the OS picked), where any outgoing connection on the machine may take one between our
     # choice and the node's bind, or while its node is down: then they come from below it.
-    low, high = _ephemeral_range()
+    low, high = ephemeral_range()
     for i, preferred in enumerate([None if base is None else base + i for i in range(2 * nodes)]):
         if i >= nodes and (preferred is None or low <= preferred <= high):
             pick = quiet_port(chosen)
         else:
-            pick = preferred if preferred is not None and _port_free(preferred) else free_port()
+            pick = preferred if preferred is not None and port_free(preferred) else free_port()
         while pick in chosen:
             pick = free_port()
         chosen.append(pick)
@@ -412,7 +386,7 @@ def _new_layout(
 def _ports_lost(info: BrokerInfo, running: bool) -> bool:
     """True when the cluster is down and someone else took one of its recorded ports."""
     ports = [p for n in info.nodes for p in (n.port, n.controller_port)]
-    return not running and not all(_port_free(p) for p in ports)
+    return not running and not all(port_free(p) for p in ports)
 
 
 def _random_uuid() -> str:
@@ -591,14 +565,3 @@ def _pick(updated: list[NodeInfo], node: NodeInfo) -> NodeInfo:
 def _with_pids(info: BrokerInfo, pids: dict[int, int | None]) -> BrokerInfo:
     nodes = (replace(n, pid=pids[n.node_id]) if n.node_id in pids else n for n in info.nodes)
     return replace(info, nodes=tuple(nodes))
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        # Java listeners set SO_REUSEADDR, so sockets in TIME_WAIT do not block them either.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True

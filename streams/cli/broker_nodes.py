@@ -1,7 +1,8 @@
 """One local Kafka node as a process: its config files and storage format, its JVM launched
 detached from us, whether a recorded pid is still that node (`is_ours`), waiting for it to go,
-and the ends of its logs. The cluster API on top (start, stop, status, the record of what runs)
-is `refold.cli.broker`; nothing here signals a pid without `is_ours` saying it is the node.
+and the ends of its logs; and the free ports it listens on. The cluster API on top (start, stop,
+status, the record of what runs) is `refold.cli.broker`; nothing here signals a pid without
+`is_ours` saying it is the node.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
+import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -235,3 +239,45 @@ def read_all(path: Path) -> str:
 
 def last_lines(text: str, count: int = 20, width: int = 300) -> str:
     return "".join(line[:width] + "\n" for line in text.strip().splitlines()[-count:])
+
+
+# -- ports -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback TCP port the OS says is free right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (and to bind(port 0))."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
+def quiet_port(exclude: Sequence[int] = ()) -> int:
+    """A free loopback port below the ephemeral range, which no outgoing connection takes
+    (any free port when that range leaves no room below it)."""
+    low, _high = ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, low) if low > 20_100 else free_port()
+        if port not in exclude and port_free(port):
+            return port
+    return free_port()
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # Java listeners set SO_REUSEADDR, so sockets in TIME_WAIT do not block them either.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True

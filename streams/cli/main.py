@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
 from refold.cli import projection_commands, saga_commands, task_commands
+from refold.cli.output import out as _out
 from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
 from refold.kafka.log import NOT_AUTHORIZED
@@ -28,10 +29,6 @@ EXIT_ERROR = 1
 EXIT_INPUT = 2
 
 Command = Callable[[argparse.Namespace, Config], int]
-
-
-def _out(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
 
 
 # -- broker ---------------------------------------------------------------------------------

@@ -9,16 +9,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from refold.cli.output import out as _out
 from refold.core.config import Config
 from refold.core.errors import InputError
 
 if TYPE_CHECKING:
     from refold.core.projection import Projection
     from refold.store.rocksdb import RocksStore
-
-
-def _out(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

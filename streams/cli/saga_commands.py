@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
 
+from refold.cli.output import out as _out
+from refold.cli.output import wait_ended
 from refold.core.config import Config
 from refold.core.errors import InputError, SagaError
 from refold.core.sagas import TERMINAL, Saga
-
-
-def _out(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
 
 
 def _sagas(config: Config) -> dict[str, Saga]:
@@ -91,18 +88,16 @@ def _start(args: argparse.Namespace, config: Config, sagas: dict[str, Saga], sag
     if not args.wait:
         _out(started.to_json())
         return 0
-    deadline = time.monotonic() + args.timeout
-    while True:
-        state = fold_state(config, saga, started.saga_id)
-        if state is not None and state["status"] in TERMINAL:
-            _out(state)
-            return 0 if state["status"] == "completed" else 1
-        if time.monotonic() > deadline:
-            raise SagaError(
-                f"saga {started.saga_id!r} is {state and state['status']} after {args.timeout}s",
-                hint="is a `refold worker` with the app running?",
-            )
-        time.sleep(0.3)
+    state, ended = wait_ended(
+        lambda: fold_state(config, saga, started.saga_id), TERMINAL, args.timeout
+    )
+    if not ended:
+        raise SagaError(
+            f"saga {started.saga_id!r} is {state and state['status']} after {args.timeout}s",
+            hint="is a `refold worker` with the app running?",
+        )
+    _out(state)
+    return 0 if state is not None and state["status"] == "completed" else 1
 
 
 def _rebuild(args: argparse.Namespace, config: Config, saga: Saga) -> int:

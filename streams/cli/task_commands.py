@@ -12,21 +12,17 @@ import json
 import logging
 import shutil
 import signal
-import sys
 import threading
-import time
 from datetime import UTC, datetime
 from typing import Any
 
+from refold.cli.output import out as _out
+from refold.cli.output import wait_ended
 from refold.core.config import Config
 from refold.core.errors import InputError, TaskError
 from refold.core.tasks import STATUSES, TERMINAL, TaskQueue
 
 log = logging.getLogger(__name__)
-
-
-def _out(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
 
 
 def _config(args: argparse.Namespace, config: Config) -> Config:
@@ -133,18 +129,16 @@ def _submit(
     if not args.wait:
         _out(accepted.to_json())
         return 0
-    deadline = time.monotonic() + args.timeout
-    while True:
-        state = fold_status(config, queue, accepted.task_id)
-        if state is not None and state["status"] in TERMINAL:
-            _out(state)
-            return 0 if state["status"] == "succeeded" else 1
-        if time.monotonic() > deadline:
-            raise TaskError(
-                f"task {accepted.task_id!r} is {state and state['status']} after {args.timeout}s",
-                hint="is a `refold worker` dispatching and a `refold task-worker` running?",
-            )
-        time.sleep(0.3)
+    state, ended = wait_ended(
+        lambda: fold_status(config, queue, accepted.task_id), TERMINAL, args.timeout
+    )
+    if not ended:
+        raise TaskError(
+            f"task {accepted.task_id!r} is {state and state['status']} after {args.timeout}s",
+            hint="is a `refold worker` dispatching and a `refold task-worker` running?",
+        )
+    _out(state)
+    return 0 if state is not None and state["status"] == "succeeded" else 1
 
 
 def _list(args: argparse.Namespace, config: Config, queue: TaskQueue) -> int:

