@@ -76,6 +76,15 @@ class TaskWorkerStats:
     rejected: int = 0
 
 
+@dataclass(slots=True)
+class Handled:
+    """A batch whose handler ran: its statuses are produced, their acknowledgements pending."""
+
+    batch_id: str
+    acks: Acks
+    ended: Counter[str]
+
+
 class Cancels:
     """The ids in a queue's cancel topic, read to its end on demand (shared by the threads).
 
@@ -161,9 +170,10 @@ class TaskWorker:
         configure_share_group(self.config, self.group)
         self._log.register(self._producer)
         self._cancels.catch_up()
-        thread = threading.Thread(target=self._loop, name="task-worker", daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        for target, name in ((self._loop, "task-worker"), (self._poll, "task-worker-acks")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -184,12 +194,16 @@ class TaskWorker:
                 # Acknowledged in offset order: the preview client loses acknowledgements given
                 # out of order (a bare loop that ACCEPTs each poll's records shuffled had 1,492
                 # of 3,000 records delivered again when their lock expired; in order, none), so
-                # each round acknowledges the finished prefix of the poll.
+                # each round acknowledges the finished prefix of the poll. The handler threads
+                # do not wait for their statuses' acknowledgements: this thread does, in order,
+                # so the items of a poll share their round trips (one wait per item on each of
+                # `concurrency` threads held a no-op queue to concurrency / round trip).
                 acked = 0
                 while acked < len(futures):
                     wait([futures[acked]])  # the oldest unacknowledged item
                     while acked < len(futures) and futures[acked].done():
-                        consumer.acknowledge(msgs[acked], futures[acked].result())
+                        verdict = self._settle(futures[acked].result())
+                        consumer.acknowledge(msgs[acked], verdict)
                         acked += 1
                     consumer.commit_async()
         except Exception:
@@ -198,7 +212,30 @@ class TaskWorker:
             pool.shutdown(wait=False, cancel_futures=True)
             _close(consumer)
 
-    def _run_safely(self, msg: Message, polled: float) -> int:
+    def _poll(self) -> None:
+        """Serve the producer's delivery reports (the statuses' acknowledgements), until the
+        loop that waits for them has ended."""
+        loop = self._threads[0]
+        while not self._stop.is_set() or loop.is_alive():
+            self._producer.poll(0.05)
+
+    def _settle(self, outcome: int | Handled) -> int:
+        """The acknowledgement of an item: its handler's verdict, or ACCEPT once the statuses
+        of its batch are acknowledged by Kafka (RELEASE when they could not be written)."""
+        if not isinstance(outcome, Handled):
+            return outcome
+        try:
+            outcome.acks.wait_served(f"status of batch {outcome.batch_id}")
+        except TaskError as exc:
+            log.warning("%s: releasing %s: %s", self.queue.name, outcome.batch_id, exc)
+            self._count("released")
+            return AcknowledgeType.RELEASE
+        for status, n in outcome.ended.items():
+            self._count(status, n)
+        self._count("items")
+        return AcknowledgeType.ACCEPT
+
+    def _run_safely(self, msg: Message, polled: float) -> int | Handled:
         try:
             return self._run(msg, polled)
         except Exception:  # a bug of ours must not stop the worker: another may succeed
@@ -206,8 +243,9 @@ class TaskWorker:
             self._count("released")
             return AcknowledgeType.RELEASE
 
-    def _run(self, msg: Message, polled: float) -> int:
-        """One work item, steps 1-3; the acknowledgement it earns."""
+    def _run(self, msg: Message, polled: float) -> int | Handled:
+        """One work item, steps 1-3 (the wait for its statuses is the caller's, `_settle`):
+        the acknowledgement it earns, or its Handled batch."""
         if self._stop.is_set():
             return AcknowledgeType.RELEASE
         try:
@@ -224,7 +262,7 @@ class TaskWorker:
             batch = [t for t in tasks if t.id not in self._cancels]
             self._count("cancelled", len(tasks) - len(batch))
             if batch:
-                self._handle(item["batch_id"], batch)
+                return self._handle(item["batch_id"], batch)
         except (KafkaException, TaskError) as exc:
             log.warning("%s: releasing %s: %s", self.queue.name, item["batch_id"], exc)
             self._count("released")
@@ -232,7 +270,7 @@ class TaskWorker:
         self._count("items")
         return AcknowledgeType.ACCEPT
 
-    def _handle(self, batch_id: str, batch: list[Task]) -> None:
+    def _handle(self, batch_id: str, batch: list[Task]) -> Handled:
         q, p, produce = self.queue, self._producer, self._log.produce
         acks = Acks()
         for task in batch:
@@ -255,9 +293,7 @@ class TaskWorker:
             if task.parent_id and event["status"] == "succeeded":
                 part = status_data(task.parent_id, "part-succeeded", part_id=task.id)
                 produce(p, q.status_topic, task.parent_id, STATUS, part, acks)
-        acks.wait(p, f"status of batch {batch_id}")
-        for status, n in ended.items():
-            self._count(status, n)
+        return Handled(batch_id, acks, ended)
 
     def _progress(self, task: Task, report: dict[str, Any]) -> None:
         """A handler's `task.progress(...)`: one `progress` status event, not awaited (the

@@ -198,7 +198,7 @@ class Acks:
         self.errors: list[str] = []
         self._sent = 0
         self._acked = 0
-        self._lock = threading.Lock()  # reports arrive on whichever thread polls
+        self._lock = threading.Condition()  # reports arrive on whichever thread polls
 
     def track(self) -> None:
         """One more record to wait for (called after a successful produce)."""
@@ -209,6 +209,8 @@ class Acks:
             self._acked += 1
             if err is not None:
                 self.errors.append(f"{msg.topic()}: {err.str()}")
+            if self._acked >= self._sent:
+                self._lock.notify_all()
 
     def wait(self, producer: Producer, what: str, timeout: float = 30.0) -> None:
         if self._sent == 0:
@@ -219,6 +221,21 @@ class Acks:
                 producer.poll(0.002)
             remaining = self._sent - self._acked
         if self.errors or remaining:
+            raise TaskError(f"{what} not acknowledged: {self.errors or f'{remaining} pending'}")
+
+    def wait_served(self, what: str, timeout: float = 30.0) -> None:
+        """`wait` where another thread polls the producer: sleeps until the reports are in
+        (each waiter spinning on poll() woke up 500 times a second, and took the GIL each time,
+        from handler threads that need it)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._acked < self._sent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            remaining = self._sent - self._acked
+        if self.errors or remaining > 0:
             raise TaskError(f"{what} not acknowledged: {self.errors or f'{remaining} pending'}")
 
 
