@@ -100,10 +100,14 @@ def _apply_part(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dict
         return state
     if part not in state["parts_done"]:
         state["parts_done"].append(part)
+    # Parts end on several threads and workers, so the log's order of their reports is not
+    # the order of their clocks: the parent ends at the latest part's time, not before it.
+    done_ms = max(at_ms, int(state.get("updated_ms") or 0))
+    state["updated_ms"] = done_ms
     if state["parts"] and set(state["parts"]) <= set(state["parts_done"]):
         state["status"] = "succeeded"
         state["result"] = {"parts": len(state["parts"])}
-        _record(state, "succeeded", at_ms, {})
+        _record(state, "succeeded", done_ms, {})
     return state
 
 

@@ -119,6 +119,12 @@ def test_parent_succeeds_after_all_parts_and_dies_with_one() -> None:
     assert parent["status"] == "dispatched"
     parent = apply_status(parent, {"status": "part-succeeded", "part_id": "p.1"}, 4)
     assert parent["status"] == "succeeded"
+    # Parts end on several threads: their reports reach the log out of their clocks' order,
+    # and the parent ends at the latest part's time (never before a part it waited for).
+    late = apply_status(initial_status("r"), {"status": "dispatched", "parts": ["r.0", "r.1"]}, 1)
+    late = apply_status(late, {"status": "part-succeeded", "part_id": "r.0"}, 594)
+    late = apply_status(late, {"status": "part-succeeded", "part_id": "r.1"}, 587)
+    assert late["status"] == "succeeded" and late["history"][-1]["at_ms"] == 594
     other = apply_status(initial_status("q"), {"status": "dispatched", "parts": ["q.0"]}, 1)
     other = apply_status(other, {"status": "part-dead", "part_id": "q.0", "error": "x"}, 2)
     assert other["status"] == "dead" and "q.0" in other["error"]
