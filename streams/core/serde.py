@@ -21,8 +21,12 @@ from refold.core import envelope
 from refold.core.catalog import Catalog, SchemaVersion
 from refold.core.errors import DecodeError, EncodeError, SchemaError
 from refold.core.fastdecode import generate
+from refold.core.fastencode import Encoder
+from refold.core.fastencode import generate as generate_encoder
 
 MAGIC = b"\xc3\x01"
+#: A writer schema's encoding: single-object prefix, schema, strict check, generated encoder.
+_Writer = tuple[bytes, Any, Callable[[dict[str, Any]], None] | None, Encoder | None]
 HEADER_LEN = 10
 
 
@@ -165,7 +169,7 @@ class Codec:
         #: no resolution: the fold loop calls these directly (they raise IndexError/ValueError/
         #: UnicodeDecodeError on bad bytes) and falls back to `decode` for anything else.
         self.raw_decoders: dict[bytes, tuple[str, Callable[[bytes], dict[str, Any]]]] = {}
-        self._writers: dict[str, tuple[bytes, Any, Callable[[dict[str, Any]], None] | None]] = {}
+        self._writers: dict[str, _Writer] = {}
 
     # -- encode ------------------------------------------------------------------------------
 
@@ -180,8 +184,15 @@ class Codec:
         if writer is None:
             sv = self.writer_for(type_name)
             check = strict_check(sv.schema)
-            writer = self._writers[type_name] = (MAGIC + sv.fingerprint, sv.schema, check)
-        prefix, schema, strict = writer
+            prefix = MAGIC + sv.fingerprint
+            fast = generate_encoder(sv.schema, prefix)
+            writer = self._writers[type_name] = (prefix, sv.schema, check, fast)
+        prefix, schema, strict, fast = writer
+        if fast is not None and type(data) is dict:
+            try:
+                return fast(data)
+            except Exception:  # fastavro, below, says what is wrong
+                pass
         buf = io.BytesIO()
         buf.write(prefix)
         try:

@@ -28,11 +28,15 @@ MAX_HISTORY = 50
 
 
 def time_ms(event: Event) -> int:
-    """The event's time (its CloudEvents `time`, else the record timestamp) in epoch ms."""
+    """The event's time in epoch ms: its record's timestamp (refold's producers stamp it as they
+    write the CloudEvents `time`, to the ms), else that `time`. Reading the envelope's headers
+    for the `time` was a quarter of the status fold's CPU (py-spy), the timestamp is free."""
+    if event.timestamp_ms > 0:
+        return event.timestamp_ms
     try:
         return int(datetime.fromisoformat(event.time.replace("Z", "+00:00")).timestamp() * 1000)
     except (ValueError, AttributeError):
-        return event.timestamp_ms
+        return 0
 
 
 def initial_status(task_id: str) -> dict[str, Any]:
