@@ -98,10 +98,10 @@ class QueryServer(ProjectionReads):
         self._watermarks = Watermarks(worker.config)
         self._events = EventRoutes(worker, self._publishing)
         self._commands = CommandRoutes(worker)
-        self._tasks = TaskRoutes(worker)
         self._dashboard = Dashboard(worker, self.describe_projections)
         self._advertise = advertise
         self.router = Router(worker, self.freshness)
+        self._tasks = TaskRoutes(worker, self.router)
         self.tokens = Tokens.from_env()  # None: the API is open (refold.http.auth)
         self._sagas = SagaRoutes(worker, self.router)
         # Encoded positions per projection, reused while the runner's positions dict is the same

@@ -4,9 +4,11 @@
   "accepted", "status_url"}` once the task is durably in the intake topic; a repeated task id
   answers the same and appends nothing (on any worker: ids are claimed first), a repeat with
   another body 409; bad input 400/404/422, never appended;
-- `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state); for a
-  task this worker accepted, at least `accepted` (read-your-writes: it waits briefly for the
-  projection to fold the accepted event, else answers that event), never 404;
+- `GET /tasks/{queue}/{task_id}` -> the task's status (the status projection's state), from
+  whichever worker folds its status partition (forwarded like a projection lookup, or 307 with
+  `?route=redirect`); for a task this worker accepted, at least `accepted` (read-your-writes:
+  it waits briefly for the projection to fold the accepted event, else answers that event),
+  never 404;
 - `GET /tasks/{queue}?status=&after=&limit=` -> a page of tasks;
 - `POST /tasks/{queue}/{task_id}/cancel` -> 200, or 409 when the task already ended.
 """
@@ -22,6 +24,7 @@ import orjson
 from aiohttp import web
 from refold.core.errors import InputError, TaskConflict, TaskError
 from refold.engine.worker import Worker
+from refold.http.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,9 @@ def _error(status: int, error: str, detail: Any) -> web.Response:
 class TaskRoutes:
     """The task handlers over one worker's task queues."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, router: Router | None = None) -> None:
         self.tasks = worker.tasks
+        self._router = router
         # Cancels wait for Kafka's acknowledgement: off the event loop, one flush at a time.
         self._appends = ThreadPoolExecutor(1, thread_name_prefix="refold-http-tasks")
         self._waits = ThreadPoolExecutor(8, thread_name_prefix="refold-http-task-waits")
@@ -98,6 +102,9 @@ class TaskRoutes:
         unknown = self._unknown(queue)
         if unknown is not None:
             return unknown
+        forwarded = await self._forward(queue, task_id, request)
+        if forwarded is not None:  # another worker folds this task's status partition
+            return forwarded
         state = self.tasks.status(queue, task_id)
         if state is None and self.tasks.submitted(queue, task_id):
             # Accepted here, not folded yet: wait for it off the loop (read-your-writes).
@@ -108,6 +115,21 @@ class TaskRoutes:
         if state is None:
             return _error(404, "unknown task", f"no task {task_id!r} in queue {queue!r} (yet)")
         return _respond(200, state)
+
+    async def _forward(self, queue: str, task_id: str, request: web.Request) -> web.Response | None:
+        """The owner's answer, when another worker folds the task's status partition; None to
+        answer here (this worker's own, or its read-your-writes `accepted` for a task the owner
+        has not folded yet)."""
+        if self._router is None:
+            return None
+        try:
+            runner = self.tasks.runner(queue)
+        except KeyError:  # this worker does not fold the queue's status (`--only`)
+            return None
+        forwarded = await self._router.forward(runner, task_id, request)
+        if forwarded is None or forwarded.status != 404:
+            return forwarded
+        return None if self.tasks.submitted(queue, task_id) else forwarded
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         queue = request.match_info["queue"]

@@ -318,7 +318,7 @@ def test_dead_after_max_attempts_hang_redriven_repeat_queues_nothing_cancel_neve
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
 
 
-def test_two_intake_workers_one_task_id_read_your_writes_progress_and_own_results(
+def test_two_intake_workers_one_task_id_read_your_writes_progress_own_results_routed_reads(
     config: Config, unique, tmp_path: Path
 ) -> None:
     queue = unique("ship")
@@ -374,6 +374,9 @@ def test_two_intake_workers_one_task_id_read_your_writes_progress_and_own_result
         ids = [f"ryw-{i}" for i in range(20)] + duplicates + ["slow"]
         states = _ended_on_either((a, b), ids)
         own = _ended_on_either((a, b), [f"own-{i}" for i in range(3)])
+        # Either worker answers for every task: the one that does not fold its status
+        # partition forwards the GET to the one that does (refold.http.routing).
+        routed = {t: [node.status(t) for node in (a, b)] for t in ids}
         calls = a.calls()
     finally:
         a.stop()
@@ -383,6 +386,7 @@ def test_two_intake_workers_one_task_id_read_your_writes_progress_and_own_result
     assert dup_reads == [200] * len(dup_reads)
     assert all(body["status"] is not None for _, body in answers), answers
     assert all(s["status"] == "succeeded" for s in states.values()), states
+    assert all(pair == [states[t], states[t]] for t, pair in routed.items()), routed
     intake = Counter(v["task_id"] for _, v in records(config, f"{queue}.tasks"))
     assert {t: intake[t] for t in duplicates} == dict.fromkeys(duplicates, 1)
     assert set(intake.values()) == {1} and "other" not in json.dumps(list(intake))
