@@ -24,7 +24,6 @@ from tests.integration.test_http import (  # noqa: F401  (serve: a fixture used 
     serve,
 )
 
-
 _FRESHNESS = re.compile(rb'"lag":[^,]*,"stale":(true|false)')
 
 
@@ -61,8 +60,9 @@ class Pair:
 
 
 @pytest.fixture
-def pair(serve: Callable[..., Served]) -> Iterator[Pair]:
-    s = serve()
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    factory: Callable[..., Served] = request.getfixturevalue("serve")
+    s = factory()
     positions = s.publish([("k1", 5, "one"), ("k2", 7, "two")])
     assert s.get_key("k1", min_offset=min_offset(positions), wait_ms=WAIT).status == 200
     full = QueryServer(s.worker, "127.0.0.1", 0, fast_path=False)
@@ -108,8 +108,11 @@ def test_the_issues_byte_streams_get_the_same_answers(pair: Pair) -> None:
         "lowercase method": (b"get %b HTTP/1.1\r\nHost: x\r\n\r\n" % k1 + last, None),
         "pipelined": (pair.get("k1") + pair.get("nobody") + pair.get("k1") + last, None),
         "handed over midway": (
-            pair.get("k1") + pair.get("k1?x=1") + pair.get("k2", b"Connection: keep-alive\r\n")
-            + b"POST /events/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" + last,
+            pair.get("k1")
+            + pair.get("k1?x=1")
+            + pair.get("k2", b"Connection: keep-alive\r\n")
+            + b"POST /events/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+            + last,
             None,
         ),
     }
