@@ -136,11 +136,17 @@ class Watched(asyncio.Protocol):
         self.received = now
         handler = cast(Any, self.handler)
         before = getattr(handler, "_request_count", None)
-        if self.head_since is None and self._waiting():
-            self.head_since = now
         handler.data_received(data)
-        if before is not None and handler._request_count != before:
+        if before is None:
+            return
+        if handler._request_count != before:  # a head completed
             self.head_since = None
+        elif (
+            self.head_since is None
+            and not handler._messages  # no request queued whose body this could be
+            and handler._current_request is None  # nor one being answered
+        ):
+            self.head_since = now  # bytes of a head not complete yet
 
     def eof_received(self) -> bool | None:
         return self.handler.eof_received()
@@ -169,6 +175,7 @@ class Watched(asyncio.Protocol):
             idle = now - max(self.idle_since, self.received)
             return "idle" if idle > limits.keepalive_s else None
         self.idle_since = None
+        self.head_since = None  # busy: a head begun meanwhile is timed as idle from its end
         request = getattr(self.handler, "_current_request", None)
         content = getattr(request, "content", None)
         if content is not None and not content.is_eof() and now - self.received > limits.body_s:

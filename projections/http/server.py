@@ -30,7 +30,7 @@ from refold.http.command_routes import CommandRoutes
 from refold.http.dashboard import Dashboard
 from refold.http.event_routes import EventRoutes
 from refold.http.fastpath import Front, new_loop
-from refold.http.limits import Limits
+from refold.http.limits import ConnectionStats, Limits
 from refold.http.malformed import MalformedRequests
 from refold.http.projection_routes import ProjectionReads
 from refold.http.projection_routes import error as _error
@@ -110,6 +110,11 @@ class QueryServer(ProjectionReads):
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
         self._freshness: tuple[Health | None, dict[str, Freshness]] = (None, {})
+
+    @property
+    def connections(self) -> ConnectionStats | None:
+        """Open, refused and timed-out connections (None until started)."""
+        return None if self._front is None else self._front.stats
 
     @property
     def url(self) -> str:
@@ -274,6 +279,9 @@ class QueryServer(ProjectionReads):
             except web.HTTPException as exc:  # aiohttp's own, e.g. 413 for a body too large
                 where = f"{request.method} {request.path}"
                 response = _error(exc.status, exc.reason.lower(), where)
+            except ConnectionResetError:  # the client went (or a body timeout closed it)
+                log.info("%s %s: the connection closed mid-request", request.method, request.path)
+                response = _error(408, "request timeout", "the connection closed mid-request")
             except Exception as exc:
                 log.exception("%s %s failed", request.method, request.path_qs)
                 response = _error(500, "internal error", f"{type(exc).__name__}: {exc}")
