@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from refold.cli.broker_nodes import free_port
+from refold.core.config import Config
 
 from tests.integration.http_wire import parse_answers
 from tests.integration.test_http import (  # noqa: F401  (serve: a fixture used here)
@@ -23,6 +29,7 @@ from tests.integration.test_http import (  # noqa: F401  (serve: a fixture used 
     min_offset,
     serve,
 )
+from tests.integration.test_projections import WorkerProcess
 
 GUARD_S = 30.0
 
@@ -185,3 +192,81 @@ def test_connections_beyond_the_cap_are_refused_and_accepted_requests_kept(
         time.sleep(0.01)
     assert stats.open == 0
     assert metric(s, "refold_http_connections_refused_total") == 1
+
+
+def test_a_flood_beyond_the_descriptor_limit_loses_no_accepted_request(
+    config: Config, ledger_topic: str, unique: Callable[[str], str], tmp_path: Path
+) -> None:
+    """`refold worker` under a 384-descriptor limit (the default cap: 192 connections) and 400
+    idle connections: it refuses the excess, and a deposit posted at the flood's height is
+    acknowledged and folded."""
+    name = unique("ledger")
+    worker = WorkerProcess(config, name, ledger_topic, tmp_path / "w")
+    port = free_port()
+    worker.data_dir.mkdir(parents=True)
+    command = [sys.executable, "-m", "refold.cli.main", "worker", "--only", name]
+    command += ["--http", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(
+        ["sh", "-c", 'ulimit -n 384 && exec "$@"', "sh", *command],
+        env=worker.env,
+        stdout=worker.log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    flood: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # until the worker serves
+            try:
+                control = connect(port)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, worker.log.read_text()
+                time.sleep(0.2)
+        flood = [connect(port) for _ in range(400)]
+        # The first refusals show the cap was reached (accepted connections stay silent).
+        readable, _, _ = select.select(flood, [], [], GUARD_S)
+        assert readable, "no connection was refused"
+        first = parse_answers(read_until_closed(readable[0]))[0]
+        assert first[0].status_line == b"HTTP/1.1 503 Service Unavailable"
+
+        body = json.dumps(
+            {
+                "type": "bank.MoneyDeposited",
+                "key": "flooded",
+                "data": {"account_id": "flooded", "amount_cents": 42, "memo": "in a flood"},
+            }
+        ).encode()
+        control.sendall(
+            b"POST /events/%b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (ledger_topic.encode(), len(body), body)
+        )
+        posted = parse_answers(read_until_closed_or_answer(control))[0][0]
+        assert posted.status_line == b"HTTP/1.1 201 Created", posted
+        where = json.loads(posted.body)
+        control.sendall(
+            b"GET /projections/%b/flooded?min_offset=%d:%d&wait_ms=%b HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: close\r\n\r\n"
+            % (name.encode(), where["partition"], where["offset"], WAIT.encode())
+        )
+        read = parse_answers(read_until_closed(control))[0]
+        assert read[-1].status_line == b"HTTP/1.1 200 OK", read
+        assert json.loads(read[-1].body)["state"]["balance_cents"] == 42
+        control.close()
+        for sock in flood:
+            sock.close()
+        flood = []
+        after = connect(port)
+        after.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        text = parse_answers(read_until_closed(after))[0][0].body.decode()
+        after.close()
+        refused = [ln for ln in text.splitlines() if ln.startswith("refold_http_connections_ref")]
+        assert refused and int(refused[0].split()[-1]) >= 1, text
+    finally:
+        for sock in flood:
+            sock.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
