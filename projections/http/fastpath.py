@@ -141,12 +141,13 @@ class Front:
 class FastHTTP(asyncio.Protocol):
     """One connection, answered here until a request needs the full app."""
 
-    __slots__ = ("_buffer", "_front", "_paused", "_since", "_transport")
+    __slots__ = ("_buffer", "_front", "_paused", "_reads", "_since", "_transport")
 
     def __init__(self, front: Front) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
-        self._buffer = b""
+        self._buffer = b""  # an unfinished head
+        self._reads: list[bytes] = []  # the reads it came in (aiohttp is fed them one by one)
         self._paused = False
         self._since = 0.0  # idle since (no partial head), else when the partial head began
 
@@ -195,7 +196,7 @@ class FastHTTP(asyncio.Protocol):
             return
         buf = self._buffer + data if self._buffer else data
         if not self._front.fast:
-            return self._hand_over(transport, buf)
+            return self._hand_over(transport, [*self._reads, data])
         # First decide the whole batch, then answer: aiohttp refuses a batch with an error as a
         # whole, so one request not ours sends every unanswered byte to it.
         answers: list[tuple[str, Answer, bool]] = []
@@ -203,14 +204,14 @@ class FastHTTP(asyncio.Protocol):
         while (end := buf.find(_FULL, start)) >= 0:
             answered = self._answer(buf[start:end]) if end - start <= MAX_HEAD else None
             if answered is None:
-                return self._hand_over(transport, buf)
+                return self._hand_over(transport, [*self._reads, data])
             answers.append(answered)
             start = end + 4
             if answered[2] and start < len(buf):  # aiohttp refuses data after Connection: close
-                return self._hand_over(transport, buf)
+                return self._hand_over(transport, [*self._reads, data])
         rest = buf[start:]
         if rest and not _clean_start(rest):
-            return self._hand_over(transport, buf)
+            return self._hand_over(transport, [*self._reads, data])
         front = self._front
         for route, (status, body), close in answers:
             counter = (route, status)
@@ -218,11 +219,12 @@ class FastHTTP(asyncio.Protocol):
             transport.write(_head(status, len(body), front.date(), close) + body)
             if close:
                 transport.close()
-                self._buffer = b""
+                self._buffer, self._reads = b"", []
                 return
         if answers or not self._buffer:
             self._since = asyncio.get_running_loop().time()
         self._buffer = rest
+        self._reads = ([rest] if answers else [*self._reads, data]) if rest else []
 
     def _answer(self, head: bytes) -> tuple[str, Answer, bool] | None:
         """(route, answer, close after it) for a request of ours, None for the full app."""
@@ -280,12 +282,13 @@ class FastHTTP(asyncio.Protocol):
             return None if answer is None else (HEALTHZ_ROUTE, answer, close)
         return None
 
-    def _hand_over(self, transport: asyncio.Transport, rest: bytes) -> None:
-        """Give the connection and the bytes not answered yet to aiohttp's protocol."""
+    def _hand_over(self, transport: asyncio.Transport, reads: list[bytes]) -> None:
+        """Give the connection and the bytes not answered yet, in the reads they came in, to
+        aiohttp's protocol (its error answers quote the read they failed in)."""
         front = self._front
         front.connections.discard(self)
         self._transport = None
-        self._buffer = b""
+        self._buffer, self._reads = b"", []
         if self._paused:  # aiohttp does its own flow control from here on
             self._paused = False
             transport.resume_reading()
@@ -294,8 +297,10 @@ class FastHTTP(asyncio.Protocol):
         front.watched.add(watched)
         handler.connection_made(transport)
         transport.set_protocol(watched)
-        if rest:
-            watched.data_received(rest)
+        for data in reads:
+            if transport.is_closing():
+                break
+            watched.data_received(data)
 
 
 def _head(status: int, length: int, date: bytes, close: bool) -> bytes:

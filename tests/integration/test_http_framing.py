@@ -44,6 +44,7 @@ class Pair:
     served: Served
     fast: int  # the port of the server with the fast path
     full: int  # the port of the server where aiohttp answers everything
+    full_server: QueryServer
 
     def path(self, key: str) -> bytes:
         return f"/projections/{self.served.name}/{key}".encode()
@@ -68,7 +69,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     full = QueryServer(s.worker, "127.0.0.1", 0, fast_path=False)
     full.start()
     try:
-        yield Pair(s, s.server.port, full.port)
+        yield Pair(s, s.server.port, full.port, full)
     finally:
         full.stop()
 
