@@ -22,10 +22,12 @@ MAX_HEADERS headers, and nothing after it when it says `Connection: close`.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
+from time import monotonic
 from typing import Protocol, cast
 
 from aiohttp.http import SERVER_SOFTWARE
@@ -48,6 +50,13 @@ _TCHAR = bytes(range(0x30, 0x3A)) + bytes(range(0x41, 0x5B)) + bytes(range(0x61,
 _TCHAR += b"!#$%&'*+-.^_`|~"  # RFC 9110 token characters: what a header name may hold
 _VALUE = bytes(range(0x20, 0x7F)) + b"\t"  # visible ASCII, space and tab; no CR, LF, NUL
 _HOST = bytes(range(0x30, 0x3A)) + bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B)) + b"-.:[]"
+# A head the fast path may serve, whole: the request line, then CRLF-separated fields whose
+# names are tokens and whose values are visible ASCII, space or tab.
+_HEAD = re.compile(
+    b"GET (/[%b]*) HTTP/1\\.1((?:\r\n[%b]+:[%b]*)*)"
+    % (re.escape(_PLAIN), re.escape(_TCHAR), re.escape(_VALUE))
+)
+_FIELD = re.compile(b"\r\n([^:]+):([^\r]*)")
 _REFUSED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
 _FULL = b"\r\n\r\n"
 _CLOSE = b"Connection: close\r\n"
@@ -120,7 +129,7 @@ class Front:
     def _sweep(self) -> None:
         """Close the connections past a timeout (refold.http.limits); runs every tick."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = monotonic()
         limits, timeouts = self.limits, self.stats.timeouts
         for conn in list(self.connections):
             kind = conn.expired(limits, now)
@@ -153,7 +162,7 @@ class FastHTTP(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self._front
-        self._since = asyncio.get_running_loop().time()
+        self._since = monotonic()
         tcp = cast(asyncio.Transport, transport)
         stats = front.stats
         if stats.open >= front.limits.max_connections:  # at the cap: refuse, keep descriptors
@@ -213,60 +222,63 @@ class FastHTTP(asyncio.Protocol):
         if rest and not _clean_start(rest):
             return self._hand_over(transport, [*self._reads, data])
         front = self._front
+        counts = front.counts
         for route, (status, body), close in answers:
             counter = (route, status)
-            front.counts[counter] = front.counts.get(counter, 0) + 1
-            transport.write(_head(status, len(body), front.date(), close) + body)
+            counts[counter] = counts.get(counter, 0) + 1
+            transport.write(
+                b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Date: %b\r\nServer: %b\r\n%b\r\n%b"
+                % (
+                    status,
+                    _REASONS[status],
+                    len(body),
+                    front.date(),
+                    _SERVER,
+                    _CLOSE if close else b"",
+                    body,
+                )
+            )
             if close:
                 transport.close()
                 self._buffer, self._reads = b"", []
                 return
         if answers or not self._buffer:
-            self._since = asyncio.get_running_loop().time()
+            self._since = monotonic()
         self._buffer = rest
         self._reads = ([rest] if answers else [*self._reads, data]) if rest else []
 
     def _answer(self, head: bytes) -> tuple[str, Answer, bool] | None:
         """(route, answer, close after it) for a request of ours, None for the full app."""
-        lines = head.split(b"\r\n")
-        line = lines[0]
-        if not (line.startswith(b"GET /") and line.endswith(b" HTTP/1.1")):
+        matched = _HEAD.fullmatch(head)  # the request line and every field's bytes, in C
+        if matched is None:
             return None
-        target = line[4:-9]
-        if target.translate(None, _PLAIN) or b"/." in target or b"//" in target:
+        target, fields = matched.groups()
+        if b"/." in target or b"//" in target:
             return None
-        if len(lines) > MAX_HEADERS + 1:
+        pairs = _FIELD.findall(fields)
+        headers = {name.lower(): value for name, value in pairs}
+        if (
+            len(pairs) > MAX_HEADERS
+            or len(headers) != len(pairs)  # a repeated name
+            or not _REFUSED_HEADERS.isdisjoint(headers)
+        ):
+            return None
+        host = headers.get(b"host")  # aiohttp refuses an HTTP/1.1 request without one
+        if host is None:
+            return None
+        host = host.strip(b" \t")
+        if not host or host.translate(None, _HOST):
             return None
         close = False
-        authorization = None
-        seen: set[bytes] = set()
-        for header in lines[1:]:
-            name, colon, value = header.partition(b":")
-            lowered = name.lower()
-            if (
-                not colon
-                or not name
-                or name.translate(None, _TCHAR)
-                or value.translate(None, _VALUE)
-                or lowered in seen
-                or lowered in _REFUSED_HEADERS
-            ):
+        option = headers.get(b"connection")
+        if option is not None:
+            option = option.strip(b" \t").lower()
+            if option == b"close":
+                close = True
+            elif option != b"keep-alive":
                 return None
-            seen.add(lowered)
-            if lowered == b"authorization":
-                authorization = value
-            elif lowered == b"host":
-                host = value.strip(b" \t")
-                if not host or host.translate(None, _HOST):
-                    return None
-            elif lowered == b"connection":
-                option = value.strip(b" \t").lower()
-                if option == b"close":
-                    close = True
-                elif option != b"keep-alive":
-                    return None
-        if b"host" not in seen:
-            return None  # aiohttp refuses an HTTP/1.1 request without Host
+        authorization = headers.get(b"authorization")
         reads = self._front.reads
         if target.startswith(_PREFIX):
             name, slash, key = target[len(_PREFIX) :].partition(b"/")
@@ -293,7 +305,7 @@ class FastHTTP(asyncio.Protocol):
             self._paused = False
             transport.resume_reading()
         handler = front.full_app()
-        watched = Watched(handler, transport, asyncio.get_running_loop().time(), front.stats)
+        watched = Watched(handler, transport, monotonic(), front.stats)
         front.watched.add(watched)
         handler.connection_made(transport)
         transport.set_protocol(watched)

@@ -17,6 +17,7 @@ import asyncio
 import os
 import resource
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any, cast
 
 from refold.core.errors import ConfigError
@@ -132,7 +133,7 @@ class Watched(asyncio.Protocol):
         return waiter is not None and not waiter.done()
 
     def data_received(self, data: bytes) -> None:
-        now = asyncio.get_running_loop().time()
+        now = monotonic()
         self.received = now
         handler = cast(Any, self.handler)
         before = getattr(handler, "_request_count", None)
