@@ -89,6 +89,17 @@ class ConnectionStats:
         self.refused = 0
         self.timeouts = dict.fromkeys(TIMEOUT_KINDS, 0)
 
+    def as_list(self) -> list[int]:
+        """[open, refused, then the timeouts by kind]: what a reader process reports."""
+        return [self.open, self.refused, *self.timeouts.values()]
+
+    def add(self, reported: list[int]) -> None:
+        """Add what `as_list` gave elsewhere (a reader process's connections) to these."""
+        self.open += reported[0]
+        self.refused += reported[1]
+        for kind, n in zip(TIMEOUT_KINDS, reported[2:], strict=True):
+            self.timeouts[kind] += n
+
     def metrics(self) -> str:
         lines = [
             "# HELP refold_http_connections_open Connections open on the query server.",

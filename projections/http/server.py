@@ -311,7 +311,11 @@ class QueryServer(ProjectionReads):
             None, metrics_text, runners, self._watermarks, requests, processors
         )
         if self._front is not None:
-            text += self._front.stats.metrics()
+            connections = ConnectionStats()
+            connections.add(self._front.stats.as_list())
+            if self.readers is not None:
+                connections.add(self.readers.connection_stats().as_list())
+            text += connections.metrics()
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
 
 

@@ -63,13 +63,14 @@ def metric(s: Served, name: str) -> float:
 def limited(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., Served]]:
-    """`limited(**env)`: a served worker whose query server reads `env` (limits) at start."""
+    """`limited(procs, **env)`: a served worker whose query server (and its reader processes)
+    read `env` (limits) at start."""
     factory: Callable[..., Served] = request.getfixturevalue("serve")
 
-    def make(**env: str) -> Served:
+    def make(procs: int = 1, **env: str) -> Served:
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        return factory()
+        return factory(procs)
 
     yield make
 
@@ -270,3 +271,22 @@ def test_a_flood_beyond_the_descriptor_limit_loses_no_accepted_request(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_reader_processes_time_out_connections_and_report_them(
+    limited: Callable[..., Served],
+) -> None:
+    """With reader processes the kernel spreads connections over them and the worker; every
+    idle one is closed, and /metrics counts them all, whichever process closed it."""
+    s = limited(2, REFOLD_HTTP_KEEPALIVE_S="1")
+    socks = [connect(s.server.port) for _ in range(8)]
+    for sock in socks:
+        assert read_until_closed(sock) == b""
+        sock.close()
+    deadline = time.monotonic() + GUARD_S
+    while True:  # the readers report about once a second
+        idle = metric(s, 'refold_http_timeouts_total{kind="idle"}')
+        if idle >= 8 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert idle == 8
