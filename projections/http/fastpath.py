@@ -8,32 +8,59 @@ with the same bytes the app would send; the first request that is anything else 
 connection, with all bytes not answered yet, to aiohttp's own protocol for the rest of its life.
 So the full API and its error handling stay aiohttp's, and the fast path only ever answers
 requests whose meaning is unambiguous.
+
+Framing parity with aiohttp (its llhttp parser): the fast path answers a batch of bytes (what one
+read brought, plus a head left over from the previous read) only when every complete head in it
+is one it serves and the unfinished rest is a clean start of one; otherwise the whole batch goes
+to aiohttp, which then sees exactly what it would have seen alone (it refuses a batch with an
+error as a whole, dropping the requests before the error). A head it serves has CRLF line
+endings only, a `GET /plain/path HTTP/1.1` line, token-character header names, visible-ASCII
+values, exactly one `Host`, no repeated header, no body headers, at most MAX_HEAD bytes and
+MAX_HEADERS headers, and nothing after it when it says `Connection: close`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
+from time import monotonic
 from typing import Protocol, cast
 
 from aiohttp.http import SERVER_SOFTWARE
 from refold.http.answers import Answer
 from refold.http.auth import Tokens
+from refold.http.limits import ConnectionStats, Limits, Watched
 
 # The route labels the full app counts these requests under (aiohttp's canonical paths).
 LOOKUP_ROUTE = "/projections/{name}/{key}"
 HEALTHZ_ROUTE = "/healthz"
 
-MAX_HEAD = 8190  # longer request heads go to aiohttp, which refuses them properly
+MAX_HEAD = 4096  # longer request heads go to aiohttp (its limit is 8190 bytes a line)
+MAX_HEADERS = 64  # more go to aiohttp (its limit is 128)
 _PREFIX = b"/projections/"
 # Bytes a path may hold to be answered here: RFC 3986 pchar and "/", without "%" (escapes are
 # decoded by aiohttp) — the rest ("?", "#", spaces, controls, non-ASCII) goes to aiohttp.
 _PLAIN = bytes(range(0x30, 0x3A)) + bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B))
 _PLAIN += b"-._~!$&'()*+,;=:@/"
+_TCHAR = bytes(range(0x30, 0x3A)) + bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B))
+_TCHAR += b"!#$%&'*+-.^_`|~"  # RFC 9110 token characters: what a header name may hold
+_VALUE = bytes(range(0x20, 0x7F)) + b"\t"  # visible ASCII, space and tab; no CR, LF, NUL
+_HOST = bytes(range(0x30, 0x3A)) + bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B)) + b"-.:[]"
+# A head the fast path may serve, whole: the request line, then CRLF-separated fields whose
+# names are tokens and whose values are visible ASCII, space or tab.
+_HEAD = re.compile(
+    b"GET (/[%b]*) HTTP/1\\.1((?:\r\n[%b]+:[%b]*)*)"
+    % (re.escape(_PLAIN), re.escape(_TCHAR), re.escape(_VALUE))
+)
+_FIELD = re.compile(b"\r\n([^:]+):([^\r]*)")
 _REFUSED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+_FULL = b"\r\n\r\n"
+_CLOSE = b"Connection: close\r\n"
+_BUSY = b'{"error":"too many connections","detail":"the server is at its connection cap"}'
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _SERVER = SERVER_SOFTWARE.encode()
 
@@ -55,7 +82,7 @@ class Reads(Protocol):
 
 
 class Front:
-    """Shared by a listener's connections: the reads, the full app, counters and the clock."""
+    """Shared by a listener's connections: the reads, the full app, counters, limits, the clock."""
 
     def __init__(
         self,
@@ -63,12 +90,20 @@ class Front:
         full_app: Callable[[], asyncio.Protocol],
         counts: dict[tuple[str, int], int],
         tokens: Tokens | None = None,
+        limits: Limits | None = None,
+        *,
+        fast: bool = True,  # False: every connection goes to the full app at its first byte
     ) -> None:
         self.reads = reads
+        self.fast = fast
         self.tokens = tokens  # lookups need a `read` token (refold.http.auth); else aiohttp says so
         self.full_app = full_app  # a new aiohttp RequestHandler per call
         self.counts = counts
+        self.limits = limits or Limits.from_env()
+        self.stats = ConnectionStats()
         self.connections: set[FastHTTP] = set()
+        self.watched: set[Watched] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._second = 0
         self._date = b""
 
@@ -80,32 +115,70 @@ class Front:
         return self._date
 
     def protocol(self) -> FastHTTP:
+        if self._sweeper is None:
+            self._sweep()
         return FastHTTP(self)
 
     def close_all(self) -> None:
         """Close the connections still on the fast path (aiohttp closes the handed-over ones)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.connections):
             conn.close()
+
+    def _sweep(self) -> None:
+        """Close the connections past a timeout (refold.http.limits); runs every tick."""
+        loop = asyncio.get_running_loop()
+        now = monotonic()
+        limits, timeouts = self.limits, self.stats.timeouts
+        for conn in list(self.connections):
+            kind = conn.expired(limits, now)
+            if kind is not None:
+                timeouts[kind] += 1
+                conn.close()
+        for watched in list(self.watched):
+            if watched.transport is None:
+                self.watched.discard(watched)
+                continue
+            kind = watched.expired(limits, now)
+            if kind is not None:
+                timeouts[kind] += 1
+                watched.transport.close()
+        self._sweeper = loop.call_later(limits.tick_s, self._sweep)
 
 
 class FastHTTP(asyncio.Protocol):
     """One connection, answered here until a request needs the full app."""
 
-    __slots__ = ("_buffer", "_front", "_paused", "_transport")
+    __slots__ = ("_buffer", "_front", "_paused", "_reads", "_since", "_transport")
 
     def __init__(self, front: Front) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
-        self._buffer = b""
+        self._buffer = b""  # an unfinished head
+        self._reads: list[bytes] = []  # the reads it came in (aiohttp is fed them one by one)
         self._paused = False
+        self._since = 0.0  # idle since (no partial head), else when the partial head began
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._front.connections.add(self)
+        front = self._front
+        self._since = monotonic()
+        tcp = cast(asyncio.Transport, transport)
+        stats = front.stats
+        if stats.open >= front.limits.max_connections:  # at the cap: refuse, keep descriptors
+            stats.refused += 1
+            tcp.write(_head(503, len(_BUSY), front.date(), True) + _BUSY)
+            tcp.close()
+            return
+        stats.open += 1
+        self._transport = tcp
+        front.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._front.connections.discard(self)
-        self._transport = None
+        if self._transport is not None:
+            self._front.stats.open -= 1
+            self._front.connections.discard(self)
+            self._transport = None
 
     def pause_writing(self) -> None:  # the client does not read: stop reading its requests
         if self._transport is not None and not self._paused:
@@ -121,25 +194,38 @@ class FastHTTP(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def expired(self, limits: Limits, now: float) -> str | None:
+        if self._buffer:
+            return "header" if now - self._since > limits.header_s else None
+        return "idle" if now - self._since > limits.keepalive_s else None
+
     def data_received(self, data: bytes) -> None:
         transport = self._transport
         if transport is None:
             return
         buf = self._buffer + data if self._buffer else data
-        front = self._front
+        if not self._front.fast:
+            return self._hand_over(transport, [*self._reads, data])
+        # First decide the whole batch, then answer: aiohttp refuses a batch with an error as a
+        # whole, so one request not ours sends every unanswered byte to it.
+        answers: list[tuple[str, Answer, bool]] = []
         start = 0
-        while True:
-            end = buf.find(b"\r\n\r\n", start)
-            if end < 0:
-                if len(buf) - start > MAX_HEAD:
-                    return self._hand_over(transport, buf[start:])
-                break
-            answered = self._answer(buf[start:end])
+        while (end := buf.find(_FULL, start)) >= 0:
+            answered = self._answer(buf[start:end]) if end - start <= MAX_HEAD else None
             if answered is None:
-                return self._hand_over(transport, buf[start:])
-            route, (status, body), close = answered
+                return self._hand_over(transport, [*self._reads, data])
+            answers.append(answered)
+            start = end + 4
+            if answered[2] and start < len(buf):  # aiohttp refuses data after Connection: close
+                return self._hand_over(transport, [*self._reads, data])
+        rest = buf[start:]
+        if rest and not _clean_start(rest):
+            return self._hand_over(transport, [*self._reads, data])
+        front = self._front
+        counts = front.counts
+        for route, (status, body), close in answers:
             counter = (route, status)
-            front.counts[counter] = front.counts.get(counter, 0) + 1
+            counts[counter] = counts.get(counter, 0) + 1
             transport.write(
                 b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Date: %b\r\nServer: %b\r\n%b\r\n%b"
@@ -149,42 +235,50 @@ class FastHTTP(asyncio.Protocol):
                     len(body),
                     front.date(),
                     _SERVER,
-                    b"Connection: close\r\n" if close else b"",
+                    _CLOSE if close else b"",
                     body,
                 )
             )
-            start = end + 4
             if close:
                 transport.close()
-                self._buffer = b""
+                self._buffer, self._reads = b"", []
                 return
-        self._buffer = buf[start:]
+        if answers or not self._buffer:
+            self._since = monotonic()
+        self._buffer = rest
+        self._reads = ([rest] if answers else [*self._reads, data]) if rest else []
 
     def _answer(self, head: bytes) -> tuple[str, Answer, bool] | None:
         """(route, answer, close after it) for a request of ours, None for the full app."""
-        line_end = head.find(b"\r\n")
-        line = head if line_end < 0 else head[:line_end]
-        if not (line.startswith(b"GET /") and line.endswith(b" HTTP/1.1")):
+        matched = _HEAD.fullmatch(head)  # the request line and every field's bytes, in C
+        if matched is None:
             return None
-        target = line[4:-9]
-        if target.translate(None, _PLAIN) or b"/." in target or b"//" in target:
+        target, fields = matched.groups()
+        if b"/." in target or b"//" in target:
+            return None
+        pairs = _FIELD.findall(fields)
+        headers = {name.lower(): value for name, value in pairs}
+        if (
+            len(pairs) > MAX_HEADERS
+            or len(headers) != len(pairs)  # a repeated name
+            or not _REFUSED_HEADERS.isdisjoint(headers)
+        ):
+            return None
+        host = headers.get(b"host")  # aiohttp refuses an HTTP/1.1 request without one
+        if host is None:
+            return None
+        host = host.strip(b" \t")
+        if not host or host.translate(None, _HOST):
             return None
         close = False
-        authorization = None
-        if line_end >= 0:
-            for header in head[line_end + 2 :].split(b"\r\n"):
-                name, colon, value = header.partition(b":")
-                lowered = name.lower()
-                if not colon or lowered in _REFUSED_HEADERS or name != name.strip():
-                    return None
-                if lowered == b"authorization":
-                    authorization = value
-                elif lowered == b"connection":
-                    option = value.strip().lower()
-                    if option == b"close":
-                        close = True
-                    elif option != b"keep-alive":
-                        return None
+        option = headers.get(b"connection")
+        if option is not None:
+            option = option.strip(b" \t").lower()
+            if option == b"close":
+                close = True
+            elif option != b"keep-alive":
+                return None
+        authorization = headers.get(b"authorization")
         reads = self._front.reads
         if target.startswith(_PREFIX):
             name, slash, key = target[len(_PREFIX) :].partition(b"/")
@@ -200,16 +294,56 @@ class FastHTTP(asyncio.Protocol):
             return None if answer is None else (HEALTHZ_ROUTE, answer, close)
         return None
 
-    def _hand_over(self, transport: asyncio.Transport, rest: bytes) -> None:
-        """Give the connection and the bytes not answered yet to aiohttp's protocol."""
-        self._front.connections.discard(self)
+    def _hand_over(self, transport: asyncio.Transport, reads: list[bytes]) -> None:
+        """Give the connection and the bytes not answered yet, in the reads they came in, to
+        aiohttp's protocol (its error answers quote the read they failed in)."""
+        front = self._front
+        front.connections.discard(self)
         self._transport = None
-        self._buffer = b""
+        self._buffer, self._reads = b"", []
         if self._paused:  # aiohttp does its own flow control from here on
             self._paused = False
             transport.resume_reading()
-        handler = self._front.full_app()
+        handler = front.full_app()
+        watched = Watched(handler, transport, monotonic(), front.stats)
+        front.watched.add(watched)
         handler.connection_made(transport)
-        transport.set_protocol(handler)
-        if rest:
-            handler.data_received(rest)
+        transport.set_protocol(watched)
+        for data in reads:
+            if transport.is_closing():
+                break
+            watched.data_received(data)
+
+
+def _head(status: int, length: int, date: bytes, close: bool) -> bytes:
+    return (
+        b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Date: %b\r\nServer: %b\r\n%b\r\n"
+        % (status, _REASONS[status], length, date, _SERVER, _CLOSE if close else b"")
+    )
+
+
+def _clean_start(rest: bytes) -> bool:
+    """Whether `rest`, an unfinished head, is the start of one the fast path could serve (so
+    aiohttp, given the same bytes, would not refuse them yet either)."""
+    if len(rest) > MAX_HEAD:
+        return False
+    lines = rest.split(b"\r\n")
+    last = lines[-1]
+    if last.endswith(b"\r"):  # the CR of a CRLF still to come
+        lines[-1] = last[:-1]
+    line = lines[0]
+    if len(lines) == 1 and len(line) < 5:
+        return b"GET /".startswith(line)
+    if not line.startswith(b"GET /"):
+        return False
+    target, _, version = line[4:].partition(b" ")
+    if target.translate(None, _PLAIN) or not b"HTTP/1.1".startswith(version):
+        return False
+    if len(lines) > 1 and version != b"HTTP/1.1":
+        return False
+    for header in lines[1:]:
+        name, colon, value = header.partition(b":")
+        if name.translate(None, _TCHAR) or value.translate(None, _VALUE) or (colon and not name):
+            return False
+    return len(lines) <= MAX_HEADERS + 2

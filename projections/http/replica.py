@@ -43,6 +43,7 @@ from refold.http import answers
 from refold.http.answers import DOWN, TP, Answer
 from refold.http.auth import Tokens
 from refold.http.fastpath import Front, new_loop
+from refold.http.limits import ConnectionStats
 from refold.store.rocksdb import RocksStore
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ async def serve(host: str, port: int, upstream: int, scratch: Path) -> None:
                     front.protocol, host, port, reuse_port=True, reuse_address=True, backlog=1024
                 )
                 _say({"ready": True})
-                reporter = loop.create_task(_report(counts))
+                reporter = loop.create_task(_report(counts, front.stats))
     finally:
         if reporter is not None:
             reporter.cancel()
@@ -273,16 +274,29 @@ async def serve(host: str, port: int, upstream: int, scratch: Path) -> None:
         reads.close()
         with contextlib.suppress(OSError):  # the last reader out removes the worker's dir too
             scratch.rmdir()
-        _say({"counts": [[r, s, n] for (r, s), n in counts.items()]})
+        front.stats.open = 0  # every connection of this process is closed now
+        _say(
+            {
+                "counts": [[r, s, n] for (r, s), n in counts.items()],
+                "connections": front.stats.as_list(),
+            }
+        )
 
 
-async def _report(counts: dict[tuple[str, int], int]) -> None:
+async def _report(counts: dict[tuple[str, int], int], stats: ConnectionStats) -> None:
     sent: dict[tuple[str, int], int] = {}
+    sent_connections: list[int] = []
     while True:
         await asyncio.sleep(COUNTS_EVERY_S)
-        if counts != sent:
-            sent = dict(counts)
-            _say({"counts": [[r, s, n] for (r, s), n in sent.items()]})
+        connections = stats.as_list()
+        if counts != sent or connections != sent_connections:
+            sent, sent_connections = dict(counts), connections
+            _say(
+                {
+                    "counts": [[r, s, n] for (r, s), n in sent.items()],
+                    "connections": connections,
+                }
+            )
 
 
 def _say(message: dict[str, Any]) -> None:

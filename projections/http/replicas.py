@@ -28,6 +28,7 @@ from refold.core.errors import ConfigError
 from refold.engine.frozen import Serving
 from refold.engine.worker import Worker
 from refold.http.answers import Answer, Freshness
+from refold.http.limits import ConnectionStats
 from refold.store.scratch import make_scratch, scratch_dir
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class _Reader:
     started: float
     ready: bool = False
     counts: dict[tuple[str, int], int] = field(default_factory=dict)
+    connections: list[int] = field(default_factory=list)  # ConnectionStats.as_list()
     partial: bytes = b""
 
 
@@ -68,6 +70,7 @@ class ReaderProcesses:
         self._scratch = make_scratch(scratch_dir(worker.config.data_dir), "readers")
         self._readers: list[_Reader] = []
         self._retired: dict[tuple[str, int], int] = {}  # counts of readers that ended
+        self._retired_connections = ConnectionStats()  # their refusals and timeouts
         self._lock = threading.Lock()
         self._views = b""
         self._stopping = threading.Event()
@@ -126,6 +129,16 @@ class ReaderProcesses:
                     total[counter] = total.get(counter, 0) + n
         return total
 
+    def connection_stats(self) -> ConnectionStats:
+        """The readers' connections (open, refused, timed out): at most a tick old."""
+        total = ConnectionStats()
+        with self._lock:
+            total.add(self._retired_connections.as_list())
+            for reader in self._readers:
+                if reader.connections:
+                    total.add(reader.connections)
+        return total
+
     # -- the supervising thread --------------------------------------------------------------
 
     def _spawn(self, slot: int) -> _Reader:
@@ -166,6 +179,8 @@ class ReaderProcesses:
             with self._lock:
                 for counter, n in reader.counts.items():
                     self._retired[counter] = self._retired.get(counter, 0) + n
+                if reader.connections:  # its connections are gone; its counters stay
+                    self._retired_connections.add([0, *reader.connections[1:]])
                 self._readers[i] = self._spawn(reader.slot)
 
     def _snapshot(self) -> bytes:
@@ -222,6 +237,7 @@ class ReaderProcesses:
                 if "counts" in message:
                     with self._lock:
                         reader.counts = {(r, s): n for r, s, n in message["counts"]}
+                        reader.connections = list(message.get("connections") or [])
 
 
 def _close(stream: IO[bytes] | None) -> None:

@@ -30,6 +30,7 @@ from refold.http.command_routes import CommandRoutes
 from refold.http.dashboard import Dashboard
 from refold.http.event_routes import EventRoutes
 from refold.http.fastpath import Front, new_loop
+from refold.http.limits import ConnectionStats, Limits
 from refold.http.malformed import MalformedRequests
 from refold.http.projection_routes import ProjectionReads
 from refold.http.projection_routes import error as _error
@@ -72,7 +73,7 @@ class QueryServer(ProjectionReads):
         port: int = 0,
         *,
         procs: int = 1,
-        fast_path: bool = True,  # False: aiohttp answers everything (a benchmark baseline)
+        fast_path: bool = True,  # False: aiohttp answers everything (a baseline; same limits)
         advertise: str | None = None,  # the URL other workers forward to (default: `url`)
     ) -> None:
         if procs < 1:
@@ -103,11 +104,17 @@ class QueryServer(ProjectionReads):
         self.router = Router(worker, self.freshness)
         self._tasks = TaskRoutes(worker, self.router)
         self.tokens = Tokens.from_env()  # None: the API is open (refold.http.auth)
+        self.limits = Limits.from_env()  # timeouts and the connection cap (refold.http.limits)
         self._sagas = SagaRoutes(worker, self.router)
         # Encoded positions per projection, reused while the runner's positions dict is the same
         # object: the runtime publishes new positions by replacing the dict, never mutating it.
         self._position_cache: dict[str, tuple[Mapping[TP, int], bytes]] = {}
         self._freshness: tuple[Health | None, dict[str, Freshness]] = (None, {})
+
+    @property
+    def connections(self) -> ConnectionStats | None:
+        """Open, refused and timed-out connections (None until started)."""
+        return None if self._front is None else self._front.stats
 
     @property
     def url(self) -> str:
@@ -211,9 +218,12 @@ class QueryServer(ProjectionReads):
             refuse = _refuse(405, "method not allowed", allow=", ".join(methods))
             resource.add_route("*", self._guard(resource.canonical, refuse))
         app.router.add_route("*", "/{path:.*}", self._guard("unmatched", _refuse(404, "no route")))
+        limits = self.limits
         self._runner = web.AppRunner(
             app,
             access_log=None,
+            # A backstop only: the sweep (refold.http.limits) closes idle connections first.
+            keepalive_timeout=limits.keepalive_s + 2 * limits.tick_s + 1,
             shutdown_timeout=2.0,
             logger=MalformedRequests(logging.getLogger("aiohttp.server"), self._requests),
         )
@@ -221,14 +231,15 @@ class QueryServer(ProjectionReads):
         full_app = self._runner.server
         assert full_app is not None  # set by setup()
         # Connections start on the fast path, which hands them to aiohttp when it must.
-        self._front = Front(self, full_app, self._requests, self.tokens)
+        self._front = Front(
+            self, full_app, self._requests, self.tokens, limits, fast=self._fast_path
+        )
         loop = asyncio.get_running_loop()
         shared = self.procs > 1
         if shared and self.port:
             _check_free(self.host, self.port)  # SO_REUSEPORT would share it with a stranger
-        accept = self._front.protocol if self._fast_path else full_app
         listener = await loop.create_server(
-            accept,
+            self._front.protocol,
             self.host,
             self.port,
             reuse_address=True,
@@ -268,6 +279,9 @@ class QueryServer(ProjectionReads):
             except web.HTTPException as exc:  # aiohttp's own, e.g. 413 for a body too large
                 where = f"{request.method} {request.path}"
                 response = _error(exc.status, exc.reason.lower(), where)
+            except ConnectionResetError:  # the client went (or a body timeout closed it)
+                log.info("%s %s: the connection closed mid-request", request.method, request.path)
+                response = _error(408, "request timeout", "the connection closed mid-request")
             except Exception as exc:
                 log.exception("%s %s failed", request.method, request.path_qs)
                 response = _error(500, "internal error", f"{type(exc).__name__}: {exc}")
@@ -296,6 +310,12 @@ class QueryServer(ProjectionReads):
         text = await loop.run_in_executor(
             None, metrics_text, runners, self._watermarks, requests, processors
         )
+        if self._front is not None:
+            connections = ConnectionStats()
+            connections.add(self._front.stats.as_list())
+            if self.readers is not None:
+                connections.add(self.readers.connection_stats().as_list())
+            text += connections.metrics()
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS})
 
 

@@ -104,8 +104,10 @@ class Command:
         """Parse a command record; InputError says what is wrong (callers add the position)."""
         try:
             obj = json.loads(value or b"")
-        except ValueError as exc:
+        except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4300 digits
             raise InputError(f"command is not JSON: {exc}") from exc
+        except RecursionError as exc:  # nested deeper than the interpreter's stack
+            raise InputError("command is not JSON: nested too deeply") from exc
         if not isinstance(obj, dict):
             raise InputError("command is not a JSON object")
         command_id = obj.get("command_id") or envelope.read_id(headers)

@@ -2,9 +2,10 @@
 
 Every record refold produces — events, commands — carries CloudEvents 1.0 binary-mode headers:
 `ce_specversion`, `ce_id`, `ce_type`, `ce_source`, `ce_time`, plus `ce_correlationid` and
-`ce_causationid` when known. No `content-type` on events (the optional datacontenttype): every
-event value is Avro single-object encoded, which its first two bytes say, and each header costs
-every producer and consumer per record; commands, which are JSON, say so.
+`ce_causationid` when known, and the `content-type` the Kafka protocol binding maps the event's
+`datacontenttype` to: `application/avro` for events (Avro single-object encoding), so a
+CloudEvents SDK reads them without a custom unmarshaller; commands, which are JSON, say so.
+(What the sixth header costs `publish_bulk` is measured in bench/RESULTS.md.)
 
 Writers build headers here (`headers`, or `template` for a publisher that sends many records
 of one type and only swaps the id); readers get the attributes back with `read`.
@@ -25,6 +26,7 @@ TIME = "ce_time"
 CORRELATION_ID = "ce_correlationid"
 CAUSATION_ID = "ce_causationid"
 CONTENT_TYPE = "content-type"
+AVRO = "application/avro"  # every event value: Avro single-object encoded
 #: Where `template` leaves the id: a writer replaces this slot per record.
 ID_SLOT = 0
 
@@ -43,7 +45,7 @@ def template(
     time: str | None = None,
     correlation_id: str | None = None,
     causation_id: str | None = None,
-    content_type: str | None = None,
+    content_type: str | None = AVRO,  # "" or None: no content-type header
 ) -> Headers:
     """The headers of a record of `type_name` with an empty id at `ID_SLOT`.
 
@@ -74,7 +76,7 @@ def headers(
     time: str | None = None,
     correlation_id: str | None = None,
     causation_id: str | None = None,
-    content_type: str | None = None,
+    content_type: str | None = AVRO,
 ) -> Headers:
     """The headers of one record; a new random id when none is given."""
     out = template(

@@ -47,6 +47,11 @@ def event_from_json(obj: Any, codec: Codec) -> EventInput:
     key = obj.get("key")
     if not isinstance(key, str) or not key:
         raise InputError('missing "key" (the aggregate id, a non-empty string)')
+    if not key.isascii():  # the record key is its UTF-8: a lone surrogate has none
+        try:
+            key.encode()
+        except UnicodeEncodeError as exc:
+            raise InputError(f'"key" is not valid Unicode text: {exc.reason}') from exc
     data = obj.get("data")
     if not isinstance(data, dict):
         raise InputError('"data" must be a JSON object')
@@ -88,6 +93,12 @@ def events_from_lines(
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             problems.append(LineProblem(number, f"invalid JSON: {exc.msg} at column {exc.colno}"))
+            continue
+        except ValueError as exc:  # an integer of over 4300 digits
+            problems.append(LineProblem(number, f"invalid JSON: {exc}"))
+            continue
+        except RecursionError:
+            problems.append(LineProblem(number, "invalid JSON: nested too deeply"))
             continue
         try:
             events.append(event_from_json(obj, codec))

@@ -23,8 +23,9 @@ from refold.kafka.topics import Topics, event_topic, internal_topics
 
 from tests.integration.test_publish_tail import java_murmur2_partition, make_events
 
-#: Exactly the CloudEvents attributes DESIGN.md requires (plus correlation when set).
-ENVELOPE = {"ce_id", "ce_type", "ce_source", "ce_time", "ce_specversion"}
+#: Exactly the CloudEvents attributes DESIGN.md requires and the Kafka binding's content-type
+#: (plus correlation when set).
+ENVELOPE = {"ce_id", "ce_type", "ce_source", "ce_time", "ce_specversion", "content-type"}
 
 
 def encoded(codec: Codec, n: int, accounts: int, seed: int = 7) -> list[EventInput]:
@@ -81,6 +82,7 @@ def test_bulk_appends_the_same_envelope_and_placement_and_bounds_its_offsets(con
         headers = dict(m.headers())
         assert set(headers) == ENVELOPE | {"ce_correlationid"}
         assert headers["ce_specversion"] == b"1.0"
+        assert headers["content-type"] == b"application/avro"
         assert headers["ce_source"] == b"refold://bulk-test"
         assert headers["ce_correlationid"] == b"batch-1"
         assert headers["ce_type"].decode() == codec.decode(m.value())[0]

@@ -6,7 +6,8 @@ from refold.core import envelope
 from refold.core.commands import Command
 from refold.core.serde import Event
 
-REQUIRED = {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time"}
+# The CloudEvents required attributes and the binding's content-type (events are Avro).
+REQUIRED = {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"}
 
 
 def test_headers_carry_the_required_attributes_and_read_back() -> None:
@@ -28,6 +29,8 @@ def test_headers_carry_the_required_attributes_and_read_back() -> None:
     assert (event.correlation_id, event.causation_id) == ("corr", "cause")
     assert envelope.read(headers)["ce_specversion"] == "1.0"
     assert envelope.read(headers)["ce_type"] == "bank.MoneyDeposited"
+    assert envelope.read(headers)["content-type"] == "application/avro"
+    assert "content-type" not in envelope.read(envelope.headers("t", source="s", content_type=""))
 
 
 def test_headers_without_an_id_get_a_fresh_one_each() -> None:
