@@ -17,6 +17,7 @@ from refold.core.errors import TopicError
 from refold.core.projection import Projection
 from refold.engine.frozen import Serving, frozen_reason
 from refold.engine.rebuild import build_on_disk, stored_offsets
+from refold.engine.repartition import repartition_topic
 from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
 from refold.store.scratch import scratch_dir
@@ -314,7 +315,10 @@ def store_status(
             counters = {k: int(store.meta(k) or 0) for k in counters}
         finally:
             store.close()
-    tps = watermarks.partitions(projection.topics)
+    # A re-keyed projection folded in a worker stores its repartition topic's offsets.
+    folded = {t for t, _p in offsets}
+    rekeyed = repartition_topic(config, name, version)
+    tps = watermarks.partitions((rekeyed,) if rekeyed in folded else projection.topics)
     ends = watermarks.ends(tps)
     lag = sum(max(0, ends.get(tp, 0) - offsets.get(tp, 0)) for tp in tps)
     building = None

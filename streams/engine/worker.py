@@ -30,6 +30,7 @@ from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
 from refold.engine.health import HealthMonitor
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
+from refold.engine.repartition import Repartitioner, repartition_spec
 from refold.engine.runner_stats import TP
 from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name
 from refold.engine.saga_runner import SagaService
@@ -187,21 +188,48 @@ class Worker:
         replay_below: dict[TP, int] | None = None,
         store: RocksStore | None = None,
     ) -> ProjectionRunner:
+        projection = self.versions[name][version]
         runner = ProjectionRunner(
             self.config,
             self.codec,
-            self.versions[name][version],
+            projection,
             dead_letters=self._dlq,
             store=store,
             version=version,
             batch_size=self._batch_size,
             replay_below=replay_below,
             instance_id=f"{self.worker_id}.{name}.v{version}",
+            repartitioned=projection.rekeys,
         )
+        if runner.repartitioned:
+            runner.feeder = self._start_repartitioner(projection, version, runner.topics[0])
         thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
         self._threads.append(thread)
         thread.start()
         return runner
+
+    def _start_repartitioner(
+        self, projection: Projection, version: int, topic: str
+    ) -> Repartitioner:
+        """The stage that routes a re-keyed projection's source partitions this worker owns to
+        its repartition topic (created here, as many partitions as the source's largest)."""
+        count = max(self._topics.partitions(t) for t in projection.topics)
+        self._topics.ensure([repartition_spec(topic, count)])
+        feeder = Repartitioner(
+            self.config,
+            self.codec,
+            projection,
+            version,
+            worker_id=self.worker_id,
+            dlq_topic=dead_letter_topic_name(self.config, projection.name),
+            batch_size=self._batch_size,
+        )
+        thread = threading.Thread(
+            target=feeder.run, name=f"repartition-{projection.name}-v{version}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+        return feeder
 
     def _start_build(self, name: str, version: int, live: dict[TP, int]) -> None:
         """Build `version` beside the live one. A build from scratch of at least
@@ -209,7 +237,12 @@ class Worker:
         offsets of now (refold.engine.rebuild); its runner then follows in the group like any
         other."""
         store = RocksStore.open(store_path(self.config, name, version))
-        if store.offsets() or default_procs() < 2 or sum(live.values()) < PARALLEL_MIN_EVENTS:
+        if (
+            store.offsets()
+            or default_procs() < 2
+            or sum(live.values()) < PARALLEL_MIN_EVENTS
+            or self.versions[name][version].rekeys  # folds its own repartition topic
+        ):
             discard_parts(self.config, name, version)
             self.builds[name] = self._start_runner(name, version, live, store)
             return

@@ -1,0 +1,336 @@
+"""Re-keyed projections across workers: the repartition topic.
+
+A projection whose `key()` names another key than the aggregate id (the bank's `owners`) cannot
+be folded by whoever reads a source partition: an owner's accounts live in every partition. So in
+a worker it runs in two stages, each a consumer group of its own (Kafka Streams' repartition
+topics, for the same reason):
+
+1. the `Repartitioner` reads the source partitions this worker owns (group
+   `<app>.<name>.v<version>.repartition`), asks `key()` for each event (None: the key its
+   aggregate was last routed to, a link) and writes the event, unchanged, keyed by that key, to
+   `_<app>.<name>.v<version>.repartition` (as many partitions as the source, placed by murmur2
+   like the publisher places keys), in ONE Kafka transaction with the source offsets it read
+   (`send_offsets_to_transaction`, fenced by the group's generation): a crash at any point
+   leaves every source event in the repartition topic exactly once for read_committed readers;
+2. the projection's runner (`ProjectionRunner(repartitioned=True)`) folds the repartition topic
+   like any keyed topic: the owner of the new key's partition holds the whole state, with the
+   repartition topic's offsets stored atomically beside it. The event a fold sees is the source
+   event (its aggregate key, topic, partition and offset travel in the `refold_source` header).
+
+The links (aggregate id -> key last routed to) are a pure function of a source partition's
+prefix, so they need no store of their own: when a source partition is assigned, its links are
+recomputed by reading it from offset 0 up to the group's committed offset, asking only `key()`
+(the cost of a worker taking over a source partition; kept in memory per owned partition).
+Poison events (undecodable, `key()` raising) go to the projection's dead-letter topic in the
+same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from refold.core.config import Config
+from refold.core.errors import DecodeError
+from refold.core.projection import Projection
+from refold.core.serde import Codec, Event
+from refold.engine.membership import fold_group_settings
+from refold.engine.runner_consumer import FOLD_CONSUMER_CONF
+from refold.engine.runner_stats import TP
+from refold.engine.transactions import BoundedTransactions, Stuck
+from refold.kafka import clients
+from refold.kafka.log import read_to_end
+from refold.kafka.topics import TopicSpec
+
+log = logging.getLogger(__name__)
+
+#: `<source topic>:<partition>:<offset>:<aggregate key>` of a repartitioned record.
+SOURCE_HEADER = "refold_source"
+
+
+def repartition_topic(config: Config, name: str, version: int) -> str:
+    """The repartition topic of one projection version (each version routes by its own code)."""
+    return f"_{config.app_id}.{name}.v{version}.repartition"
+
+
+def repartition_spec(topic: str, partitions: int) -> TopicSpec:
+    """Kept forever, like the event topics: a worker that takes over a partition of it with an
+    empty store folds it from offset 0."""
+    return TopicSpec(topic, partitions, {"retention.ms": "-1", "cleanup.policy": "delete"})
+
+
+def source_of(msg: Message) -> tuple[str, int, int, str] | None:
+    """(topic, partition, offset, aggregate key) of the source event a record carries."""
+    for name, value in msg.headers() or ():
+        if name == SOURCE_HEADER and value is not None:
+            topic, partition, offset, key = value.decode("utf-8", "replace").split(":", 3)
+            return topic, int(partition), int(offset), key
+    return None
+
+
+@dataclass(slots=True)
+class RepartitionStats:
+    state: str = "starting"
+    error: str | None = None
+    routed: int = 0  # events written to the repartition topic
+    skipped: int = 0  # events of aggregates never routed (key() None, no link)
+    dead_letters: int = 0
+    transactions: int = 0
+    aborts: int = 0
+    restored: int = 0  # source events read again to recompute links
+
+
+class Repartitioner(BoundedTransactions):
+    """Stage 1 of a re-keyed projection in a worker (see the module)."""
+
+    def __init__(
+        self,
+        config: Config,
+        codec: Codec,
+        projection: Projection,
+        version: int,
+        *,
+        worker_id: str,
+        dlq_topic: str,
+        batch_size: int = 5000,
+    ) -> None:
+        self.config = config
+        self.codec = codec
+        self.projection = projection
+        self.version = version
+        self.name = f"{projection.name}.v{version}.repartition"
+        self.topic = repartition_topic(config, projection.name, version)
+        self.dlq_topic = dlq_topic
+        self.stats = RepartitionStats()
+        self._batch_size = batch_size
+        self._group = config.group(projection.name, f"v{version}", "repartition")
+        self._instance_id = f"{worker_id}.{projection.name}.v{version}.repartition"
+        self._transactional_id = f"{self._group}.{worker_id}"
+        self._links: dict[TP, dict[str, str]] = {}  # per owned source partition
+        self._stop = threading.Event()
+        self._stuck: list[tuple[Producer, threading.Thread]] = []
+        self._consumer = self._new_consumer()
+        self._producer = self._new_producer()
+
+    def _new_consumer(self) -> Consumer:
+        membership, required = fold_group_settings(self.config, self._instance_id)
+        return clients.consumer(
+            self.config,
+            self._group,
+            defaults={**FOLD_CONSUMER_CONF, **membership},
+            required=required,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            self._init_transactions()
+            self._consumer.subscribe(
+                list(self.projection.topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
+            self.stats.state = "running"
+            while not self._stop.is_set():
+                first = self._consumer.poll(0.1)
+                if first is None:
+                    continue
+                msgs = [first, *self._consumer.consume(self._batch_size - 1, 0)]
+                self._route(msgs)
+        except Exception as exc:
+            log.exception("%s failed", self.name)
+            self.stats.state = "failed"
+            self.stats.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if self.stats.state != "failed":
+                self.stats.state = "stopped"
+            try:
+                self._consumer.close()
+            except Exception:  # the group expires the member
+                log.exception("%s: closing the consumer failed", self.name)
+            self._producer.flush(5)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _route(self, msgs: list[Message]) -> None:
+        """One transaction: every record of the batch routed (or dead-lettered), and the next
+        source offsets. Links learnt in the batch take effect only once it is committed."""
+        routed: list[tuple[bytes, Message]] = []
+        dead: list[tuple[Message, str]] = []
+        learnt: dict[TP, dict[str, str]] = {}
+        nxt: dict[TP, int] = {}
+        skipped = 0
+        for msg in msgs:
+            error = msg.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s: consume error %s", self.name, error)
+                continue
+            tp = (msg.topic(), msg.partition())
+            nxt[tp] = msg.offset() + 1
+            try:
+                event = self._event(msg)
+                key = self.projection.key(event)
+            except Exception as exc:  # undecodable, or a bug in key(): a dead letter
+                dead.append((msg, f"{type(exc).__name__}: {exc}"))
+                continue
+            new = learnt.setdefault(tp, {})
+            if key is None:
+                key = new.get(event.key) or self._links.get(tp, {}).get(event.key)
+                if key is None:
+                    skipped += 1
+                    continue
+            else:
+                new[event.key] = key
+            routed.append((key.encode(), msg))
+        if not nxt:
+            return
+        try:
+            self._transact(routed, dead, nxt)
+        except Stuck as exc:
+            self._recover(str(exc), fatal=True)
+            return
+        except KafkaException as exc:
+            self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
+            return
+        for tp, links in learnt.items():
+            if tp in self._links:  # (not revoked meanwhile)
+                self._links[tp].update(links)
+        stats = self.stats
+        stats.routed += len(routed)
+        stats.skipped += skipped
+        stats.dead_letters += len(dead)
+        stats.transactions += 1
+
+    def _event(self, msg: Message) -> Event:
+        raw_key = msg.key()
+        if raw_key is None:
+            raise DecodeError("record has no key (events are keyed by aggregate id)")
+        type_name, data = self.codec.decode(msg.value())
+        key = raw_key.decode("utf-8", "replace")
+        return Event(type_name, key, data, msg.topic(), msg.partition(), msg.offset(), 0, None, msg)
+
+    def _transact(
+        self,
+        routed: list[tuple[bytes, Message]],
+        dead: list[tuple[Message, str]],
+        nxt: dict[TP, int],
+    ) -> None:
+        producer = self._producer
+        producer.begin_transaction()
+        for key, msg in routed:
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            source = f"{topic}:{partition}:{offset}:{msg.key().decode('utf-8', 'replace')}"
+            headers = [*(msg.headers() or ()), (SOURCE_HEADER, source.encode())]
+            self._produce(self.topic, msg.value(), key, headers, msg.timestamp()[1])
+        for msg, reason in dead:
+            log.warning("%s: dead-lettering %s[%d]@%d: %s", self.name, *_where(msg), reason)
+            headers = [
+                *(msg.headers() or ()),
+                ("refold_dlq_reason", reason.encode()),
+                ("refold_dlq_projection", f"{self.projection.name}.v{self.version}".encode()),
+                ("refold_dlq_topic", msg.topic().encode()),
+                ("refold_dlq_partition", str(msg.partition()).encode()),
+                ("refold_dlq_offset", str(msg.offset()).encode()),
+            ]
+            self._produce(self.dlq_topic, msg.value(), msg.key(), headers, 0)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
+        metadata = self._consumer.consumer_group_metadata()
+        send = producer.send_offsets_to_transaction
+        self._bounded(
+            "send_offsets_to_transaction", lambda timeout: send(offsets, metadata, timeout)
+        )
+        self._bounded("commit_transaction", producer.commit_transaction)
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes | None]],
+        timestamp: int,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=headers, timestamp=timestamp)
+                return
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self._producer.poll(0.1)
+
+    def _recover(self, reason: str, *, fatal: bool) -> None:
+        """Abort (or replace a producer that cannot), then read the batch again from the
+        committed offsets: nothing of it was written."""
+        log.warning("%s: transaction aborted: %s", self.name, reason)
+        self.stats.aborts += 1
+        if not fatal:
+            try:
+                self._bounded("abort_transaction", self._producer.abort_transaction)
+            except (KafkaException, Stuck) as exc:
+                log.warning("%s: abort failed: %s", self.name, exc)
+                fatal = True
+        if fatal:
+            self._renew_producer()
+        owned = self._consumer.assignment()
+        if owned:
+            committed = self._consumer.committed(owned, timeout=self.config.broker_timeout_s)
+            for tp in committed:
+                tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self._consumer.seek(tp)
+
+    # -- ownership --------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Recompute the links of each assigned partition up to its committed offset, then read
+        it from there. (No transaction is open: each batch ends its own before the next poll.)"""
+        committed = consumer.committed(partitions, timeout=self.config.broker_timeout_s)
+        for tp in committed:
+            if tp.offset < 0:
+                tp.offset = OFFSET_BEGINNING
+            self._links[(tp.topic, tp.partition)] = self._restore(tp)
+        consumer.incremental_assign(committed)
+        log.info("%s assigned %s", self.name, [str(p) for p in committed])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._links.pop((tp.topic, tp.partition), None)
+        consumer.incremental_unassign(partitions)
+
+    def _restore(self, tp: TopicPartition) -> dict[str, str]:
+        """The links of one source partition: `key()` of its events before `tp.offset`."""
+        links: dict[str, str] = {}
+        if tp.offset <= 0:
+            return links
+        reader = clients.consumer(self.config, f"{self._group}.restore")
+        start = {(tp.topic, tp.partition): OFFSET_BEGINNING}
+        until = {(tp.topic, tp.partition): tp.offset}
+        try:  # (a broker that does not answer: LogReadError, and this stage fails)
+            for batch in read_to_end(reader, start, until=until, stopped=self._stop.is_set):
+                for msg in batch:
+                    self.stats.restored += 1
+                    try:
+                        event = self._event(msg)
+                        key = self.projection.key(event)
+                    except Exception:  # a dead letter when it was first read
+                        continue
+                    if key is not None:
+                        links[event.key] = key
+        finally:
+            reader.close()
+        return links
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    return msg.topic(), msg.partition(), msg.offset()
