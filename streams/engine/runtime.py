@@ -45,7 +45,7 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
-from refold.engine.repartition import Repartitioner, repartition_topic
+from refold.engine.repartition import Repartitioner, RoutedPositions, repartition_topic
 from refold.engine.runner_consumer import RunnerConsumer
 from refold.engine.runner_poison import Poison, RunnerPoison
 from refold.engine.runner_rekeyed import RunnerRekeyed
@@ -132,6 +132,12 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
             if self.repartitioned
             else tuple(projection.topics)
         )
+        #: Source positions (a client's min_offset) as repartition positions.
+        self.routed = (
+            RoutedPositions(config, projection, self.version, self._topics[0])
+            if self.repartitioned
+            else None
+        )
         # Positions below these were already processed by the live version: events there are
         # marked `replay` so side-effecting handlers do not repeat themselves.
         self._replay_below = dict(replay_below or {})
@@ -201,6 +207,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
             log.exception("%s v%d: closing the consumer failed", self.name, self.version)
         finally:
             try:
+                if self.routed is not None:
+                    self.routed.close()
                 self.store.close()
             finally:
                 with self._changed:

@@ -30,7 +30,7 @@ from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
 from refold.engine.health import HealthMonitor
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
-from refold.engine.repartition import Repartitioner, repartition_spec
+from refold.engine.repartition import Repartitioner, ensure_repartition_topic
 from refold.engine.runner_stats import TP
 from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name
 from refold.engine.saga_runner import SagaService
@@ -202,19 +202,16 @@ class Worker:
             repartitioned=projection.rekeys,
         )
         if runner.repartitioned:
-            runner.feeder = self._start_repartitioner(projection, version, runner.topics[0])
+            runner.feeder = self._start_repartitioner(projection, version)
         thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
         self._threads.append(thread)
         thread.start()
         return runner
 
-    def _start_repartitioner(
-        self, projection: Projection, version: int, topic: str
-    ) -> Repartitioner:
+    def _start_repartitioner(self, projection: Projection, version: int) -> Repartitioner:
         """The stage that routes a re-keyed projection's source partitions this worker owns to
-        its repartition topic (created here, as many partitions as the source's largest)."""
-        count = max(self._topics.partitions(t) for t in projection.topics)
-        self._topics.ensure([repartition_spec(topic, count)])
+        its repartition topic (created here when missing)."""
+        ensure_repartition_topic(self.config, projection, version)
         feeder = Repartitioner(
             self.config,
             self.codec,
