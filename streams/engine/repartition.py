@@ -57,6 +57,9 @@ from refold.kafka.topics import Topics, TopicSpec
 
 log = logging.getLogger(__name__)
 
+#: Records routed in one transaction at most (when that many are already fetched): each
+#: transaction costs a few round trips, and the fold stage sees nothing of it before its commit.
+ROUTE_BATCH = 20_000
 #: `<source topic>:<partition>:<offset>:<aggregate key>` of a repartitioned record.
 SOURCE_HEADER = "refold_source"
 
@@ -84,8 +87,10 @@ def ensure_repartition_topic(config: Config, projection: Projection, version: in
 
 
 def source_of(msg: Message) -> tuple[str, int, int, str] | None:
-    """(topic, partition, offset, aggregate key) of the source event a record carries."""
-    for name, value in msg.headers() or ():
+    """(topic, partition, offset, aggregate key) of the source event a record carries (its
+    last header, where the routing put it; the others are looked at only if it is not)."""
+    headers = msg.headers() or ()
+    for name, value in reversed(headers):
         if name == SOURCE_HEADER and value is not None:
             topic, partition, offset, key = value.decode("utf-8", "replace").split(":", 3)
             return topic, int(partition), int(offset), key
@@ -176,6 +181,11 @@ class Repartitioner(BoundedTransactions):
                     self._past_markers()
                     continue
                 msgs = [first, *self._consumer.consume(self._batch_size - 1, 0)]
+                while len(msgs) < ROUTE_BATCH:  # one transaction for what is already fetched
+                    more = self._consumer.consume(self._batch_size, 0)
+                    if not more:
+                        break
+                    msgs += more
                 self._route(msgs)
         except Exception as exc:
             log.exception("%s failed", self.name)
@@ -195,7 +205,7 @@ class Repartitioner(BoundedTransactions):
     def _route(self, msgs: list[Message]) -> None:
         """One transaction: every record of the batch routed (or dead-lettered), and the next
         source offsets. Links learnt in the batch take effect only once it is committed."""
-        routed: list[tuple[bytes, Message]] = []
+        routed: list[tuple[bytes, Message, Event]] = []
         dead: list[tuple[Message, str]] = []
         learnt: dict[TP, dict[str, str]] = {}
         nxt: dict[TP, int] = {}
@@ -222,7 +232,7 @@ class Repartitioner(BoundedTransactions):
                     continue
             else:
                 new[event.key] = key
-            routed.append((key.encode(), msg))
+            routed.append((key.encode(), msg, event))
         if not nxt:
             return
         try:
@@ -279,16 +289,16 @@ class Repartitioner(BoundedTransactions):
 
     def _transact(
         self,
-        routed: list[tuple[bytes, Message]],
+        routed: list[tuple[bytes, Message, Event]],
         dead: list[tuple[Message, str]],
         nxt: dict[TP, int],
     ) -> None:
         producer = self._producer
         producer.begin_transaction()
-        for key, msg in routed:
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-            source = f"{topic}:{partition}:{offset}:{msg.key().decode('utf-8', 'replace')}"
-            headers = [*(msg.headers() or ()), (SOURCE_HEADER, source.encode())]
+        for key, msg, event in routed:
+            source = f"{event.topic}:{event.partition}:{event.offset}:{event.key}".encode()
+            headers = msg.headers() or []
+            headers.append((SOURCE_HEADER, source))  # last: `source_of` looks there first
             self._produce(self.topic, msg.value(), key, headers, msg.timestamp()[1])
         for msg, reason in dead:
             log.warning("%s: dead-lettering %s[%d]@%d: %s", self.name, *_where(msg), reason)
