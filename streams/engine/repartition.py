@@ -165,15 +165,14 @@ class Repartitioner(BoundedTransactions):
     def stop(self) -> None:
         self._stop.set()
 
+    def routed_offsets(self) -> dict[TP, int]:
+        """The next source offset routed (committed) of each partition this stage owns."""
+        return dict(self._committed)
+
     def run(self) -> None:
         try:
             self._init_transactions()
-            self._consumer.subscribe(
-                list(self.projection.topics),
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
-            )
+            self._subscribe()
             self.stats.state = "running"
             while not self._stop.is_set():
                 first = self._consumer.poll(0.1)
@@ -204,7 +203,12 @@ class Repartitioner(BoundedTransactions):
 
     def _route(self, msgs: list[Message]) -> None:
         """One transaction: every record of the batch routed (or dead-lettered), and the next
-        source offsets. Links learnt in the batch take effect only once it is committed."""
+        source offsets. Links learnt in the batch take effect only once it is committed.
+
+        Only records of partitions owned now, at or past the offsets committed or routed in
+        this batch: a record fetched before its partition was revoked (during one of the
+        batch's consume calls), or before it was assigned again, is left to whoever reads it
+        from the committed offset."""
         routed: list[tuple[bytes, Message, Event]] = []
         dead: list[tuple[Message, str]] = []
         learnt: dict[TP, dict[str, str]] = {}
@@ -213,10 +217,12 @@ class Repartitioner(BoundedTransactions):
         for msg in msgs:
             error = msg.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("%s: consume error %s", self.name, error)
+                self._consume_error(error)
                 continue
             tp = (msg.topic(), msg.partition())
+            floor = nxt.get(tp, self._committed.get(tp))
+            if floor is None or msg.offset() < floor:
+                continue
             nxt[tp] = msg.offset() + 1
             try:
                 event = self._event(msg)
@@ -252,6 +258,33 @@ class Repartitioner(BoundedTransactions):
         stats.skipped += skipped
         stats.dead_letters += len(dead)
         stats.transactions += 1
+
+    def _consume_error(self, error: KafkaError) -> None:
+        if error.fatal() or error.code() == KafkaError._FATAL:  # e.g. fenced by the group
+            self._renew_consumer(str(error))
+        elif error.code() != KafkaError._PARTITION_EOF:
+            log.warning("%s: consume error %s", self.name, error)
+
+    def _renew_consumer(self, reason: str) -> None:
+        """A new consumer in the group for one that failed for good (nothing is in flight
+        between batches; the new one reads from the committed offsets on assignment); the old
+        one is closed in the background (cut off from its coordinator, that can take long)."""
+        log.warning("%s: a new consumer joins the group: %s", self.name, reason)
+        old = self._consumer
+        self._links.clear()
+        self._committed.clear()
+        self._consumer = self._new_consumer()
+        threading.Thread(target=_close_quietly, args=(old,), daemon=True).start()
+        self._subscribe()
+        self._stop.wait(1.0)  # a fatal error that recurs at once does not spin
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(
+            list(self.projection.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
 
     def _past_markers(self) -> None:
         """Idle: commit the positions that moved past transaction markers after the last
@@ -357,6 +390,8 @@ class Repartitioner(BoundedTransactions):
     # -- ownership --------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            return  # a replaced consumer, closing
         """Recompute the links of each assigned partition up to its committed offset, then read
         it from there. (No transaction is open: each batch ends its own before the next poll.)"""
         committed = consumer.committed(partitions, timeout=self.config.broker_timeout_s)
@@ -369,6 +404,8 @@ class Repartitioner(BoundedTransactions):
         log.info("%s assigned %s", self.name, [str(p) for p in committed])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            return
         for tp in partitions:
             self._links.pop((tp.topic, tp.partition), None)
             self._committed.pop((tp.topic, tp.partition), None)
@@ -400,6 +437,13 @@ class Repartitioner(BoundedTransactions):
 
 def _where(msg: Message) -> tuple[str, int, int]:
     return msg.topic(), msg.partition(), msg.offset()
+
+
+def _close_quietly(consumer: Consumer) -> None:
+    try:
+        consumer.close()
+    except Exception as exc:  # it is gone either way; the group expires or fences it
+        log.info("closing a replaced routing consumer: %s", exc)
 
 
 def route_until(

@@ -353,7 +353,7 @@ class Worker:
             build is not None
             and self.versions[name][build.version].on_new_version == "swap"
             and build.stats.state == "running"
-            and build.reached(_folded(serving))
+            and _caught_up(build, serving)
         ):
             log.info("%s: v%d caught up with v%d, swapping", name, build.version, serving.version)
             set_live(self.config, name, build.version)
@@ -370,7 +370,7 @@ class Worker:
         deadline = time.monotonic() + 60
         while (
             not isinstance(new, FrozenVersion)  # it serves what it holds: nothing to wait for
-            and not new.reached(_folded(old))
+            and not _caught_up(new, old)
             and time.monotonic() < deadline
         ):
             if new.stats.state == "failed" or self._stopping.is_set():
@@ -382,6 +382,25 @@ class Worker:
         timer = threading.Timer(SWITCH_GRACE_S, old.stop)
         timer.daemon = True
         timer.start()
+
+
+def _caught_up(new: Serving, old: Serving) -> bool:
+    """Whether `new` has folded what `old` has. A re-keyed version folds a repartition topic of
+    its own, whose offsets say nothing of the other's: it has caught up once its routing has
+    passed the source offsets the old one routed (or folded, from its source) in the source
+    partitions this worker routes, and it has nothing left to fold."""
+    if not isinstance(new, ProjectionRunner) or new.feeder is None:
+        return new.reached(_folded(old))
+    routed = new.feeder.routed_offsets()
+    theirs = old.feeder.routed_offsets() if isinstance(old, ProjectionRunner) and old.feeder else {}
+    sources = new.projection.topics
+    theirs = theirs or {tp: o for tp, o in old.stats.positions.items() if tp[0] in sources}
+    return (
+        bool(routed)
+        and all(routed.get(tp, o) >= o for tp, o in theirs.items())
+        and bool(new.stats.lag)
+        and not any(new.stats.lag.values())
+    )
 
 
 def _folded(runner: Serving) -> dict[TP, int]:

@@ -144,3 +144,35 @@ def test_owners_through_the_repartition_topic_replay_diff_swap_and_go_on(
         assert _states(runner.store) == want
     finally:
         worker.stop()
+
+
+def test_a_worker_builds_a_new_rekeyed_version_through_its_topic_and_swaps(
+    config: Config, unique: Any
+) -> None:
+    """`on_new_version = "swap"`: the worker builds v2 beside v1 through v2's own repartition
+    topic and swaps once v2 has routed what v1 routed and folded all of it."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=3), *internal_topics(config)])
+    rng = random.Random(43)
+    events = _bank(rng, range(40), 8, 2000)
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, events)
+    v1, v2 = _classes(name, topic)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        want = _owners(events, counted=False)
+        _until(lambda: _states(worker.runners[name].store) == want, 60, "v1 folded")
+    finally:
+        worker.stop()
+    v2.on_new_version = "swap"
+    worker = Worker(config, [v1(), v2()], codec=codec)
+    worker.start()
+    try:
+        _until(lambda: worker.runners[name].version == 2, 90, "the worker swapped to v2")
+        want = _owners(events, counted=True)
+        _until(lambda: _states(worker.runners[name].store) == want, 30, "v2 holds the oracle")
+    finally:
+        worker.stop()
+    assert live_version(config, name) == 2
