@@ -33,7 +33,8 @@ from refold.engine.rebuild import (
     discard_parts,
     stored_offsets,
 )
-from refold.engine.repartition import ensure_repartition_topic, route_until
+from refold.engine.repartition import ensure_repartition_topic, repartition_topic
+from refold.engine.repartition_progress import route_until, routed_offsets
 from refold.engine.runner_stats import TP
 from refold.engine.runner_writes import rebuild_writes
 from refold.engine.runtime import ProjectionRunner
@@ -492,6 +493,21 @@ def _diff_to_file(
     return summary
 
 
+def _routed_and_folded(
+    config: Config, projection: Projection, version: int, view: Store, goal: dict[TP, int]
+) -> bool:
+    """Whether a re-keyed version's routing has passed `goal` (source offsets) and its store
+    has folded its repartition topic to the end."""
+    routed = routed_offsets(config, projection, version, goal)
+    if any(routed.get(tp, 0) < end for tp, end in goal.items()):
+        return False
+    topic = repartition_topic(config, projection.name, version)
+    folded = view.offsets()
+    return all(
+        folded.get(tp, 0) >= high for tp, (_low, high) in topic_ends(config, [topic]).items()
+    )
+
+
 def _attached(
     config: Config,
     projection: Projection,
@@ -511,6 +527,13 @@ def _attached(
     name = projection.name
     new_view = open_view(config, name, version)
     live_view = open_view(config, name, live) if live else None
+    # A re-keyed version folds a topic of its own: it is done once its routing passed the
+    # source's ends (of now) and its store the ends of its repartition topic.
+    goal = (
+        {tp: high for tp, (_low, high) in source_ends(config, projection).items()}
+        if projection.rekeys
+        else None
+    )
     try:
         moved_at, last = time.monotonic(), stored_offsets(config, name, version)
         while True:
@@ -518,7 +541,9 @@ def _attached(
             if live_view is not None:
                 live_view.catch_up()
             same = live_view is None or new_view.offsets() == live_view.offsets()
-            if live_frozen and live_view is not None:
+            if goal is not None:
+                same = _routed_and_folded(config, projection, version, new_view, goal)
+            elif live_frozen and live_view is not None:
                 reached = new_view.offsets()
                 same = all(reached.get(tp, 0) >= o for tp, o in live_view.offsets().items())
             if same:

@@ -45,7 +45,8 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
-from refold.engine.repartition import Repartitioner, RoutedPositions, repartition_topic
+from refold.engine.repartition import Repartitioner, repartition_topic
+from refold.engine.repartition_progress import RoutedPositions
 from refold.engine.runner_consumer import RunnerConsumer
 from refold.engine.runner_poison import Poison, RunnerPoison
 from refold.engine.runner_rekeyed import RunnerRekeyed

@@ -176,3 +176,35 @@ def test_a_worker_builds_a_new_rekeyed_version_through_its_topic_and_swaps(
     finally:
         worker.stop()
     assert live_version(config, name) == 2
+
+
+def test_a_replay_attaches_to_a_worker_building_the_rekeyed_version(
+    config: Config, unique: Any
+) -> None:
+    """`refold replay` while a worker builds the same re-keyed version: it waits until that
+    build has routed the source's ends and folded its repartition topic, diffs and swaps."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=3), *internal_topics(config)])
+    events = _bank(random.Random(47), range(30), 6, 1500)
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, events)
+    v1, v2 = _classes(name, topic)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        want = _owners(events, counted=False)
+        _until(lambda: _states(worker.runners[name].store) == want, 60, "v1 folded")
+    finally:
+        worker.stop()
+    worker = Worker(config, [v1(), v2()], codec=codec)
+    worker.start()
+    try:
+        _until(lambda: name in worker.builds, 30, "the worker builds v2")
+        result = replay(config, codec, v2(), 2, diff=True, swap=True, progress=None)
+        assert result.diff is not None and result.diff.changed == len(want)
+        want = _owners(events, counted=True)
+        _until(lambda: worker.runners[name].version == 2, 30, "the worker follows the swap")
+        _until(lambda: _states(worker.runners[name].store) == want, 30, "v2 holds the oracle")
+    finally:
+        worker.stop()
