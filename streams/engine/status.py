@@ -123,7 +123,7 @@ def _partitions(
 
 def describe(runner: Serving, watermarks: Watermarks) -> dict[str, Any]:
     stats = runner.stats
-    return {
+    out = {
         "name": runner.name,
         "version": runner.version,
         "state": stats.state,
@@ -134,6 +134,27 @@ def describe(runner: Serving, watermarks: Watermarks) -> dict[str, Any]:
         "dead_letters": stats.dead_letters,
         "skipped": stats.skipped,
     }
+    feeder = getattr(runner, "feeder", None)
+    if feeder is not None:  # a re-keyed projection: its routing stage (refold.engine.repartition)
+        routed = feeder.routed_offsets()
+        ends = watermarks.ends(list(routed))
+        f = feeder.stats
+        out["routing"] = {
+            "state": f.state,
+            "error": f.error,
+            "routed": f.routed,
+            "skipped": f.skipped,
+            "dead_letters": f.dead_letters,
+            "partitions": [
+                {"topic": t, "partition": p, "next_offset": o, "lag": _gap(ends.get((t, p)), o)}
+                for (t, p), o in sorted(routed.items())
+            ],
+        }
+    return out
+
+
+def _gap(end: int | None, nxt: int) -> int | None:
+    return None if end is None else max(0, end - nxt)
 
 
 def describe_on_disk(

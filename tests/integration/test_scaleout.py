@@ -188,6 +188,16 @@ def test_three_workers_answer_every_key_of_balances_and_owners_and_survive_kill9
             served = _eventually(lambda w=w: _answers(w, owners_name, owners), 150)
             assert len(served) == 3, served  # the owner keys of all three workers
             _eventually(lambda w=w: _answers(w, balances_name, sampled), 60)
+        # Each worker routes some source partitions of owners, all of them routed to the end.
+        routed = []
+        for w in workers:
+            code, body, _ = w.get("/projections")
+            assert code == 200, body
+            [entry] = [p for p in body if p["name"] == owners_name]
+            assert entry["routing"]["state"] == "running", entry["routing"]
+            routed += entry["routing"]["partitions"]
+        assert sorted(p["partition"] for p in routed) == list(range(6)), routed
+        assert sum(p["next_offset"] for p in routed) == EVENTS, routed
         # kill -9 one: within 60 s the other two answer every key again, exactly.
         workers[2].kill9()
         killed_at = time.monotonic()
