@@ -126,7 +126,7 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
         self._rekeys = projection.rekeys
         #: A re-keyed projection in a worker folds its repartition topic, not the source topics
         #: (refold.engine.repartition); `feeder` is the stage that writes it, stopped with this.
-        self.repartitioned = repartitioned and self._rekeys
+        self.repartitioned = repartitioned and self._rekeys and not self._folded_from_source()
         self.feeder: Repartitioner | None = None
         self._topics: tuple[str, ...] = (
             (repartition_topic(config, self.name, self.version),)
@@ -165,6 +165,22 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
     def topics(self) -> tuple[str, ...]:
         """The topics this runner folds: the source topics, or the repartition topic."""
         return self._topics
+
+    def _folded_from_source(self) -> bool:
+        """A re-keyed store that holds source offsets was folded from the source by one
+        process (an older release, or a worker before repartition topics): it goes on that way,
+        whole only where one worker owns every partition, rather than fold its repartition
+        topic from offset 0 on top of those states. A new version moves it over."""
+        folded = {t for t, _p in self.store.offsets()}
+        if not folded.intersection(self.projection.topics):
+            return False
+        log.warning(
+            "%s v%d was folded from its source topics: it goes on so (bump its version to "
+            "rebuild it through its repartition topic)",
+            self.name,
+            self.version,
+        )
+        return True
 
     @property
     def rekeys_here(self) -> bool:

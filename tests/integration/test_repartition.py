@@ -17,8 +17,10 @@ from typing import Any
 from refold import Event
 from refold.core.config import Config
 from refold.engine.replay import replay
+from refold.engine.runtime import ProjectionRunner
 from refold.engine.worker import Worker
 from refold.examples.bank.projections import Owners
+from refold.kafka import clients
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
 from refold.kafka.topics import Topics, event_topic, internal_topics
@@ -206,5 +208,35 @@ def test_a_replay_attaches_to_a_worker_building_the_rekeyed_version(
         want = _owners(events, counted=True)
         _until(lambda: worker.runners[name].version == 2, 30, "the worker follows the swap")
         _until(lambda: _states(worker.runners[name].store) == want, 30, "v2 holds the oracle")
+    finally:
+        worker.stop()
+
+
+def test_a_store_folded_from_its_source_goes_on_so(config: Config, unique: Any) -> None:
+    """A re-keyed store folded from its source topics (an older release) is not folded again
+    from its repartition topic on top of its states: the worker goes on folding the source."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=3), *internal_topics(config)])
+    rng = random.Random(53)
+    first = _bank(rng, range(20), 5, 800)
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, first)
+    v1, _v2 = _classes(name, topic)
+    local = ProjectionRunner(config, codec, v1(), dead_letters=clients.producer(config))
+    try:
+        assert local.run_until(local.assign_all(), timeout=60)
+    finally:
+        local.close()
+    more = _bank(rng, range(20, 25), 5, 300)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, more)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        runner = worker.runners[name]
+        assert runner.topics == (topic,) and getattr(runner, "feeder", None) is None
+        want = _owners(first + more, counted=False)
+        _until(lambda: _states(runner.store) == want, 60, "the source fold went on")
     finally:
         worker.stop()
