@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import (
@@ -174,7 +175,8 @@ class Repartitioner(BoundedTransactions):
 
     def run(self) -> None:
         try:
-            self._init_transactions()
+            # Fences a predecessor with the same transactional.id and aborts what it left open.
+            self._retrying("starting transactions", self._init_transactions)
             self._subscribe()
             self.stats.state = "running"
             while not self._stop.is_set():
@@ -382,13 +384,29 @@ class Repartitioner(BoundedTransactions):
                 log.warning("%s: abort failed: %s", self.name, exc)
                 fatal = True
         if fatal:
-            self._renew_producer()
+            self._retrying("a new producer", self._renew_producer)
+        self._retrying("the rewind", self._rewind)
+
+    def _rewind(self) -> None:
         owned = self._consumer.assignment()
         if owned:
             committed = self._consumer.committed(owned, timeout=self.config.broker_timeout_s)
             for tp in committed:
                 tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
                 self._consumer.seek(tp)
+
+    def _retrying(self, what: str, step: Callable[[], None]) -> None:
+        """Run `step` until it succeeds or the stage stops: while the broker moves leaders or
+        coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s)."""
+        pause = 0.5
+        while not self._stop.is_set():
+            try:
+                step()
+                return
+            except (KafkaException, Stuck) as exc:
+                log.warning("%s: %s failed, trying again: %s", self.name, what, exc)
+                self._stop.wait(pause)
+                pause = min(pause * 2, 5.0)
 
     # -- ownership --------------------------------------------------------------------------
 
