@@ -66,6 +66,20 @@ def _count(raw: str, what: str, low: int, high: int) -> int:
     return value
 
 
+def _min_offset(runner: Serving, raw: str) -> dict[TP, int]:
+    """The query's min_offset: positions in the topics the runner folds, or, for a re-keyed
+    projection that folds its repartition topic, in its source topics (what a publisher
+    answered; `partition:offset` means the source) or in the repartition topic (what its
+    answers carry)."""
+    routed = getattr(runner, "routed", None)
+    if routed is None:
+        return parse_min_offset(raw, runner.topics)
+    try:
+        return parse_min_offset(raw, routed.sources)
+    except InputError:
+        return parse_min_offset(raw, (*routed.sources, *runner.topics))
+
+
 def parse_min_offset(raw: str, topics: tuple[str, ...]) -> dict[TP, int]:
     """`P:O,P:O` (single-topic projections) or `topic:P:O,...` -> {(topic, P): O}.
 
@@ -286,10 +300,28 @@ class ProjectionReads:
             wait_ms = _count(query.get("wait_ms", "0"), "wait_ms", 0, MAX_WAIT_MS)
             if raw is None:
                 return None
-            wanted = parse_min_offset(raw, runner.topics)
+            wanted = _min_offset(runner, raw)
         except InputError as exc:
             return error(400, "bad query", str(exc))
         try:
+            routed = getattr(runner, "routed", None)  # a re-keyed projection's source positions
+            if routed is not None and any(t in routed.sources for t, _p in wanted):
+                found = await asyncio.get_running_loop().run_in_executor(
+                    self._waits,
+                    routed.needed,
+                    wanted,
+                    request.match_info.get("key"),
+                    wait_ms / 1000,
+                )
+                if found is None:
+                    return error(
+                        409,
+                        "position not reached",
+                        f"projection {runner.name!r} has not routed min_offset={raw} to its "
+                        f"repartition topic after waiting {wait_ms} ms",
+                        position=_position(runner.stats.positions),
+                    )
+                wanted = found
             if runner.reached(wanted):
                 return None
             if wait_ms and await asyncio.get_running_loop().run_in_executor(

@@ -205,7 +205,7 @@ class HealthMonitor:
         try:
             if self._admin is None:
                 self._admin = clients.admin(self._config)
-            topics = {t for r in runners.values() for t in r.projection.topics}
+            topics = {t for r in runners.values() for t in r.topics}
             self._read_counts(self._admin, topics or {self._config.schemas_topic})
         except KafkaException as exc:
             self._failed(exc)
@@ -283,7 +283,7 @@ class HealthMonitor:
         missing = runner.instance_id is not None and runner.instance_id not in instances
         unowned = [
             f"{t}:{p}"
-            for t in runner.projection.topics
+            for t in runner.topics
             for p in range(self._counts.get(t, 0))
             if (t, p) not in view.owners
         ]
@@ -313,7 +313,7 @@ class HealthMonitor:
         lag, behind, positions = stats.lag, set(stats.behind), stats.positions
         view = self._groups.get(group_id(self._config, runner.name, runner.version), _GroupView())
         elsewhere_behind = set(view.behind)
-        counts = tuple((t, self._counts[t]) for t in runner.projection.topics if t in self._counts)
+        counts = tuple((t, self._counts[t]) for t in runner.topics if t in self._counts)
         out: list[PartitionHealth] = []
         for topic, count in counts:
             for p in range(count):
@@ -332,6 +332,4 @@ class HealthMonitor:
                     out.append(PartitionHealth(topic, p, "elsewhere", committed, gap, late, member))
                 else:
                     out.append(PartitionHealth(topic, p, "nobody", None, None, False))
-        return ProjectionHealth(
-            runner.name, runner.version, runner.projection.rekeys, counts, tuple(out)
-        )
+        return ProjectionHealth(runner.name, runner.version, runner.rekeys_here, counts, tuple(out))

@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +24,7 @@ from refold.core.config import Config
 from refold.core.errors import ProjectionError, StoreError, TopicError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
+from refold.engine.membership import worker_id
 from refold.engine.rebuild import (
     PARALLEL_MIN_EVENTS,
     PartsProgress,
@@ -32,6 +33,8 @@ from refold.engine.rebuild import (
     discard_parts,
     stored_offsets,
 )
+from refold.engine.repartition import ensure_repartition_topic, repartition_topic
+from refold.engine.repartition_progress import route_until, routed_offsets
 from refold.engine.runner_stats import TP
 from refold.engine.runner_writes import rebuild_writes
 from refold.engine.runtime import ProjectionRunner
@@ -205,9 +208,14 @@ def open_view(config: Config, name: str, version: int) -> RocksStore:
 
 def source_ends(config: Config, projection: Projection) -> dict[TP, tuple[int, int]]:
     """(low, high) watermarks of every partition of the projection's source topics."""
+    return topic_ends(config, projection.topics)
+
+
+def topic_ends(config: Config, topics: Iterable[str]) -> dict[TP, tuple[int, int]]:
+    """(low, high) watermarks of every partition of `topics`."""
     consumer = clients.consumer(config, config.group("replay-plan"))
     try:
-        tps = [(t, p) for t in projection.topics for p in _source_partitions(consumer, t)]
+        tps = [(t, p) for t in topics for p in _source_partitions(consumer, t)]
         return watermarks(consumer, tps)
     finally:
         consumer.close()
@@ -300,7 +308,10 @@ def replay(
         below = live_view.offsets() if live_view else {}
         ends = {tp: high for tp, (_low, high) in source_ends(config, projection).items()}
         # What the progress line measures against; replaced as the target moves, never mutated.
-        goal = [{tp: below.get(tp, 0) for tp in ends} if live_view else ends]
+        # (A re-keyed build reads the source to its ends: the live one's offsets are those of
+        # its own repartition topic.)
+        rekeys = projection.rekeys
+        goal = [{tp: below.get(tp, 0) for tp in ends} if live_view and not rekeys else ends]
         line = (
             Progress(f"{name} v{version}", build.sample, lambda: goal[0], progress)
             if progress
@@ -312,7 +323,7 @@ def replay(
         summary = None
         if diff and live_view is not None:
             summary = _diff_to_file(config, name, live_view, store, diff_path)
-            summary.offsets = {tp: target.get(tp, 0) for tp in ends}
+            summary.offsets = dict(target) if rekeys else {tp: target.get(tp, 0) for tp in ends}
         folded = build.sample()[0]
     finally:
         build.close()
@@ -355,6 +366,8 @@ class _Build:
         the build is big enough (or an interrupted one left parts); returns how many processes
         folded the bulk (1: this one will)."""
         config, name, version = self.config, self.projection.name, self.version
+        if self.projection.rekeys:  # folds its repartition topic, in `follow`
+            return 1
         if self.store.offsets():
             discard_parts(config, name, version)  # left by a merge that completed
             return 1
@@ -383,17 +396,37 @@ class _Build:
         goal: list[dict[TP, int]],
     ) -> tuple[dict[TP, int], dict[TP, int]]:
         """One runner from the store's offsets to the live version's (or the log's ends);
-        returns the source partitions' ends and the offsets reached."""
-        self._dlq = clients.producer(self.config)
+        returns the source partitions' ends and the offsets reached.
+
+        A re-keyed version is built as a worker folds it (refold.engine.repartition): its
+        source is routed to its repartition topic up to the source's ends, then that topic is
+        folded to its end, so the store holds the repartition offsets any worker that serves
+        it goes on from (its states are those of a live fold of the same events)."""
+        config, rekeys = self.config, self.projection.rekeys
+        if rekeys:
+            ends = {tp: high for tp, (_low, high) in source_ends(config, self.projection).items()}
+            ensure_repartition_topic(config, self.projection, self.version)
+            route_until(
+                config,
+                self.codec,
+                self.projection,
+                self.version,
+                ends,
+                worker_id=worker_id(config),
+                timeout=timeout,
+            )
+            live_view = None  # (its offsets are of another version's repartition topic)
+        self._dlq = clients.producer(config)
         self.runner = ProjectionRunner(
-            self.config,
+            config,
             self.codec,
             self.projection,
             dead_letters=self._dlq,
             store=self.store,
             version=self.version,
             replay_below=below,
-            **rebuild_writes(self.config),
+            repartitioned=rekeys,
+            **rebuild_writes(config),
         )
         self._runner_base = self.runner.stats.folded
         ends = self.runner.assign_all()
@@ -429,8 +462,7 @@ def _follow(
             # From a consumer of its own: the runner's waits behind its own fetch long-polls
             # (up to fetch.wait.max.ms per partition once it has read to the end).
             target = {
-                tp: high
-                for tp, (_low, high) in source_ends(runner.config, runner.projection).items()
+                tp: high for tp, (_low, high) in topic_ends(runner.config, runner.topics).items()
             }
         goal[0] = target
         last = runner.pending_positions()
@@ -461,6 +493,21 @@ def _diff_to_file(
     return summary
 
 
+def _routed_and_folded(
+    config: Config, projection: Projection, version: int, view: Store, goal: dict[TP, int]
+) -> bool:
+    """Whether a re-keyed version's routing has passed `goal` (source offsets) and its store
+    has folded its repartition topic to the end."""
+    routed = routed_offsets(config, projection, version, goal)
+    if any(routed.get(tp, 0) < end for tp, end in goal.items()):
+        return False
+    topic = repartition_topic(config, projection.name, version)
+    folded = view.offsets()
+    return all(
+        folded.get(tp, 0) >= high for tp, (_low, high) in topic_ends(config, [topic]).items()
+    )
+
+
 def _attached(
     config: Config,
     projection: Projection,
@@ -480,6 +527,13 @@ def _attached(
     name = projection.name
     new_view = open_view(config, name, version)
     live_view = open_view(config, name, live) if live else None
+    # A re-keyed version folds a topic of its own: it is done once its routing passed the
+    # source's ends (of now) and its store the ends of its repartition topic.
+    goal = (
+        {tp: high for tp, (_low, high) in source_ends(config, projection).items()}
+        if projection.rekeys
+        else None
+    )
     try:
         moved_at, last = time.monotonic(), stored_offsets(config, name, version)
         while True:
@@ -487,7 +541,9 @@ def _attached(
             if live_view is not None:
                 live_view.catch_up()
             same = live_view is None or new_view.offsets() == live_view.offsets()
-            if live_frozen and live_view is not None:
+            if goal is not None:
+                same = _routed_and_folded(config, projection, version, new_view, goal)
+            elif live_frozen and live_view is not None:
                 reached = new_view.offsets()
                 same = all(reached.get(tp, 0) >= o for tp, o in live_view.offsets().items())
             if same:

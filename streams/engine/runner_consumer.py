@@ -58,6 +58,7 @@ class RunnerConsumer(RunnerWrites):
 
     config: Config
     projection: Projection
+    _topics: tuple[str, ...]  # what it folds: the source topics, or a repartition topic
     instance_id: str | None
     _consumer_conf: Mapping[str, object] | None
     _rejoin: str | None
@@ -75,7 +76,7 @@ class RunnerConsumer(RunnerWrites):
 
     def _subscribe(self) -> None:
         self._consumer.subscribe(
-            list(self.projection.topics),
+            list(self._topics),
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from confluent_kafka import Message, Producer
 from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
+from refold.engine.repartition import SOURCE_HEADER, source_of
 from refold.engine.runner_stats import TP
 from refold.engine.runner_writes import PendingWrite, Where
 from refold.store.rocksdb import unstorable
@@ -35,6 +36,7 @@ class RunnerPoison:
     name: str
     version: int
     dlq_topic: str
+    repartitioned: bool
     _dlq: Producer
     _pending: PendingWrite
     _next: dict[TP, int]
@@ -118,16 +120,24 @@ class RunnerPoison:
                 msg.offset(),
                 reason,
             )
-            headers = list(msg.headers() or [])
+            headers = [h for h in msg.headers() or [] if h[0] != SOURCE_HEADER]
+            # A repartitioned record is dead-lettered as the source event it carries.
+            source = source_of(msg) if self.repartitioned else None
+            topic, partition, offset = source[:3] if source else _where(msg)
+            key = source[3].encode() if source else msg.key()
             headers += [
                 ("refold_dlq_reason", reason.encode()),
                 ("refold_dlq_projection", f"{self.name}.v{self.version}".encode()),
-                ("refold_dlq_topic", msg.topic().encode()),
-                ("refold_dlq_partition", str(msg.partition()).encode()),
-                ("refold_dlq_offset", str(msg.offset()).encode()),
+                ("refold_dlq_topic", topic.encode()),
+                ("refold_dlq_partition", str(partition).encode()),
+                ("refold_dlq_offset", str(offset).encode()),
             ]
-            self._dlq.produce(self.dlq_topic, msg.value(), msg.key(), headers=headers)
+            self._dlq.produce(self.dlq_topic, msg.value(), key, headers=headers)
         if self._dlq.flush(30):
             # Without the dead letter durable, the offset must not move past the poison record.
             raise ProjectionError(f"{self.name}: dead-letter topic {self.dlq_topic} unreachable")
         self._dead_lettered.update((m.topic(), m.partition(), m.offset()) for m, _ in records)
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    return msg.topic(), msg.partition(), msg.offset()

@@ -37,7 +37,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, Producer, TopicPartition
@@ -45,8 +45,11 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError
 from refold.core.projection import Projection
 from refold.core.serde import HEADER_LEN, Codec, Event
+from refold.engine.repartition import Repartitioner, repartition_topic
+from refold.engine.repartition_progress import RoutedPositions
 from refold.engine.runner_consumer import RunnerConsumer
 from refold.engine.runner_poison import Poison, RunnerPoison
+from refold.engine.runner_rekeyed import RunnerRekeyed
 from refold.engine.runner_stats import TP, Behind, RunnerStats
 from refold.engine.runner_writes import COMMIT_EVERY, COMMIT_INTERVAL_S, PendingWrite, Where
 from refold.kafka.log import end_offsets, topic_partitions
@@ -70,7 +73,7 @@ def dead_letter_topic_name(config: Config, name: str) -> str:
     return config.dead_letter_topic(name)
 
 
-class ProjectionRunner(RunnerConsumer, RunnerPoison):
+class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
     """Runs one projection version: a consumer in group `refold.<name>.v<version>` and a store."""
 
     def __init__(
@@ -89,6 +92,7 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
         commit_interval_s: float = COMMIT_INTERVAL_S,
         write_when_caught_up: bool = True,
         instance_id: str | None = None,
+        repartitioned: bool = False,
     ) -> None:
         self.config = config
         self.codec = codec
@@ -120,6 +124,21 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
         self._careful = 0  # after a rewind, write every batch for this many records
         self._next: dict[TP, int] = {}
         self._rekeys = projection.rekeys
+        #: A re-keyed projection in a worker folds its repartition topic, not the source topics
+        #: (refold.engine.repartition); `feeder` is the stage that writes it, stopped with this.
+        self.repartitioned = repartitioned and self._rekeys and not self._folded_from_source()
+        self.feeder: Repartitioner | None = None
+        self._topics: tuple[str, ...] = (
+            (repartition_topic(config, self.name, self.version),)
+            if self.repartitioned
+            else tuple(projection.topics)
+        )
+        #: Source positions (a client's min_offset) as repartition positions.
+        self.routed = (
+            RoutedPositions(config, projection, self.version, self._topics[0])
+            if self.repartitioned
+            else None
+        )
         # Positions below these were already processed by the live version: events there are
         # marked `replay` so side-effecting handlers do not repeat themselves.
         self._replay_below = dict(replay_below or {})
@@ -144,7 +163,30 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
 
     @property
     def topics(self) -> tuple[str, ...]:
-        return tuple(self.projection.topics)
+        """The topics this runner folds: the source topics, or the repartition topic."""
+        return self._topics
+
+    def _folded_from_source(self) -> bool:
+        """A re-keyed store that holds source offsets was folded from the source by one
+        process (an older release, or a worker before repartition topics): it goes on that way,
+        whole only where one worker owns every partition, rather than fold its repartition
+        topic from offset 0 on top of those states. A new version moves it over."""
+        folded = {t for t, _p in self.store.offsets()}
+        if not folded.intersection(self.projection.topics):
+            return False
+        log.warning(
+            "%s v%d was folded from its source topics: it goes on so (bump its version to "
+            "rebuild it through its repartition topic)",
+            self.name,
+            self.version,
+        )
+        return True
+
+    @property
+    def rekeys_here(self) -> bool:
+        """Whether a state may hold events of any partition (re-keyed, folded from the
+        source): then no one partition's owner answers for a key."""
+        return self._rekeys and not self.repartitioned
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -182,6 +224,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
             log.exception("%s v%d: closing the consumer failed", self.name, self.version)
         finally:
             try:
+                if self.routed is not None:
+                    self.routed.close()
                 self.store.close()
             finally:
                 with self._changed:
@@ -189,6 +233,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
 
     def stop(self) -> None:
         self._stop.set()
+        if self.feeder is not None:
+            self.feeder.stop()
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 
@@ -198,7 +244,7 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
         stored = self.store.offsets()
         owned = [
             (topic, p)
-            for topic in self.projection.topics
+            for topic in self.topics
             for p in topic_partitions(self._consumer, topic)
             if partitions is None or p in partitions
         ]
@@ -359,19 +405,22 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
 
         The paths are chosen once per batch, not per record: poison positions known from an
         earlier attempt leave the batch first (`_without_poison`), then the records are folded
-        under their own keys (`_fold_keyed`, the hot loop) or under the keys `key()` names
-        (`_fold_rekeyed`)."""
+        under their own keys (`_fold_keyed`, the hot loop), under the keys `key()` names
+        (`_fold_rekeyed`), or as the repartition topic routed them (`_fold_repartitioned`;
+        both in refold.engine.runner_rekeyed)."""
         stop: tuple[Message, str] | None = None
         dead: list[tuple[Message, str]] = []
         passed: dict[TP, int] = {}
         if self._poison:
             msgs, stop, dead, passed = self._without_poison(msgs)
-        if self._suspects:
-            self._fold_checked(msgs, self._fold_rekeyed if self._rekeys else self._fold_keyed)
-        elif self._rekeys:
-            self._fold_rekeyed(msgs)
+        if self.repartitioned:
+            fold = self._fold_repartitioned
         else:
-            self._fold_keyed(msgs)
+            fold = self._fold_rekeyed if self._rekeys else self._fold_keyed
+        if self._suspects:
+            self._fold_checked(msgs, fold)
+        else:
+            fold(msgs)
         next_offsets = self._pending.offsets
         for tp, nxt in passed.items():
             next_offsets[tp] = max(next_offsets.get(tp, 0), nxt)
@@ -454,71 +503,6 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison):
         if missing:
             self._cache.update(self.store.get_many(missing))
         return keys
-
-    def _fold_rekeyed(self, msgs: list[Message]) -> None:
-        """Fold each record under the key `projection.key(event)` names; None folds it under
-        the key its aggregate was last routed to (a link, stored with the states), and an
-        aggregate never routed is skipped."""
-        projection, store, cache, pending = self.projection, self.store, self._cache, self._pending
-        links = pending.links
-        folded = skipped = 0
-        try:
-            for msg, event in self._events(msgs):
-                key = None
-                try:
-                    key = projection.key(event)
-                    if key is None:
-                        key = links.get(event.key) or store.link(event.key)
-                        if key is None:
-                            skipped += 1
-                            continue
-                    elif links.get(event.key, "") != key and store.link(event.key) != key:
-                        links[event.key] = key
-                    state = cache.get(key, _MISSING)
-                    if state is _MISSING:
-                        state = store.get(key)
-                        if state is None:
-                            state = projection.initial(key)
-                    state = projection.apply(state, event)
-                except Exception as exc:  # a bug or bad data in user code: poison, not a crash
-                    reason = f"{event.type}: {type(exc).__name__}: {exc}"
-                    raise Poison(msg, reason, key) from exc
-                cache[key] = state
-                pending.changed[key] = state
-                folded += 1
-        finally:
-            pending.folded += folded
-            pending.skipped += skipped
-
-    def _events(self, msgs: list[Message]) -> Iterator[tuple[Message, Event]]:
-        """The batch's records not folded yet and within bounds, decoded, in order; moves each
-        partition's next offset past every record it yields. (`_fold_keyed` does the same
-        inline.)"""
-        next_offsets, expected = self._pending.offsets, self._next
-        for msg in msgs:
-            if msg.error() is not None:
-                self._consume_error(msg)
-                continue
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-            tp = (topic, partition)
-            if offset < max(expected.get(tp, 0), next_offsets.get(tp, 0)):
-                continue  # already folded: a redelivery after a seek
-            bound = self._bounds.get(tp) if self._bounds else None
-            if bound is not None and offset >= bound:
-                self._beyond.setdefault(tp, offset)  # a rebuild's bound: read again later
-                continue
-            next_offsets[tp] = offset + 1
-            raw_key = msg.key()
-            try:
-                if raw_key is None:
-                    raise DecodeError("record has no key (events are keyed by aggregate id)")
-                type_name, data = self.codec.decode(msg.value())
-            except DecodeError as exc:
-                raise Poison(msg, f"undecodable: {exc}") from exc
-            key = raw_key.decode("utf-8", "replace")
-            event = Event(type_name, key, data, topic, partition, offset, 0, None, msg)
-            event.replay = offset < self._replay_below.get(tp, 0)
-            yield msg, event
 
     def _consume_error(self, msg: Message) -> None:
         error = msg.error()

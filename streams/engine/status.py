@@ -17,6 +17,7 @@ from refold.core.errors import TopicError
 from refold.core.projection import Projection
 from refold.engine.frozen import Serving, frozen_reason
 from refold.engine.rebuild import build_on_disk, stored_offsets
+from refold.engine.repartition import repartition_topic
 from refold.kafka import clients
 from refold.store.rocksdb import RocksStore
 from refold.store.scratch import scratch_dir
@@ -122,7 +123,7 @@ def _partitions(
 
 def describe(runner: Serving, watermarks: Watermarks) -> dict[str, Any]:
     stats = runner.stats
-    return {
+    out = {
         "name": runner.name,
         "version": runner.version,
         "state": stats.state,
@@ -133,6 +134,27 @@ def describe(runner: Serving, watermarks: Watermarks) -> dict[str, Any]:
         "dead_letters": stats.dead_letters,
         "skipped": stats.skipped,
     }
+    feeder = getattr(runner, "feeder", None)
+    if feeder is not None:  # a re-keyed projection: its routing stage (refold.engine.repartition)
+        routed = feeder.routed_offsets()
+        ends = watermarks.ends(list(routed))
+        f = feeder.stats
+        out["routing"] = {
+            "state": f.state,
+            "error": f.error,
+            "routed": f.routed,
+            "skipped": f.skipped,
+            "dead_letters": f.dead_letters,
+            "partitions": [
+                {"topic": t, "partition": p, "next_offset": o, "lag": _gap(ends.get((t, p)), o)}
+                for (t, p), o in sorted(routed.items())
+            ],
+        }
+    return out
+
+
+def _gap(end: int | None, nxt: int) -> int | None:
+    return None if end is None else max(0, end - nxt)
 
 
 def describe_on_disk(
@@ -314,7 +336,10 @@ def store_status(
             counters = {k: int(store.meta(k) or 0) for k in counters}
         finally:
             store.close()
-    tps = watermarks.partitions(projection.topics)
+    # A re-keyed projection folded in a worker stores its repartition topic's offsets.
+    folded = {t for t, _p in offsets}
+    rekeyed = repartition_topic(config, name, version)
+    tps = watermarks.partitions((rekeyed,) if rekeyed in folded else projection.topics)
     ends = watermarks.ends(tps)
     lag = sum(max(0, ends.get(tp, 0) - offsets.get(tp, 0)) for tp in tps)
     building = None

@@ -30,6 +30,7 @@ from refold.engine.frozen import FrozenVersion, Serving, frozen_reason
 from refold.engine.health import HealthMonitor
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import PARALLEL_MIN_EVENTS, build_in_parts, default_procs, discard_parts
+from refold.engine.repartition import Repartitioner, ensure_repartition_topic
 from refold.engine.runner_stats import TP
 from refold.engine.runtime import ProjectionRunner, dead_letter_topic_name
 from refold.engine.saga_runner import SagaService
@@ -187,21 +188,45 @@ class Worker:
         replay_below: dict[TP, int] | None = None,
         store: RocksStore | None = None,
     ) -> ProjectionRunner:
+        projection = self.versions[name][version]
         runner = ProjectionRunner(
             self.config,
             self.codec,
-            self.versions[name][version],
+            projection,
             dead_letters=self._dlq,
             store=store,
             version=version,
             batch_size=self._batch_size,
             replay_below=replay_below,
             instance_id=f"{self.worker_id}.{name}.v{version}",
+            repartitioned=projection.rekeys,
         )
+        if runner.repartitioned:
+            runner.feeder = self._start_repartitioner(projection, version)
         thread = threading.Thread(target=runner.run, name=f"fold-{name}-v{version}", daemon=True)
         self._threads.append(thread)
         thread.start()
         return runner
+
+    def _start_repartitioner(self, projection: Projection, version: int) -> Repartitioner:
+        """The stage that routes a re-keyed projection's source partitions this worker owns to
+        its repartition topic (created here when missing)."""
+        ensure_repartition_topic(self.config, projection, version)
+        feeder = Repartitioner(
+            self.config,
+            self.codec,
+            projection,
+            version,
+            worker_id=self.worker_id,
+            dlq_topic=dead_letter_topic_name(self.config, projection.name),
+            batch_size=self._batch_size,
+        )
+        thread = threading.Thread(
+            target=feeder.run, name=f"repartition-{projection.name}-v{version}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+        return feeder
 
     def _start_build(self, name: str, version: int, live: dict[TP, int]) -> None:
         """Build `version` beside the live one. A build from scratch of at least
@@ -209,7 +234,12 @@ class Worker:
         offsets of now (refold.engine.rebuild); its runner then follows in the group like any
         other."""
         store = RocksStore.open(store_path(self.config, name, version))
-        if store.offsets() or default_procs() < 2 or sum(live.values()) < PARALLEL_MIN_EVENTS:
+        if (
+            store.offsets()
+            or default_procs() < 2
+            or sum(live.values()) < PARALLEL_MIN_EVENTS
+            or self.versions[name][version].rekeys  # folds its own repartition topic
+        ):
             discard_parts(self.config, name, version)
             self.builds[name] = self._start_runner(name, version, live, store)
             return
@@ -323,7 +353,7 @@ class Worker:
             build is not None
             and self.versions[name][build.version].on_new_version == "swap"
             and build.stats.state == "running"
-            and build.reached(_folded(serving))
+            and _caught_up(build, serving)
         ):
             log.info("%s: v%d caught up with v%d, swapping", name, build.version, serving.version)
             set_live(self.config, name, build.version)
@@ -340,7 +370,7 @@ class Worker:
         deadline = time.monotonic() + 60
         while (
             not isinstance(new, FrozenVersion)  # it serves what it holds: nothing to wait for
-            and not new.reached(_folded(old))
+            and not _caught_up(new, old)
             and time.monotonic() < deadline
         ):
             if new.stats.state == "failed" or self._stopping.is_set():
@@ -352,6 +382,25 @@ class Worker:
         timer = threading.Timer(SWITCH_GRACE_S, old.stop)
         timer.daemon = True
         timer.start()
+
+
+def _caught_up(new: Serving, old: Serving) -> bool:
+    """Whether `new` has folded what `old` has. A re-keyed version folds a repartition topic of
+    its own, whose offsets say nothing of the other's: it has caught up once its routing has
+    passed the source offsets the old one routed (or folded, from its source) in the source
+    partitions this worker routes, and it has nothing left to fold."""
+    if not isinstance(new, ProjectionRunner) or new.feeder is None:
+        return new.reached(_folded(old))
+    routed = new.feeder.routed_offsets()
+    theirs = old.feeder.routed_offsets() if isinstance(old, ProjectionRunner) and old.feeder else {}
+    sources = new.projection.topics
+    theirs = theirs or {tp: o for tp, o in old.stats.positions.items() if tp[0] in sources}
+    return (
+        bool(routed)
+        and all(routed.get(tp, o) >= o for tp, o in theirs.items())
+        and bool(new.stats.lag)
+        and not any(new.stats.lag.values())
+    )
 
 
 def _folded(runner: Serving) -> dict[TP, int]:

@@ -15,6 +15,7 @@ from refold.engine.membership import rejoin_after_s
 class FakeRunner:
     instance_id: str | None
     projection: Any = field(default_factory=lambda: type("P", (), {"topics": ("t",)})())
+    topics: tuple[str, ...] = ("t",)  # what the runner folds (a re-keyed one: not the source)
     reasons: list[str] = field(default_factory=list)
 
     def rejoin(self, reason: str) -> None:

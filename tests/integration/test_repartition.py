@@ -1,0 +1,242 @@
+"""A re-keyed projection (the bank's `owners`) folded through its repartition topic
+(refold.engine.repartition), in one worker process: exact states from a live fold, a replay of a
+fixed version that reads the source from offset 0 through the new version's own repartition topic
+and diffs against the live one, and, after the swap, a worker that goes on from where the replay
+stopped without folding anything twice.
+
+The oracle is the test's own: owners computed from the events it published.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from refold import Event
+from refold.core.config import Config
+from refold.engine.replay import replay
+from refold.engine.runtime import ProjectionRunner
+from refold.engine.worker import Worker
+from refold.examples.bank.projections import Owners
+from refold.kafka import clients
+from refold.kafka.publisher import Publisher
+from refold.kafka.registry import codec_for
+from refold.kafka.topics import Topics, event_topic, internal_topics
+from refold.store.rocksdb import RocksStore
+from refold.store.versions import live_version, store_path
+
+Events = list[tuple[str, str, dict[str, Any]]]
+
+
+def _bank(rng: random.Random, accounts: range, owners: int, moves: int) -> Events:
+    out: Events = []
+    for i in accounts:
+        data = {"account_id": f"acc-{i}", "owner": f"owner-{rng.randrange(owners)}"}
+        out.append(("bank.AccountOpened", f"acc-{i}", data))
+    for i in range(moves):
+        account = f"acc-{rng.choice(accounts)}"
+        kind = "bank.MoneyDeposited" if rng.random() < 0.7 else "bank.MoneyWithdrawn"
+        data = {"account_id": account, "amount_cents": rng.randrange(1, 900), "memo": str(i)}
+        out.append((kind, account, data))
+    return out
+
+
+def _owners(events: Events, counted: bool) -> dict[str, dict[str, Any]]:
+    """`owners` v1 (counted=False) or v2 (also counts each owner's money events)."""
+    out: dict[str, dict[str, Any]] = {}
+    owner_of: dict[str, str] = {}
+    for kind, account, data in events:
+        if kind == "bank.AccountOpened":
+            owner_of[account] = data["owner"]
+            state = out.setdefault(data["owner"], {"accounts": {}, "total_cents": 0})
+            if counted:
+                state.setdefault("moves", 0)
+            state["accounts"].setdefault(account, 0)
+            continue
+        delta = data["amount_cents"] if kind == "bank.MoneyDeposited" else -data["amount_cents"]
+        state = out[owner_of[account]]
+        state["accounts"][account] += delta
+        state["total_cents"] += delta
+        if counted:
+            state["moves"] += 1
+    return out
+
+
+def _classes(name: str, topic: str) -> tuple[type[Owners], type[Owners]]:
+    class V1(Owners):
+        pass
+
+    class V2(Owners):
+        version = 2
+
+        def initial(self, key: str) -> dict[str, Any]:
+            return {"accounts": {}, "total_cents": 0, "moves": 0}
+
+        def apply(self, state: dict[str, Any], event: Event) -> dict[str, Any]:
+            if event.type != "bank.AccountOpened":
+                state["moves"] += 1
+            return super().apply(state, event)
+
+    for cls in (V1, V2):
+        cls.name, cls.topics = name, (topic,)  # type: ignore[misc]
+    return V1, V2
+
+
+def _states(store: RocksStore) -> dict[str, Any]:
+    return dict(store.scan(limit=1_000_000))
+
+
+def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_owners_through_the_repartition_topic_replay_diff_swap_and_go_on(
+    config: Config, unique: Any
+) -> None:
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=3), *internal_topics(config)])
+    rng = random.Random(41)
+    first = _bank(rng, range(60), 12, 3000)
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, first)
+    v1, v2 = _classes(name, topic)
+
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        runner = worker.runners[name]
+        assert getattr(runner, "repartitioned", False)
+        want = _owners(first, counted=False)
+        _until(lambda: _states(runner.store) == want, 60, "v1 folded the oracle's owners")
+        assert runner.topics == (f"_{config.app_id}.{name}.v1.repartition",)
+        # The replay reads the source from offset 0 through v2's own repartition topic.
+        result = replay(config, codec, v2(), 2, diff=True, progress=None)
+    finally:
+        worker.stop()
+    assert result.diff is not None
+    assert (result.diff.changed, result.diff.added, result.diff.removed) == (len(want), 0, 0)
+    assert result.folded == len(first)
+    built = RocksStore.open(store_path(config, name, 2))
+    try:
+        assert _states(built) == _owners(first, counted=True)
+        assert {t for t, _p in built.offsets()} == {f"_{config.app_id}.{name}.v2.repartition"}
+    finally:
+        built.close()
+
+    # Swapped, a worker serves v2 and goes on from the replay's offsets: new events once each.
+    result = replay(config, codec, v2(), 2, swap=True, progress=None)
+    assert live_version(config, name) == 2
+    more = _bank(rng, range(60, 70), 12, 500)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, more)
+    worker = Worker(config, [v1(), v2()], codec=codec)
+    worker.start()
+    try:
+        runner = worker.runners[name]
+        assert runner.version == 2
+        want = _owners(first + more, counted=True)
+        _until(lambda: _states(runner.store) == want, 60, "v2 went on to the oracle's owners")
+        time.sleep(1.0)  # nothing more arrives: no event is folded twice
+        assert _states(runner.store) == want
+    finally:
+        worker.stop()
+
+
+def test_a_worker_builds_a_new_rekeyed_version_through_its_topic_and_swaps(
+    config: Config, unique: Any
+) -> None:
+    """`on_new_version = "swap"`: the worker builds v2 beside v1 through v2's own repartition
+    topic and swaps once v2 has routed what v1 routed and folded all of it."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=3), *internal_topics(config)])
+    rng = random.Random(43)
+    events = _bank(rng, range(40), 8, 2000)
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, events)
+    v1, v2 = _classes(name, topic)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        want = _owners(events, counted=False)
+        _until(lambda: _states(worker.runners[name].store) == want, 60, "v1 folded")
+    finally:
+        worker.stop()
+    v2.on_new_version = "swap"
+    worker = Worker(config, [v1(), v2()], codec=codec)
+    worker.start()
+    try:
+        _until(lambda: worker.runners[name].version == 2, 90, "the worker swapped to v2")
+        want = _owners(events, counted=True)
+        _until(lambda: _states(worker.runners[name].store) == want, 30, "v2 holds the oracle")
+    finally:
+        worker.stop()
+    assert live_version(config, name) == 2
+
+
+def test_a_replay_attaches_to_a_worker_building_the_rekeyed_version(
+    config: Config, unique: Any
+) -> None:
+    """`refold replay` while a worker builds the same re-keyed version: it waits until that
+    build has routed the source's ends and folded its repartition topic, diffs and swaps."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=3), *internal_topics(config)])
+    events = _bank(random.Random(47), range(30), 6, 1500)
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, events)
+    v1, v2 = _classes(name, topic)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        want = _owners(events, counted=False)
+        _until(lambda: _states(worker.runners[name].store) == want, 60, "v1 folded")
+    finally:
+        worker.stop()
+    worker = Worker(config, [v1(), v2()], codec=codec)
+    worker.start()
+    try:
+        _until(lambda: name in worker.builds, 30, "the worker builds v2")
+        result = replay(config, codec, v2(), 2, diff=True, swap=True, progress=None)
+        assert result.diff is not None and result.diff.changed == len(want)
+        want = _owners(events, counted=True)
+        _until(lambda: worker.runners[name].version == 2, 30, "the worker follows the swap")
+        _until(lambda: _states(worker.runners[name].store) == want, 30, "v2 holds the oracle")
+    finally:
+        worker.stop()
+
+
+def test_a_store_folded_from_its_source_goes_on_so(config: Config, unique: Any) -> None:
+    """A re-keyed store folded from its source topics (an older release) is not folded again
+    from its repartition topic on top of its states: the worker goes on folding the source."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=3), *internal_topics(config)])
+    rng = random.Random(53)
+    first = _bank(rng, range(20), 5, 800)
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, first)
+    v1, _v2 = _classes(name, topic)
+    local = ProjectionRunner(config, codec, v1(), dead_letters=clients.producer(config))
+    try:
+        assert local.run_until(local.assign_all(), timeout=60)
+    finally:
+        local.close()
+    more = _bank(rng, range(20, 25), 5, 300)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, more)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        runner = worker.runners[name]
+        assert runner.topics == (topic,) and getattr(runner, "feeder", None) is None
+        want = _owners(first + more, counted=False)
+        _until(lambda: _states(runner.store) == want, 60, "the source fold went on")
+    finally:
+        worker.stop()
