@@ -7,10 +7,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from refold.core.config import Config
+from refold.core.errors import PublishError
+from refold.core.inputs import EncodedBatch, EventInput
 from refold.engine.file_publish import MIN_CHUNK
 from refold.kafka import clients
 from refold.kafka.log import read_to_end
+from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
 from refold.kafka.topics import Topics, event_topic, internal_topics
 
@@ -82,3 +86,30 @@ def test_worker_processes_publish_exactly_the_file_in_order_per_key(config, uniq
         partitions[key].add(partition)
     assert landed == sent  # every event once, each key's in file order
     assert all(len(p) == 1 for p in partitions.values())
+
+
+def test_batches_carry_the_bulk_envelope_and_a_refused_event_stops_them(config, unique):
+    """`publish_batches` (what the file path sends with): a record the producer refuses is a
+    PublishError counting it and every event after it; what came before landed, in order; the
+    publisher publishes again afterwards and bounds its offsets."""
+    topic = unique("bank")
+    Topics(config).ensure([*internal_topics(config), event_topic(topic, partitions=1)])
+    codec = codec_for(config)
+    events = make_events(5, accounts=2)
+    first, second = EncodedBatch(), EncodedBatch()
+    for i, e in enumerate(events):
+        data = e["data"] if i != 3 else {**e["data"], "memo": "x" * 1_100_000}
+        key = e["key"] if i != 3 else "acc-huge"
+        (first if i < 2 else second).add(
+            EventInput(e["type"], key, data, codec.encode(e["type"], data))
+        )
+    with Publisher(config, codec, source="refold://batches") as publisher:
+        with pytest.raises(PublishError) as caught:
+            publisher.publish_batches(topic, [first, second])
+        assert f"2 of 5 events not acknowledged by '{topic}' (first: key 'acc-huge')" in str(
+            caught.value
+        )
+        records = read_back(config, topic)
+        assert [(r[2], r[4]) for r in records] == [(e["key"], e["data"]) for e in events[:3]]
+        summary = publisher.publish_batches(topic, [first])  # a good call after a failed one
+    assert summary.count == 2 and summary.min_offset == "0:4"
