@@ -105,6 +105,50 @@ def throughput(
     return n / span if span > 0 else float("inf")
 
 
+def step_histograms(port: int) -> dict[str, list[tuple[float, int]]]:
+    """The worker's `refold_command_step_ms` buckets: step -> [(upper bound ms, cumulative)]."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return parse_steps(text)
+
+
+def parse_steps(text: str) -> dict[str, list[tuple[float, int]]]:
+    """`refold_command_step_ms` buckets in a /metrics text: step -> [(le ms, cumulative)]."""
+    import re
+
+    pattern = re.compile(r'refold_command_step_ms_bucket\{.*step="([^"]+)",le="([^"]+)"\} (\d+)')
+    out: dict[str, list[tuple[float, int]]] = {}
+    for step, le, count in pattern.findall(text):
+        out.setdefault(step, []).append((float(le), int(count)))
+    return out
+
+
+def step_quantiles(
+    before: dict[str, list[tuple[float, int]]], after: dict[str, list[tuple[float, int]]]
+) -> dict[str, dict[str, float]]:
+    """p50/p99 (ms, interpolated within buckets) of what each step recorded between two scrapes."""
+    out = {}
+    for step, rows in after.items():
+        old = dict(before.get(step, []))
+        counts = [(le, n - old.get(le, 0)) for le, n in rows]
+        total = counts[-1][1]
+        if total <= 0:
+            continue
+        quantiles = {"count": float(total)}
+        for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
+            rank, low, below = q * total, 0.0, 0
+            for le, cumulative in counts:
+                if cumulative >= rank:
+                    width = cumulative - below
+                    high = le if le != float("inf") else low * 2
+                    quantiles[name] = round(low + (high - low) * (rank - below) / max(width, 1), 2)
+                    break
+                low, below = le, cumulative
+        out[step] = quantiles
+    return out
+
+
 async def latency(
     port: int, decider: Decider, rate: float, seconds: float, accounts: int
 ) -> dict[str, float]:
@@ -141,6 +185,8 @@ async def latency(
                 for k in keys
             )
         )
+        loop = asyncio.get_running_loop()
+        before = await loop.run_in_executor(None, step_histograms, port)
         tasks = []
         start = time.perf_counter()
         total = int(rate * seconds)
@@ -163,7 +209,10 @@ async def latency(
             )
         offered = total / (time.perf_counter() - start)
         await asyncio.gather(*tasks)
+        after = await loop.run_in_executor(None, step_histograms, port)
+    steps = step_quantiles(before, after)
     return {
+        "steps": steps,  # type: ignore[dict-item]
         "offered_per_s": offered,
         "p50_ms": percentile(samples, 0.50) * 1000,
         "p99_ms": percentile(samples, 0.99) * 1000,
@@ -232,7 +281,7 @@ def main() -> None:
             "partitions": args.partitions,
             "decided_per_s": round(rate),
             "latency_at_rate_per_s": round(half),
-            **{k: round(v, 1) for k, v in lat.items()},
+            **{k: v if isinstance(v, dict) else round(v, 1) for k, v in lat.items()},
             "loadavg": os.getloadavg(),
             "cpus": os.cpu_count(),
         }

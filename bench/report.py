@@ -123,6 +123,9 @@ def publish_md(p: dict[str, Any]) -> list[str]:
         rows,
     )
     out += [
+        "- `refold publish --file` end to end / `publish_bulk` (median of per-repetition ratios): "
+        f"**{times(p.get('ratio_file_to_bulk_per_rep_median'))}**; / bare producer: "
+        f"{times(p.get('ratio_file_to_bare_per_rep_median'))}",
         "- refold `publish_bulk` / bare producer: "
         f"**{times(p['ratio_refold_bulk_to_bare'])}** (/ bare with the same headers: "
         f"{times(p['ratio_refold_bulk_to_bare_headers'])}); `publish_encoded` (a position per "
@@ -440,6 +443,20 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             ),
             "events/s",
             100_000,
+            True,
+        ),
+        (
+            "`refold publish --file` ≥ 100,000 events/s end to end",
+            _get(report, "publish", "file_events_per_s_median"),
+            "events/s",
+            100_000,
+            True,
+        ),
+        (
+            "`refold publish --file` ≥ 0.6x publish_bulk",
+            _get(report, "publish", "ratio_file_to_bulk_per_rep_median"),
+            "x",
+            0.6,
             True,
         ),
         (

@@ -5,20 +5,33 @@ Every variant sends the same N pre-built bank events with the same producer sett
 topic, and waits until every record is acknowledged. Variants run interleaved (A B C D E A B ...)
 so that background noise spreads evenly over them.
 
-The refold variant the targets are read from is `publish_bulk`, what `refold publish --file`
-runs: its producer adds `delivery.report.only.error` (failures still raise; landed records cost
-no report). The bare baselines keep a delivery callback for every record, as a bare producer that
-checks its deliveries does; `publish_encoded` (a position per event) is measured beside them.
+`refold publish --file` runs end to end beside them: the CLI in its own process on a JSON-lines
+file of the same events (start-up, parsing, validation and encoding included), timed from its
+start to its exit. Its ratios to `publish_bulk` and to the bare producer are taken per repetition
+(the runs of one repetition are neighbours in time) and their median reported.
+
+The refold variant the publish targets were first read from is `publish_bulk` (pre-encoded;
+the bulk path `refold publish --file` sends through): its producer adds
+`delivery.report.only.error` (failures still raise; landed records cost no report). The bare
+baselines keep a delivery callback for every record, as a bare producer that checks its
+deliveries does; `publish_encoded` (a position per event) is measured beside them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaError, Message, Producer
 from refold.core import envelope
 from refold.core.inputs import EventInput
@@ -39,7 +52,8 @@ from bench.common import (
 
 log = logging.getLogger(__name__)
 
-REFOLD_BULK = "refold Publisher.publish_bulk (pre-encoded; `refold publish --file`)"
+REFOLD_BULK = "refold Publisher.publish_bulk (pre-encoded)"
+REFOLD_FILE = "`refold publish --file` end to end (JSONL file, CLI process)"
 REFOLD_ENCODED = "refold Publisher.publish_encoded (pre-encoded, a position per event)"
 REFOLD_MANY = "refold Publisher.publish_many (encodes each event)"
 BARE = "bare Producer, key + value"
@@ -57,7 +71,15 @@ class PublishResult:
 
     def to_json(self) -> dict[str, Any]:
         refold, bare = self.runs[REFOLD_BULK].rate, self.runs[BARE].rate
+        file_rates = self.runs[REFOLD_FILE].rates
         return {
+            "file_events_per_s_median": self.runs[REFOLD_FILE].rate,
+            "ratio_file_to_bulk_per_rep_median": median(
+                [f / b for f, b in zip(file_rates, self.runs[REFOLD_BULK].rates, strict=False)]
+            ),
+            "ratio_file_to_bare_per_rep_median": median(
+                [f / b for f, b in zip(file_rates, self.runs[BARE].rates, strict=False)]
+            ),
             "topic": self.topic,
             "refold_variant": REFOLD_BULK,
             "variants": {k: r.to_json() for k, r in self.runs.items()},
@@ -97,6 +119,33 @@ def bare_publish(
         )
 
 
+def write_jsonl(events: Sequence[EventInput], path: Path) -> None:
+    """The events as `refold publish --file` input, one `{"type", "key", "data"}` per line."""
+    with path.open("wb") as fh:
+        for e in events:
+            fh.write(orjson.dumps({"type": e.type, "key": e.key, "data": e.data}) + b"\n")
+
+
+def cli_publish(bootstrap: str, topic: str, path: Path) -> tuple[float, float]:
+    """Run `refold publish TOPIC --file PATH` in its own process: (wall s, its CPU s)."""
+    env = {**os.environ, "REFOLD_BOOTSTRAP_SERVERS": bootstrap}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "refold.cli.main", "publish", topic, "--file", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"refold publish --file failed: {done.stderr.strip()[-500:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
 def python_costs(bench: Bench, data: BankData, sample: int = 100_000) -> dict[str, float]:
     """Per-event costs of the publisher's own Python steps, measured apart from Kafka."""
     events = data.events[:sample]
@@ -131,6 +180,17 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
         if summary.count != len(events):
             raise RuntimeError(f"publish_bulk reported {summary.count} events")
 
+    jsonl = Path(tempfile.mkdtemp(prefix="refold-bench-publish-")) / "events.jsonl"
+    write_jsonl(events, jsonl)
+
+    def refold_file(topic: str) -> None:
+        wall, cpu = cli_publish(bench.bootstrap, topic, jsonl)
+        runs[REFOLD_FILE].add(len(events), wall, cpu)
+        after, before = pid_cpu(bench.broker_pid), broker_before[0]
+        if after is not None and before is not None:
+            broker_cpu[REFOLD_FILE].append((after - before) * 1_000_000 / len(events))
+        log.info("publish %-60s %10.0f events/s (%.2f s)", REFOLD_FILE, len(events) / wall, wall)
+
     def refold_encoded(topic: str) -> None:
         with Publisher(bench.config("pub"), bench.codec) as publisher:
             started = time.perf_counter(), process_cpu()
@@ -152,6 +212,7 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
         finish(topic, label, started)
 
     variants: dict[str, Callable[[str], None]] = {
+        REFOLD_FILE: refold_file,
         REFOLD_BULK: refold_bulk,
         BARE: lambda t: bare(t, None, BARE),
         REFOLD_ENCODED: refold_encoded,
@@ -202,6 +263,8 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
     finally:
         if tuned:
             tune_allocator(DEFAULT_MXFAST)
+        jsonl.unlink(missing_ok=True)
+        jsonl.parent.rmdir()
     result.topic = first_topic[0]
     result.costs_us = python_costs(bench, data)
     result.broker_cpu_per_million = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
@@ -73,6 +74,7 @@ class CommandRoutes:
     async def post(self, request: web.Request) -> web.StreamResponse:
         """`POST /commands/{aggregate}` with `{"command_id"?, "key", "type", "data",
         "expected_version"?}` -> 202 `{"command_id", "status_url"}` (or the result with wait_ms)."""
+        started = time.time()
         aggregate = request.match_info["name"]
         if aggregate not in self.worker.processors:
             known = ", ".join(sorted(self.worker.processors)) or "none"
@@ -94,6 +96,7 @@ class CommandRoutes:
             command = client.prepare(aggregate, obj)
         except InputError as exc:
             return _error(422, "invalid command", str(exc))
+        timing = self.worker.processors[aggregate].timing
         results = self.worker.results
         first = results.get(command.command_id) if results else None
         if first is not None and is_conflict(first, command):
@@ -110,6 +113,8 @@ class CommandRoutes:
             response.headers["Retry-After"] = f"{retry:.0f}"
             return response
         self._remember(command.command_id)  # before the append: a GET may race its answer
+        appending = time.time()
+        timing.add("http_intake", (appending - started) * 1000)
         try:
             await asyncio.wrap_future(client.append(command))
         except CommandError as exc:
@@ -117,13 +122,23 @@ class CommandRoutes:
             return _error(503, "not acknowledged", str(exc))
         if results is not None and first is None:
             backlog.watch(asyncio.get_running_loop(), command.command_id, results.watch)
+        timing.add("http_append", (time.time() - appending) * 1000)
         status_url = f"/commands/{quote(command.command_id, safe='')}"
         if wait_ms:
-            result = await self._result(command.command_id, wait_ms)
+            learned: list[float] = []
+            result = await self._result(command.command_id, wait_ms, learned)
             if result is not None and is_conflict(result, command):
                 return _conflict(command, result)
             if result is not None:
-                return _respond(200, {**result, "status_url": status_url})
+                response = _respond(200, {**result, "status_url": status_url})
+                answered = time.time()
+                if learned:
+                    timing.add("http_answer", (answered - learned[0]) * 1000)
+                    decided_ms = result.get("decided_at_ms")
+                    if isinstance(decided_ms, int) and decided_ms:
+                        timing.add("decided_to_index", learned[0] * 1000 - decided_ms)
+                timing.add("post_total", (answered - started) * 1000)
+                return response
         return _respond(
             202, {"command_id": command.command_id, "status": "pending", "status_url": status_url}
         )
@@ -157,7 +172,11 @@ class CommandRoutes:
         if len(submitted) > MAX_REMEMBERED:
             submitted.popitem(last=False)
 
-    async def _result(self, command_id: str, wait_ms: int) -> dict[str, Any] | None:
+    async def _result(
+        self, command_id: str, wait_ms: int, learned: list[float] | None = None
+    ) -> dict[str, Any] | None:
+        """The result, known or within `wait_ms`; `learned` gets the time the index had it
+        (for the step timings of refold.engine.command_timing)."""
         index = self.worker.results
         if index is None:
             return None
@@ -172,6 +191,8 @@ class CommandRoutes:
                 future.set_result(result)
 
         def from_index_thread(result: dict[str, Any]) -> None:
+            if learned is not None:
+                learned.append(time.time())
             loop.call_soon_threadsafe(settle, result)
 
         cancel = index.watch(command_id, from_index_thread)

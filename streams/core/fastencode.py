@@ -9,9 +9,10 @@ encoding out field by field and compiles it once.
 
 It only encodes what the strict path (`serde.strict_check` + fastavro) would encode the same
 way: values of exactly the declared Python type (`int` not `bool` for a long, in range), every
-field present. Anything else raises (TypeError, ValueError, KeyError, UnicodeError) and the
-codec falls back to fastavro, which applies defaults or says what is wrong, as before. The
-unit tests check the bytes against fastavro's.
+field present or with a default. For anything else the encoder returns None and the caller
+encodes with `Codec.encode`, which says what is wrong (the file publish path, `refold.core.
+inputs`, and `Codec.encode` itself, whose fallback is fastavro). The unit tests check the bytes
+against fastavro's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from refold.core.fastdecode import _array_items, _kind
 
-Encoder = Callable[[Mapping[str, Any]], bytes]
+Encoder = Callable[[Mapping[str, Any]], bytes | None]
 
 _DOUBLE = Struct("<d")
 _FLOAT = Struct("<f")
@@ -162,7 +163,16 @@ def generate(schema: Mapping[str, Any], prefix: bytes) -> Encoder | None:
             lines += union
         else:
             lines += _primitive(kind, v, "    ")
-    lines.append("    return bytes(out)")
+    # Refusals raise inside; the encoder answers None for them (no exception reaches callers).
+    body = ["    " + line for line in lines[1:]]
+    lines = [
+        lines[0],
+        "    try:",
+        *body,
+        "        return bytes(out)",
+        "    except (TypeError, ValueError, KeyError, UnicodeError, OverflowError):",
+        "        return None",
+    ]
     namespace: dict[str, Any] = {
         "PREFIX": prefix,
         "_DOUBLE": _DOUBLE,

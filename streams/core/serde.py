@@ -189,10 +189,11 @@ class Codec:
             writer = self._writers[type_name] = (prefix, sv.schema, check, fast)
         prefix, schema, strict, fast = writer
         if fast is not None and type(data) is dict:
-            try:
-                return fast(data)
-            except Exception:  # fastavro, below, says what is wrong
-                pass
+            encoded = fast(data)
+            if encoded is not None:
+                return (
+                    encoded  # else fastavro, below, applies what is missing or says what is wrong
+                )
         buf = io.BytesIO()
         buf.write(prefix)
         try:

@@ -15,13 +15,18 @@ On assignment of command partition p, before deciding anything:
 
 Then for each batch of commands (up to `batch_size`), in ONE Kafka transaction:
 
-3. decide each command in order against the state left by the previous ones: a command id that
-   already has a result is skipped (the first result stands, nothing is emitted); a stale
+3. append a claim for each new command id (refold.engine.claims) in a thread of its own and,
+   meanwhile, decide each command in order against the state left by the previous ones,
+   assuming each new id is won by its command unless the claims index already knows another
+   winner; before the commit (step 5) the claims' winners are checked, and a batch with an id
+   won by another command is aborted and decided again (then knowing that winner). A command
+   id that already has a result is skipped (the first result stands, nothing is emitted); a stale
    `expected_version` is rejected as a conflict; otherwise `decide` gives events or a rejection;
-4. produce the events to event partition p, flush (delivery reports give their offsets), produce
-   one result per command to results partition p (keyed by command id), flush;
-5. `send_offsets_to_transaction` for the command offsets with the consumer's group metadata
-   (KIP-447: a processor that lost the partition is fenced) and `commit_transaction`;
+4. produce the events to event partition p; while they travel, `send_offsets_to_transaction`
+   for the command offsets with the consumer's group metadata (KIP-447: a processor that lost
+   the partition is fenced); flush the events (delivery reports give their offsets);
+5. produce one result per command to results partition p (keyed by command id) and
+   `commit_transaction`, which flushes them first (a failed delivery fails the commit);
 6. only then fold the events into the in-memory states and write states, results and offsets to
    the store in one WriteBatch. On any abort the states are rebuilt from store + topics (step 1)
    and the command consumer is rewound to the committed offsets; a kill -9 anywhere leaves either
@@ -38,6 +43,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,7 @@ from refold.core.config import Config
 from refold.core.errors import CommandError, DecodeError, InputError, LogReadError, TopicError
 from refold.core.serde import Codec, Event
 from refold.engine.claims import ClaimRequest, ClaimsIndex
+from refold.engine.command_timing import StepTimes
 from refold.engine.decisions import (
     Aggregate,
     BatchDecision,
@@ -131,6 +138,8 @@ class CommandProcessor(BoundedTransactions):
         self.decider = decider
         self.name = decider.name
         self.stats = ProcessorStats()
+        #: milliseconds per step (refold.engine.command_timing), for /metrics
+        self.timing = StepTimes()
         self._batch_size = batch_size
         self._on_decided = on_decided
         self._source = f"refold://{socket.gethostname()}/commands/{self.name}"
@@ -140,6 +149,8 @@ class CommandProcessor(BoundedTransactions):
         self._claims = ClaimsIndex.for_decider(
             config, decider, path.with_name(f"{path.name}.claims")
         )
+        # One thread claims a batch's new ids while the batch is decided and its events sent.
+        self._claimer = ThreadPoolExecutor(1, thread_name_prefix=f"claims-{self.name}")
         self._cache: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._registry = SchemaRegistry(config, codec.catalog)
@@ -227,6 +238,7 @@ class CommandProcessor(BoundedTransactions):
     def _close(self) -> None:
         if self.stats.state != "failed":
             self.stats.state = "stopped"
+        self._claimer.shutdown(wait=True)
         for close in (
             self._consumer.close,
             self._reader.close,
@@ -450,13 +462,27 @@ class CommandProcessor(BoundedTransactions):
 
     def _transact(self, msgs: list[Message]) -> None:
         """Steps 3-6 for one batch: claim the new ids, decide (pure), produce, commit, store."""
+        timing, started = self.timing, time.time()
+        for msg in msgs:
+            kind, stamp = msg.timestamp()
+            if kind:  # the command's produce time (CreateTime) -> its consume
+                timing.add("queued", started * 1000 - stamp)
         records = [_record(msg) for msg in msgs]
         decided_at = self._decided_at({r.command_id for r in records})
-        claims = self._claim(
+        new = [
             r.command
             for r in records
             if r.command and not r.problem and r.command_id not in decided_at
-        )
+        ]
+        # Claims travel while the batch is decided and its events sent (see _check_claims);
+        # the decision assumes each new id is won by its command unless the index knows better.
+        claiming = self._claimer.submit(self._claim, new) if new else None
+        known = {}
+        for command in new:
+            claim = self._claims.first(command.command_id)
+            if claim is not None:
+                known[command.command_id] = claim["fingerprint"]
+        assumed = {c.command_id: known.get(c.command_id, c.fingerprint) for c in new}
         now_ms = int(time.time() * 1000)
         batch = decide_batch(
             self.decider,
@@ -464,20 +490,45 @@ class CommandProcessor(BoundedTransactions):
             records,
             self._states_of({r.key for r in records}),
             decided_at,
-            claims={cid: claim["fingerprint"] for cid, claim in claims.items()},
+            claims=known,
             horizon_ms=now_ms - self.decider.result_retention_ms,
             now_ms=now_ms,
         )
         self.stats.duplicates += batch.duplicates
         self.stats.conflicts += batch.conflicts
+        decided = time.time()
+        timing.add("decide", (decided - started) * 1000, len(msgs))
         if not batch.decisions:
+            self._check_claims(claiming, assumed)
             self._commit_offsets_only(msgs)
             return
         self._producer.begin_transaction()
-        results = self._produce(batch.decisions)
+        step = time.time()
+        timing.add("txn_begin", (step - decided) * 1000)
+        # The offsets go first, while the events are on their way (round trips overlap);
+        # the results are flushed by the commit itself (steps 4-5 in one less round trip).
+        failures: list[str] = []
+        events = self._produce_events(batch.decisions, failures)
         self._send_offsets(msgs)
+        step = self._step("txn_offsets", step)
+        results = self._produce_results(batch.decisions, events, failures)
+        step = self._step("txn_events", step)
+        self._check_claims(claiming, assumed)
+        step = self._step("claims_wait", step)
         self._bounded("commit_transaction", self._producer.commit_transaction)
+        self._producer.poll(0)  # the results' delivery reports (the commit flushed them)
+        if failures:  # not reachable: a failed delivery fails the commit
+            log.warning("commands %s: committed, yet: %s", self.name, failures[0])
+        step = self._step("txn_commit", step)
+        timing.add("decided_to_committed", (step - decided) * 1000, len(batch.decisions))
         self._after_commit(batch, results)
+        self._step("store", step)
+
+    def _step(self, name: str, since: float) -> float:
+        """Record the step that began at `since` as ending now; returns now."""
+        now = time.time()
+        self.timing.add(name, (now - since) * 1000)
+        return now
 
     def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
         """The committed state of each key: cached, else stored, else new."""
@@ -494,34 +545,52 @@ class CommandProcessor(BoundedTransactions):
         except CommandError as exc:
             raise _Abort(str(exc)) from exc
 
+    def _check_claims(
+        self, claiming: Future[dict[str, dict[str, Any]]] | None, assumed: dict[str, str]
+    ) -> None:
+        """Before anything of the batch commits: every new id was won by the fingerprint its
+        decision assumed. If another command claimed an id first (rare: an id reused for
+        another body), the batch is aborted and decided again, when the index knows that
+        winner (`claim` returns once the index has read past these claims), so the retry
+        decides it as the conflict it is."""
+        if claiming is None:
+            return
+        winners = claiming.result()  # the claim's own timeout bounds it; _Abort if it fails
+        for cid, fingerprint in assumed.items():
+            winner = winners.get(cid)
+            if winner is not None and winner["fingerprint"] != fingerprint:
+                raise _Abort(f"command id {cid!r} was claimed first by another command")
+
     def _decided_at(self, ids: set[str]) -> dict[str, int]:
         """When each of these command ids was decided, for those that have a result."""
         known = self.store.get_many([_RES + i for i in ids])
         return {k[len(_RES) :]: int(v.get("decided_at_ms", 0)) for k, v in known.items()}
 
-    def _produce(self, decisions: list[Decision]) -> list[tuple[CommandResult, Where | None]]:
-        """Step 4: the decisions' events, flushed (their positions go into the results), then
-        one result per command on the results topic, flushed; each result with its position."""
+    def _produce_results(
+        self, decisions: list[Decision], events: list[list[Box]], failures: list[str]
+    ) -> list[tuple[CommandResult, Box]]:
+        """Step 4: flush the decisions' events (their positions go into the results), then
+        produce one result per command on the results topic; each result with a box its
+        delivery report fills (the commit flushes them)."""
         d = self.decider
-        failures: list[str] = []
-        event_positions = self._produce_events(decisions, failures)
         self._flush(failures)
         now_ms = int(time.time() * 1000)
         results = [
             self._result(decision, [_delivered(box) for box in boxes], now_ms)
-            for decision, boxes in zip(decisions, event_positions, strict=True)
+            for decision, boxes in zip(decisions, events, strict=True)
         ]
-        result_positions: list[Where | None] = [None] * len(results)
-        for n, (decision, result) in enumerate(zip(decisions, results, strict=True)):
+        out: list[tuple[CommandResult, Box]] = []
+        for decision, result in zip(decisions, results, strict=True):
+            box: Box = [None]
             self._producer.produce(
                 d.results_topic,
                 result.encode(),
                 result.command_id.encode(),
                 partition=decision.record.partition,
-                on_delivery=_on_delivery(result_positions, n, failures),
+                on_delivery=_on_delivery(box, 0, failures),
             )
-        self._flush(failures)
-        return list(zip(results, result_positions, strict=True))
+            out.append((result, box))
+        return out
 
     def _produce_events(self, decisions: list[Decision], failures: list[str]) -> list[list[Box]]:
         """Produce every accepted command's events to its partition; per decision, one box per
@@ -597,9 +666,7 @@ class CommandProcessor(BoundedTransactions):
         self._bounded("commit_transaction", self._producer.commit_transaction)
         self.stats.transactions += 1
 
-    def _after_commit(
-        self, batch: BatchDecision, results: list[tuple[CommandResult, Where | None]]
-    ) -> None:
+    def _after_commit(self, batch: BatchDecision, results: list[tuple[CommandResult, Box]]) -> None:
         """Step 6: fold the committed events (at their real positions) into the states the
         batch started from, and store states, results and offsets in one WriteBatch."""
         d = self.decider
@@ -607,8 +674,9 @@ class CommandProcessor(BoundedTransactions):
         offsets: dict[tuple[str, int], int] = {}
         states = dict(batch.before)
         now_ms = int(time.time() * 1000)
-        for decision, (result, where) in zip(batch.decisions, results, strict=True):
+        for decision, (result, box) in zip(batch.decisions, results, strict=True):
             changed[_RES + result.command_id] = result.to_json()
+            where = box[0]
             if where is not None:
                 _advance(offsets, (d.results_topic, where[0]), where[1])
             if decision.accepted:

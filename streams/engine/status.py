@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from refold.core.config import Config
 from refold.core.errors import TopicError
 from refold.core.projection import Projection
+from refold.engine import command_timing
 from refold.engine.frozen import Serving, frozen_reason
 from refold.engine.rebuild import build_on_disk, stored_offsets
 from refold.engine.repartition import repartition_topic
@@ -272,6 +273,8 @@ def metrics_text(
             doc,
             [({"aggregate": n}, getattr(p.stats, attr)) for n, p in sorted(processors.items())],
         )
+    timings = {n: p.timing for n, p in processors.items() if hasattr(p, "timing")}
+    lines += command_timing.metrics_lines(timings)
     family(
         "refold_http_requests_total",
         "counter",

@@ -25,7 +25,7 @@ from refold.core import envelope
 from refold.core.config import Config
 from refold.core.envelope import Headers
 from refold.core.errors import PublishError
-from refold.core.inputs import EventInput
+from refold.core.inputs import EncodedBatch, EventInput
 from refold.core.serde import Codec, Position
 from refold.kafka import clients
 from refold.kafka.registry import SchemaRegistry, codec_for
@@ -205,6 +205,65 @@ class Publisher:
         _check(topic, len(events), failures, remaining)
         ends = self._topics.end_offsets(topic)
         return PublishSummary(topic, len(events), {p: e - 1 for p, e in ends.items() if e > 0})
+
+    def publish_batches(
+        self,
+        topic: str,
+        batches: Sequence[EncodedBatch],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> PublishSummary:
+        """`publish_bulk` for events in `EncodedBatch` columns (what `refold publish --file`
+        reads), in order: no `EventInput` per event is made. Same producer, envelope and
+        guarantees; raises PublishError unless every event was acknowledged."""
+        count = sum(len(b) for b in batches)
+        if not count:
+            return PublishSummary(topic, 0, {})
+        types = {t for b in batches for t in set(b.types)}
+        self._topics.partitions(topic)  # a clear error instead of a minute-long delivery timeout
+        producer = self._producer(True)
+        for type_name in types:
+            self._registry.ensure_registered(self.codec.writer_for(type_name), producer)
+        failures: list[tuple[bytes | None, str]] = []
+
+        def on_failure(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failures.append((msg.key(), str(err)))
+
+        now = envelope.now_rfc3339()
+        envelopes: dict[str, Headers] = {
+            t: envelope.template(
+                t,
+                source=self.source,
+                time=now,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
+            for t in types
+        }
+        slot, ce_id = envelope.ID_SLOT, envelope.ID
+        produce, poll, next_id = producer.produce, producer.poll, self._new_ids(count).__next__
+        sent = 0
+        for batch in batches:  # a measured hot loop: one produce() per event, as in _send
+            for type_name, key, value in zip(batch.types, batch.keys, batch.values, strict=True):
+                headers = envelopes[type_name]
+                headers[slot] = (ce_id, next_id())
+                while True:
+                    try:
+                        produce(topic, value, key, headers=headers, on_delivery=on_failure)
+                        break
+                    except BufferError:
+                        poll(0.05)  # local queue full: let librdkafka send some
+                    except KafkaException as exc:  # refused before sending (too large)
+                        reason = f"refused by the producer: {exc.args[0].str()}"
+                        failures.append((key.encode(), reason))
+                        unsent = count - sent - 1
+                        _check(topic, count, failures, producer.flush(120) + unsent)  # raises
+                sent += 1
+        _check(topic, count, failures, producer.flush(120))
+        ends = self._topics.end_offsets(topic)
+        return PublishSummary(topic, count, {p: e - 1 for p, e in ends.items() if e > 0})
 
     def _prepare(self, topic: str, events: Sequence[EventInput], *, bulk: bool) -> Producer:
         """The producer for the call, once the topic exists and its writer schemas are durable."""

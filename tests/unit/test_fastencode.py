@@ -1,5 +1,5 @@
 """The generated encoders must write fastavro's bytes for every value they take, and refuse
-(raise, so the codec falls back to fastavro's strict path) every value they would not."""
+(None, so the codec falls back to fastavro's strict path) every value they would not."""
 
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ def test_missing_fields_take_their_defaults() -> None:
         {"id": "", "o": None, "a": []},
     ):
         assert encode(record) == fastavro_bytes(DEFAULTS, record), record
-    with pytest.raises(KeyError):
-        encode({"n": 1})  # no default: fastavro's error, from the fallback
+    assert encode({"n": 1}) is None  # no default: fastavro's error, from the fallback
 
 
 @pytest.mark.parametrize(
@@ -85,8 +84,7 @@ def test_refuses_what_strict_encoding_would_not_write_alike(field: str, value: o
     assert encode is not None
     record = random_record(random.Random(9))
     record[field] = value
-    with pytest.raises((TypeError, ValueError, KeyError, UnicodeError)):
-        encode(record)
+    assert encode(record) is None
 
 
 def test_schemas_it_cannot_write_straight_are_left_to_fastavro() -> None:

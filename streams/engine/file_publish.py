@@ -1,0 +1,166 @@
+"""Reading a JSON-lines file of events for `refold publish --file`, in worker processes.
+
+Parsing, validating and Avro-encoding cost more per event than sending (under the GIL a thread
+cannot help), so a large file is read by several processes. The steps, in order:
+
+1. the input is cut into chunks at line ends (byte ranges: about a quarter of a worker's share,
+   between `MIN_CHUNK` and `MAX_CHUNK` bytes);
+2. worker processes (forked: they inherit the codec, and stdin's bytes, without a copy) each read
+   their chunk, and parse, validate and encode it with `LineEncoder`; each sends back an
+   `EncodedBatch` (columns of keys, types and encoded values), its problems and its line count;
+3. the parent numbers the problems' lines across chunks. EVERY chunk is validated before the
+   first event is sent (validated first, not staged in a transaction): a file with any bad line
+   publishes nothing, and no consumer, whatever its isolation level, ever sees part of it;
+4. the batches are sent in file order by one idempotent producer (`Publisher.publish_batches`),
+   so events of one key keep their order.
+
+A small input (below `PARALLEL_FROM` bytes), one job, or a platform without `fork` takes the same
+steps in this process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from refold.core.inputs import EncodedBatch, LineEncoder, LineProblem
+from refold.core.serde import Codec
+
+MIN_CHUNK = 64 * 1024
+MAX_CHUNK = 8 * 1024 * 1024
+PARALLEL_FROM = 8 * 1024 * 1024  # ~60k bank events: below this, forking costs more than it saves
+MAX_JOBS = 4
+
+
+@dataclass(slots=True)
+class FileEvents:
+    """Every valid event of the input in order (in chunks), and every problem found."""
+
+    batches: list[EncodedBatch]
+    problems: list[LineProblem]
+    lines: int
+
+    @property
+    def count(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def default_jobs(size: int) -> int:
+    """Worker processes for an input of `size` bytes: 1 below `PARALLEL_FROM`, else one per
+    CPU (at most `MAX_JOBS`)."""
+    if size < PARALLEL_FROM or not _can_fork():
+        return 1
+    return max(1, min(MAX_JOBS, os.cpu_count() or 1))
+
+
+def chunk_ranges(
+    size: int, find_line_end: Callable[[int], int], jobs: int
+) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) covering `size` bytes, each ending just after a line end (or at
+    the end of the input)."""
+    target = min(MAX_CHUNK, max(MIN_CHUNK, size // max(1, 4 * jobs)))
+    ranges = []
+    start = 0
+    while start < size:
+        end = find_line_end(min(size, start + target))
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def read_events(source: Path | bytes, codec: Codec, jobs: int | None = None) -> FileEvents:
+    """Parse, validate and encode every line of a file (or of bytes already read, e.g. stdin)
+    with `jobs` processes (default: `default_jobs`). Raises OSError if the file cannot be read."""
+    size = source.stat().st_size if isinstance(source, Path) else len(source)
+    jobs = default_jobs(size) if jobs is None else max(1, jobs)
+    if jobs > 1 and not _can_fork():
+        jobs = 1
+    if isinstance(source, Path):
+        with source.open("rb") as fh:
+            ranges = chunk_ranges(size, lambda at: _file_line_end(fh, at, size), jobs)
+    else:
+        data = source
+        ranges = chunk_ranges(size, lambda at: _bytes_line_end(data, at, size), jobs)
+    if jobs == 1 or len(ranges) == 1:
+        _start(codec, source)
+        parts = [_encode_range(start, end) for start, end in ranges]
+    else:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_start, initargs=(codec, source)
+        ) as pool:
+            starts, ends = zip(*ranges, strict=True)
+            parts = list(pool.map(_encode_range, starts, ends))
+    return _numbered(parts)
+
+
+def _numbered(parts: list[tuple[EncodedBatch, list[LineProblem], int]]) -> FileEvents:
+    """Chunk-relative line numbers made file line numbers."""
+    batches, problems = [], []
+    before = 0
+    for batch, chunk_problems, lines in parts:
+        batches.append(batch)
+        problems += [LineProblem(p.line + before, p.reason) for p in chunk_problems]
+        before += lines
+    return FileEvents(batches, problems, before)
+
+
+# -- in each worker process (or in this one) -------------------------------------------------
+
+_encoder: LineEncoder | None = None
+_source: Path | bytes = b""
+
+
+def _start(codec: Codec, source: Path | bytes) -> None:
+    global _encoder, _source
+    _encoder, _source = LineEncoder(codec), source
+
+
+def _encode_range(start: int, end: int) -> tuple[EncodedBatch, list[LineProblem], int]:
+    """One chunk: its events, its problems (line 1 = the chunk's first line), its line count."""
+    assert _encoder is not None, "_start first"
+    if isinstance(_source, Path):
+        with _source.open("rb") as fh:
+            fh.seek(start)
+            chunk = fh.read(end - start)
+    else:
+        chunk = _source[start:end]
+    lines = chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
+    batch, problems = _encoder.encode(chunk)
+    return batch, problems, lines
+
+
+# -- chunk boundaries --------------------------------------------------------------------------
+
+
+def _file_line_end(fh: BinaryIO, at: int, size: int) -> int:
+    """The offset just after the first b"\\n" at or after `at` (or `size`)."""
+    if at >= size:
+        return size
+    seek, read = fh.seek, fh.read
+    seek(at)
+    position = at
+    while True:
+        block = read(65536)
+        if not block:
+            return size
+        found = block.find(b"\n")
+        if found >= 0:
+            return position + found + 1
+        position += len(block)
+
+
+def _bytes_line_end(data: bytes, at: int, size: int) -> int:
+    if at >= size:
+        return size
+    found = data.find(b"\n", at)
+    return size if found < 0 else found + 1
+
+
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
