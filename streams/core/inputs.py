@@ -235,3 +235,9 @@ def _reference_parse(raw: bytes, number: int, problems: list[LineProblem]) -> An
     except json.JSONDecodeError as exc:
         problems.append(LineProblem(number, f"invalid JSON: {exc.msg} at column {exc.colno}"))
         return _SKIP
+    except ValueError as exc:  # an integer of over 4300 digits
+        problems.append(LineProblem(number, f"invalid JSON: {exc}"))
+        return _SKIP
+    except RecursionError:
+        problems.append(LineProblem(number, "invalid JSON: nested too deeply"))
+        return _SKIP
