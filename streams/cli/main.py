@@ -130,10 +130,7 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
-    try:
-        data = json.loads(args.data)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    data = _data_json(args.data)
     obj: dict[str, object] = {"key": args.key, "type": args.type, "data": data}
     if args.expected_version is not None:
         obj["expected_version"] = args.expected_version
@@ -153,6 +150,18 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
 
 
 # -- publish / tail -------------------------------------------------------------------------
+
+
+def _data_json(text: str) -> object:
+    """`--data` read as JSON, or the InputError that says why not (never a traceback)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    except RecursionError:
+        raise InputError("--data is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer of over 4300 digits
+        raise InputError(f"--data is not valid JSON: {exc}") from None
 
 
 def cmd_publish(args: argparse.Namespace, config: Config) -> int:
@@ -196,10 +205,7 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             hint="refold publish bank.accounts --type bank.MoneyDeposited --key acc-1 "
             '--data \'{"account_id": "acc-1", "amount_cents": 500}\'',
         )
-    try:
-        data = json.loads(args.data)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    data = _data_json(args.data)
     events = [event_from_json({"type": args.type, "key": args.key, "data": data}, codec)]
     if args.create:
         Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])

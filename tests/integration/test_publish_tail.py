@@ -140,6 +140,8 @@ def test_single_publish_and_bad_single_inputs(config, unique):
     for args, reason in [
         (["--type", "bank.Nope", "--key", "k", "--data", "{}"], "unknown event type"),
         (["--type", "bank.MoneyWithdrawn", "--key", "k", "--data", "{bad"], "not valid JSON"),
+        (["--type", "bank.MoneyWithdrawn", "--key", "k", "--data", "[" * 5000], "nested too"),
+        (["--type", "bank.MoneyWithdrawn", "--key", "k", "--data", "9" * 5000], "4300 digits"),
         (["--type", "bank.MoneyWithdrawn", "--data", data], "--key"),
         (
             ["--type", "bank.MoneyWithdrawn", "--key", "k", "--data", '{"account_id": "k"}'],

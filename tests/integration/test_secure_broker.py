@@ -1,4 +1,5 @@
-"""A secured local broker (`refold broker start --secure`): TLS, SASL/SCRAM per role, ACLs.
+"""A secured local broker (`refold broker start --secure`, 1 node and 3): TLS, SASL/SCRAM per
+role, ACLs.
 
 Against it, as a user would run refold: a client without credentials is refused with a clear
 error and no hang; the publisher publishes and cannot read; the reader reads and cannot
@@ -60,11 +61,15 @@ class Secured:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+@pytest.fixture(scope="module", params=[1, 3], ids=["1-node", "3-nodes"])
+def secured(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Secured]:
     data_dir = tmp_path_factory.mktemp("secured")
     config = Config(data_dir=data_dir)
-    info = broker.start(config, port=broker.free_port(), heap_mb=384, secure=True)
+    info = broker.start(
+        config, nodes=request.param, port=broker.free_port(), heap_mb=384, secure=True, timeout=120
+    )
     try:
         yield Secured(data_dir, info.bootstrap_servers)
     finally:
