@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from refold.cli.broker_nodes import quiet_port
 from refold.core import envelope
 from refold.core.commands import Decider
 from refold.core.config import Config
@@ -103,10 +103,16 @@ class WorkerProcess:
         raise AssertionError(f"worker HTTP not up; log:\n{self.log.read_text()[-3000:]}")
 
 
+_HANDED_OUT: list[int] = []
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the ephemeral range (no outgoing connection takes it), never
+    one handed out before in this session: two workers started back to back were once given
+    the same port 0 port, and the second's requests went to the first."""
+    port = quiet_port(exclude=_HANDED_OUT)
+    _HANDED_OUT.append(port)
+    return port
 
 
 def read_events(config: Config, topic: str) -> list[Event]:

@@ -3,8 +3,8 @@ worker's server with the fast path and to a server of the same worker where aioh
 everything, get the same answers in the same order (status lines, headers but Date, bodies).
 
 Each stream ends with a `Connection: close` request, so both servers close once they are done.
-A lookup's `lag` and `stale` move with the worker's health thread, not with framing: they are
-masked before comparing.
+A lookup's `lag`, `stale` and `stale_reason` move with the worker's health thread, not with
+framing: they are masked before comparing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.integration.test_http import (  # noqa: F401  (serve: a fixture used 
     serve,
 )
 
-_FRESHNESS = re.compile(rb'"lag":[^,]*,"stale":(true|false)')
+_FRESHNESS = re.compile(rb'"lag":[^,]*,"stale":(true|false)(,"stale_reason":"[^"]*")?')
 
 
 def masked(answers: list[Answer]) -> list[Answer]:
