@@ -4,7 +4,8 @@
 The backlog is what this worker appended and has no result for yet; the drain rate is how many
 of its results came back over the last seconds. A command is refused when the backlog would
 take longer than `REFOLD_COMMAND_MAX_QUEUE_S` (default 1 s) to drain at that rate, and never
-while the backlog is below `MIN_BACKLOG` (a cold start has no rate yet). An entry whose result
+while the backlog is below `MIN_BACKLOG` (a cold start has no rate yet); `Retry-After` is the
+backlog's drain time, 1 to `MAX_RETRY_AFTER_S` seconds. An entry whose result
 has not come back after `FORGET_S` is dropped, so a lost result cannot close the door for good.
 All of it runs on the query server's event loop; results arrive through the results index's
 watch callbacks, handed to the loop.
@@ -21,6 +22,10 @@ from collections.abc import Callable
 
 MAX_QUEUE_S = float(os.environ.get("REFOLD_COMMAND_MAX_QUEUE_S", "1.0"))
 MIN_BACKLOG = 256
+#: The longest `Retry-After` given. The drain rate right after a cold start or a stall is tiny
+#: (a few results in the window), so backlog / rate alone asked a burst's callers to come back
+#: minutes later (seen in bench.commands: 300 open at ~2/s -> "Retry-After: 150").
+MAX_RETRY_AFTER_S = 5.0
 RATE_WINDOW_S = 3.0
 FORGET_S = 60.0
 
@@ -55,7 +60,9 @@ class Backlog:
         if rate > 0 and backlog / rate <= self.max_queue_s:
             return None
         self.refused += 1
-        return max(1.0, math.ceil(backlog / rate)) if rate > 0 else 1.0
+        if rate <= 0:
+            return 1.0
+        return min(MAX_RETRY_AFTER_S, max(1.0, math.ceil(backlog / rate)))
 
     def opened(self, command_id: str, cancel: Callable[[], None]) -> None:
         self._open.setdefault(command_id, (time.monotonic(), cancel))

@@ -39,6 +39,15 @@ PRODUCER_TUNING: Mapping[str, object] = {
     "message.timeout.ms": 60_000,
 }
 
+#: Tuning of transactional producers. A transaction that starts right after the previous one's
+#: commit is answered CONCURRENT_TRANSACTIONS while the coordinator still writes the commit's
+#: markers; librdkafka then retries after `retry.backoff.ms`, 100 ms by default, so nearly every
+#: back-to-back transaction waited 100 ms (the Java client retries that case after 20 ms). A
+#: bare consume-produce-commit loop at 500 records/s here: 102 -> 7.6 ms median from begin to
+#: the offsets sent, end-to-end p50 160 -> 26 ms. Backoffs still grow exponentially to
+#: `retry.backoff.max.ms` (1 s) while a broker is down.
+TRANSACTIONAL_TUNING: Mapping[str, object] = {"retry.backoff.ms": 5}
+
 #: What every consumer needs: the store, not Kafka, decides where reading resumes.
 CONSUMER_REQUIRED: Mapping[str, object] = {
     "enable.auto.commit": False,
@@ -55,9 +64,11 @@ def producer(
 ) -> Producer:
     """An idempotent producer; `transactional_id` (already prefixed) makes it transactional."""
     needed: dict[str, object] = {**PRODUCER_REQUIRED, **(required or {})}
+    tuning = dict(PRODUCER_TUNING)
     if transactional_id is not None:
         needed["transactional.id"] = transactional_id
-    return Producer(config.kafka(defaults={**PRODUCER_TUNING, **(defaults or {})}, **needed))
+        tuning.update(TRANSACTIONAL_TUNING)
+    return Producer(config.kafka(defaults={**tuning, **(defaults or {})}, **needed))
 
 
 def consumer(
