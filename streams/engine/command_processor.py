@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -61,33 +60,29 @@ from confluent_kafka import (
 from refold.core import envelope
 from refold.core.commands import Command, CommandResult, Decider
 from refold.core.config import Config
-from refold.core.errors import CommandError, DecodeError, InputError, LogReadError, TopicError
+from refold.core.errors import CommandError, InputError
 from refold.core.serde import Codec, Event
 from refold.engine.claims import ClaimRequest, ClaimsIndex
+from refold.engine.command_catchup import AGG as _AGG
+from refold.engine.command_catchup import RES as _RES
+from refold.engine.command_catchup import CatchUp
 from refold.engine.command_timing import StepTimes
 from refold.engine.decisions import (
     Aggregate,
     BatchDecision,
     CommandRecord,
     Decision,
-    copy_state,
     decide_batch,
     fold,
-    new_aggregate,
 )
-from refold.engine.tail import event_from_message
 from refold.engine.transactions import BoundedTransactions, Stuck, stable_instance_id
 from refold.kafka import clients
-from refold.kafka.log import read_to_end
 from refold.kafka.registry import SchemaRegistry
-from refold.store.rocksdb import RocksStore, UnstorableValue
+from refold.store.rocksdb import RocksStore
 
 log = logging.getLogger(__name__)
 
-_AGG = "a/"
-_RES = "r/"
 MAX_CACHED = 100_000
-RETRY_LOG_INTERVAL_S = 60.0  # a step failing for long logs once a minute, counted throughout
 
 
 def group_id(config: Config, name: str) -> str:
@@ -121,7 +116,7 @@ class _Abort(Exception):
     """The current transaction must be aborted (a delivery failed, an abortable Kafka error)."""
 
 
-class CommandProcessor(BoundedTransactions):
+class CommandProcessor(CatchUp, BoundedTransactions):
     """Decides the commands of one aggregate type for the command partitions it owns."""
 
     def __init__(
@@ -269,105 +264,6 @@ class CommandProcessor(BoundedTransactions):
         consumer.unassign()
         self.stats.assigned = ()
 
-    def _catch_up(self, partitions: list[int]) -> None:
-        """Fold event and results partitions from the store's offsets to their current ends."""
-        self._cache.clear()
-        if not partitions:
-            return
-        d = self.decider
-        stored = self.store.offsets()
-        starts = {
-            (t, p): stored.get((t, p), OFFSET_BEGINNING)
-            for p in partitions
-            for t in (d.events_topic, d.results_topic)
-        }
-        folded = 0
-        for batch in read_to_end(self._reader, starts, batch_size=5000, stopped=self._stop.is_set):
-            folded += self._fold_records(batch)
-        if folded:
-            log.info(
-                "commands %s: folded %d records of partitions %s", self.name, folded, partitions
-            )
-
-    def _fold_records(self, msgs: list[Message]) -> int:
-        """Fold events / learn results read back from Kafka; store them with their offsets.
-
-        An event the decider cannot fold, or after which the state cannot be stored (written
-        by someone else than this processor, e.g. `POST /events`), is skipped with a warning
-        and counted (`skipped_events`): the batch is folded again carefully, each event on a
-        copy of the state, checked. A stopped processor would leave every command pending."""
-        try:
-            return self._fold_batch(msgs, careful=False)
-        except (CommandError, UnstorableValue) as exc:
-            log.warning("commands %s: folding again, carefully: %s", self.name, exc)
-            self._cache.clear()  # the folds may have changed cached states in place
-            return self._fold_batch(msgs, careful=True)
-
-    def _fold_batch(self, msgs: list[Message], careful: bool) -> int:
-        d = self.decider
-        changed: dict[str, Any] = {}
-        offsets: dict[tuple[str, int], int] = {}
-        for msg in msgs:
-            topic, offset = msg.topic(), msg.offset()
-            offsets[(topic, msg.partition())] = offset + 1
-            if topic == d.results_topic:
-                try:
-                    result = orjson.loads(msg.value() or b"")
-                    changed[_RES + result["command_id"]] = result
-                except (ValueError, KeyError, TypeError):
-                    log.warning(
-                        "commands %s: unreadable result at %s[%d]@%d",
-                        self.name,
-                        topic,
-                        msg.partition(),
-                        offset,
-                    )
-                continue
-            try:
-                event = event_from_message(self.codec, msg)
-            except DecodeError as exc:  # not an event (foreign bytes): it cannot change state
-                log.warning(
-                    "commands %s: skipping %s[%d]@%d: %s",
-                    self.name,
-                    topic,
-                    msg.partition(),
-                    offset,
-                    exc,
-                )
-                continue
-            key = _AGG + event.key
-            wrapper = changed.get(key) or self._load(event.key)
-            if careful:
-                try:
-                    folded = fold(d, copy_state(wrapper), event)
-                    orjson.dumps(folded)
-                except (CommandError, TypeError, ValueError) as exc:
-                    self.stats.skipped_events += 1
-                    log.warning(
-                        "commands %s: skipping %s[%d]@%d, its state cannot be kept: %s",
-                        self.name,
-                        topic,
-                        msg.partition(),
-                        offset,
-                        exc,
-                    )
-                    continue
-                changed[key] = folded
-            else:
-                changed[key] = fold(d, wrapper, event)
-        if offsets:
-            self.store.commit(changed, offsets)
-        self._cache.clear()
-        return len(msgs)
-
-    def _load(self, key: str) -> Aggregate:
-        wrapper = self._cache.get(key)
-        if wrapper is None:
-            wrapper = self.store.get(_AGG + key)
-            if wrapper is None:
-                wrapper = new_aggregate(self.decider, key)
-        return wrapper
-
     # -- deciding ---------------------------------------------------------------------------
 
     def _process(self, msgs: list[Message]) -> None:
@@ -392,64 +288,14 @@ class CommandProcessor(BoundedTransactions):
         except KafkaException as exc:
             self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
 
-    def _recover(self, reason: str, *, fatal: bool = False) -> None:
-        """Abort, rebuild states from store + topics, rewind commands to the committed offsets.
+    @property
+    def _label(self) -> str:
+        return f"commands {self.name}"
 
-        A producer that cannot abort (a fatal error, or one the abort itself raises: after a
-        broker loss the coordinator may already have ended the transaction), or whose call is
-        stuck (`_bounded`), is replaced by a new one with the same transactional.id, whose
-        init_transactions fences the old one and ends whatever it left open: committed if its
-        commit had reached the coordinator, else aborted; the rewind reads which. Until the
-        catch-up and rewind succeed (a coordinator or leader may still be moving) they are
-        retried, so a broker loss never stops the processor.
-        """
-        log.warning("commands %s: transaction aborted: %s", self.name, reason)
-        self.stats.aborts += 1
-        if not fatal:
-            try:
-                self._bounded("abort_transaction", self._producer.abort_transaction)
-            except (KafkaException, Stuck) as exc:
-                log.warning("commands %s: abort failed: %s", self.name, exc)
-                fatal = True
-        if fatal:
-            self._retrying("a new producer", self._renew_producer)
-        self._retrying("the rewind", self._rewind)
-
-    def _retrying(self, what: str, step: Callable[[], None]) -> None:
-        """Run `step` until it succeeds or the processor stops: while a broker is moving leaders
-        or coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s).
-        Every retry is counted (`stats.retries`, `refold_command_retries_total`); the log has
-        the first failure, then one line a minute while it goes on, not one per retry."""
-        pause = 0.5
-        failures = 0
-        logged_at = 0.0
-        while not self._stop.is_set():
-            try:
-                step()
-                if failures:
-                    log.info(
-                        "commands %s: %s succeeded after %d retries", self.name, what, failures
-                    )
-                return
-            except (KafkaException, LogReadError, TopicError, Stuck) as exc:
-                failures += 1
-                self.stats.retries += 1
-                now = time.monotonic()
-                if failures == 1 or now - logged_at >= RETRY_LOG_INTERVAL_S:
-                    logged_at = now
-                    log.warning(
-                        "commands %s: %s failed %d time(s), retrying every %.1fs at most: %s",
-                        self.name,
-                        what,
-                        failures,
-                        pause,
-                        exc,
-                    )
-                # A reader whose metadata went stale in a failover may never recover it.
-                self._reader.close()
-                self._reader = self._new_reader()
-                self._stop.wait(pause)
-                pause = min(2 * pause, 5.0)
+    def _after_failed_try(self) -> None:
+        # A reader whose metadata went stale in a failover may never recover it.
+        self._reader.close()
+        self._reader = self._new_reader()
 
     def _rewind(self) -> None:
         """States from store + topics; the command consumer back to the committed offsets."""

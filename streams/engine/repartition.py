@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import (
@@ -110,6 +109,7 @@ class RepartitionStats:
     dead_letters: int = 0
     transactions: int = 0
     aborts: int = 0
+    retries: int = 0  # failed steps tried again (a new producer, the rewind)
     restored: int = 0  # source events read again to recompute links
 
 
@@ -372,21 +372,6 @@ class Repartitioner(BoundedTransactions):
             except BufferError:  # the local queue is full: let deliveries drain it
                 self._producer.poll(0.1)
 
-    def _recover(self, reason: str, *, fatal: bool) -> None:
-        """Abort (or replace a producer that cannot), then read the batch again from the
-        committed offsets: nothing of it was written."""
-        log.warning("%s: transaction aborted: %s", self.name, reason)
-        self.stats.aborts += 1
-        if not fatal:
-            try:
-                self._bounded("abort_transaction", self._producer.abort_transaction)
-            except (KafkaException, Stuck) as exc:
-                log.warning("%s: abort failed: %s", self.name, exc)
-                fatal = True
-        if fatal:
-            self._retrying("a new producer", self._renew_producer)
-        self._retrying("the rewind", self._rewind)
-
     def _rewind(self) -> None:
         owned = self._consumer.assignment()
         if owned:
@@ -394,19 +379,6 @@ class Repartitioner(BoundedTransactions):
             for tp in committed:
                 tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
                 self._consumer.seek(tp)
-
-    def _retrying(self, what: str, step: Callable[[], None]) -> None:
-        """Run `step` until it succeeds or the stage stops: while the broker moves leaders or
-        coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s)."""
-        pause = 0.5
-        while not self._stop.is_set():
-            try:
-                step()
-                return
-            except (KafkaException, Stuck) as exc:
-                log.warning("%s: %s failed, trying again: %s", self.name, what, exc)
-                self._stop.wait(pause)
-                pause = min(pause * 2, 5.0)
 
     # -- ownership --------------------------------------------------------------------------
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from refold.core.config import Config
+from refold.core.errors import LogReadError, TopicError
 from refold.kafka import clients
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ TXN_TIMEOUT_MS = 30_000
 #: cache still names, forever (confluentinc/librdkafka#5456, #5511; seen in
 #: tests/integration/test_broker_faults.py). Each call gets its own timeout below this.
 TXN_CALL_TIMEOUT_S = 30.0
+#: A step failing for long (`_retrying`) logs once a minute, counted throughout.
+RETRY_LOG_INTERVAL_S = 60.0
 
 
 def stable_instance_id(path: Path) -> str:
@@ -52,13 +57,81 @@ class Stuck(Exception):
 
 
 class BoundedTransactions:
-    """The transactional producer of a `CommandProcessor`, with every call bounded in time."""
+    """A transactional producer with every call bounded in time, and the recovery of a failed
+    transaction: the base of the command processor and the repartitioner. A subclass has
+    `stats` (with `aborts` and `retries` counters), a `_stop` event and its `_rewind`."""
 
     config: Config
     name: str
+    stats: Any
+    _stop: threading.Event
     _producer: Producer
     _transactional_id: str
     _stuck: list[tuple[Producer, threading.Thread]]
+
+    @property
+    def _label(self) -> str:
+        """How the logs name this stage."""
+        return self.name
+
+    def _rewind(self) -> None:
+        """Back to the last committed transaction: whatever the aborted one read is read again."""
+        raise NotImplementedError
+
+    def _after_failed_try(self) -> None:
+        """Called after each failed try of `_retrying`, before its pause."""
+
+    def _recover(self, reason: str, *, fatal: bool = False) -> None:
+        """Abort, then `_rewind`. A producer that cannot abort (a fatal error, or one the abort
+        itself raises: after a broker loss the coordinator may already have ended the
+        transaction), or whose call is stuck (`_bounded`), is replaced by a new one with the
+        same transactional.id, whose init_transactions fences the old one and ends whatever it
+        left open: committed if its commit had reached the coordinator, else aborted; the
+        rewind reads which. Both are retried until they succeed (a coordinator or leader may
+        still be moving), so a broker loss never stops the stage."""
+        log.warning("%s: transaction aborted: %s", self._label, reason)
+        self.stats.aborts += 1
+        if not fatal:
+            try:
+                self._bounded("abort_transaction", self._producer.abort_transaction)
+            except (KafkaException, Stuck) as exc:
+                log.warning("%s: abort failed: %s", self._label, exc)
+                fatal = True
+        if fatal:
+            self._retrying("a new producer", self._renew_producer)
+        self._retrying("the rewind", self._rewind)
+
+    def _retrying(self, what: str, step: Callable[[], None]) -> None:
+        """Run `step` until it succeeds or the stage stops: while a broker is moving leaders or
+        coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s).
+        Every retry is counted (`stats.retries`); the log has the first failure, then one line
+        a minute while it goes on, not one per retry."""
+        pause = 0.5
+        failures = 0
+        logged_at = 0.0
+        while not self._stop.is_set():
+            try:
+                step()
+                if failures:
+                    log.info("%s: %s succeeded after %d retries", self._label, what, failures)
+                return
+            except (KafkaException, LogReadError, TopicError, Stuck) as exc:
+                failures += 1
+                self.stats.retries += 1
+                now = time.monotonic()
+                if failures == 1 or now - logged_at >= RETRY_LOG_INTERVAL_S:
+                    logged_at = now
+                    log.warning(
+                        "%s: %s failed %d time(s), retrying every %.1fs at most: %s",
+                        self._label,
+                        what,
+                        failures,
+                        pause,
+                        exc,
+                    )
+                self._after_failed_try()
+                self._stop.wait(pause)
+                pause = min(2 * pause, 5.0)
 
     def _new_producer(self) -> Producer:
         return clients.producer(
@@ -76,7 +149,7 @@ class BoundedTransactions:
         """A new producer with the same transactional.id: its init_transactions fences the old
         one (a call of the old one that returns later fails as fenced) and ends the transaction
         the old one left open. The old one is not flushed when a call of its is stuck."""
-        log.warning("commands %s: new transactional producer %s", self.name, self._transactional_id)
+        log.warning("%s: new transactional producer %s", self._label, self._transactional_id)
         if not self._is_stuck():
             self._producer.flush(0)
         self._producer = self._new_producer()
