@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 from refold.engine.command_processor import CommandProcessor, ProcessorStats
