@@ -21,7 +21,7 @@ jars: $(STAMP)
 # The whole suite against a real broker that the test session starts (or REFOLD_BOOTSTRAP_SERVERS).
 # The dashboard test renders the page in Debian's Chromium (installed here when missing).
 test: jars chromium
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
