@@ -59,8 +59,13 @@ def _chromium(url: str, tmp: Path, *args: str) -> str:
 def test_dashboard_json_counts_what_was_folded(serve: Callable[..., Served]) -> None:  # noqa: F811
     s = serve()
     _published(s, good=120, boom=3)
-    snapshot = s.get("/dashboard.json").body
-    [p] = snapshot["projections"]
+    deadline = time.monotonic() + 30
+    while True:  # the health thread describes a new version on its first check ("starting")
+        snapshot = s.get("/dashboard.json").body
+        [p] = snapshot["projections"]
+        if p["health"]["status"] != "starting" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert (p["name"], p["version"], p["state"]) == (s.name, 1, "running")
     assert sum(part["lag"] for part in p["partitions"]) == 0
     owners = [part["owner"] for part in p["health"]["partitions"]]
