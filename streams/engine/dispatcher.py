@@ -40,6 +40,8 @@ from refold.kafka.task_log import Acks, TaskLog, status_data
 log = logging.getLogger(__name__)
 
 TXN_TIMEOUT_MS = 10_000
+#: The transactional producer's retry backoff (see __init__).
+RETRY_BACKOFF_MS = 5
 
 
 @dataclass(slots=True)
@@ -74,7 +76,10 @@ class Dispatcher:
         )
         self._producer = clients.producer(
             config,
-            defaults={"linger.ms": 1},
+            # retry.backoff.ms: a transaction begun right after the last one's commit is often
+            # answered CONCURRENT_TRANSACTIONS (its markers are still being written) and retried
+            # after this backoff: librdkafka's 100 ms default held every window that long.
+            defaults={"linger.ms": 1, "retry.backoff.ms": RETRY_BACKOFF_MS},
             transactional_id=f"{group}.{instance}",
             required={"transaction.timeout.ms": TXN_TIMEOUT_MS, "message.timeout.ms": 9_000},
         )
