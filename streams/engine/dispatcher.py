@@ -32,7 +32,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from refold.core.config import Config
 from refold.core.errors import DecodeError, TaskError
 from refold.core.serde import Codec
-from refold.core.tasks import STATUS, WORK_ITEM, Plan, Task, TaskQueue, plan_batches
+from refold.core.tasks import STATUS, SUBMITTED, WORK_ITEM, Plan, Task, TaskQueue, plan_batches
 from refold.engine.transactions import stable_instance_id
 from refold.kafka import clients
 from refold.kafka.task_log import Acks, TaskLog, status_data
@@ -40,6 +40,8 @@ from refold.kafka.task_log import Acks, TaskLog, status_data
 log = logging.getLogger(__name__)
 
 TXN_TIMEOUT_MS = 10_000
+#: The transactional producer's retry backoff (see __init__).
+RETRY_BACKOFF_MS = 5
 
 
 @dataclass(slots=True)
@@ -74,7 +76,10 @@ class Dispatcher:
         )
         self._producer = clients.producer(
             config,
-            defaults={"linger.ms": 1},
+            # retry.backoff.ms: a transaction begun right after the last one's commit is often
+            # answered CONCURRENT_TRANSACTIONS (its markers are still being written) and retried
+            # after this backoff: librdkafka's 100 ms default held every window that long.
+            defaults={"linger.ms": 1, "retry.backoff.ms": RETRY_BACKOFF_MS},
             transactional_id=f"{group}.{instance}",
             required={"transaction.timeout.ms": TXN_TIMEOUT_MS, "message.timeout.ms": 9_000},
         )
@@ -128,22 +133,28 @@ class Dispatcher:
         self._window = []
         if not msgs:
             return
-        tasks = self._decode(msgs)
+        tasks, texts = self._decode(msgs)
         first = msgs[0]
         prefix = f"{first.topic()}-{first.partition()}-{first.offset()}"
         try:
-            self._transact(msgs, plan_batches(self.queue, tasks, prefix))
+            self._transact(msgs, plan_batches(self.queue, tasks, prefix), texts)
         except (KafkaException, TaskError) as exc:
             self._recover(str(exc))
 
-    def _decode(self, msgs: list[Message]) -> list[Task]:
+    def _decode(self, msgs: list[Message]) -> tuple[list[Task], dict[str, str]]:
+        """The tasks, and each one's data as the JSON text of its intake record (a whole
+        task's work item carries that text: no json.dumps of what json.loads just read)."""
         tasks: list[Task] = []
+        texts: dict[str, str] = {}
+        decode = self._codec.decode
         for msg in msgs:
             try:
-                type_name, data = self._codec.decode(msg.value())
-                if type_name != "refold.tasks.TaskSubmitted":
+                type_name, data = decode(msg.value())
+                if type_name != SUBMITTED:
                     raise DecodeError(f"{type_name} is not a task submission")
-                tasks.append(Task(data["task_id"], data["key"], json.loads(data["data"])))
+                text = data["data"]
+                tasks.append(Task(data["task_id"], data["key"], json.loads(text)))
+                texts[data["task_id"]] = text
             except (DecodeError, ValueError, KeyError) as exc:
                 # Only TaskClient writes intake; a stranger's record is skipped, and says so.
                 self.stats.poison += 1
@@ -151,29 +162,31 @@ class Dispatcher:
                     "dispatcher %s: skipping %s[%d]@%d: %s",
                     self.queue.name, msg.topic(), msg.partition(), msg.offset(), exc,
                 )  # fmt: skip
-        return tasks
+        return tasks, texts
 
-    def _transact(self, msgs: list[Message], plan: Plan) -> None:
-        q, produce, p = self.queue, self._log.produce, self._producer
+    def _transact(self, msgs: list[Message], plan: Plan, texts: dict[str, str]) -> None:
+        produce, p = self._log.produce, self._producer
+        work_topic, status_topic = self.queue.work_topic, self.queue.status_topic
         acks = Acks()
         p.begin_transaction()
         for batch in plan.batches:
-            item = {"batch_id": batch.batch_id, "tasks": [_work_task(t) for t in batch.tasks]}
-            produce(p, q.work_topic, batch.batch_id, WORK_ITEM, item, acks)
-            for task in batch.tasks:
+            batch_id = batch.batch_id
+            work = [_work_task(t, None if t.parent_id else texts.get(t.id)) for t in batch.tasks]
+            produce(p, work_topic, batch_id, WORK_ITEM, {"batch_id": batch_id, "tasks": work}, acks)
+            for task, raw in zip(batch.tasks, work, strict=True):
                 event = status_data(
                     task.id,
                     "dispatched",
                     attempt=1,
-                    batch_id=batch.batch_id,
+                    batch_id=batch_id,
                     parent_id=task.parent_id,
                     key=task.key,
-                    data=json.dumps(task.data) if task.parent_id else None,
+                    data=raw["data"] if task.parent_id else None,
                 )
-                produce(p, q.status_topic, task.id, STATUS, event, acks)
+                produce(p, status_topic, task.id, STATUS, event, acks)
         for parent, parts in plan.parents.items():
             event = status_data(parent, "dispatched", attempt=1, parts=list(parts))
-            produce(p, q.status_topic, parent, STATUS, event, acks)
+            produce(p, status_topic, parent, STATUS, event, acks)
         nxt: dict[tuple[str, int], int] = {}
         for msg in msgs:
             tp = (msg.topic(), msg.partition())
@@ -208,11 +221,12 @@ class Dispatcher:
             self._consumer.seek(tp)
 
 
-def _work_task(task: Task) -> dict[str, Any]:
+def _work_task(task: Task, text: str | None = None) -> dict[str, Any]:
+    """A task of a work item; `text`: its data's JSON text when known (else encoded here)."""
     return {
         "task_id": task.id,
         "key": task.key,
-        "data": json.dumps(task.data),
+        "data": text if text is not None else json.dumps(task.data),
         "attempt": task.attempt,
         "parent_id": task.parent_id,
     }

@@ -18,7 +18,6 @@ folded (it looks again every RECHECK_MS).
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 from refold.core.config import Config
 from refold.core.serde import Codec
-from refold.core.task_status import due_ms, next_step
+from refold.core.task_status import due_ms, next_step, task_data_json
 from refold.core.tasks import STATUS, WORK_ITEM, TaskQueue
 from refold.engine.frozen import Serving
 from refold.engine.runtime import ProjectionRunner
@@ -217,7 +216,7 @@ class Reconciler:
         work = {
             "task_id": task_id,
             "key": state.get("key") or task_id,
-            "data": _json(state.get("data")),
+            "data": task_data_json(state),
             "attempt": attempt,
             "parent_id": state.get("parent_id"),
         }
@@ -238,7 +237,7 @@ class Reconciler:
             attempt=attempts,
             error=error,
             key=state.get("key"),
-            data=_json(state.get("data")),
+            data=task_data_json(state),
             parent_id=state.get("parent_id"),
         )
         self._log.produce(p, q.dead_topic, task_id, STATUS, dead, acks)
@@ -257,7 +256,3 @@ class Reconciler:
             self._log.produce(p, q.status_topic, parent, STATUS, part, acks)
         self.stats.dead += 1
         log.warning("%s: task %s is dead after %d attempt(s): %s", q.name, task_id, attempts, error)
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value if value is not None else {})

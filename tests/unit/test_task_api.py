@@ -16,8 +16,17 @@ from refold.core.task_status import (
     initial_status,
     next_step,
     public_status,
+    task_data,
+    task_data_json,
 )
-from refold.core.tasks import Task, TaskQueue, intake_key, plan_batches, submission_from_json
+from refold.core.tasks import (
+    Task,
+    TaskQueue,
+    fingerprint,
+    intake_key,
+    plan_batches,
+    submission_from_json,
+)
 from refold.examples.bank.statements import statement
 
 
@@ -230,6 +239,32 @@ def test_submission_fingerprint_is_key_and_data() -> None:
     d = submission_from_json({"task_id": "x", "key": "other", "data": {"a": 1, "b": 2}})
     assert a.fingerprint == b.fingerprint
     assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
+
+
+def test_fingerprint_is_the_sha256_of_the_canonical_json_of_key_and_data() -> None:
+    # The fingerprint is built from the data's JSON made once per submit; claims written before
+    # that change must still match: the oracle is the canonical JSON of the whole body.
+    import hashlib
+
+    for key, data in [("k", {"b": 1, "a": [1, 2.5, None]}), ('é"x', {"z": {"y": "ü"}}), ("p", {})]:
+        body = json.dumps({"data": data, "key": key}, separators=(",", ":"), sort_keys=True)
+        expected = hashlib.sha256(body.encode()).hexdigest()[:32]
+        sub = submission_from_json({"task_id": "t", "key": key, "data": data})
+        assert sub.fingerprint == fingerprint(key, data) == expected
+        assert json.loads(sub.data_json) == data
+
+
+def test_fold_keeps_the_data_as_its_json_text() -> None:
+    text = json.dumps({"qty": 3, "product_id": "p1"})
+    state = _fold([{"status": "accepted", "data": text, "key": "k"}])
+    assert state["data"] == text  # not parsed: a work item or dead letter carries it as is
+    assert task_data(state) == {"qty": 3, "product_id": "p1"}
+    assert task_data_json(state) == text
+    old = {**state, "data": {"qty": 3}}  # a state folded by an earlier version: parsed
+    assert task_data(old) == {"qty": 3} and json.loads(task_data_json(old)) == {"qty": 3}
+    assert task_data_json(initial_status("t")) == "{}"
+    done = _fold([{"status": "succeeded", "attempt": 1, "result": "null"}])
+    assert done["result"] is None
 
 
 def test_statement_of_a_month_from_the_passbook() -> None:
