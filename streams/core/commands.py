@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,6 +29,7 @@ from typing import Any, ClassVar
 from refold.core import envelope
 from refold.core.envelope import Headers
 from refold.core.errors import CommandError, InputError
+from refold.core.ids import random_uuid
 from refold.core.serde import Event
 
 #: The idempotency window: results (and with them "this command id was decided") are kept this
@@ -330,7 +330,7 @@ def parse_command(decider: Decider, obj: Any, *, key: str | None = None) -> Comm
         raise InputError(f'"expected_version" must be a non-negative integer, not {version!r}')
     command_id = obj.get("command_id")
     if command_id is None:
-        command_id = str(uuid.uuid4())
+        command_id = random_uuid()
     elif not isinstance(command_id, str) or not command_id or len(command_id) > MAX_COMMAND_ID:
         raise InputError(
             f'"command_id" must be a non-empty string of at most {MAX_COMMAND_ID} characters'

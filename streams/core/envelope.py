@@ -13,9 +13,10 @@ of one type and only swaps the id); readers get the attributes back with `read`.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+
+from refold.core.ids import random_uuid
 
 SPEC_VERSION = "1.0"
 SPECVERSION = "ce_specversion"
@@ -87,7 +88,7 @@ def headers(
         causation_id=causation_id,
         content_type=content_type,
     )
-    out[ID_SLOT] = (ID, (id or str(uuid.uuid4())).encode())
+    out[ID_SLOT] = (ID, (id or random_uuid()).encode())
     return out
 
 

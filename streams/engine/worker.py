@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 
 from refold.core.app import load_deciders, load_sagas, load_task_queues, load_versions
-from refold.core.commands import Decider
+from refold.core.commands import CommandResult, Decider
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
 from refold.core.projection import Projection
@@ -304,7 +304,9 @@ class Worker:
                 )
                 continue
             ensure_command_topics(self._topics, decider)
-            processor = CommandProcessor(self.config, self.codec, decider)
+            processor = CommandProcessor(
+                self.config, self.codec, decider, on_decided=self._answer_committed
+            )
             thread = threading.Thread(target=processor.run, name=f"commands-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -314,6 +316,13 @@ class Worker:
             self.results = ResultsIndex(
                 self.config, topics, store_path=self.config.data_dir / "command-results"
             ).start()
+
+    def _answer_committed(self, results: list[CommandResult]) -> None:
+        """A processor's committed results, to the results index at once (its waiters need
+        not wait for the read-back through Kafka)."""
+        index = self.results
+        if index is not None:
+            index.learn_committed(r.to_json() for r in results)
 
     @property
     def command_client(self) -> CommandClient:

@@ -49,6 +49,8 @@ from refold.store.rocksdb import RocksStore
 log = logging.getLogger(__name__)
 
 Result = dict[str, Any]
+#: Results handed over by a processor and not read back yet, at most (see `learn_committed`).
+MAX_HANDED_OVER = 100_000
 
 
 class ResultsIndex:
@@ -56,6 +58,10 @@ class ResultsIndex:
 
     With `store_path`, results and the next offset of each results partition are written in one
     WriteBatch, so a restarted worker resumes where it stopped; without, it reads from offset 0.
+
+    A command processor in the same process hands over what it has just committed
+    (`learn_committed`): its waiters are answered at once instead of after the results' read
+    back through Kafka (a fetch and the commit markers: 13 ms p50, 63 ms p99 at 500/s here).
     """
 
     def __init__(
@@ -64,6 +70,8 @@ class ResultsIndex:
         self.topics = sorted(set(topics))
         self._store = RocksStore.open(store_path) if store_path is not None else None
         self._memory: dict[str, Result] = {}
+        # Committed results handed over by a processor, until the read-back stores them
+        self._committed: dict[str, Result] = {}
         self._lock = threading.Lock()
         self._watchers: dict[str, list[Callable[[Result], None]]] = {}
         self._stop = threading.Event()
@@ -97,9 +105,28 @@ class ResultsIndex:
             self._thread.join(timeout)
 
     def get(self, command_id: str) -> Result | None:
+        found = self._committed.get(command_id)
+        if found is not None:
+            return found
         if self._store is not None:
             return self._store.get(command_id)
         return self._memory.get(command_id)
+
+    def learn_committed(self, results: Iterable[Result]) -> None:
+        """Results of a transaction that has committed (a processor in this process, after
+        `commit_transaction`): known and answered now; the read-back stores them later. Kept
+        apart from the store, whose offsets only the read-back moves; bounded (the oldest go
+        first: by then the read-back has them)."""
+        with self._lock:
+            fire: list[tuple[Callable[[Result], None], Result]] = []
+            for result in results:
+                cid = str(result["command_id"])
+                self._committed.setdefault(cid, result)
+                fire.extend((cb, result) for cb in self._watchers.pop(cid, ()))
+            while len(self._committed) > MAX_HANDED_OVER:
+                del self._committed[next(iter(self._committed))]
+        for callback, result in fire:
+            callback(result)
 
     def watch(self, command_id: str, callback: Callable[[Result], None]) -> Callable[[], None]:
         """Call `callback(result)` once the result is known (perhaps at once, perhaps twice:
@@ -176,6 +203,9 @@ class ResultsIndex:
             for cid, result in results.items():
                 self._memory.setdefault(cid, result)
         with self._lock:
+            if self._committed:
+                for cid in results:
+                    self._committed.pop(cid, None)
             fire = [(cb, results[cid]) for cid in results for cb in self._watchers.pop(cid, ())]
         for callback, result in fire:
             callback(result)
