@@ -9,15 +9,14 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
-from refold.cli import projection_commands, saga_commands, task_commands
 from refold.cli.output import out as _out
 from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
-from refold.kafka.log import NOT_AUTHORIZED
 
 if TYPE_CHECKING:
     from refold.engine.worker import Worker
@@ -331,20 +330,58 @@ COMMANDS: dict[str, Command] = {
     "tail": cmd_tail,
     "command": cmd_command,
     "worker": cmd_worker,
-    "query": projection_commands.cmd_query,
-    "status": projection_commands.cmd_status,
-    "dead-letters": projection_commands.cmd_dead_letters,
-    "replay": projection_commands.cmd_replay,
-    "rollback": projection_commands.cmd_rollback,
-    "drop": projection_commands.cmd_drop,
     "demo": cmd_demo,
-    "task": task_commands.cmd_task,
-    "task-worker": task_commands.cmd_task_worker,
-    "saga": saga_commands.cmd_saga,
+}
+
+#: Commands defined in other modules, imported only when one of theirs runs (or for the full
+#: parser, e.g. `refold --help`): `refold publish` does not load the task and saga APIs.
+#: Each module's `add_parsers` adds exactly these commands.
+LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
+    "refold.cli.projection_commands": (
+        "query",
+        "status",
+        "dead-letters",
+        "replay",
+        "rollback",
+        "drop",
+    ),
+    "refold.cli.task_commands": ("task", "task-worker"),
+    "refold.cli.saga_commands": ("saga",),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(name: str) -> Command:
+    """The function of command `name` (a module of `LAZY_COMMANDS` is imported here)."""
+    if name in COMMANDS:
+        return COMMANDS[name]
+    module = next(m for m, names in LAZY_COMMANDS.items() if name in names)
+    command: Command = getattr(import_module(module), "cmd_" + name.replace("-", "_"))
+    return command
+
+
+def _command_named(argv: Sequence[str] | None) -> str | None:
+    """The command `argv` names, read past the global options (None if it names none)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data-dir")
+    pre.add_argument("--bootstrap-servers")
+    pre.add_argument("-v", "--verbose", action="store_true")
+    pre.add_argument("command", nargs="?")
+    try:
+        known, _rest = pre.parse_known_args(argv)
+    except SystemExit:  # e.g. a global option without its value: the full parser says so
+        return None
+    return known.command if isinstance(known.command, str) else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; given the command about to run, the subcommands of `LAZY_COMMANDS`
+    modules are added only if it is theirs (every one for None or an unknown name)."""
+    own = command in COMMANDS
+
+    def add_parsers_of(module: str) -> None:
+        if not own:
+            import_module(module).add_parsers(sub)
+
     parser = argparse.ArgumentParser(
         prog="refold",
         description="Kafka event sourcing: publish events, fold projections, replay, query.",
@@ -423,18 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the address other workers forward lookups to (default: the --http address)",
     )
 
-    projection_commands.add_parsers(sub)
+    add_parsers_of("refold.cli.projection_commands")
 
     p = sub.add_parser("demo", help="the bank passbook story, end to end, on a local broker")
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running after")
 
-    task_commands.add_parsers(sub)
-    saga_commands.add_parsers(sub)
+    add_parsers_of("refold.cli.task_commands")
+    add_parsers_of("refold.cli.saga_commands")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_named(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -442,16 +479,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Connection churn (broker restarts, coordinator loading) is normal and retried by librdkafka.
     logging.getLogger("librdkafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
-    from refold.engine.runtime import tune_collector
+    if args.command != "publish":  # publish folds nothing: no need to load the fold runtime
+        from refold.engine.runtime import tune_collector
 
-    tune_collector()
+        tune_collector()
     config = Config.from_env()
     if args.data_dir:
         config = config.with_(data_dir=Path(args.data_dir))
     if args.bootstrap_servers:
         config = config.with_(bootstrap_override=args.bootstrap_servers)
     try:
-        return COMMANDS[args.command](args, config)
+        return _command(args.command)(args, config)
     except InputError as exc:
         _fail(exc)
         return EXIT_INPUT
@@ -487,6 +525,8 @@ def _address(config: Config) -> str:
 
 
 def _unreachable(config: Config, exc: KafkaException) -> BrokerError:
+    from refold.kafka.log import NOT_AUTHORIZED
+
     error = exc.args[0] if exc.args else None
     text = error.str() if isinstance(error, KafkaError) else str(exc)
     if isinstance(error, KafkaError) and error.code() in NOT_AUTHORIZED:
