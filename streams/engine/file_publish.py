@@ -3,8 +3,9 @@
 Parsing, validating and Avro-encoding cost more per event than sending (under the GIL a thread
 cannot help), so a large file is read by several processes. The steps, in order:
 
-1. the input is cut into chunks at line ends (byte ranges: about a quarter of a worker's share,
-   between `MIN_CHUNK` and `MAX_CHUNK` bytes);
+1. the input is cut into chunks at line ends (byte ranges: about a sixteenth of a worker's
+   share, between `MIN_CHUNK` and `MAX_CHUNK` bytes: small enough that the last chunks end
+   together, and that results come back, and are unpickled here, while later chunks are parsed);
 2. worker processes (forked: they inherit the codec, and stdin's bytes, without a copy) each read
    their chunk, and parse, validate and encode it with `LineEncoder`; each sends back an
    `EncodedBatch` (columns of keys, types and encoded values), its problems and its line count;
@@ -32,7 +33,7 @@ from refold.core.inputs import EncodedBatch, LineEncoder, LineProblem
 from refold.core.serde import Codec
 
 MIN_CHUNK = 64 * 1024
-MAX_CHUNK = 8 * 1024 * 1024
+MAX_CHUNK = 2 * 1024 * 1024
 PARALLEL_FROM = 8 * 1024 * 1024  # ~60k bank events: below this, forking costs more than it saves
 MAX_JOBS = 4
 
@@ -63,7 +64,7 @@ def chunk_ranges(
 ) -> list[tuple[int, int]]:
     """Byte ranges [start, end) covering `size` bytes, each ending just after a line end (or at
     the end of the input)."""
-    target = min(MAX_CHUNK, max(MIN_CHUNK, size // max(1, 4 * jobs)))
+    target = min(MAX_CHUNK, max(MIN_CHUNK, size // max(1, 16 * jobs)))
     ranges = []
     start = 0
     while start < size:
@@ -73,9 +74,20 @@ def chunk_ranges(
     return ranges
 
 
-def read_events(source: Path | bytes, codec: Codec, jobs: int | None = None) -> FileEvents:
+def read_events(
+    source: Path | bytes,
+    codec: Codec,
+    jobs: int | None = None,
+    *,
+    under_way: Callable[[], object] | None = None,
+) -> FileEvents:
     """Parse, validate and encode every line of a file (or of bytes already read, e.g. stdin)
-    with `jobs` processes (default: `default_jobs`). Raises OSError if the file cannot be read."""
+    with `jobs` processes (default: `default_jobs`). Raises OSError if the file cannot be read.
+
+    `under_way` is called once in this process while the lines are being read: after the worker
+    processes are forked (so that a Kafka client it makes is never inherited by them), or before
+    reading in this process. `refold publish` makes its producer there: the producer connects and
+    gets its idempotent producer id (about a second) while the file is parsed."""
     size = source.stat().st_size if isinstance(source, Path) else len(source)
     jobs = default_jobs(size) if jobs is None else max(1, jobs)
     if jobs > 1 and not _can_fork():
@@ -87,6 +99,8 @@ def read_events(source: Path | bytes, codec: Codec, jobs: int | None = None) -> 
         data = source
         ranges = chunk_ranges(size, lambda at: _bytes_line_end(data, at, size), jobs)
     if jobs == 1 or len(ranges) == 1:
+        if under_way is not None:
+            under_way()
         _start(codec, source)
         parts = [_encode_range(start, end) for start, end in ranges]
     else:
@@ -95,7 +109,10 @@ def read_events(source: Path | bytes, codec: Codec, jobs: int | None = None) -> 
             jobs, mp_context=context, initializer=_start, initargs=(codec, source)
         ) as pool:
             starts, ends = zip(*ranges, strict=True)
-            parts = list(pool.map(_encode_range, starts, ends))
+            results = pool.map(_encode_range, starts, ends)  # forks every worker, then submits
+            if under_way is not None:
+                under_way()
+            parts = list(results)
     return _numbered(parts)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
 import random
 from itertools import pairwise
 from pathlib import Path
@@ -188,6 +190,21 @@ def test_worker_processes_give_the_serial_result_with_file_line_numbers(
     assert read.problems[-1].line == len(lines)  # the missing amount, on the last line
     assert read.lines == len(lines)
     assert read.count == len(reference)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_under_way_runs_once_here_after_the_workers_are_forked(codec: Codec, jobs: int) -> None:
+    """`refold publish` makes its Kafka producer in `under_way`: it must run in this process,
+    once, and (with workers) only when every worker exists, so no worker inherits a client."""
+    data = b"\n".join(mixed_lines(4000, seed=5)) + b"\n"
+    seen: list[tuple[int, int]] = []
+
+    def under_way() -> None:
+        seen.append((os.getpid(), len(multiprocessing.active_children())))
+
+    read = read_events(data, codec, jobs=jobs, under_way=under_way)
+    assert seen == [(os.getpid(), 0 if jobs == 1 else jobs)]
+    assert read.count == read_events(data, codec, jobs=1).count
 
 
 def test_a_single_process_read_is_the_same(codec: Codec) -> None:
