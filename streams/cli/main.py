@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -493,7 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Connection churn (broker restarts, coordinator loading) is normal and retried by librdkafka.
     logging.getLogger("librdkafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
-    if args.command != "publish":  # publish folds nothing: no need to load the fold runtime
+    if args.command == "publish":  # tune_collector's thresholds, without loading the fold runtime
+        gc.set_threshold(100_000, 50, 100)
+    else:
         from refold.engine.runtime import tune_collector
 
         tune_collector()

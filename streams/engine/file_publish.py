@@ -8,7 +8,8 @@ cannot help), so a large file is read by several processes. The steps, in order:
    together, and that results come back, and are unpickled here, while later chunks are parsed);
 2. worker processes (forked: they inherit the codec, and stdin's bytes, without a copy) each read
    their chunk, and parse, validate and encode it with `LineEncoder`; each sends back an
-   `EncodedBatch` (columns of keys, types and encoded values), its problems and its line count;
+   `EncodedBatch` (columns of keys, types and encoded values, as one `marshal` blob), its
+   problems and its line count;
 3. the parent numbers the problems' lines across chunks. EVERY chunk is validated before the
    first event is sent (validated first, not staged in a transaction): a file with any bad line
    publishes nothing, and no consumer, whatever its isolation level, ever sees part of it;
@@ -21,6 +22,7 @@ steps in this process.
 
 from __future__ import annotations
 
+import marshal
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -109,10 +111,10 @@ def read_events(
             jobs, mp_context=context, initializer=_start, initargs=(codec, source)
         ) as pool:
             starts, ends = zip(*ranges, strict=True)
-            results = pool.map(_encode_range, starts, ends)  # forks every worker, then submits
+            results = pool.map(_encode_range_packed, starts, ends)  # forks every worker first
             if under_way is not None:
                 under_way()
-            parts = list(results)
+            parts = [(_unpacked(packed), problems, lines) for packed, problems, lines in results]
     return _numbered(parts)
 
 
@@ -150,6 +152,20 @@ def _encode_range(start: int, end: int) -> tuple[EncodedBatch, list[LineProblem]
     lines = chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
     batch, problems = _encoder.encode(chunk)
     return batch, problems, lines
+
+
+def _encode_range_packed(start: int, end: int) -> tuple[bytes, list[LineProblem], int]:
+    """`_encode_range` with the batch's columns as one `marshal` blob: pickling the columns
+    (a memo entry per object) cost a worker 1.1-1.3 µs per event, marshal 0.17, and the parent
+    reads them back in 0.26 instead of 0.37 (200k bank events, loaded machine). Only this
+    package's forked workers make the blobs that `_unpacked` reads."""
+    batch, problems, lines = _encode_range(start, end)
+    return marshal.dumps((batch.types, batch.keys, batch.values)), problems, lines
+
+
+def _unpacked(packed: bytes) -> EncodedBatch:
+    types, keys, values = marshal.loads(packed)
+    return EncodedBatch(types, keys, values)
 
 
 # -- chunk boundaries --------------------------------------------------------------------------
