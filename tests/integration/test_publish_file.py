@@ -4,6 +4,9 @@ the last chunk publishes nothing; what lands is exactly the file, in order per k
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -113,3 +116,26 @@ def test_batches_carry_the_bulk_envelope_and_a_refused_event_stops_them(config, 
         assert [(r[2], r[4]) for r in records] == [(e["key"], e["data"]) for e in events[:3]]
         summary = publisher.publish_batches(topic, [first])  # a good call after a failed one
     assert summary.count == 2 and summary.min_offset == "0:4"
+
+
+def test_a_bad_file_is_reported_even_with_no_broker_named(tmp_path):
+    """The producer made while the file is parsed must not turn a bad file into a broker error:
+    with no broker configured at all, the bad lines are still what is reported (exit 2)."""
+    lines = [json.dumps(e) for e in make_events(3000, accounts=40)]
+    lines[1500] = lines[1500].replace('"data"', '"dat"')
+    path = tmp_path / "bad-no-broker.jsonl"
+    write(path, lines)
+    env = {k: v for k, v in os.environ.items() if k != "REFOLD_BOOTSTRAP_SERVERS"}
+    env["REFOLD_DATA_DIR"] = str(tmp_path / "no-broker")  # no broker record there either
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "refold.cli.main", "publish", "t", "--file", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    said = done.stderr.splitlines()
+    assert said[0].startswith(f"{path}:1501: ")
+    assert "1 invalid line(s)" in said[-1] and "nothing published" in said[-1]
