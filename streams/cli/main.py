@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
 
 if TYPE_CHECKING:
+    from refold.core.inputs import LineProblem
+    from refold.core.serde import Codec
     from refold.engine.worker import Worker
     from refold.kafka.topics import Topics
 
@@ -169,7 +172,6 @@ def _data_json(text: str) -> object:
 
 def cmd_publish(args: argparse.Namespace, config: Config) -> int:
     from refold.core.inputs import event_from_json
-    from refold.engine.file_publish import read_events
     from refold.kafka.publisher import Publisher, tune_allocator
     from refold.kafka.registry import codec_for
     from refold.kafka.topics import Topics, event_topic, internal_topics
@@ -181,38 +183,9 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             raise InputError("give either --file or --type/--key/--data, not both")
         if args.jobs is not None and args.jobs < 1:
             raise InputError(f"--jobs must be 1 or more, not {args.jobs}")
-        warm: list[Publisher] = []
-
-        def warm_up() -> None:  # while the file is parsed (the parse workers forked already)
-            try:
-                publisher = Publisher(config, codec)  # no position per event: millions, maybe
-                publisher.warm_up()
-            except (RefoldError, KafkaException):  # e.g. no broker named: said after the check
-                return
-            warm.append(publisher)
-
-        try:
-            source = sys.stdin.buffer.read() if args.file == "-" else Path(args.file)
-            read = read_events(source, codec, args.jobs, under_way=warm_up)
-        except OSError as exc:
-            raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
-        if read.problems:
-            for problem in read.problems:
-                print(f"{args.file}:{problem.line}: {problem.reason}", file=sys.stderr)
-            print(
-                f"refold: error: {len(read.problems)} invalid line(s) in {args.file}; "
-                "nothing published",
-                file=sys.stderr,
-            )
-            return EXIT_INPUT
-        if args.create:
-            Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])
-        with warm[0] if warm else Publisher(config, codec) as publisher:
-            summary = publisher.publish_batches(args.topic, read.batches)
-        where = f"read-your-writes: min_offset={summary.min_offset}"
-        print(f"published {summary.count} event(s) to {args.topic} ({where})")
-        _LEFT_FOR_EXIT.append(read)
-        return 0
+        if args.senders < 1:
+            raise InputError(f"--senders must be 1 or more, not {args.senders}")
+        return _publish_file(args, config, codec)
     if not (args.type and args.key and args.data is not None):
         raise InputError(
             "publish needs --file FILE, or --type, --key and --data",
@@ -228,6 +201,65 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
         where = f"partition:offset {position.partition}:{position.offset}"
     print(f"published {len(events)} event(s) to {args.topic} ({where})")
     return 0
+
+
+def _publish_file(args: argparse.Namespace, config: Config, codec: Codec) -> int:
+    """`refold publish --file`: every line validated, then sent (`refold.engine.file_publish`;
+    with several processes, `refold.engine.file_senders`)."""
+    from refold.engine.file_publish import can_fork, planned_jobs, read_events
+    from refold.engine.file_senders import Senders
+    from refold.kafka.publisher import Publisher
+    from refold.kafka.topics import Topics, event_topic, internal_topics
+
+    try:
+        source = sys.stdin.buffer.read() if args.file == "-" else Path(args.file)
+        jobs = planned_jobs(source, args.jobs)
+        count = args.senders if can_fork() else 1
+    except OSError as exc:
+        raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+    with ExitStack() as stack:
+        # --senders N: the senders are forked first, while this process holds no Kafka client,
+        # and connect while the file is parsed (refold.engine.file_senders).
+        senders = stack.enter_context(Senders(config, codec, count)) if count > 1 else None
+        warm: list[Publisher] = []
+
+        def warm_up() -> None:  # one process sends: its producer starts during the parse
+            if senders is not None:
+                return
+            try:
+                publisher = Publisher(config, codec)  # no position per event: millions, maybe
+                publisher.warm_up()
+            except (RefoldError, KafkaException):  # e.g. no broker named: said after the check
+                return
+            warm.append(publisher)
+
+        try:
+            read = read_events(source, codec, jobs, under_way=warm_up, shares=count)
+        except OSError as exc:
+            raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+        if read.problems:
+            _report_problems(args.file, read.problems)
+            return EXIT_INPUT  # the senders are stopped on the way out: nothing was sent
+        if args.create:  # no process is forked after this client is made
+            Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])
+        if senders is not None:
+            summary = senders.send(args.topic, read)
+        else:
+            with warm[0] if warm else Publisher(config, codec) as publisher:
+                summary = publisher.publish_batches(args.topic, read.batches)
+    where = f"read-your-writes: min_offset={summary.min_offset}"
+    print(f"published {summary.count} event(s) to {args.topic} ({where})")
+    _LEFT_FOR_EXIT.append(read)
+    return 0
+
+
+def _report_problems(name: str, problems: Sequence[LineProblem]) -> None:
+    for problem in problems:
+        print(f"{name}:{problem.line}: {problem.reason}", file=sys.stderr)
+    print(
+        f"refold: error: {len(problems)} invalid line(s) in {name}; nothing published",
+        file=sys.stderr,
+    )
 
 
 def cmd_tail(args: argparse.Namespace, config: Config) -> int:
@@ -432,6 +464,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         help="processes parsing the file (default: one per CPU, up to 4, for files of 8 MB+)",
+    )
+    p.add_argument(
+        "--senders",
+        type=int,
+        default=1,
+        help="--file: processes sending it, each with its own producer, events of one key "
+        "through one (default 1)",
     )
 
     p = sub.add_parser("tail", help="print a topic's events as JSON lines")

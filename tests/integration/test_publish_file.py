@@ -47,7 +47,8 @@ def write(path: Path, lines: list[str]) -> None:
     assert path.stat().st_size > 4 * MIN_CHUNK  # several chunks for the worker processes
 
 
-def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path):
+@pytest.mark.parametrize("senders", ["1", "2"])
+def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path, senders):
     topic = unique("bank")
     Topics(config).ensure([*internal_topics(config), event_topic(topic)])
     lines = [json.dumps(e) for e in make_events(3000, accounts=40)]
@@ -59,7 +60,9 @@ def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path
     lines[-2] = json.dumps(flag)
     path = tmp_path / "bad-at-the-end.jsonl"
     write(path, lines)
-    done = refold(config, "publish", topic, "--file", str(path), "--jobs", "2")
+    done = refold(
+        config, "publish", topic, "--file", str(path), "--jobs", "2", "--senders", senders
+    )
     assert done.returncode == 2, done.stderr
     said = done.stderr.splitlines()
     assert len(said) == 3
@@ -69,12 +72,26 @@ def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path
     assert read_back(config, topic) == []
 
 
-def test_worker_processes_publish_exactly_the_file_in_order_per_key(config, unique, tmp_path):
+@pytest.mark.parametrize("senders", ["1", "3"])
+def test_worker_processes_publish_exactly_the_file_in_order_per_key(
+    config, unique, tmp_path, senders
+):
     topic = unique("bank")
     events = make_events(3000, accounts=40)
     path = tmp_path / "events.jsonl"
     write(path, [json.dumps(e) for e in events])
-    done = refold(config, "publish", topic, "--file", str(path), "--jobs", "3", "--create")
+    done = refold(
+        config,
+        "publish",
+        topic,
+        "--file",
+        str(path),
+        "--jobs",
+        "3",
+        "--create",
+        "--senders",
+        senders,
+    )
     assert done.returncode == 0, done.stderr
     assert "published 3000 event(s)" in done.stdout
     records = read_back(config, topic)
@@ -139,3 +156,15 @@ def test_a_bad_file_is_reported_even_with_no_broker_named(tmp_path):
     said = done.stderr.splitlines()
     assert said[0].startswith(f"{path}:1501: ")
     assert "1 invalid line(s)" in said[-1] and "nothing published" in said[-1]
+
+
+def test_senders_that_fail_say_why_and_exit_non_zero(config, unique, tmp_path):
+    """Every sender fails (the topic is missing, no --create): one clear error, exit 1, and no
+    sender process left behind (the CLI returned, so each was joined)."""
+    topic = unique("missing")
+    path = tmp_path / "events.jsonl"
+    write(path, [json.dumps(e) for e in make_events(3000, accounts=40)])
+    done = refold(config, "publish", topic, "--file", str(path), "--jobs", "2", "--senders", "2")
+    assert done.returncode == 1, done.stderr
+    [said] = done.stderr.splitlines()
+    assert said.startswith("refold: error: ") and topic in said
