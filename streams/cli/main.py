@@ -383,15 +383,9 @@ COMMANDS: dict[str, Command] = {
 #: Commands defined in other modules, imported only when one of theirs runs (or for the full
 #: parser, e.g. `refold --help`): `refold publish` does not load the task and saga APIs.
 #: Each module's `add_parsers` adds exactly these commands.
+_PROJECTION_COMMANDS = ("query", "status", "dead-letters", "replay", "rollback", "drop")
 LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
-    "refold.cli.projection_commands": (
-        "query",
-        "status",
-        "dead-letters",
-        "replay",
-        "rollback",
-        "drop",
-    ),
+    "refold.cli.projection_commands": _PROJECTION_COMMANDS,
     "refold.cli.task_commands": ("task", "task-worker"),
     "refold.cli.saga_commands": ("saga",),
 }
