@@ -125,7 +125,8 @@ def publish_md(p: dict[str, Any]) -> list[str]:
     out += [
         "- `refold publish --file` end to end / `publish_bulk` (median of per-repetition ratios): "
         f"**{times(p.get('ratio_file_to_bulk_per_rep_median'))}**; / bare producer: "
-        f"{times(p.get('ratio_file_to_bare_per_rep_median'))}",
+        f"{times(p.get('ratio_file_to_bare_per_rep_median'))}; with `--senders 2` / without: "
+        f"{times(p.get('ratio_file_senders_to_file_per_rep_median'))}",
         "- refold `publish_bulk` / bare producer: "
         f"**{times(p['ratio_refold_bulk_to_bare'])}** (/ bare with the same headers: "
         f"{times(p['ratio_refold_bulk_to_bare_headers'])}); `publish_encoded` (a position per "

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 REFOLD_BULK = "refold Publisher.publish_bulk (pre-encoded)"
 REFOLD_FILE = "`refold publish --file` end to end (JSONL file, CLI process)"
+REFOLD_FILE_SENDERS = "`refold publish --file --senders 2` end to end (2 sending processes)"
 REFOLD_ENCODED = "refold Publisher.publish_encoded (pre-encoded, a position per event)"
 REFOLD_MANY = "refold Publisher.publish_many (encodes each event)"
 BARE = "bare Producer, key + value"
@@ -79,6 +80,12 @@ class PublishResult:
             ),
             "ratio_file_to_bare_per_rep_median": median(
                 [f / b for f, b in zip(file_rates, self.runs[BARE].rates, strict=False)]
+            ),
+            "ratio_file_senders_to_file_per_rep_median": median(
+                [
+                    s / f
+                    for s, f in zip(self.runs[REFOLD_FILE_SENDERS].rates, file_rates, strict=False)
+                ]
             ),
             "topic": self.topic,
             "refold_variant": REFOLD_BULK,
@@ -126,13 +133,14 @@ def write_jsonl(events: Sequence[EventInput], path: Path) -> None:
             fh.write(orjson.dumps({"type": e.type, "key": e.key, "data": e.data}) + b"\n")
 
 
-def cli_publish(bootstrap: str, topic: str, path: Path) -> tuple[float, float]:
-    """Run `refold publish TOPIC --file PATH` in its own process: (wall s, its CPU s)."""
+def cli_publish(bootstrap: str, topic: str, path: Path, *options: str) -> tuple[float, float]:
+    """Run `refold publish TOPIC --file PATH [OPTIONS]` in its own process: (wall s, its CPU s,
+    its parse and send processes included)."""
     env = {**os.environ, "REFOLD_BOOTSTRAP_SERVERS": bootstrap}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "refold.cli.main", "publish", topic, "--file", str(path)],
+        [sys.executable, "-m", "refold.cli.main", "publish", topic, "--file", str(path), *options],
         env=env,
         capture_output=True,
         text=True,
@@ -183,13 +191,13 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
     jsonl = Path(tempfile.mkdtemp(prefix="refold-bench-publish-")) / "events.jsonl"
     write_jsonl(events, jsonl)
 
-    def refold_file(topic: str) -> None:
-        wall, cpu = cli_publish(bench.bootstrap, topic, jsonl)
-        runs[REFOLD_FILE].add(len(events), wall, cpu)
+    def refold_file(topic: str, label: str = REFOLD_FILE, *options: str) -> None:
+        wall, cpu = cli_publish(bench.bootstrap, topic, jsonl, *options)
+        runs[label].add(len(events), wall, cpu)
         after, before = pid_cpu(bench.broker_pid), broker_before[0]
         if after is not None and before is not None:
-            broker_cpu[REFOLD_FILE].append((after - before) * 1_000_000 / len(events))
-        log.info("publish %-60s %10.0f events/s (%.2f s)", REFOLD_FILE, len(events) / wall, wall)
+            broker_cpu[label].append((after - before) * 1_000_000 / len(events))
+        log.info("publish %-60s %10.0f events/s (%.2f s)", label, len(events) / wall, wall)
 
     def refold_encoded(topic: str) -> None:
         with Publisher(bench.config("pub"), bench.codec) as publisher:
@@ -214,6 +222,7 @@ def run(bench: Bench, data: BankData, params: Params) -> PublishResult:
     variants: dict[str, Callable[[str], None]] = {
         REFOLD_FILE: refold_file,
         REFOLD_BULK: refold_bulk,
+        REFOLD_FILE_SENDERS: lambda t: refold_file(t, REFOLD_FILE_SENDERS, "--senders", "2"),
         BARE: lambda t: bare(t, None, BARE),
         REFOLD_ENCODED: refold_encoded,
         BARE_HEADERS: lambda t: bare(t, static_headers, BARE_HEADERS),

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
-from refold.cli import projection_commands, saga_commands, task_commands
 from refold.cli.output import out as _out
 from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
-from refold.kafka.log import NOT_AUTHORIZED
 
 if TYPE_CHECKING:
+    from refold.core.inputs import LineProblem
+    from refold.core.serde import Codec
     from refold.engine.worker import Worker
     from refold.kafka.topics import Topics
 
@@ -29,6 +32,9 @@ EXIT_ERROR = 1
 EXIT_INPUT = 2
 
 Command = Callable[[argparse.Namespace, Config], int]
+
+#: What a command leaves for the process's exit to drop (see `main`): a file publish's events.
+_LEFT_FOR_EXIT: list[object] = []
 
 
 # -- broker ---------------------------------------------------------------------------------
@@ -166,7 +172,6 @@ def _data_json(text: str) -> object:
 
 def cmd_publish(args: argparse.Namespace, config: Config) -> int:
     from refold.core.inputs import event_from_json
-    from refold.engine.file_publish import read_events
     from refold.kafka.publisher import Publisher, tune_allocator
     from refold.kafka.registry import codec_for
     from refold.kafka.topics import Topics, event_topic, internal_topics
@@ -178,27 +183,9 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
             raise InputError("give either --file or --type/--key/--data, not both")
         if args.jobs is not None and args.jobs < 1:
             raise InputError(f"--jobs must be 1 or more, not {args.jobs}")
-        try:
-            source = sys.stdin.buffer.read() if args.file == "-" else Path(args.file)
-            read = read_events(source, codec, args.jobs)
-        except OSError as exc:
-            raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
-        if read.problems:
-            for problem in read.problems:
-                print(f"{args.file}:{problem.line}: {problem.reason}", file=sys.stderr)
-            print(
-                f"refold: error: {len(read.problems)} invalid line(s) in {args.file}; "
-                "nothing published",
-                file=sys.stderr,
-            )
-            return EXIT_INPUT
-        if args.create:
-            Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])
-        with Publisher(config, codec) as publisher:  # no position per event: millions, maybe
-            summary = publisher.publish_batches(args.topic, read.batches)
-        where = f"read-your-writes: min_offset={summary.min_offset}"
-        print(f"published {summary.count} event(s) to {args.topic} ({where})")
-        return 0
+        if args.senders < 1:
+            raise InputError(f"--senders must be 1 or more, not {args.senders}")
+        return _publish_file(args, config, codec)
     if not (args.type and args.key and args.data is not None):
         raise InputError(
             "publish needs --file FILE, or --type, --key and --data",
@@ -214,6 +201,65 @@ def cmd_publish(args: argparse.Namespace, config: Config) -> int:
         where = f"partition:offset {position.partition}:{position.offset}"
     print(f"published {len(events)} event(s) to {args.topic} ({where})")
     return 0
+
+
+def _publish_file(args: argparse.Namespace, config: Config, codec: Codec) -> int:
+    """`refold publish --file`: every line validated, then sent (`refold.engine.file_publish`;
+    with several processes, `refold.engine.file_senders`)."""
+    from refold.engine.file_publish import can_fork, planned_jobs, read_events
+    from refold.engine.file_senders import Senders
+    from refold.kafka.publisher import Publisher
+    from refold.kafka.topics import Topics, event_topic, internal_topics
+
+    try:
+        source = sys.stdin.buffer.read() if args.file == "-" else Path(args.file)
+        jobs = planned_jobs(source, args.jobs)
+        count = args.senders if can_fork() else 1
+    except OSError as exc:
+        raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+    with ExitStack() as stack:
+        # --senders N: the senders are forked first, while this process holds no Kafka client,
+        # and connect while the file is parsed (refold.engine.file_senders).
+        senders = stack.enter_context(Senders(config, codec, count)) if count > 1 else None
+        warm: list[Publisher] = []
+
+        def warm_up() -> None:  # one process sends: its producer starts during the parse
+            if senders is not None:
+                return
+            try:
+                publisher = Publisher(config, codec)  # no position per event: millions, maybe
+                publisher.warm_up()
+            except (RefoldError, KafkaException):  # e.g. no broker named: said after the check
+                return
+            warm.append(publisher)
+
+        try:
+            read = read_events(source, codec, jobs, under_way=warm_up, shares=count)
+        except OSError as exc:
+            raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+        if read.problems:
+            _report_problems(args.file, read.problems)
+            return EXIT_INPUT  # the senders are stopped on the way out: nothing was sent
+        if args.create:  # no process is forked after this client is made
+            Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])
+        if senders is not None:
+            summary = senders.send(args.topic, read)
+        else:
+            with warm[0] if warm else Publisher(config, codec) as publisher:
+                summary = publisher.publish_batches(args.topic, read.batches)
+    where = f"read-your-writes: min_offset={summary.min_offset}"
+    print(f"published {summary.count} event(s) to {args.topic} ({where})")
+    _LEFT_FOR_EXIT.append(read)
+    return 0
+
+
+def _report_problems(name: str, problems: Sequence[LineProblem]) -> None:
+    for problem in problems:
+        print(f"{name}:{problem.line}: {problem.reason}", file=sys.stderr)
+    print(
+        f"refold: error: {len(problems)} invalid line(s) in {name}; nothing published",
+        file=sys.stderr,
+    )
 
 
 def cmd_tail(args: argparse.Namespace, config: Config) -> int:
@@ -331,20 +377,52 @@ COMMANDS: dict[str, Command] = {
     "tail": cmd_tail,
     "command": cmd_command,
     "worker": cmd_worker,
-    "query": projection_commands.cmd_query,
-    "status": projection_commands.cmd_status,
-    "dead-letters": projection_commands.cmd_dead_letters,
-    "replay": projection_commands.cmd_replay,
-    "rollback": projection_commands.cmd_rollback,
-    "drop": projection_commands.cmd_drop,
     "demo": cmd_demo,
-    "task": task_commands.cmd_task,
-    "task-worker": task_commands.cmd_task_worker,
-    "saga": saga_commands.cmd_saga,
+}
+
+#: Commands defined in other modules, imported only when one of theirs runs (or for the full
+#: parser, e.g. `refold --help`): `refold publish` does not load the task and saga APIs.
+#: Each module's `add_parsers` adds exactly these commands.
+_PROJECTION_COMMANDS = ("query", "status", "dead-letters", "replay", "rollback", "drop")
+LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
+    "refold.cli.projection_commands": _PROJECTION_COMMANDS,
+    "refold.cli.task_commands": ("task", "task-worker"),
+    "refold.cli.saga_commands": ("saga",),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(name: str) -> Command:
+    """The function of command `name` (a module of `LAZY_COMMANDS` is imported here)."""
+    if name in COMMANDS:
+        return COMMANDS[name]
+    module = next(m for m, names in LAZY_COMMANDS.items() if name in names)
+    command: Command = getattr(import_module(module), "cmd_" + name.replace("-", "_"))
+    return command
+
+
+def _command_named(argv: Sequence[str] | None) -> str | None:
+    """The command `argv` names, read past the global options (None if it names none)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data-dir")
+    pre.add_argument("--bootstrap-servers")
+    pre.add_argument("-v", "--verbose", action="store_true")
+    pre.add_argument("command", nargs="?")
+    try:
+        known, _rest = pre.parse_known_args(argv)
+    except SystemExit:  # e.g. a global option without its value: the full parser says so
+        return None
+    return known.command if isinstance(known.command, str) else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; given the command about to run, the subcommands of `LAZY_COMMANDS`
+    modules are added only if it is theirs (every one for None or an unknown name)."""
+    own = command in COMMANDS
+
+    def add_parsers_of(module: str) -> None:
+        if not own:
+            import_module(module).add_parsers(sub)
+
     parser = argparse.ArgumentParser(
         prog="refold",
         description="Kafka event sourcing: publish events, fold projections, replay, query.",
@@ -380,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         help="processes parsing the file (default: one per CPU, up to 4, for files of 8 MB+)",
+    )
+    p.add_argument(
+        "--senders",
+        type=int,
+        default=1,
+        help="--file: processes sending it, each with its own producer, events of one key "
+        "through one (default 1)",
     )
 
     p = sub.add_parser("tail", help="print a topic's events as JSON lines")
@@ -423,18 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the address other workers forward lookups to (default: the --http address)",
     )
 
-    projection_commands.add_parsers(sub)
+    add_parsers_of("refold.cli.projection_commands")
 
     p = sub.add_parser("demo", help="the bank passbook story, end to end, on a local broker")
     p.add_argument("--keep-broker", action="store_true", help="leave the broker running after")
 
-    task_commands.add_parsers(sub)
-    saga_commands.add_parsers(sub)
+    add_parsers_of("refold.cli.task_commands")
+    add_parsers_of("refold.cli.saga_commands")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_named(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -442,16 +527,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Connection churn (broker restarts, coordinator loading) is normal and retried by librdkafka.
     logging.getLogger("librdkafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
-    from refold.engine.runtime import tune_collector
+    if args.command == "publish":  # tune_collector's thresholds, without loading the fold runtime
+        gc.set_threshold(100_000, 50, 100)
+    else:
+        from refold.engine.runtime import tune_collector
 
-    tune_collector()
+        tune_collector()
     config = Config.from_env()
     if args.data_dir:
         config = config.with_(data_dir=Path(args.data_dir))
     if args.bootstrap_servers:
         config = config.with_(bootstrap_override=args.bootstrap_servers)
     try:
-        return COMMANDS[args.command](args, config)
+        code = _command(args.command)(args, config)
     except InputError as exc:
         _fail(exc)
         return EXIT_INPUT
@@ -474,6 +562,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    if _LEFT_FOR_EXIT:
+        if argv is None:  # the `refold` process itself: done, every client flushed and closed
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)  # not freeing a million objects one by one (0.1-0.2 s per 1M)
+        _LEFT_FOR_EXIT.clear()
+    return code
 
 
 _HINT = "is the broker running? `refold broker status`, or check REFOLD_BOOTSTRAP_SERVERS"
@@ -487,6 +584,8 @@ def _address(config: Config) -> str:
 
 
 def _unreachable(config: Config, exc: KafkaException) -> BrokerError:
+    from refold.kafka.log import NOT_AUTHORIZED
+
     error = exc.args[0] if exc.args else None
     text = error.str() if isinstance(error, KafkaError) else str(exc)
     if isinstance(error, KafkaError) and error.code() in NOT_AUTHORIZED:

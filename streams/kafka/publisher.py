@@ -206,6 +206,12 @@ class Publisher:
         ends = self._topics.end_offsets(topic)
         return PublishSummary(topic, len(events), {p: e - 1 for p, e in ends.items() if e > 0})
 
+    def warm_up(self) -> None:
+        """Make the bulk producer now: it connects and gets its idempotent producer id in
+        librdkafka's threads (about a second on a local broker) while the caller does other work,
+        e.g. `refold publish --file` parsing the file. Sends nothing."""
+        self._producer(True)
+
     def publish_batches(
         self,
         topic: str,

@@ -4,6 +4,9 @@ the last chunk publishes nothing; what lands is exactly the file, in order per k
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,7 +47,8 @@ def write(path: Path, lines: list[str]) -> None:
     assert path.stat().st_size > 4 * MIN_CHUNK  # several chunks for the worker processes
 
 
-def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path):
+@pytest.mark.parametrize("senders", ["1", "2"])
+def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path, senders):
     topic = unique("bank")
     Topics(config).ensure([*internal_topics(config), event_topic(topic)])
     lines = [json.dumps(e) for e in make_events(3000, accounts=40)]
@@ -56,7 +60,9 @@ def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path
     lines[-2] = json.dumps(flag)
     path = tmp_path / "bad-at-the-end.jsonl"
     write(path, lines)
-    done = refold(config, "publish", topic, "--file", str(path), "--jobs", "2")
+    done = refold(
+        config, "publish", topic, "--file", str(path), "--jobs", "2", "--senders", senders
+    )
     assert done.returncode == 2, done.stderr
     said = done.stderr.splitlines()
     assert len(said) == 3
@@ -66,12 +72,26 @@ def test_a_bad_line_in_the_last_chunk_publishes_nothing(config, unique, tmp_path
     assert read_back(config, topic) == []
 
 
-def test_worker_processes_publish_exactly_the_file_in_order_per_key(config, unique, tmp_path):
+@pytest.mark.parametrize("senders", ["1", "3"])
+def test_worker_processes_publish_exactly_the_file_in_order_per_key(
+    config, unique, tmp_path, senders
+):
     topic = unique("bank")
     events = make_events(3000, accounts=40)
     path = tmp_path / "events.jsonl"
     write(path, [json.dumps(e) for e in events])
-    done = refold(config, "publish", topic, "--file", str(path), "--jobs", "3", "--create")
+    done = refold(
+        config,
+        "publish",
+        topic,
+        "--file",
+        str(path),
+        "--jobs",
+        "3",
+        "--create",
+        "--senders",
+        senders,
+    )
     assert done.returncode == 0, done.stderr
     assert "published 3000 event(s)" in done.stdout
     records = read_back(config, topic)
@@ -113,3 +133,38 @@ def test_batches_carry_the_bulk_envelope_and_a_refused_event_stops_them(config, 
         assert [(r[2], r[4]) for r in records] == [(e["key"], e["data"]) for e in events[:3]]
         summary = publisher.publish_batches(topic, [first])  # a good call after a failed one
     assert summary.count == 2 and summary.min_offset == "0:4"
+
+
+def test_a_bad_file_is_reported_even_with_no_broker_named(tmp_path):
+    """The producer made while the file is parsed must not turn a bad file into a broker error:
+    with no broker configured at all, the bad lines are still what is reported (exit 2)."""
+    lines = [json.dumps(e) for e in make_events(3000, accounts=40)]
+    lines[1500] = lines[1500].replace('"data"', '"dat"')
+    path = tmp_path / "bad-no-broker.jsonl"
+    write(path, lines)
+    env = {k: v for k, v in os.environ.items() if k != "REFOLD_BOOTSTRAP_SERVERS"}
+    env["REFOLD_DATA_DIR"] = str(tmp_path / "no-broker")  # no broker record there either
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "refold.cli.main", "publish", "t", "--file", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    said = done.stderr.splitlines()
+    assert said[0].startswith(f"{path}:1501: ")
+    assert "1 invalid line(s)" in said[-1] and "nothing published" in said[-1]
+
+
+def test_senders_that_fail_say_why_and_exit_non_zero(config, unique, tmp_path):
+    """Every sender fails (the topic is missing, no --create): one clear error, exit 1, and no
+    sender process left behind (the CLI returned, so each was joined)."""
+    topic = unique("missing")
+    path = tmp_path / "events.jsonl"
+    write(path, [json.dumps(e) for e in make_events(3000, accounts=40)])
+    done = refold(config, "publish", topic, "--file", str(path), "--jobs", "2", "--senders", "2")
+    assert done.returncode == 1, done.stderr
+    [said] = done.stderr.splitlines()
+    assert said.startswith("refold: error: ") and topic in said

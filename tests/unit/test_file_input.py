@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
 import random
 from itertools import pairwise
 from pathlib import Path
@@ -16,7 +18,7 @@ from refold.core.catalog import Catalog
 from refold.core.fastencode import generate
 from refold.core.inputs import LineEncoder, events_from_lines
 from refold.core.serde import Codec
-from refold.engine.file_publish import chunk_ranges, read_events
+from refold.engine.file_publish import chunk_ranges, read_events, unpack_batch
 
 REPO_SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -188,6 +190,46 @@ def test_worker_processes_give_the_serial_result_with_file_line_numbers(
     assert read.problems[-1].line == len(lines)  # the missing amount, on the last line
     assert read.lines == len(lines)
     assert read.count == len(reference)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_under_way_runs_once_here_after_the_workers_are_forked(codec: Codec, jobs: int) -> None:
+    """`refold publish` makes its Kafka producer in `under_way`: it must run in this process,
+    once, and (with workers) only when every worker exists, so no worker inherits a client."""
+    data = b"\n".join(mixed_lines(4000, seed=5)) + b"\n"
+    seen: list[tuple[int, int]] = []
+
+    def under_way() -> None:
+        seen.append((os.getpid(), len(multiprocessing.active_children())))
+
+    read = read_events(data, codec, jobs=jobs, under_way=under_way)
+    assert seen == [(os.getpid(), 0 if jobs == 1 else jobs)]
+    assert read.count == read_events(data, codec, jobs=1).count
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_shares_split_the_events_by_key_in_file_order(codec: Codec, jobs: int) -> None:
+    """`read_events(shares=N)` (for N senders): every valid event in exactly one share, every
+    key in one share only, each share in file order; problems as without shares."""
+    lines = mixed_lines(4000, seed=11)
+    data = b"\n".join(lines) + b"\n"
+    whole = read_events(data, codec, jobs=1)
+    split = read_events(data, codec, jobs=jobs, shares=3)
+    assert split.problems == whole.problems and split.lines == whole.lines
+    assert split.count == whole.count and split.batches == []
+    shares = [[unpack_batch(blob) for blob in blobs] for blobs in split.shares]
+    assert len(shares) == 3
+    events = [
+        (t, k, v) for b in whole.batches for t, k, v in zip(b.types, b.keys, b.values, strict=True)
+    ]
+    owner: dict[str, int] = {}
+    for i, share in enumerate(shares):
+        mine = [(t, k, v) for b in share for t, k, v in zip(b.types, b.keys, b.values, strict=True)]
+        for _t, key, _v in mine:
+            assert owner.setdefault(key, i) == i  # one share per key
+        assert mine == [e for e in events if owner.get(e[1]) == i]  # file order kept
+    assert sum(len(b) for share in shares for b in share) == len(events)
+    assert len(set(owner.values())) == 3  # 3 shares actually used
 
 
 def test_a_single_process_read_is_the_same(codec: Codec) -> None:

@@ -1,0 +1,40 @@
+"""The CLI loads a command's module only when it runs: every command still parses and resolves
+to its function, and `refold publish` does not import the task, saga or projection commands."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from refold.cli import main as cli
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(sub.choices)
+
+
+def test_every_command_parses_and_resolves_to_its_function() -> None:
+    full = _commands(cli.build_parser())
+    lazy = {name for names in cli.LAZY_COMMANDS.values() for name in names}
+    assert full == set(cli.COMMANDS) | lazy
+    for name in full:
+        assert callable(cli._command(name))
+        assert cli._command_named(["--data-dir", "x", name, "--help"]) == name
+    # A command of main.py's own: the parser skips the other modules' commands.
+    assert _commands(cli.build_parser("publish")) == set(cli.COMMANDS)
+    assert cli._command_named([]) is None
+
+
+def test_refold_publish_imports_no_other_commands_module() -> None:
+    probe = (
+        "import sys\n"
+        "from refold.cli import main\n"
+        "main.build_parser(main._command_named(['publish', 't', '--file', 'f']))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('refold.cli.', 'refold.engine.'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "['refold.cli.main', 'refold.cli.output']"
