@@ -4,37 +4,31 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
+from refold.cli.output import EXIT_INPUT, data_json
 from refold.cli.output import out as _out
+from refold.cli.publish_commands import LEFT_FOR_EXIT, cmd_publish
 from refold.core.config import Config
 from refold.core.errors import BrokerError, ConfigError, InputError, RefoldError
 
 if TYPE_CHECKING:
-    from refold.core.inputs import LineProblem
-    from refold.core.serde import Codec
     from refold.engine.worker import Worker
     from refold.kafka.topics import Topics
 
 log = logging.getLogger("refold")
 
 EXIT_ERROR = 1
-EXIT_INPUT = 2
 
 Command = Callable[[argparse.Namespace, Config], int]
-
-#: What a command leaves for the process's exit to drop (see `main`): a file publish's events.
-_LEFT_FOR_EXIT: list[object] = []
 
 
 # -- broker ---------------------------------------------------------------------------------
@@ -136,7 +130,7 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
 
     if args.app:
         config = config.with_(app_modules=tuple(m for m in args.app.split(",") if m))
-    data = _data_json(args.data)
+    data = data_json(args.data)
     obj: dict[str, object] = {"key": args.key, "type": args.type, "data": data}
     if args.expected_version is not None:
         obj["expected_version"] = args.expected_version
@@ -155,111 +149,7 @@ def cmd_command(args: argparse.Namespace, config: Config) -> int:
     return 0 if result["status"] == "accepted" else EXIT_ERROR
 
 
-# -- publish / tail -------------------------------------------------------------------------
-
-
-def _data_json(text: str) -> object:
-    """`--data` read as JSON, or the InputError that says why not (never a traceback)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
-    except RecursionError:
-        raise InputError("--data is not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # an integer of over 4300 digits
-        raise InputError(f"--data is not valid JSON: {exc}") from None
-
-
-def cmd_publish(args: argparse.Namespace, config: Config) -> int:
-    from refold.core.inputs import event_from_json
-    from refold.kafka.publisher import Publisher, tune_allocator
-    from refold.kafka.registry import codec_for
-    from refold.kafka.topics import Topics, event_topic, internal_topics
-
-    tune_allocator()  # this process only publishes: no fastbins (see its docstring)
-    codec = codec_for(config)
-    if args.file:
-        if args.type or args.key or args.data:
-            raise InputError("give either --file or --type/--key/--data, not both")
-        if args.jobs is not None and args.jobs < 1:
-            raise InputError(f"--jobs must be 1 or more, not {args.jobs}")
-        if args.senders < 1:
-            raise InputError(f"--senders must be 1 or more, not {args.senders}")
-        return _publish_file(args, config, codec)
-    if not (args.type and args.key and args.data is not None):
-        raise InputError(
-            "publish needs --file FILE, or --type, --key and --data",
-            hint="refold publish bank.accounts --type bank.MoneyDeposited --key acc-1 "
-            '--data \'{"account_id": "acc-1", "amount_cents": 500}\'',
-        )
-    data = _data_json(args.data)
-    events = [event_from_json({"type": args.type, "key": args.key, "data": data}, codec)]
-    if args.create:
-        Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])
-    with Publisher(config, codec) as publisher:
-        [position] = publisher.publish_encoded(args.topic, events)
-        where = f"partition:offset {position.partition}:{position.offset}"
-    print(f"published {len(events)} event(s) to {args.topic} ({where})")
-    return 0
-
-
-def _publish_file(args: argparse.Namespace, config: Config, codec: Codec) -> int:
-    """`refold publish --file`: every line validated, then sent (`refold.engine.file_publish`;
-    with several processes, `refold.engine.file_senders`)."""
-    from refold.engine.file_publish import can_fork, planned_jobs, read_events
-    from refold.engine.file_senders import Senders
-    from refold.kafka.publisher import Publisher
-    from refold.kafka.topics import Topics, event_topic, internal_topics
-
-    try:
-        source = sys.stdin.buffer.read() if args.file == "-" else Path(args.file)
-        jobs = planned_jobs(source, args.jobs)
-        count = args.senders if can_fork() else 1
-    except OSError as exc:
-        raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
-    with ExitStack() as stack:
-        # --senders N: the senders are forked first, while this process holds no Kafka client,
-        # and connect while the file is parsed (refold.engine.file_senders).
-        senders = stack.enter_context(Senders(config, codec, count)) if count > 1 else None
-        warm: list[Publisher] = []
-
-        def warm_up() -> None:  # one process sends: its producer starts during the parse
-            if senders is not None:
-                return
-            try:
-                publisher = Publisher(config, codec)  # no position per event: millions, maybe
-                publisher.warm_up()
-            except (RefoldError, KafkaException):  # e.g. no broker named: said after the check
-                return
-            warm.append(publisher)
-
-        try:
-            read = read_events(source, codec, jobs, under_way=warm_up, shares=count)
-        except OSError as exc:
-            raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
-        if read.problems:
-            _report_problems(args.file, read.problems)
-            return EXIT_INPUT  # the senders are stopped on the way out: nothing was sent
-        if args.create:  # no process is forked after this client is made
-            Topics(config).ensure([*internal_topics(config), event_topic(args.topic)])
-        if senders is not None:
-            summary = senders.send(args.topic, read)
-        else:
-            with warm[0] if warm else Publisher(config, codec) as publisher:
-                summary = publisher.publish_batches(args.topic, read.batches)
-    where = f"read-your-writes: min_offset={summary.min_offset}"
-    print(f"published {summary.count} event(s) to {args.topic} ({where})")
-    _LEFT_FOR_EXIT.append(read)
-    return 0
-
-
-def _report_problems(name: str, problems: Sequence[LineProblem]) -> None:
-    for problem in problems:
-        print(f"{name}:{problem.line}: {problem.reason}", file=sys.stderr)
-    print(
-        f"refold: error: {len(problems)} invalid line(s) in {name}; nothing published",
-        file=sys.stderr,
-    )
+# -- tail -------------------------------------------------------------------------
 
 
 def cmd_tail(args: argparse.Namespace, config: Config) -> int:
@@ -562,14 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    if _LEFT_FOR_EXIT:
+    if LEFT_FOR_EXIT:
         if argv is None:  # the `refold` process itself: done, every client flushed and closed
             try:
                 sys.stdout.flush()
                 sys.stderr.flush()
             finally:
                 os._exit(code)  # not freeing a million objects one by one (0.1-0.2 s per 1M)
-        _LEFT_FOR_EXIT.clear()
+        LEFT_FOR_EXIT.clear()
     return code
 
 

@@ -1,5 +1,5 @@
-"""What the CLI's commands share: one JSON line per answer, and `--wait` for a task or saga to
-end."""
+"""What the CLI's commands share: one JSON line per answer, `--data` read as JSON, the exit code
+of bad input, and `--wait` for a task or saga to end."""
 
 from __future__ import annotations
 
@@ -9,10 +9,27 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
+from refold.core.errors import InputError
+
+#: The exit code of input refused (a bad line, bad `--data`); 1 is any other failure.
+EXIT_INPUT = 2
+
 
 def out(obj: object) -> None:
     """One JSON line on stdout."""
     sys.stdout.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
+
+
+def data_json(text: str) -> object:
+    """`--data` read as JSON, or the InputError that says why not (never a traceback)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    except RecursionError:
+        raise InputError("--data is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer of over 4300 digits
+        raise InputError(f"--data is not valid JSON: {exc}") from None
 
 
 def wait_ended(

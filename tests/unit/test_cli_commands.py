@@ -37,4 +37,5 @@ def test_refold_publish_imports_no_other_commands_module() -> None:
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
-    assert done.stdout.strip() == "['refold.cli.main', 'refold.cli.output']"
+    expected = ["refold.cli.main", "refold.cli.output", "refold.cli.publish_commands"]
+    assert done.stdout.strip() == str(expected)
