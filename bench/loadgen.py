@@ -10,9 +10,11 @@ a full client such as aiohttp, which on a 2-core machine would otherwise be what
   and its latency runs from when it was due, so a stalled server shows as latency (no
   coordinated omission), not as a lower rate.
 
-Paths come from `--paths FILE` (one per line, picked at random) or `--path`.
+Paths come from `--paths FILE` (one per line, picked at random) or `--path`. With `--bodies FILE`
+(one JSON body per line) every request is a POST of the next body, in turn, to `--path`.
 
     python -m bench.loadgen --base http://127.0.0.1:8080 --paths keys.txt [--rate 2000]
+    python -m bench.loadgen --base ... --path '/commands/bank?wait_ms=5000' --bodies cmds.jsonl
 """
 
 from __future__ import annotations
@@ -41,12 +43,22 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 class Load:
     """Connections, the paths to request, and what came back."""
 
-    def __init__(self, base: str, paths: list[str], connections: int) -> None:
+    def __init__(
+        self, base: str, paths: list[str], connections: int, bodies: list[bytes] | None = None
+    ) -> None:
         url = urlsplit(base)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
         self.requests = [f"GET {p} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode() for p in paths]
+        self.posts = None
+        if bodies is not None:  # POSTs, each body in turn
+            head = f"POST {paths[0]} HTTP/1.1\r\nHost: {self.host}\r\n"
+            head += "Content-Type: application/json\r\nContent-Length: "
+            self.posts = itertools.cycle(
+                [b"%s%d\r\n\r\n%s" % (head.encode(), len(b), b) for b in bodies]
+            )
         self.connections = connections
         self.latencies: list[float] = []
+        self.by_status: dict[int, list[float]] = {}
         self.statuses: dict[int, int] = {}
         self.errors: dict[str, int] = {}
         self.rng = random.Random(7)
@@ -56,7 +68,7 @@ class Load:
 
     async def _one(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> int:
         reader, writer = conn
-        writer.write(self.rng.choice(self.requests))
+        writer.write(next(self.posts) if self.posts else self.rng.choice(self.requests))
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
@@ -84,7 +96,9 @@ class Load:
                     conn[1].close()
                     conn = await self._connect()
                     continue
-                self.latencies.append(clock() - when)
+                took = clock() - when
+                self.latencies.append(took)
+                self.by_status.setdefault(status, []).append(took)
                 self.statuses[status] = self.statuses.get(status, 0) + 1
         finally:
             conn[1].close()
@@ -118,10 +132,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, help="open loop at this many requests/s")
+    parser.add_argument("--bodies", type=Path, help="POST these JSON bodies (one a line) to --path")
     parser.add_argument("--raw", type=Path, help="also write every latency (s, JSON) here")
     args = parser.parse_args()
     paths = args.paths.read_text().split() if args.paths else [args.path or "/healthz"]
-    load = Load(args.base, paths, args.connections)
+    bodies = args.bodies.read_bytes().splitlines() if args.bodies else None
+    load = Load(args.base, paths, args.connections, bodies)
     try:  # uvloop's loop costs this client less CPU per request, leaving more to the server
         import uvloop
 
@@ -142,6 +158,7 @@ def main() -> None:
         "statuses": {str(k): v for k, v in sorted(load.statuses.items())},
         "errors": load.errors,
         "latency_ms": percentiles(load.latencies),
+        "latency_ms_by_status": {str(k): percentiles(v) for k, v in sorted(load.by_status.items())},
     }
     print(json.dumps(report))
 

@@ -2,8 +2,8 @@
 query server).
 
 A POST answers 202 only once the command is durably in the command topic; a malformed command is
-refused at once (400/404/422) and never appended, and so is one that would wait more than a
-second behind this worker's backlog (429 with Retry-After: `refold.http.admission`).
+refused at once (400/404/422) and never appended, and so is one that would wait too long behind
+this worker's backlog (429 with Retry-After: `refold.http.admission`).
 `?wait_ms=N` (on both routes) waits up to N ms for the result, answered from the worker's
 results index (read_committed), without a thread per waiting request.
 """
@@ -113,15 +113,16 @@ class CommandRoutes:
             response.headers["Retry-After"] = f"{retry:.0f}"
             return response
         self._remember(command.command_id)  # before the append: a GET may race its answer
+        if results is not None and first is None:  # in flight from now: the append counts too
+            backlog.watch(asyncio.get_running_loop(), command.command_id, results.watch)
         appending = time.time()
         timing.add("http_intake", (appending - started) * 1000)
         try:
             await asyncio.wrap_future(client.append(command))
         except CommandError as exc:
             log.warning("POST /commands/%s: %s", aggregate, exc)
+            backlog.dropped(command.command_id)
             return _error(503, "not acknowledged", str(exc))
-        if results is not None and first is None:
-            backlog.watch(asyncio.get_running_loop(), command.command_id, results.watch)
         timing.add("http_append", (time.time() - appending) * 1000)
         status_url = f"/commands/{quote(command.command_id, safe='')}"
         if wait_ms:

@@ -8,20 +8,21 @@ from refold.http import admission
 from refold.http.admission import Backlog
 
 
+def _close(backlog: Backlog, ids: list[str], now: float | None = None) -> None:
+    for command_id in ids:
+        backlog.closed(command_id, now)
+
+
 def test_a_small_backlog_is_always_admitted_and_a_slow_one_refused() -> None:
     backlog = Backlog(max_queue_s=1.0, min_backlog=10)
-    cancelled: list[str] = []
     for i in range(9):
-        backlog.opened(f"c{i}", lambda i=i: cancelled.append(f"c{i}"))
+        backlog.opened(f"c{i}", lambda: None)
     assert backlog.refuse() is None  # below the floor: no rate needed
     backlog.opened("c9", lambda: None)
     assert backlog.refuse() == 1.0  # 10 open, nothing came back yet: no rate, wait a second
-    for i in range(3):  # 3 results in the 3 s window: 1/s, 7 open -> 7 s of work
-        backlog.closed(f"c{i}")
-    assert len(backlog) == 7 and backlog.refuse() is None  # below the floor again
+    _close(backlog, ["c0"])  # one result: a peak of 1/s, 9 open -> below the floor again
+    assert len(backlog) == 9 and backlog.refuse() is None
     backlog.opened("c10", lambda: None)
-    backlog.opened("c11", lambda: None)
-    backlog.opened("c12", lambda: None)
     # 10 s of work at 1/s: refused, told to come back after at most MAX_RETRY_AFTER_S
     assert admission.MAX_RETRY_AFTER_S == 5.0
     assert len(backlog) == 10 and backlog.refuse() == 5.0
@@ -30,18 +31,36 @@ def test_a_small_backlog_is_always_admitted_and_a_slow_one_refused() -> None:
     assert len(backlog) == 10
 
 
-def test_a_fast_drain_admits_a_large_backlog() -> None:
+def test_the_bound_is_the_peak_drain_rate_not_the_admitted_rate() -> None:
     backlog = Backlog(max_queue_s=1.0, min_backlog=10)
+    now = time.monotonic()
     for i in range(400):
         backlog.opened(f"c{i}", lambda: None)
-    for i in range(300):  # 100 results a second over the window
-        backlog.closed(f"c{i}")
-    assert len(backlog) == 100 and backlog.refuse() is None  # 1 s of work at 100/s
+    _close(backlog, [f"c{i}" for i in range(300)], now)  # 300 results within one second
+    assert len(backlog) == 100 and backlog.refuse(now) is None  # 100 open: 1/3 s at 300/s
+    for i in range(400, 600):
+        backlog.opened(f"c{i}", lambda: None)
+    assert len(backlog) == 300 and backlog.refuse(now) is None  # exactly 1 s of work
     backlog.opened("one-more", lambda: None)
-    assert backlog.refuse() == 2.0  # 101 at 100/s: just over a second
-    for i in range(101, 400):  # 400 open at 100/s: 4 s of work -> come back in 4 s
-        backlog.opened(f"more-{i}", lambda: None)
-    assert backlog.refuse() == 4.0
+    assert backlog.refuse(now) == 2.0  # just over a second: come back in 2
+    # Seconds later only a trickle came back (what was admitted under overload, say): the
+    # peak still says what this worker can decide, so the door stays as wide as it was.
+    later = now + 3
+    assert backlog.rate(later) == 300.0
+    _close(backlog, ["c300", "c301"], later)
+    assert backlog.refuse(later) is None  # 299 open at a peak of 300/s
+    # A peak older than the window no longer counts.
+    assert backlog.rate(later + admission.PEAK_WINDOW_S + 1) == 0.0
+
+
+def test_a_command_not_appended_after_all_leaves_the_backlog_without_a_result() -> None:
+    backlog = Backlog(max_queue_s=1.0, min_backlog=1)
+    cancelled: list[str] = []
+    backlog.opened("failed", lambda: cancelled.append("failed"))
+    backlog.dropped("failed")
+    assert len(backlog) == 0 and cancelled == ["failed"]  # its watch on the index ends
+    assert backlog.rate(time.monotonic()) == 0.0  # and it is no result: the rate is unchanged
+    backlog.dropped("failed")  # twice changes nothing
 
 
 def test_entries_whose_result_never_came_are_forgotten() -> None:
