@@ -49,26 +49,27 @@ class Load:
         url = urlsplit(base)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
         self.requests = [f"GET {p} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode() for p in paths]
-        self.posts = None
+        self.posts: list[bytes] | None = None
         if bodies is not None:  # POSTs, each body in turn
             head = f"POST {paths[0]} HTTP/1.1\r\nHost: {self.host}\r\n"
             head += "Content-Type: application/json\r\nContent-Length: "
-            self.posts = itertools.cycle(
-                [b"%s%d\r\n\r\n%s" % (head.encode(), len(b), b) for b in bodies]
-            )
+            self.posts = [b"%s%d\r\n\r\n%s" % (head.encode(), len(b), b) for b in bodies]
         self.connections = connections
         self.latencies: list[float] = []
         self.by_status: dict[int, list[float]] = {}
         self.statuses: dict[int, int] = {}
         self.errors: dict[str, int] = {}
         self.rng = random.Random(7)
+        self.start_monotonic = 0.0
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(self.host, self.port)
 
-    async def _one(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> int:
+    async def _one(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], i: int) -> int:
+        """Request `i`: the i-th body (in turn) when posting, else a random path."""
         reader, writer = conn
-        writer.write(next(self.posts) if self.posts else self.rng.choice(self.requests))
+        posts = self.posts
+        writer.write(posts[i % len(posts)] if posts else self.rng.choice(self.requests))
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
@@ -84,12 +85,13 @@ class Load:
         """Send until `due()` says stop (None); each answer's latency runs from its due time."""
         conn = await self._connect()
         try:
-            while (when := due()) is not None:
+            while (slot := due()) is not None:
+                i, when = slot
                 delay = when - clock()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 try:
-                    status = await self._one(conn)
+                    status = await self._one(conn, i)
                 except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                     name = type(exc).__name__
                     self.errors[name] = self.errors.get(name, 0) + 1
@@ -103,22 +105,27 @@ class Load:
         finally:
             conn[1].close()
 
-    async def run(self, seconds: float, rate: float | None) -> float:
+    async def run(self, seconds: float, rate: float | None, count: int | None = None) -> float:
         clock = time.perf_counter
         start = clock() + 0.2  # connections open first
+        # When request i is due on time.monotonic()'s clock, which other processes share.
+        self.start_monotonic = time.monotonic() + (start - clock())
         end = start + seconds
+        slots = itertools.count()
         if rate:
-            slots = itertools.count()
             total = int(rate * seconds)
 
-            def due() -> float | None:
+            def due() -> tuple[int, float] | None:
                 i = next(slots)
-                return start + i / rate if i < total else None
+                return (i, start + i / rate) if i < total else None
         else:
 
-            def due() -> float | None:
+            def due() -> tuple[int, float] | None:
                 now = clock()
-                return max(now, start) if now < end else None
+                if count is not None:  # each of `count` requests once, however long it takes
+                    i = next(slots)
+                    return (i, max(now, start)) if i < count else None
+                return (next(slots), max(now, start)) if now < end else None
 
         await asyncio.gather(*(self._worker(due, clock) for _ in range(self.connections)))
         return clock() - start
@@ -132,6 +139,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, help="open loop at this many requests/s")
+    parser.add_argument("--count", type=int, help="closed loop: stop after this many requests")
     parser.add_argument("--bodies", type=Path, help="POST these JSON bodies (one a line) to --path")
     parser.add_argument("--raw", type=Path, help="also write every latency (s, JSON) here")
     args = parser.parse_args()
@@ -141,9 +149,9 @@ def main() -> None:
     try:  # uvloop's loop costs this client less CPU per request, leaving more to the server
         import uvloop
 
-        seconds = uvloop.run(load.run(args.seconds, args.rate))
+        seconds = uvloop.run(load.run(args.seconds, args.rate, args.count))
     except ImportError:
-        seconds = asyncio.run(load.run(args.seconds, args.rate))
+        seconds = asyncio.run(load.run(args.seconds, args.rate, args.count))
     if args.raw:
         args.raw.write_text(json.dumps(load.latencies))
     done = len(load.latencies)
@@ -157,6 +165,7 @@ def main() -> None:
         "rate": done / seconds if seconds else float("nan"),
         "statuses": {str(k): v for k, v in sorted(load.statuses.items())},
         "errors": load.errors,
+        "start_monotonic": load.start_monotonic,  # request i was due at this + i / rate
         "latency_ms": percentiles(load.latencies),
         "latency_ms_by_status": {str(k): percentiles(v) for k, v in sorted(load.by_status.items())},
     }

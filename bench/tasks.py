@@ -11,9 +11,10 @@ and stops both by pid. Per repetition, interleaved (refold, Celery, bare, refold
 
 1. refold: one `refold worker --http` (intake, dispatcher, status projection, reconciler) and W
    `refold task-worker`s; N tasks submitted through the Python `TaskClient` (bulk, 1,000 at a time),
-   then N through `POST /tasks/{queue}` (64 connections); a task counts when its `succeeded`
-   event is read from the status topic (read_committed), and the end waits until the status
-   projection answers `succeeded` for the last one. Rate = N / (last succeeded - first submit).
+   then N through `POST /tasks/{queue}` (bench/loadgen.py, 256 connections); a task counts
+   when its `succeeded` event is read from the status topic (read_committed), and the end
+   waits until the status projection answers `succeeded` for the last one.
+   Rate = N / (last succeeded - first submit).
 2. Celery: W+1 worker processes (the same count of Python processes as refold's), Redis broker
    and result backend, N `apply_async` calls; a task counts when its result is in Redis (its
    `date_done`). Both pools (solo processes, one prefork) run; the faster is the peer.
@@ -28,7 +29,6 @@ half the measured rate (p50/p99 POST -> succeeded read from the status topic).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -62,7 +62,8 @@ from bench.taskapp import NoOp
 log = logging.getLogger("bench.tasks")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "out"
-HTTP_CONNECTIONS = 64
+#: 64 bounded the closed-loop rate by concurrency over latency (766/s; 1,018/s at 256)
+HTTP_CONNECTIONS = 256
 HALF_LOAD_CAP = 2500.0  # half the 5,000 tasks/s aim
 
 
@@ -227,48 +228,38 @@ def submit_client(client: TaskClient, queue: str, ids: list[str]) -> float:
     return time.monotonic() - t0
 
 
-async def post_all(port: int, queue: str, ids: list[str], connections: int) -> None:
-    import aiohttp
-
-    url = f"http://127.0.0.1:{port}/tasks/{queue}"
-    todo = iter(enumerate(ids))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as s:
-
-        async def lane() -> None:
-            for i, task_id in todo:
-                async with s.post(url, json={"task_id": task_id, "data": task_data(i)}) as r:
-                    if r.status != 202:
-                        raise RuntimeError(f"POST {url}: {r.status} {await r.text()}")
-
-        await asyncio.gather(*(lane() for _ in range(connections)))
+def post_all(port: int, queue: str, ids: list[str], connections: int) -> None:
+    """POST every id once, closed loop over `connections`, through bench/loadgen.py."""
+    _loadgen(port, queue, ids, ["--count", str(len(ids)), "--connections", str(connections)])
 
 
-async def post_open_loop(
+def _loadgen(port: int, queue: str, ids: list[str], args: list[str]) -> dict[str, Any]:
+    """bench/loadgen.py POSTing task i's body as request i (its own process: a lean client
+    whose CPU does not crowd the worker on 2 cores, as aiohttp's client in this process did)."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
+        for i, task_id in enumerate(ids):
+            f.write(json.dumps({"task_id": task_id, "data": task_data(i)}).encode() + b"\n")
+    load = [sys.executable, "-m", "bench.loadgen", "--base", f"http://127.0.0.1:{port}"]
+    load += ["--path", f"/tasks/{queue}", "--bodies", f.name, *args]
+    try:
+        out = json.loads(subprocess.run(load, capture_output=True, check=True, cwd=ROOT).stdout)
+    finally:
+        os.unlink(f.name)
+    if out["statuses"] != {"202": len(ids)}:
+        raise RuntimeError(f"POST /tasks/{queue}: {out['statuses']}, errors {out['errors']}")
+    return out
+
+
+def post_open_loop(
     port: int, queue: str, ids: list[str], rate: float
 ) -> tuple[dict[str, float], float]:
-    """POST `ids` at `rate`/s, open loop; each POST's start time, and the rate offered."""
-    import aiohttp
-
-    url = f"http://127.0.0.1:{port}/tasks/{queue}"
-    started: dict[str, float] = {}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as s:
-
-        async def post(i: int, task_id: str) -> None:
-            started[task_id] = time.monotonic()
-            async with s.post(url, json={"task_id": task_id, "data": task_data(i)}) as r:
-                if r.status != 202:
-                    raise RuntimeError(f"POST {url}: {r.status} {await r.text()}")
-
-        pending = []
-        t0 = time.monotonic()
-        for i, task_id in enumerate(ids):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            pending.append(asyncio.create_task(post(i, task_id)))
-        offered = len(ids) / (time.monotonic() - t0)
-        await asyncio.gather(*pending)
-    return started, offered
+    """POST `ids` at `rate`/s, open loop; each task's due time on time.monotonic()'s clock
+    (lateness counts as latency), and the rate offered."""
+    seconds = (len(ids) + 0.5) / rate  # loadgen sends int(rate * seconds) requests
+    args = ["--rate", str(rate), "--seconds", str(seconds), "--connections", "512"]
+    out = _loadgen(port, queue, ids, args)
+    start = out["start_monotonic"]
+    return {task_id: start + i / rate for i, task_id in enumerate(ids)}, rate
 
 
 def refold_rate(s: RefoldSet, label: str, n: int, via: str) -> dict[str, Any]:
@@ -279,7 +270,7 @@ def refold_rate(s: RefoldSet, label: str, n: int, via: str) -> dict[str, Any]:
     if via == "client":
         submit_client(s.client, s.queue, ids)
     else:
-        asyncio.run(post_all(s.port, s.queue, ids, HTTP_CONNECTIONS))
+        post_all(s.port, s.queue, ids, HTTP_CONNECTIONS)
     submitted = time.monotonic()
     last = s.watch.wait(ids, max(120.0, n / 50))
     if last is None:
@@ -311,7 +302,7 @@ def refold_latency(s: RefoldSet, label: str, rate: float, seconds: float) -> dic
     """Open-loop POSTs at `rate`: POST -> `succeeded` read from the status topic."""
     assert s.watch is not None
     ids = s.ids(label, max(1, int(rate * seconds)))
-    started, offered = asyncio.run(post_open_loop(s.port, s.queue, ids, rate))
+    started, offered = post_open_loop(s.port, s.queue, ids, rate)
     if s.watch.wait(ids, max(120.0, len(ids) / 50)) is None:
         out = _unfinished(s.watch, ids, min(started.values()))
         done = [s.watch.done[i] - started[i] for i in ids if i in s.watch.done]
