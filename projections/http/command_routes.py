@@ -31,22 +31,35 @@ MAX_REMEMBERED = 100_000  # pending command ids remembered for GET /commands/{id
 _JSON = "application/json"
 
 
-def _respond(status: int, body: Any) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+#: An answer, however it is sent (aiohttp's response, or refold.http.fastpath's bytes): status,
+#: JSON body, extra headers.
+Reply = tuple[int, bytes, tuple[tuple[str, str], ...]]
 
 
-def _error(status: int, error: str, detail: Any) -> web.Response:
+def _respond(status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return status, orjson.dumps(body), headers
+
+
+def _error(status: int, error: str, detail: Any) -> Reply:
     return _respond(status, {"error": error, "detail": detail})
 
 
-def _wait_ms(request: web.Request) -> int:
-    raw = request.query.get("wait_ms", "0").strip()
+def _response(reply: Reply) -> web.Response:
+    status, body, headers = reply
+    response = web.Response(status=status, body=body, content_type=_JSON)
+    for name, value in headers:
+        response.headers[name] = value
+    return response
+
+
+def _wait_ms(raw: str) -> int:
+    raw = raw.strip()
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
         raise InputError(f"wait_ms must be a non-negative integer, not {raw!r}")
     return min(int(raw), MAX_WAIT_MS)
 
 
-def _conflict(command: Command, first: dict[str, Any]) -> web.Response:
+def _conflict(command: Command, first: dict[str, Any]) -> Reply:
     """409: the id already names another command (another key, type, data or version)."""
     return _respond(
         409,
@@ -75,7 +88,17 @@ class CommandRoutes:
         """`POST /commands/{aggregate}` with `{"command_id"?, "key", "type", "data",
         "expected_version"?}` -> 202 `{"command_id", "status_url"}` (or the result with wait_ms)."""
         started = time.time()
-        aggregate = request.match_info["name"]
+        wait = request.query.get("wait_ms", "0")
+        body = await request.read()
+        return _response(await self.intake(request.match_info["name"], wait, body, started))
+
+    async def intake(
+        self, aggregate: str, wait: str, body: bytes, started: float | None = None
+    ) -> Reply:
+        """The answer to `POST /commands/{aggregate}?wait_ms={wait}` with `body`, for aiohttp's
+        route and for refold.http.fastpath alike (which sends it without aiohttp's request and
+        response objects: under overload a 429 costs a fraction of a full request)."""
+        started = time.time() if started is None else started
         if aggregate not in self.worker.processors:
             known = ", ".join(sorted(self.worker.processors)) or "none"
             return _error(
@@ -84,11 +107,11 @@ class CommandRoutes:
                 f"no command processor for {aggregate!r} here; known: {known}",
             )
         try:
-            wait_ms = _wait_ms(request)
+            wait_ms = _wait_ms(wait)
         except InputError as exc:
             return _error(400, "bad query", str(exc))
         try:
-            obj = orjson.loads(await request.read())
+            obj = orjson.loads(body)
         except ValueError as exc:
             return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
         client = self.worker.command_client
@@ -104,14 +127,16 @@ class CommandRoutes:
         backlog = self._backlogs.setdefault(aggregate, Backlog())
         retry = backlog.refuse() if first is None else None
         if retry is not None:  # overloaded: say so now rather than answer seconds late
-            response = _error(
+            return _respond(
                 429,
-                "too many commands",
-                f"{len(backlog)} commands for {aggregate!r} wait for a decision here, more "
-                f"than {backlog.max_queue_s:g} s of work at the current rate; nothing appended",
+                {
+                    "error": "too many commands",
+                    "detail": f"{len(backlog)} commands for {aggregate!r} wait for a decision "
+                    f"here, more than {backlog.max_queue_s:g} s of work at the rate this worker "
+                    "decides; nothing appended",
+                },
+                (("Retry-After", f"{retry:.0f}"),),
             )
-            response.headers["Retry-After"] = f"{retry:.0f}"
-            return response
         self._remember(command.command_id)  # before the append: a GET may race its answer
         if results is not None and first is None:  # in flight from now: the append counts too
             backlog.watch(asyncio.get_running_loop(), command.command_id, results.watch)
@@ -148,22 +173,24 @@ class CommandRoutes:
         """`GET /commands/{id}`: the result, or `pending` while the command has none."""
         command_id = request.match_info["name"]
         if self.worker.results is None:
-            return _error(404, "no commands", "this worker runs no command processor")
+            return _response(_error(404, "no commands", "this worker runs no command processor"))
         try:
-            wait_ms = _wait_ms(request)
+            wait_ms = _wait_ms(request.query.get("wait_ms", "0"))
         except InputError as exc:
-            return _error(400, "bad query", str(exc))
+            return _response(_error(400, "bad query", str(exc)))
         result = await self._result(command_id, wait_ms)
         if result is not None:
             self._submitted.pop(command_id, None)
-            return _respond(200, result)
+            return _response(_respond(200, result))
         if command_id in self._submitted:
-            return _respond(200, pending(command_id))
-        return _error(
-            404,
-            "unknown command",
-            f"no result for command {command_id!r} and it was not submitted through this "
-            "server; a command submitted elsewhere is found here once it is decided",
+            return _response(_respond(200, pending(command_id)))
+        return _response(
+            _error(
+                404,
+                "unknown command",
+                f"no result for command {command_id!r} and it was not submitted through this "
+                "server; a command submitted elsewhere is found here once it is decided",
+            )
         )
 
     def _remember(self, command_id: str) -> None:

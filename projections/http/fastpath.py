@@ -17,27 +17,42 @@ error as a whole, dropping the requests before the error). A head it serves has 
 endings only, a `GET /plain/path HTTP/1.1` line, token-character header names, visible-ASCII
 values, exactly one `Host`, no repeated header, no body headers, at most MAX_HEAD bytes and
 MAX_HEADERS headers, and nothing after it when it says `Connection: close`.
+
+`POST /commands/{aggregate}[?wait_ms=N]` is answered here too when the worker decides commands
+(`Front.posts`: refold.http.command_routes' `intake`, the same code aiohttp's route runs): under
+overload most POSTs are refused, and a refusal through aiohttp's request and response objects
+cost about as much as the command itself. Such a POST is served only with a head held to the
+rules above (with exactly one `Content-Length`, digits without a leading zero, under aiohttp's
+1 MiB body limit, instead of no body headers; no `Transfer-Encoding`, `Expect` or `Upgrade`),
+a plain aggregate name, a token with the `command` scope when tokens are on, as the last request
+of its batch (bytes after its body go, with it, to aiohttp), and is answered asynchronously:
+the connection reads nothing more until its answer is written, so answers keep their order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from time import monotonic
 from typing import Protocol, cast
 
+import orjson
 from aiohttp.http import SERVER_SOFTWARE
 from refold.http.answers import Answer
 from refold.http.auth import Tokens
 from refold.http.limits import ConnectionStats, Limits, Watched
 
+log = logging.getLogger(__name__)
+
 # The route labels the full app counts these requests under (aiohttp's canonical paths).
 LOOKUP_ROUTE = "/projections/{name}/{key}"
 HEALTHZ_ROUTE = "/healthz"
+COMMANDS_ROUTE = "/commands/{name}"
 
 MAX_HEAD = 4096  # longer request heads go to aiohttp (its limit is 8190 bytes a line)
 MAX_HEADERS = 64  # more go to aiohttp (its limit is 128)
@@ -57,6 +72,15 @@ _HEAD = re.compile(
     % (re.escape(_PLAIN), re.escape(_TCHAR), re.escape(_VALUE))
 )
 _FIELD = re.compile(b"\r\n([^:]+):([^\r]*)")
+# `POST /commands/{aggregate}` with at most `?wait_ms=` digits: the aggregate one plain segment.
+_SEGMENT = _PLAIN.replace(b"/", b"")
+_POST_HEAD = re.compile(
+    b"POST /commands/([%b]+)(?:\\?wait_ms=([0-9]{1,9}))? HTTP/1\\.1((?:\r\n[%b]+:[%b]*)*)"
+    % (re.escape(_SEGMENT), re.escape(_TCHAR), re.escape(_VALUE))
+)
+_LENGTH = re.compile(b"0|[1-9][0-9]{0,6}")
+MAX_BODY = 1 << 20  # aiohttp's client_max_size in refold.http.server: a larger body is its 413
+_POST_REFUSED = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 _REFUSED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
 _FULL = b"\r\n\r\n"
 _CLOSE = b"Connection: close\r\n"
@@ -81,6 +105,12 @@ class Reads(Protocol):
     def healthz_answer(self) -> Answer | None: ...
 
 
+#: (status, JSON body, extra headers) of a POST answered here.
+Reply = tuple[int, bytes, tuple[tuple[str, str], ...]]
+#: `POST /commands/{aggregate}?wait_ms={wait}` with a body -> its reply.
+Posts = Callable[[str, str, bytes], Awaitable[Reply]]
+
+
 class Front:
     """Shared by a listener's connections: the reads, the full app, counters, limits, the clock."""
 
@@ -93,9 +123,11 @@ class Front:
         limits: Limits | None = None,
         *,
         fast: bool = True,  # False: every connection goes to the full app at its first byte
+        posts: Posts | None = None,  # POST /commands/{aggregate} here (None: aiohttp's)
     ) -> None:
         self.reads = reads
         self.fast = fast
+        self.posts = posts
         self.tokens = tokens  # lookups need a `read` token (refold.http.auth); else aiohttp says so
         self.full_app = full_app  # a new aiohttp RequestHandler per call
         self.counts = counts
@@ -103,6 +135,7 @@ class Front:
         self.stats = ConnectionStats()
         self.connections: set[FastHTTP] = set()
         self.watched: set[Watched] = set()
+        self.handed_over = 0  # connections given to aiohttp
         self._sweeper: asyncio.TimerHandle | None = None
         self._second = 0
         self._date = b""
@@ -150,7 +183,7 @@ class Front:
 class FastHTTP(asyncio.Protocol):
     """One connection, answered here until a request needs the full app."""
 
-    __slots__ = ("_buffer", "_front", "_paused", "_reads", "_since", "_transport")
+    __slots__ = ("_buffer", "_front", "_paused", "_pending", "_reads", "_since", "_transport")
 
     def __init__(self, front: Front) -> None:
         self._front = front
@@ -159,6 +192,7 @@ class FastHTTP(asyncio.Protocol):
         self._reads: list[bytes] = []  # the reads it came in (aiohttp is fed them one by one)
         self._paused = False
         self._since = 0.0  # idle since (no partial head), else when the partial head began
+        self._pending: asyncio.Future[Reply] | None = None  # a POST being answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self._front
@@ -188,13 +222,16 @@ class FastHTTP(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._transport is not None and self._paused:
             self._paused = False
-            self._transport.resume_reading()
+            if self._pending is None:
+                self._transport.resume_reading()
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
     def expired(self, limits: Limits, now: float) -> str | None:
+        if self._pending is not None:  # answering a POST (?wait_ms= waits up to 30 s)
+            return None
         if self._buffer:
             return "header" if now - self._since > limits.header_s else None
         return "idle" if now - self._since > limits.keepalive_s else None
@@ -203,15 +240,37 @@ class FastHTTP(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
+        if self._pending is not None:  # reading is paused; kept for after the POST's answer
+            self._buffer += data
+            self._reads.append(data)
+            return
         buf = self._buffer + data if self._buffer else data
         if not self._front.fast:
             return self._hand_over(transport, [*self._reads, data])
         # First decide the whole batch, then answer: aiohttp refuses a batch with an error as a
         # whole, so one request not ours sends every unanswered byte to it.
         answers: list[tuple[str, Answer, bool]] = []
+        post: tuple[str, str, bytes, bool] | None = None  # a POST that ends the batch
+        body_due = False  # a POST's head is in, its body is still coming
         start = 0
         while (end := buf.find(_FULL, start)) >= 0:
-            answered = self._answer(buf[start:end]) if end - start <= MAX_HEAD else None
+            if end - start > MAX_HEAD:
+                return self._hand_over(transport, [*self._reads, data])
+            if buf.startswith(b"POST ", start):
+                parsed = self._post(buf[start:end])
+                if parsed is None:
+                    return self._hand_over(transport, [*self._reads, data])
+                aggregate, wait, length, close = parsed
+                body_at = end + 4
+                if len(buf) - body_at < length:
+                    body_due = True
+                    break
+                if len(buf) != body_at + length:  # more after its body: aiohttp's to frame
+                    return self._hand_over(transport, [*self._reads, data])
+                post = (aggregate, wait, buf[body_at:], close)
+                start = len(buf)
+                break
+            answered = self._answer(buf[start:end])
             if answered is None:
                 return self._hand_over(transport, [*self._reads, data])
             answers.append(answered)
@@ -219,7 +278,7 @@ class FastHTTP(asyncio.Protocol):
             if answered[2] and start < len(buf):  # aiohttp refuses data after Connection: close
                 return self._hand_over(transport, [*self._reads, data])
         rest = buf[start:]
-        if rest and not _clean_start(rest):
+        if rest and not body_due and not _clean_start(rest):
             return self._hand_over(transport, [*self._reads, data])
         front = self._front
         counts = front.counts
@@ -247,22 +306,70 @@ class FastHTTP(asyncio.Protocol):
             self._since = monotonic()
         self._buffer = rest
         self._reads = ([rest] if answers else [*self._reads, data]) if rest else []
+        if post is not None:
+            self._start_post(transport, *post)
 
-    def _answer(self, head: bytes) -> tuple[str, Answer, bool] | None:
-        """(route, answer, close after it) for a request of ours, None for the full app."""
-        matched = _HEAD.fullmatch(head)  # the request line and every field's bytes, in C
-        if matched is None:
-            return None
-        target, fields = matched.groups()
-        if b"/." in target or b"//" in target:
-            return None
+    def _start_post(
+        self, transport: asyncio.Transport, aggregate: str, wait: str, body: bytes, close: bool
+    ) -> None:
+        """Answer a POST once its reply is ready; read nothing more on this connection until
+        then (what comes is kept, in order, for after the answer)."""
+        posts = self._front.posts
+        assert posts is not None
+        pending = asyncio.ensure_future(posts(aggregate, wait, body))
+        self._pending = pending
+        transport.pause_reading()
+        pending.add_done_callback(lambda done: self._posted(done, aggregate, close))
+
+    def _posted(self, done: asyncio.Future[Reply], aggregate: str, close: bool) -> None:
+        self._pending = None
+        transport = self._transport
+        if transport is None:  # the client went: the command still counts, its answer not
+            return
+        try:
+            status, body, headers = done.result()
+        except Exception as exc:  # as aiohttp's route answers it (refold.http.server._guard)
+            log.exception("POST /commands/%s failed", aggregate)
+            status, headers = 500, ()
+            body = orjson.dumps(
+                {"error": "internal error", "detail": f"{type(exc).__name__}: {exc}"}
+            )
+        front = self._front
+        counter = (COMMANDS_ROUTE, status)
+        front.counts[counter] = front.counts.get(counter, 0) + 1
+        extra = b"".join(b"%b: %b\r\n" % (k.encode(), v.encode()) for k, v in headers)
+        transport.write(
+            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\n%bContent-Length: %d\r\n"
+            b"Date: %b\r\nServer: %b\r\n%b\r\n%b"
+            % (
+                status,
+                _REASONS[status],
+                extra,
+                len(body),
+                front.date(),
+                _SERVER,
+                _CLOSE if close else b"",
+                body,
+            )
+        )
+        if close:
+            transport.close()
+            self._buffer, self._reads = b"", []
+            return
+        self._since = monotonic()
+        if not self._paused:
+            transport.resume_reading()
+        if self._buffer:  # what came while the answer was pending (a pipelining client)
+            data = self._buffer
+            self._buffer, self._reads = b"", []
+            self.data_received(data)
+
+    def _fields(self, fields: bytes) -> tuple[dict[bytes, bytes], bool] | None:
+        """A head's fields by lowercase name and whether it asks to close, if the fast path
+        may serve it: no repeated name, a plain `Host`, `Connection` close or keep-alive."""
         pairs = _FIELD.findall(fields)
         headers = {name.lower(): value for name, value in pairs}
-        if (
-            len(pairs) > MAX_HEADERS
-            or len(headers) != len(pairs)  # a repeated name
-            or not _REFUSED_HEADERS.isdisjoint(headers)
-        ):
+        if len(pairs) > MAX_HEADERS or len(headers) != len(pairs):  # too many, or a repeat
             return None
         host = headers.get(b"host")  # aiohttp refuses an HTTP/1.1 request without one
         if host is None:
@@ -278,6 +385,47 @@ class FastHTTP(asyncio.Protocol):
                 close = True
             elif option != b"keep-alive":
                 return None
+        return headers, close
+
+    def _post(self, head: bytes) -> tuple[str, str, int, bool] | None:
+        """(aggregate, wait_ms, body length, close) of a `POST /commands/...` served here."""
+        front = self._front
+        if front.posts is None:
+            return None
+        matched = _POST_HEAD.fullmatch(head)
+        if matched is None:
+            return None
+        name, wait, fields = matched.groups()
+        if name.startswith(b"."):  # "." and ".." are dot segments to aiohttp
+            return None
+        checked = self._fields(fields)
+        if checked is None:
+            return None
+        headers, close = checked
+        if not _POST_REFUSED.isdisjoint(headers):
+            return None
+        length = headers.get(b"content-length", b"").strip(b" \t")
+        if not _LENGTH.fullmatch(length) or int(length) >= MAX_BODY:
+            return None
+        tokens = front.tokens
+        if tokens is not None and tokens.allows(headers.get(b"authorization"), "command") != 200:
+            return None  # aiohttp answers 401 / 403 in the API's error shape
+        return name.decode(), (wait or b"0").decode(), int(length), close
+
+    def _answer(self, head: bytes) -> tuple[str, Answer, bool] | None:
+        """(route, answer, close after it) for a request of ours, None for the full app."""
+        matched = _HEAD.fullmatch(head)  # the request line and every field's bytes, in C
+        if matched is None:
+            return None
+        target, fields = matched.groups()
+        if b"/." in target or b"//" in target:
+            return None
+        checked = self._fields(fields)
+        if checked is None:
+            return None
+        headers, close = checked
+        if not _REFUSED_HEADERS.isdisjoint(headers):
+            return None
         authorization = headers.get(b"authorization")
         reads = self._front.reads
         if target.startswith(_PREFIX):
@@ -299,6 +447,7 @@ class FastHTTP(asyncio.Protocol):
         aiohttp's protocol (its error answers quote the read they failed in)."""
         front = self._front
         front.connections.discard(self)
+        front.handed_over += 1
         self._transport = None
         self._buffer, self._reads = b"", []
         if self._paused:  # aiohttp does its own flow control from here on

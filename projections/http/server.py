@@ -232,7 +232,13 @@ class QueryServer(ProjectionReads):
         assert full_app is not None  # set by setup()
         # Connections start on the fast path, which hands them to aiohttp when it must.
         self._front = Front(
-            self, full_app, self._requests, self.tokens, limits, fast=self._fast_path
+            self,
+            full_app,
+            self._requests,
+            self.tokens,
+            limits,
+            fast=self._fast_path,
+            posts=self._commands.intake,
         )
         loop = asyncio.get_running_loop()
         shared = self.procs > 1

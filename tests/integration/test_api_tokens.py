@@ -71,6 +71,13 @@ def test_each_route_wants_its_scope(
     assert _call(s, "POST", f"/events/{s.topic}", READ, event)[0] == 403
     assert _call(s, "POST", f"/events/{s.topic}", None, event)[0] == 401
     assert _call(s, "POST", f"/events/{s.topic}", PUBLISH, event)[0] in (200, 201, 202)
+    # POST /commands is the fast path's too (refold.http.fastpath): the same scope rules.
+    command = {"key": "acc-1", "type": "bank.Deposit", "data": {"amount_cents": 1}}
+    for _ in range(5):
+        assert _call(s, "POST", "/commands/none", None, command)[0] == 401
+        assert _call(s, "POST", "/commands/none", READ, command)[0] == 403
+        status, body, _ = _call(s, "POST", "/commands/none", ADMIN, command)
+        assert status == 404 and json.loads(body)["error"] == "unknown aggregate", body
     assert _call(s, "GET", "/healthz", None)[0] in (200, 503)  # open: no 401 (503: behind)
     assert _call(s, "GET", "/", None)[0] == 200  # the page holds no data
     assert _call(s, "GET", "/dashboard.json", None)[0] == 401
