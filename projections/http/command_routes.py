@@ -23,17 +23,13 @@ from refold.core.commands import Command, is_conflict, pending
 from refold.core.errors import CommandError, InputError
 from refold.engine.worker import Worker
 from refold.http.admission import Backlog
+from refold.http.fastpath import Reply  # an answer however sent: status, JSON body, headers
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_MS = 30_000
 MAX_REMEMBERED = 100_000  # pending command ids remembered for GET /commands/{id}
 _JSON = "application/json"
-
-
-#: An answer, however it is sent (aiohttp's response, or refold.http.fastpath's bytes): status,
-#: JSON body, extra headers.
-Reply = tuple[int, bytes, tuple[tuple[str, str], ...]]
 
 
 def _respond(status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:

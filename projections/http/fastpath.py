@@ -18,15 +18,16 @@ endings only, a `GET /plain/path HTTP/1.1` line, token-character header names, v
 values, exactly one `Host`, no repeated header, no body headers, at most MAX_HEAD bytes and
 MAX_HEADERS headers, and nothing after it when it says `Connection: close`.
 
-`POST /commands/{aggregate}[?wait_ms=N]` is answered here too when the worker decides commands
-(`Front.posts`: refold.http.command_routes' `intake`, the same code aiohttp's route runs): under
-overload most POSTs are refused, and a refusal through aiohttp's request and response objects
-cost about as much as the command itself. Such a POST is served only with a head held to the
-rules above (with exactly one `Content-Length`, digits without a leading zero, under aiohttp's
-1 MiB body limit, instead of no body headers; no `Transfer-Encoding`, `Expect` or `Upgrade`),
-a plain aggregate name, a token with the `command` scope when tokens are on, as the last request
-of its batch (bytes after its body go, with it, to aiohttp), and is answered asynchronously:
-the connection reads nothing more until its answer is written, so answers keep their order.
+`POST /commands/{aggregate}[?wait_ms=N]` and `POST /tasks/{queue}` are answered here too
+(`Front.posts`: the `intake` of refold.http.command_routes and task_routes, the same code
+aiohttp's routes run): under overload most command POSTs are refused, and a refusal through
+aiohttp's request and response objects cost about as much as the command itself. Such a POST is
+served only with a head held to the rules above (with exactly one `Content-Length`, digits
+without a leading zero, under aiohttp's 1 MiB body limit, instead of no body headers; no
+`Transfer-Encoding`, `Expect` or `Upgrade`), a plain aggregate or queue name, a token with the
+`command` scope when tokens are on, as the last request of its batch (bytes after its body go,
+with it, to aiohttp), and is answered asynchronously: the connection reads nothing more until
+its answer is written, so answers keep their order.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 LOOKUP_ROUTE = "/projections/{name}/{key}"
 HEALTHZ_ROUTE = "/healthz"
 COMMANDS_ROUTE = "/commands/{name}"
+TASKS_ROUTE = "/tasks/{queue}"
 
 MAX_HEAD = 4096  # longer request heads go to aiohttp (its limit is 8190 bytes a line)
 MAX_HEADERS = 64  # more go to aiohttp (its limit is 128)
@@ -72,10 +74,11 @@ _HEAD = re.compile(
     % (re.escape(_PLAIN), re.escape(_TCHAR), re.escape(_VALUE))
 )
 _FIELD = re.compile(b"\r\n([^:]+):([^\r]*)")
-# `POST /commands/{aggregate}` with at most `?wait_ms=` digits: the aggregate one plain segment.
+# `POST /commands/{aggregate}` (at most `?wait_ms=` digits) or `POST /tasks/{queue}`: the name
+# one plain segment.
 _SEGMENT = _PLAIN.replace(b"/", b"")
 _POST_HEAD = re.compile(
-    b"POST /commands/([%b]+)(?:\\?wait_ms=([0-9]{1,9}))? HTTP/1\\.1((?:\r\n[%b]+:[%b]*)*)"
+    b"POST /(commands|tasks)/([%b]+)(?:\\?wait_ms=([0-9]{1,9}))? HTTP/1\\.1((?:\r\n[%b]+:[%b]*)*)"
     % (re.escape(_SEGMENT), re.escape(_TCHAR), re.escape(_VALUE))
 )
 _LENGTH = re.compile(b"0|[1-9][0-9]{0,6}")
@@ -107,8 +110,10 @@ class Reads(Protocol):
 
 #: (status, JSON body, extra headers) of a POST answered here.
 Reply = tuple[int, bytes, tuple[tuple[str, str], ...]]
-#: `POST /commands/{aggregate}?wait_ms={wait}` with a body -> its reply.
-Posts = Callable[[str, str, bytes], Awaitable[Reply]]
+#: `POST /{kind}/{name}?wait_ms={wait}` with a body -> its reply.
+Intake = Callable[[str, str, bytes], Awaitable[Reply]]
+#: What the fast path answers POSTs for: b"commands" / b"tasks" -> (route label, intake).
+Posts = dict[bytes, tuple[str, Intake]]
 
 
 class Front:
@@ -123,7 +128,7 @@ class Front:
         limits: Limits | None = None,
         *,
         fast: bool = True,  # False: every connection goes to the full app at its first byte
-        posts: Posts | None = None,  # POST /commands/{aggregate} here (None: aiohttp's)
+        posts: Posts | None = None,  # POSTs answered here (None: all aiohttp's)
     ) -> None:
         self.reads = reads
         self.fast = fast
@@ -250,7 +255,7 @@ class FastHTTP(asyncio.Protocol):
         # First decide the whole batch, then answer: aiohttp refuses a batch with an error as a
         # whole, so one request not ours sends every unanswered byte to it.
         answers: list[tuple[str, Answer, bool]] = []
-        post: tuple[str, str, bytes, bool] | None = None  # a POST that ends the batch
+        post: tuple[tuple[str, Intake], str, str, bytes, bool] | None = None  # ends the batch
         body_due = False  # a POST's head is in, its body is still coming
         start = 0
         while (end := buf.find(_FULL, start)) >= 0:
@@ -260,14 +265,14 @@ class FastHTTP(asyncio.Protocol):
                 parsed = self._post(buf[start:end])
                 if parsed is None:
                     return self._hand_over(transport, [*self._reads, data])
-                aggregate, wait, length, close = parsed
+                handler, name, wait, length, close = parsed
                 body_at = end + 4
                 if len(buf) - body_at < length:
                     body_due = True
                     break
                 if len(buf) != body_at + length:  # more after its body: aiohttp's to frame
                     return self._hand_over(transport, [*self._reads, data])
-                post = (aggregate, wait, buf[body_at:], close)
+                post = (handler, name, wait, buf[body_at:], close)
                 start = len(buf)
                 break
             answered = self._answer(buf[start:end])
@@ -310,18 +315,23 @@ class FastHTTP(asyncio.Protocol):
             self._start_post(transport, *post)
 
     def _start_post(
-        self, transport: asyncio.Transport, aggregate: str, wait: str, body: bytes, close: bool
+        self,
+        transport: asyncio.Transport,
+        route: tuple[str, Intake],
+        name: str,
+        wait: str,
+        body: bytes,
+        close: bool,
     ) -> None:
         """Answer a POST once its reply is ready; read nothing more on this connection until
         then (what comes is kept, in order, for after the answer)."""
-        posts = self._front.posts
-        assert posts is not None
-        pending = asyncio.ensure_future(posts(aggregate, wait, body))
+        label, intake = route
+        pending = asyncio.ensure_future(intake(name, wait, body))
         self._pending = pending
         transport.pause_reading()
-        pending.add_done_callback(lambda done: self._posted(done, aggregate, close))
+        pending.add_done_callback(lambda done: self._posted(done, label, name, close))
 
-    def _posted(self, done: asyncio.Future[Reply], aggregate: str, close: bool) -> None:
+    def _posted(self, done: asyncio.Future[Reply], label: str, name: str, close: bool) -> None:
         self._pending = None
         transport = self._transport
         if transport is None:  # the client went: the command still counts, its answer not
@@ -329,13 +339,13 @@ class FastHTTP(asyncio.Protocol):
         try:
             status, body, headers = done.result()
         except Exception as exc:  # as aiohttp's route answers it (refold.http.server._guard)
-            log.exception("POST /commands/%s failed", aggregate)
+            log.exception("POST %s failed", label.split("{")[0] + name)
             status, headers = 500, ()
             body = orjson.dumps(
                 {"error": "internal error", "detail": f"{type(exc).__name__}: {exc}"}
             )
         front = self._front
-        counter = (COMMANDS_ROUTE, status)
+        counter = (label, status)
         front.counts[counter] = front.counts.get(counter, 0) + 1
         extra = b"".join(b"%b: %b\r\n" % (k.encode(), v.encode()) for k, v in headers)
         transport.write(
@@ -387,15 +397,18 @@ class FastHTTP(asyncio.Protocol):
                 return None
         return headers, close
 
-    def _post(self, head: bytes) -> tuple[str, str, int, bool] | None:
-        """(aggregate, wait_ms, body length, close) of a `POST /commands/...` served here."""
+    def _post(self, head: bytes) -> tuple[tuple[str, Intake], str, str, int, bool] | None:
+        """(route, name, wait_ms, body length, close) of a POST served here."""
         front = self._front
         if front.posts is None:
             return None
         matched = _POST_HEAD.fullmatch(head)
         if matched is None:
             return None
-        name, wait, fields = matched.groups()
+        kind, name, wait, fields = matched.groups()
+        route = front.posts.get(kind)
+        if route is None:
+            return None
         if name.startswith(b"."):  # "." and ".." are dot segments to aiohttp
             return None
         checked = self._fields(fields)
@@ -410,7 +423,7 @@ class FastHTTP(asyncio.Protocol):
         tokens = front.tokens
         if tokens is not None and tokens.allows(headers.get(b"authorization"), "command") != 200:
             return None  # aiohttp answers 401 / 403 in the API's error shape
-        return name.decode(), (wait or b"0").decode(), int(length), close
+        return route, name.decode(), (wait or b"0").decode(), int(length), close
 
     def _answer(self, head: bytes) -> tuple[str, Answer, bool] | None:
         """(route, answer, close after it) for a request of ours, None for the full app."""

@@ -29,7 +29,7 @@ from refold.http.auth import Tokens, route_scope
 from refold.http.command_routes import CommandRoutes
 from refold.http.dashboard import Dashboard
 from refold.http.event_routes import EventRoutes
-from refold.http.fastpath import Front, new_loop
+from refold.http.fastpath import COMMANDS_ROUTE, TASKS_ROUTE, Front, new_loop
 from refold.http.limits import ConnectionStats, Limits
 from refold.http.malformed import MalformedRequests
 from refold.http.projection_routes import ProjectionReads
@@ -238,7 +238,10 @@ class QueryServer(ProjectionReads):
             self.tokens,
             limits,
             fast=self._fast_path,
-            posts=self._commands.intake,
+            posts={
+                b"commands": (COMMANDS_ROUTE, self._commands.intake),
+                b"tasks": (TASKS_ROUTE, self._tasks.intake),
+            },
         )
         loop = asyncio.get_running_loop()
         shared = self.procs > 1

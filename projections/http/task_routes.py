@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 from refold.core.errors import InputError, TaskConflict, TaskError
 from refold.engine.worker import Worker
+from refold.http.fastpath import Reply
 from refold.http.routing import Router
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ def _error(status: int, error: str, detail: Any) -> web.Response:
     return _respond(status, {"error": error, "detail": detail})
 
 
+def _reply(status: int, error: str, detail: Any) -> Reply:
+    return status, orjson.dumps({"error": error, "detail": detail}), ()
+
+
 class TaskRoutes:
     """The task handlers over one worker's task queues."""
 
@@ -69,14 +74,20 @@ class TaskRoutes:
         return _error(404, "unknown task queue", f"no task queue {queue!r} here; known: {known}")
 
     async def submit(self, request: web.Request) -> web.StreamResponse:
-        queue = request.match_info["queue"]
-        unknown = self._unknown(queue)
-        if unknown is not None:
-            return unknown
+        status, body, _ = await self.intake(request.match_info["queue"], "", await request.read())
+        return web.Response(status=status, body=body, content_type=_JSON)
+
+    async def intake(self, queue: str, _query: str, body: bytes) -> Reply:
+        """The answer to `POST /tasks/{queue}` with `body`, for aiohttp's route and for
+        refold.http.fastpath alike (which sends it without aiohttp's objects)."""
+        if queue not in self.tasks.queues:
+            known = ", ".join(sorted(self.tasks.queues)) or "none"
+            detail = f"no task queue {queue!r} here; known: {known}"
+            return _reply(404, "unknown task queue", detail)
         try:
-            obj = orjson.loads(await request.read())
+            obj = orjson.loads(body)
         except ValueError as exc:
-            return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
+            return _reply(400, "invalid JSON", f"the body is not JSON: {exc}")
         loop = asyncio.get_running_loop()
         try:
             # Checked and queued for its claim here, on the loop (nothing blocks: the client's
@@ -89,13 +100,13 @@ class TaskRoutes:
             await asyncio.wait_for(acked, ACK_TIMEOUT_S)
             accepted = pending.result()
         except InputError as exc:
-            return _error(422, "invalid task", str(exc))
+            return _reply(422, "invalid task", str(exc))
         except TaskConflict as exc:
-            return _error(409, "task id conflict", str(exc))
+            return _reply(409, "task id conflict", str(exc))
         except (TaskError, TimeoutError) as exc:
             log.warning("POST /tasks/%s: %s", queue, exc)
-            return _error(503, "not acknowledged", str(exc) or "no acknowledgement in time")
-        return _respond(202, accepted.to_json())
+            return _reply(503, "not acknowledged", str(exc) or "no acknowledgement in time")
+        return 202, orjson.dumps(accepted.to_json()), ()
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         queue, task_id = request.match_info["queue"], request.match_info["task_id"]

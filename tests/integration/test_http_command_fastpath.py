@@ -1,8 +1,8 @@
-"""`POST /commands/{aggregate}` on the fast path (refold.http.fastpath) answers exactly as
-aiohttp's route does: the same byte streams, sent to a worker's server with the fast path and to
-a server of the same worker where aiohttp answers everything, get the same answers in the same
-order (status lines, headers but Date, bodies). Commands are idempotent by id, so the second
-server answers a stream's commands from what the first one appended: the same result.
+"""`POST /commands/{aggregate}` and `POST /tasks/{queue}` on the fast path (refold.http.fastpath)
+answer exactly as aiohttp's routes do: the same byte streams, sent to a worker's server with the
+fast path and to a server of the same worker where aiohttp answers everything, get the same
+answers in the same order (status lines, headers but Date, bodies). Commands and tasks are
+idempotent by id, so the second server answers from what the first one appended: the same.
 
 And the fast path really serves what it may (no hand-over to aiohttp), including a head and a
 body in separate writes, a body byte by byte, and a second POST sent while the first one's
@@ -13,7 +13,7 @@ answer is pending; what it may not serve (chunked bodies, odd lengths, query str
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -22,6 +22,7 @@ from refold.core.config import Config
 from refold.engine.worker import Worker
 from refold.http.server import QueryServer
 
+from tests.integration.apps.shipping import Shipping
 from tests.integration.http_wire import Answer, exchange
 
 
@@ -30,14 +31,15 @@ class Pair:
     name: str
     fast: QueryServer
     full: QueryServer
+    kind: bytes = b"commands"
 
     def post(
         self, body: object, wait: bytes = b"?wait_ms=20000", extra: bytes = b"", close: bool = False
     ) -> bytes:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         closing = b"Connection: close\r\n" if close else b""
-        return b"POST /commands/%b%b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%b%b\r\n%b" % (
-            self.name.encode(), wait, len(raw), extra, closing, raw,
+        return b"POST /%b/%b%b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%b%b\r\n%b" % (
+            self.kind, self.name.encode(), wait, len(raw), extra, closing, raw,
         )  # fmt: skip
 
     def agree(self, chunks: list[bytes], served_fast: bool) -> list[Answer]:
@@ -155,3 +157,50 @@ def test_a_body_in_pieces_waits_for_its_last_byte(pair: Pair) -> None:
     answers = pair.agree(chunks, served_fast=True)
     assert _statuses(answers) == [b"HTTP/1.1 200 OK"]
     assert json.loads(answers[0].body)["command_id"] == "fp-bytes"
+
+
+@pytest.fixture
+def task_pair(config: Config, unique: Callable[[str], str]) -> Iterator[Pair]:
+    queue = type("Queue", (Shipping,), {"name": unique("fpq")})()
+    worker = Worker(config, [], deciders=[], task_queues=[queue])
+    worker.start()
+    fast = QueryServer(worker, "127.0.0.1", 0)
+    full = QueryServer(worker, "127.0.0.1", 0, fast_path=False)
+    try:
+        fast.start()
+        full.start()
+        yield Pair(queue.name, fast, full, kind=b"tasks")
+    finally:
+        full.stop()
+        fast.stop()
+        worker.stop()
+
+
+def test_task_posts_are_answered_as_aiohttp_answers_them(task_pair: Pair) -> None:
+    pair = task_pair
+    task = {"task_id": "fp-t1", "data": {"product_id": "p1", "qty": 1}}
+    accepted = [b"HTTP/1.1 202 Accepted"]
+    cases: dict[str, tuple[list[bytes], bool, list[bytes]]] = {
+        # A repeated task id answers the same and appends nothing: the second server's answer.
+        "a task": ([pair.post(task, wait=b"", close=True)], True, accepted),
+        "head and body in two writes": (
+            _halves(pair.post({**task, "task_id": "fp-t2"}, wait=b"", close=True)), True, accepted
+        ),
+        "not JSON": ([pair.post(b"[", wait=b"", close=True)], True, [b"HTTP/1.1 400 Bad Request"]),
+        "data not an object": (
+            [pair.post({"data": [1]}, wait=b"", close=True)], True,
+            [b"HTTP/1.1 422 Unprocessable Entity"],
+        ),
+        "another body for a known id": (
+            [pair.post({**task, "data": {"product_id": "p2"}}, wait=b"", close=True)], True,
+            [b"HTTP/1.1 409 Conflict"],
+        ),
+        "an unknown queue": (
+            [pair.post(task, wait=b"", close=True).replace(pair.name.encode(), b"nosuch", 1)],
+            True,
+            [b"HTTP/1.1 404 Not Found"],
+        ),
+        "a query": ([pair.post(task, wait=b"?x=1", close=True)], False, accepted),
+    }  # fmt: skip
+    for name, (chunks, served_fast, wanted) in cases.items():
+        assert _statuses(pair.agree(chunks, served_fast)) == wanted, name
