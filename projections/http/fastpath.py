@@ -290,19 +290,7 @@ class FastHTTP(asyncio.Protocol):
         for route, (status, body), close in answers:
             counter = (route, status)
             counts[counter] = counts.get(counter, 0) + 1
-            transport.write(
-                b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"Date: %b\r\nServer: %b\r\n%b\r\n%b"
-                % (
-                    status,
-                    _REASONS[status],
-                    len(body),
-                    front.date(),
-                    _SERVER,
-                    _CLOSE if close else b"",
-                    body,
-                )
-            )
+            transport.write(_head(status, len(body), front.date(), close) + body)
             if close:
                 transport.close()
                 self._buffer, self._reads = b"", []
@@ -348,20 +336,7 @@ class FastHTTP(asyncio.Protocol):
         counter = (label, status)
         front.counts[counter] = front.counts.get(counter, 0) + 1
         extra = b"".join(b"%b: %b\r\n" % (k.encode(), v.encode()) for k, v in headers)
-        transport.write(
-            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\n%bContent-Length: %d\r\n"
-            b"Date: %b\r\nServer: %b\r\n%b\r\n%b"
-            % (
-                status,
-                _REASONS[status],
-                extra,
-                len(body),
-                front.date(),
-                _SERVER,
-                _CLOSE if close else b"",
-                body,
-            )
-        )
+        transport.write(_head(status, len(body), front.date(), close, extra) + body)
         if close:
             transport.close()
             self._buffer, self._reads = b"", []
@@ -477,11 +452,12 @@ class FastHTTP(asyncio.Protocol):
             watched.data_received(data)
 
 
-def _head(status: int, length: int, date: bytes, close: bool) -> bytes:
+def _head(status: int, length: int, date: bytes, close: bool, extra: bytes = b"") -> bytes:
+    """A JSON answer's head as aiohttp writes it (`extra`: more header lines, after the type)."""
     return (
-        b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\n%bContent-Length: %d\r\n"
         b"Date: %b\r\nServer: %b\r\n%b\r\n"
-        % (status, _REASONS[status], length, date, _SERVER, _CLOSE if close else b"")
+        % (status, _REASONS[status], extra, length, date, _SERVER, _CLOSE if close else b"")
     )
 
 

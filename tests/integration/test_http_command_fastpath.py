@@ -55,20 +55,24 @@ class Pair:
         return fast
 
 
-@pytest.fixture
-def pair(config: Config, vault: Decider) -> Iterator[Pair]:
-    worker = Worker(config, [], deciders=[vault])
+def _pair(worker: Worker, name: str, kind: bytes) -> Iterator[Pair]:
+    """`worker` started, with a fast-path server and an aiohttp-only one; all stopped after."""
     worker.start()
     fast = QueryServer(worker, "127.0.0.1", 0)
     full = QueryServer(worker, "127.0.0.1", 0, fast_path=False)
     try:
         fast.start()
         full.start()
-        yield Pair(vault.name, fast, full)
+        yield Pair(name, fast, full, kind)
     finally:
         full.stop()
         fast.stop()
         worker.stop()
+
+
+@pytest.fixture
+def pair(config: Config, vault: Decider) -> Iterator[Pair]:
+    yield from _pair(Worker(config, [], deciders=[vault]), vault.name, b"commands")
 
 
 def _halves(stream: bytes) -> list[bytes]:
@@ -163,17 +167,7 @@ def test_a_body_in_pieces_waits_for_its_last_byte(pair: Pair) -> None:
 def task_pair(config: Config, unique: Callable[[str], str]) -> Iterator[Pair]:
     queue = type("Queue", (Shipping,), {"name": unique("fpq")})()
     worker = Worker(config, [], deciders=[], task_queues=[queue])
-    worker.start()
-    fast = QueryServer(worker, "127.0.0.1", 0)
-    full = QueryServer(worker, "127.0.0.1", 0, fast_path=False)
-    try:
-        fast.start()
-        full.start()
-        yield Pair(queue.name, fast, full, kind=b"tasks")
-    finally:
-        full.stop()
-        fast.stop()
-        worker.stop()
+    yield from _pair(worker, queue.name, b"tasks")
 
 
 def test_task_posts_are_answered_as_aiohttp_answers_them(task_pair: Pair) -> None:
