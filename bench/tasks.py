@@ -67,14 +67,22 @@ HTTP_CONNECTIONS = 256
 HALF_LOAD_CAP = 2500.0  # half the 5,000 tasks/s aim
 
 
+#: The transitions whose first event's time (the record's CreateTime) `StatusWatch.steps` notes.
+STEPS = ("accepted", "dispatched", "running", "succeeded")
+
+
 class StatusWatch:
     """Reads a queue's status topic (read_committed, as the projection does) and notes when each
-    watched task's first `succeeded` arrived, and its batch."""
+    watched task's first `succeeded` arrived, and its batch; while `steps` is on, also when each
+    task's first `accepted`, `dispatched`, `running` and `succeeded` events were produced (ms
+    since the epoch), for where a task's time goes."""
 
     def __init__(self, config: Config, topic: str, partitions: int) -> None:
         self.codec = codec_for(config)
         self.done: dict[str, float] = {}
         self.batches: dict[str, str] = {}
+        self.steps = False
+        self.times: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
         group = f"bench-watch-{uuid.uuid4().hex[:8]}"
         self._consumer = Consumer(
@@ -98,9 +106,17 @@ class StatusWatch:
             now = time.monotonic()
             for msg in msgs:
                 value = msg.value()
-                if msg.error() is not None or not value or b"succeeded" not in value:
+                if msg.error() is not None or not value:
+                    continue
+                if self.steps:
+                    _, data = decode(value)
+                    if data["status"] in STEPS:
+                        noted = self.times.setdefault(data["task_id"], {})
+                        noted.setdefault(data["status"], msg.timestamp()[1])
+                elif b"succeeded" not in value:
                     continue  # Avro strings are plain UTF-8: skip the other statuses undecoded
-                _, data = decode(value)
+                else:
+                    _, data = decode(value)
                 if data["status"] == "succeeded" and data["task_id"] not in done:
                     done[data["task_id"]] = now
                     batches[data["task_id"]] = data.get("batch_id") or ""
@@ -299,11 +315,17 @@ def _unfinished(watch: StatusWatch, ids: list[str], t0: float) -> dict[str, Any]
 
 
 def refold_latency(s: RefoldSet, label: str, rate: float, seconds: float) -> dict[str, Any]:
-    """Open-loop POSTs at `rate`: POST -> `succeeded` read from the status topic."""
+    """Open-loop POSTs at `rate`: POST -> `succeeded` read from the status topic, and where the
+    time went (from each transition's status event)."""
     assert s.watch is not None
     ids = s.ids(label, max(1, int(rate * seconds)))
-    started, offered = post_open_loop(s.port, s.queue, ids, rate)
-    if s.watch.wait(ids, max(120.0, len(ids) / 50)) is None:
+    s.watch.steps = True
+    try:
+        started, offered = post_open_loop(s.port, s.queue, ids, rate)
+        finished = s.watch.wait(ids, max(120.0, len(ids) / 50))
+    finally:
+        s.watch.steps = False
+    if finished is None:
         out = _unfinished(s.watch, ids, min(started.values()))
         done = [s.watch.done[i] - started[i] for i in ids if i in s.watch.done]
         return {**out, **{f"finished_{k}_ms": v for k, v in latency_summary(done).items()}}
@@ -314,7 +336,33 @@ def refold_latency(s: RefoldSet, label: str, rate: float, seconds: float) -> dic
         **{f"{k}_ms": v for k, v in lat.items() if k != "count"},
         "count": len(ids),
         "merge_factor": s.watch.merge_factor(ids),
+        "steps_ms": task_steps(s.watch, ids, started),
     }
+
+
+def task_steps(
+    watch: StatusWatch, ids: list[str], started: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """p50/p99 of each step of the tasks' trips: due -> `accepted` produced (the intake: claim,
+    read-back, append), -> `dispatched` (the dispatcher's merge window and transaction), ->
+    `running` (the work item's commit, a task worker's fetch), -> `succeeded` (the handler and
+    the status append), -> read here (the status transaction's commit, this read)."""
+    to_wall = time.time() - time.monotonic()  # one machine: monotonic -> epoch seconds
+    legs: dict[str, list[float]] = {}
+    for task_id in ids:
+        at = watch.times.get(task_id, {})
+        if len(at) < len(STEPS) or task_id not in watch.done:
+            continue
+        marks = [(started[task_id] + to_wall) * 1000, *(at[k] for k in STEPS)]
+        marks.append((watch.done[task_id] + to_wall) * 1000)
+        names = ["intake", "to_dispatched", "to_running", "to_succeeded", "to_read"]
+        for name, begin, end in zip(names, marks, marks[1:], strict=False):
+            legs.setdefault(name, []).append((end - begin) / 1000)
+    out = {}
+    for name, values in legs.items():
+        summary = latency_summary(values)
+        out[name] = {"p50": round(summary["p50"], 1), "p99": round(summary["p99"], 1)}
+    return out
 
 
 # -- Celery -----------------------------------------------------------------------------------
@@ -499,6 +547,7 @@ def _merge_row(entry: dict[str, Any]) -> dict[str, Any]:
         "merge_half_load": lat.get("merge_factor"),
         "p50_ms": lat.get("p50_ms"),
         "p99_ms": lat.get("p99_ms"),
+        "steps_ms": lat.get("steps_ms", {}),
     }
 
 
@@ -551,6 +600,22 @@ def markdown(result: dict[str, Any]) -> str:
                 p99=_num(row["p99_ms"]),
             )
         )
+    lines += [
+        "",
+        "Where a half-load task's time went, p50 / p99 ms (each transition's status event):",
+        "",
+        "| merge window | intake (due -> accepted) | -> dispatched | -> running | -> succeeded "
+        "| -> read |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = ("intake", "to_dispatched", "to_running", "to_succeeded", "to_read")
+    for row in s["merge"]:
+        steps = row.get("steps_ms") or {}
+        cells = [
+            "{:.0f} / {:.0f}".format(*(_num(steps.get(n, {}).get(q)) for q in ("p50", "p99")))
+            for n in names
+        ]
+        lines.append(f"| {row['window_ms']} ms | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
