@@ -9,10 +9,14 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aiohttp import web
 from refold.engine.timetravel import murmur2_partition
 
 TP = tuple[str, int]
 Answer = tuple[int, bytes]  # HTTP status, JSON body
+#: An answer to a POST however it is sent (aiohttp's response, or refold.http.fastpath's
+#: bytes): HTTP status, JSON body, extra headers.
+Reply = tuple[int, bytes, tuple[tuple[str, str], ...]]
 
 # A runner in these states has closed (or is closing) its store; reading it would race the close.
 DOWN = frozenset({"stopped", "failed"})
@@ -40,6 +44,23 @@ def position(positions: Mapping[TP, int]) -> dict[str, int]:
 def error_body(error: str, detail: Any, **extra: Any) -> bytes:
     """The one error shape: `{"error": short phrase, "detail": what exactly, ...extra}`."""
     return dumps({"error": error, "detail": detail, **extra})
+
+
+def reply(status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return status, dumps(body), headers
+
+
+def error_reply(status: int, error: str, detail: Any) -> Reply:
+    return status, error_body(error, detail), ()
+
+
+def web_response(answer: Reply) -> web.Response:
+    """`answer` as aiohttp's response, for the routes that also answer on the fast path."""
+    status, body, headers = answer
+    response = web.Response(status=status, body=body, content_type="application/json")
+    for name, value in headers:
+        response.headers[name] = value
+    return response
 
 
 def key_found(key: str, state: Any, encoded_position: bytes, fresh: bytes) -> bytes:

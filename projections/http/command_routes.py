@@ -23,29 +23,12 @@ from refold.core.commands import Command, is_conflict, pending
 from refold.core.errors import CommandError, InputError
 from refold.engine.worker import Worker
 from refold.http.admission import Backlog
-from refold.http.fastpath import Reply  # an answer however sent: status, JSON body, headers
+from refold.http.answers import Reply, error_reply, reply, web_response
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_MS = 30_000
 MAX_REMEMBERED = 100_000  # pending command ids remembered for GET /commands/{id}
-_JSON = "application/json"
-
-
-def _respond(status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
-    return status, orjson.dumps(body), headers
-
-
-def _error(status: int, error: str, detail: Any) -> Reply:
-    return _respond(status, {"error": error, "detail": detail})
-
-
-def _response(reply: Reply) -> web.Response:
-    status, body, headers = reply
-    response = web.Response(status=status, body=body, content_type=_JSON)
-    for name, value in headers:
-        response.headers[name] = value
-    return response
 
 
 def _wait_ms(raw: str) -> int:
@@ -57,7 +40,7 @@ def _wait_ms(raw: str) -> int:
 
 def _conflict(command: Command, first: dict[str, Any]) -> Reply:
     """409: the id already names another command (another key, type, data or version)."""
-    return _respond(
+    return reply(
         409,
         {
             "error": "command id conflict",
@@ -86,7 +69,7 @@ class CommandRoutes:
         started = time.time()
         wait = request.query.get("wait_ms", "0")
         body = await request.read()
-        return _response(await self.intake(request.match_info["name"], wait, body, started))
+        return web_response(await self.intake(request.match_info["name"], wait, body, started))
 
     async def intake(
         self, aggregate: str, wait: str, body: bytes, started: float | None = None
@@ -97,7 +80,7 @@ class CommandRoutes:
         started = time.time() if started is None else started
         if aggregate not in self.worker.processors:
             known = ", ".join(sorted(self.worker.processors)) or "none"
-            return _error(
+            return error_reply(
                 404,
                 "unknown aggregate",
                 f"no command processor for {aggregate!r} here; known: {known}",
@@ -105,16 +88,16 @@ class CommandRoutes:
         try:
             wait_ms = _wait_ms(wait)
         except InputError as exc:
-            return _error(400, "bad query", str(exc))
+            return error_reply(400, "bad query", str(exc))
         try:
             obj = orjson.loads(body)
         except ValueError as exc:
-            return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
+            return error_reply(400, "invalid JSON", f"the body is not JSON: {exc}")
         client = self.worker.command_client
         try:
             command = client.prepare(aggregate, obj)
         except InputError as exc:
-            return _error(422, "invalid command", str(exc))
+            return error_reply(422, "invalid command", str(exc))
         timing = self.worker.processors[aggregate].timing
         results = self.worker.results
         first = results.get(command.command_id) if results else None
@@ -123,7 +106,7 @@ class CommandRoutes:
         backlog = self._backlogs.setdefault(aggregate, Backlog())
         retry = backlog.refuse() if first is None else None
         if retry is not None:  # overloaded: say so now rather than answer seconds late
-            return _respond(
+            return reply(
                 429,
                 {
                     "error": "too many commands",
@@ -143,7 +126,7 @@ class CommandRoutes:
         except CommandError as exc:
             log.warning("POST /commands/%s: %s", aggregate, exc)
             backlog.dropped(command.command_id)
-            return _error(503, "not acknowledged", str(exc))
+            return error_reply(503, "not acknowledged", str(exc))
         timing.add("http_append", (time.time() - appending) * 1000)
         status_url = f"/commands/{quote(command.command_id, safe='')}"
         if wait_ms:
@@ -152,7 +135,7 @@ class CommandRoutes:
             if result is not None and is_conflict(result, command):
                 return _conflict(command, result)
             if result is not None:
-                response = _respond(200, {**result, "status_url": status_url})
+                response = reply(200, {**result, "status_url": status_url})
                 answered = time.time()
                 if learned:
                     timing.add("http_answer", (answered - learned[0]) * 1000)
@@ -161,7 +144,7 @@ class CommandRoutes:
                         timing.add("decided_to_index", learned[0] * 1000 - decided_ms)
                 timing.add("post_total", (answered - started) * 1000)
                 return response
-        return _respond(
+        return reply(
             202, {"command_id": command.command_id, "status": "pending", "status_url": status_url}
         )
 
@@ -169,19 +152,21 @@ class CommandRoutes:
         """`GET /commands/{id}`: the result, or `pending` while the command has none."""
         command_id = request.match_info["name"]
         if self.worker.results is None:
-            return _response(_error(404, "no commands", "this worker runs no command processor"))
+            return web_response(
+                error_reply(404, "no commands", "this worker runs no command processor")
+            )
         try:
             wait_ms = _wait_ms(request.query.get("wait_ms", "0"))
         except InputError as exc:
-            return _response(_error(400, "bad query", str(exc)))
+            return web_response(error_reply(400, "bad query", str(exc)))
         result = await self._result(command_id, wait_ms)
         if result is not None:
             self._submitted.pop(command_id, None)
-            return _response(_respond(200, result))
+            return web_response(reply(200, result))
         if command_id in self._submitted:
-            return _response(_respond(200, pending(command_id)))
-        return _response(
-            _error(
+            return web_response(reply(200, pending(command_id)))
+        return web_response(
+            error_reply(
                 404,
                 "unknown command",
                 f"no result for command {command_id!r} and it was not submitted through this "

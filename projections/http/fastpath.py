@@ -44,7 +44,7 @@ from typing import Protocol, cast
 
 import orjson
 from aiohttp.http import SERVER_SOFTWARE
-from refold.http.answers import Answer
+from refold.http.answers import Answer, Reply
 from refold.http.auth import Tokens
 from refold.http.limits import ConnectionStats, Limits, Watched
 
@@ -108,8 +108,6 @@ class Reads(Protocol):
     def healthz_answer(self) -> Answer | None: ...
 
 
-#: (status, JSON body, extra headers) of a POST answered here.
-Reply = tuple[int, bytes, tuple[tuple[str, str], ...]]
 #: `POST /{kind}/{name}?wait_ms={wait}` with a body -> its reply.
 Intake = Callable[[str, str, bytes], Awaitable[Reply]]
 #: What the fast path answers POSTs for: b"commands" / b"tasks" -> (route label, intake).

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 from refold.core.errors import InputError, TaskConflict, TaskError
 from refold.engine.worker import Worker
-from refold.http.fastpath import Reply
+from refold.http.answers import Reply, error_reply, reply, web_response
 from refold.http.routing import Router
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ def _error(status: int, error: str, detail: Any) -> web.Response:
     return _respond(status, {"error": error, "detail": detail})
 
 
-def _reply(status: int, error: str, detail: Any) -> Reply:
-    return status, orjson.dumps({"error": error, "detail": detail}), ()
-
-
 class TaskRoutes:
     """The task handlers over one worker's task queues."""
 
@@ -68,26 +64,32 @@ class TaskRoutes:
         self._waits = ThreadPoolExecutor(8, thread_name_prefix="refold-http-task-waits")
 
     def _unknown(self, queue: str) -> web.Response | None:
+        unknown = self._unknown_reply(queue)
+        return None if unknown is None else web_response(unknown)
+
+    def _unknown_reply(self, queue: str) -> Reply | None:
         if queue in self.tasks.queues:
             return None
         known = ", ".join(sorted(self.tasks.queues)) or "none"
-        return _error(404, "unknown task queue", f"no task queue {queue!r} here; known: {known}")
+        return error_reply(
+            404, "unknown task queue", f"no task queue {queue!r} here; known: {known}"
+        )
 
     async def submit(self, request: web.Request) -> web.StreamResponse:
-        status, body, _ = await self.intake(request.match_info["queue"], "", await request.read())
-        return web.Response(status=status, body=body, content_type=_JSON)
+        return web_response(
+            await self.intake(request.match_info["queue"], "", await request.read())
+        )
 
     async def intake(self, queue: str, _query: str, body: bytes) -> Reply:
         """The answer to `POST /tasks/{queue}` with `body`, for aiohttp's route and for
         refold.http.fastpath alike (which sends it without aiohttp's objects)."""
-        if queue not in self.tasks.queues:
-            known = ", ".join(sorted(self.tasks.queues)) or "none"
-            detail = f"no task queue {queue!r} here; known: {known}"
-            return _reply(404, "unknown task queue", detail)
+        unknown = self._unknown_reply(queue)
+        if unknown is not None:
+            return unknown
         try:
             obj = orjson.loads(body)
         except ValueError as exc:
-            return _reply(400, "invalid JSON", f"the body is not JSON: {exc}")
+            return error_reply(400, "invalid JSON", f"the body is not JSON: {exc}")
         loop = asyncio.get_running_loop()
         try:
             # Checked and queued for its claim here, on the loop (nothing blocks: the client's
@@ -100,13 +102,13 @@ class TaskRoutes:
             await asyncio.wait_for(acked, ACK_TIMEOUT_S)
             accepted = pending.result()
         except InputError as exc:
-            return _reply(422, "invalid task", str(exc))
+            return error_reply(422, "invalid task", str(exc))
         except TaskConflict as exc:
-            return _reply(409, "task id conflict", str(exc))
+            return error_reply(409, "task id conflict", str(exc))
         except (TaskError, TimeoutError) as exc:
             log.warning("POST /tasks/%s: %s", queue, exc)
-            return _reply(503, "not acknowledged", str(exc) or "no acknowledgement in time")
-        return 202, orjson.dumps(accepted.to_json()), ()
+            return error_reply(503, "not acknowledged", str(exc) or "no acknowledgement in time")
+        return reply(202, accepted.to_json())
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         queue, task_id = request.match_info["queue"], request.match_info["task_id"]
