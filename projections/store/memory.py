@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from refold.core.errors import StoreError
-from refold.store.rocksdb import _LINK, _META, TopicPartition, _check_offsets, _encode_commit
+from refold.store.encoding import LINK, META, TopicPartition, check_offsets, encode_commit
 
 
 class MemoryStore:
@@ -50,7 +50,7 @@ class MemoryStore:
             return [(k.decode(), orjson.loads(self._data[k])) for k in keys[: max(limit, 0)]]
 
     def link(self, source_key: str) -> str | None:
-        value = self._meta_get(_LINK + source_key.encode())
+        value = self._meta_get(LINK + source_key.encode())
         return value if isinstance(value, str) else None
 
     def offsets(self) -> dict[TopicPartition, int]:
@@ -59,7 +59,7 @@ class MemoryStore:
             return dict(self._offsets)
 
     def meta(self, name: str) -> Any | None:
-        return self._meta_get(_META + name.encode())
+        return self._meta_get(META + name.encode())
 
     def commit(
         self,
@@ -79,9 +79,9 @@ class MemoryStore:
         def delete(key: bytes, table: dict[bytes, bytes] = self._data) -> None:
             batch.append((key, None, table))
 
-        _encode_commit(self.path, states, list(deletes), links, meta, put, delete, self._meta)
+        encode_commit(self.path, states, list(deletes), links, meta, put, delete, self._meta)
         with self._lock:
-            _check_offsets(self.path, self._offsets, offsets, forward_only=True)
+            check_offsets(self.path, self._offsets, offsets, forward_only=True)
             for key, value, table in batch:
                 if value is None:
                     table.pop(key, None)
@@ -92,7 +92,7 @@ class MemoryStore:
     def reset_offsets(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._check_open()
         with self._lock:
-            _check_offsets(self.path, self._offsets, offsets, forward_only=False)
+            check_offsets(self.path, self._offsets, offsets, forward_only=False)
             self._offsets.update(offsets)
 
     def approximate_keys(self) -> int:

@@ -30,16 +30,31 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime
 import orjson
 import rocksdict
 from refold.core.errors import StoreError
+from refold.store.encoding import (
+    LINK,
+    META,
+    OFFSET,
+    TopicPartition,
+    UnstorableValue,
+    check_offsets,
+    encode_commit,
+    offset_key,
+    prefix_end,
+    unstorable,
+)
+from refold.store.rocks_open import META_CF, key_range, open_rdict
 from refold.store.scratch import make_scratch
 
 log = logging.getLogger(__name__)
 
-TopicPartition = tuple[str, int]
-
-META_CF = "meta"
-_OFFSET = b"offset/"
-_LINK = b"link/"
-_META = b"meta/"
+__all__ = [
+    "META_CF",
+    "RocksStore",
+    "Store",
+    "TopicPartition",
+    "UnstorableValue",
+    "unstorable",
+]
 
 
 @runtime_checkable
@@ -91,150 +106,6 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release the store. Calling it again does nothing; any other later call raises."""
-
-
-class UnstorableValue(StoreError):
-    """A commit refused because one value cannot be stored as JSON (not JSON-compatible, an
-    integer beyond 64 bits); `key` names it, `kind` says where it was going (state, link, meta).
-    Nothing of the commit was written."""
-
-    def __init__(self, message: str, key: object, kind: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.kind = kind
-
-
-def unstorable(value: Any) -> str | None:
-    """Why `value` cannot be stored as a state (None if it can): the check `commit` makes."""
-    try:
-        orjson.dumps(value)
-    except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
-        return str(exc)
-    return None
-
-
-def _offset_key(tp: TopicPartition) -> bytes:
-    return b"%s%s/%d" % (_OFFSET, tp[0].encode(), tp[1])
-
-
-def _check_offsets(
-    path: Path,
-    current: Mapping[TopicPartition, int],
-    offsets: Mapping[TopicPartition, int],
-    *,
-    forward_only: bool,
-) -> None:
-    """Raise StoreError for malformed offsets and, if `forward_only`, for backward moves."""
-    for tp, offset in offsets.items():
-        if not (
-            isinstance(tp, tuple)
-            and len(tp) == 2
-            and isinstance(tp[0], str)
-            and "/" not in tp[0]
-            and type(tp[1]) is int
-        ):
-            raise StoreError(f"store {path}: bad topic-partition {tp!r}; expected (topic, int)")
-        if type(offset) is not int or offset < 0:
-            raise StoreError(f"store {path}: bad offset {offset!r} for {tp[0]}[{tp[1]}]")
-        previous = current.get(tp)
-        if forward_only and previous is not None and offset < previous:
-            raise StoreError(
-                f"store {path}: offset of {tp[0]}[{tp[1]}] would move backwards from "
-                f"{previous} to {offset}, so events would be folded twice",
-                hint="a runtime bug; a deliberate replay uses reset_offsets()",
-            )
-
-
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest byte string greater than every string starting with `prefix`."""
-    stripped = prefix.rstrip(b"\xff")
-    return stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else None
-
-
-def _encode_commit(
-    path: Path,
-    states: Mapping[str, Any],
-    deletes: list[str],
-    links: Mapping[str, str | None],
-    meta: Mapping[str, Any],
-    put: Callable[..., None],
-    delete: Callable[..., None],
-    meta_cf: Any,
-) -> None:
-    """Turn one commit (all but its offsets) into put/delete calls on a batch.
-
-    States go to the default column family; links and meta values go to `meta_cf`. Raises
-    StoreError, naming the key, if a key is not a str or a value is not JSON.
-    """
-    if deletes and not states.keys().isdisjoint(deletes):
-        both = sorted(states.keys() & set(deletes))
-        raise StoreError(f"store {path}: keys both set and deleted in one commit: {both}")
-    dumps = orjson.dumps
-    key: object = ""
-    kind = "state"
-    try:
-        for key, state in states.items():
-            put(key.encode(), dumps(state))
-        for key in deletes:
-            delete(key.encode())
-        kind = "link"
-        for key, target in links.items():
-            if target is None:
-                delete(_LINK + key.encode(), meta_cf)
-            elif isinstance(target, str):
-                put(_LINK + key.encode(), dumps(target), meta_cf)
-            else:
-                raise TypeError(f"a link target must be str or None, not {type(target).__name__}")
-        kind = "meta"
-        for key, value in meta.items():
-            if value is None:
-                delete(_META + key.encode(), meta_cf)
-            else:
-                put(_META + key.encode(), dumps(value), meta_cf)
-    except (TypeError, ValueError, AttributeError) as exc:  # orjson, str.encode, non-str keys
-        raise UnstorableValue(
-            f"store {path}: cannot encode the value of {key!r} as JSON: {exc}", key, kind
-        ) from exc
-
-
-def _range(
-    db: rocksdict.Rdict, start: bytes, end: bytes | None, limit: int | None
-) -> list[tuple[bytes, bytes]]:
-    """Up to `limit` pairs with start <= key < end, raising if RocksDB hit an error.
-
-    rocksdict's items() ends silently at a corrupted block, so iterate by hand and check status.
-    """
-    read_opts = rocksdict.ReadOptions()
-    if end is not None:
-        read_opts.set_iterate_upper_bound(end)
-    it = db.iter(read_opts)
-    it.seek(start)
-    out: list[tuple[bytes, bytes]] = []
-    while it.valid() and (limit is None or len(out) < limit):
-        out.append((it.key(), it.value()))
-        it.next()
-    it.status()
-    return out
-
-
-def _open_error(path: Path, exc: Exception) -> StoreError:
-    text = str(exc)
-    if "LOCK" in text and "lock hold by current process" in text:
-        return StoreError(
-            f"store {path} is already open in this process: {text}",
-            hint="close the other RocksStore on this path first",
-        )
-    if "LOCK" in text:
-        return StoreError(
-            f"store {path} is locked by another process: {text}",
-            hint="another worker uses this data dir; give each worker its own REFOLD_DATA_DIR",
-        )
-    if text.startswith("Corruption"):
-        return StoreError(
-            f"store {path} is corrupted: {text}",
-            hint="move the directory aside and rebuild the projection from Kafka (refold replay)",
-        )
-    return StoreError(f"cannot open store {path}: {text}")
 
 
 _P = ParamSpec("_P")
@@ -329,7 +200,7 @@ class RocksStore:
         else:
             path.mkdir(parents=True, exist_ok=True)
             access = rocksdict.AccessType.read_write()
-        db = _open_rdict(path, access, cache_mb, write_buffer_mb, secondary=False)
+        db = open_rdict(path, access, cache_mb, write_buffer_mb, secondary=False)
         log.info("opened store %s (read_only=%s, sync=%s)", path, read_only, sync)
         return cls(path, db, writable=not read_only, secondary=False, sync=sync)
 
@@ -363,7 +234,7 @@ class RocksStore:
         Path(secondary_path).mkdir(parents=True, exist_ok=True)
         access = rocksdict.AccessType.secondary(str(secondary_path))
         try:
-            db = _open_rdict(path, access, cache_mb, 1, secondary=True)
+            db = open_rdict(path, access, cache_mb, 1, secondary=True)
         except StoreError:  # e.g. a store being created right now: no scratch dir left behind
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -404,13 +275,13 @@ class RocksStore:
         low = prefix.encode()
         skip = None if after is None else after.encode()
         start = max(low, skip) if skip is not None else low
-        pairs = _range(self._db, start, _prefix_end(low), limit + (skip is not None))
+        pairs = key_range(self._db, start, prefix_end(low), limit + (skip is not None))
         loads = orjson.loads
         return [(k.decode(), loads(v)) for k, v in pairs if k != skip][: max(limit, 0)]
 
     def link(self, source_key: str) -> str | None:
         """The key that `source_key` was last linked to, or None."""
-        value = self._meta_get(_LINK + source_key.encode())
+        value = self._meta_get(LINK + source_key.encode())
         return value if isinstance(value, str) else None
 
     @_reading
@@ -420,7 +291,7 @@ class RocksStore:
 
     def meta(self, name: str) -> Any | None:
         """The named meta value, or None."""
-        return self._meta_get(_META + name.encode())
+        return self._meta_get(META + name.encode())
 
     @_reading
     def approximate_keys(self) -> int:
@@ -443,11 +314,11 @@ class RocksStore:
         self._check_writable()
         dels = deletes if isinstance(deletes, list) else list(deletes)
         batch = rocksdict.WriteBatch(raw_mode=True)
-        _encode_commit(self.path, states, dels, links, meta, batch.put, batch.delete, self._meta_cf)
+        encode_commit(self.path, states, dels, links, meta, batch.put, batch.delete, self._meta_cf)
         with self._lock:
-            _check_offsets(self.path, self._offsets, offsets, forward_only=True)
+            check_offsets(self.path, self._offsets, offsets, forward_only=True)
             for tp, offset in offsets.items():
-                batch.put(_offset_key(tp), b"%d" % offset, self._meta_cf)
+                batch.put(offset_key(tp), b"%d" % offset, self._meta_cf)
             if not batch.is_empty():
                 self._write(batch)
                 self._offsets.update(offsets)
@@ -461,7 +332,7 @@ class RocksStore:
             if self._offsets:
                 raise StoreError(f"store {self.path}: holds offsets, it cannot absorb parts")
             self._copy(part._db, b"", None, chunk)
-            self._copy(part._meta_db, _LINK, _prefix_end(_LINK), chunk, self._meta_cf)
+            self._copy(part._meta_db, LINK, prefix_end(LINK), chunk, self._meta_cf)
 
     def absorb(
         self,
@@ -492,9 +363,9 @@ class RocksStore:
             if self._offsets:
                 raise StoreError(f"store {self.path}: holds offsets, it cannot absorb parts")
             batch = rocksdict.WriteBatch(raw_mode=True)
-            _encode_commit(self.path, {}, [], {}, meta, batch.put, batch.delete, self._meta_cf)
+            encode_commit(self.path, {}, [], {}, meta, batch.put, batch.delete, self._meta_cf)
             for tp, offset in offsets.items():
-                batch.put(_offset_key(tp), b"%d" % offset, self._meta_cf)
+                batch.put(offset_key(tp), b"%d" % offset, self._meta_cf)
             self._write(batch)
             self._offsets.update(offsets)
         log.info("store %s absorbed %d parts", self.path, len(parts))
@@ -509,7 +380,7 @@ class RocksStore:
     ) -> None:
         """Every raw pair of `source` in [start, end) into this store, `chunk` pairs a batch."""
         while True:
-            pairs = _range(source, start, end, chunk)
+            pairs = key_range(source, start, end, chunk)
             if not pairs:
                 return
             batch = rocksdict.WriteBatch(raw_mode=True)
@@ -526,10 +397,10 @@ class RocksStore:
         """Set these partitions' offsets, backwards too (a deliberate replay)."""
         self._check_writable()
         with self._lock:
-            _check_offsets(self.path, self._offsets, offsets, forward_only=False)
+            check_offsets(self.path, self._offsets, offsets, forward_only=False)
             batch = rocksdict.WriteBatch(raw_mode=True)
             for tp, offset in offsets.items():
-                batch.put(_offset_key(tp), b"%d" % offset, self._meta_cf)
+                batch.put(offset_key(tp), b"%d" % offset, self._meta_cf)
             self._write(batch)
             self._offsets.update(offsets)
         log.info("store %s: offsets reset to %s", self.path, dict(offsets))
@@ -577,8 +448,8 @@ class RocksStore:
 
     def _read_offsets(self) -> dict[TopicPartition, int]:
         offsets: dict[TopicPartition, int] = {}
-        for raw_key, raw in _range(self._meta_db, _OFFSET, b"offset0", None):  # "0" follows "/"
-            topic, _, partition = raw_key[len(_OFFSET) :].decode().rpartition("/")
+        for raw_key, raw in key_range(self._meta_db, OFFSET, b"offset0", None):  # "0" follows "/"
+            topic, _, partition = raw_key[len(OFFSET) :].decode().rpartition("/")
             offsets[topic, int(partition)] = int(raw)
         return offsets
 
@@ -590,66 +461,3 @@ class RocksStore:
         self._check_open()
         if not self._writable:
             raise StoreError(f"store {self.path} is open read-only; it cannot be written")
-
-
-def _options(cache: rocksdict.Cache, write_buffer_mb: int, lz4: bool) -> rocksdict.Options:
-    """The options of one column family; `_open_rdict` adds the database-wide ones."""
-    opts = rocksdict.Options(raw_mode=True)
-    table = rocksdict.BlockBasedOptions()
-    table.set_block_cache(cache)
-    table.set_bloom_filter(10, False)  # a full filter: ~1% false positives for absent keys
-    table.set_cache_index_and_filter_blocks(True)  # index and filter memory count in the cache
-    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-    # Partitioned filters and a two-level index: a lookup loads 4 KiB filter partitions instead
-    # of a whole file's filter (MBs at millions of keys), which a capped cache kept evicting.
-    # Measured with 4M random keys (get_many + commit per 5,000): without, 147k -> 20k keys/s
-    # as the store grew; with, 99k -> 88k keys/s, flat.
-    table.set_partition_filters(True)
-    table.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
-    table.set_pin_top_level_index_and_filter(True)
-    table.set_metadata_block_size(4096)
-    opts.set_block_based_table_factory(table)
-    opts.set_write_buffer_size(write_buffer_mb << 20)
-    opts.set_max_write_buffer_number(2)
-    kind = rocksdict.DBCompressionType.lz4() if lz4 else rocksdict.DBCompressionType.none()
-    opts.set_compression_type(kind)
-    return opts
-
-
-def _open_rdict(
-    path: Path,
-    access: rocksdict.AccessType,
-    cache_mb: int,
-    write_buffer_mb: int,
-    *,
-    secondary: bool,
-) -> rocksdict.Rdict:
-    """Open the RocksDB at `path` with both column families; failures become StoreError."""
-    if cache_mb < 1 or write_buffer_mb < 1:
-        raise StoreError(f"store {path}: cache_mb and write_buffer_mb must be at least 1")
-    cache = rocksdict.Cache(cache_mb << 20)
-    lz4 = True
-    while True:
-        opts = _options(cache, write_buffer_mb, lz4)
-        opts.create_if_missing(True)
-        opts.create_missing_column_families(True)
-        opts.set_atomic_flush(True)
-        opts.set_max_total_wal_size(4 * (write_buffer_mb << 20))
-        opts.set_keep_log_file_num(3)
-        opts.set_max_log_file_size(4 << 20)
-        if secondary:
-            opts.set_max_open_files(-1)  # RocksDB requires this of secondary instances
-            # Else every catch-up starts 16 threads per column family to open table files:
-            # 3 ms per catch_up() with nothing new, 0.13 ms with one (measured).
-            opts.set_max_file_opening_threads(1)
-        meta_opts = _options(cache, max(1, write_buffer_mb // 4), lz4)
-        try:
-            return rocksdict.Rdict(
-                str(path), opts, column_families={META_CF: meta_opts}, access_type=access
-            )
-        except Exception as exc:
-            if lz4 and "not linked" in str(exc):
-                log.warning("this rocksdict build lacks lz4; store %s is uncompressed", path)
-                lz4 = False
-                continue
-            raise _open_error(path, exc) from exc
