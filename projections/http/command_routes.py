@@ -103,8 +103,11 @@ class CommandRoutes:
         first = results.get(command.command_id) if results else None
         if first is not None and is_conflict(first, command):
             return _conflict(command, first)  # known already: nothing is appended
+        status_url = f"/commands/{quote(command.command_id, safe='')}"
+        if first is not None:  # decided already: its first result at once, nothing appended
+            return reply(200, {**first, "status_url": status_url})
         backlog = self._backlogs.setdefault(aggregate, Backlog())
-        retry = backlog.refuse() if first is None else None
+        retry = backlog.refuse()
         if retry is not None:  # overloaded: say so now rather than answer seconds late
             return reply(
                 429,
@@ -117,7 +120,7 @@ class CommandRoutes:
                 (("Retry-After", f"{retry:.0f}"),),
             )
         self._remember(command.command_id)  # before the append: a GET may race its answer
-        if results is not None and first is None:  # in flight from now: the append counts too
+        if results is not None:  # in flight from now: the append counts too
             backlog.watch(asyncio.get_running_loop(), command.command_id, results.watch)
         appending = time.time()
         timing.add("http_intake", (appending - started) * 1000)
@@ -128,7 +131,6 @@ class CommandRoutes:
             backlog.dropped(command.command_id)
             return error_reply(503, "not acknowledged", str(exc))
         timing.add("http_append", (time.time() - appending) * 1000)
-        status_url = f"/commands/{quote(command.command_id, safe='')}"
         if wait_ms:
             learned: list[float] = []
             result = await self._result(command.command_id, wait_ms, learned)

@@ -54,6 +54,10 @@ def test_one_worker_repeat_returns_the_first_result_and_another_body_is_409(
         assert status == 200 and first["status"] == "accepted", first
         status, again = worker.http("POST", path, body)
         assert status == 200 and again["command_position"] == first["command_position"]
+        # without wait_ms too: the first result at once, not a 202 "pending" for a decided id
+        status, again = worker.http("POST", f"/commands/{vault.name}", body)
+        assert status == 200 and again["command_position"] == first["command_position"], again
+        assert again["status"] == "accepted" and again["status_url"] == "/commands/pay-1"
         for other in (
             {**body, "data": {"amount_cents": 701}},  # same key, another amount
             {**body, "key": b},  # another account: another partition
