@@ -46,6 +46,22 @@ def test_agrees_with_fastavro_on_random_records() -> None:
         assert encode(record) == fastavro_bytes(SCHEMA, record), record
 
 
+def test_every_varint_width_agrees_with_fastavro() -> None:
+    """Varints of up to three bytes are written inline, longer ones by a loop: each width's
+    edges, for numbers (zigzag) and for string lengths (a shift), both signs."""
+    encode = generate(SCHEMA, PREFIX)
+    assert encode is not None
+    base = random_record(random.Random(7))
+    edges = [2**k + d for k in (6, 7, 13, 14, 20, 21, 27, 28, 62) for d in (-1, 0, 1)]
+    for n in [0, *edges, 2**63 - 1]:
+        for value in (n, -n - 1):
+            record = {**base, "l": value}
+            assert encode(record) == fastavro_bytes(SCHEMA, record), value
+    for length in (63, 64, 8191, 8192, 1048575, 1048576):
+        record = {**base, "s": "x" * length, "y": b"y" * length}
+        assert encode(record) == fastavro_bytes(SCHEMA, record), length
+
+
 def test_missing_fields_take_their_defaults() -> None:
     encode = generate(DEFAULTS, PREFIX)
     assert encode is not None
