@@ -43,6 +43,7 @@ from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     AcknowledgeType,
     KafkaError,
     KafkaException,
@@ -89,7 +90,7 @@ class Cancels:
     """The ids in a queue's cancel topic, read to its end on demand (shared by the threads).
 
     The partitions stay paused between catch-ups: a consumer fetching an idle partition holds a
-    long-poll fetch on the connection, and the watermark query then waits behind it (0.5 s,
+    long-poll fetch on the connection, and the end-offsets query then waits behind it (0.5 s,
     `fetch.wait.max.ms`, measured per work item before this)."""
 
     def __init__(self, config: Config, queue: TaskQueue) -> None:
@@ -103,7 +104,7 @@ class Cancels:
     def catch_up(self, since: float | None = None) -> None:
         """Read the cancels to their end. With `since` (a time.monotonic()), a catch-up that
         started at or after it is enough: the items of one poll share one catch-up instead of
-        each paying its watermark round trips (measured: most of a no-op item's time)."""
+        each paying its end-offsets round trip (measured: most of a no-op item's time)."""
         with self._lock:
             if since is not None and self._started >= since:
                 return
@@ -114,11 +115,16 @@ class Cancels:
                 self._consumer.assign(parts)
                 self._consumer.pause(parts)
                 self._next = {p: 0 for p in md.partitions}
-            for partition, nxt in self._next.items():
-                tp = TopicPartition(self._topic, partition)
-                _, high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-                if nxt < high:
-                    self._read(tp, high)
+            # Every partition's end in one ListOffsets request (timestamp -1: the latest
+            # offset; the last stable one, read_committed): a watermark query per partition
+            # was a round trip each, in a row, while the poll's other items waited on the lock
+            # (6 partitions: 1.0-18.8 ms against 0.15-3.4 ms for one request, measured).
+            asked = [TopicPartition(self._topic, p, OFFSET_END) for p in self._next]
+            for end in self._consumer.offsets_for_times(asked, timeout=10):
+                if end.error is not None:
+                    raise KafkaException(end.error)
+                if self._next[end.partition] < end.offset:
+                    self._read(TopicPartition(self._topic, end.partition), end.offset)
 
     def _read(self, tp: TopicPartition, high: int) -> None:
         self._consumer.resume([tp])
