@@ -32,11 +32,10 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 ACK_TIMEOUT_S = 30.0
-_JSON = "application/json"
 
 
 def _respond(status: int, body: Any) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+    return web_response(reply(status, body))
 
 
 def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
@@ -50,7 +49,7 @@ def _set(future: asyncio.Future[None]) -> None:
 
 
 def _error(status: int, error: str, detail: Any) -> web.Response:
-    return _respond(status, {"error": error, "detail": detail})
+    return web_response(error_reply(status, error, detail))
 
 
 class TaskRoutes:
