@@ -239,6 +239,10 @@ def latency(
         "errors": report["errors"],
         "refused_p50_ms": round(refused.get("p50", float("nan")), 1),
         "refused_p99_ms": round(refused.get("p99", float("nan")), 1),
+        # due -> written by the client: time spent waiting for a free connection, inside the
+        # latencies above
+        "send_delay_p50_ms": round(report["send_delay_ms"]["p50"], 1),
+        "send_delay_p99_ms": round(report["send_delay_ms"]["p99"], 1),
         "connections": connections,
         "steps": steps,
     }

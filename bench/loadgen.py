@@ -59,6 +59,7 @@ class Load:
         self.by_status: dict[int, list[float]] = {}
         self.statuses: dict[int, int] = {}
         self.errors: dict[str, int] = {}
+        self.send_delays: list[float] = []  # due -> written, seconds
         self.rng = random.Random(7)
         self.start_monotonic = 0.0
 
@@ -91,6 +92,9 @@ class Load:
                 delay = when - clock()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                # How late the request goes out: when every connection holds an unanswered
+                # request, a due one waits here for the first free connection.
+                self.send_delays.append(clock() - when)
                 try:
                     status = await self._one(conn, i)
                 except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -173,6 +177,9 @@ def main() -> None:
         "start_monotonic": load.start_monotonic,  # request i was due at this + i / rate
         "latency_ms": percentiles(load.latencies),
         "latency_ms_by_status": {str(k): percentiles(v) for k, v in sorted(load.by_status.items())},
+        # due -> written: large values mean the client ran out of free connections (every one
+        # waiting for an answer), so the latencies above include time queued in this client
+        "send_delay_ms": percentiles(load.send_delays),
     }
     print(json.dumps(report))
 

@@ -529,6 +529,14 @@ def markdown(result: dict[str, Any]) -> str:
         "| -> read |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
+    names = ("intake", "to_dispatched", "to_running", "to_succeeded", "to_read")
+    for row in s["merge"]:
+        steps = row.get("steps_ms") or {}
+        cells = [
+            "{:.0f} / {:.0f}".format(*(_num(steps.get(n, {}).get(q)) for q in ("p50", "p99")))
+            for n in names
+        ]
+        lines.append(f"| {row['window_ms']} ms | " + " | ".join(cells) + " |")
     warm = result.get("warm_up", {}).get("latency", {})
     if warm.get("p99_ms") is not None:
         lines += [
@@ -538,14 +546,6 @@ def markdown(result: dict[str, Any]) -> str:
                 _num(warm.get("offered_per_s")), _num(warm.get("p50_ms")), _num(warm.get("p99_ms"))
             ),
         ]
-    names = ("intake", "to_dispatched", "to_running", "to_succeeded", "to_read")
-    for row in s["merge"]:
-        steps = row.get("steps_ms") or {}
-        cells = [
-            "{:.0f} / {:.0f}".format(*(_num(steps.get(n, {}).get(q)) for q in ("p50", "p99")))
-            for n in names
-        ]
-        lines.append(f"| {row['window_ms']} ms | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
