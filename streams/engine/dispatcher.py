@@ -10,10 +10,15 @@ key's value), so one dispatcher sees them all. The steps, in order:
    work item, with `parent_id`), merge the rest by merge-key value, at most `merge_max` each;
 3. in one Kafka transaction: every work item, a `dispatched` status per task (and per parent,
    with its parts), and the intake offsets after the window (`send_offsets_to_transaction`);
-4. commit. A crash before 4 aborts everything (read_committed readers never see it, and the
-   intake records are read again from the committed offsets); after 4, nothing is read again. So
-   a task is neither dropped nor dispatched twice by the dispatcher; the batch ids are a function
-   of the intake positions, so a redone window writes the same ids.
+4. commit, on a thread of its own while the next window fills (step 1 again): the commit's
+   round trips no longer hold the records that arrive meanwhile. The next transaction begins
+   only once that commit has returned; if it failed, the transaction is aborted, the window
+   collected meanwhile is dropped, and the consumer goes back to the committed offsets, which
+   reads both windows again. A rebalance waits for a commit in flight first, so no commit spans
+   one. A crash before the commit returns aborts everything (read_committed readers never see
+   it, and the intake records are read again from the committed offsets); after it, nothing is
+   read again. So a task is neither dropped nor dispatched twice by the dispatcher; the batch
+   ids are a function of the intake positions, so a redone window writes the same ids.
 
 A partition revoked in the middle of a window loses its buffered records: they were not
 committed, so its next owner reads them again.
@@ -84,6 +89,9 @@ class Dispatcher:
             required={"transaction.timeout.ms": TXN_TIMEOUT_MS, "message.timeout.ms": 9_000},
         )
         self._window: list[Message] = []
+        # The last window's commit while the next window fills: its thread, and the error it
+        # ended with, if any (see _settle).
+        self._commit: tuple[threading.Thread, list[BaseException]] | None = None
 
     def run(self) -> None:
         try:
@@ -98,6 +106,9 @@ class Dispatcher:
             while not self._stop.is_set():
                 if self._collect():
                     self._dispatch()
+                elif self._commit is not None and not self._commit[0].is_alive():
+                    self._settle()  # idle: a failed commit is redone now, not at the next record
+            self._settle()
         except Exception as exc:
             log.exception("dispatcher %s failed", self.queue.name)
             self.stats.state = "failed"
@@ -105,12 +116,19 @@ class Dispatcher:
         finally:
             if self.stats.state != "failed":
                 self.stats.state = "stopped"
+            if self._commit is not None:
+                self._commit[0].join(60)
             self._consumer.close()
 
     def stop(self) -> None:
         self._stop.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # No commit spans a rebalance: the one in flight ends first. Its outcome is settled by
+        # the next _dispatch (a failure then drops that window and reads again from the
+        # committed offsets, as the new assignment does anyway).
+        if self._commit is not None:
+            self._commit[0].join()
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._window = [m for m in self._window if (m.topic(), m.partition()) not in revoked]
 
@@ -131,6 +149,8 @@ class Dispatcher:
     def _dispatch(self) -> None:
         msgs = [m for m in self._window if m.error() is None]
         self._window = []
+        if not self._settle():
+            return  # the last commit failed: these records are read again after it
         if not msgs:
             return
         tasks, texts = self._decode(msgs)
@@ -196,14 +216,41 @@ class Dispatcher:
         # flushes them (it fails if any record failed): no wait for the records' own
         # acknowledgements first, one round trip less per dispatch.
         p.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
-        p.commit_transaction(30)
-        if acks.errors:  # not expected: a commit fails when one of its records failed
-            log.error("dispatcher %s: committed with errors: %s", self.queue.name, acks.errors)
-        self.stats.transactions += 1
-        self.stats.batches += len(plan.batches)
-        self.stats.tasks += sum(len(b.tasks) for b in plan.batches if not b.tasks[0].parent_id)
-        self.stats.parts += sum(len(parts) for parts in plan.parents.values())
-        self.stats.tasks += len(plan.parents)
+        failed: list[BaseException] = []
+
+        def commit() -> None:
+            try:
+                p.commit_transaction(30)
+            except BaseException as exc:  # settled on the dispatcher's thread (_settle)
+                failed.append(exc)
+                return
+            if acks.errors:  # not expected: a commit fails when one of its records failed
+                log.error("dispatcher %s: committed with errors: %s", self.queue.name, acks.errors)
+            stats = self.stats
+            stats.transactions += 1
+            stats.batches += len(plan.batches)
+            stats.tasks += sum(len(b.tasks) for b in plan.batches if not b.tasks[0].parent_id)
+            stats.parts += sum(len(parts) for parts in plan.parents.values())
+            stats.tasks += len(plan.parents)
+
+        thread = threading.Thread(target=commit, name=f"commit-{self.queue.name}", daemon=True)
+        self._commit = (thread, failed)
+        thread.start()
+
+    def _settle(self) -> bool:
+        """Wait for the last window's commit; False if it failed, when the transaction is
+        aborted and the consumer rewound to the committed offsets (the caller drops what it
+        collected since: it is read again)."""
+        if self._commit is None:
+            return True
+        thread, failed = self._commit
+        thread.join()
+        self._commit = None
+        if not failed:
+            return True
+        self._window = []
+        self._recover(f"commit failed: {failed[0]}")
+        return False
 
     def _recover(self, reason: str) -> None:
         """Abort and read the window again from the committed intake offsets."""
