@@ -181,14 +181,16 @@ def cmd_task_worker(args: argparse.Namespace, config: Config) -> int:
 
     config = _config(args, config)
     queue = _queue(_queues(config), args.queue)
-    worker = TaskWorker(config, codec_for(config), queue, concurrency=args.concurrency)
+    worker = TaskWorker(
+        config, codec_for(config), queue, concurrency=args.concurrency, consumers=args.consumers
+    )
     worker.start()
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     print(
         f"task worker on {queue.work_topic} (share group {worker.group}, "
-        f"{args.concurrency} thread(s))",
+        f"{args.concurrency} thread(s), {args.consumers} consumer(s))",
         flush=True,
     )
     done.wait()
@@ -214,3 +216,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--app", help="comma-separated modules with task queues (env REFOLD_APP)")
     p.add_argument("--queue", required=True, help="the task queue's name")
     p.add_argument("--concurrency", type=int, default=1, help="work items handled at once")
+    p.add_argument(
+        "--consumers",
+        type=int,
+        default=2,
+        help="share consumers in this process (one polls while the other's items are acknowledged)",
+    )
