@@ -41,7 +41,6 @@ class StatusWatch:
                     "group.id": group,
                     "isolation.level": "read_committed",
                     "enable.auto.commit": False,
-                    "fetch.wait.max.ms": 5,
                 }
             )
         )

@@ -78,7 +78,13 @@ def consumer(
     defaults: Mapping[str, object] | None = None,
     required: Mapping[str, object] | None = None,
 ) -> Consumer:
-    """A consumer in `group` (build it with `config.group(...)`), offsets kept by the caller."""
+    """A consumer in `group` (build it with `config.group(...)`), offsets kept by the caller.
+
+    Consumers long-poll (librdkafka's `fetch.wait.max.ms`, 500 ms): a waiting fetch is answered
+    as soon as a record lands (read_committed: as soon as its transaction commits), 0.1-0.8 ms
+    median on the local broker whether the wait is 5 ms or 500. A short wait bought nothing
+    but a fetch request every few ms per idle consumer: an idle bank worker sent 617 fetches/s,
+    which held 16% of a core of the broker (5% with long polls)."""
     needed: dict[str, object] = {**CONSUMER_REQUIRED, "group.id": group, **(required or {})}
     return Consumer(config.kafka(defaults=defaults, **needed))
 

@@ -78,7 +78,7 @@ class ResultsIndex:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         group = config.group("results", uuid.uuid4().hex[:8])
-        self._consumer = clients.consumer(config, group, defaults={"fetch.wait.max.ms": 10})
+        self._consumer = clients.consumer(config, group)  # a long poll: see clients.consumer
 
     def start(self) -> ResultsIndex:
         stored = self._store.offsets() if self._store is not None else {}
