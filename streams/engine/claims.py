@@ -20,7 +20,9 @@ fingerprint, so a processor killed after claiming claims the same command again 
 and still wins. The index keeps the first claim of each id and its read offsets in one RocksDB
 WriteBatch, so a restart resumes where it stopped. The claims topic is never compacted
 (compaction keeps the last record of a key, not the first); its retention is the idempotency
-window, and a claim older than the window no longer counts.
+window, and a claim older than the window no longer counts. The index forgets it too: it keeps
+claims in two generations of a window each (refold.store.generations), so its disk holds at
+most two windows of ids, not every id since the worker began.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from refold.core.config import Config
 from refold.core.errors import CommandError
 from refold.kafka import clients
 from refold.kafka.topics import Topics
-from refold.store.rocksdb import RocksStore
+from refold.store.generations import Generations
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class ClaimsIndex:
         self.topic = topic
         self._window_ms = window_ms
         self._config = config
-        self._store = RocksStore.open(path)
+        self._store = Generations(path, window_ms)  # claims older than the window go
         # A long poll (librdkafka's fetch.wait.max.ms, 500 ms): the broker answers a waiting
         # fetch as soon as a claim lands, so a claim is read back as fast as with a 5 ms poll
         # (0.13-0.16 ms median, measured), without a fetch every 5 ms while nothing happens.

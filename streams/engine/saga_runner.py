@@ -354,6 +354,7 @@ class SagaService:
             self.config,
             [d.results_topic for d in deciders.values()],
             store_path=self.config.data_dir / "sagas" / "results",
+            window_ms=max(d.result_retention_ms for d in deciders.values()),
         ).start()
         for name, saga in self.sagas.items():
             if saga_projection_name(name) not in runners:  # `--only` left its state out

@@ -312,9 +312,12 @@ class Worker:
             thread.start()
             self.processors[name] = processor
         if self.processors:
-            topics = [self.deciders[n].results_topic for n in self.processors]
+            running = [self.deciders[n] for n in self.processors]
             self.results = ResultsIndex(
-                self.config, topics, store_path=self.config.data_dir / "command-results"
+                self.config,
+                [d.results_topic for d in running],
+                store_path=self.config.data_dir / "command-results",
+                window_ms=max(d.result_retention_ms for d in running),
             ).start()
 
     def _answer_committed(self, results: list[CommandResult]) -> None:

@@ -31,6 +31,7 @@ from confluent_kafka import (
 )
 from refold.core.app import load_deciders
 from refold.core.commands import (
+    DEFAULT_RESULT_RETENTION_MS,
     Command,
     Decider,
     decider_named,
@@ -44,7 +45,7 @@ from refold.core.serde import Position
 from refold.kafka import clients
 from refold.kafka.command_topics import check_copartitioned
 from refold.kafka.topics import Topics
-from refold.store.rocksdb import RocksStore
+from refold.store.generations import Generations
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class ResultsIndex:
 
     With `store_path`, results and the next offset of each results partition are written in one
     WriteBatch, so a restarted worker resumes where it stopped; without, it reads from offset 0.
+    The store keeps a result for the results' retention, `window_ms` (the longest of the
+    deciders'), and at most twice that (refold.store.generations), like the results topics.
 
     A command processor in the same process hands over what it has just committed
     (`learn_committed`): its waiters are answered at once instead of after the results' read
@@ -65,10 +68,15 @@ class ResultsIndex:
     """
 
     def __init__(
-        self, config: Config, topics: Iterable[str], *, store_path: Path | None = None
+        self,
+        config: Config,
+        topics: Iterable[str],
+        *,
+        store_path: Path | None = None,
+        window_ms: int = DEFAULT_RESULT_RETENTION_MS,
     ) -> None:
         self.topics = sorted(set(topics))
-        self._store = RocksStore.open(store_path) if store_path is not None else None
+        self._store = Generations(store_path, window_ms) if store_path is not None else None
         self._memory: dict[str, Result] = {}
         # Committed results handed over by a processor, until the read-back stores them
         self._committed: dict[str, Result] = {}
