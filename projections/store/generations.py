@@ -141,12 +141,14 @@ class Generations:
         shutil.rmtree(self._dir(start), ignore_errors=True)
 
     def _adopt_single_store(self) -> None:
-        """A store of the single-directory layout becomes a generation begun now."""
-        if not (self.path / "CURRENT").exists():
+        """A store of the single-directory layout becomes a generation begun now (also when a
+        crash cut the move short: it goes through `<path>.adopting`)."""
+        moving = self.path.with_name(self.path.name + ".adopting")
+        if (self.path / "CURRENT").exists():
+            self.path.rename(moving)
+            self.path.mkdir()
+        if not moving.is_dir():
             return
         start = self._now_ms()
-        moving = self.path.with_name(self.path.name + ".adopting")
-        self.path.rename(moving)
-        self.path.mkdir()
         moving.rename(self._dir(start))
         log.info("%s: the single store became generation %s", self.path, start)

@@ -84,3 +84,14 @@ def test_a_store_of_the_single_directory_layout_is_adopted(tmp_path: Path) -> No
     assert index.offsets() == {("t", 0): 9}
     assert [p.name.startswith("gen-") for p in (tmp_path / "ix").iterdir()] == [True]
     index.close()
+
+
+def test_an_adoption_cut_short_is_finished(tmp_path: Path) -> None:
+    old = RocksStore.open(tmp_path / "ix.adopting")  # moved aside, then the process died
+    old.commit({"a": 1}, {("t", 0): 9})
+    old.close()
+
+    index = Generations(tmp_path / "ix", WINDOW_MS, clock=Clock())
+    assert index.get("a") == 1 and index.offsets() == {("t", 0): 9}
+    assert not (tmp_path / "ix.adopting").exists()
+    index.close()
