@@ -121,7 +121,7 @@ class CommandRoutes:
             )
         self._remember(command.command_id)  # before the append: a GET may race its answer
         if results is not None:  # in flight from now: the append counts too
-            backlog.watch(asyncio.get_running_loop(), command.command_id, results.watch)
+            backlog.watch(command.command_id, results.watch)
         appending = time.time()
         timing.add("http_intake", (appending - started) * 1000)
         try:

@@ -72,3 +72,28 @@ def test_entries_whose_result_never_came_are_forgotten() -> None:
     later = time.monotonic() + admission.FORGET_S + 1
     assert backlog.refuse(now=later) is None and len(backlog) == 0
     assert cancelled == ["lost-1", "lost-2"]  # their watches on the results index end too
+
+
+def test_a_result_closes_its_entry_from_any_thread_even_at_once() -> None:
+    import threading
+
+    backlog = Backlog(max_queue_s=1.0, min_backlog=10)
+    callbacks: dict[str, object] = {}
+
+    def known_at_once(command_id: str, callback):  # the result was in the index already
+        callback({"command_id": command_id})
+        return lambda: None
+
+    def later(command_id: str, callback):
+        callbacks[command_id] = callback
+        return lambda: callbacks.pop(command_id, None)
+
+    backlog.watch("c0", known_at_once)
+    assert len(backlog) == 0 and backlog.rate(time.monotonic()) == 1.0  # not left open
+    backlog.watch("c1", later)
+    assert len(backlog) == 1
+    thread = threading.Thread(target=callbacks["c1"], args=({"command_id": "c1"},))
+    thread.start()
+    thread.join()
+    assert len(backlog) == 0  # closed, and counted (1 or 2 per second: a second may turn)
+    assert backlog.rate(time.monotonic()) >= 1.0
