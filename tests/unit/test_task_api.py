@@ -120,6 +120,28 @@ def test_first_terminal_status_wins() -> None:
     assert [h["status"] for h in state["history"]].count("succeeded") == 1
 
 
+def test_a_re_drive_folded_after_its_attempt_started_keeps_that_attempt_s_status() -> None:
+    # The reconciler writes the work item, then `retrying`; a quick task worker's `running`
+    # and `failed` for that attempt may land first. The late `retrying` must not hide them.
+    events = [
+        {"status": "accepted", "data": "{}", "key": "t1"},
+        {"status": "dispatched", "attempt": 1, "batch_id": "b1"},
+        {"status": "running", "attempt": 1, "batch_id": "b1"},
+        {"status": "failed", "attempt": 1, "error": "boom 1"},
+        {"status": "running", "attempt": 2, "batch_id": "t1-attempt-2"},
+        {"status": "failed", "attempt": 2, "error": "boom 2"},
+        {"status": "retrying", "attempt": 2, "batch_id": "t1-attempt-2"},
+    ]
+    state = _fold(events)
+    assert (state["status"], state["attempts"], state["error"]) == ("failed", 2, "boom 2")
+    assert state["updated_ms"] == 5 and state["duplicates"] == 1  # the backoff counts from it
+    running = _fold([*events[:5], events[6]])  # landed after `running`: still running
+    assert (running["status"], running["attempts"], running["updated_ms"]) == ("running", 2, 4)
+    # In order, or re-driving a running attempt (a hung handler), it is the new status.
+    assert _fold([*events[:4], events[6]])["status"] == "retrying"
+    assert _fold([*events[:3], events[6]])["status"] == "retrying"
+
+
 def test_parent_succeeds_after_all_parts_and_dies_with_one() -> None:
     parent = initial_status("p")
     parent = apply_status(parent, {"status": "dispatched", "parts": ["p.0", "p.1"]}, 1)
