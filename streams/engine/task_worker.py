@@ -299,7 +299,10 @@ class TaskWorker:
         try:
             result = q.handle(batch)
             outcome: dict[str, Any] = {"status": "succeeded", "result": result}
-        except Exception as exc:  # user code: any exception fails the attempt, with the reason
+        except BaseException as exc:  # user code: any exception fails the attempt, with the
+            # reason; a SystemExit or KeyboardInterrupt too (on a handler thread, only a handler
+            # raises one; let through, it ended the consumer thread that took the item's
+            # outcome, so two such tasks left the task worker running with no consumer)
             error = f"{type(exc).__name__}: {exc}"
             log.info("%s: batch %s failed: %s", q.name, batch_id, traceback.format_exc(limit=3))
             outcome = {"status": "failed", "error": error}

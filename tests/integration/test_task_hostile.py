@@ -1,0 +1,60 @@
+"""Task queues against hostile handlers, on the real broker: `refold worker` and `refold
+task-worker` processes as a user runs them, over `tests.integration.apps.hostile_tasks`.
+
+Oracles: each task's status from the worker, and the handler's side-effect log (one line per
+call: which tasks ran, at which attempt).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from refold.core.config import Config
+
+from tests.integration.test_tasks import Processes
+
+APP = "tests.integration.apps.hostile_tasks"
+
+
+def _run(config: Config, unique, tmp_path: Path) -> Processes:
+    run = Processes(config, unique("hostile"), tmp_path, timeout_s=6)
+    run.env["REFOLD_APP"] = APP
+    return run
+
+
+def test_a_handler_that_raises_base_exceptions_fails_its_attempts(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    bad = {
+        "exit": {"raise": "SystemExit"},
+        "interrupt": {"raise": "KeyboardInterrupt"},
+    }
+    try:
+        run.worker()
+        run.task_worker("tw-a", concurrency=2)
+        for task_id, data in bad.items():
+            run.submit(task_id, data)
+        states = run.wait_ended(list(bad), timeout=90)
+        # The task worker still runs: a task submitted after them succeeds.
+        run.submit("after", {})
+        after = run.wait_ended(["after"], timeout=60)["after"]
+        calls = run.calls()
+    finally:
+        run.stop()
+
+    assert after["status"] == "succeeded", after
+    ran = Counter(task_id for call in calls for task_id, _ in call["tasks"])
+    errors = {
+        "exit": "SystemExit: 3",
+        "interrupt": "KeyboardInterrupt",
+    }
+    for task_id, error in errors.items():
+        state = states[task_id]
+        # Each attempt failed at once, with its reason (not re-driven as "no status" after
+        # the timeout, nor handed over again by the share group), max_attempts times.
+        assert (state["status"], state["attempts"]) == ("dead", 2), state
+        assert error in state["error"], state
+        assert [h["attempt"] for h in state["history"] if h["status"] == "failed"] == [1, 2]
+        assert ran[task_id] == 2, (task_id, ran)
