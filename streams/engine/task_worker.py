@@ -308,15 +308,32 @@ class TaskWorker:
             outcome = {"status": "failed", "error": error}
         ended: Counter[str] = Counter()
         for task in batch:
-            event = status_data(
-                task.id, attempt=task.attempt, batch_id=batch_id, **_outcome(task, outcome)
-            )
+            event = self._ended(task, batch_id, _outcome(task, outcome), acks)
             ended[event["status"]] += 1
-            produce(p, q.status_topic, task.id, STATUS, event, acks)
             if task.parent_id and event["status"] == "succeeded":
                 part = status_data(task.parent_id, "part-succeeded", part_id=task.id)
                 produce(p, q.status_topic, task.parent_id, STATUS, part, acks)
         return Handled(batch_id, acks, ended)
+
+    def _ended(
+        self, task: Task, batch_id: str, outcome: dict[str, Any], acks: Acks
+    ) -> dict[str, Any]:
+        """Produce a task's final status of this attempt; a result over the producer's
+        `message.max.bytes` fails the attempt instead, and says so."""
+        q, produce = self.queue, self._log.produce
+        event = status_data(task.id, attempt=task.attempt, batch_id=batch_id, **outcome)
+        try:
+            produce(self._producer, q.status_topic, task.id, STATUS, event, acks)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            size = len(event.get("result") or "")
+            error = f"result is too large to write ({size} bytes as JSON): {exc.args[0].str()}"
+            event = status_data(
+                task.id, "failed", attempt=task.attempt, batch_id=batch_id, error=error
+            )
+            produce(self._producer, q.status_topic, task.id, STATUS, event, acks)
+        return event
 
     def _progress(self, task: Task, report: dict[str, Any]) -> None:
         """A handler's `task.progress(...)`: one `progress` status event, not awaited (the
@@ -348,7 +365,11 @@ def _outcome(task: Task, batch: dict[str, Any]) -> dict[str, Any]:
     if batch["status"] != "succeeded":
         return batch
     result = task.result if task.result is not None else batch["result"]
-    return {"status": "succeeded", "result": json.dumps(result, default=str)}
+    try:
+        text = json.dumps(result, default=str)
+    except (TypeError, ValueError, RecursionError) as exc:  # a loop, keys that are not text
+        return {"status": "failed", "error": f"result is not JSON: {type(exc).__name__}: {exc}"}
+    return {"status": "succeeded", "result": text}
 
 
 def _log_failure(err: KafkaError | None, msg: Message) -> None:

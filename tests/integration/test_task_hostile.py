@@ -23,13 +23,17 @@ def _run(config: Config, unique, tmp_path: Path) -> Processes:
     return run
 
 
-def test_a_handler_that_raises_base_exceptions_fails_its_attempts(
+def test_a_handler_that_raises_base_exceptions_or_returns_unwritable_results_fails_its_attempts(
     config: Config, unique, tmp_path: Path
 ) -> None:
     run = _run(config, unique, tmp_path)
     bad = {
         "exit": {"raise": "SystemExit"},
         "interrupt": {"raise": "KeyboardInterrupt"},
+        "circular": {"result": "circular"},
+        "tuple-key": {"result": "tuple-key"},
+        "huge": {"result": "huge"},
+        "own-circular": {"own_result": "circular"},
     }
     try:
         run.worker()
@@ -49,6 +53,10 @@ def test_a_handler_that_raises_base_exceptions_fails_its_attempts(
     errors = {
         "exit": "SystemExit: 3",
         "interrupt": "KeyboardInterrupt",
+        "circular": "result is not JSON",
+        "tuple-key": "result is not JSON",
+        "huge": "result is too large",
+        "own-circular": "result is not JSON",
     }
     for task_id, error in errors.items():
         state = states[task_id]
