@@ -303,11 +303,7 @@ def plan_batches(queue: TaskQueue, tasks: Sequence[Task], batch_prefix: str) -> 
     groups: dict[object, list[Task]] = {}
     singles: list[Task] = []
     for task in tasks:
-        try:
-            parts = queue.split(task.data)
-        except Exception:  # user code: the task runs whole, and the log says why
-            log.exception("%s: split() failed for task %r; it runs whole", queue.name, task.id)
-            parts = None
+        parts = _parts(queue, task)
         if parts:
             ids = tuple(f"{task.id}.part-{i}" for i in range(len(parts)))
             parents[task.id] = ids
@@ -329,3 +325,30 @@ def plan_batches(queue: TaskQueue, tasks: Sequence[Task], batch_prefix: str) -> 
     for task in singles:
         batches.append(Planned(f"{batch_prefix}-{len(batches)}", (task,)))
     return Plan(tuple(batches), parents)
+
+
+def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
+    """What `split` divides a task's data into, or None: it runs whole. User code: a split that
+    raises, or answers anything but a list of JSON objects, leaves the task whole, and the log
+    says why (such an answer, taken as parts, stopped the queue's dispatcher for good: it read
+    the same intake record again at each start)."""
+    try:
+        parts = queue.split(task.data)
+    except Exception:
+        log.exception("%s: split() failed for task %r; it runs whole", queue.name, task.id)
+        return None
+    if not parts:
+        return None
+    if not isinstance(parts, list | tuple) or not all(isinstance(p, dict) for p in parts):
+        log.error(
+            "%s: split() of task %r returned %s, not a list of dicts; it runs whole",
+            queue.name, task.id, type(parts).__name__,
+        )  # fmt: skip
+        return None
+    try:
+        for part in parts:
+            json.dumps(part)
+    except (TypeError, ValueError, RecursionError) as exc:
+        log.error("%s: a part of task %r is not JSON (%s); it runs whole", queue.name, task.id, exc)
+        return None
+    return list(parts)

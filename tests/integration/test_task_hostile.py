@@ -66,3 +66,20 @@ def test_a_handler_that_raises_base_exceptions_or_returns_unwritable_results_fai
         assert error in state["error"], state
         assert [h["attempt"] for h in state["history"] if h["status"] == "failed"] == [1, 2]
         assert ran[task_id] == 2, (task_id, ran)
+
+
+def test_a_split_that_answers_no_list_of_dicts_runs_the_task_whole_and_the_queue_goes_on(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    try:
+        run.worker()
+        run.task_worker("tw-a")
+        run.submit("odd", {"split": True})
+        run.submit("plain", {})
+        states = run.wait_ended(["odd", "plain"], timeout=60)
+    finally:
+        run.stop()
+
+    assert [states[t]["status"] for t in ("odd", "plain")] == ["succeeded"] * 2, states
+    assert states["odd"]["parts"] == [] and states["odd"]["result"] == {"handled": 1}

@@ -98,6 +98,33 @@ def test_plan_merges_by_key_at_most_merge_max_and_splits_add_up() -> None:
     assert plan_batches(Shipping(), tasks, "x") == plan  # a redone window plans the same
 
 
+def test_a_split_that_raises_or_answers_no_list_of_dicts_leaves_the_task_whole() -> None:
+    class Oddly(Shipping):
+        """A split that answers badly, as `data["split"]` says."""
+
+        def split(self, data):
+            kind = data["split"]
+            if kind == "raises":
+                raise ValueError("boom")
+            return {
+                "empty": [],
+                "a dict": {"qty": 1},
+                "not dicts": [1, 2],
+                "a string": "ab",
+                "a generator": ({"qty": q} for q in (1, 2)),
+                "not JSON": [{"at": object()}],
+                "fine": ({"qty": 1}, {"qty": 2}),
+            }[kind]
+
+    odd = ["raises", "empty", "a dict", "not dicts", "a string", "a generator", "not JSON"]
+    tasks = [Task(kind, kind, {"split": kind}) for kind in [*odd, "fine"]]
+    plan = plan_batches(Oddly(), tasks, "x")
+    assert plan.parents == {"fine": ("fine.part-0", "fine.part-1")}
+    ran = [t.id for b in plan.batches for t in b.tasks]
+    assert ran == [*odd, "fine.part-0", "fine.part-1"]
+    assert [t.data for b in plan.batches for t in b.tasks][-2:] == [{"qty": 1}, {"qty": 2}]
+
+
 def _fold(events: list[dict]) -> dict:
     state = initial_status("t1")
     for at, event in enumerate(events):

@@ -5,7 +5,7 @@ The handler appends one JSON line per call to REFOLD_TEST_TASK_LOG (which tasks 
 attempt). Task data steers it: `raise` names a BaseException to raise (`SystemExit`,
 `KeyboardInterrupt`); `result` a result it returns that cannot be written (`circular`: a dict
 that holds itself, `tuple-key`, `huge`: 2 MB of JSON); `own_result` the same, as each task's
-`task.result`.
+`task.result`. `split` makes `split()` answer a dict instead of a list of them.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class Hostile(TaskQueue):
     timeout_s = float(os.environ.get("REFOLD_TEST_TIMEOUT_S", "8"))
     queued_timeout_s = 40.0
     retry_backoff_s = 0.2
+
+    def split(self, data: dict[str, Any]) -> Any:
+        return {"not": "a list"} if data.get("split") else None
 
     def handle(self, batch: list[Task]) -> Any:
         path = os.environ.get("REFOLD_TEST_TASK_LOG")
