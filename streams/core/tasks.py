@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,6 +49,11 @@ STATUSES = (
 )
 MAX_TASK_ID = 200
 MAX_DATA_BYTES = 256 * 1024
+#: At most this much (task data as JSON, ids and keys) in one merged work item, beside
+#: `merge_max`: a work item is one Kafka record, and a few tasks near MAX_DATA_BYTES with one
+#: merge key passed the producer's message.max.bytes (1 MB), so the dispatcher's transaction
+#: failed and was redone with the same window for good. A lone task always fits.
+MAX_BATCH_BYTES = 512 * 1024
 
 
 class Retry(Exception):
@@ -295,10 +300,16 @@ class Plan:
     parents: dict[str, tuple[str, ...]]
 
 
-def plan_batches(queue: TaskQueue, tasks: Sequence[Task], batch_prefix: str) -> Plan:
+def plan_batches(
+    queue: TaskQueue,
+    tasks: Sequence[Task],
+    batch_prefix: str,
+    texts: Mapping[str, str] | None = None,
+) -> Plan:
     """Split what `split` divides, then merge the rest by merge-key value in arrival order,
-    at most `merge_max` per batch. Pure: the same input gives the same batches and ids, so a
-    dispatcher that redoes an aborted transaction writes the same work items."""
+    at most `merge_max` and MAX_BATCH_BYTES per batch (`texts`: each task's data as JSON text,
+    when known). Pure: the same input gives the same batches and ids, so a dispatcher that
+    redoes an aborted transaction writes the same work items."""
     parents: dict[str, tuple[str, ...]] = {}
     groups: dict[object, list[Task]] = {}
     singles: list[Task] = []
@@ -319,9 +330,18 @@ def plan_batches(queue: TaskQueue, tasks: Sequence[Task], batch_prefix: str) -> 
             groups.setdefault(json.dumps(value, sort_keys=True), []).append(task)
     batches: list[Planned] = []
     for members in groups.values():
-        for start in range(0, len(members), queue.merge_max):
-            chunk = tuple(members[start : start + queue.merge_max])
-            batches.append(Planned(f"{batch_prefix}-{len(batches)}", chunk))
+        chunk: list[Task] = []
+        size = 0
+        for task in members:
+            text = texts.get(task.id) if texts is not None else None
+            n = len(text if text is not None else json.dumps(task.data)) + len(task.id + task.key)
+            if chunk and (len(chunk) == queue.merge_max or size + n > MAX_BATCH_BYTES):
+                batches.append(Planned(f"{batch_prefix}-{len(batches)}", tuple(chunk)))
+                chunk, size = [], 0
+            chunk.append(task)
+            size += n
+        if chunk:
+            batches.append(Planned(f"{batch_prefix}-{len(batches)}", tuple(chunk)))
     for task in singles:
         batches.append(Planned(f"{batch_prefix}-{len(batches)}", (task,)))
     return Plan(tuple(batches), parents)
@@ -346,9 +366,14 @@ def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
         )  # fmt: skip
         return None
     try:
-        for part in parts:
-            json.dumps(part)
+        largest = max(len(json.dumps(part)) for part in parts)
     except (TypeError, ValueError, RecursionError) as exc:
         log.error("%s: a part of task %r is not JSON (%s); it runs whole", queue.name, task.id, exc)
+        return None
+    if largest > MAX_DATA_BYTES:  # each part is a work item of its own: one Kafka record
+        log.error(
+            "%s: a part of task %r is larger than %d bytes as JSON; it runs whole",
+            queue.name, task.id, MAX_DATA_BYTES,
+        )  # fmt: skip
         return None
     return list(parts)

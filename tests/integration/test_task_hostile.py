@@ -8,6 +8,7 @@ call: which tasks ran, at which attempt).
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from refold.core.config import Config
@@ -83,3 +84,21 @@ def test_a_split_that_answers_no_list_of_dicts_runs_the_task_whole_and_the_queue
 
     assert [states[t]["status"] for t in ("odd", "plain")] == ["succeeded"] * 2, states
     assert states["odd"]["parts"] == [] and states["odd"]["result"] == {"handled": 1}
+
+
+def test_tasks_near_the_size_limit_with_one_merge_key_are_dispatched_in_records_that_fit(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    ids = [f"big-{i}" for i in range(8)]
+    try:
+        run.worker()
+        run.task_worker("tw-a")
+        blob = "x" * (200 * 1024)  # 8 of them: 1.6 MB, over a record's 1 MB if merged
+        with ThreadPoolExecutor(8) as pool:  # at once, so that they meet in one window
+            list(pool.map(lambda t: run.submit(t, {"group": "g", "blob": blob}), ids))
+        states = run.wait_ended(ids, timeout=60)
+    finally:
+        run.stop()
+
+    assert {states[t]["status"] for t in ids} == {"succeeded"}, states

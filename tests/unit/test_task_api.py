@@ -20,6 +20,7 @@ from refold.core.task_status import (
     task_data_json,
 )
 from refold.core.tasks import (
+    MAX_DATA_BYTES,
     Task,
     TaskQueue,
     fingerprint,
@@ -123,6 +124,24 @@ def test_a_split_that_raises_or_answers_no_list_of_dicts_leaves_the_task_whole()
     ran = [t.id for b in plan.batches for t in b.tasks]
     assert ran == [*odd, "fine.part-0", "fine.part-1"]
     assert [t.data for b in plan.batches for t in b.tasks][-2:] == [{"qty": 1}, {"qty": 2}]
+
+
+def test_a_merged_batch_stays_one_record_and_a_part_too_large_leaves_its_task_whole() -> None:
+    blob = "x" * (200 * 1024)
+    tasks = [Task(f"t{i}", f"t{i}", {"product_id": "p", "blob": blob}) for i in range(7)]
+    plan = plan_batches(Shipping(), tasks, "x")  # merge_max 4; 2 of these fill MAX_BATCH_BYTES
+    assert [[t.id for t in b.tasks] for b in plan.batches] == [
+        ["t0", "t1"], ["t2", "t3"], ["t4", "t5"], ["t6"],
+    ]  # fmt: skip
+    texts = {t.id: json.dumps(t.data) for t in tasks}
+    assert plan_batches(Shipping(), tasks, "x", texts) == plan
+
+    class Inflating(Shipping):
+        def split(self, data):
+            return [{**data, "copy": "y" * MAX_DATA_BYTES}, {"small": 1}]
+
+    plan = plan_batches(Inflating(), tasks[:1], "x")
+    assert plan.parents == {} and [b.tasks for b in plan.batches] == [(tasks[0],)]
 
 
 def _fold(events: list[dict]) -> dict:

@@ -5,7 +5,8 @@ The handler appends one JSON line per call to REFOLD_TEST_TASK_LOG (which tasks 
 attempt). Task data steers it: `raise` names a BaseException to raise (`SystemExit`,
 `KeyboardInterrupt`); `result` a result it returns that cannot be written (`circular`: a dict
 that holds itself, `tuple-key`, `huge`: 2 MB of JSON); `own_result` the same, as each task's
-`task.result`. `split` makes `split()` answer a dict instead of a list of them.
+`task.result`. `split` makes `split()` answer a dict instead of a list of them. Tasks
+with one `group` merge.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _unwritable(kind: str) -> Any:
 
 class Hostile(TaskQueue):
     name = os.environ.get("REFOLD_TEST_QUEUE", "hostile")
+    merge_key = "group"
     merge_window_ms = 50
     max_attempts = 2
     timeout_s = float(os.environ.get("REFOLD_TEST_TIMEOUT_S", "8"))
