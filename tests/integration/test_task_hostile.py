@@ -7,6 +7,7 @@ call: which tasks ran, at which attempt).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,3 +103,36 @@ def test_tasks_near_the_size_limit_with_one_merge_key_are_dispatched_in_records_
         run.stop()
 
     assert {states[t]["status"] for t in ids} == {"succeeded"}, states
+
+
+def test_a_cancel_sent_to_either_of_two_workers_is_answered_by_the_one_that_folds_the_task(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    queue = unique("hostile")
+    nodes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        node = Processes(config, queue, tmp_path / name, timeout_s=6)
+        node.env["REFOLD_APP"] = APP
+        nodes.append(node)
+    a, b = nodes
+    ids = [f"c-{i}" for i in range(12)]
+    try:
+        a.worker()
+        b.worker()  # two intake nodes: the status partitions are split between them
+        for task_id in ids:  # no task worker: they wait, dispatched
+            a.submit(task_id, {})
+        deadline = time.monotonic() + 60
+        while any(b.status(t)["status"] != "dispatched" for t in ids):
+            assert time.monotonic() < deadline, {t: b.status(t)["status"] for t in ids}
+            time.sleep(0.3)
+        first = {t: b.http("POST", f"/tasks/{queue}/{t}/cancel") for t in ids}
+        states = a.wait_ended(ids, timeout=60)
+        again = {t: a.http("POST", f"/tasks/{queue}/{t}/cancel")[0] for t in ids}
+    finally:
+        a.stop()
+        b.stop()
+
+    assert first == {t: (200, {"task_id": t, "status": "cancelled"}) for t in ids}, first
+    assert {s["status"] for s in states.values()} == {"cancelled"}
+    assert again == dict.fromkeys(ids, 409), again
