@@ -66,6 +66,7 @@ from refold.kafka.task_log import (
     status_data,
     work_group,
 )
+from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class TaskWorker:
         self.group = work_group(config, queue)
 
     def start(self) -> None:
+        self._check_topics()
         configure_share_group(self.config, self.group)
         self._log.register(self._producer)
         self._cancels.catch_up()
@@ -194,6 +196,22 @@ class TaskWorker:
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _check_topics(self) -> None:
+        """TaskError naming the topics a worker needs that do not exist. Without this check
+        the schema registration waited 30 s, then the cancel reader failed with librdkafka's
+        "Invalid argument or configuration" and a hint to check that the broker runs."""
+        topics = Topics(self.config)
+        topics.broker_count()  # unreachable: the CLI says so, with its own hint
+        q = self.queue
+        wanted = (self.config.schemas_topic, q.work_topic, q.status_topic, q.cancel_topic)
+        missing = [topic for topic in wanted if not topics.exists(topic)]
+        if missing:
+            raise TaskError(
+                f"task queue {q.name!r}: topic(s) {', '.join(missing)} do not exist",
+                hint="run `refold topics ensure` with this app (REFOLD_APP), or start its "
+                "`refold worker`, which creates them",
+            )
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()

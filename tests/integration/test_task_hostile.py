@@ -136,3 +136,16 @@ def test_a_cancel_sent_to_either_of_two_workers_is_answered_by_the_one_that_fold
     assert first == {t: (200, {"task_id": t, "status": "cancelled"}) for t in ids}, first
     assert {s["status"] for s in states.values()} == {"cancelled"}
     assert again == dict.fromkeys(ids, 409), again
+
+
+def test_a_task_worker_started_before_its_queue_s_topics_exist_says_so(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    started = time.monotonic()
+    done = run.cli("task-worker", "--queue", run.queue)
+    took = time.monotonic() - started
+
+    assert done.returncode == 1, done
+    assert f"{run.queue}.work" in done.stderr and "refold topics ensure" in done.stderr, done
+    assert len(done.stderr.strip().splitlines()) == 1 and took < 20, (took, done.stderr)
