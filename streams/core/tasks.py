@@ -48,6 +48,8 @@ STATUSES = (
     "cancelled",
 )
 MAX_TASK_ID = 200
+#: Kafka's 249 characters for a topic name, less the longest suffix, `.cancels`.
+MAX_QUEUE_NAME = 241
 MAX_DATA_BYTES = 256 * 1024
 #: At most this much (task data as JSON, ids and keys) in one merged work item, beside
 #: `merge_max`: a work item is one Kafka record, and a few tasks near MAX_DATA_BYTES with one
@@ -182,9 +184,17 @@ class TaskQueue:
     @classmethod
     def validate(cls) -> None:
         where = f"{cls.__module__}.{cls.__qualname__}"
-        if not cls.name or not all(ch.isalnum() or ch in "-_" for ch in cls.name):
+        name = cls.name
+        # ASCII only, and room for the longest topic suffix (`.cancels`) within Kafka's 249
+        # characters: else `refold topics ensure` failed on the topics, not here.
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= MAX_QUEUE_NAME
+            or not all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in name)
+        ):
             raise TaskError(
-                f"{where}: a task queue needs a name of letters, digits, - or _",
+                f"{where}: a task queue needs a name of 1-{MAX_QUEUE_NAME} ASCII letters, "
+                f"digits, - or _, not {name!r}",
                 hint='set name = "shipping"',
             )
         for attr in (
@@ -196,12 +206,19 @@ class TaskQueue:
             "id_retention_ms",
         ):
             value = getattr(cls, attr)
-            if not isinstance(value, int) or value < (0 if attr == "merge_window_ms" else 1):
-                raise TaskError(f"{where}: {attr} must be a positive int, not {value!r}")
-        if not cls.timeout_s > 0 or not cls.queued_timeout_s > 0 or cls.retry_backoff_s < 0:
-            raise TaskError(
-                f"{where}: timeout_s and queued_timeout_s must be > 0, retry_backoff_s >= 0"
-            )
+            least = 0 if attr == "merge_window_ms" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TaskError(f"{where}: {attr} must be an int >= {least}, not {value!r}")
+        for attr in ("timeout_s", "queued_timeout_s", "retry_backoff_s"):
+            value = getattr(cls, attr)
+            # A number, checked before it is compared: "10" raised a TypeError (a traceback
+            # for the CLI's user); NaN passed every comparison's negation.
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not value >= 0 or (value == 0 and attr != "retry_backoff_s"):
+                raise TaskError(
+                    f"{where}: {attr} must be a number of seconds "
+                    f"({'>= 0' if attr == 'retry_backoff_s' else '> 0'}), not {value!r}"
+                )
         if cls.handle is TaskQueue.handle:
             raise TaskError(f"{where}: task queue {cls.name!r} does not define handle(batch)")
 

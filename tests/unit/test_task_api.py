@@ -231,6 +231,28 @@ def test_queue_validation_and_loading() -> None:
 
     with pytest.raises(TaskError):
         NoHandler.validate()
+    for attrs in (
+        {"name": "café"},
+        {"name": "a.b"},
+        {"name": "q" * 242},
+        {"name": None},
+        {"timeout_s": "10"},
+        {"timeout_s": 0},
+        {"timeout_s": float("nan")},
+        {"queued_timeout_s": -1},
+        {"retry_backoff_s": None},
+        {"merge_max": 0},
+        {"merge_max": True},
+        {"max_attempts": 0},
+        {"merge_window_ms": 0.5},
+    ):
+        bad = type("Bad", (Shipping,), attrs)
+        with pytest.raises(TaskError):
+            bad.validate()
+    type(
+        "Fine", (Shipping,), {"name": "q" * 241, "retry_backoff_s": 0, "timeout_s": 0.5}
+    ).validate()
+    type("Fine", (Shipping,), {"merge_window_ms": 0}).validate()
     queues = load_task_queues(["tests.unit.test_task_api"])
     assert list(queues) == ["shipping"] and type(queues["shipping"]).__name__ == "Shipping"
 
