@@ -102,7 +102,8 @@ class Router:
         return self.owner_url(runner, key) is not None
 
     async def forward(self, runner: Serving, key: str, request: web.Request) -> web.Response | None:
-        """The owner's answer to this lookup, a 307 to it, or None: answer here."""
+        """The owner's answer to this lookup, a 307 to it, or None: answer here. A POST about
+        the key (a task's cancel) is forwarded as a POST, without a body."""
         route = request.query.get("route", "")
         if route == "local" or FORWARDED in request.headers:
             return None
@@ -115,7 +116,7 @@ class Router:
             target = url + request.path_qs
             if route == "redirect":
                 return web.Response(status=307, headers={"Location": target, SERVED_BY: worker_id})
-            answer = await self._get(target, request.headers.get("Authorization"))
+            answer = await self._get(target, request.headers.get("Authorization"), request.method)
             if answer is not None:
                 status, body = answer
                 if b'"stale":true' not in body or asyncio.get_running_loop().time() > deadline:
@@ -184,7 +185,9 @@ class Router:
             content_type="application/json",
         )
 
-    async def _get(self, target: str, authorization: str | None) -> tuple[int, bytes] | None:
+    async def _get(
+        self, target: str, authorization: str | None, method: str = "GET"
+    ) -> tuple[int, bytes] | None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=TIMEOUT_S, connect=2.0)
@@ -193,7 +196,9 @@ class Router:
         if authorization is not None:  # the owner checks the caller's token too
             headers["Authorization"] = authorization
         try:
-            async with self._session.get(target, headers=headers, allow_redirects=False) as resp:
+            async with self._session.request(
+                method, target, headers=headers, allow_redirects=False
+            ) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("forwarding to %s failed: %s", target, exc)

@@ -10,7 +10,8 @@
   it waits briefly for the projection to fold the accepted event, else answers that event),
   never 404;
 - `GET /tasks/{queue}?status=&after=&limit=` -> a page of tasks;
-- `POST /tasks/{queue}/{task_id}/cancel` -> 200, or 409 when the task already ended.
+- `POST /tasks/{queue}/{task_id}/cancel` -> 200, or 409 when the task already ended; from
+  the worker that folds its status partition (forwarded like the GET).
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ class TaskRoutes:
         unknown = self._unknown(queue)
         if unknown is not None:
             return unknown
+        # The worker that folds the task's status partition knows whether it ended (this
+        # one's store may lack the task, or hold it as it was when the partition moved here).
+        forwarded = await self._forward(queue, task_id, request)
+        if forwarded is not None:
+            return forwarded
         loop = asyncio.get_running_loop()
         try:
             answer = await loop.run_in_executor(self._appends, self.tasks.cancel, queue, task_id)

@@ -9,6 +9,8 @@ The fold is pure, so a replay of the status topic rebuilds every task's status. 
   `updated_ms` (a sign of life the reconciler's `timeout_s` counts from), and shows in the
   history as one entry, the latest, however many came in a row; one from an earlier attempt
   is counted in `duplicates`;
+- a `retrying` event of an attempt that already reported `running` or `failed` (it landed
+  after them) is counted in `duplicates`, changing nothing else;
 - a split parent holds its `parts`; each part's terminal status also reaches the parent as a
   `part-succeeded` / `part-dead` event (keyed by the parent): the parent succeeds once every
   part has, and is dead as soon as one part is.
@@ -94,6 +96,16 @@ def apply_status(state: dict[str, Any], data: dict[str, Any], at_ms: int) -> dic
         return state
     if status == "progress":
         return _apply_progress(state, data, at_ms)
+    if (
+        status == "retrying"
+        and state["status"] in ("running", "failed")
+        and int(data.get("attempt") or 0) <= state["attempts"]
+    ):
+        # Late: the reconciler writes a re-drive's work item before its `retrying`, and a quick
+        # task worker's `running` (even `failed`) of that attempt can land first. Folded, it
+        # hid them: the failed attempt waited `queued_timeout_s`, then went on as "no status".
+        state["duplicates"] += 1
+        return state
     state["status"] = status
     state["attempts"] = max(state["attempts"], int(data.get("attempt") or 0))
     for name in ("batch_id", "parent_id", "key"):

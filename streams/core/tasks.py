@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,7 +48,14 @@ STATUSES = (
     "cancelled",
 )
 MAX_TASK_ID = 200
+#: Kafka's 249 characters for a topic name, less the longest suffix, `.cancels`.
+MAX_QUEUE_NAME = 241
 MAX_DATA_BYTES = 256 * 1024
+#: At most this much (task data as JSON, ids and keys) in one merged work item, beside
+#: `merge_max`: a work item is one Kafka record, and a few tasks near MAX_DATA_BYTES with one
+#: merge key passed the producer's message.max.bytes (1 MB), so the dispatcher's transaction
+#: failed and was redone with the same window for good. A lone task always fits.
+MAX_BATCH_BYTES = 512 * 1024
 
 
 class Retry(Exception):
@@ -177,9 +184,17 @@ class TaskQueue:
     @classmethod
     def validate(cls) -> None:
         where = f"{cls.__module__}.{cls.__qualname__}"
-        if not cls.name or not all(ch.isalnum() or ch in "-_" for ch in cls.name):
+        name = cls.name
+        # ASCII only, and room for the longest topic suffix (`.cancels`) within Kafka's 249
+        # characters: else `refold topics ensure` failed on the topics, not here.
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= MAX_QUEUE_NAME
+            or not all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in name)
+        ):
             raise TaskError(
-                f"{where}: a task queue needs a name of letters, digits, - or _",
+                f"{where}: a task queue needs a name of 1-{MAX_QUEUE_NAME} ASCII letters, "
+                f"digits, - or _, not {name!r}",
                 hint='set name = "shipping"',
             )
         for attr in (
@@ -191,12 +206,19 @@ class TaskQueue:
             "id_retention_ms",
         ):
             value = getattr(cls, attr)
-            if not isinstance(value, int) or value < (0 if attr == "merge_window_ms" else 1):
-                raise TaskError(f"{where}: {attr} must be a positive int, not {value!r}")
-        if not cls.timeout_s > 0 or not cls.queued_timeout_s > 0 or cls.retry_backoff_s < 0:
-            raise TaskError(
-                f"{where}: timeout_s and queued_timeout_s must be > 0, retry_backoff_s >= 0"
-            )
+            least = 0 if attr == "merge_window_ms" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TaskError(f"{where}: {attr} must be an int >= {least}, not {value!r}")
+        for attr in ("timeout_s", "queued_timeout_s", "retry_backoff_s"):
+            value = getattr(cls, attr)
+            # A number, checked before it is compared: "10" raised a TypeError (a traceback
+            # for the CLI's user); NaN passed every comparison's negation.
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not value >= 0 or (value == 0 and attr != "retry_backoff_s"):
+                raise TaskError(
+                    f"{where}: {attr} must be a number of seconds "
+                    f"({'>= 0' if attr == 'retry_backoff_s' else '> 0'}), not {value!r}"
+                )
         if cls.handle is TaskQueue.handle:
             raise TaskError(f"{where}: task queue {cls.name!r} does not define handle(batch)")
 
@@ -295,19 +317,21 @@ class Plan:
     parents: dict[str, tuple[str, ...]]
 
 
-def plan_batches(queue: TaskQueue, tasks: Sequence[Task], batch_prefix: str) -> Plan:
+def plan_batches(
+    queue: TaskQueue,
+    tasks: Sequence[Task],
+    batch_prefix: str,
+    texts: Mapping[str, str] | None = None,
+) -> Plan:
     """Split what `split` divides, then merge the rest by merge-key value in arrival order,
-    at most `merge_max` per batch. Pure: the same input gives the same batches and ids, so a
-    dispatcher that redoes an aborted transaction writes the same work items."""
+    at most `merge_max` and MAX_BATCH_BYTES per batch (`texts`: each task's data as JSON text,
+    when known). Pure: the same input gives the same batches and ids, so a dispatcher that
+    redoes an aborted transaction writes the same work items."""
     parents: dict[str, tuple[str, ...]] = {}
     groups: dict[object, list[Task]] = {}
     singles: list[Task] = []
     for task in tasks:
-        try:
-            parts = queue.split(task.data)
-        except Exception:  # user code: the task runs whole, and the log says why
-            log.exception("%s: split() failed for task %r; it runs whole", queue.name, task.id)
-            parts = None
+        parts = _parts(queue, task)
         if parts:
             ids = tuple(f"{task.id}.part-{i}" for i in range(len(parts)))
             parents[task.id] = ids
@@ -323,9 +347,50 @@ def plan_batches(queue: TaskQueue, tasks: Sequence[Task], batch_prefix: str) -> 
             groups.setdefault(json.dumps(value, sort_keys=True), []).append(task)
     batches: list[Planned] = []
     for members in groups.values():
-        for start in range(0, len(members), queue.merge_max):
-            chunk = tuple(members[start : start + queue.merge_max])
-            batches.append(Planned(f"{batch_prefix}-{len(batches)}", chunk))
+        chunk: list[Task] = []
+        size = 0
+        for task in members:
+            text = texts.get(task.id) if texts is not None else None
+            n = len(text if text is not None else json.dumps(task.data)) + len(task.id + task.key)
+            if chunk and (len(chunk) == queue.merge_max or size + n > MAX_BATCH_BYTES):
+                batches.append(Planned(f"{batch_prefix}-{len(batches)}", tuple(chunk)))
+                chunk, size = [], 0
+            chunk.append(task)
+            size += n
+        if chunk:
+            batches.append(Planned(f"{batch_prefix}-{len(batches)}", tuple(chunk)))
     for task in singles:
         batches.append(Planned(f"{batch_prefix}-{len(batches)}", (task,)))
     return Plan(tuple(batches), parents)
+
+
+def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
+    """What `split` divides a task's data into, or None: it runs whole. User code: a split that
+    raises, or answers anything but a list of JSON objects, leaves the task whole, and the log
+    says why (such an answer, taken as parts, stopped the queue's dispatcher for good: it read
+    the same intake record again at each start)."""
+    try:
+        parts = queue.split(task.data)
+    except Exception:
+        log.exception("%s: split() failed for task %r; it runs whole", queue.name, task.id)
+        return None
+    if not parts:
+        return None
+    if not isinstance(parts, list | tuple) or not all(isinstance(p, dict) for p in parts):
+        log.error(
+            "%s: split() of task %r returned %s, not a list of dicts; it runs whole",
+            queue.name, task.id, type(parts).__name__,
+        )  # fmt: skip
+        return None
+    try:
+        largest = max(len(json.dumps(part)) for part in parts)
+    except (TypeError, ValueError, RecursionError) as exc:
+        log.error("%s: a part of task %r is not JSON (%s); it runs whole", queue.name, task.id, exc)
+        return None
+    if largest > MAX_DATA_BYTES:  # each part is a work item of its own: one Kafka record
+        log.error(
+            "%s: a part of task %r is larger than %d bytes as JSON; it runs whole",
+            queue.name, task.id, MAX_DATA_BYTES,
+        )  # fmt: skip
+        return None
+    return list(parts)

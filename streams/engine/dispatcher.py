@@ -7,7 +7,8 @@ key's value), so one dispatcher sees them all. The steps, in order:
 
 1. collect intake records for `merge_window_ms` from the first one (a tumbling window);
 2. plan (`refold.core.tasks.plan_batches`): split what `split` divides into parts (each its own
-   work item, with `parent_id`), merge the rest by merge-key value, at most `merge_max` each;
+   work item, with `parent_id`), merge the rest by merge-key value, at most `merge_max` and
+   MAX_BATCH_BYTES of data each (a work item is one record);
 3. in one Kafka transaction: every work item, a `dispatched` status per task (and per parent,
    with its parts), and the intake offsets after the window (`send_offsets_to_transaction`);
 4. commit, on a thread of its own while the next window fills (step 1 again): the commit's
@@ -157,7 +158,7 @@ class Dispatcher:
         first = msgs[0]
         prefix = f"{first.topic()}-{first.partition()}-{first.offset()}"
         try:
-            self._transact(msgs, plan_batches(self.queue, tasks, prefix), texts)
+            self._transact(msgs, plan_batches(self.queue, tasks, prefix, texts), texts)
         except (KafkaException, TaskError) as exc:
             self._recover(str(exc))
 

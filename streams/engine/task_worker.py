@@ -66,6 +66,7 @@ from refold.kafka.task_log import (
     status_data,
     work_group,
 )
+from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class TaskWorker:
         self.group = work_group(config, queue)
 
     def start(self) -> None:
+        self._check_topics()
         configure_share_group(self.config, self.group)
         self._log.register(self._producer)
         self._cancels.catch_up()
@@ -194,6 +196,22 @@ class TaskWorker:
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _check_topics(self) -> None:
+        """TaskError naming the topics a worker needs that do not exist. Without this check
+        the schema registration waited 30 s, then the cancel reader failed with librdkafka's
+        "Invalid argument or configuration" and a hint to check that the broker runs."""
+        topics = Topics(self.config)
+        topics.broker_count()  # unreachable: the CLI says so, with its own hint
+        q = self.queue
+        wanted = (self.config.schemas_topic, q.work_topic, q.status_topic, q.cancel_topic)
+        missing = [topic for topic in wanted if not topics.exists(topic)]
+        if missing:
+            raise TaskError(
+                f"task queue {q.name!r}: topic(s) {', '.join(missing)} do not exist",
+                hint="run `refold topics ensure` with this app (REFOLD_APP), or start its "
+                "`refold worker`, which creates them",
+            )
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -299,21 +317,41 @@ class TaskWorker:
         try:
             result = q.handle(batch)
             outcome: dict[str, Any] = {"status": "succeeded", "result": result}
-        except Exception as exc:  # user code: any exception fails the attempt, with the reason
+        except BaseException as exc:  # user code: any exception fails the attempt, with the
+            # reason; a SystemExit or KeyboardInterrupt too (on a handler thread, only a handler
+            # raises one; let through, it ended the consumer thread that took the item's
+            # outcome, so two such tasks left the task worker running with no consumer)
             error = f"{type(exc).__name__}: {exc}"
             log.info("%s: batch %s failed: %s", q.name, batch_id, traceback.format_exc(limit=3))
             outcome = {"status": "failed", "error": error}
         ended: Counter[str] = Counter()
         for task in batch:
-            event = status_data(
-                task.id, attempt=task.attempt, batch_id=batch_id, **_outcome(task, outcome)
-            )
+            event = self._ended(task, batch_id, _outcome(task, outcome), acks)
             ended[event["status"]] += 1
-            produce(p, q.status_topic, task.id, STATUS, event, acks)
             if task.parent_id and event["status"] == "succeeded":
                 part = status_data(task.parent_id, "part-succeeded", part_id=task.id)
                 produce(p, q.status_topic, task.parent_id, STATUS, part, acks)
         return Handled(batch_id, acks, ended)
+
+    def _ended(
+        self, task: Task, batch_id: str, outcome: dict[str, Any], acks: Acks
+    ) -> dict[str, Any]:
+        """Produce a task's final status of this attempt; a result over the producer's
+        `message.max.bytes` fails the attempt instead, and says so."""
+        q, produce = self.queue, self._log.produce
+        event = status_data(task.id, attempt=task.attempt, batch_id=batch_id, **outcome)
+        try:
+            produce(self._producer, q.status_topic, task.id, STATUS, event, acks)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            size = len(event.get("result") or "")
+            error = f"result is too large to write ({size} bytes as JSON): {exc.args[0].str()}"
+            event = status_data(
+                task.id, "failed", attempt=task.attempt, batch_id=batch_id, error=error
+            )
+            produce(self._producer, q.status_topic, task.id, STATUS, event, acks)
+        return event
 
     def _progress(self, task: Task, report: dict[str, Any]) -> None:
         """A handler's `task.progress(...)`: one `progress` status event, not awaited (the
@@ -345,7 +383,11 @@ def _outcome(task: Task, batch: dict[str, Any]) -> dict[str, Any]:
     if batch["status"] != "succeeded":
         return batch
     result = task.result if task.result is not None else batch["result"]
-    return {"status": "succeeded", "result": json.dumps(result, default=str)}
+    try:
+        text = json.dumps(result, default=str)
+    except (TypeError, ValueError, RecursionError) as exc:  # a loop, keys that are not text
+        return {"status": "failed", "error": f"result is not JSON: {type(exc).__name__}: {exc}"}
+    return {"status": "succeeded", "result": text}
 
 
 def _log_failure(err: KafkaError | None, msg: Message) -> None:

@@ -20,6 +20,7 @@ from refold.core.task_status import (
     task_data_json,
 )
 from refold.core.tasks import (
+    MAX_DATA_BYTES,
     Task,
     TaskQueue,
     fingerprint,
@@ -98,6 +99,51 @@ def test_plan_merges_by_key_at_most_merge_max_and_splits_add_up() -> None:
     assert plan_batches(Shipping(), tasks, "x") == plan  # a redone window plans the same
 
 
+def test_a_split_that_raises_or_answers_no_list_of_dicts_leaves_the_task_whole() -> None:
+    class Oddly(Shipping):
+        """A split that answers badly, as `data["split"]` says."""
+
+        def split(self, data):
+            kind = data["split"]
+            if kind == "raises":
+                raise ValueError("boom")
+            return {
+                "empty": [],
+                "a dict": {"qty": 1},
+                "not dicts": [1, 2],
+                "a string": "ab",
+                "a generator": ({"qty": q} for q in (1, 2)),
+                "not JSON": [{"at": object()}],
+                "fine": ({"qty": 1}, {"qty": 2}),
+            }[kind]
+
+    odd = ["raises", "empty", "a dict", "not dicts", "a string", "a generator", "not JSON"]
+    tasks = [Task(kind, kind, {"split": kind}) for kind in [*odd, "fine"]]
+    plan = plan_batches(Oddly(), tasks, "x")
+    assert plan.parents == {"fine": ("fine.part-0", "fine.part-1")}
+    ran = [t.id for b in plan.batches for t in b.tasks]
+    assert ran == [*odd, "fine.part-0", "fine.part-1"]
+    assert [t.data for b in plan.batches for t in b.tasks][-2:] == [{"qty": 1}, {"qty": 2}]
+
+
+def test_a_merged_batch_stays_one_record_and_a_part_too_large_leaves_its_task_whole() -> None:
+    blob = "x" * (200 * 1024)
+    tasks = [Task(f"t{i}", f"t{i}", {"product_id": "p", "blob": blob}) for i in range(7)]
+    plan = plan_batches(Shipping(), tasks, "x")  # merge_max 4; 2 of these fill MAX_BATCH_BYTES
+    assert [[t.id for t in b.tasks] for b in plan.batches] == [
+        ["t0", "t1"], ["t2", "t3"], ["t4", "t5"], ["t6"],
+    ]  # fmt: skip
+    texts = {t.id: json.dumps(t.data) for t in tasks}
+    assert plan_batches(Shipping(), tasks, "x", texts) == plan
+
+    class Inflating(Shipping):
+        def split(self, data):
+            return [{**data, "copy": "y" * MAX_DATA_BYTES}, {"small": 1}]
+
+    plan = plan_batches(Inflating(), tasks[:1], "x")
+    assert plan.parents == {} and [b.tasks for b in plan.batches] == [(tasks[0],)]
+
+
 def _fold(events: list[dict]) -> dict:
     state = initial_status("t1")
     for at, event in enumerate(events):
@@ -118,6 +164,28 @@ def test_first_terminal_status_wins() -> None:
     assert state["status"] == "succeeded" and state["result"] == {"ok": 1}
     assert state["duplicates"] == 2 and state["error"] is None
     assert [h["status"] for h in state["history"]].count("succeeded") == 1
+
+
+def test_a_re_drive_folded_after_its_attempt_started_keeps_that_attempt_s_status() -> None:
+    # The reconciler writes the work item, then `retrying`; a quick task worker's `running`
+    # and `failed` for that attempt may land first. The late `retrying` must not hide them.
+    events = [
+        {"status": "accepted", "data": "{}", "key": "t1"},
+        {"status": "dispatched", "attempt": 1, "batch_id": "b1"},
+        {"status": "running", "attempt": 1, "batch_id": "b1"},
+        {"status": "failed", "attempt": 1, "error": "boom 1"},
+        {"status": "running", "attempt": 2, "batch_id": "t1-attempt-2"},
+        {"status": "failed", "attempt": 2, "error": "boom 2"},
+        {"status": "retrying", "attempt": 2, "batch_id": "t1-attempt-2"},
+    ]
+    state = _fold(events)
+    assert (state["status"], state["attempts"], state["error"]) == ("failed", 2, "boom 2")
+    assert state["updated_ms"] == 5 and state["duplicates"] == 1  # the backoff counts from it
+    running = _fold([*events[:5], events[6]])  # landed after `running`: still running
+    assert (running["status"], running["attempts"], running["updated_ms"]) == ("running", 2, 4)
+    # In order, or re-driving a running attempt (a hung handler), it is the new status.
+    assert _fold([*events[:4], events[6]])["status"] == "retrying"
+    assert _fold([*events[:3], events[6]])["status"] == "retrying"
 
 
 def test_parent_succeeds_after_all_parts_and_dies_with_one() -> None:
@@ -163,6 +231,28 @@ def test_queue_validation_and_loading() -> None:
 
     with pytest.raises(TaskError):
         NoHandler.validate()
+    for attrs in (
+        {"name": "café"},
+        {"name": "a.b"},
+        {"name": "q" * 242},
+        {"name": None},
+        {"timeout_s": "10"},
+        {"timeout_s": 0},
+        {"timeout_s": float("nan")},
+        {"queued_timeout_s": -1},
+        {"retry_backoff_s": None},
+        {"merge_max": 0},
+        {"merge_max": True},
+        {"max_attempts": 0},
+        {"merge_window_ms": 0.5},
+    ):
+        bad = type("Bad", (Shipping,), attrs)
+        with pytest.raises(TaskError):
+            bad.validate()
+    type(
+        "Fine", (Shipping,), {"name": "q" * 241, "retry_backoff_s": 0, "timeout_s": 0.5}
+    ).validate()
+    type("Fine", (Shipping,), {"merge_window_ms": 0}).validate()
     queues = load_task_queues(["tests.unit.test_task_api"])
     assert list(queues) == ["shipping"] and type(queues["shipping"]).__name__ == "Shipping"
 

@@ -1,0 +1,151 @@
+"""Task queues against hostile handlers, on the real broker: `refold worker` and `refold
+task-worker` processes as a user runs them, over `tests.integration.apps.hostile_tasks`.
+
+Oracles: each task's status from the worker, and the handler's side-effect log (one line per
+call: which tasks ran, at which attempt).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from refold.core.config import Config
+
+from tests.integration.test_tasks import Processes
+
+APP = "tests.integration.apps.hostile_tasks"
+
+
+def _run(config: Config, unique, tmp_path: Path) -> Processes:
+    run = Processes(config, unique("hostile"), tmp_path, timeout_s=6)
+    run.env["REFOLD_APP"] = APP
+    return run
+
+
+def test_a_handler_that_raises_base_exceptions_or_returns_unwritable_results_fails_its_attempts(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    bad = {
+        "exit": {"raise": "SystemExit"},
+        "interrupt": {"raise": "KeyboardInterrupt"},
+        "circular": {"result": "circular"},
+        "tuple-key": {"result": "tuple-key"},
+        "huge": {"result": "huge"},
+        "own-circular": {"own_result": "circular"},
+    }
+    try:
+        run.worker()
+        run.task_worker("tw-a", concurrency=2)
+        for task_id, data in bad.items():
+            run.submit(task_id, data)
+        states = run.wait_ended(list(bad), timeout=90)
+        # The task worker still runs: a task submitted after them succeeds.
+        run.submit("after", {})
+        after = run.wait_ended(["after"], timeout=60)["after"]
+        calls = run.calls()
+    finally:
+        run.stop()
+
+    assert after["status"] == "succeeded", after
+    ran = Counter(task_id for call in calls for task_id, _ in call["tasks"])
+    errors = {
+        "exit": "SystemExit: 3",
+        "interrupt": "KeyboardInterrupt",
+        "circular": "result is not JSON",
+        "tuple-key": "result is not JSON",
+        "huge": "result is too large",
+        "own-circular": "result is not JSON",
+    }
+    for task_id, error in errors.items():
+        state = states[task_id]
+        # Each attempt failed at once, with its reason (not re-driven as "no status" after
+        # the timeout, nor handed over again by the share group), max_attempts times.
+        assert (state["status"], state["attempts"]) == ("dead", 2), state
+        assert error in state["error"], state
+        assert [h["attempt"] for h in state["history"] if h["status"] == "failed"] == [1, 2]
+        assert ran[task_id] == 2, (task_id, ran)
+
+
+def test_a_split_that_answers_no_list_of_dicts_runs_the_task_whole_and_the_queue_goes_on(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    try:
+        run.worker()
+        run.task_worker("tw-a")
+        run.submit("odd", {"split": True})
+        run.submit("plain", {})
+        states = run.wait_ended(["odd", "plain"], timeout=60)
+    finally:
+        run.stop()
+
+    assert [states[t]["status"] for t in ("odd", "plain")] == ["succeeded"] * 2, states
+    assert states["odd"]["parts"] == [] and states["odd"]["result"] == {"handled": 1}
+
+
+def test_tasks_near_the_size_limit_with_one_merge_key_are_dispatched_in_records_that_fit(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    ids = [f"big-{i}" for i in range(8)]
+    try:
+        run.worker()
+        run.task_worker("tw-a")
+        blob = "x" * (200 * 1024)  # 8 of them: 1.6 MB, over a record's 1 MB if merged
+        with ThreadPoolExecutor(8) as pool:  # at once, so that they meet in one window
+            list(pool.map(lambda t: run.submit(t, {"group": "g", "blob": blob}), ids))
+        states = run.wait_ended(ids, timeout=60)
+    finally:
+        run.stop()
+
+    assert {states[t]["status"] for t in ids} == {"succeeded"}, states
+
+
+def test_a_cancel_sent_to_either_of_two_workers_is_answered_by_the_one_that_folds_the_task(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    queue = unique("hostile")
+    nodes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        node = Processes(config, queue, tmp_path / name, timeout_s=6)
+        node.env["REFOLD_APP"] = APP
+        nodes.append(node)
+    a, b = nodes
+    ids = [f"c-{i}" for i in range(12)]
+    try:
+        a.worker()
+        b.worker()  # two intake nodes: the status partitions are split between them
+        for task_id in ids:  # no task worker: they wait, dispatched
+            a.submit(task_id, {})
+        deadline = time.monotonic() + 60
+        while any(b.status(t)["status"] != "dispatched" for t in ids):
+            assert time.monotonic() < deadline, {t: b.status(t)["status"] for t in ids}
+            time.sleep(0.3)
+        first = {t: b.http("POST", f"/tasks/{queue}/{t}/cancel") for t in ids}
+        states = a.wait_ended(ids, timeout=60)
+        again = {t: a.http("POST", f"/tasks/{queue}/{t}/cancel")[0] for t in ids}
+    finally:
+        a.stop()
+        b.stop()
+
+    assert first == {t: (200, {"task_id": t, "status": "cancelled"}) for t in ids}, first
+    assert {s["status"] for s in states.values()} == {"cancelled"}
+    assert again == dict.fromkeys(ids, 409), again
+
+
+def test_a_task_worker_started_before_its_queue_s_topics_exist_says_so(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    run = _run(config, unique, tmp_path)
+    started = time.monotonic()
+    done = run.cli("task-worker", "--queue", run.queue)
+    took = time.monotonic() - started
+
+    assert done.returncode == 1, done
+    assert f"{run.queue}.work" in done.stderr and "refold topics ensure" in done.stderr, done
+    assert len(done.stderr.strip().splitlines()) == 1 and took < 20, (took, done.stderr)
