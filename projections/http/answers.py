@@ -200,13 +200,21 @@ def health(
     status: str,
     summary: Mapping[str, Any],
     sagas: Mapping[str, str] | None = None,
+    commands: Mapping[str, str] | None = None,
+    tasks: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Answer:
     """`GET /healthz`: 200 only while every answer is current (`status` "ok", no projection
-    or saga runner failed), else 503; each runner's state and what is not current
-    (refold.engine.health)."""
-    if any(state == "failed" for state in [*states.values(), *(sagas or {}).values()]):
+    runner, saga runner, command processor, task dispatcher or reconciler failed), else 503;
+    each one's state and what is not current (refold.engine.health)."""
+    every = [*states.values(), *(sagas or {}).values(), *(commands or {}).values()]
+    every += [state for parts in (tasks or {}).values() for state in parts.values()]
+    if any(state == "failed" for state in every):
         status = "failed"
     body = {"status": status, "projections": dict(states), **summary}
     if sagas:
         body["sagas"] = dict(sagas)
+    if commands:
+        body["commands"] = dict(commands)
+    if tasks:
+        body["tasks"] = {queue: dict(parts) for queue, parts in tasks.items()}
     return 200 if status == "ok" else 503, dumps(body)

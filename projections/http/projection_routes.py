@@ -186,8 +186,16 @@ class ProjectionReads:
     def healthz_answer(self) -> Answer:
         health = self.worker.health.health
         states = {name: r.stats.state for name, r in self.worker.runners.items()}
-        sagas = {name: r.stats.state for name, r in self.worker.sagas.runners.items()}
-        return answers.health(states, health.status(), health.summary(), sagas)
+        worker = self.worker
+        sagas = {name: r.stats.state for name, r in worker.sagas.runners.items()}
+        commands = {name: p.stats.state for name, p in worker.processors.items()}
+        reconcilers = worker.tasks.reconcilers
+        tasks = {
+            name: {"dispatch": d.stats.state, "reconcile": reconcilers[name].stats.state}
+            for name, d in worker.tasks.dispatchers.items()
+            if name in reconcilers
+        }
+        return answers.health(states, health.status(), health.summary(), sagas, commands, tasks)
 
     async def _as_of(self, runner: Serving, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""

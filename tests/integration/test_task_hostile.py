@@ -47,8 +47,13 @@ def test_a_handler_that_raises_base_exceptions_or_returns_unwritable_results_fai
         run.submit("after", {})
         after = run.wait_ended(["after"], timeout=60)["after"]
         calls = run.calls()
+        health = run.http("GET", "/healthz")
     finally:
         run.stop()
+
+    # /healthz names the queue's dispatcher and reconciler (a failed one would make it 503).
+    assert health[0] == 200, health
+    assert health[1]["tasks"] == {run.queue: {"dispatch": "running", "reconcile": "running"}}
 
     assert after["status"] == "succeeded", after
     ran = Counter(task_id for call in calls for task_id, _ in call["tasks"])

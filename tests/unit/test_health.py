@@ -52,3 +52,20 @@ def test_partitions_nobody_owns_make_a_dynamic_member_rejoin_too() -> None:
     view.owners = {("t", 0): "x", ("t", 1): "x"}  # the group is whole again: the watch resets
     watch(runner, view, {None})
     assert view.stranded_since is None
+
+
+def test_healthz_is_503_when_a_command_processor_or_task_dispatcher_failed() -> None:
+    import orjson
+    from refold.http.answers import health
+
+    ok = health({"balances": "running"}, "ok", {}, None, {"accounts": "running"},
+                {"statements": {"dispatch": "running", "reconcile": "running"}})  # fmt: skip
+    assert ok[0] == 200
+    assert orjson.loads(ok[1])["commands"] == {"accounts": "running"}
+    for commands, tasks in (
+        ({"accounts": "failed"}, {}),
+        ({}, {"statements": {"dispatch": "failed", "reconcile": "running"}}),
+        ({}, {"statements": {"dispatch": "running", "reconcile": "failed"}}),
+    ):
+        status, body = health({"balances": "running"}, "ok", {}, None, commands, tasks)
+        assert status == 503 and orjson.loads(body)["status"] == "failed", (commands, tasks)
