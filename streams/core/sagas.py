@@ -107,11 +107,19 @@ class Saga:
             )
         if cls.steps is Saga.steps:
             raise SagaError(f"{where}: saga {cls.name!r} does not define steps(saga_id, data)")
-        if not cls.step_timeout_s > 0 or cls.compensation_backoff_s < 0:
-            raise SagaError(f"{where}: step_timeout_s must be > 0, compensation_backoff_s >= 0")
+        for attr in ("step_timeout_s", "compensation_backoff_s"):
+            value = getattr(cls, attr)
+            # A number, checked before it is compared: "10" raised a TypeError (a traceback for
+            # the CLI's user), and NaN passed the comparison's negation.
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not value >= 0 or (value == 0 and attr == "step_timeout_s"):
+                raise SagaError(
+                    f"{where}: {attr} must be a number of seconds "
+                    f"({'> 0' if attr == 'step_timeout_s' else '>= 0'}), not {value!r}"
+                )
         for attr in ("max_compensation_attempts", "partitions"):
             value = getattr(cls, attr)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SagaError(f"{where}: {attr} must be a positive int, not {value!r}")
 
 

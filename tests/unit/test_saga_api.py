@@ -256,6 +256,19 @@ def test_a_saga_declaration_is_checked() -> None:
     for cls in (Nameless, NoSteps):
         with pytest.raises(SagaError):
             cls.validate()
+    # Settings of the wrong type or out of range: one clear SagaError each, never a TypeError.
+    for attr, value in (
+        ("step_timeout_s", "10"),
+        ("step_timeout_s", float("nan")),
+        ("step_timeout_s", 0),
+        ("compensation_backoff_s", -1),
+        ("compensation_backoff_s", None),
+        ("max_compensation_attempts", True),
+        ("partitions", 0),
+    ):
+        bad = type("Bad", (Transfers,), {attr: value})
+        with pytest.raises(SagaError, match=attr):
+            bad.validate()
     Transfers.validate()
 
 
