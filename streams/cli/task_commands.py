@@ -20,7 +20,7 @@ from refold.cli.output import out as _out
 from refold.cli.output import wait_ended
 from refold.core.config import Config
 from refold.core.errors import InputError, TaskError
-from refold.core.tasks import STATUSES, TERMINAL, TaskQueue
+from refold.core.tasks import STATUSES, TERMINAL, TaskQueue, submission_from_json
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,13 @@ def _submit(
     except json.JSONDecodeError as exc:
         raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
     obj: dict[str, Any] = {"data": data}
-    if args.id:
+    # Given, even empty: checked like the HTTP intake's fields (an empty id is refused there,
+    # not replaced with a random one).
+    if args.id is not None:
         obj["task_id"] = args.id
-    if args.key:
+    if args.key is not None:
         obj["key"] = args.key
+    submission = submission_from_json(obj)  # checked before anything is read or claimed
 
     def known(name: str, task_id: str) -> dict[str, Any] | None:
         return _folded(config, queues[name], task_id)
@@ -120,7 +123,7 @@ def _submit(
             claim=lambda name, submission: claim_task_id(index, claimer, name, submission),
         )
         try:
-            accepted = client.submit(queue.name, client.prepare(queue.name, obj))
+            accepted = client.submit(queue.name, submission)
         finally:
             client.close()
             index.stop()

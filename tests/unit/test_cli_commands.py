@@ -39,3 +39,19 @@ def test_refold_publish_imports_no_other_commands_module() -> None:
     )
     expected = ["refold.cli.main", "refold.cli.output", "refold.cli.publish_commands"]
     assert done.stdout.strip() == str(expected)
+
+
+def test_task_submit_refuses_an_empty_id_before_reaching_any_broker(tmp_path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REFOLD_APP": "refold.examples.bank",
+        "REFOLD_BOOTSTRAP_SERVERS": "127.0.0.1:9",  # nothing listens: it must not be asked
+        "REFOLD_DATA_DIR": str(tmp_path),
+    }
+    argv = ["task", "submit", "statements", "--data", '{"account": "a"}', "--id", ""]
+    done = subprocess.run(
+        [sys.executable, "-m", "refold.cli.main", *argv],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "task_id must be a non-empty string" in done.stderr
