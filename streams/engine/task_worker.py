@@ -70,6 +70,9 @@ from refold.kafka.topics import Topics
 
 log = logging.getLogger(__name__)
 
+#: The longest pause before a failed share consumer is replaced (they double from 1 s).
+RESTART_MAX_S = 30.0
+
 
 @dataclass(slots=True)
 class TaskWorkerStats:
@@ -79,6 +82,7 @@ class TaskWorkerStats:
     cancelled: int = 0
     released: int = 0
     rejected: int = 0
+    restarts: int = 0  # share consumers replaced after they failed
 
 
 @dataclass(slots=True)
@@ -222,33 +226,53 @@ class TaskWorker:
         self._cancels.close()
 
     def _loop(self) -> None:
-        consumer = clients.share_consumer(self.config, self.group)
+        """One share consumer's rounds, until stopped. A consumer that failed is closed and
+        replaced after a pause (1 s, doubling to RESTART_MAX_S while they keep failing): a task
+        worker whose consumers had all failed ran on idle, and its queue's tasks went dead as
+        "no status" on the reconciler's timeouts. Items the failed consumer held are released
+        when their record lock ends, and delivered again (handlers are idempotent)."""
+        pause = 1.0
+        while not self._stop.is_set():
+            consumer = clients.share_consumer(self.config, self.group)
+            try:
+                self._consume(consumer)
+                return
+            except Exception:
+                with self._stats_lock:
+                    self.stats.restarts += 1
+                log.exception(
+                    "task worker of %s: a share consumer failed; a new one in %.0f s",
+                    self.queue.name,
+                    pause,
+                )
+            finally:
+                _close(consumer)
+            self._stop.wait(pause)
+            pause = min(pause * 2, RESTART_MAX_S)
+
+    def _consume(self, consumer: ShareConsumer) -> None:
+        """Poll, hand each item to the handler pool, acknowledge in order; until stopped."""
         pool = self._pool
-        try:
-            consumer.subscribe([self.queue.work_topic])
-            while not self._stop.is_set():
-                msgs = [m for m in consumer.poll(0.5) if _ok(m)]
-                polled = time.monotonic()
-                futures = [pool.submit(self._run_safely, msg, polled) for msg in msgs]
-                # Acknowledged in offset order: the preview client loses acknowledgements given
-                # out of order (a bare loop that ACCEPTs each poll's records shuffled had 1,492
-                # of 3,000 records delivered again when their lock expired; in order, none), so
-                # each round acknowledges the finished prefix of the poll. The handler threads
-                # do not wait for their statuses' acknowledgements: this thread does, in order,
-                # so the items of a poll share their round trips (one wait per item on each of
-                # `concurrency` threads held a no-op queue to concurrency / round trip).
-                acked = 0
-                while acked < len(futures):
-                    wait([futures[acked]])  # the oldest unacknowledged item
-                    while acked < len(futures) and futures[acked].done():
-                        verdict = self._settle(futures[acked].result())
-                        consumer.acknowledge(msgs[acked], verdict)
-                        acked += 1
-                    consumer.commit_async()
-        except Exception:
-            log.exception("task worker of %s failed", self.queue.name)
-        finally:
-            _close(consumer)
+        consumer.subscribe([self.queue.work_topic])
+        while not self._stop.is_set():
+            msgs = [m for m in consumer.poll(0.5) if _ok(m)]
+            polled = time.monotonic()
+            futures = [pool.submit(self._run_safely, msg, polled) for msg in msgs]
+            # Acknowledged in offset order: the preview client loses acknowledgements given
+            # out of order (a bare loop that ACCEPTs each poll's records shuffled had 1,492
+            # of 3,000 records delivered again when their lock expired; in order, none), so
+            # each round acknowledges the finished prefix of the poll. The handler threads
+            # do not wait for their statuses' acknowledgements: this thread does, in order,
+            # so the items of a poll share their round trips (one wait per item on each of
+            # `concurrency` threads held a no-op queue to concurrency / round trip).
+            acked = 0
+            while acked < len(futures):
+                wait([futures[acked]])  # the oldest unacknowledged item
+                while acked < len(futures) and futures[acked].done():
+                    verdict = self._settle(futures[acked].result())
+                    consumer.acknowledge(msgs[acked], verdict)
+                    acked += 1
+                consumer.commit_async()
 
     def _poll(self) -> None:
         """Serve the producer's delivery reports (the statuses' acknowledgements), until the

@@ -154,3 +154,48 @@ def test_a_task_worker_started_before_its_queue_s_topics_exist_says_so(
     assert done.returncode == 1, done
     assert f"{run.queue}.work" in done.stderr and "refold topics ensure" in done.stderr, done
     assert len(done.stderr.strip().splitlines()) == 1 and took < 20, (took, done.stderr)
+
+
+def test_a_task_worker_replaces_a_share_consumer_that_failed(
+    config: Config, unique, tmp_path: Path, monkeypatch
+) -> None:
+    """Every consumer of an in-process task worker fails on its first round (an error injected
+    in refold's own loop, after a real share consumer was made and subscribed): each is
+    replaced, and the queue's tasks still succeed."""
+    from refold.engine import task_worker as tw
+    from refold.kafka.registry import codec_for
+
+    from tests.integration.apps.hostile_tasks import Hostile
+
+    run = _run(config, unique, tmp_path)
+    real = tw.TaskWorker._consume
+    failed: list[str] = []
+
+    def first_round_fails(self, consumer) -> None:
+        if len(failed) < self.consumers:
+            consumer.subscribe([self.queue.work_topic])
+            failed.append(self.queue.name)
+            raise RuntimeError("injected: the share consumer's round failed")
+        real(self, consumer)
+
+    monkeypatch.setattr(tw.TaskWorker, "_consume", first_round_fails)
+    mine = config.__class__(
+        **{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "data_dir": tmp_path}
+    )
+    queue = type("Q", (Hostile,), {"name": run.queue})()
+    worker = None
+    try:
+        run.worker()
+        worker = tw.TaskWorker(mine, codec_for(mine), queue, concurrency=2, consumers=2)
+        worker.start()
+        for i in range(5):
+            run.submit(f"t{i}", {"group": "g"})
+        states = run.wait_ended([f"t{i}" for i in range(5)], timeout=90)
+    finally:
+        if worker is not None:
+            worker.stop()
+        run.stop()
+
+    assert failed == [run.queue, run.queue]
+    assert worker.stats.restarts == 2
+    assert {s["status"] for s in states.values()} == {"succeeded"}, states
