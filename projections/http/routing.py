@@ -185,6 +185,28 @@ class Router:
             content_type="application/json",
         )
 
+    def here(self, runner: Serving) -> Callable[[str], bool] | None:
+        """Whether a key's partition is folded here, or None when every partition is (or who
+        folds them is unknown)."""
+        fresh = self._freshness(runner)
+        return None if fresh.owners is None else fresh.here
+
+    async def ask(
+        self, others: dict[str, str], request: web.Request, query: dict[str, str]
+    ) -> list[Any] | None:
+        """Each of `others`' JSON answer to this request's path with `query` (forwarded: each
+        answers for the partitions it folds), or None when one did not answer 200."""
+        path = request.path + "?" + urlencode(query)
+        authorization = request.headers.get("Authorization")
+        answers = await asyncio.gather(
+            *(self._get(url + path, authorization) for url in others.values())
+        )
+        if any(answer is None or answer[0] != 200 for answer in answers):
+            self.failed += 1
+            return None
+        self.forwarded += 1
+        return [loads(answer[1]) for answer in answers if answer is not None]
+
     async def _get(
         self, target: str, authorization: str | None, method: str = "GET"
     ) -> tuple[int, bytes] | None:

@@ -24,9 +24,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 from refold.core.errors import InputError, TaskConflict, TaskError
+from refold.engine.frozen import Serving
 from refold.engine.worker import Worker
 from refold.http.answers import Reply, error_reply, reply, web_response
-from refold.http.routing import Router
+from refold.http.routing import FORWARDED, Router
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,38 @@ class TaskRoutes:
         raw = query.get("limit", str(DEFAULT_LIMIT))
         if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_LIMIT):
             return _error(400, "bad query", f"limit must be 1..{MAX_LIMIT}, not {raw!r}")
+        limit, status, after = int(raw), query.get("status"), query.get("after")
+        # With other workers folding some of the status partitions, each lists the tasks of
+        # its own partitions and the pages are merged in id order (like a projection's scan);
+        # asked by another worker for its part, only those of ours.
+        router, others, only = self._router, None, None
+        runner = self._status_runner(queue)
+        if router is not None and runner is not None and query.get("route") != "local":
+            only = router.here(runner)
+            if FORWARDED not in request.headers:
+                others = router.others(runner)
         try:
-            items, nxt = self.tasks.list(queue, query.get("status"), query.get("after"), int(raw))
+            items, nxt = self.tasks.list(queue, status, after, limit, only)
         except InputError as exc:
             return _error(400, "bad query", str(exc))
-        return _respond(200, {"items": items, "next": nxt})
+        if not others or router is None:
+            return _respond(200, {"items": items, "next": nxt})
+        parts = await router.ask(others, request, {**query, "limit": str(limit)})
+        if parts is None:
+            detail = "a worker that folds some of the queue's status partitions did not answer"
+            return web_response(error_reply(503, "list incomplete", detail))
+        rows = items + [item for part in parts for item in part["items"]]
+        rows.sort(key=lambda item: str(item["task_id"]).encode())
+        page = rows[:limit]
+        more = len(rows) > limit or nxt is not None or any(part["next"] for part in parts)
+        following = page[-1]["task_id"] if more and page else None
+        return _respond(200, {"items": page, "next": following})
+
+    def _status_runner(self, queue: str) -> Serving | None:
+        try:
+            return self.tasks.runner(queue)
+        except KeyError:  # this worker does not fold the queue's status (`--only`)
+            return None
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         queue, task_id = request.match_info["queue"], request.match_info["task_id"]

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -282,10 +282,16 @@ class TaskService:
         return public_status(apply_status(initial_status(task_id), seen.event, seen.at_ms))
 
     def list(
-        self, queue: str, status: str | None, after: str | None, limit: int
+        self,
+        queue: str,
+        status: str | None,
+        after: str | None,
+        limit: int,
+        only: Callable[[str], bool] | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of tasks in id order, optionally only those with `status`; and the next
-        `after` (None at the end)."""
+        """A page of tasks in id order, optionally only those with `status` (and with `only`,
+        those whose id it accepts: the status partitions folded here); and the next `after`
+        (None at the end)."""
         self.queue(queue)
         if status is not None and status not in STATUSES:
             raise InputError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
@@ -296,6 +302,8 @@ class TaskService:
             page = store.scan("", cursor, 1000)
             for task_id, state in page:
                 cursor = task_id
+                if only is not None and not only(task_id):
+                    continue
                 if status is None or state.get("status") == status:
                     found.append(public_status(state))
                     if len(found) == limit:

@@ -377,6 +377,10 @@ def test_two_intake_workers_one_task_id_read_your_writes_progress_own_results_ro
         # Either worker answers for every task: the one that does not fold its status
         # partition forwards the GET to the one that does (refold.http.routing).
         routed = {t: [node.status(t) for node in (a, b)] for t in ids}
+        # Either worker lists every task of the queue, the other's partitions merged in: in
+        # one page, and page by page (7 at a time).
+        listed = {node.port: _listed(node, 1000) for node in (a, b)}
+        paged = {node.port: _listed(node, 7) for node in (a, b)}
         calls = a.calls()
     finally:
         a.stop()
@@ -387,6 +391,9 @@ def test_two_intake_workers_one_task_id_read_your_writes_progress_own_results_ro
     assert all(body["status"] is not None for _, body in answers), answers
     assert all(s["status"] == "succeeded" for s in states.values()), states
     assert all(pair == [states[t], states[t]] for t, pair in routed.items()), routed
+    every = sorted([*ids, *own], key=str.encode)
+    assert all(found == every for found in listed.values()), listed
+    assert all(found == every for found in paged.values()), paged
     intake = Counter(v["task_id"] for _, v in records(config, f"{queue}.tasks"))
     assert {t: intake[t] for t in duplicates} == dict.fromkeys(duplicates, 1)
     assert set(intake.values()) == {1} and "other" not in json.dumps(list(intake))
@@ -402,6 +409,21 @@ def test_two_intake_workers_one_task_id_read_your_writes_progress_own_results_ro
     assert [h["status"] for h in slow["history"]][-3:] == ["running", "progress", "succeeded"]
     assert slow["history"][-2]["progress"] == slow["progress"]
     assert {t: s["result"] for t, s in own.items()} == {t: {"task_id": t} for t in own}
+
+
+def _listed(node: Processes, limit: int) -> list[str]:
+    """The ids of the queue's succeeded tasks as `GET /tasks/{queue}?status=` lists them,
+    page after page."""
+    found: list[str] = []
+    after = ""
+    while True:
+        query = f"status=succeeded&limit={limit}" + (f"&after={after}" if after else "")
+        code, body = node.http("GET", f"/tasks/{node.queue}?{query}")
+        assert code == 200, body
+        found += [item["task_id"] for item in body["items"]]
+        if body["next"] is None:
+            return found
+        after = body["next"]
 
 
 def _ended_on_either(nodes: tuple[Processes, ...], ids: list[str]) -> dict[str, dict]:
