@@ -320,9 +320,15 @@ class TaskWorker:
             self._count("rejected")
             return AcknowledgeType.REJECT
         try:
-            self._cancels.catch_up(since=polled)
-            batch = [t for t in tasks if t.id not in self._cancels]
+            cancels = self._cancels
+            cancels.catch_up(since=polled)
+            batch = [t for t in tasks if t.id not in cancels and t.parent_id not in cancels]
             self._count("cancelled", len(tasks) - len(batch))
+            # A part of a task cancelled before it was split: the cancel named the parent only
+            # (its parts did not exist yet), so the part's own `cancelled` is written here.
+            orphans = [t for t in tasks if t.id not in cancels and t.parent_id in cancels]
+            if orphans:
+                self._cancel_parts(item["batch_id"], orphans)
             if batch:
                 return self._handle(item["batch_id"], batch)
         except (KafkaException, TaskError) as exc:
@@ -331,6 +337,13 @@ class TaskWorker:
             return AcknowledgeType.RELEASE
         self._count("items")
         return AcknowledgeType.ACCEPT
+
+    def _cancel_parts(self, batch_id: str, parts: list[Task]) -> None:
+        q, acks = self.queue, Acks()
+        for task in parts:
+            event = status_data(task.id, "cancelled", attempt=task.attempt, batch_id=batch_id)
+            self._log.produce(self._producer, q.status_topic, task.id, STATUS, event, acks)
+        acks.wait_served(f"cancelled statuses of batch {batch_id}")
 
     def _handle(self, batch_id: str, batch: list[Task]) -> Handled:
         q, p, produce = self.queue, self._producer, self._log.produce

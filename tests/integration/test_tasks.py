@@ -439,3 +439,42 @@ def _ended_on_either(nodes: tuple[Processes, ...], ids: list[str]) -> dict[str, 
         time.sleep(0.5)
     assert len(states) == len(ids), sorted(set(ids) - set(states))[:10]
     return states
+
+
+def test_a_split_task_cancelled_before_its_dispatch_runs_none_of_its_parts(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    """The cancel names the parent only (its parts do not exist yet); the dispatcher splits it
+    later; the task worker ends each part `cancelled` and never hands one to the handler."""
+    from refold.kafka.task_log import TaskClient
+
+    from tests.integration.apps.shipping import Shipping
+
+    queue = unique("ship")
+    run = Processes(config, queue, tmp_path, timeout_s=6)
+    shipping = type("Q", (Shipping,), {"name": queue})()
+    ensured = run.cli("topics", "ensure")
+    assert ensured.returncode == 0, ensured.stderr
+    submitted = run.cli("task", "submit", queue, "--data", '{"product_id": "p", "qty": 25}',
+                        "--id", "big")  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    client = TaskClient(config, {queue: shipping})
+    try:
+        client.cancel(queue, ["big"])  # no worker runs yet: nothing is dispatched
+    finally:
+        client.close()
+    try:
+        run.worker()
+        run.task_worker("tw-a")
+        run.submit("after", {"product_id": "q"})  # a task after them still runs
+        states = run.wait_ended(["big", "after", "big.part-0", "big.part-1", "big.part-2"])
+        calls = run.calls()
+    finally:
+        run.stop()
+
+    assert states["after"]["status"] == "succeeded", states["after"]
+    assert {t: states[t]["status"] for t in states if t != "after"} == dict.fromkeys(
+        ["big", "big.part-0", "big.part-1", "big.part-2"], "cancelled"
+    ), states
+    ran = {task_id for call in calls for task_id, *_ in call["tasks"]}
+    assert ran == {"after"}, calls
