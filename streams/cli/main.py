@@ -75,13 +75,18 @@ def cmd_topics(args: argparse.Namespace, config: Config) -> int:
     specs = internal_topics(config) + [event_topic(t, args.partitions) for t in args.topics]
     specs += [event_topic(t, args.partitions) for t in _declared_topics(config)]
     topics = Topics(config)
-    created = topics.ensure(specs)
+    # Counted against the cluster's list before: the commands', tasks' and sagas' topics are
+    # made by their own helpers (only the event and internal topics were counted: "0 created"
+    # on a first run that made a task queue's five).
+    existed = topics.names()
+    topics.ensure(specs)
     names = sorted(
         {s.name for s in specs}
         | _ensure_command_topics(config, topics)
         | _ensure_tasks(config, topics)
         | _ensure_sagas(config, topics)
     )
+    created = [name for name in names if name not in existed]
     print(f"{len(names)} topic(s) ready ({len(created)} created): {', '.join(names)}")
     return 0
 

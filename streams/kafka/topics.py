@@ -107,6 +107,16 @@ class Topics:
             return False
         return True
 
+    def names(self, *, timeout: float = 10.0) -> set[str]:
+        """Every topic the cluster has now."""
+        try:
+            return set(self._admin.list_topics(timeout=timeout).topics)
+        except KafkaException as exc:
+            raise TopicError(
+                f"cannot list the topics: {exc}",
+                hint="is the broker running? `refold broker status`",
+            ) from exc
+
     def broker_count(self) -> int:
         return len(self._admin.list_topics(timeout=10).brokers)
 

@@ -455,6 +455,8 @@ def test_a_split_task_cancelled_before_its_dispatch_runs_none_of_its_parts(
     shipping = type("Q", (Shipping,), {"name": queue})()
     ensured = run.cli("topics", "ensure")
     assert ensured.returncode == 0, ensured.stderr
+    made = int(ensured.stdout.split(" created)")[0].rsplit("(", 1)[1])
+    assert made >= 4, ensured.stdout  # the new queue's own topics count (they were "0 created")
     submitted = run.cli("task", "submit", queue, "--data", '{"product_id": "p", "qty": 25}',
                         "--id", "big")  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
