@@ -394,7 +394,10 @@ class TaskWorker:
         """A handler's `task.progress(...)`: one `progress` status event, not awaited (the
         batch's statuses flush it; a lost report is only a missing line)."""
         event = status_data(
-            task.id, "progress", attempt=task.attempt, progress=json.dumps(report, default=str)
+            task.id,
+            "progress",
+            attempt=task.attempt,
+            progress=json.dumps(report, default=str, allow_nan=False),  # ValueError to the handler
         )
         self._log.produce(
             self._producer, self.queue.status_topic, task.id, STATUS, event, _log_failure
@@ -421,8 +424,8 @@ def _outcome(task: Task, batch: dict[str, Any]) -> dict[str, Any]:
         return batch
     result = task.result if task.result is not None else batch["result"]
     try:
-        text = json.dumps(result, default=str)
-    except (TypeError, ValueError, RecursionError) as exc:  # a loop, keys that are not text
+        text = json.dumps(result, default=str, allow_nan=False)  # NaN read back as null
+    except (TypeError, ValueError, RecursionError) as exc:  # a loop, keys that are not text, NaN
         return {"status": "failed", "error": f"result is not JSON: {type(exc).__name__}: {exc}"}
     return {"status": "succeeded", "result": text}
 

@@ -34,6 +34,7 @@ def test_a_handler_that_raises_base_exceptions_or_returns_unwritable_results_fai
         "interrupt": {"raise": "KeyboardInterrupt"},
         "circular": {"result": "circular"},
         "tuple-key": {"result": "tuple-key"},
+        "nan": {"result": "nan"},
         "huge": {"result": "huge"},
         "own-circular": {"own_result": "circular"},
     }
@@ -62,6 +63,7 @@ def test_a_handler_that_raises_base_exceptions_or_returns_unwritable_results_fai
         "interrupt": "KeyboardInterrupt",
         "circular": "result is not JSON",
         "tuple-key": "result is not JSON",
+        "nan": "result is not JSON",
         "huge": "result is too large",
         "own-circular": "result is not JSON",
     }

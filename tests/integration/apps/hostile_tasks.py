@@ -4,7 +4,7 @@ REFOLD_TEST_QUEUE (unique per test).
 The handler appends one JSON line per call to REFOLD_TEST_TASK_LOG (which tasks ran, at which
 attempt). Task data steers it: `raise` names a BaseException to raise (`SystemExit`,
 `KeyboardInterrupt`); `result` a result it returns that cannot be written (`circular`: a dict
-that holds itself, `tuple-key`, `huge`: 2 MB of JSON); `own_result` the same, as each task's
+that holds itself, `tuple-key`, `nan`, `huge`: 2 MB of JSON); `own_result` the same, as each task's
 `task.result`. `split` makes `split()` answer a dict instead of a list of them. Tasks
 with one `group` merge.
 """
@@ -27,6 +27,8 @@ def _unwritable(kind: str) -> Any:
         return loop
     if kind == "tuple-key":
         return {(1, 2): "a key that is not a string"}
+    if kind == "nan":
+        return {"ratio": float("nan")}
     if kind == "huge":
         return {"blob": "x" * (2 * 1024 * 1024)}
     return {"kind": kind}
