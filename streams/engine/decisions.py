@@ -200,7 +200,9 @@ def checked_events(
     except InputError as exc:
         raise Rejected(str(exc)) from exc
     try:
-        specs = decider.decide(command, _copy(state))  # decide must not touch the state shown
+        # decide must not touch the state shown; a list even if it gave an iterator (a
+        # generator would be used up by the checks and leave an accepted command no events)
+        specs = list(decider.decide(command, _copy(state)))
         for type_name, data in specs:
             check(type_name, data)
     except Rejected:
