@@ -377,11 +377,12 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         return now
 
     def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
-        """The committed state of each key: cached, else stored, else new."""
+        """The committed state of each key that has one: cached, else stored. A key without is
+        left out: `decide_batch` starts it, and rejects its commands if `initial` fails."""
         missing = keys - self._cache.keys()
         for raw_key, wrapper in self.store.get_many([_AGG + k for k in missing]).items():
             self._cache[raw_key[len(_AGG) :]] = wrapper
-        return {key: self._load(key) for key in keys}
+        return {key: self._cache[key] for key in keys if key in self._cache}
 
     def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
         """The first claim of each new command id (refold.engine.claims); an index that cannot

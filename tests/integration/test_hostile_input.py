@@ -263,6 +263,40 @@ def test_a_new_processor_folds_past_an_event_whose_state_cannot_be_stored(
         second.stop()
 
 
+def test_a_decider_whose_initial_raises_rejects_that_key_and_decides_on(
+    config, vault, client
+) -> None:
+    """`initial(key)` is user code: one that raises for some keys rejects their commands, and an
+    event of such a key written around the processor is skipped; it used to stop the processor
+    (state `failed`) and leave every later command pending, after a restart too."""
+    from refold.engine.worker import Worker
+    from refold.kafka.publisher import Publisher
+
+    class Picky(type(vault)):  # type: ignore[misc]
+        def initial(self, key: str) -> Any:
+            if key.startswith("bad"):
+                raise ValueError("keys are acc-*")
+            return super().initial(key)
+
+    picky = Picky()
+    with Publisher(config) as publisher:  # folded when the processor takes the partition
+        opened = {"account_id": "bad-0", "owner": "eve"}
+        publisher.publish(vault.events_topic, "bank.AccountOpened", "bad-0", opened)
+    worker = Worker(config, [], deciders=[picky])
+    worker.start()
+    try:
+        bad = client.send(picky.name, "bad-1", "bank.OpenAccount", {"owner": "x"})
+        good = client.send(picky.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+        assert client.wait(good, 60)["status"] == "accepted"
+        rejected = client.wait(bad, 60)
+        assert rejected["status"] == "rejected", rejected
+        assert "no initial state for 'bad-1': ValueError: keys are acc-*" in rejected["reason"]
+        stats = worker.processors[picky.name].stats
+        assert (stats.state, stats.skipped_events) == ("running", 1)
+    finally:
+        worker.stop()
+
+
 def _set_on_odd(self: Any, state: dict[str, Any], event: Any) -> Any:
     """A fold with a bug: it returns a `set` (not JSON) for odd amounts."""
     if event.data["amount_cents"] % 2:

@@ -252,6 +252,40 @@ def test_a_decide_that_yields_its_events_emits_them_and_a_non_list_is_a_rejectio
     assert batch.after["acc-1"]["state"]["balance_cents"] == 5
 
 
+def test_a_key_without_an_initial_state_rejects_its_commands_and_others_are_decided() -> None:
+    class Picky(Accounts):
+        def initial(self, key: str) -> Any:
+            if key == "bad-set":
+                return {"seen": {1}}  # not storable
+            if key.startswith("bad"):
+                raise ValueError("keys are acc-*")
+            return super().initial(key)
+
+    batch = decide(
+        [
+            record("c1", "bank.OpenAccount", {"owner": "x"}, key="bad-1"),
+            record("c2", "bank.OpenAccount", {"owner": "x"}, key="bad-set"),
+            record("c3", "bank.OpenAccount", {"owner": "ada"}, key="acc-2"),
+        ],
+        decider=Picky(),
+    )
+    assert outcomes(batch) == [
+        (
+            "c1",
+            0,
+            "decider 'accounts' has no initial state for 'bad-1': ValueError: keys are acc-*",
+        ),
+        (
+            "c2",
+            0,
+            "decider 'accounts' has no initial state for 'bad-set': "
+            "TypeError: Type is not JSON serializable: set",
+        ),
+        ("c3", 1, None),
+    ]
+    assert set(batch.after) == {"acc-2"}
+
+
 def test_decide_sees_a_copy_of_the_state() -> None:
     class Meddling(Accounts):
         def decide_Deposit(self, command: Command, state: Any) -> list[EventSpec]:
