@@ -297,6 +297,39 @@ def test_a_decider_whose_initial_raises_rejects_that_key_and_decides_on(
         worker.stop()
 
 
+def test_an_event_too_large_for_a_record_rejects_its_command_and_the_key_goes_on(
+    config, vault, client
+) -> None:
+    """A decider may emit an event larger than its command; one over what a Kafka record takes
+    is refused by the producer inside the transaction, which was aborted and tried again
+    forever, blocking the partition. It rejects its command now."""
+    from refold.engine.worker import Worker
+
+    class Padding(type(vault)):  # type: ignore[misc]
+        def decide_Deposit(self, command: Any, state: Any) -> Any:
+            events = super().decide_Deposit(command, state)
+            if command.data.get("memo") != "pad":
+                return events
+            return [(t, {**data, "memo": "m" * 1_000_000}) for t, data in events]
+
+    padding = Padding()
+    worker = Worker(config, [], deciders=[padding])
+    worker.start()
+    try:
+        sent = [
+            client.send(padding.name, "acc-1", "bank.OpenAccount", {"owner": "ada"}),
+            client.send(padding.name, "acc-1", "bank.Deposit", {"amount_cents": 7, "memo": "pad"}),
+            client.send(padding.name, "acc-1", "bank.Deposit", {"amount_cents": 5}),
+        ]
+        opened, padded, deposit = (client.wait(cid, 60) for cid in sent)
+        assert (opened["status"], deposit["status"], deposit["version"]) == ("accepted",) * 2 + (2,)
+        assert padded["status"] == "rejected", padded
+        assert "bank.MoneyDeposited is 1000" in padded["reason"]
+        assert "at most 900000 fit in a record" in padded["reason"]
+    finally:
+        worker.stop()
+
+
 def _set_on_odd(self: Any, state: dict[str, Any], event: Any) -> Any:
     """A fold with a bug: it returns a `set` (not JSON) for odd amounts."""
     if event.data["amount_cents"] % 2:
