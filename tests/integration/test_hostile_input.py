@@ -330,6 +330,35 @@ def test_an_event_too_large_for_a_record_rejects_its_command_and_the_key_goes_on
         worker.stop()
 
 
+def test_a_command_record_with_a_lone_surrogate_is_rejected_and_the_key_goes_on(
+    config, vault, client
+) -> None:
+    """A command record written around the API (any Kafka client) with `\\ud800` in its JSON:
+    json.loads gives a string nothing can encode, which stopped the processor (state `failed`),
+    again after every restart."""
+    from confluent_kafka import Producer
+    from refold.engine.worker import Worker
+
+    producer = Producer({"bootstrap.servers": config.bootstrap_servers})
+    for cid, key, memo in (("lone-1", "\\ud800", "m"), ("lone-2", "acc-2", "\\udfff")):
+        value = '{"command_id":"%s","key":"%s","type":"bank.OpenAccount","data":{"owner":"%s"}}'
+        record = (value % (cid, key, memo)).encode()
+        producer.produce(vault.command_topic, record, b"acc-1", partition=0)
+    producer.flush(30)
+    worker = Worker(config, [], deciders=[vault])
+    worker.start()
+    try:
+        opened = client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+        assert client.wait(opened, 60)["status"] == "accepted"
+        for offset in (0, 1):  # a malformed command's result is keyed by its position
+            result = client.wait(f"{vault.command_topic}-0-{offset}", 60, vault.name)
+            assert result["status"] == "rejected", result
+            assert "malformed command: command is not UTF-8 text" in result["reason"]
+        assert worker.processors[vault.name].stats.state == "running"
+    finally:
+        worker.stop()
+
+
 def _set_on_odd(self: Any, state: dict[str, Any], event: Any) -> Any:
     """A fold with a bug: it returns a `set` (not JSON) for odd amounts."""
     if event.data["amount_cents"] % 2:
