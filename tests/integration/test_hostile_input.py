@@ -359,6 +359,34 @@ def test_a_command_record_with_a_lone_surrogate_is_rejected_and_the_key_goes_on(
         worker.stop()
 
 
+def test_a_command_no_record_can_carry_is_an_input_error(config, vault, client) -> None:
+    """Too large for a Kafka record, or not UTF-8 text (a lone surrogate: from argv's
+    surrogateescape, or Python): `refold command` printed a traceback, `CommandClient.send`
+    raised UnicodeEncodeError or KafkaException."""
+    from refold.core.errors import InputError
+
+    with pytest.raises(InputError, match="too large for a Kafka record"):
+        client.send(vault.name, "k" * 600_000, "bank.OpenAccount", {"owner": "x"})
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "\udcff"})
+    env = {
+        **os.environ,
+        "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "REFOLD_DATA_DIR": str(config.data_dir),
+        "REFOLD_APP": "tests.integration.apps.vault",
+        "VAULT_NAME": vault.name,
+        "VAULT_TOPIC": vault.events_topic,
+        "PYTHONPATH": str(ROOT),
+    }
+    args = ["command", vault.name, "--type", "bank.OpenAccount", "--data", '{"owner": "x"}']
+    done = subprocess.run(
+        [*CLI, *args, "--key", b"acc-\xff"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.decode().splitlines()
+    assert line.startswith("refold: error: command ") and "is not UTF-8 text" in line, line
+
+
 def _set_on_odd(self: Any, state: dict[str, Any], event: Any) -> Any:
     """A fold with a bug: it returns a `set` (not JSON) for odd amounts."""
     if event.data["amount_cents"] % 2:
