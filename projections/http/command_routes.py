@@ -126,6 +126,10 @@ class CommandRoutes:
         timing.add("http_intake", (appending - started) * 1000)
         try:
             await asyncio.wrap_future(client.append(command))
+        except InputError as exc:  # too large for a record (a JSON body has no lone surrogate)
+            backlog.dropped(command.command_id)
+            self._submitted.pop(command.command_id, None)
+            return error_reply(413, "command too large", str(exc))
         except CommandError as exc:
             log.warning("POST /commands/%s: %s", aggregate, exc)
             backlog.dropped(command.command_id)

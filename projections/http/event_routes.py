@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from refold.core.errors import InputError, PublishError, TopicError
 from refold.core.inputs import EventInput, event_from_json
-from refold.core.serde import Position
+from refold.core.serde import MAX_EVENT_BYTES, Position
 from refold.engine.worker import Worker
 from refold.http import answers
 from refold.http.answers import dumps as _dumps
@@ -24,9 +24,6 @@ log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 
-#: The largest encoded event (value + key) `POST /events` takes: Kafka's producer refuses
-#: records over 1,000,000 bytes (message.max.bytes), and the envelope headers need room.
-MAX_EVENT_BYTES = 900_000
 #: Suffixes of the topics refold writes itself (command intake and results).
 _INTERNAL_SUFFIXES = (".commands", ".results")
 

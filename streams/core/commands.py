@@ -127,9 +127,15 @@ class Command:
             and (version is None or _is_int(version))
         ):
             raise InputError("command lacks command_id/key/type/data or has mistyped fields")
-        return cls(
+        command = cls(
             command_id, str(obj.get("aggregate", "")), obj["key"], obj["type"], obj["data"], version
         )
+        try:  # json.loads lets a lone surrogate (an escape like \ud800) through; nothing encodes it
+            command_id.encode()
+            command.fingerprint  # noqa: B018 (every string but the id, encoded; kept for later)
+        except UnicodeEncodeError as exc:
+            raise InputError(f"command is not UTF-8 text: {exc.reason}") from exc
+        return command
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from refold.core.errors import EncodeError, InputError, SchemaError
 from refold.core.fastencode import generate
-from refold.core.serde import MAGIC, Codec
+from refold.core.serde import MAGIC, MAX_EVENT_BYTES, Codec
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +109,25 @@ def events_from_lines(
             problems.append(LineProblem(number, "invalid JSON: nested too deeply"))
             continue
         try:
-            events.append(event_from_json(obj, codec))
+            event = event_from_json(obj, codec)
         except InputError as exc:
             problems.append(LineProblem(number, str(exc)))
+            continue
+        reason = too_large(event)
+        if reason is not None:
+            problems.append(LineProblem(number, reason))
+            continue
+        events.append(event)
     return events, problems
+
+
+def too_large(event: EventInput) -> str | None:
+    """Why no Kafka record carries `event`, or None. A file's line must be refused for it when
+    the file is validated: the producer refuses it only once the lines before it are sent."""
+    size = len(event.value) + len(event.key.encode())
+    if size > MAX_EVENT_BYTES:
+        return f"the event is {size} bytes encoded; at most {MAX_EVENT_BYTES} fit in a record"
+    return None
 
 
 @dataclass(slots=True)
@@ -184,7 +199,13 @@ class LineEncoder:
                         spec = specs[t] if t in specs else self._spec(t)
                         if spec is not None and spec[0].issuperset(d):
                             value = spec[1](d)
-                            if value is not None and not (spec[2] and big(raw)):
+                            # A key's UTF-8 is at most 4 bytes a character: an event that may
+                            # not fit in a record takes the reference path, which measures it.
+                            if (
+                                value is not None
+                                and not (spec[2] and big(raw))
+                                and len(value) + 4 * len(k) <= MAX_EVENT_BYTES
+                            ):
                                 types.append(t)
                                 keys.append(k)
                                 values.append(value)
@@ -194,9 +215,15 @@ class LineEncoder:
             if obj is _SKIP:
                 continue
             try:
-                batch.add(event_from_json(obj, self.codec))
+                event = event_from_json(obj, self.codec)
             except InputError as exc:
                 problems.append(LineProblem(number, str(exc)))
+                continue
+            reason = too_large(event)
+            if reason is not None:
+                problems.append(LineProblem(number, reason))
+                continue
+            batch.add(event)
         return batch, problems
 
 

@@ -28,6 +28,9 @@ MAGIC = b"\xc3\x01"
 #: A writer schema's encoding: single-object prefix, schema, strict check, generated encoder.
 _Writer = tuple[bytes, Any, Callable[[dict[str, Any]], None] | None, Encoder | None]
 HEADER_LEN = 10
+#: The largest encoded event (value + key) refold writes: Kafka's producer refuses records over
+#: 1,000,000 bytes (message.max.bytes), and the envelope headers need room.
+MAX_EVENT_BYTES = 900_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,9 +107,9 @@ class CatchUp:
                 )
                 continue
             key = AGG + event.key
-            wrapper = changed.get(key) or self._load(event.key)
             if careful:
                 try:
+                    wrapper = changed.get(key) or self._load(event.key)
                     folded = fold(d, copy_state(wrapper), event)
                     orjson.dumps(folded)
                 except (CommandError, TypeError, ValueError) as exc:
@@ -125,7 +125,7 @@ class CatchUp:
                     continue
                 changed[key] = folded
             else:
-                changed[key] = fold(d, wrapper, event)
+                changed[key] = fold(d, changed.get(key) or self._load(event.key), event)
         if offsets:
             self.store.commit(changed, offsets)
         self._cache.clear()

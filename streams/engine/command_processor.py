@@ -60,8 +60,8 @@ from confluent_kafka import (
 from refold.core import envelope
 from refold.core.commands import Command, CommandResult, Decider
 from refold.core.config import Config
-from refold.core.errors import CommandError, InputError
-from refold.core.serde import Codec, Event
+from refold.core.errors import CommandError, EncodeError, InputError
+from refold.core.serde import MAX_EVENT_BYTES, Codec, Event
 from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.command_catchup import AGG as _AGG
 from refold.engine.command_catchup import RES as _RES
@@ -332,7 +332,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         now_ms = int(time.time() * 1000)
         batch = decide_batch(
             self.decider,
-            self.codec.check,
+            self._check_event,
             records,
             self._states_of({r.key for r in records}),
             decided_at,
@@ -376,12 +376,23 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         self.timing.add(name, (now - since) * 1000)
         return now
 
+    def _check_event(self, type_name: str, data: Any) -> None:
+        """decide_batch's check of each event: it encodes (strictly, as it will be produced)
+        and fits in a Kafka record. An event the producer refuses would abort the transaction
+        at every try and block its partition; this way it rejects its command."""
+        size = len(self.codec.encode(type_name, data))
+        if size > MAX_EVENT_BYTES:
+            raise EncodeError(
+                f"{type_name} is {size} bytes encoded; at most {MAX_EVENT_BYTES} fit in a record"
+            )
+
     def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
-        """The committed state of each key: cached, else stored, else new."""
+        """The committed state of each key that has one: cached, else stored. A key without is
+        left out: `decide_batch` starts it, and rejects its commands if `initial` fails."""
         missing = keys - self._cache.keys()
         for raw_key, wrapper in self.store.get_many([_AGG + k for k in missing]).items():
             self._cache[raw_key[len(_AGG) :]] = wrapper
-        return {key: self._load(key) for key in keys}
+        return {key: self._cache[key] for key in keys if key in self._cache}
 
     def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
         """The first claim of each new command id (refold.engine.claims); an index that cannot

@@ -9,6 +9,7 @@ Rules, applied to a batch's commands in order (step 3 of the processor):
 - a command whose id was first claimed by another command (another fingerprint, see
   `refold.engine.claims`) is a conflict: never decided here, no result of its own;
 - a malformed command, or one whose record key differs from its key, is rejected;
+- a command for a key the decider has no initial state for (`initial` raised) is rejected;
 - a stale `expected_version` is rejected as a conflict, with `current_version`;
 - otherwise `decide` sees the state left by the batch's earlier commands for the same key and
   gives events (schema-checked) or a rejection; a bug in it rejects that command only.
@@ -86,7 +87,17 @@ class BatchDecision:
 
 
 def new_aggregate(decider: Decider, key: str) -> Aggregate:
-    return {"version": 0, "state": decider.initial(key)}
+    """The aggregate of a key without events; CommandError when the decider's `initial` fails
+    or gives a state that cannot be stored (a bug in user code must not stop the processor)."""
+    try:
+        state = decider.initial(key)
+        orjson.dumps(state)
+    except Exception as exc:
+        raise CommandError(
+            f"decider {decider.name!r} has no initial state for {key!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return {"version": 0, "state": state}
 
 
 def decide_batch(
@@ -119,7 +130,11 @@ def decide_batch(
             continue
         key = record.key
         if key not in batch.after:
-            committed = states.get(key) or new_aggregate(decider, key)
+            try:
+                committed = states.get(key) or new_aggregate(decider, key)
+            except CommandError as exc:  # this key cannot be decided; the others can
+                batch.decisions.append(Decision(record, 0, reason=str(exc)))
+                continue
             batch.before[key] = committed
             batch.after[key] = _copy(committed)  # decisions must not touch committed states
         decision = decide_one(decider, check, record, batch.after[key])
@@ -200,7 +215,9 @@ def checked_events(
     except InputError as exc:
         raise Rejected(str(exc)) from exc
     try:
-        specs = decider.decide(command, _copy(state))  # decide must not touch the state shown
+        # decide must not touch the state shown; a list even if it gave an iterator (a
+        # generator would be used up by the checks and leave an accepted command no events)
+        specs = list(decider.decide(command, _copy(state)))
         for type_name, data in specs:
             check(type_name, data)
     except Rejected:

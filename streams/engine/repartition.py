@@ -21,8 +21,8 @@ The links (aggregate id -> key last routed to) are a pure function of a source p
 prefix, so they need no store of their own: when a source partition is assigned, its links are
 recomputed by reading it from offset 0 up to the group's committed offset, asking only `key()`
 (the cost of a worker taking over a source partition; kept in memory per owned partition).
-Poison events (undecodable, `key()` raising) go to the projection's dead-letter topic in the
-same transaction.
+Poison events (undecodable, `key()` raising, or re-keyed too large for a Kafka record) go to the
+projection's dead-letter topic in the same transaction.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from confluent_kafka import (
 from refold.core.config import Config
 from refold.core.errors import DecodeError
 from refold.core.projection import Projection
-from refold.core.serde import Codec, Event
+from refold.core.serde import MAX_EVENT_BYTES, Codec, Event
 from refold.engine.membership import fold_group_settings
 from refold.engine.runner_consumer import FOLD_CONSUMER_CONF
 from refold.engine.runner_stats import TP
@@ -243,7 +243,15 @@ class Repartitioner(BoundedTransactions):
                     continue
             else:
                 new[event.key] = key
-            routed.append((key.encode(), msg, event))
+            raw = key.encode()
+            # The routed record holds the new key, the value and the old key (its source
+            # header): one the producer refuses would abort every try of this transaction.
+            size = len(raw) + len(msg.value() or b"") + len(event.key)
+            if size > MAX_EVENT_BYTES:
+                reason = f"the re-keyed record is {size} bytes; at most {MAX_EVENT_BYTES} fit"
+                dead.append((msg, f"{reason} in a record"))
+                continue
+            routed.append((raw, msg, event))
         if not nxt:
             return
         try:

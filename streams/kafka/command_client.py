@@ -26,6 +26,7 @@ import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     KafkaError,
+    KafkaException,
     Message,
     TopicPartition,
 )
@@ -40,7 +41,7 @@ from refold.core.commands import (
     pending,
 )
 from refold.core.config import Config
-from refold.core.errors import CommandError, TopicError
+from refold.core.errors import CommandError, InputError, TopicError
 from refold.core.serde import Position
 from refold.kafka import clients
 from refold.kafka.command_topics import check_copartitioned
@@ -279,8 +280,13 @@ class CommandClient:
         return command.command_id
 
     def append(self, command: Command) -> Future[Position]:
-        """Produce `command`; the future gives its position or raises CommandError."""
+        """Produce `command`; the future gives its position or raises CommandError. InputError
+        at once for a command no record can carry (not UTF-8 text, too large)."""
         decider = decider_named(self.deciders, command.aggregate)
+        try:
+            value, key = command.encode(), command.key.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate (from argv or Python; not JSON)
+            raise InputError(f"command {command.command_id!r} is not UTF-8 text: {exc}") from exc
         self._check_topics(decider)
         future: Future[Position] = Future()
 
@@ -300,14 +306,22 @@ class CommandClient:
             try:
                 self._producer.produce(
                     decider.command_topic,
-                    command.encode(),
-                    command.key.encode(),
+                    value,
+                    key,
                     headers=command.headers(self.source),
                     on_delivery=on_delivery,
                 )
                 return future
             except BufferError:
                 time.sleep(0.01)  # local queue full: the poller drains deliveries
+            except KafkaException as exc:  # refused before sending
+                error = exc.args[0]
+                if error.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise CommandError(f"command {command.command_id} not sent: {error}") from exc
+                raise InputError(
+                    f"command {command.command_id!r} is {len(value) + len(key)} bytes encoded, "
+                    "too large for a Kafka record (message.max.bytes)"
+                ) from exc
 
     def wait(
         self,

@@ -263,6 +263,130 @@ def test_a_new_processor_folds_past_an_event_whose_state_cannot_be_stored(
         second.stop()
 
 
+def test_a_decider_whose_initial_raises_rejects_that_key_and_decides_on(
+    config, vault, client
+) -> None:
+    """`initial(key)` is user code: one that raises for some keys rejects their commands, and an
+    event of such a key written around the processor is skipped; it used to stop the processor
+    (state `failed`) and leave every later command pending, after a restart too."""
+    from refold.engine.worker import Worker
+    from refold.kafka.publisher import Publisher
+
+    class Picky(type(vault)):  # type: ignore[misc]
+        def initial(self, key: str) -> Any:
+            if key.startswith("bad"):
+                raise ValueError("keys are acc-*")
+            return super().initial(key)
+
+    picky = Picky()
+    with Publisher(config) as publisher:  # folded when the processor takes the partition
+        opened = {"account_id": "bad-0", "owner": "eve"}
+        publisher.publish(vault.events_topic, "bank.AccountOpened", "bad-0", opened)
+    worker = Worker(config, [], deciders=[picky])
+    worker.start()
+    try:
+        bad = client.send(picky.name, "bad-1", "bank.OpenAccount", {"owner": "x"})
+        good = client.send(picky.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+        assert client.wait(good, 60)["status"] == "accepted"
+        rejected = client.wait(bad, 60)
+        assert rejected["status"] == "rejected", rejected
+        assert "no initial state for 'bad-1': ValueError: keys are acc-*" in rejected["reason"]
+        stats = worker.processors[picky.name].stats
+        assert (stats.state, stats.skipped_events) == ("running", 1)
+    finally:
+        worker.stop()
+
+
+def test_an_event_too_large_for_a_record_rejects_its_command_and_the_key_goes_on(
+    config, vault, client
+) -> None:
+    """A decider may emit an event larger than its command; one over what a Kafka record takes
+    is refused by the producer inside the transaction, which was aborted and tried again
+    forever, blocking the partition. It rejects its command now."""
+    from refold.engine.worker import Worker
+
+    class Padding(type(vault)):  # type: ignore[misc]
+        def decide_Deposit(self, command: Any, state: Any) -> Any:
+            events = super().decide_Deposit(command, state)
+            if command.data.get("memo") != "pad":
+                return events
+            return [(t, {**data, "memo": "m" * 1_000_000}) for t, data in events]
+
+    padding = Padding()
+    worker = Worker(config, [], deciders=[padding])
+    worker.start()
+    try:
+        sent = [
+            client.send(padding.name, "acc-1", "bank.OpenAccount", {"owner": "ada"}),
+            client.send(padding.name, "acc-1", "bank.Deposit", {"amount_cents": 7, "memo": "pad"}),
+            client.send(padding.name, "acc-1", "bank.Deposit", {"amount_cents": 5}),
+        ]
+        opened, padded, deposit = (client.wait(cid, 60) for cid in sent)
+        assert (opened["status"], deposit["status"], deposit["version"]) == ("accepted",) * 2 + (2,)
+        assert padded["status"] == "rejected", padded
+        assert "bank.MoneyDeposited is 1000" in padded["reason"]
+        assert "at most 900000 fit in a record" in padded["reason"]
+    finally:
+        worker.stop()
+
+
+def test_a_command_record_with_a_lone_surrogate_is_rejected_and_the_key_goes_on(
+    config, vault, client
+) -> None:
+    """A command record written around the API (any Kafka client) with `\\ud800` in its JSON:
+    json.loads gives a string nothing can encode, which stopped the processor (state `failed`),
+    again after every restart."""
+    from confluent_kafka import Producer
+    from refold.engine.worker import Worker
+
+    producer = Producer({"bootstrap.servers": config.bootstrap_servers})
+    for cid, key, memo in (("lone-1", "\\ud800", "m"), ("lone-2", "acc-2", "\\udfff")):
+        value = '{"command_id":"%s","key":"%s","type":"bank.OpenAccount","data":{"owner":"%s"}}'
+        record = (value % (cid, key, memo)).encode()
+        producer.produce(vault.command_topic, record, b"acc-1", partition=0)
+    producer.flush(30)
+    worker = Worker(config, [], deciders=[vault])
+    worker.start()
+    try:
+        opened = client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+        assert client.wait(opened, 60)["status"] == "accepted"
+        for offset in (0, 1):  # a malformed command's result is keyed by its position
+            result = client.wait(f"{vault.command_topic}-0-{offset}", 60, vault.name)
+            assert result["status"] == "rejected", result
+            assert "malformed command: command is not UTF-8 text" in result["reason"]
+        assert worker.processors[vault.name].stats.state == "running"
+    finally:
+        worker.stop()
+
+
+def test_a_command_no_record_can_carry_is_an_input_error(config, vault, client) -> None:
+    """Too large for a Kafka record, or not UTF-8 text (a lone surrogate: from argv's
+    surrogateescape, or Python): `refold command` printed a traceback, `CommandClient.send`
+    raised UnicodeEncodeError or KafkaException."""
+    from refold.core.errors import InputError
+
+    with pytest.raises(InputError, match="too large for a Kafka record"):
+        client.send(vault.name, "k" * 600_000, "bank.OpenAccount", {"owner": "x"})
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "\udcff"})
+    env = {
+        **os.environ,
+        "REFOLD_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "REFOLD_DATA_DIR": str(config.data_dir),
+        "REFOLD_APP": "tests.integration.apps.vault",
+        "VAULT_NAME": vault.name,
+        "VAULT_TOPIC": vault.events_topic,
+        "PYTHONPATH": str(ROOT),
+    }
+    args = ["command", vault.name, "--type", "bank.OpenAccount", "--data", '{"owner": "x"}']
+    done = subprocess.run(
+        [*CLI, *args, "--key", b"acc-\xff"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.decode().splitlines()
+    assert line.startswith("refold: error: command ") and "is not UTF-8 text" in line, line
+
+
 def _set_on_odd(self: Any, state: dict[str, Any], event: Any) -> Any:
     """A fold with a bug: it returns a `set` (not JSON) for odd amounts."""
     if event.data["amount_cents"] % 2:

@@ -120,6 +120,11 @@ def test_posts_are_answered_as_aiohttp_answers_them(pair: Pair) -> None:
             True,
             [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"],
         ),
+        "a command too large for a Kafka record (its key is in it twice)": (
+            [pair.post({**opened, "command_id": "fp-big", "key": "k" * 520_000}, close=True)],
+            True,
+            [b"HTTP/1.1 413 Request Entity Too Large"],
+        ),
         "a bad wait_ms": (
             [pair.post(opened, wait=b"?wait_ms=soon", close=True)], False,
             [b"HTTP/1.1 400 Bad Request"],

@@ -18,6 +18,7 @@ from refold import Event
 from refold.core.config import Config
 from refold.engine.replay import replay
 from refold.engine.runtime import ProjectionRunner
+from refold.engine.tail import dead_letters
 from refold.engine.worker import Worker
 from refold.examples.bank.projections import Owners
 from refold.kafka import clients
@@ -240,3 +241,35 @@ def test_a_store_folded_from_its_source_goes_on_so(config: Config, unique: Any) 
         _until(lambda: _states(runner.store) == want, 60, "the source fold went on")
     finally:
         worker.stop()
+
+
+def test_an_event_too_large_once_re_keyed_is_dead_lettered_and_the_rest_routed(
+    config: Config, unique: Any
+) -> None:
+    """An account opened with a 480 kB owner fits in its record; re-keyed by owner it does not
+    (the owner is its key and in its value). The producer refused it inside the transaction,
+    which was aborted and tried again every 0.5 s for good: the partition was never routed
+    again (the bank's `POST /commands/accounts` can write such an event)."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=1), *internal_topics(config)])
+    big = "o" * 480_000
+    events: Events = [
+        ("bank.AccountOpened", "acc-big", {"account_id": "acc-big", "owner": big}),
+        ("bank.AccountOpened", "acc-1", {"account_id": "acc-1", "owner": "ada"}),
+        ("bank.MoneyDeposited", "acc-1", {"account_id": "acc-1", "amount_cents": 5, "memo": ""}),
+    ]
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        publisher.publish_many(topic, events)
+    v1, _v2 = _classes(name, topic)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        runner = worker.runners[name]
+        want = {"ada": {"accounts": {"acc-1": 5}, "total_cents": 5}}
+        _until(lambda: _states(runner.store) == want, 60, "the events after it were routed")
+    finally:
+        worker.stop()
+    [dead] = dead_letters(config, name)
+    assert (dead["key"], dead["offset"]) == ("acc-big", 0), dead
+    assert "the re-keyed record is 960" in dead["reason"], dead

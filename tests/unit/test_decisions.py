@@ -229,6 +229,63 @@ def test_an_invalid_event_or_a_decider_bug_rejects_only_that_command() -> None:
     ]
 
 
+def test_a_decide_that_yields_its_events_emits_them_and_a_non_list_is_a_rejection() -> None:
+    class Yielding(Accounts):
+        def decide(self, command: Command, state: Any) -> Any:  # the README allows overriding
+            if command.data["amount_cents"] == 1:
+                return None
+            return iter(super().decide(command, state))  # what a generator gives, too
+
+    batch = decide(
+        [
+            record("c1", "bank.Deposit", {"amount_cents": 5}),
+            record("c2", "bank.Deposit", {"amount_cents": 1}),
+        ],
+        {"acc-1": open_account()},
+        decider=Yielding(),
+    )
+    assert outcomes(batch) == [
+        ("c1", 2, None),
+        ("c2", 2, "decider error: TypeError: 'NoneType' object is not iterable"),
+    ]
+    assert [type_name for type_name, _data in batch.decisions[0].events] == ["bank.MoneyDeposited"]
+    assert batch.after["acc-1"]["state"]["balance_cents"] == 5
+
+
+def test_a_key_without_an_initial_state_rejects_its_commands_and_others_are_decided() -> None:
+    class Picky(Accounts):
+        def initial(self, key: str) -> Any:
+            if key == "bad-set":
+                return {"seen": {1}}  # not storable
+            if key.startswith("bad"):
+                raise ValueError("keys are acc-*")
+            return super().initial(key)
+
+    batch = decide(
+        [
+            record("c1", "bank.OpenAccount", {"owner": "x"}, key="bad-1"),
+            record("c2", "bank.OpenAccount", {"owner": "x"}, key="bad-set"),
+            record("c3", "bank.OpenAccount", {"owner": "ada"}, key="acc-2"),
+        ],
+        decider=Picky(),
+    )
+    assert outcomes(batch) == [
+        (
+            "c1",
+            0,
+            "decider 'accounts' has no initial state for 'bad-1': ValueError: keys are acc-*",
+        ),
+        (
+            "c2",
+            0,
+            "decider 'accounts' has no initial state for 'bad-set': "
+            "TypeError: Type is not JSON serializable: set",
+        ),
+        ("c3", 1, None),
+    ]
+    assert set(batch.after) == {"acc-2"}
+
+
 def test_decide_sees_a_copy_of_the_state() -> None:
     class Meddling(Accounts):
         def decide_Deposit(self, command: Command, state: Any) -> list[EventSpec]:

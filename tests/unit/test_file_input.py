@@ -158,6 +158,25 @@ def test_line_encoder_accepts_and_refuses_what_the_reference_does(codec: Codec) 
     assert len(problems) == 11  # the blank lines are no problem
 
 
+def test_a_line_too_large_for_a_record_is_a_problem_of_its_line(codec: Codec) -> None:
+    """The producer refuses a record over 1,000,000 bytes only once the lines before it are
+    sent: the file was published in part. It is refused with the file's other problems now."""
+
+    def line(key: str, memo_bytes: int) -> bytes:
+        data = {"account_id": key, "amount_cents": 1, "memo": "m" * memo_bytes}
+        return orjson.dumps({"type": "bank.MoneyDeposited", "key": key, "data": data})
+
+    lines = [line("a", 5), line("b", 1_100_000), line("c", 899_000), line("k" * 460_000, 10)]
+    reference, expected_problems = events_from_lines(lines, codec)
+    batch, problems = LineEncoder(codec).encode(b"\n".join(lines) + b"\n")
+    assert problems == expected_problems
+    assert [p.line for p in problems] == [2, 4]
+    assert (
+        problems[0].reason == "the event is 1100018 bytes encoded; at most 900000 fit in a record"
+    )
+    assert batch.keys == [e.key for e in reference] == ["a", "c"]
+
+
 def test_chunk_ranges_cover_the_input_and_end_at_line_ends() -> None:
     data = b"".join(b"x" * (i % 300) + b"\n" for i in range(5000)) + b"last, no newline"
     ranges = chunk_ranges(len(data), lambda at: _line_end(data, at), jobs=2)

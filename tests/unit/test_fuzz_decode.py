@@ -131,6 +131,23 @@ def test_a_command_record_decodes_or_is_an_input_error(value: Any, headers: Any)
     except InputError:
         return
     assert isinstance(command.command_id, str) and isinstance(command.data, dict)
+    assert command.encode() and command.fingerprint  # what the processor does with it
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        rb'{"command_id":"c1","key":"\ud800","type":"t.T","data":{}}',
+        rb'{"command_id":"c1","key":"k","type":"t.T","data":{"memo":"\udfff"}}',
+        rb'{"command_id":"c1","key":"k","type":"t.\uDBFF","data":{}}',
+        rb'{"command_id":"\ud800","key":"k","type":"t.T","data":{}}',
+        b'{"command_id":"c1","key":"\xed\xa0\x80","type":"t.T","data":{}}',  # a CESU-8 half
+    ],
+)
+def test_a_command_with_a_lone_surrogate_is_an_input_error(value: bytes) -> None:
+    """json.loads decodes these to strings nothing can encode; the processor failed on them."""
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        Command.decode(value, None)
 
 
 def _blank(line: bytes) -> bool:
