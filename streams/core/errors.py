@@ -73,5 +73,10 @@ class SagaError(RefoldError):
     """A saga is malformed, or its events could not be written."""
 
 
+class SagaStepsError(SagaError):
+    """A saga's `steps(saga_id, data)` raised, or gave no valid steps, or other steps than at its
+    start (not pure): that saga cannot go on, the others must."""
+
+
 class TaskConflict(TaskError):
     """A task id was submitted before with another body: the id names that first task."""

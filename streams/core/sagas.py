@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from refold.core.config import BUNDLED_SCHEMAS
-from refold.core.errors import InputError, SagaError
+from refold.core.errors import InputError, SagaError, SagaStepsError
 from refold.core.projection import Projection
 from refold.core.serde import Event
 
@@ -173,12 +173,25 @@ def start_from_json(saga: Saga, obj: Any) -> Start:
     if len(start.data_json) > MAX_DATA_BYTES:
         raise InputError(f"data is larger than {MAX_DATA_BYTES} bytes as JSON")
     try:
-        steps = list(saga.steps(saga_id, data))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"saga {saga.name!r} cannot run with this data: {exc!r}") from exc
-    if not steps or len({s.name for s in steps}) != len(steps):
-        raise SagaError(f"saga {saga.name!r}: steps() must give at least one step, unique names")
+        planned_steps(saga, saga_id, data)
+    except SagaStepsError as exc:
+        raise InputError(f"saga {saga.name!r} cannot run with this data: {exc}") from exc
     return start
+
+
+def planned_steps(saga: Saga, saga_id: str, data: dict[str, Any]) -> list[Step]:
+    """`saga.steps(saga_id, data)`, checked: at least one `Step`, unique names. Whatever the
+    user's code raises becomes SagaStepsError, so one saga's bug is that saga's failure (a 422
+    at its start, `failed` later), never a 500 or a saga runner stopped for every saga."""
+    try:
+        steps = list(saga.steps(saga_id, data))
+    except Exception as exc:  # user code: any error means this saga cannot run
+        raise SagaStepsError(f"steps() raised {exc!r}") from exc
+    if not steps or not all(isinstance(s, Step) for s in steps):
+        raise SagaStepsError(f"steps() must give at least one Step, not {steps!r:.200}")
+    if len({s.name for s in steps}) != len(steps):
+        raise SagaStepsError(f"steps() gave two steps of one name: {[s.name for s in steps]}")
+    return steps
 
 
 def saga_event(saga_id: str, kind: str, **fields: Any) -> dict[str, Any]:
@@ -227,7 +240,7 @@ def apply_event(saga: Saga, state: dict[str, Any], data: dict[str, Any]) -> dict
                 "undo_attempts": 0,
                 "undo_ms": 0,
             }
-            for s in saga.steps(state["saga_id"], state["data"])
+            for s in _started_steps(saga, state)
         ]
     elif kind == "finished":
         state["status"] = data.get("status") or "failed"
@@ -244,6 +257,15 @@ def apply_event(saga: Saga, state: dict[str, Any], data: dict[str, Any]) -> dict
         _apply_step(state, step, kind, data, at)
     state["updated_ms"] = max(state["updated_ms"], at)
     return state
+
+
+def _started_steps(saga: Saga, state: dict[str, Any]) -> list[Step]:
+    """The steps a start folds in; none when steps() fails (the runner then ends the saga
+    `failed` with the reason: the fold itself must never raise on a user's bug)."""
+    try:
+        return planned_steps(saga, state["saga_id"], state["data"])
+    except SagaStepsError:
+        return []
 
 
 #: Each step event's allowed (saga phase, step status) before it; any other is stale.
@@ -406,7 +428,12 @@ def advance(
     status = state.get("status")
     if status is None or status in TERMINAL:
         return Advance()
-    steps = list(saga.steps(state["saga_id"], state["data"]))
+    steps = planned_steps(saga, state["saga_id"], state["data"])
+    if [s.name for s in steps] != [s["name"] for s in state["steps"]]:
+        raise SagaStepsError(
+            f"steps() gave {[s.name for s in steps]}, not the steps of its start "
+            f"{[s['name'] for s in state['steps']]}: steps() must be pure"
+        )
     if status == "running":
         return _forward(saga, state, steps, results, now_ms, since_ms)
     return _backward(saga, state, steps, results, now_ms)
@@ -525,6 +552,13 @@ def _undo(
         at_ms=now_ms,
     )
     return Advance(events=(sent,), commands=(out,))
+
+
+def steps_failed(saga: Saga, saga_id: str, error: SagaStepsError, now_ms: int) -> Advance:
+    """What a saga whose steps() failed does (`advance` raised SagaStepsError): it ends
+    `failed` with a dead letter, for a person to look at; its accepted steps are not undone,
+    since which they are and how to undo them is what steps() could not say."""
+    return _fail(saga_id, f"saga {saga.name!r}: {error}", now_ms)
 
 
 def _fail(saga_id: str, reason: str, now_ms: int) -> Advance:

@@ -50,7 +50,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from refold.core.app import load_deciders
 from refold.core.commands import Command, Decider
 from refold.core.config import Config
-from refold.core.errors import CommandError, InputError, RefoldError
+from refold.core.errors import CommandError, InputError, RefoldError, SagaStepsError
 from refold.core.sagas import (
     TERMINAL,
     Outgoing,
@@ -63,6 +63,7 @@ from refold.core.sagas import (
     saga_event,
     saga_projection,
     saga_projection_name,
+    steps_failed,
 )
 from refold.core.serde import Codec
 from refold.engine.claims import ClaimRequest, ClaimsIndex
@@ -228,7 +229,10 @@ class SagaRunner:
         self._pending.pop(saga_id, None)
         outbox: list[Outgoing] = []
         for _ in range(CHAIN):
-            step = advance(self.saga, state, self._results.get, now_ms, since_ms=since_ms)
+            try:
+                step = advance(self.saga, state, self._results.get, now_ms, since_ms=since_ms)
+            except SagaStepsError as exc:  # this saga's bug: it fails, the others go on
+                step = steps_failed(self.saga, saga_id, exc, now_ms)
             if step.fence is not None and not self._fenced(step.fence):
                 break  # claimed by the processor: its result will come
             if step.dead is not None:

@@ -468,3 +468,29 @@ def test_a_compensation_rejected_past_its_limit_fails_the_saga_with_a_dead_lette
     assert worker.cli("worker", "dead-letters", saga) == []  # none of the transfers failed so
     moved = [(k, t) for k, t, d in events(config, vault.events_topic) if d.get("memo") == "s-1"]
     assert moved == [("acc-0", "bank.MoneyWithdrawn")]  # and nothing came back: a person looks
+
+
+@pytest.mark.timeout(300)
+def test_a_saga_whose_steps_fail_in_the_runner_fails_alone(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """steps() raising in the runner stopped the saga's runner for good: every saga of the name
+    stayed `running`. Now that saga ends `failed` with a dead letter and the others go on."""
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    try:
+        _fund(client, vault)
+        transfer = {"from": "acc-0", "to": "acc-1", "amount_cents": 5}
+        worker.start_saga("fickle", {**transfer, "fickle": True})
+        bad = worker.states(["fickle"], timeout=60)["fickle"]
+        worker.start_saga("after", transfer)
+        good = worker.states(["after"], timeout=60)["after"]
+        health = worker.http("GET", "/healthz")[1]
+    finally:
+        worker.stop()
+    assert bad["status"] == "failed" and "changed its mind" in bad["reason"], bad
+    assert good["status"] == "completed", good
+    assert health["sagas"][saga] == "running", health
+    letters = events(config, f"{saga}.saga.dead")
+    assert [(k, d["reason"]) for k, _t, d in letters] == [("fickle", bad["reason"])]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from refold import Command, Rejected
-from refold.core.errors import InputError, SagaError
+from refold.core.errors import InputError, SagaError, SagaStepsError
 from refold.core.sagas import (
     apply_event,
     command_id,
@@ -15,6 +15,7 @@ from refold.core.sagas import (
     public_state,
     saga_projection,
     start_from_json,
+    steps_failed,
 )
 from refold.examples.bank import Accounts, Transfers
 from refold.sagas import Saga, Send, Step, advance
@@ -359,3 +360,44 @@ def test_a_late_rejection_of_an_earlier_attempt_does_not_count_against_the_next(
         "u2",
     )
     assert state["duplicates"] == 2
+
+
+class Fickle(Transfers):
+    """A transfer whose steps() fails on some data, or changes between calls (not pure)."""
+
+    calls = 0
+
+    def steps(self, saga_id: str, data: dict[str, Any]) -> list[Step]:
+        Fickle.calls += 1
+        if data.get("raise"):
+            raise RuntimeError("the rates service is down")
+        if data.get("empty"):
+            return []
+        if data.get("dicts"):
+            return [{"name": "withdraw"}]  # type: ignore[list-item]
+        steps = list(super().steps(saga_id, data))
+        return steps[: 1 + Fickle.calls % 2] if data.get("fickle") else steps
+
+
+def test_a_start_whose_steps_fail_is_invalid_input_not_a_crash() -> None:
+    # RuntimeError gave a 500 (and a traceback in `refold saga start`), no step a 503 whose
+    # client retries for ever, a dict an AttributeError: each is a 422 that says why.
+    for bad, why in (("raise", "rates service"), ("empty", "one Step"), ("dicts", "one Step")):
+        data = {"from": "a", "to": "b", "amount_cents": 5, bad: True}
+        with pytest.raises(InputError, match=why):
+            start_from_json(Fickle(), {"saga_id": "x", "data": data})
+
+
+def test_a_saga_whose_steps_fail_later_ends_failed_for_a_person() -> None:
+    saga = Fickle()
+    for bad in ("fickle", "raise"):
+        state = initial_state("f-1")
+        data = {"from": "a", "to": "b", "amount_cents": 5, bad: True}
+        apply_event(saga, state, {"saga_id": "f-1", "kind": "started", "data": _json(data)})
+        with pytest.raises(SagaStepsError, match="rates service" if bad == "raise" else "pure"):
+            for tick in range(3):  # the fold, then advance: the steps differ at once or next
+                advance(saga, state, {}.get, T0 + tick)
+        nxt = steps_failed(saga, "f-1", SagaStepsError("steps() raised"), T0)
+        assert nxt.dead and nxt.events[0]["status"] == "failed", nxt
+        apply_event(saga, state, nxt.events[0])
+        assert state["status"] == "failed" and "steps() raised" in state["reason"]

@@ -3,12 +3,14 @@
 The saga's name comes from REFOLD_TEST_SAGA and the decider's from VAULT_NAME / VAULT_TOPIC, so
 every test (and its worker subprocesses) gets fresh topics and groups. `TestStubborn` is a
 transfer whose deposit always fails and whose refund goes to the closed account `closed-0`, so
-its compensation is rejected every time.
+its compensation is rejected every time. A transfer with `data.fickle` has a steps() that fails
+in the saga runner.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 from refold.examples.bank import Transfers
@@ -23,6 +25,16 @@ class TestTransfers(Transfers):
     name = os.environ.get("REFOLD_TEST_SAGA", "transfers")
     aggregate = Vault.name
     step_timeout_s = float(os.environ.get("REFOLD_TEST_STEP_TIMEOUT_S", "60"))
+    _calls: Counter[str] = Counter()
+
+    def steps(self, saga_id: str, data: dict[str, Any]) -> list[Step]:
+        # data.fickle: steps() raises from its third call for the saga id in this process on
+        # (the start's check and the fold pass, the runner's decision fails): a user's bug
+        if data.get("fickle"):
+            self._calls[saga_id] += 1
+            if self._calls[saga_id] > 2:
+                raise RuntimeError(f"steps() of {saga_id} changed its mind")
+        return list(super().steps(saga_id, data))
 
 
 class TestStubborn(Saga):
