@@ -20,7 +20,7 @@ from refold.cli.output import out as _out
 from refold.cli.output import wait_ended
 from refold.core.config import Config
 from refold.core.errors import InputError, SagaError
-from refold.core.sagas import TERMINAL, Saga
+from refold.core.sagas import TERMINAL, Saga, check_saga_id, start_from_json
 
 
 def _sagas(config: Config) -> dict[str, Saga]:
@@ -58,6 +58,7 @@ def cmd_saga(args: argparse.Namespace, config: Config) -> int:
     if args.action == "status":
         if not args.saga_id:
             raise InputError("saga status needs a SAGA_ID")
+        check_saga_id(args.saga_id)
         state = fold_state(config, saga, args.saga_id)
         if state is None:
             raise InputError(f"no saga {args.saga_id!r} of {saga.name!r}")
@@ -74,15 +75,16 @@ def _start(args: argparse.Namespace, config: Config, sagas: dict[str, Saga], sag
     except json.JSONDecodeError as exc:
         raise InputError(f"--data is not valid JSON: {exc.msg} at column {exc.colno}") from exc
     obj: dict[str, Any] = {"data": data}
-    if args.saga_id:
+    if args.saga_id is not None:  # "" is refused as over HTTP, not replaced by a new id
         obj["saga_id"] = args.saga_id
 
     def known(name: str, saga_id: str) -> dict[str, Any] | None:
         return fold_state(config, sagas[name], saga_id)
 
+    start = start_from_json(saga, obj)  # bad input is one line, before any connection
     client = SagaClient(config, sagas, known=known)
     try:
-        started = client.start(saga.name, client.prepare(saga.name, obj))
+        started = client.start(saga.name, start)
     finally:
         client.close()
     if not args.wait:

@@ -161,6 +161,7 @@ def start_from_json(saga: Saga, obj: Any) -> Start:
         saga_id = uuid.uuid4().hex
     if not isinstance(saga_id, str) or not saga_id.strip() or len(saga_id) > MAX_SAGA_ID:
         raise InputError(f"saga_id must be a non-empty string of at most {MAX_SAGA_ID} characters")
+    check_saga_id(saga_id)
     for name, kind in saga.fields.items():
         value = data.get(name)
         if (
@@ -177,6 +178,15 @@ def start_from_json(saga: Saga, obj: Any) -> Start:
     except SagaStepsError as exc:
         raise InputError(f"saga {saga.name!r} cannot run with this data: {exc}") from exc
     return start
+
+
+def check_saga_id(saga_id: str) -> None:
+    """A saga id is a record key: UTF-8 text. A lone surrogate (from argv or Python, never from
+    JSON) raised UnicodeEncodeError deep in the producer: a traceback for the CLI's user."""
+    try:
+        saga_id.encode()
+    except UnicodeEncodeError as exc:
+        raise InputError(f"saga_id {saga_id!r} is not UTF-8 text: {exc.reason}") from exc
 
 
 def planned_steps(saga: Saga, saga_id: str, data: dict[str, Any]) -> list[Step]:

@@ -55,3 +55,26 @@ def test_task_submit_refuses_an_empty_id_before_reaching_any_broker(tmp_path) ->
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "task_id must be a non-empty string" in done.stderr
+
+
+def test_saga_ids_that_are_no_record_key_are_one_line_errors(tmp_path) -> None:
+    """A non-UTF-8 saga id from argv raised UnicodeEncodeError in the producer (a traceback);
+    an empty one was replaced by a new random id. Both are refused before any broker."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REFOLD_APP": "refold.examples.bank",
+        "REFOLD_BOOTSTRAP_SERVERS": "127.0.0.1:9",  # nothing listens: it must not be asked
+        "REFOLD_DATA_DIR": str(tmp_path),
+    }
+    data = '{"from": "a", "to": "b", "amount_cents": 5}'
+    for argv, why in (
+        ([b"start", b"transfers", b"\xff", b"--data", data.encode()], b"not UTF-8 text"),
+        ([b"status", b"transfers", b"t-\xff"], b"not UTF-8 text"),
+        ([b"start", b"transfers", b"", b"--data", data.encode()], b"non-empty string"),
+    ):
+        done = subprocess.run(
+            [sys.executable.encode(), b"-m", b"refold.cli.main", b"saga", *argv],
+            env=env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert why in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr

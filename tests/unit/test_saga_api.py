@@ -401,3 +401,10 @@ def test_a_saga_whose_steps_fail_later_ends_failed_for_a_person() -> None:
         assert nxt.dead and nxt.events[0]["status"] == "failed", nxt
         apply_event(saga, state, nxt.events[0])
         assert state["status"] == "failed" and "steps() raised" in state["reason"]
+
+
+def test_a_saga_id_must_be_utf8_text() -> None:
+    data = {"from": "a", "to": "b", "amount_cents": 5}
+    with pytest.raises(InputError, match="not UTF-8"):
+        start_from_json(Transfers(), {"saga_id": "t-\udcff", "data": data})
+    assert start_from_json(Transfers(), {"saga_id": "t-\u00e9\n", "data": data}).saga_id
