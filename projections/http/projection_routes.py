@@ -188,6 +188,7 @@ class ProjectionReads:
         states = {name: r.stats.state for name, r in self.worker.runners.items()}
         worker = self.worker
         sagas = {name: r.stats.state for name, r in worker.sagas.runners.items()}
+        sagas.update(dict.fromkeys(worker.sagas.undriven, "failed"))
         commands = {name: p.stats.state for name, p in worker.processors.items()}
         reconcilers = worker.tasks.reconcilers
         tasks = {

@@ -319,6 +319,9 @@ class SagaService:
         self._processors: Mapping[str, CommandProcessor] = {}
         self._deciders: dict[str, Decider] = {}
         self._own_claims: dict[str, ClaimsIndex] = {}  # of deciders no processor here runs
+        #: Sagas whose state this worker folds but which it cannot drive, and why: /healthz
+        #: shows them failed (their sagas would stay `running` for ever without a word).
+        self.undriven: dict[str, str] = {}
         self._claims_lock = threading.Lock()
 
     def ensure_topics(self, topics: Topics) -> None:
@@ -351,7 +354,11 @@ class SagaService:
             deciders[name] = decider
         self._deciders = deciders
         if not deciders:
-            log.warning("sagas %s: the app has no deciders, not driving", sorted(self.sagas))
+            why = "no decider of the app can take commands (none, or their event topics missing)"
+            for name in self.sagas:
+                if saga_projection_name(name) in runners:
+                    self.undriven[name] = why
+            log.error("sagas %s: not driving: %s", sorted(self.undriven), why)
             return
         self._commands = CommandClient(self.config, deciders)
         self._results = ResultsIndex(
@@ -448,6 +455,8 @@ class SagaService:
         saga = self.saga(name)
         runner = self.runners.get(name)
         stats = None if runner is None else asdict(runner.stats)
+        if name in self.undriven:
+            stats = {"state": "failed", "error": self.undriven[name]}
         return {"saga": name, "topic": saga.topic, "runner": stats}
 
     def status(self, name: str, saga_id: str) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -76,7 +77,7 @@ class Worker:
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
 
-    def start(self, data_dir: str = "worker", *args: str) -> None:
+    def start(self, data_dir: str = "worker", *args: str, up: Any = None) -> None:
         log = (self.tmp / f"{data_dir}.log").open("ab")
         cmd = [sys.executable, "-m", "refold.cli.main", "worker", *args]
         cmd += ["--http", f"127.0.0.1:{self.port}", "--http-procs", "1"]
@@ -91,7 +92,10 @@ class Worker:
                 health = self.http("GET", "/healthz")
             except OSError:
                 health = None
-            if health is not None and (
+            if health is not None and up is not None:
+                if up(health):
+                    return
+            elif health is not None and (
                 health[0] == 200 or health[1].get("sagas", {}).get(self.saga) == "running"
             ):
                 return
@@ -494,3 +498,23 @@ def test_a_saga_whose_steps_fail_in_the_runner_fails_alone(
     assert health["sagas"][saga] == "running", health
     letters = events(config, f"{saga}.saga.dead")
     assert [(k, d["reason"]) for k, _t, d in letters] == [("fickle", bad["reason"])]
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_that_cannot_drive_its_sagas_says_so(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    """The app's only decider has no event topic (a careless setup): the worker folded the
+    saga's state, accepted starts and drove nothing, with /healthz 200, so every saga stayed
+    `running` without a word. Now its health says the saga failed, and why."""
+    saga = unique("transfers")
+    missing = unique("vault")  # its event topic is never created
+    worker = Worker(config, SimpleNamespace(name=missing, events_topic=missing), saga, tmp_path)
+    worker.start(up=lambda health: saga in health[1].get("sagas", {}))
+    try:
+        health = worker.http("GET", "/healthz")
+        described = worker.http("GET", f"/sagas/{saga}")[1]
+    finally:
+        worker.stop()
+    assert health[0] == 503 and health[1]["sagas"][saga] == "failed", health
+    assert "no decider" in described["runner"]["error"], described
