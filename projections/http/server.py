@@ -204,7 +204,7 @@ class QueryServer(ProjectionReads):
             ("GET", "/tasks/{queue}/{task_id}", self._tasks.get),
             ("POST", "/sagas/{name}", self._sagas.start),
             ("GET", "/sagas/{name}", self._sagas.describe),
-            ("GET", "/sagas/{name}/{saga_id}", self._sagas.get),
+            ("GET", r"/sagas/{name}/{saga_id:[\s\S]+}", self._sagas.get),  # any text, even "/", LF
         ]
         # Per-route wrappers instead of a middleware: aiohttp adds a second layer per request
         # once an app has any middleware, and the key lookup is the hot path.

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from confluent_kafka import KafkaError, Message, Producer
 from refold.core import envelope
@@ -99,7 +100,9 @@ class Started:
 
     @property
     def status_url(self) -> str:
-        return f"/sagas/{self.saga}/{self.saga_id}"
+        # quoted: a saga id is any text (spaces, "?", "#", newlines); "/" stays, as the route
+        # takes the rest of the path as the id (like a projection key)
+        return f"/sagas/{self.saga}/{quote(self.saga_id, safe='/')}"
 
     def to_json(self) -> dict[str, Any]:
         return {"saga_id": self.saga_id, "status": "running", "status_url": self.status_url}

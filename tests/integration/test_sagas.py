@@ -518,3 +518,29 @@ def test_a_worker_that_cannot_drive_its_sagas_says_so(
         worker.stop()
     assert health[0] == 503 and health[1]["sagas"][saga] == "failed", health
     assert "no decider" in described["runner"]["error"], described
+
+
+@pytest.mark.timeout(300)
+def test_any_saga_id_is_found_at_its_status_url(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """A saga id with "/" was accepted, but GET of its status_url answered 404 "no route"; one
+    with a space, "?" or "#" got a status_url that is no URL path at all."""
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    try:
+        _fund(client, vault)
+        transfer = {"from": "acc-0", "to": "acc-1", "amount_cents": 5}
+        for saga_id in ("x/y", "a b?c=1#d", "caf\u00e9\n%2F"):
+            code, body = worker.http(
+                "POST", f"/sagas/{saga}", {"saga_id": saga_id, "data": transfer}
+            )
+            assert code == 202, body
+            deadline = time.monotonic() + 60
+            while (answer := worker.http("GET", body["status_url"]))[0] == 404:
+                assert time.monotonic() < deadline, (body, answer)  # not folded yet, or lost
+                time.sleep(0.2)
+            assert answer[0] == 200 and answer[1]["saga_id"] == saga_id, (body, answer)
+    finally:
+        worker.stop()
