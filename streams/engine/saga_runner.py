@@ -132,6 +132,9 @@ class SagaRunner:
         self._claimed: set[str] = set()  # timed-out commands the processor claimed first
         self._pending: dict[str, int] = {}  # saga id -> its event count when we last appended
         self._sent_here: set[str] = set()  # command ids this process sent
+        #: Commands no record can carry (unknown aggregate, too large, not UTF-8): answered
+        #: here as rejected, since no processor ever will (a compensation would wait for ever).
+        self._unsendable: dict[str, dict[str, Any]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -230,7 +233,7 @@ class SagaRunner:
         outbox: list[Outgoing] = []
         for _ in range(CHAIN):
             try:
-                step = advance(self.saga, state, self._results.get, now_ms, since_ms=since_ms)
+                step = advance(self.saga, state, self._result, now_ms, since_ms=since_ms)
             except SagaStepsError as exc:  # this saga's bug: it fails, the others go on
                 step = steps_failed(self.saga, saga_id, exc, now_ms)
             if step.fence is not None and not self._fenced(step.fence):
@@ -252,6 +255,9 @@ class SagaRunner:
                 apply_event(self.saga, state, event)
             self.stats.chained += 1
         return outbox
+
+    def _result(self, command_id: str) -> dict[str, Any] | None:
+        return self._unsendable.get(command_id) or self._results.get(command_id)
 
     def _fenced(self, out: Outgoing) -> bool:
         """Claim a timed-out step's command id for nothing, so that no processor ever decides
@@ -288,7 +294,13 @@ class SagaRunner:
             command = Command(out.command_id, send.aggregate, send.key, send.type, send.data)
             try:
                 futures.append((out, self._commands.append(command)))
-            except (CommandError, InputError) as exc:  # a bad step: no result will come
+            except InputError as exc:  # a bad step: no processor will ever answer it
+                log.error("saga %s: cannot send %s: %s", self.saga.name, out.command_id, exc)
+                reason = f"cannot be sent: {exc}"
+                self._unsendable[out.command_id] = {"status": "rejected", "reason": reason}
+                self._wake.set()
+                continue
+            except CommandError as exc:  # not sent now: the next sweep sends it again
                 log.error("saga %s: cannot send %s: %s", self.saga.name, out.command_id, exc)
                 continue
             self._results.watch(out.command_id, lambda _r: self._wake.set())

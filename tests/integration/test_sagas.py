@@ -544,3 +544,25 @@ def test_any_saga_id_is_found_at_its_status_url(
             assert answer[0] == 200 and answer[1]["saga_id"] == saga_id, (body, answer)
     finally:
         worker.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_ever(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """A refund to an aggregate the app does not know was logged as not sent every sweep and
+    waited for a result no processor would give: `compensating` for ever. It counts as
+    rejected now, so it is retried and then fails the saga for a person, like any other."""
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    try:
+        _fund(client, vault)
+        data = {"from": "acc-0", "to": "missing", "amount_cents": 5, "unsendable_refund": True}
+        worker.start_saga("u-1", data)
+        state = worker.states(["u-1"], timeout=90)["u-1"]
+    finally:
+        worker.stop()
+    assert state["status"] == "failed", state
+    assert "no-such-aggregate" in state["reason"], state
+    assert state["steps"][0]["compensation_attempts"] == 5, state

@@ -4,7 +4,7 @@ The saga's name comes from REFOLD_TEST_SAGA and the decider's from VAULT_NAME / 
 every test (and its worker subprocesses) gets fresh topics and groups. `TestStubborn` is a
 transfer whose deposit always fails and whose refund goes to the closed account `closed-0`, so
 its compensation is rejected every time. A transfer with `data.fickle` has a steps() that fails
-in the saga runner.
+in the saga runner; one with `data.unsendable_refund` a refund to an unknown aggregate.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ class TestTransfers(Transfers):
             self._calls[saga_id] += 1
             if self._calls[saga_id] > 2:
                 raise RuntimeError(f"steps() of {saga_id} changed its mind")
-        return list(super().steps(saga_id, data))
+        steps = list(super().steps(saga_id, data))
+        if data.get("unsendable_refund"):  # a refund no record can carry: it is never decided
+            undo = Send("no-such-aggregate", data["from"], "bank.Deposit", {})
+            steps[0] = Step(steps[0].name, steps[0].do, undo)
+        return steps
 
 
 class TestStubborn(Saga):
