@@ -108,22 +108,26 @@ def events_from_lines(
         except RecursionError:
             problems.append(LineProblem(number, "invalid JSON: nested too deeply"))
             continue
-        try:
-            event = event_from_json(obj, codec)
-        except InputError as exc:
-            problems.append(LineProblem(number, str(exc)))
-            continue
-        reason = too_large(event)
-        if reason is not None:
-            problems.append(LineProblem(number, reason))
+        event = line_event(obj, codec)
+        if isinstance(event, str):
+            problems.append(LineProblem(number, event))
             continue
         events.append(event)
     return events, problems
 
 
+def line_event(obj: Any, codec: Codec) -> EventInput | str:
+    """The event of a parsed line, or why the line is refused: not a valid event, or too large
+    for any Kafka record (the producer would refuse it only once the lines before it are sent)."""
+    try:
+        event = event_from_json(obj, codec)
+    except InputError as exc:
+        return str(exc)
+    return too_large(event) or event
+
+
 def too_large(event: EventInput) -> str | None:
-    """Why no Kafka record carries `event`, or None. A file's line must be refused for it when
-    the file is validated: the producer refuses it only once the lines before it are sent."""
+    """Why no Kafka record carries `event`, or None."""
     size = len(event.value) + len(event.key.encode())
     if size > MAX_EVENT_BYTES:
         return f"the event is {size} bytes encoded; at most {MAX_EVENT_BYTES} fit in a record"
@@ -214,14 +218,9 @@ class LineEncoder:
                 obj = _reference_parse(raw, number, problems)
             if obj is _SKIP:
                 continue
-            try:
-                event = event_from_json(obj, self.codec)
-            except InputError as exc:
-                problems.append(LineProblem(number, str(exc)))
-                continue
-            reason = too_large(event)
-            if reason is not None:
-                problems.append(LineProblem(number, reason))
+            event = line_event(obj, self.codec)
+            if isinstance(event, str):
+                problems.append(LineProblem(number, event))
                 continue
             batch.add(event)
         return batch, problems
