@@ -134,11 +134,8 @@ class TaskRoutes:
         """The owner's answer, when another worker folds the task's status partition; None to
         answer here (this worker's own, or its read-your-writes `accepted` for a task the owner
         has not folded yet)."""
-        if self._router is None:
-            return None
-        try:
-            runner = self.tasks.runner(queue)
-        except KeyError:  # this worker does not fold the queue's status (`--only`)
+        runner = self._status_runner(queue)
+        if self._router is None or runner is None:
             return None
         forwarded = await self._router.forward(runner, task_id, request)
         if forwarded is None or forwarded.status != 404:
