@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from refold.cli.output import out as _out
-from refold.cli.output import wait_ended
+from refold.cli.output import seconds, wait_ended
 from refold.core.config import Config
 from refold.core.errors import InputError, TaskError
 from refold.core.tasks import STATUSES, TERMINAL, TaskQueue, submission_from_json
@@ -210,7 +210,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--id", help="submit: the task id (idempotency key; default: a new one)")
     p.add_argument("--key", help="submit: the task's key (default: its id)")
     p.add_argument("--wait", action="store_true", help="submit: wait until the task ended")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
+    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds --wait waits")
     p.add_argument("--status", help="list: only tasks with this status, e.g. dead")
     p.add_argument("--limit", type=int, default=100, help="list: at most this many")
     p.add_argument("--app", help="comma-separated modules with task queues (env REFOLD_APP)")
