@@ -7,6 +7,7 @@ and output.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,38 @@ def test_nan_and_infinity_in_task_data_are_refused_at_submit_and_nothing_is_appe
     assert [v["task_id"] for _k, v in records(config, f"{queue}.tasks")] == ["t-ok"]
     statuses = [(v["task_id"], v["status"]) for _k, v in records(config, f"{queue}.status")]
     assert statuses == [("t-ok", "accepted")], statuses
+
+
+def test_refold_task_cancel_cancels_a_waiting_task_once_and_says_which_cannot_be(
+    config: Config, unique, tmp_path: Path
+) -> None:
+    """`refold task cancel QUEUE TASK_ID`, with no worker running (the state is folded from the
+    status topic, as `task status` does): exit 0 and the HTTP route's answer for a task that
+    waits; exit 1 for one that ended (the route's 409), recording nothing; exit 2 for an id the
+    queue never had (the route's 404), as `task status` answers it."""
+    queue = unique("cancel")
+    run = Processes(config, queue, tmp_path)
+    ensured = run.cli("topics", "ensure")
+    assert ensured.returncode == 0, ensured.stderr
+    submitted = run.cli("task", "submit", queue, "--id", "c-1", "--data", '{"product_id": "p"}')
+    assert submitted.returncode == 0, submitted.stderr
+
+    cancelled = run.cli("task", "cancel", queue, "c-1")
+    status = run.cli("task", "status", queue, "c-1")
+    again = run.cli("task", "cancel", queue, "c-1")
+    unknown = run.cli("task", "cancel", queue, "never-submitted")
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout) == {"task_id": "c-1", "status": "cancelled"}
+    assert json.loads(status.stdout)["status"] == "cancelled", status.stdout
+    assert again.returncode == 1, again
+    assert again.stderr.startswith("refold: error: task 'c-1' already ended cancelled"), again
+    assert unknown.returncode == 2, unknown
+    assert f"no task 'never-submitted' in queue '{queue}'" in unknown.stderr, unknown
+    for done in (again, unknown):
+        assert len(done.stderr.strip().splitlines()) == 1 and not done.stdout, done
+    # One cancel on the topic task workers read, one `cancelled` status: the refused second
+    # cancel recorded nothing.
+    assert [k for k, _v in records(config, f"{queue}.cancels")] == ["c-1"]
+    statuses = [v["status"] for _k, v in records(config, f"{queue}.status")]
+    assert statuses == ["accepted", "cancelled"], statuses

@@ -116,3 +116,25 @@ def test_waiting_commands_refuse_negative_nan_and_infinite_timeouts(tmp_path) ->
     assert args.timeout == 0.0
     assert parser.parse_args(["saga", "start", "s", "--timeout", "2.5"]).timeout == 2.5
     assert parser.parse_args(["replay", "p", "--stall-timeout", "30"]).stall_timeout == 30.0
+
+
+def test_task_ids_that_are_no_record_key_are_one_line_errors(tmp_path) -> None:
+    """`task status` with a non-UTF-8 id raised UnicodeEncodeError in the fold (a traceback);
+    `task cancel` reads the same fold. Both are refused before any broker, as for sagas."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REFOLD_APP": "refold.examples.bank",
+        "REFOLD_BOOTSTRAP_SERVERS": "127.0.0.1:9",  # nothing listens: it must not be asked
+        "REFOLD_DATA_DIR": str(tmp_path),
+    }
+    for argv, why in (
+        ([b"status", b"statements", b"t-\xff"], b"not UTF-8 text"),
+        ([b"cancel", b"statements", b"\xff"], b"not UTF-8 text"),
+        ([b"cancel", b"statements"], b"task cancel needs a TASK_ID"),
+    ):
+        done = subprocess.run(
+            [sys.executable.encode(), b"-m", b"refold.cli.main", b"task", *argv],
+            env=env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert why in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
