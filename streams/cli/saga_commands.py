@@ -68,6 +68,7 @@ def cmd_saga(args: argparse.Namespace, config: Config) -> int:
 
 
 def _start(args: argparse.Namespace, config: Config, sagas: dict[str, Saga], saga: Saga) -> int:
+    from refold.core.app import load_deciders
     from refold.kafka.saga_log import SagaClient
 
     try:
@@ -81,8 +82,9 @@ def _start(args: argparse.Namespace, config: Config, sagas: dict[str, Saga], sag
     def known(name: str, saga_id: str) -> dict[str, Any] | None:
         return fold_state(config, sagas[name], saga_id)
 
-    start = start_from_json(saga, obj)  # bad input is one line, before any connection
-    client = SagaClient(config, sagas, known=known)
+    deciders = load_deciders(config.app_modules)
+    start = start_from_json(saga, obj, deciders)  # bad input is one line, before any connection
+    client = SagaClient(config, sagas, known=known, deciders=deciders)
     try:
         started = client.start(saga.name, start)
     finally:

@@ -446,8 +446,12 @@ class SagaService:
     def client(self) -> SagaClient:
         with self._client_lock:
             if self._client is None:
+                # Starts are checked against every decider the app declares (those whose
+                # topics are missing too: such a step is a setup problem /healthz names).
+                deciders = load_deciders(self.config.app_modules)
+                deciders.update((n, p.decider) for n, p in self._processors.items())
                 self._client = SagaClient(
-                    self.config, self.sagas, codec=self.codec, known=self._state
+                    self.config, self.sagas, codec=self.codec, known=self._state, deciders=deciders
                 )
             return self._client
 

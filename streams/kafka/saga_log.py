@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from confluent_kafka import KafkaError, Message, Producer
 from refold.core import envelope
+from refold.core.commands import Decider
 from refold.core.config import Config
 from refold.core.errors import InputError, SagaError
 from refold.core.sagas import SAGA_EVENT, Saga, Start, saga_event, start_from_json
@@ -115,7 +116,8 @@ Lookup = Callable[[str, str], dict[str, Any] | None]
 class SagaClient:
     """Starts sagas: a `started` event, durable (acks=all, idempotent producer) before `start`
     returns. `known` (saga, saga id) -> state makes a repeated saga id answer as the first time
-    and append nothing."""
+    and append nothing. With the app's `deciders`, `prepare` refuses a start whose steps send
+    commands none of them would take (`refold.core.sagas.check_sends`)."""
 
     def __init__(
         self,
@@ -124,8 +126,10 @@ class SagaClient:
         *,
         codec: Codec | None = None,
         known: Lookup | None = None,
+        deciders: Mapping[str, Decider] | None = None,
     ) -> None:
         self.sagas = dict(sagas)
+        self.deciders = None if deciders is None else dict(deciders)
         self.log = SagaLog(config, codec or codec_for(config))
         self._known = known
         self._producer = clients.producer(config, defaults={"linger.ms": 1})
@@ -142,7 +146,7 @@ class SagaClient:
 
     def prepare(self, name: str, obj: Any) -> Start:
         """Check a start request without sending anything (InputError if bad)."""
-        return start_from_json(self.saga(name), obj)
+        return start_from_json(self.saga(name), obj, self.deciders)
 
     def start(self, name: str, start: Start) -> Started:
         saga = self.saga(name)

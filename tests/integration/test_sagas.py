@@ -550,9 +550,10 @@ def test_any_saga_id_is_found_at_its_status_url(
 def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_ever(
     config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
 ) -> None:
-    """A refund to an aggregate the app does not know was logged as not sent every sweep and
-    waited for a result no processor would give: `compensating` for ever. It counts as
-    rejected now, so it is retried and then fails the saga for a person, like any other."""
+    """A refund no record can carry (too large; an aggregate the app does not know was the
+    case before starts refused those) was logged as not sent every sweep and waited for a
+    result no processor would give: `compensating` for ever. It counts as rejected now, so it
+    is retried and then fails the saga for a person, like any other."""
     saga = unique("transfers")
     worker = Worker(config, vault, saga, tmp_path)
     worker.start()
@@ -564,5 +565,41 @@ def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_eve
     finally:
         worker.stop()
     assert state["status"] == "failed", state
-    assert "no-such-aggregate" in state["reason"], state
+    assert "too large for a Kafka record" in state["reason"], state
     assert state["steps"][0]["compensation_attempts"] == 5, state
+
+
+@pytest.mark.timeout(300)
+def test_a_start_whose_steps_go_to_no_decider_of_the_app_is_refused_with_nothing_appended(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """A deposit to an aggregate the app has no decider for was accepted (202) and found only
+    when the runner sent it: the withdrawal had run and was refunded. Now the start is a 422
+    naming the step and the known aggregates (the CLI's exit 2), and nothing is appended."""
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    try:
+        _fund(client, vault)
+        data = {"from": "acc-0", "to": "acc-1", "amount_cents": 5, "misdirected": True}
+        code, body = worker.http("POST", f"/sagas/{saga}", {"saga_id": "m-1", "data": data})
+        env = {**worker.env, "REFOLD_DATA_DIR": str(tmp_path / "cli")}
+        cli = subprocess.run(
+            [sys.executable, "-m", "refold.cli.main", "saga", "start", saga, "m-2",
+             "--data", json.dumps(data)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        worker.start_saga("after", {**data, "misdirected": False})  # the saga goes on
+        after = worker.states(["after"], timeout=90)["after"]
+    finally:
+        worker.stop()
+    said = (
+        f"saga {saga!r}, step 'deposit': its command goes to aggregate 'no-such-aggregate', "
+        f"which no decider of the app is; known aggregates: {vault.name}"
+    )
+    assert (code, body) == (422, {"error": "invalid saga start", "detail": said}), body
+    assert cli.returncode == 2 and cli.stderr.strip() == f"refold: error: {said}", cli
+    assert after["status"] == "completed", after
+    assert {key for key, _t, _d in events(config, f"{saga}.saga")} == {"after"}
+    moved = [d["memo"] for _k, _t, d in events(config, vault.events_topic) if "memo" in d]
+    assert not [memo for memo in moved if "m-1" in memo or "m-2" in memo], moved
