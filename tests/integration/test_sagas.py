@@ -546,6 +546,15 @@ def test_any_saga_id_is_found_at_its_status_url(
         worker.stop()
 
 
+def _runner_until(worker: Worker, ok: Any, timeout: float = 60) -> dict:
+    """The runner's counters once `ok(counters)` (within `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while not ok(counters := worker.runner()):
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.1)
+    return counters
+
+
 @pytest.mark.timeout(300)
 def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_ever(
     config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
@@ -553,7 +562,8 @@ def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_eve
     """A refund no record can carry (too large; an aggregate the app does not know was the
     case before starts refused those) was logged as not sent every sweep and waited for a
     result no processor would give: `compensating` for ever. It counts as rejected now, so it
-    is retried and then fails the saga for a person, like any other."""
+    is retried and then fails the saga for a person, like any other. The runner remembers
+    such a command only while its saga runs (it kept every one for its life)."""
     saga = unique("transfers")
     worker = Worker(config, vault, saga, tmp_path)
     worker.start()
@@ -561,9 +571,12 @@ def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_eve
         _fund(client, vault)
         data = {"from": "acc-0", "to": "missing", "amount_cents": 5, "unsendable_refund": True}
         worker.start_saga("u-1", data)
+        remembered = _runner_until(worker, lambda r: r.get("unsendable") == 1)
         state = worker.states(["u-1"], timeout=90)["u-1"]
+        forgotten = _runner_until(worker, lambda r: r.get("unsendable") == 0)
     finally:
         worker.stop()
+    assert remembered["unsendable"] == 1 and forgotten["unsendable"] == 0
     assert state["status"] == "failed", state
     assert "too large for a Kafka record" in state["reason"], state
     assert state["steps"][0]["compensation_attempts"] == 5, state
