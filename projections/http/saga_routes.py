@@ -2,7 +2,9 @@
 
 - `POST /sagas/{name}` `{"saga_id"?, "data": {...}}` -> 202 `{"saga_id", "status": "running",
   "status_url"}` once the `started` event is durably on the saga topic; a repeated saga id
-  answers the same and appends nothing; bad input 400/404/422, never appended;
+  answers the same and appends nothing, with other data 409 `{"error": "saga id conflict",
+  "detail", "saga_id", "status_url"}` (as a command or task id reused for another body); bad
+  input 400/404/422, never appended;
 - `GET /sagas/{name}/{saga_id}` -> the saga's state (its state projection, made public), from
   the worker that folds the saga's partition: a worker that does not forwards the lookup to it
   (`refold.http.routing`; `?route=local` answers here, `?route=redirect` with a 307);
@@ -19,7 +21,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from refold.core.errors import InputError, SagaError
+from refold.core.errors import InputError, SagaConflict, SagaError
 from refold.core.sagas import saga_projection_name
 from refold.engine.worker import Worker
 from refold.http.routing import Router
@@ -67,6 +69,9 @@ class SagaRoutes:
             started = await loop.run_in_executor(self._appends, self.sagas.start_saga, name, obj)
         except InputError as exc:
             return _error(422, "invalid saga start", str(exc))
+        except SagaConflict as exc:  # known already: nothing is appended
+            body = {"error": "saga id conflict", "detail": str(exc)}
+            return _respond(409, {**body, "saga_id": exc.saga_id, "status_url": exc.status_url})
         except SagaError as exc:
             log.warning("POST /sagas/%s: %s", name, exc)
             return _error(503, "not acknowledged", str(exc))

@@ -144,7 +144,13 @@ class Start:
 
     @property
     def data_json(self) -> str:
-        return json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+        return data_json(self.data)
+
+
+def data_json(data: Any) -> str:
+    """A start's data as canonical JSON: what its `started` event carries, and what tells a
+    repeat of a saga id (the same text) from a conflicting start (another)."""
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
 def start_from_json(saga: Saga, obj: Any, deciders: Mapping[str, Decider] | None = None) -> Start:

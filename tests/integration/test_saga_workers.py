@@ -36,8 +36,11 @@ from tests.integration.test_sagas import (
 )
 
 
-def post(workers: list[Worker], saga: str, saga_id: str, data: dict) -> Worker:
-    """POST the start to the first worker that answers 202; returns it."""
+def post(
+    workers: list[Worker], saga: str, saga_id: str, data: dict, conflicts: list[str] | None = None
+) -> Worker:
+    """POST the start to the first worker that answers 202 (or, with `conflicts`, 409: the id
+    was started with other data, which goes into `conflicts`); returns it."""
     deadline = time.monotonic() + 180
     while True:
         for worker in workers:
@@ -49,6 +52,11 @@ def post(workers: list[Worker], saga: str, saga_id: str, data: dict) -> Worker:
                 continue
             if code == 202:
                 assert body["saga_id"] == saga_id and body["status"] == "running", body
+                return worker
+            if code == 409 and conflicts is not None:
+                url = f"/sagas/{saga}/{saga_id}"
+                assert (body["saga_id"], body["status_url"]) == (saga_id, url), body
+                conflicts.append(saga_id)
                 return worker
             assert code == 503, body
         assert time.monotonic() < deadline, f"saga {saga_id} never accepted"
@@ -98,6 +106,7 @@ def test_two_workers_share_sagas_through_rebalances_and_a_kill(
     ids = list(plan)
     quarters = [ids[i * len(ids) // 4 : (i + 1) * len(ids) // 4] for i in range(4)]
     repeated: list[str] = []
+    conflicts: list[str] = []  # repeats refused: the worker knew the first start
     lock = threading.Lock()
 
     def start_all(chunk: list[str], up: list[Worker]) -> None:
@@ -107,7 +116,7 @@ def test_two_workers_share_sagas_through_rebalances_and_a_kill(
             if len(up) > 1 and i % 5 == 0:  # the same saga id on the other worker, other data
                 other = [w for w in up if w is not first]
                 changed = {**plan[saga_id], "amount_cents": plan[saga_id]["amount_cents"] + 1}
-                post(other, saga, saga_id, changed)
+                post(other, saga, saga_id, changed, conflicts)
                 with lock:
                     repeated.append(saga_id)
 

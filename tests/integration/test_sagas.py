@@ -616,3 +616,71 @@ def test_a_start_whose_steps_go_to_no_decider_of_the_app_is_refused_with_nothing
     assert {key for key, _t, _d in events(config, f"{saga}.saga")} == {"after"}
     moved = [d["memo"] for _k, _t, d in events(config, vault.events_topic) if "memo" in d]
     assert not [memo for memo in moved if "m-1" in memo or "m-2" in memo], moved
+
+
+@pytest.mark.timeout(300)
+def test_a_saga_id_started_again_with_other_data_is_a_conflict_with_nothing_appended(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """A saga id names one run. Started again with the same data: the first answer, nothing
+    appended (as before). With other data it answered 202 too, and the second `started` was
+    folded as a duplicate: the caller believed a transfer of 7 was under way while the log
+    held one of 5. Now: 409 naming the id and its status_url over HTTP, exit 1 from the CLI,
+    SagaConflict from Python, and nothing appended, as a command or task id reused."""
+    from refold.core.errors import SagaConflict
+    from refold.kafka.saga_log import SagaClient
+
+    from tests.integration.apps.transfers import TestTransfers
+
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    first = {"from": "acc-0", "to": "acc-1", "amount_cents": 5}
+    other = {**first, "amount_cents": 7}
+    url = f"/sagas/{saga}/dup"
+    try:
+        _fund(client, vault)
+        answers = [
+            worker.http("POST", f"/sagas/{saga}", {"saga_id": "dup", "data": data})
+            for data in (first, first, other)
+        ]
+        state = worker.states(["dup"], timeout=90)["dup"]
+        late = worker.http("POST", f"/sagas/{saga}", {"saga_id": "dup", "data": other})
+        env = {**worker.env, "REFOLD_DATA_DIR": str(tmp_path / "cli")}
+        start = [sys.executable, "-m", "refold.cli.main", "saga", "start", saga, "dup"]
+        cli = {}
+        for amount in (5, 7):
+            data = json.dumps({**first, "amount_cents": amount})
+            cli[amount] = subprocess.run(
+                [*start, "--data", data], env=env, capture_output=True, text=True, timeout=120
+            )
+    finally:
+        worker.stop()
+    # From Python: the starts this client made itself are checked too (no `known` lookup).
+    saga_class = type("S", (TestTransfers,), {"name": saga})
+    python = SagaClient(config, {saga: saga_class()})
+    try:
+        python.start(saga, python.prepare(saga, {"saga_id": "py", "data": first}))
+        with pytest.raises(SagaConflict, match=f"saga id 'py' of saga '{saga}'"):
+            python.start(saga, python.prepare(saga, {"saga_id": "py", "data": other}))
+    finally:
+        python.close()
+
+    accepted = {"saga_id": "dup", "status": "running", "status_url": url}
+    assert answers[:2] == [(202, accepted)] * 2, answers
+    for code, body in (answers[2], late):  # before and after the saga was folded and ended
+        assert code == 409, body
+        assert (body["error"], body["saga_id"], body["status_url"]) == (
+            "saga id conflict", "dup", url
+        ), body  # fmt: skip
+        assert "started before with other data" in body["detail"] and url in body["detail"]
+    assert state["status"] == "completed" and state["data"] == first, state
+    assert cli[5].returncode == 0 and json.loads(cli[5].stdout) == accepted, cli[5]
+    assert cli[7].returncode == 1 and not cli[7].stdout, cli[7]
+    assert cli[7].stderr.startswith(f"refold: error: saga id 'dup' of saga '{saga}'"), cli[7]
+    assert url in cli[7].stderr and len(cli[7].stderr.strip().splitlines()) == 1, cli[7]
+    started: dict[str, list] = defaultdict(list)
+    for key, _type, data in events(config, f"{saga}.saga"):
+        if data["kind"] == "started":
+            started[key].append(json.loads(data["data"]))
+    assert started == {"dup": [first], "py": [first]}, started
