@@ -508,10 +508,17 @@ class SagaService:
         return state
 
     def start_saga(self, name: str, obj: Any) -> Started:
-        """Check and append one start (InputError for bad input, SagaError if not acked)."""
-        client = self.client
-        start: Start = client.prepare(name, obj)
-        return client.start(name, start)
+        """Check and append one start (InputError for bad input, SagaConflict for a saga id
+        started with other data, SagaError if not acked)."""
+        return self.append_start(name, self.prepare(name, obj))
+
+    def prepare(self, name: str, obj: Any) -> Start:
+        """Check a start request (InputError if bad); nothing is sent."""
+        return self.client.prepare(name, obj)
+
+    def append_start(self, name: str, start: Start) -> Started:
+        """Append a checked start (see `start_saga`)."""
+        return self.client.start(name, start)
 
     def describe(self, name: str) -> dict[str, Any]:
         """`GET /sagas/{name}`: what this worker's runner of the saga has done (its counters,
