@@ -101,9 +101,12 @@ class Router:
         """Whether a plain lookup of `key` is for another worker (the fast path hands it over)."""
         return self.owner_url(runner, key) is not None
 
-    async def forward(self, runner: Serving, key: str, request: web.Request) -> web.Response | None:
+    async def forward(
+        self, runner: Serving, key: str, request: web.Request, body: bytes | None = None
+    ) -> web.Response | None:
         """The owner's answer to this lookup, a 307 to it, or None: answer here. A POST about
-        the key (a task's cancel) is forwarded as a POST, without a body."""
+        the key is forwarded as a POST, with `body` (a saga's start) or without (a task's
+        cancel)."""
         route = request.query.get("route", "")
         if route == "local" or FORWARDED in request.headers:
             return None
@@ -116,7 +119,8 @@ class Router:
             target = url + request.path_qs
             if route == "redirect":
                 return web.Response(status=307, headers={"Location": target, SERVED_BY: worker_id})
-            answer = await self._get(target, request.headers.get("Authorization"), request.method)
+            authorization = request.headers.get("Authorization")
+            answer = await self._get(target, authorization, request.method, body)
             if answer is not None:
                 status, body = answer
                 if b'"stale":true' not in body or asyncio.get_running_loop().time() > deadline:
@@ -208,7 +212,11 @@ class Router:
         return [loads(answer[1]) for answer in answers if answer is not None]
 
     async def _get(
-        self, target: str, authorization: str | None, method: str = "GET"
+        self,
+        target: str,
+        authorization: str | None,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> tuple[int, bytes] | None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -219,7 +227,7 @@ class Router:
             headers["Authorization"] = authorization
         try:
             async with self._session.request(
-                method, target, headers=headers, allow_redirects=False
+                method, target, headers=headers, data=body, allow_redirects=False
             ) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:

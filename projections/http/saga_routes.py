@@ -2,7 +2,11 @@
 
 - `POST /sagas/{name}` `{"saga_id"?, "data": {...}}` -> 202 `{"saga_id", "status": "running",
   "status_url"}` once the `started` event is durably on the saga topic; a repeated saga id
-  answers the same and appends nothing; bad input 400/404/422, never appended;
+  answers the same and appends nothing, with other data 409 `{"error": "saga id conflict",
+  "detail", "saga_id", "status_url"}` (as a command or task id reused for another body); bad
+  input 400/404/422, never appended. A start that names its saga id is answered by the worker
+  that folds the saga's partition (forwarded like a lookup): that worker's state and its own
+  starts know every earlier start of the id, so a repeat sent to any worker is told so;
 - `GET /sagas/{name}/{saga_id}` -> the saga's state (its state projection, made public), from
   the worker that folds the saga's partition: a worker that does not forwards the lookup to it
   (`refold.http.routing`; `?route=local` answers here, `?route=redirect` with a 307);
@@ -19,7 +23,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from refold.core.errors import InputError, SagaError
+from refold.core.errors import InputError, SagaConflict, SagaError
 from refold.core.sagas import saga_projection_name
 from refold.engine.worker import Worker
 from refold.http.routing import Router
@@ -58,19 +62,38 @@ class SagaRoutes:
         unknown = self._unknown(name)
         if unknown is not None:
             return unknown
+        raw = await request.read()
         try:
-            obj = orjson.loads(await request.read())
+            obj = orjson.loads(raw)
         except ValueError as exc:
             return _error(400, "invalid JSON", f"the body is not JSON: {exc}")
         loop = asyncio.get_running_loop()
         try:
-            started = await loop.run_in_executor(self._appends, self.sagas.start_saga, name, obj)
+            start = await loop.run_in_executor(self._appends, self.sagas.prepare, name, obj)
+            if isinstance(obj, dict) and "saga_id" in obj:  # a new random id has no owner yet
+                forwarded = await self._to_owner(name, start.saga_id, request, raw)
+                if forwarded is not None:
+                    return forwarded
+            append = self.sagas.append_start
+            started = await loop.run_in_executor(self._appends, append, name, start)
         except InputError as exc:
             return _error(422, "invalid saga start", str(exc))
+        except SagaConflict as exc:  # known already: nothing is appended
+            body = {"error": "saga id conflict", "detail": str(exc)}
+            return _respond(409, {**body, "saga_id": exc.saga_id, "status_url": exc.status_url})
         except SagaError as exc:
             log.warning("POST /sagas/%s: %s", name, exc)
             return _error(503, "not acknowledged", str(exc))
         return _respond(202, started.to_json())
+
+    async def _to_owner(
+        self, name: str, saga_id: str, request: web.Request, body: bytes
+    ) -> web.Response | None:
+        """The answer of the worker that folds the saga's partition, when another one does."""
+        runner = self._runners.get(saga_projection_name(name))
+        if self._router is None or runner is None:
+            return None
+        return await self._router.forward(runner, saga_id, request, body)
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         name, saga_id = request.match_info["name"], request.match_info["saga_id"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
-from refold.cli.output import EXIT_INPUT, data_json
+from refold.cli.output import EXIT_INPUT, data_json, seconds
 from refold.cli.output import out as _out
 from refold.cli.publish_commands import LEFT_FOR_EXIT, cmd_publish
 from refold.core.config import Config
@@ -378,7 +378,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--expected-version", type=int, help="reject unless the aggregate is at N")
     p.add_argument("--id", help="command id (idempotency key; default: a new UUID)")
     p.add_argument("--wait", action="store_true", help="wait for the result (exit 1 if rejected)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits")
+    p.add_argument("--timeout", type=seconds, default=30.0, help="seconds --wait waits")
     p.add_argument("--app", help="comma-separated modules with deciders (env REFOLD_APP)")
 
     p = sub.add_parser("worker", help="fold projections into RocksDB and serve queries")

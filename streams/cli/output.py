@@ -3,7 +3,9 @@ of bad input, and `--wait` for a task or saga to end."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -30,6 +32,32 @@ def data_json(text: str) -> object:
         raise InputError("--data is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # an integer of over 4300 digits
         raise InputError(f"--data is not valid JSON: {exc}") from None
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0, as `--timeout` wants. `-1` made a
+    `--wait` give up at once without a word of why, `nan` or `inf` made it wait for ever (or
+    raise a traceback where the wait is a thread's)."""
+    return _seconds(text, positive=False)
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (a stall timeout: 0 would give up at
+    the first look)."""
+    return _seconds(text, positive=True)
+
+
+def _seconds(text: str, *, positive: bool) -> float:
+    bound = "> 0" if positive else ">= 0"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds {bound}, not {text!r}"
+        )
+    return value
 
 
 def wait_ended(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from refold.cli.output import out as _out
+from refold.cli.output import positive_seconds
 from refold.core.config import Config
 from refold.core.errors import InputError
 
@@ -49,7 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--stall-timeout",
-        type=float,
+        type=positive_seconds,
         default=120.0,
         metavar="SECONDS",
         help="give up when nothing is folded for this long, say the broker is gone (default 120)",

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from refold.cli.output import out as _out
-from refold.cli.output import wait_ended
+from refold.cli.output import seconds, wait_ended
 from refold.core.config import Config
 from refold.core.errors import InputError, SagaError
 from refold.core.sagas import TERMINAL, Saga, check_saga_id, start_from_json
@@ -68,6 +68,7 @@ def cmd_saga(args: argparse.Namespace, config: Config) -> int:
 
 
 def _start(args: argparse.Namespace, config: Config, sagas: dict[str, Saga], saga: Saga) -> int:
+    from refold.core.app import load_deciders
     from refold.kafka.saga_log import SagaClient
 
     try:
@@ -81,8 +82,9 @@ def _start(args: argparse.Namespace, config: Config, sagas: dict[str, Saga], sag
     def known(name: str, saga_id: str) -> dict[str, Any] | None:
         return fold_state(config, sagas[name], saga_id)
 
-    start = start_from_json(saga, obj)  # bad input is one line, before any connection
-    client = SagaClient(config, sagas, known=known)
+    deciders = load_deciders(config.app_modules)
+    start = start_from_json(saga, obj, deciders)  # bad input is one line, before any connection
+    client = SagaClient(config, sagas, known=known, deciders=deciders)
     try:
         started = client.start(saga.name, start)
     finally:
@@ -202,7 +204,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("saga_id", nargs="?", help="the saga id (start: default a new one)")
     p.add_argument("--data", default="{}", help="start: the saga's data as a JSON object")
     p.add_argument("--wait", action="store_true", help="start: wait until the saga ended")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
+    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds --wait waits")
     p.add_argument("--app", help="comma-separated modules with sagas (env REFOLD_APP)")
     p.add_argument("--limit", type=int, help="dead-letters: show at most this many")
     p.add_argument("--quiet", action="store_true", help="rebuild: no progress line")

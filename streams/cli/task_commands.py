@@ -1,8 +1,9 @@
-"""`refold task submit|status|list` and `refold task-worker`.
+"""`refold task submit|status|list|cancel` and `refold task-worker`.
 
-`task submit` and `task status` need only Kafka: a task's status is folded straight from its
-queue's status topic (the key's partition, as `query --as-of` does). `task list` reads the status
-projection's store that a `refold worker` keeps in REFOLD_DATA_DIR (a RocksDB secondary).
+`task submit`, `task status` and `task cancel` need only Kafka: a task's status is folded
+straight from its queue's status topic (the key's partition, as `query --as-of` does). `task
+list` reads the status projection's store that a `refold worker` keeps in REFOLD_DATA_DIR (a
+RocksDB secondary).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from refold.cli.output import out as _out
-from refold.cli.output import wait_ended
+from refold.cli.output import seconds, wait_ended
 from refold.core.config import Config
 from refold.core.errors import InputError, TaskError
 from refold.core.tasks import STATUSES, TERMINAL, TaskQueue, submission_from_json
@@ -75,15 +76,28 @@ def cmd_task(args: argparse.Namespace, config: Config) -> int:
     queue = _queue(queues, args.queue)
     if args.action == "submit":
         return _submit(args, config, queues, queue)
+    if args.action == "cancel":
+        return _cancel(args, config, queues, queue)
     if args.action == "status":
-        if not args.task_id:
-            raise InputError("task status needs a TASK_ID")
-        state = fold_status(config, queue, args.task_id)
+        state = fold_status(config, queue, _task_id(args))
         if state is None:
             raise InputError(f"no task {args.task_id!r} in queue {queue.name!r}")
         _out(state)
         return 0
     return _list(args, config, queue)
+
+
+def _task_id(args: argparse.Namespace) -> str:
+    """The TASK_ID argument of `status` and `cancel`: a record key, so UTF-8 text (a lone
+    surrogate from argv raised UnicodeEncodeError in the fold: a traceback)."""
+    task_id: str | None = args.task_id
+    if not task_id:
+        raise InputError(f"task {args.action} needs a TASK_ID")
+    try:
+        task_id.encode()
+    except UnicodeEncodeError as exc:
+        raise InputError(f"task id {task_id!r} is not UTF-8 text: {exc.reason}") from exc
+    return task_id
 
 
 def _submit(
@@ -144,6 +158,33 @@ def _submit(
     return 0 if state is not None and state["status"] == "succeeded" else 1
 
 
+def _cancel(
+    args: argparse.Namespace, config: Config, queues: dict[str, TaskQueue], queue: TaskQueue
+) -> int:
+    """Cancel a task that has not ended, as `POST /tasks/{queue}/{id}/cancel` does (with its
+    parts, if split): its state is folded from the status topic, so no worker is needed. Exit
+    0 with the answer the HTTP route gives; 2 (bad input) for a task the queue never had, as
+    `task status`; 1 for one that ended already (the route's 409), nothing recorded then."""
+    from refold.kafka.task_log import TaskClient
+
+    task_id = _task_id(args)
+    state = _folded(config, queue, task_id)
+    if state is None or state["status"] is None:
+        raise InputError(f"no task {task_id!r} in queue {queue.name!r}")
+    if state["status"] in TERMINAL:
+        raise TaskError(
+            f"task {task_id!r} already ended {state['status']}: nothing to cancel",
+            hint=f"`refold task status {queue.name} {task_id}` shows how it ended",
+        )
+    client = TaskClient(config, queues)
+    try:
+        client.cancel(queue.name, [task_id, *state.get("parts", ())])
+    finally:
+        client.close()
+    _out({"task_id": task_id, "status": "cancelled"})
+    return 0
+
+
 def _list(args: argparse.Namespace, config: Config, queue: TaskQueue) -> int:
     from refold.core.task_status import public_status, status_projection_name
     from refold.store.rocksdb import RocksStore
@@ -202,15 +243,17 @@ def cmd_task_worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("task", help="submit a task, read its status, list a queue's tasks")
-    p.add_argument("action", choices=["submit", "status", "list"])
+    p = sub.add_parser(
+        "task", help="submit a task, read its status, list a queue's tasks, cancel a task"
+    )
+    p.add_argument("action", choices=["submit", "status", "list", "cancel"])
     p.add_argument("queue", help="the task queue's name")
-    p.add_argument("task_id", nargs="?", help="for status: the task id")
+    p.add_argument("task_id", nargs="?", help="for status and cancel: the task id")
     p.add_argument("--data", default="{}", help="submit: the task's data as a JSON object")
     p.add_argument("--id", help="submit: the task id (idempotency key; default: a new one)")
     p.add_argument("--key", help="submit: the task's key (default: its id)")
     p.add_argument("--wait", action="store_true", help="submit: wait until the task ended")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
+    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds --wait waits")
     p.add_argument("--status", help="list: only tasks with this status, e.g. dead")
     p.add_argument("--limit", type=int, default=100, help="list: at most this many")
     p.add_argument("--app", help="comma-separated modules with task queues (env REFOLD_APP)")

@@ -80,3 +80,15 @@ class SagaStepsError(SagaError):
 
 class TaskConflict(TaskError):
     """A task id was submitted before with another body: the id names that first task."""
+
+
+class SagaConflict(SagaError):
+    """A saga id was started before with other data: the id names that first run, whose status
+    is at `status_url`."""
+
+    def __init__(
+        self, message: str, *, saga_id: str, status_url: str, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.saga_id = saga_id
+        self.status_url = status_url

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from refold.core.commands import Decider
 from refold.core.config import BUNDLED_SCHEMAS
 from refold.core.errors import InputError, SagaError, SagaStepsError
 from refold.core.projection import Projection
@@ -143,11 +144,18 @@ class Start:
 
     @property
     def data_json(self) -> str:
-        return json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+        return data_json(self.data)
 
 
-def start_from_json(saga: Saga, obj: Any) -> Start:
-    """`{"saga_id"?, "data": {...}}` -> Start; InputError says what is wrong."""
+def data_json(data: Any) -> str:
+    """A start's data as canonical JSON: what its `started` event carries, and what tells a
+    repeat of a saga id (the same text) from a conflicting start (another)."""
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+def start_from_json(saga: Saga, obj: Any, deciders: Mapping[str, Decider] | None = None) -> Start:
+    """`{"saga_id"?, "data": {...}}` -> Start; InputError says what is wrong. With the app's
+    `deciders`, the commands of its steps are checked against them too (`check_sends`)."""
     if not isinstance(obj, dict):
         raise InputError('a saga start is a JSON object {"data": {...}, "saga_id"?}')
     unknown = set(obj) - {"saga_id", "data"}
@@ -174,10 +182,42 @@ def start_from_json(saga: Saga, obj: Any) -> Start:
     if len(start.data_json) > MAX_DATA_BYTES:
         raise InputError(f"data is larger than {MAX_DATA_BYTES} bytes as JSON")
     try:
-        planned_steps(saga, saga_id, data)
+        steps = planned_steps(saga, saga_id, data)
     except SagaStepsError as exc:
         raise InputError(f"saga {saga.name!r} cannot run with this data: {exc}") from exc
+    if deciders is not None:
+        check_sends(saga, steps, deciders)
     return start
+
+
+def check_sends(saga: Saga, steps: Sequence[Step], deciders: Mapping[str, Decider]) -> None:
+    """InputError unless each step's command and compensation names a decider of the app, a
+    command type it declares, and data its fields accept. Found only when the runner sent it,
+    such a step failed the saga after the steps before it had run (or a compensation could
+    never be decided); the runner still answers one it cannot send as rejected (a decider
+    whose topics are missing, a command too large for a record)."""
+    for step in steps:
+        for send, role in ((step.do, "command"), (step.undo, "compensation")):
+            if send is None:
+                continue
+            where = f"saga {saga.name!r}, step {step.name!r}: its {role}"
+            decider = deciders.get(send.aggregate)
+            if decider is None:
+                known = ", ".join(sorted(deciders)) or "none"
+                raise InputError(
+                    f"{where} goes to aggregate {send.aggregate!r}, which no decider of the app "
+                    f"is; known aggregates: {known}"
+                )
+            if send.type not in decider.commands:
+                known = ", ".join(sorted(decider.commands)) or "none"
+                raise InputError(
+                    f"{where} is of type {send.type!r}, which aggregate {send.aggregate!r} does "
+                    f"not declare; known command types: {known}"
+                )
+            try:
+                decider.check_command(send.type, send.data)
+            except InputError as exc:
+                raise InputError(f"{where} would be refused: {exc}") from exc
 
 
 def check_saga_id(saga_id: str) -> None:

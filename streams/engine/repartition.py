@@ -48,7 +48,13 @@ from refold.core.serde import MAX_EVENT_BYTES, Codec, Event
 from refold.engine.membership import fold_group_settings
 from refold.engine.runner_consumer import FOLD_CONSUMER_CONF
 from refold.engine.runner_stats import TP
-from refold.engine.transactions import BoundedTransactions, Stuck
+from refold.engine.transactions import (
+    RETRY_LOG_EVERY,
+    Backoff,
+    BoundedTransactions,
+    Stuck,
+    failure_kind,
+)
 from refold.kafka import clients
 from refold.kafka.log import read_to_end
 from refold.kafka.topics import Topics, TopicSpec
@@ -60,6 +66,8 @@ log = logging.getLogger(__name__)
 ROUTE_BATCH = 20_000
 #: `<source topic>:<partition>:<offset>:<aggregate key>` of a repartitioned record.
 SOURCE_HEADER = "refold_source"
+#: Routing transactions that keep failing are tried again after 0.5 s, doubling up to this.
+RETRY_CAP_S = 30.0
 
 
 def repartition_topic(config: Config, name: str, version: int) -> str:
@@ -116,6 +124,8 @@ class RepartitionStats:
 class Repartitioner(BoundedTransactions):
     """Stage 1 of a re-keyed projection in a worker (see the module)."""
 
+    RETRY_CAP_S = RETRY_CAP_S
+
     def __init__(
         self,
         config: Config,
@@ -147,6 +157,7 @@ class Repartitioner(BoundedTransactions):
         self._links: dict[TP, dict[str, str]] = {}  # per owned source partition
         self._committed: dict[TP, int] = {}  # next source offset committed, per owned partition
         self._idle_at = 0.0
+        self._aborts = Backoff(first=0.5, cap=RETRY_CAP_S)  # routing transactions failing now
         self._stop = threading.Event()
         self._stuck: list[tuple[Producer, threading.Thread]] = []
         self._consumer = self._new_consumer()
@@ -256,12 +267,10 @@ class Repartitioner(BoundedTransactions):
             return
         try:
             self._transact(routed, dead, nxt)
-        except Stuck as exc:
-            self._recover(str(exc), fatal=True)
+        except (Stuck, KafkaException) as exc:
+            self._aborted(exc)
             return
-        except KafkaException as exc:
-            self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
-            return
+        self._committed_again()
         for tp, links in learnt.items():
             if tp in self._links:  # (not revoked meanwhile)
                 self._links[tp].update(links)
@@ -317,13 +326,41 @@ class Repartitioner(BoundedTransactions):
             return
         try:
             self._transact([], [], moved)
-        except Stuck as exc:
-            self._recover(str(exc), fatal=True)
+        except (Stuck, KafkaException) as exc:
+            self._aborted(exc)
             return
-        except KafkaException as exc:
-            self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
-            return
+        self._committed_again()
         self._committed.update(moved)
+
+    def _aborted(self, exc: Stuck | KafkaException) -> None:
+        """A routing transaction failed: abort it and rewind, then pause before the batch is
+        read and tried again, 0.5 s doubling to RETRY_CAP_S while they keep failing: one the
+        broker refuses every time (a record over the topic's max.message.bytes, a missing
+        ACL) would otherwise be tried again at once, with a warning each time, for as long as
+        it lasts. Logged: the first failure of each kind, then every RETRY_LOG_EVERY-th
+        (`Backoff`)."""
+        if isinstance(exc, Stuck):
+            reason, fatal = str(exc), True
+        else:
+            reason, fatal = str(exc.args[0]), exc.args[0].fatal()
+        pause, log_it = self._aborts.failed(failure_kind(exc))
+        if log_it:
+            log.warning(
+                "%s: transaction aborted (%d in a row, trying again in %.1fs; logged once per "
+                "error and every %dth): %s",
+                self.name,
+                self._aborts.failures,
+                pause,
+                RETRY_LOG_EVERY,
+                reason,
+            )
+        self._recover(reason, fatal=fatal, quiet=True)
+        self._stop.wait(pause)
+
+    def _committed_again(self) -> None:
+        failures = self._aborts.succeeded()
+        if failures:
+            log.info("%s: a transaction committed after %d aborted", self.name, failures)
 
     def _event(self, msg: Message) -> Event:
         raw_key = msg.key()

@@ -82,6 +82,8 @@ PAGE = 1000
 SEND_TIMEOUT_S = 30.0
 FENCE = "refold.sagas.Fence"  # the type of the claim that fences a timed-out step's command
 CHAIN = 8  # decisions one sweep may chain for a saga (a transfer needs at most 2 in a row)
+#: Sagas whose unsendable commands a runner remembers at most, the oldest forgotten first.
+MAX_UNSENDABLE_SAGAS = 10_000
 
 
 @dataclass(slots=True)
@@ -97,7 +99,44 @@ class SagaRunnerStats:
     unfenced: int = 0  # timed-out steps whose command was claimed already: their result comes
     chained: int = 0  # decisions made on a decision of the same sweep (not a sweep later)
     errors: int = 0  # sweeps that failed (the broker unreachable...); the next one retries
+    unsendable: int = 0  # sagas with commands answered here as rejected, not ended yet
     ready: tuple[int, ...] = ()  # the owned partitions whose state is caught up
+
+
+class Unsendable:
+    """Commands no record can carry (an aggregate the app cannot send to, too large, not
+    UTF-8), answered here as rejected since no processor ever will (a compensation would wait
+    for ever), per saga. Bounded: a saga's entries go once it has ended, or when another
+    worker drives its partition, and past `limit` sagas the oldest go first. (One forgotten
+    while its saga still waits on it is sent again, found unsendable again, remembered anew.)"""
+
+    def __init__(self, limit: int = MAX_UNSENDABLE_SAGAS) -> None:
+        self._limit = limit
+        self._by_saga: dict[str, dict[str, dict[str, Any]]] = {}  # in the order first added
+
+    def __len__(self) -> int:
+        """How many sagas have commands remembered."""
+        return len(self._by_saga)
+
+    def add(self, saga_id: str, command_id: str, reason: str) -> None:
+        commands = self._by_saga.get(saga_id)
+        if commands is None:
+            while len(self._by_saga) >= self._limit:
+                del self._by_saga[next(iter(self._by_saga))]
+            commands = self._by_saga[saga_id] = {}
+        commands[command_id] = {"status": "rejected", "reason": reason}
+
+    def get(self, saga_id: str, command_id: str) -> dict[str, Any] | None:
+        commands = self._by_saga.get(saga_id)
+        return None if commands is None else commands.get(command_id)
+
+    def ended(self, saga_id: str) -> None:
+        """The saga has ended: nothing of its will be asked again."""
+        self._by_saga.pop(saga_id, None)
+
+    def keep(self, wanted: Callable[[str], bool]) -> None:
+        """Forget the sagas `wanted` refuses (those of partitions this runner lost)."""
+        self._by_saga = {s: c for s, c in self._by_saga.items() if wanted(s)}
 
 
 class SagaRunner:
@@ -132,9 +171,7 @@ class SagaRunner:
         self._claimed: set[str] = set()  # timed-out commands the processor claimed first
         self._pending: dict[str, int] = {}  # saga id -> its event count when we last appended
         self._sent_here: set[str] = set()  # command ids this process sent
-        #: Commands no record can carry (unknown aggregate, too large, not UTF-8): answered
-        #: here as rejected, since no processor ever will (a compensation would wait for ever).
-        self._unsendable: dict[str, dict[str, Any]] = {}
+        self._unsendable = Unsendable()  # commands answered here as rejected (see the class)
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -176,32 +213,39 @@ class SagaRunner:
         ready = self._caught_up(runner)
         if not ready:
             return
-        acks, outbox = Acks(), []
+        acks = Acks()
+        outbox: list[tuple[str, Outgoing]] = []  # (saga id, command)
         after: str | None = None
         while True:
             page = runner.store.scan("", after, PAGE)
             for saga_id, state in page:
                 if state.get("status") in TERMINAL:
                     self._pending.pop(saga_id, None)
+                    self._unsendable.ended(saga_id)
                 else:
-                    since = ready.get(murmur2_partition(saga_id.encode(), self._partitions))
+                    since = ready.get(self._partition(saga_id))
                     if since is not None:
-                        outbox.extend(self._drive(saga_id, state, now_ms, since, acks))
+                        drive = self._drive(saga_id, state, now_ms, since, acks)
+                        outbox += [(saga_id, out) for out in drive]
             if len(page) < PAGE:
                 break
             after = page[-1][0]
         acks.wait(self._producer, f"events of saga {self.saga.name!r}")
         self._send(outbox)
+        self.stats.unsendable = len(self._unsendable)
         self.stats.sweeps += 1
 
     def _caught_up(self, runner: Serving) -> dict[int, int]:
         """The owned partitions whose store has folded up to their end at assignment (1.)."""
         topic = self.saga.topic
         owned = {p for t, p in runner.stats.assigned if t == topic}
-        for p in set(self._ends) - owned:  # lost: another worker drives them now
+        lost = set(self._ends) - owned  # another worker drives them now
+        for p in lost:
             del self._ends[p]
             self._ready.pop(p, None)
             self._sent_here = {c for c in self._sent_here if not self._of(c, p)}
+        if lost:
+            self._unsendable.keep(lambda saga_id: self._partition(saga_id) not in lost)
         for p in owned - set(self._ends):
             _low, high = self._watermarks.get_watermark_offsets(
                 TopicPartition(topic, p), timeout=10
@@ -218,7 +262,10 @@ class SagaRunner:
 
     def _of(self, command_id: str, partition: int) -> bool:
         saga_id = command_id.split("/", 1)[1].rsplit("/", 2)[0]
-        return murmur2_partition(saga_id.encode(), self._partitions) == partition
+        return self._partition(saga_id) == partition
+
+    def _partition(self, saga_id: str) -> int:
+        return murmur2_partition(saga_id.encode(), self._partitions)
 
     def _drive(
         self, saga_id: str, state: dict[str, Any], now_ms: int, since_ms: int, acks: Acks
@@ -231,9 +278,13 @@ class SagaRunner:
             return []  # what we appended is not folded yet (4.)
         self._pending.pop(saga_id, None)
         outbox: list[Outgoing] = []
+
+        def results(command_id: str) -> dict[str, Any] | None:
+            return self._unsendable.get(saga_id, command_id) or self._results.get(command_id)
+
         for _ in range(CHAIN):
             try:
-                step = advance(self.saga, state, self._result, now_ms, since_ms=since_ms)
+                step = advance(self.saga, state, results, now_ms, since_ms=since_ms)
             except SagaStepsError as exc:  # this saga's bug: it fails, the others go on
                 step = steps_failed(self.saga, saga_id, exc, now_ms)
             if step.fence is not None and not self._fenced(step.fence):
@@ -255,9 +306,6 @@ class SagaRunner:
                 apply_event(self.saga, state, event)
             self.stats.chained += 1
         return outbox
-
-    def _result(self, command_id: str) -> dict[str, Any] | None:
-        return self._unsendable.get(command_id) or self._results.get(command_id)
 
     def _fenced(self, out: Outgoing) -> bool:
         """Claim a timed-out step's command id for nothing, so that no processor ever decides
@@ -286,18 +334,18 @@ class SagaRunner:
         self.stats.dead += 1
         log.warning("saga %s %s failed: %s", self.saga.name, saga_id, reason)
 
-    def _send(self, outbox: list[Outgoing]) -> None:
-        """Append the commands (3.); each one's result wakes the next sweep."""
+    def _send(self, outbox: list[tuple[str, Outgoing]]) -> None:
+        """Append the commands (3.), each with its saga's id; each one's result wakes the
+        next sweep."""
         futures = []
-        for out in outbox:
+        for saga_id, out in outbox:
             send = out.send
             command = Command(out.command_id, send.aggregate, send.key, send.type, send.data)
             try:
                 futures.append((out, self._commands.append(command)))
             except InputError as exc:  # a bad step: no processor will ever answer it
                 log.error("saga %s: cannot send %s: %s", self.saga.name, out.command_id, exc)
-                reason = f"cannot be sent: {exc}"
-                self._unsendable[out.command_id] = {"status": "rejected", "reason": reason}
+                self._unsendable.add(saga_id, out.command_id, f"cannot be sent: {exc}")
                 self._wake.set()
                 continue
             except CommandError as exc:  # not sent now: the next sweep sends it again
@@ -446,8 +494,12 @@ class SagaService:
     def client(self) -> SagaClient:
         with self._client_lock:
             if self._client is None:
+                # Starts are checked against every decider the app declares (those whose
+                # topics are missing too: such a step is a setup problem /healthz names).
+                deciders = load_deciders(self.config.app_modules)
+                deciders.update((n, p.decider) for n, p in self._processors.items())
                 self._client = SagaClient(
-                    self.config, self.sagas, codec=self.codec, known=self._state
+                    self.config, self.sagas, codec=self.codec, known=self._state, deciders=deciders
                 )
             return self._client
 
@@ -456,10 +508,17 @@ class SagaService:
         return state
 
     def start_saga(self, name: str, obj: Any) -> Started:
-        """Check and append one start (InputError for bad input, SagaError if not acked)."""
-        client = self.client
-        start: Start = client.prepare(name, obj)
-        return client.start(name, start)
+        """Check and append one start (InputError for bad input, SagaConflict for a saga id
+        started with other data, SagaError if not acked)."""
+        return self.append_start(name, self.prepare(name, obj))
+
+    def prepare(self, name: str, obj: Any) -> Start:
+        """Check a start request (InputError if bad); nothing is sent."""
+        return self.client.prepare(name, obj)
+
+    def append_start(self, name: str, start: Start) -> Started:
+        """Append a checked start (see `start_saga`)."""
+        return self.client.start(name, start)
 
     def describe(self, name: str) -> dict[str, Any]:
         """`GET /sagas/{name}`: what this worker's runner of the saga has done (its counters,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from refold.core.config import Config
 from refold.core.errors import LogReadError, TopicError
 from refold.kafka import clients
@@ -37,8 +37,49 @@ TXN_TIMEOUT_MS = 30_000
 #: cache still names, forever (confluentinc/librdkafka#5456, #5511; seen in
 #: tests/integration/test_broker_faults.py). Each call gets its own timeout below this.
 TXN_CALL_TIMEOUT_S = 30.0
-#: A step failing for long (`_retrying`) logs once a minute, counted throughout.
-RETRY_LOG_INTERVAL_S = 60.0
+#: A step failing for long (`_retrying`) logs the first failure of each kind, then every this
+#: many failures; every failure is counted.
+RETRY_LOG_EVERY = 20
+
+
+@dataclass(slots=True)
+class Backoff:
+    """The pauses between the tries of a step that keeps failing, and which failures to log.
+
+    Pauses: `first` s, doubling, at most `cap` s; back to `first` after a success. Logged: the
+    first failure of each kind since the last success (a KafkaError's code name, not its text:
+    librdkafka's text names a sequence number that changes every try; and one failure can
+    surface as two codes in turn, the produce error or the transaction state it left), and
+    every `log_every`-th failure; the others are counted only."""
+
+    first: float = 0.5
+    cap: float = 30.0
+    log_every: int = RETRY_LOG_EVERY
+    failures: int = 0
+    logged: set[str] = field(default_factory=set)
+
+    def failed(self, kind: str) -> tuple[float, bool]:
+        """One more failure, of `kind`: (the pause before the next try, whether to log it)."""
+        self.failures += 1
+        pause = min(self.first * 2.0 ** min(self.failures - 1, 64), self.cap)
+        log_it = kind not in self.logged or self.failures % self.log_every == 0
+        self.logged.add(kind)
+        return pause, log_it
+
+    def succeeded(self) -> int:
+        """Back to the first pause; the number of failures in a row before this success."""
+        failures, self.failures = self.failures, 0
+        self.logged.clear()
+        return failures
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What `Backoff` compares to tell a new failure from a repeat: a KafkaError's code name,
+    else the exception's type."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if isinstance(error, KafkaError):
+        return str(error.name())
+    return type(exc).__name__
 
 
 def stable_instance_id(path: Path) -> str:
@@ -61,6 +102,10 @@ class BoundedTransactions:
     transaction: the base of the command processor and the repartitioner. A subclass has
     `stats` (with `aborts` and `retries` counters), a `_stop` event and its `_rewind`."""
 
+    #: The longest pause between two tries of a failing step (`_retrying`): the command
+    #: processor tries again within 5 s, so its commands are decided soon after a failover.
+    RETRY_CAP_S: ClassVar[float] = 5.0
+
     config: Config
     name: str
     stats: Any
@@ -81,15 +126,17 @@ class BoundedTransactions:
     def _after_failed_try(self) -> None:
         """Called after each failed try of `_retrying`, before its pause."""
 
-    def _recover(self, reason: str, *, fatal: bool = False) -> None:
+    def _recover(self, reason: str, *, fatal: bool = False, quiet: bool = False) -> None:
         """Abort, then `_rewind`. A producer that cannot abort (a fatal error, or one the abort
         itself raises: after a broker loss the coordinator may already have ended the
         transaction), or whose call is stuck (`_bounded`), is replaced by a new one with the
         same transactional.id, whose init_transactions fences the old one and ends whatever it
         left open: committed if its commit had reached the coordinator, else aborted; the
         rewind reads which. Both are retried until they succeed (a coordinator or leader may
-        still be moving), so a broker loss never stops the stage."""
-        log.warning("%s: transaction aborted: %s", self._label, reason)
+        still be moving), so a broker loss never stops the stage. `quiet`: counted, not logged
+        (the caller logs the failures of a transaction that keeps failing now and then)."""
+        if not quiet:
+            log.warning("%s: transaction aborted: %s", self._label, reason)
         self.stats.aborts += 1
         if not fatal:
             try:
@@ -103,35 +150,32 @@ class BoundedTransactions:
 
     def _retrying(self, what: str, step: Callable[[], None]) -> None:
         """Run `step` until it succeeds or the stage stops: while a broker is moving leaders or
-        coordinators it fails for a while (tried again after 0.5 s, backing off to 5 s).
-        Every retry is counted (`stats.retries`); the log has the first failure, then one line
-        a minute while it goes on, not one per retry."""
-        pause = 0.5
-        failures = 0
-        logged_at = 0.0
+        coordinators it fails for a while (tried again after 0.5 s, backing off to
+        `RETRY_CAP_S`). Every retry is counted (`stats.retries`); the log has the first
+        failure of each kind, then one line per `RETRY_LOG_EVERY` failures, not one per retry
+        (`Backoff`)."""
+        backoff = Backoff(first=0.5, cap=self.RETRY_CAP_S)
         while not self._stop.is_set():
             try:
                 step()
+                failures = backoff.succeeded()
                 if failures:
                     log.info("%s: %s succeeded after %d retries", self._label, what, failures)
                 return
             except (KafkaException, LogReadError, TopicError, Stuck) as exc:
-                failures += 1
                 self.stats.retries += 1
-                now = time.monotonic()
-                if failures == 1 or now - logged_at >= RETRY_LOG_INTERVAL_S:
-                    logged_at = now
+                pause, log_it = backoff.failed(failure_kind(exc))
+                if log_it:
                     log.warning(
-                        "%s: %s failed %d time(s), retrying every %.1fs at most: %s",
+                        "%s: %s failed %d time(s), trying again in %.1fs: %s",
                         self._label,
                         what,
-                        failures,
+                        backoff.failures,
                         pause,
                         exc,
                     )
                 self._after_failed_try()
                 self._stop.wait(pause)
-                pause = min(2 * pause, 5.0)
 
     def _new_producer(self) -> Producer:
         return clients.producer(

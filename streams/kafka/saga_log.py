@@ -21,9 +21,10 @@ from urllib.parse import quote
 
 from confluent_kafka import KafkaError, Message, Producer
 from refold.core import envelope
+from refold.core.commands import Decider
 from refold.core.config import Config
-from refold.core.errors import InputError, SagaError
-from refold.core.sagas import SAGA_EVENT, Saga, Start, saga_event, start_from_json
+from refold.core.errors import InputError, SagaConflict, SagaError
+from refold.core.sagas import SAGA_EVENT, Saga, Start, data_json, saga_event, start_from_json
 from refold.core.serde import Codec
 from refold.kafka import clients
 from refold.kafka.registry import SchemaRegistry, codec_for
@@ -114,8 +115,11 @@ Lookup = Callable[[str, str], dict[str, Any] | None]
 
 class SagaClient:
     """Starts sagas: a `started` event, durable (acks=all, idempotent producer) before `start`
-    returns. `known` (saga, saga id) -> state makes a repeated saga id answer as the first time
-    and append nothing."""
+    returns. A saga id names one run: a repeat with the same data answers as the first time
+    and appends nothing, one with other data raises SagaConflict (HTTP 409) and appends
+    nothing, checked against the starts made here and, with `known` (saga, saga id) -> state,
+    against the saga's state. With the app's `deciders`, `prepare` refuses a start whose
+    steps send commands none of them would take (`refold.core.sagas.check_sends`)."""
 
     def __init__(
         self,
@@ -124,13 +128,16 @@ class SagaClient:
         *,
         codec: Codec | None = None,
         known: Lookup | None = None,
+        deciders: Mapping[str, Decider] | None = None,
     ) -> None:
         self.sagas = dict(sagas)
+        self.deciders = None if deciders is None else dict(deciders)
         self.log = SagaLog(config, codec or codec_for(config))
         self._known = known
         self._producer = clients.producer(config, defaults={"linger.ms": 1})
         self._lock = threading.Lock()  # flush() waits for everything: one caller at a time
-        self._recent: dict[tuple[str, str], Started] = {}  # until the projection has folded it
+        #: The data (as JSON) of the starts made here, until the projection has folded them.
+        self._recent: dict[tuple[str, str], str] = {}
         self._registered = False
 
     def saga(self, name: str) -> Saga:
@@ -142,14 +149,12 @@ class SagaClient:
 
     def prepare(self, name: str, obj: Any) -> Start:
         """Check a start request without sending anything (InputError if bad)."""
-        return start_from_json(self.saga(name), obj)
+        return start_from_json(self.saga(name), obj, self.deciders)
 
     def start(self, name: str, start: Start) -> Started:
         saga = self.saga(name)
         with self._lock:
-            if (name, start.saga_id) in self._recent or (
-                self._known is not None and self._known(name, start.saga_id) is not None
-            ):
+            if self._started_before(name, start):
                 return Started(start.saga_id, name, repeated=True)
             if not self._registered:
                 self.log.register(self._producer)
@@ -162,8 +167,30 @@ class SagaClient:
             acks.wait(self._producer, f"start of saga {name!r} {start.saga_id!r}")
             if len(self._recent) > 100_000:
                 self._recent.clear()
-            answer = self._recent[(name, start.saga_id)] = Started(start.saga_id, name)
-            return answer
+            self._recent[(name, start.saga_id)] = start.data_json
+            return Started(start.saga_id, name)
+
+    def _started_before(self, name: str, start: Start) -> bool:
+        """Whether this saga id was started before with the same data; SagaConflict when with
+        other data (the first start's data is the run's, a second `started` would only be
+        folded as a duplicate: the caller must hear it, as for a command or task id)."""
+        saga_id = start.saga_id
+        first = self._recent.get((name, saga_id))
+        if first is None:
+            state = None if self._known is None else self._known(name, saga_id)
+            if state is None or state.get("status") is None:  # no `started` folded
+                return False
+            first = data_json(state.get("data"))
+        if first == start.data_json:
+            return True
+        status_url = Started(saga_id, name).status_url
+        raise SagaConflict(
+            f"saga id {saga_id!r} of saga {name!r} was started before with other data "
+            f"(first: {first[:200]}); a saga id names one run, whose status is at {status_url}",
+            saga_id=saga_id,
+            status_url=status_url,
+            hint="use a new saga id for another run",
+        )
 
     def close(self) -> None:
         self._producer.flush(30)

@@ -9,13 +9,19 @@ The oracle is the test's own: owners computed from the events it published.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from refold import Event
 from refold.core.config import Config
+from refold.engine.repartition import Repartitioner, repartition_topic
 from refold.engine.replay import replay
 from refold.engine.runtime import ProjectionRunner
 from refold.engine.tail import dead_letters
@@ -24,7 +30,7 @@ from refold.examples.bank.projections import Owners
 from refold.kafka import clients
 from refold.kafka.publisher import Publisher
 from refold.kafka.registry import codec_for
-from refold.kafka.topics import Topics, event_topic, internal_topics
+from refold.kafka.topics import Topics, TopicSpec, event_topic, internal_topics
 from refold.store.rocksdb import RocksStore
 from refold.store.versions import live_version, store_path
 
@@ -273,3 +279,62 @@ def test_an_event_too_large_once_re_keyed_is_dead_lettered_and_the_rest_routed(
     [dead] = dead_letters(config, name)
     assert (dead["key"], dead["offset"]) == ("acc-big", 0), dead
     assert "the re-keyed record is 960" in dead["reason"], dead
+
+
+def test_a_routing_transaction_the_broker_refuses_backs_off_says_so_once_and_then_goes_on(
+    config: Config, unique: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A routed record over its repartition topic's max.message.bytes fails every
+    transaction at once. It was aborted and tried again every half second, with a warning each
+    time, for as long as it lasted. Now the tries back off (0.5 s doubling, to 30 s), one
+    warning says so (the same error again is counted, not logged), and once the topic takes
+    the record (here an operator raises its limit) it is routed and a line says after how
+    many aborts."""
+    topic, name = unique("bank"), unique("owners")
+    topics = Topics(config)
+    topics.ensure([event_topic(topic, partitions=1), *internal_topics(config)])
+    target = repartition_topic(config, name, 1)
+    topics.ensure([TopicSpec(target, 1, {"retention.ms": "-1", "max.message.bytes": "2000"})])
+    owner = os.urandom(6000).hex()  # too large for the topic even compressed
+    codec = codec_for(config)
+    with Publisher(config, codec) as publisher:
+        opened = {"account_id": "acc-1", "owner": owner}
+        publisher.publish_many(topic, [("bank.AccountOpened", "acc-1", opened)])
+    v1, _v2 = _classes(name, topic)
+    router = Repartitioner(
+        config, codec, v1(), 1, worker_id=unique("w"), dlq_topic=config.dead_letter_topic(name)
+    )
+    thread = threading.Thread(target=router.run, daemon=True)
+    with caplog.at_level(logging.INFO, logger="refold.engine"):
+        thread.start()
+        try:
+            _until(lambda: router.stats.aborts >= 1, 60, "a first aborted transaction")
+            first = time.monotonic()
+            _until(lambda: router.stats.aborts >= 4, 60, "4 aborted transactions")
+            fourth = time.monotonic()
+            aborted = [
+                r.getMessage()
+                for r in caplog.records
+                if r.name.startswith("refold.") and "transaction aborted" in r.getMessage()
+            ]
+            admin = clients.admin(config)
+            entry = ConfigEntry(
+                "max.message.bytes", "10000000", incremental_operation=AlterConfigOpType.SET
+            )
+            resource = ConfigResource(ResourceType.TOPIC, target, incremental_configs=[entry])
+            for future in admin.incremental_alter_configs([resource]).values():
+                future.result(30)
+            _until(lambda: router.stats.routed == 1, 60, "the record routed once the topic took it")
+        finally:
+            router.stop()
+            thread.join(60)
+    # Paused 0.5 + 1 + 2 s between the first and the fourth try (every 0.5 s, it was 1.5 s).
+    assert fourth - first >= 3.0, fourth - first
+    # One line per error (the broker's refusal; or the transaction state it left, which
+    # send_offsets_to_transaction may meet first), not one per try.
+    codes = [line.split("code=", 1)[1].split(",", 1)[0] for line in aborted]
+    assert len(codes) == len(set(codes)) and "MSG_SIZE_TOO_LARGE" in codes, aborted
+    assert "trying again in 0.5s" in aborted[0], aborted
+    aborts = router.stats.aborts
+    said = [r.getMessage() for r in caplog.records if "committed after" in r.getMessage()]
+    assert said == [f"{router.name}: a transaction committed after {aborts} aborted"], said

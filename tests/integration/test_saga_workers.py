@@ -10,6 +10,7 @@ wrote it), the first start's data wins, and a store rebuilt from offset zero agr
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -36,8 +37,11 @@ from tests.integration.test_sagas import (
 )
 
 
-def post(workers: list[Worker], saga: str, saga_id: str, data: dict) -> Worker:
-    """POST the start to the first worker that answers 202; returns it."""
+def post(
+    workers: list[Worker], saga: str, saga_id: str, data: dict, conflicts: list[str] | None = None
+) -> Worker:
+    """POST the start to the first worker that answers 202 (or, with `conflicts`, 409: the id
+    was started with other data, which goes into `conflicts`); returns it."""
     deadline = time.monotonic() + 180
     while True:
         for worker in workers:
@@ -49,6 +53,11 @@ def post(workers: list[Worker], saga: str, saga_id: str, data: dict) -> Worker:
                 continue
             if code == 202:
                 assert body["saga_id"] == saga_id and body["status"] == "running", body
+                return worker
+            if code == 409 and conflicts is not None:
+                url = f"/sagas/{saga}/{saga_id}"
+                assert (body["saga_id"], body["status_url"]) == (saga_id, url), body
+                conflicts.append(saga_id)
                 return worker
             assert code == 503, body
         assert time.monotonic() < deadline, f"saga {saga_id} never accepted"
@@ -98,6 +107,7 @@ def test_two_workers_share_sagas_through_rebalances_and_a_kill(
     ids = list(plan)
     quarters = [ids[i * len(ids) // 4 : (i + 1) * len(ids) // 4] for i in range(4)]
     repeated: list[str] = []
+    conflicts: list[str] = []  # repeats refused: the worker knew the first start
     lock = threading.Lock()
 
     def start_all(chunk: list[str], up: list[Worker]) -> None:
@@ -107,7 +117,7 @@ def test_two_workers_share_sagas_through_rebalances_and_a_kill(
             if len(up) > 1 and i % 5 == 0:  # the same saga id on the other worker, other data
                 other = [w for w in up if w is not first]
                 changed = {**plan[saga_id], "amount_cents": plan[saga_id]["amount_cents"] + 1}
-                post(other, saga, saga_id, changed)
+                post(other, saga, saga_id, changed, conflicts)
                 with lock:
                     repeated.append(saga_id)
 
@@ -184,3 +194,68 @@ def test_a_worker_without_the_command_processor_drives_and_fences_sagas(
         processor.stop()
     _check(plan, states, events(config, vault.events_topic), accounts, timeouts=True)
     assert stats["fenced"] > 0, stats  # timed-out steps fenced from the saga's own worker
+
+
+@pytest.mark.timeout(400)
+def test_a_saga_id_started_again_on_either_worker_is_answered_by_the_one_that_folds_it(
+    config: Config, vault: Decider, unique, tmp_path: Path
+) -> None:
+    """Two workers share the saga's partitions. A start of a saga id sent to the worker that
+    did not fold its partition was checked against that worker's store alone: a repeat with
+    other data was answered 202 and appended a second `started` (folded as a duplicate). A
+    start naming its id is now answered by the worker that folds the id's partition, whose
+    state and own starts know the first one: 409 from either worker, nothing appended."""
+    from refold.engine.timetravel import murmur2_partition
+
+    saga = unique("transfers")
+    a = Worker(config, vault, saga, tmp_path)
+    b = Worker(config, vault, saga, tmp_path)
+    first = {"from": "acc-0", "to": "acc-1", "amount_cents": 5}
+    other = {**first, "amount_cents": 6}
+    try:
+        a.start("a")
+        b.start("b")
+        partitions = Topics(config).partitions(f"{saga}.saga")
+        drives([a, b], partitions)
+        ids: dict[int, str] = {}  # a saga id in each partition: either worker owns some
+        for i in range(1000):
+            ids.setdefault(murmur2_partition(f"s-{i}".encode(), partitions), f"s-{i}")
+        assert len(ids) == partitions
+        for saga_id in ids.values():
+            post([a], saga, saga_id, first)
+        for worker in (a, b):  # each finds every one (forwarded where the other folds it)
+            _states_found(worker, saga, list(ids.values()))
+        answers = {
+            (saga_id, name, amount): worker.http(
+                "POST", f"/sagas/{saga}", {"saga_id": saga_id, "data": data}
+            )
+            for saga_id in ids.values()
+            for name, worker in (("a", a), ("b", b))
+            for amount, data in ((5, first), (6, other))
+        }
+    finally:
+        a.stop()
+        b.stop()
+    for (saga_id, name, amount), (code, body) in answers.items():
+        url = f"/sagas/{saga}/{saga_id}"
+        if amount == 5:  # the same data: the first answer
+            assert (code, body) == (
+                202, {"saga_id": saga_id, "status": "running", "status_url": url}
+            ), (saga_id, name, body)  # fmt: skip
+        else:
+            assert code == 409, (saga_id, name, amount, body)
+            assert (body["saga_id"], body["status_url"]) == (saga_id, url), body
+    # One `started` per saga id, with the first data: no repeat was appended anywhere.
+    starts = [
+        (k, d["data"]) for k, _t, d in events(config, f"{saga}.saga") if d["kind"] == "started"
+    ]
+    assert sorted(k for k, _data in starts) == sorted(ids.values()), starts
+    assert all(json.loads(data) == first for _k, data in starts), starts
+
+
+def _states_found(worker: Worker, saga: str, ids: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    for saga_id in ids:
+        while worker.http("GET", f"/sagas/{saga}/{saga_id}")[0] != 200:
+            assert time.monotonic() < deadline, (worker.port, saga_id)
+            time.sleep(0.2)

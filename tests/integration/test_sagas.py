@@ -546,13 +546,24 @@ def test_any_saga_id_is_found_at_its_status_url(
         worker.stop()
 
 
+def _runner_until(worker: Worker, ok: Any, timeout: float = 60) -> dict:
+    """The runner's counters once `ok(counters)` (within `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while not ok(counters := worker.runner()):
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.1)
+    return counters
+
+
 @pytest.mark.timeout(300)
 def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_ever(
     config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
 ) -> None:
-    """A refund to an aggregate the app does not know was logged as not sent every sweep and
-    waited for a result no processor would give: `compensating` for ever. It counts as
-    rejected now, so it is retried and then fails the saga for a person, like any other."""
+    """A refund no record can carry (too large; an aggregate the app does not know was the
+    case before starts refused those) was logged as not sent every sweep and waited for a
+    result no processor would give: `compensating` for ever. It counts as rejected now, so it
+    is retried and then fails the saga for a person, like any other. The runner remembers
+    such a command only while its saga runs (it kept every one for its life)."""
     saga = unique("transfers")
     worker = Worker(config, vault, saga, tmp_path)
     worker.start()
@@ -560,9 +571,116 @@ def test_a_compensation_that_cannot_be_sent_ends_failed_not_compensating_for_eve
         _fund(client, vault)
         data = {"from": "acc-0", "to": "missing", "amount_cents": 5, "unsendable_refund": True}
         worker.start_saga("u-1", data)
+        remembered = _runner_until(worker, lambda r: r.get("unsendable") == 1)
         state = worker.states(["u-1"], timeout=90)["u-1"]
+        forgotten = _runner_until(worker, lambda r: r.get("unsendable") == 0)
     finally:
         worker.stop()
+    assert remembered["unsendable"] == 1 and forgotten["unsendable"] == 0
     assert state["status"] == "failed", state
-    assert "no-such-aggregate" in state["reason"], state
+    assert "too large for a Kafka record" in state["reason"], state
     assert state["steps"][0]["compensation_attempts"] == 5, state
+
+
+@pytest.mark.timeout(300)
+def test_a_start_whose_steps_go_to_no_decider_of_the_app_is_refused_with_nothing_appended(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """A deposit to an aggregate the app has no decider for was accepted (202) and found only
+    when the runner sent it: the withdrawal had run and was refunded. Now the start is a 422
+    naming the step and the known aggregates (the CLI's exit 2), and nothing is appended."""
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    try:
+        _fund(client, vault)
+        data = {"from": "acc-0", "to": "acc-1", "amount_cents": 5, "misdirected": True}
+        code, body = worker.http("POST", f"/sagas/{saga}", {"saga_id": "m-1", "data": data})
+        env = {**worker.env, "REFOLD_DATA_DIR": str(tmp_path / "cli")}
+        cli = subprocess.run(
+            [sys.executable, "-m", "refold.cli.main", "saga", "start", saga, "m-2",
+             "--data", json.dumps(data)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        worker.start_saga("after", {**data, "misdirected": False})  # the saga goes on
+        after = worker.states(["after"], timeout=90)["after"]
+    finally:
+        worker.stop()
+    said = (
+        f"saga {saga!r}, step 'deposit': its command goes to aggregate 'no-such-aggregate', "
+        f"which no decider of the app is; known aggregates: {vault.name}"
+    )
+    assert (code, body) == (422, {"error": "invalid saga start", "detail": said}), body
+    assert cli.returncode == 2 and cli.stderr.strip() == f"refold: error: {said}", cli
+    assert after["status"] == "completed", after
+    assert {key for key, _t, _d in events(config, f"{saga}.saga")} == {"after"}
+    moved = [d["memo"] for _k, _t, d in events(config, vault.events_topic) if "memo" in d]
+    assert not [memo for memo in moved if "m-1" in memo or "m-2" in memo], moved
+
+
+@pytest.mark.timeout(300)
+def test_a_saga_id_started_again_with_other_data_is_a_conflict_with_nothing_appended(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """A saga id names one run. Started again with the same data: the first answer, nothing
+    appended (as before). With other data it answered 202 too, and the second `started` was
+    folded as a duplicate: the caller believed a transfer of 7 was under way while the log
+    held one of 5. Now: 409 naming the id and its status_url over HTTP, exit 1 from the CLI,
+    SagaConflict from Python, and nothing appended, as a command or task id reused."""
+    from refold.core.errors import SagaConflict
+    from refold.kafka.saga_log import SagaClient
+
+    from tests.integration.apps.transfers import TestTransfers
+
+    saga = unique("transfers")
+    worker = Worker(config, vault, saga, tmp_path)
+    worker.start()
+    first = {"from": "acc-0", "to": "acc-1", "amount_cents": 5}
+    other = {**first, "amount_cents": 7}
+    url = f"/sagas/{saga}/dup"
+    try:
+        _fund(client, vault)
+        answers = [
+            worker.http("POST", f"/sagas/{saga}", {"saga_id": "dup", "data": data})
+            for data in (first, first, other)
+        ]
+        state = worker.states(["dup"], timeout=90)["dup"]
+        late = worker.http("POST", f"/sagas/{saga}", {"saga_id": "dup", "data": other})
+        env = {**worker.env, "REFOLD_DATA_DIR": str(tmp_path / "cli")}
+        start = [sys.executable, "-m", "refold.cli.main", "saga", "start", saga, "dup"]
+        cli = {}
+        for amount in (5, 7):
+            data = json.dumps({**first, "amount_cents": amount})
+            cli[amount] = subprocess.run(
+                [*start, "--data", data], env=env, capture_output=True, text=True, timeout=120
+            )
+    finally:
+        worker.stop()
+    # From Python: the starts this client made itself are checked too (no `known` lookup).
+    saga_class = type("S", (TestTransfers,), {"name": saga})
+    python = SagaClient(config, {saga: saga_class()})
+    try:
+        python.start(saga, python.prepare(saga, {"saga_id": "py", "data": first}))
+        with pytest.raises(SagaConflict, match=f"saga id 'py' of saga '{saga}'"):
+            python.start(saga, python.prepare(saga, {"saga_id": "py", "data": other}))
+    finally:
+        python.close()
+
+    accepted = {"saga_id": "dup", "status": "running", "status_url": url}
+    assert answers[:2] == [(202, accepted)] * 2, answers
+    for code, body in (answers[2], late):  # before and after the saga was folded and ended
+        assert code == 409, body
+        assert (body["error"], body["saga_id"], body["status_url"]) == (
+            "saga id conflict", "dup", url
+        ), body  # fmt: skip
+        assert "started before with other data" in body["detail"] and url in body["detail"]
+    assert state["status"] == "completed" and state["data"] == first, state
+    assert cli[5].returncode == 0 and json.loads(cli[5].stdout) == accepted, cli[5]
+    assert cli[7].returncode == 1 and not cli[7].stdout, cli[7]
+    assert cli[7].stderr.startswith(f"refold: error: saga id 'dup' of saga '{saga}'"), cli[7]
+    assert url in cli[7].stderr and len(cli[7].stderr.strip().splitlines()) == 1, cli[7]
+    started: dict[str, list] = defaultdict(list)
+    for key, _type, data in events(config, f"{saga}.saga"):
+        if data["kind"] == "started":
+            started[key].append(json.loads(data["data"]))
+    assert started == {"dup": [first], "py": [first]}, started

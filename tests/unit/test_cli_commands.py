@@ -78,3 +78,63 @@ def test_saga_ids_that_are_no_record_key_are_one_line_errors(tmp_path) -> None:
         )  # fmt: skip
         assert done.returncode == 2, done.stderr
         assert why in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_waiting_commands_refuse_negative_nan_and_infinite_timeouts(tmp_path) -> None:
+    """`--timeout -1` gave up at once (a task or saga "is accepted after -1.0s"), `nan` waited
+    for ever, `inf` raised a traceback in `command --wait`: each is an argparse error now, exit 2
+    before any broker is asked (nothing listens at the address given)."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REFOLD_APP": "refold.examples.bank",
+        "REFOLD_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+        "REFOLD_DATA_DIR": str(tmp_path),
+    }
+    deposit = ["accounts", "--type", "bank.Deposit", "--key", "a", "--data", '{"amount_cents": 5}']
+    transfer = ["transfers", "--data", '{"from": "a", "to": "b", "amount_cents": 5}']
+    statement = ["statements", "--data", '{"account": "a"}']
+    cases = [
+        (["command", *deposit, "--wait"], "--timeout", "-1"),
+        (["task", "submit", *statement, "--wait"], "--timeout", "nan"),
+        (["saga", "start", *transfer, "--wait"], "--timeout", "inf"),
+        (["saga", "start", *transfer, "--wait"], "--timeout", "-0.5"),
+        (["task", "submit", *statement, "--wait"], "--timeout", "soon"),
+        (["replay", "balances"], "--stall-timeout", "0"),
+    ]  # fmt: skip
+    for argv, option, value in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "refold.cli.main", *argv, f"{option}={value}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, (argv, value, done.stderr)
+        last = done.stderr.strip().splitlines()[-1]
+        assert f"argument {option}: must be a finite number of seconds" in last, last
+        assert repr(value) in last, last
+    # What a user means by a timeout still parses.
+    parser = cli.build_parser()
+    args = parser.parse_args(["task", "submit", "q", "--timeout", "0"])
+    assert args.timeout == 0.0
+    assert parser.parse_args(["saga", "start", "s", "--timeout", "2.5"]).timeout == 2.5
+    assert parser.parse_args(["replay", "p", "--stall-timeout", "30"]).stall_timeout == 30.0
+
+
+def test_task_ids_that_are_no_record_key_are_one_line_errors(tmp_path) -> None:
+    """`task status` with a non-UTF-8 id raised UnicodeEncodeError in the fold (a traceback);
+    `task cancel` reads the same fold. Both are refused before any broker, as for sagas."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REFOLD_APP": "refold.examples.bank",
+        "REFOLD_BOOTSTRAP_SERVERS": "127.0.0.1:9",  # nothing listens: it must not be asked
+        "REFOLD_DATA_DIR": str(tmp_path),
+    }
+    for argv, why in (
+        ([b"status", b"statements", b"t-\xff"], b"not UTF-8 text"),
+        ([b"cancel", b"statements", b"\xff"], b"not UTF-8 text"),
+        ([b"cancel", b"statements"], b"task cancel needs a TASK_ID"),
+    ):
+        done = subprocess.run(
+            [sys.executable.encode(), b"-m", b"refold.cli.main", b"task", *argv],
+            env=env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert why in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr

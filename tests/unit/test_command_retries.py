@@ -1,6 +1,7 @@
 """The command processor's retry policy for steps that fail while a broker recovers: backing off
-from 0.5 s to 5 s, counted, logged once (then once a minute), not once per retry. The policy
-runs on a stand-in for the processor's own fields; the pauses are recorded, not slept."""
+from 0.5 s to 5 s, counted, logged once per kind of error (then every 20th), not once per retry.
+The policy runs on a stand-in for the processor's own fields; the pauses are recorded, not
+slept."""
 
 from __future__ import annotations
 

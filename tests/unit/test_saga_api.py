@@ -408,3 +408,46 @@ def test_a_saga_id_must_be_utf8_text() -> None:
     with pytest.raises(InputError, match="not UTF-8"):
         start_from_json(Transfers(), {"saga_id": "t-\udcff", "data": data})
     assert start_from_json(Transfers(), {"saga_id": "t-\u00e9\n", "data": data}).saga_id
+
+
+class Misdirected(Transfers):
+    """A transfer whose steps are wrong in the way `data.wrong` says."""
+
+    def steps(self, saga_id: str, data: dict[str, Any]) -> list[Step]:
+        withdraw, deposit = super().steps(saga_id, data)
+        wrong = data.get("wrong")
+        if wrong == "aggregate":  # the deposit to a decider the app does not have
+            deposit = Step("deposit", Send("acounts", data["to"], "bank.Deposit", {}))
+        elif wrong == "type":  # the withdrawal's refund of a type accounts does not declare
+            undo = Send("accounts", data["from"], "bank.Refund", {"amount_cents": 1})
+            withdraw = Step("withdraw", withdraw.do, undo)
+        elif wrong == "data":
+            deposit = Step("deposit", Send("accounts", data["to"], "bank.Deposit", {"cents": 1}))
+        return [withdraw, deposit]
+
+
+def test_a_start_whose_steps_no_decider_takes_is_refused_naming_the_step_and_the_known() -> None:
+    """Found only when the runner sent them, such commands failed the saga after the steps
+    before had run (the withdrawal done, then refunded), or (a refund) were never decided."""
+    deciders = {"accounts": Accounts()}
+    transfer = {"from": "a", "to": "b", "amount_cents": 5}
+    for wrong, said in (
+        (
+            "aggregate",
+            "step 'deposit': its command goes to aggregate 'acounts', which no decider of the "
+            "app is; known aggregates: accounts",
+        ),
+        (
+            "type",
+            "step 'withdraw': its compensation is of type 'bank.Refund', which aggregate "
+            "'accounts' does not declare; known command types: bank.CloseAccount, bank.Deposit, "
+            "bank.OpenAccount, bank.Withdraw",
+        ),
+        ("data", "step 'deposit': its command would be refused: bank.Deposit: unknown field"),
+    ):
+        obj = {"saga_id": "m", "data": {**transfer, "wrong": wrong}}
+        with pytest.raises(InputError) as refused:
+            start_from_json(Misdirected(), obj, deciders)
+        assert f"saga 'transfers', {said}" in str(refused.value), refused.value
+        assert start_from_json(Misdirected(), obj).saga_id == "m"  # no deciders: not checked
+    assert start_from_json(Misdirected(), {"data": transfer}, deciders).data == transfer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from re import escape as re_escape
 
 import pytest
 from refold.core.app import load_task_queues
@@ -62,6 +63,25 @@ def test_submission_checks_refuse_bad_input() -> None:
     ):
         with pytest.raises(InputError):
             submission_from_json(bad)
+
+
+def test_data_json_cannot_carry_is_refused_and_the_error_says_where() -> None:
+    """NaN and Infinity were written as `NaN` in the canonical JSON (json.dumps allows them);
+    other values json cannot encode raised TypeError, a loop ValueError (tracebacks)."""
+    loop: list = []
+    loop.append(loop)
+    for data, said in (
+        ({"price": float("nan")}, "data.price = nan is not JSON: NaN and Infinity"),
+        ({"a": {"b": [1, float("-inf")]}}, "data.a.b[1] = -inf is not JSON"),
+        ({"ok": [loop, float("inf")]}, "data.ok[1] = inf is not JSON"),
+        ({"when": {1, 2}}, "data is not JSON: Object of type set"),
+        ({"loop": loop}, "data is not JSON: Circular reference"),
+    ):
+        with pytest.raises(InputError, match=r"^" + re_escape(said)):
+            submission_from_json({"task_id": "t", "data": data})
+    assert submission_from_json({"data": {"x": 1e308, "y": -0.0}}).data_json == (
+        '{"x":1e+308,"y":-0.0}'
+    )
 
 
 def test_intake_key_puts_tasks_to_merge_in_one_partition() -> None:

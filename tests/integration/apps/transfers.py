@@ -4,7 +4,8 @@ The saga's name comes from REFOLD_TEST_SAGA and the decider's from VAULT_NAME / 
 every test (and its worker subprocesses) gets fresh topics and groups. `TestStubborn` is a
 transfer whose deposit always fails and whose refund goes to the closed account `closed-0`, so
 its compensation is rejected every time. A transfer with `data.fickle` has a steps() that fails
-in the saga runner; one with `data.unsendable_refund` a refund to an unknown aggregate.
+in the saga runner; one with `data.unsendable_refund` a refund too large for a Kafka record;
+one with `data.misdirected` a deposit to an aggregate the app has no decider for.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ class TestTransfers(Transfers):
                 raise RuntimeError(f"steps() of {saga_id} changed its mind")
         steps = list(super().steps(saga_id, data))
         if data.get("unsendable_refund"):  # a refund no record can carry: it is never decided
-            undo = Send("no-such-aggregate", data["from"], "bank.Deposit", {})
+            refund = {"amount_cents": data["amount_cents"], "memo": "m" * 1_100_000}
+            undo = Send(Vault.name, data["from"], "bank.Deposit", refund)
             steps[0] = Step(steps[0].name, steps[0].do, undo)
+        if data.get("misdirected"):  # refused at the start: no decider takes it
+            steps[1] = Step("deposit", Send("no-such-aggregate", data["to"], "bank.Deposit", {}))
         return steps
 
 
