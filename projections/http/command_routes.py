@@ -22,7 +22,7 @@ from aiohttp import web
 from refold.core.commands import Command, is_conflict, pending
 from refold.core.errors import CommandError, InputError
 from refold.engine.worker import Worker
-from refold.http.admission import Backlog
+from refold.http.admission import Backlog, LoopLag
 from refold.http.answers import Reply, error_reply, reply, web_response
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class CommandRoutes:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._backlogs: dict[str, Backlog] = {}  # per aggregate: admission under overload
+        #: how late the server's event loop runs (started with it): admission refuses while late
+        self.lag = LoopLag()
         # Ids appended through this server and not decided yet, so that `GET /commands/{id}`
         # tells a pending command (200 pending) from an unknown id (404): the results index
         # only knows decided ones. Bounded; oldest forgotten first.
@@ -106,17 +108,26 @@ class CommandRoutes:
         status_url = f"/commands/{quote(command.command_id, safe='')}"
         if first is not None:  # decided already: its first result at once, nothing appended
             return reply(200, {**first, "status_url": status_url})
-        backlog = self._backlogs.setdefault(aggregate, Backlog())
+        backlog = self._backlogs.get(aggregate)
+        if backlog is None:
+            backlog = self._backlogs[aggregate] = Backlog(lag=self.lag)
+        late = backlog.refused_late
         retry = backlog.refuse()
         if retry is not None:  # overloaded: say so now rather than answer seconds late
+            if backlog.refused_late > late:
+                detail = (
+                    f"this worker takes in requests {self.lag.lag_s * 1000:.0f} ms late "
+                    f"with {len(backlog)} commands for {aggregate!r} in flight; nothing appended"
+                )
+            else:
+                detail = (
+                    f"{len(backlog)} commands for {aggregate!r} wait for a decision here, more "
+                    f"than {backlog.max_queue_s:g} s of work at the rate this worker decides; "
+                    "nothing appended"
+                )
             return reply(
                 429,
-                {
-                    "error": "too many commands",
-                    "detail": f"{len(backlog)} commands for {aggregate!r} wait for a decision "
-                    f"here, more than {backlog.max_queue_s:g} s of work at the rate this worker "
-                    "decides; nothing appended",
-                },
+                {"error": "too many commands", "detail": detail},
                 (("Retry-After", f"{retry:.0f}"),),
             )
         self._remember(command.command_id)  # before the append: a GET may race its answer

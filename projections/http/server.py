@@ -186,6 +186,7 @@ class QueryServer(ProjectionReads):
             log.info("query server on %s stopped", self.url)
 
     async def _listen(self) -> None:
+        self._commands.lag.start(asyncio.get_running_loop())
         app = web.Application(client_max_size=1 << 20)
         routes: list[tuple[str, str, Handler]] = [  # the router tries them in this order
             ("GET", "/projections/{name}/{key:.+}", self.get_key),
@@ -318,6 +319,12 @@ class QueryServer(ProjectionReads):
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(
             None, metrics_text, runners, self._watermarks, requests, processors
+        )
+        lag = "refold_http_loop_lag_seconds"
+        text += (
+            f"# HELP {lag} How late the HTTP event loop runs what is ready, smoothed; POST "
+            "/commands is refused (429) while it is above REFOLD_COMMAND_MAX_LAG_S.\n"
+            f"# TYPE {lag} gauge\n{lag} {self._commands.lag.lag_s:.6f}\n"
         )
         if self._front is not None:
             connections = ConnectionStats()

@@ -261,7 +261,9 @@ def test_prefix_paging_returns_every_key_once_in_order(serve: Callable[..., Serv
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
-    wanted = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    wanted = name
+    if labels:
+        wanted += "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
     for line in text.splitlines():
         if line.startswith(wanted + " "):
             return float(line.rsplit(" ", 1)[1])
@@ -324,6 +326,7 @@ def test_projections_healthz_and_metrics_report_the_fold(serve: Callable[..., Se
         assert metric(body, "refold_projection_next_offset", **labels) == offset
         assert metric(body, "refold_projection_lag", **labels) == 0
     assert "# TYPE refold_projection_lag gauge" in body
+    assert 0 <= metric(body, "refold_http_loop_lag_seconds") < 0.5  # an idle loop is on time
     key_route = {"route": "/projections/{name}/{key}"}
     assert metric(body, "refold_http_requests_total", **key_route, status="200") == 2
     assert metric(body, "refold_http_requests_total", route="/healthz", status="200") == 1

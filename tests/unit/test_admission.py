@@ -97,3 +97,47 @@ def test_a_result_closes_its_entry_from_any_thread_even_at_once() -> None:
     thread.join()
     assert len(backlog) == 0  # closed, and counted (1 or 2 per second: a second may turn)
     assert backlog.rate(time.monotonic()) >= 1.0
+
+
+def test_a_loop_that_keeps_running_late_refuses_commands_and_a_lone_pause_does_not() -> None:
+    import asyncio
+
+    async def scenario() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        lag = admission.LoopLag().start(loop)
+        await asyncio.sleep(0.1)
+        idle = lag.lag_s
+        time.sleep(0.06)  # one pause of 60 ms: a collection, a long batch
+        await asyncio.sleep(0.02)
+        after_pause = lag.lag_s
+        await asyncio.sleep(0.2)
+        recovered = lag.lag_s
+        return idle, after_pause, recovered
+
+    idle, after_pause, recovered = asyncio.run(scenario())
+    assert idle < 0.02  # ticks on time (a loaded machine may add a few ms)
+    # a fifth of the 60 ms (the pause may straddle two ticks): below the 40 ms bound
+    assert 0.003 < after_pause < admission.MAX_LAG_S
+    assert recovered < 0.02
+
+    async def busy() -> tuple[float | None, float | None, float | None, int]:
+        loop = asyncio.get_running_loop()
+        lag = admission.LoopLag().start(loop)
+        backlog = Backlog(max_queue_s=1.0, min_backlog=10_000, lag=lag)
+        for i in range(admission.LAG_MIN_BACKLOG):
+            backlog.opened(f"c{i}", lambda: None)
+        for _ in range(25):  # 25 callbacks of 50 ms each: the loop is behind all along
+            time.sleep(0.05)
+            await asyncio.sleep(0)
+        late = backlog.refuse()
+        few = Backlog(max_queue_s=1.0, min_backlog=10_000, lag=lag)  # late, but little in flight
+        for i in range(admission.LAG_MIN_BACKLOG - 1):
+            few.opened(f"c{i}", lambda: None)
+        too_few = few.refuse()
+        await asyncio.sleep(0.3)  # it catches up: admitted again
+        return late, too_few, backlog.refuse(), backlog.refused_late
+
+    late, too_few, caught_up, refused_late = asyncio.run(busy())
+    assert late == 1.0 and refused_late == 1
+    assert too_few is None
+    assert caught_up is None
