@@ -58,7 +58,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from refold.core import envelope
-from refold.core.commands import Command, CommandResult, Decider
+from refold.core.commands import Command, CommandResult, Decider, readable_id
 from refold.core.config import Config
 from refold.core.errors import CommandError, EncodeError, InputError
 from refold.core.serde import MAX_EVENT_BYTES, Codec, Event
@@ -562,14 +562,16 @@ Box = list[Where | None]
 
 
 def _record(msg: Message) -> CommandRecord:
-    """A consumed command record, parsed; a malformed one is kept, to be rejected."""
-    try:
-        command, problem = Command.decode(msg.value(), msg.headers()), ""
-    except InputError as exc:
-        command, problem = None, f"malformed command: {exc}"
+    """A consumed command record, parsed; a malformed one is kept, to be rejected under its
+    command id where one can be read (its sender asks for that id), else its position."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    cid = command.command_id if command is not None else f"{topic}-{partition}-{offset}"
-    return CommandRecord(cid, command, problem, msg.key(), topic, partition, offset)
+    try:
+        command = Command.decode(msg.value(), msg.headers())
+    except InputError as exc:
+        cid = readable_id(msg.value(), msg.headers()) or f"{topic}-{partition}-{offset}"
+        problem = f"malformed command: {exc}"
+        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset)
+    return CommandRecord(command.command_id, command, "", msg.key(), topic, partition, offset)
 
 
 def _close_quietly(consumer: Consumer) -> None:
