@@ -376,15 +376,28 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         self.timing.add(name, (now - since) * 1000)
         return now
 
-    def _check_event(self, type_name: str, data: Any) -> None:
+    def _check_event(self, command: Command, type_name: str, data: Any) -> None:
         """decide_batch's check of each event: it encodes (strictly, as it will be produced)
-        and fits in a Kafka record. An event the producer refuses would abort the transaction
-        at every try and block its partition; this way it rejects its command."""
-        size = len(self.codec.encode(type_name, data))
+        and its record fits in Kafka's limits, counted as they count it: key, value and headers
+        (which carry the command id twice). An event the producer refuses would abort the
+        transaction at every try and block its partition; this way it rejects its command."""
+        value = self.codec.encode(type_name, data)
+        size = len(command.key.encode()) + len(value) + self._headers_size(type_name, command)
         if size > MAX_EVENT_BYTES:
             raise EncodeError(
-                f"{type_name} is {size} bytes encoded; at most {MAX_EVENT_BYTES} fit in a record"
+                f"{type_name} is {size} bytes as a record (key, value and headers); "
+                f"at most {MAX_EVENT_BYTES} fit in a record"
             )
+
+    def _headers(self, type_name: str, command_id: str) -> envelope.Headers:
+        """The envelope of an event `command_id` caused (`_headers_size` counts it)."""
+        return envelope.headers(
+            type_name, source=self._source, correlation_id=command_id, causation_id=command_id
+        )
+
+    def _headers_size(self, type_name: str, command: Command) -> int:
+        cid = command.command_id
+        return envelope.size(type_name, source=self._source, correlation_id=cid, causation_id=cid)
 
     def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
         """The committed state of each key that has one: cached, else stored. A key without is
@@ -463,12 +476,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
                     self.codec.encode(type_name, data),
                     record.key.encode(),
                     partition=record.partition,
-                    headers=envelope.headers(
-                        type_name,
-                        source=self._source,
-                        correlation_id=record.command_id,
-                        causation_id=record.command_id,
-                    ),
+                    headers=self._headers(type_name, record.command_id),
                     on_delivery=_on_delivery(box, 0, failures),
                 )
                 boxes.append(box)

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 #: An aggregate as the processor stores it: {"version": events folded, "state": decider state}.
 Aggregate = dict[str, Any]
-#: Raises EncodeError unless an event's data fits its type's schema (`Codec.check`).
-EventCheck = Callable[[str, Any], None]
+#: `check(command, type, data)` raises EncodeError unless the event `command` causes fits its
+#: type's schema and a Kafka record.
+EventCheck = Callable[[Command, str, Any], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +220,7 @@ def checked_events(
         # generator would be used up by the checks and leave an accepted command no events)
         specs = list(decider.decide(command, _copy(state)))
         for type_name, data in specs:
-            check(type_name, data)
+            check(command, type_name, data)
     except Rejected:
         raise
     except EncodeError as exc:

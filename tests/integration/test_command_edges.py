@@ -15,7 +15,12 @@ from confluent_kafka import Producer
 from refold.core.commands import Decider
 from refold.core.config import Config
 
-from tests.integration.test_commands import WorkerProcess
+from tests.integration.test_commands import (
+    WorkerProcess,
+    check_log_matches_results,
+    read_events,
+    read_results,
+)
 
 WAIT = "?wait_ms=30000"
 
@@ -77,3 +82,45 @@ def test_a_malformed_command_is_answered_under_its_id_when_it_has_one(
         assert (status, deposit["status"], deposit["version"]) == (200, "accepted", 2), deposit
     finally:
         worker.stop()
+
+
+def test_an_event_whose_key_makes_its_record_too_large_rejects_its_command(
+    config: Config, vault: Decider, tmp_path
+) -> None:
+    """The processor checked an event's value against the record limit (MAX_EVENT_BYTES), not
+    what Kafka counts: key, value and headers. With a 300 kB key, an 860 kB value passed the
+    check, the producer refused the 1.16 MB record, and the transaction was aborted and tried
+    again for ever, blocking the partition. Now the command is rejected and the key goes on."""
+    big_key = "k" * 300_000
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True).start()
+    try:
+        worker.wait_http()
+
+        def post(key: str, type_name: str, data: dict) -> dict:
+            body = {"key": key, "type": type_name, "data": data}
+            status, result = worker.http("POST", f"/commands/{vault.name}{WAIT}", body)
+            assert status == 200, result  # decided within wait_ms, not 202 pending
+            return result
+
+        for key in ("acc-1", big_key):
+            assert post(key, "bank.OpenAccount", {"owner": "ada"})["status"] == "accepted"
+        # the same value size under a short key fits: it is the key that tips it over
+        small = post("acc-1", "bank.Deposit", {"amount_cents": 1, "memo": "pad:860000"})
+        assert small["status"] == "accepted", small
+        big = post(big_key, "bank.Deposit", {"amount_cents": 2, "memo": "pad:560000"})
+        assert big["status"] == "rejected", big
+        assert "bank.MoneyDeposited is 116" in big["reason"], big["reason"]
+        assert "bytes as a record (key, value and headers)" in big["reason"], big["reason"]
+        assert "at most 900000 fit in a record" in big["reason"], big["reason"]
+        status, again = worker.http("GET", f"/commands/{big['command_id']}")
+        assert (status, again["status"]) == (200, "rejected"), again
+        after = post(big_key, "bank.Deposit", {"amount_cents": 3})
+        assert (after["status"], after["version"]) == ("accepted", 2), after
+    finally:
+        worker.stop()
+    events = read_events(config, vault.events_topic)
+    check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert sorted(e.type for e in events if e.key == big_key) == [
+        "bank.AccountOpened",
+        "bank.MoneyDeposited",
+    ]
