@@ -24,7 +24,9 @@ Then for each batch of commands (up to `batch_size`), in ONE Kafka transaction:
    `expected_version` is rejected as a conflict; otherwise `decide` gives events or a rejection;
 4. produce the events to event partition p; while they travel, `send_offsets_to_transaction`
    for the command offsets with the consumer's group metadata (KIP-447: a processor that lost
-   the partition is fenced); flush the events (delivery reports give their offsets);
+   the partition is fenced); flush the events (delivery reports give their offsets; an event
+   record refused as too large aborts the batch, decided again with its command rejected:
+   refold.engine.command_limits);
 5. produce one result per command to results partition p (keyed by command id) and
    `commit_transaction`, which flushes them first (a failed delivery fails the commit);
 6. only then fold the events into the in-memory states and write states, results and offsets to
@@ -44,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +63,12 @@ from refold.core import envelope
 from refold.core.commands import Command, CommandResult, Decider, readable_id
 from refold.core.config import Config
 from refold.core.errors import CommandError, EncodeError, InputError
-from refold.core.serde import MAX_EVENT_BYTES, Codec, Event
+from refold.core.serde import Codec, Event
 from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.command_catchup import AGG as _AGG
 from refold.engine.command_catchup import RES as _RES
 from refold.engine.command_catchup import CatchUp
+from refold.engine.command_limits import TOO_LARGE, Position, SizeLimits
 from refold.engine.command_timing import StepTimes
 from refold.engine.decisions import (
     Aggregate,
@@ -83,6 +86,7 @@ from refold.store.rocksdb import RocksStore
 log = logging.getLogger(__name__)
 
 MAX_CACHED = 100_000
+MAX_REFUSALS = 10_000
 
 
 def group_id(config: Config, name: str) -> str:
@@ -113,7 +117,25 @@ class ProcessorStats:
 
 
 class _Abort(Exception):
-    """The current transaction must be aborted (a delivery failed, an abortable Kafka error)."""
+    """The current transaction must be aborted (a delivery failed, an abortable Kafka error).
+    `refusals`: commands to reject when the batch is decided again (position -> reason);
+    `renew`: the producer must be replaced (its settings changed), not only aborted."""
+
+    def __init__(
+        self, reason: str, *, refusals: dict[Position, str] | None = None, renew: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.refusals = refusals or {}
+        self.renew = renew
+
+
+@dataclass(slots=True)
+class _Deliveries:
+    """What the delivery reports of one transaction said: its failures, and which event records
+    were refused as too large (command position -> the event's type and record bytes)."""
+
+    failures: list[str] = field(default_factory=list)
+    too_large: dict[Position, tuple[str, int]] = field(default_factory=dict)
 
 
 class CommandProcessor(CatchUp, BoundedTransactions):
@@ -138,6 +160,9 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         self._batch_size = batch_size
         self._on_decided = on_decided
         self._source = f"refold://{socket.gethostname()}/commands/{self.name}"
+        self._limits = SizeLimits(config, decider.events_topic)
+        #: commands to reject when their batch is decided again (refold.engine.command_limits)
+        self._refusals: dict[Position, str] = {}
         path = store_dir(config, self.name)
         instance = stable_instance_id(path)
         self.store = RocksStore.open(path)
@@ -204,6 +229,8 @@ class CommandProcessor(CatchUp, BoundedTransactions):
     def run(self) -> None:
         """Decide until `stop()`; any unexpected error ends the processor in state `failed`."""
         try:
+            if self._limits.learn():  # batches no larger than the event topic takes
+                self._producer = self._new_producer()
             # Fences a predecessor with the same transactional.id and aborts its open transaction.
             self._retrying("starting transactions", self._init_transactions)
             self._claims.start()
@@ -282,7 +309,8 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         try:
             self._transact(good)
         except _Abort as exc:
-            self._recover(str(exc))
+            self._refuse(exc.refusals)
+            self._recover(str(exc), fatal=exc.renew)
         except Stuck as exc:
             self._recover(str(exc), fatal=True)
         except KafkaException as exc:
@@ -291,6 +319,19 @@ class CommandProcessor(CatchUp, BoundedTransactions):
     @property
     def _label(self) -> str:
         return f"commands {self.name}"
+
+    def _producer_settings(self) -> dict[str, object]:
+        batch = self._limits.batch_bytes()
+        return {} if batch is None else {"batch.size": batch}
+
+    def _refuse(self, refusals: dict[Position, str]) -> None:
+        """Remember commands to reject when their batch is decided again (bounded: a position
+        the partition moved past, or that went to another processor, is never asked for)."""
+        for at, reason in refusals.items():
+            log.warning("commands %s: rejecting the command at %s: %s", self.name, at, reason)
+        self._refusals.update(refusals)
+        while len(self._refusals) > MAX_REFUSALS:
+            del self._refusals[next(iter(self._refusals))]
 
     def _after_failed_try(self) -> None:
         # A reader whose metadata went stale in a failover may never recover it.
@@ -337,6 +378,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
             self._states_of({r.key for r in records}),
             decided_at,
             claims=known,
+            refused=self._refusals,
             horizon_ms=now_ms - self.decider.result_retention_ms,
             now_ms=now_ms,
         )
@@ -353,18 +395,20 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         timing.add("txn_begin", (step - decided) * 1000)
         # The offsets go first, while the events are on their way (round trips overlap);
         # the results are flushed by the commit itself (steps 4-5 in one less round trip).
-        failures: list[str] = []
-        events = self._produce_events(batch.decisions, failures)
+        deliveries = _Deliveries()
+        events = self._produce_events(batch.decisions, deliveries)
         self._send_offsets(msgs)
         step = self._step("txn_offsets", step)
-        results = self._produce_results(batch.decisions, events, failures)
+        results = self._produce_results(batch.decisions, events, deliveries)
         step = self._step("txn_events", step)
         self._check_claims(claiming, assumed)
         step = self._step("claims_wait", step)
         self._bounded("commit_transaction", self._producer.commit_transaction)
         self._producer.poll(0)  # the results' delivery reports (the commit flushed them)
-        if failures:  # not reachable: a failed delivery fails the commit
-            log.warning("commands %s: committed, yet: %s", self.name, failures[0])
+        for record in records if self._refusals else ():
+            self._refusals.pop(record.position, None)
+        if deliveries.failures:  # not reachable: a failed delivery fails the commit
+            log.warning("commands %s: committed, yet: %s", self.name, deliveries.failures[0])
         step = self._step("txn_commit", step)
         timing.add("decided_to_committed", (step - decided) * 1000, len(batch.decisions))
         self._after_commit(batch, results)
@@ -383,11 +427,9 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         transaction at every try and block its partition; this way it rejects its command."""
         value = self.codec.encode(type_name, data)
         size = len(command.key.encode()) + len(value) + self._headers_size(type_name, command)
-        if size > MAX_EVENT_BYTES:
-            raise EncodeError(
-                f"{type_name} is {size} bytes as a record (key, value and headers); "
-                f"at most {MAX_EVENT_BYTES} fit in a record"
-            )
+        reason = self._limits.too_large(type_name, size)  # the event topic's limit, if lower
+        if reason is not None:
+            raise EncodeError(reason)
 
     def _headers(self, type_name: str, command_id: str) -> envelope.Headers:
         """The envelope of an event `command_id` caused (`_headers_size` counts it)."""
@@ -437,13 +479,13 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         return {k[len(_RES) :]: int(v.get("decided_at_ms", 0)) for k, v in known.items()}
 
     def _produce_results(
-        self, decisions: list[Decision], events: list[list[Box]], failures: list[str]
+        self, decisions: list[Decision], events: list[list[Box]], deliveries: _Deliveries
     ) -> list[tuple[CommandResult, Box]]:
         """Step 4: flush the decisions' events (their positions go into the results), then
         produce one result per command on the results topic; each result with a box its
         delivery report fills (the commit flushes them)."""
         d = self.decider
-        self._flush(failures)
+        self._flush(deliveries)
         now_ms = int(time.time() * 1000)
         results = [
             self._result(decision, [_delivered(box) for box in boxes], now_ms)
@@ -457,28 +499,40 @@ class CommandProcessor(CatchUp, BoundedTransactions):
                 result.encode(),
                 result.command_id.encode(),
                 partition=decision.record.partition,
-                on_delivery=_on_delivery(box, 0, failures),
+                on_delivery=_on_delivery(box, deliveries),
             )
             out.append((result, box))
         return out
 
-    def _produce_events(self, decisions: list[Decision], failures: list[str]) -> list[list[Box]]:
+    def _produce_events(
+        self, decisions: list[Decision], deliveries: _Deliveries
+    ) -> list[list[Box]]:
         """Produce every accepted command's events to its partition; per decision, one box per
-        event that its delivery report fills with (partition, offset)."""
+        event that its delivery report fills with (partition, offset). A record refused as too
+        large, by the producer now or the broker later, is noted in `deliveries.too_large`."""
         d = self.decider
         out: list[list[Box]] = []
         for decision in decisions:
             record, boxes = decision.record, []
+            key = record.key.encode()
             for type_name, data in decision.events:
                 box: Box = [None]
-                self._producer.produce(
-                    d.events_topic,
-                    self.codec.encode(type_name, data),
-                    record.key.encode(),
-                    partition=record.partition,
-                    headers=self._headers(type_name, record.command_id),
-                    on_delivery=_on_delivery(box, 0, failures),
-                )
+                value = self.codec.encode(type_name, data)
+                headers = self._headers(type_name, record.command_id)
+                refused = _Refused(deliveries, record.position, type_name, key, value, headers)
+                try:
+                    self._producer.produce(
+                        d.events_topic,
+                        value,
+                        key,
+                        partition=record.partition,
+                        headers=headers,
+                        on_delivery=_on_delivery(box, deliveries, refused),
+                    )
+                except KafkaException as exc:  # refused at once: over message.max.bytes
+                    if exc.args[0].code() not in TOO_LARGE:
+                        raise
+                    refused(exc.args[0])
                 boxes.append(box)
             out.append(boxes)
         return out
@@ -507,8 +561,14 @@ class CommandProcessor(CatchUp, BoundedTransactions):
             },
         )
 
-    def _flush(self, failures: list[str]) -> None:
+    def _flush(self, deliveries: _Deliveries) -> None:
         remaining = self._producer.flush(30)
+        failures = deliveries.failures
+        if deliveries.too_large:  # decided again with the commands those records name rejected
+            renew = self._limits.learn()  # a new producer if it must batch less now
+            refusals = self._limits.refusals(deliveries.too_large)
+            reason = f"records of {len(deliveries.too_large)} command(s) refused as too large"
+            raise _Abort(f"{reason}: {failures[0]}", refusals=refusals, renew=renew)
         if failures or remaining:
             raise _Abort(failures[0] if failures else f"{remaining} records not acknowledged")
 
@@ -589,14 +649,37 @@ def _close_quietly(consumer: Consumer) -> None:
         log.info("closing a replaced consumer: %s", exc)
 
 
-def _on_delivery(box: Box, index: int, failures: list[str]) -> DeliveryCallback:
+def _on_delivery(
+    box: Box, deliveries: _Deliveries, refused: Callable[[KafkaError], None] | None = None
+) -> DeliveryCallback:
     def on_delivery(err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            failures.append(str(err))
+        if err is None:
+            box[0] = (msg.partition(), msg.offset())
+        elif refused is not None and err.code() in TOO_LARGE:
+            refused(err)
         else:
-            box[index] = (msg.partition(), msg.offset())
+            deliveries.failures.append(str(err))
 
     return on_delivery
+
+
+@dataclass(slots=True)
+class _Refused:
+    """Notes an event record refused as too large, with its weight as the limits count it."""
+
+    deliveries: _Deliveries
+    command: Position
+    type_name: str
+    key: bytes
+    value: bytes
+    headers: envelope.Headers
+
+    def __call__(self, err: KafkaError) -> None:
+        size = len(self.key) + len(self.value) + sum(len(n) + len(v) for n, v in self.headers)
+        self.deliveries.failures.append(f"{self.type_name} ({size} bytes) refused: {err}")
+        known = self.deliveries.too_large.get(self.command, ("", 0))
+        if size > known[1]:
+            self.deliveries.too_large[self.command] = (self.type_name, size)
 
 
 def _advance(offsets: dict[tuple[str, int], int], tp: tuple[str, int], offset: int) -> None:

@@ -10,6 +10,7 @@ Rules, applied to a batch's commands in order (step 3 of the processor):
   `refold.engine.claims`) is a conflict: never decided here, no result of its own;
 - a malformed command, or one whose record key differs from its key, is rejected;
 - a command for a key the decider has no initial state for (`initial` raised) is rejected;
+- a command the processor refused (its events cannot be written) is rejected with the reason;
 - a stale `expected_version` is rejected as a conflict, with `current_version`;
 - otherwise `decide` sees the state left by the batch's earlier commands for the same key and
   gives events (schema-checked) or a rejection; a bug in it rejects that command only.
@@ -49,6 +50,11 @@ class CommandRecord:
     topic: str
     partition: int
     offset: int
+
+    @property
+    def position(self) -> tuple[str, int, int]:
+        """Where the command record is: (topic, partition, offset)."""
+        return (self.topic, self.partition, self.offset)
 
     @property
     def key(self) -> str:
@@ -109,13 +115,16 @@ def decide_batch(
     decided_at: Mapping[str, int],
     *,
     claims: Mapping[str, str] | None = None,
+    refused: Mapping[tuple[str, int, int], str] | None = None,
     horizon_ms: float,
     now_ms: int,
 ) -> BatchDecision:
     """Decide `records` in order. `states` holds the committed state of each key (a key
     missing there has no events yet); `decided_at` maps command ids that already have a result
     to when they were decided; results older than `horizon_ms` no longer count; `claims` maps
-    command ids to the fingerprint of their first claim. The inputs are not modified."""
+    command ids to the fingerprint of their first claim; `refused` maps the positions of
+    commands to reject without deciding them to the reason (the processor learned that their
+    transaction cannot commit). The inputs are not modified."""
     batch = BatchDecision()
     seen: set[str] = set()
     for record in records:
@@ -138,6 +147,10 @@ def decide_batch(
                 continue
             batch.before[key] = committed
             batch.after[key] = _copy(committed)  # decisions must not touch committed states
+        refusal = refused.get(record.position) if refused else None
+        if refusal is not None:
+            batch.decisions.append(Decision(record, batch.after[key]["version"], reason=refusal))
+            continue
         decision = decide_one(decider, check, record, batch.after[key])
         if decision.events:
             problem = _fold_decision(decider, batch.after, key, decision, now_ms)

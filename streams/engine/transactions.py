@@ -133,6 +133,10 @@ class BoundedTransactions:
                 self._stop.wait(pause)
                 pause = min(2 * pause, 5.0)
 
+    def _producer_settings(self) -> dict[str, object]:
+        """Settings a stage requires of its producer beyond these (see `_new_producer`)."""
+        return {}
+
     def _new_producer(self) -> Producer:
         return clients.producer(
             self.config,
@@ -142,6 +146,7 @@ class BoundedTransactions:
             required={
                 "transaction.timeout.ms": TXN_TIMEOUT_MS,
                 "message.timeout.ms": TXN_TIMEOUT_MS,
+                **self._producer_settings(),
             },
         )
 

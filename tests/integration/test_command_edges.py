@@ -8,15 +8,26 @@ own topics) and asks for results as a caller would, through `POST /commands` and
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from urllib.parse import quote
 
 from confluent_kafka import Producer
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from refold.core.commands import Decider
 from refold.core.config import Config
 
+from tests.integration.test_command_ids import two_keys_in_different_partitions
 from tests.integration.test_commands import (
     WorkerProcess,
+    balances,
     check_log_matches_results,
     read_events,
     read_results,
@@ -41,6 +52,85 @@ def produce_raw(config: Config, topic: str, records: list[tuple[bytes, list]]) -
         producer.produce(topic, value, b"acc-1", headers=headers, on_delivery=delivered)
         producer.flush(30)  # one at a time: `where` is in the records' order
     return where
+
+
+def set_max_message_bytes(config: Config, topic: str, limit: int) -> None:
+    """Lower what the broker takes on `topic`, as a cluster operator may."""
+    entry = ConfigEntry(
+        "max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET
+    )
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    admin = AdminClient({"bootstrap.servers": config.bootstrap_servers})
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+
+def incompressible(size: int) -> str:
+    """A memo lz4 cannot shrink: the broker checks the compressed batch against its limit."""
+    return base64.b64encode(os.urandom(size * 3 // 4)).decode()
+
+
+def test_an_event_the_topic_refuses_rejects_its_command_and_the_batch_goes_on(
+    config: Config, vault: Decider, tmp_path
+) -> None:
+    """An event topic whose max.message.bytes is below the producer's limit: the broker refused
+    the record in the delivery report, the transaction was aborted and the same batch tried
+    again for ever, its partition blocked. Now the command whose event is refused is rejected,
+    saying why; the other commands of its batch are decided once; the partition goes on.
+
+    The limit is lowered while the worker runs, so the first refusal comes from the broker
+    (the processor read the topic's limit at its start); the second command is rejected up
+    front, the processor having read the limit again."""
+    a, b = two_keys_in_different_partitions()
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True).start()
+    try:
+        worker.wait_http()
+
+        def post(key: str, type_name: str, data: dict, wait: str = WAIT) -> dict:
+            body = {"key": key, "type": type_name, "data": data}
+            status, answer = worker.http("POST", f"/commands/{vault.name}{wait}", body)
+            assert status == (200 if wait else 202), answer
+            return answer
+
+        for key in (a, b):
+            assert post(key, "bank.OpenAccount", {"owner": key})["status"] == "accepted"
+        set_max_message_bytes(config, vault.events_topic, 20_000)
+        # One slow decision keeps the processor busy while the next four queue up: they are
+        # decided as one batch, the big one amid the others of its partition.
+        post(a, "bank.Deposit", {"amount_cents": 1, "memo": "sleep:3"}, wait="")
+        sent = [
+            post(a, "bank.Deposit", {"amount_cents": 10}, wait="")["command_id"],
+            post(a, "bank.Deposit", {"amount_cents": 20, "memo": incompressible(30_000)}, wait="")[
+                "command_id"
+            ],
+            post(b, "bank.Deposit", {"amount_cents": 30}, wait="")["command_id"],
+            post(a, "bank.Deposit", {"amount_cents": 40}, wait="")["command_id"],
+        ]
+        outcome = {}
+        for cid in sent:
+            status, outcome[cid] = worker.http("GET", f"/commands/{cid}{WAIT}")
+            assert status == 200 and outcome[cid]["status"] != "pending", outcome[cid]
+        big = outcome[sent[1]]
+        assert big["status"] == "rejected" and big["events"] == [], big
+        assert big["reason"].startswith("the broker refused its event: bank.MoneyDeposited is 3")
+        assert f"topic {vault.events_topic!r} takes at most 19488" in big["reason"], big
+        assert "(max.message.bytes=20000)" in big["reason"], big
+        assert [outcome[cid]["status"] for cid in sent] == ["accepted", "rejected"] + [
+            "accepted"
+        ] * 2
+        # known now: refused before anything is sent, with the same limits named
+        again = post(a, "bank.Deposit", {"amount_cents": 50, "memo": incompressible(30_000)})
+        assert again["status"] == "rejected", again
+        assert "produced an invalid event: bank.MoneyDeposited is 3" in again["reason"], again
+        assert "(max.message.bytes=20000)" in again["reason"], again
+        later = post(a, "bank.Deposit", {"amount_cents": 60, "memo": incompressible(10_000)})
+        assert (later["status"], later["version"]) == ("accepted", 5), later
+    finally:
+        worker.stop()
+    events = read_events(config, vault.events_topic)
+    check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert balances(events)[a] == [0, 1, 11, 51, 111]  # opened, then 1, 10, 40, 60 exactly once
+    assert balances(events)[b] == [0, 30]
 
 
 def test_a_malformed_command_is_answered_under_its_id_when_it_has_one(
