@@ -12,17 +12,29 @@ again, for ever, with the partition blocked behind it. So:
 2. a record the broker refuses anyway (the topic's limit was lowered since it was read) aborts
    the batch, which is decided again with that command rejected (`refusals`), the others
    decided as before; each such abort rejects at least one command, so the batch ends.
+
+Time. The command consumer must poll within `max.poll.interval.ms` (librdkafka's default
+300 s; set by REFOLD_KAFKA_MAX_POLL_INTERVAL_MS); a batch decided and committed in longer is
+kicked out of the group, the broker refuses its offsets (UNKNOWN_MEMBER_ID) and it is aborted,
+to be decided again just as slowly, for ever. So (`PollBudget`), after a batch that overran
+and did not commit:
+
+3. a command whose decide alone took half the interval or more is rejected when the batch is
+   decided again ("decide took ... ms"); the others are decided as before;
+4. if there is none, the next batches take half as many commands, down to one; they grow back
+   (doubling) after full batches that take under a quarter of the interval.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from confluent_kafka import KafkaError
 from refold.core.config import Config
 from refold.core.errors import TopicError
 from refold.core.serde import MAX_EVENT_BYTES
+from refold.engine.decisions import CommandRecord
 from refold.kafka.clients import PRODUCER_TUNING
 from refold.kafka.topics import Topics
 
@@ -34,6 +46,8 @@ Position = tuple[str, int, int]
 #: batch header (61 bytes), the record's and its headers' length fields, and lz4's frame around
 #: incompressible data (about 4 bytes a 64 kB block).
 RECORD_MARGIN = 512
+#: librdkafka's default max.poll.interval.ms.
+DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 #: Delivery errors that mean "this record is too large" (the broker's and the producer's).
 TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
@@ -115,4 +129,46 @@ class SizeLimits:
         return {
             at: f"the broker refused its event {type_name} as too large: {size} bytes as a "
             f"record (key, value and headers), topic {self.topic!r} max.message.bytes={limit}"
+        }
+
+
+class PollBudget:
+    """How many commands the next batch takes, so that it is decided and committed within
+    the command consumer's max.poll.interval.ms; and what a batch that overran rejects."""
+
+    def __init__(self, config: Config, max_batch: int) -> None:
+        raw = config.client_overrides.get("max.poll.interval.ms", DEFAULT_MAX_POLL_INTERVAL_MS)
+        try:
+            self.interval_ms = int(str(raw))
+        except ValueError:  # the consumer refuses it itself, naming it
+            self.interval_ms = DEFAULT_MAX_POLL_INTERVAL_MS
+        self.max_batch = max_batch
+        #: how many commands the next batch may take
+        self.batch = max_batch
+
+    def overran(self, elapsed_s: float) -> bool:
+        """Whether a batch that took `elapsed_s` since its poll was kicked out of the group."""
+        return elapsed_s * 1000 >= self.interval_ms
+
+    def committed(self, size: int, elapsed_s: float) -> None:
+        """A batch of `size` commands committed in `elapsed_s`: batches grow back while full
+        ones take little time."""
+        full = size >= self.batch
+        if full and self.batch < self.max_batch and elapsed_s * 1000 < self.interval_ms / 4:
+            self.batch = min(self.max_batch, 2 * self.batch)
+
+    def overrun(
+        self, size: int, timed: Sequence[tuple[CommandRecord, float]]
+    ) -> dict[Position, str]:
+        """A batch of `size` commands overran and was aborted; `timed` says how long each of its
+        decisions took. The commands to reject when it is decided again, with the reason;
+        if none, the next batches take half as many commands."""
+        slow = {r.position: s for r, s in timed if s * 1000 >= self.interval_ms / 2}
+        if not slow:
+            self.batch = max(1, min(self.batch, size) // 2)
+        return {
+            at: f"decide took {seconds * 1000:.0f} ms, longer than the command processor allows "
+            f"one command: half its consumer's max.poll.interval.ms ({self.interval_ms} ms), "
+            "within which a batch must be decided and committed"
+            for at, seconds in slow.items()
         }

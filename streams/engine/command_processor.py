@@ -35,7 +35,9 @@ Then for each batch of commands (up to `batch_size`), in ONE Kafka transaction:
    the whole transaction in Kafka or none of it, and step 1 folds whatever is there.
 
 The transactional.id is stable per worker data directory, so a restarted worker fences its dead
-predecessor and aborts its open transaction at once.
+predecessor and aborts its open transaction at once. A batch decided and committed in longer than
+the consumer's max.poll.interval.ms fails (the consumer was put out of its group); it is decided
+again with its slow commands rejected, or in smaller batches (refold.engine.command_limits).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.command_catchup import AGG as _AGG
 from refold.engine.command_catchup import RES as _RES
 from refold.engine.command_catchup import CatchUp
-from refold.engine.command_limits import TOO_LARGE, Position, SizeLimits
+from refold.engine.command_limits import TOO_LARGE, PollBudget, Position, SizeLimits
 from refold.engine.command_timing import StepTimes
 from refold.engine.decisions import (
     Aggregate,
@@ -157,10 +159,12 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         self.stats = ProcessorStats()
         #: milliseconds per step (refold.engine.command_timing), for /metrics
         self.timing = StepTimes()
-        self._batch_size = batch_size
         self._on_decided = on_decided
         self._source = f"refold://{socket.gethostname()}/commands/{self.name}"
         self._limits = SizeLimits(config, decider.events_topic)
+        self._budget = PollBudget(config, batch_size)
+        #: how long each decision of the current batch took (for `PollBudget.overrun`)
+        self._timed: list[tuple[CommandRecord, float]] = []
         #: commands to reject when their batch is decided again (refold.engine.command_limits)
         self._refusals: dict[Position, str] = {}
         path = store_dir(config, self.name)
@@ -245,8 +249,9 @@ class CommandProcessor(CatchUp, BoundedTransactions):
                 first = self._consumer.poll(0.1)
                 if first is None:
                     continue
-                msgs = [first, *self._consumer.consume(self._batch_size - 1, 0)]
-                self._process(msgs)
+                more = self._budget.batch - 1
+                msgs = [first, *(self._consumer.consume(more, 0) if more else ())]
+                self._process(msgs, time.monotonic())
         except Exception as exc:
             log.exception("command processor %s failed", self.name)
             self.stats.state = "failed"
@@ -293,7 +298,8 @@ class CommandProcessor(CatchUp, BoundedTransactions):
 
     # -- deciding ---------------------------------------------------------------------------
 
-    def _process(self, msgs: list[Message]) -> None:
+    def _process(self, msgs: list[Message], polled: float) -> None:
+        """Decide and commit one batch consumed at `polled` (time.monotonic)."""
         good = []
         for msg in msgs:
             error = msg.error()
@@ -306,15 +312,40 @@ class CommandProcessor(CatchUp, BoundedTransactions):
                 log.warning("commands %s: consume error %s", self.name, error)
         if not good:
             return
+        self._timed = []
         try:
             self._transact(good)
         except _Abort as exc:
             self._refuse(exc.refusals)
+            self._overran(len(good), polled)
             self._recover(str(exc), fatal=exc.renew)
         except Stuck as exc:
+            self._overran(len(good), polled)
             self._recover(str(exc), fatal=True)
         except KafkaException as exc:
+            self._overran(len(good), polled)
             self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
+        else:
+            self._budget.committed(len(good), time.monotonic() - polled)
+
+    def _overran(self, size: int, polled: float) -> None:
+        """After a failed batch: if it took longer than max.poll.interval.ms (the consumer was
+        kicked out of the group, which failed the batch), smaller batches or slow commands
+        rejected next time (refold.engine.command_limits)."""
+        elapsed = time.monotonic() - polled
+        if not self._budget.overran(elapsed):
+            return
+        refusals = self._budget.overrun(size, self._timed)
+        log.warning(
+            "commands %s: a batch of %d took %.1f s, past max.poll.interval.ms (%d ms); "
+            "next batches take at most %d",
+            self.name,
+            size,
+            elapsed,
+            self._budget.interval_ms,
+            self._budget.batch,
+        )
+        self._refuse(refusals)
 
     @property
     def _label(self) -> str:
@@ -382,6 +413,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
             horizon_ms=now_ms - self.decider.result_retention_ms,
             now_ms=now_ms,
         )
+        self._timed = batch.timed
         self.stats.duplicates += batch.duplicates
         self.stats.conflicts += batch.conflicts
         decided = time.time()

@@ -23,6 +23,7 @@ from confluent_kafka.admin import (
 )
 from refold.core.commands import Decider
 from refold.core.config import Config
+from refold.kafka.command_client import CommandClient
 
 from tests.integration.test_command_ids import two_keys_in_different_partitions
 from tests.integration.test_commands import (
@@ -131,6 +132,56 @@ def test_an_event_the_topic_refuses_rejects_its_command_and_the_batch_goes_on(
     check_log_matches_results(events, read_results(config, vault.results_topic))
     assert balances(events)[a] == [0, 1, 11, 51, 111]  # opened, then 1, 10, 40, 60 exactly once
     assert balances(events)[b] == [0, 30]
+
+
+def test_a_batch_slower_than_the_poll_interval_is_decided_in_smaller_batches(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """A batch decided for longer than the consumer's max.poll.interval.ms got the processor
+    kicked out of its group: the broker refused the transaction's offsets (UNKNOWN_MEMBER_ID),
+    the batch was aborted and decided again, as slowly, for ever. Now a command whose decide
+    alone takes half the interval or more is rejected, saying so, and a batch slow only as a
+    whole is decided again in smaller batches; every other command is decided once.
+
+    The interval is 6 s (REFOLD_KAFKA_MAX_POLL_INTERVAL_MS; the broker's least session timeout
+    is 6 s); the commands are queued before the worker starts, so they come as one batch."""
+    a, b = two_keys_in_different_partitions()
+    sent = [client.send(vault.name, k, "bank.OpenAccount", {"owner": k}) for k in (a, b)]
+    sent.append(client.send(vault.name, a, "bank.Deposit", {"amount_cents": 1}))
+    slow = client.send(vault.name, a, "bank.Deposit", {"amount_cents": 2, "memo": "sleep:8"})
+    sent.append(client.send(vault.name, a, "bank.Deposit", {"amount_cents": 3}))
+    sent.append(client.send(vault.name, b, "bank.Deposit", {"amount_cents": 5}))
+    # 7.5 s together, 1.25 s each: only smaller batches fit
+    sent += [
+        client.send(vault.name, a, "bank.Deposit", {"amount_cents": 10, "memo": "sleep:1.25"})
+        for _ in range(6)
+    ]
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True)
+    worker.env.update(
+        REFOLD_KAFKA_MAX_POLL_INTERVAL_MS="6000", REFOLD_KAFKA_SESSION_TIMEOUT_MS="6000"
+    )
+    worker.start()
+    try:
+        worker.wait_http()
+        status, refused = worker.http("GET", f"/commands/{slow}{WAIT}")
+        assert (status, refused.get("status")) == (200, "rejected"), refused
+        assert refused["reason"].startswith("decide took 8"), refused
+        assert "max.poll.interval.ms (6000 ms)" in refused["reason"], refused
+        for cid in sent:
+            status, result = worker.http("GET", f"/commands/{cid}{WAIT}")
+            assert (status, result.get("status")) == (200, "accepted"), result
+        status, later = worker.http(
+            "POST",
+            f"/commands/{vault.name}{WAIT}",
+            {"key": a, "type": "bank.Deposit", "data": {"amount_cents": 100}},
+        )
+        assert (status, later["status"], later["version"]) == (200, "accepted", 10), later
+    finally:
+        worker.stop()
+    events = read_events(config, vault.events_topic)
+    check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert balances(events)[a] == [0, 1, 4, 14, 24, 34, 44, 54, 64, 164]
+    assert balances(events)[b] == [0, 5]
 
 
 def test_a_malformed_command_is_answered_under_its_id_when_it_has_one(
