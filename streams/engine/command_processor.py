@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +61,21 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from refold.core import envelope
 from refold.core.commands import Command, CommandResult, Decider, readable_id
 from refold.core.config import Config
-from refold.core.errors import CommandError, EncodeError, InputError
+from refold.core.errors import CommandError, InputError
 from refold.core.serde import Codec, Event
 from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.command_catchup import AGG as _AGG
 from refold.engine.command_catchup import RES as _RES
 from refold.engine.command_catchup import CatchUp
-from refold.engine.command_limits import TOO_LARGE, PollBudget, Position, SizeLimits
+from refold.engine.command_limits import PollBudget, Position, SizeLimits
+from refold.engine.command_output import Abort, Box, Deliveries, Output
 from refold.engine.command_timing import StepTimes
 from refold.engine.decisions import (
     Aggregate,
     BatchDecision,
     CommandRecord,
-    Decision,
     decide_batch,
     fold,
 )
@@ -118,29 +117,7 @@ class ProcessorStats:
     assigned: tuple[int, ...] = ()
 
 
-class _Abort(Exception):
-    """The current transaction must be aborted (a delivery failed, an abortable Kafka error).
-    `refusals`: commands to reject when the batch is decided again (position -> reason);
-    `renew`: the producer must be replaced (its settings changed), not only aborted."""
-
-    def __init__(
-        self, reason: str, *, refusals: dict[Position, str] | None = None, renew: bool = False
-    ) -> None:
-        super().__init__(reason)
-        self.refusals = refusals or {}
-        self.renew = renew
-
-
-@dataclass(slots=True)
-class _Deliveries:
-    """What the delivery reports of one transaction said: its failures, and which event records
-    were refused as too large (command position -> the event's type and record bytes)."""
-
-    failures: list[str] = field(default_factory=list)
-    too_large: dict[Position, tuple[str, int]] = field(default_factory=dict)
-
-
-class CommandProcessor(CatchUp, BoundedTransactions):
+class CommandProcessor(CatchUp, Output, BoundedTransactions):
     """Decides the commands of one aggregate type for the command partitions it owns."""
 
     def __init__(
@@ -315,7 +292,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         self._timed = []
         try:
             self._transact(good)
-        except _Abort as exc:
+        except Abort as exc:
             self._refuse(exc.refusals)
             self._overran(len(good), polled)
             self._recover(str(exc), fatal=exc.renew)
@@ -427,7 +404,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         timing.add("txn_begin", (step - decided) * 1000)
         # The offsets go first, while the events are on their way (round trips overlap);
         # the results are flushed by the commit itself (steps 4-5 in one less round trip).
-        deliveries = _Deliveries()
+        deliveries = Deliveries()
         events = self._produce_events(batch.decisions, deliveries)
         self._send_offsets(msgs)
         step = self._step("txn_offsets", step)
@@ -452,27 +429,6 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         self.timing.add(name, (now - since) * 1000)
         return now
 
-    def _check_event(self, command: Command, type_name: str, data: Any) -> None:
-        """decide_batch's check of each event: it encodes (strictly, as it will be produced)
-        and its record fits in Kafka's limits, counted as they count it: key, value and headers
-        (which carry the command id twice). An event the producer refuses would abort the
-        transaction at every try and block its partition; this way it rejects its command."""
-        value = self.codec.encode(type_name, data)
-        size = len(command.key.encode()) + len(value) + self._headers_size(type_name, command)
-        reason = self._limits.too_large(type_name, size)  # the event topic's limit, if lower
-        if reason is not None:
-            raise EncodeError(reason)
-
-    def _headers(self, type_name: str, command_id: str) -> envelope.Headers:
-        """The envelope of an event `command_id` caused (`_headers_size` counts it)."""
-        return envelope.headers(
-            type_name, source=self._source, correlation_id=command_id, causation_id=command_id
-        )
-
-    def _headers_size(self, type_name: str, command: Command) -> int:
-        cid = command.command_id
-        return envelope.size(type_name, source=self._source, correlation_id=cid, causation_id=cid)
-
     def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
         """The committed state of each key that has one: cached, else stored. A key without is
         left out: `decide_batch` starts it, and rejects its commands if `initial` fails."""
@@ -487,7 +443,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         try:
             return self._claims.claim(ClaimRequest.of(c) for c in commands)
         except CommandError as exc:
-            raise _Abort(str(exc)) from exc
+            raise Abort(str(exc)) from exc
 
     def _check_claims(
         self, claiming: Future[dict[str, dict[str, Any]]] | None, assumed: dict[str, str]
@@ -499,110 +455,16 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         decides it as the conflict it is."""
         if claiming is None:
             return
-        winners = claiming.result()  # the claim's own timeout bounds it; _Abort if it fails
+        winners = claiming.result()  # the claim's own timeout bounds it; Abort if it fails
         for cid, fingerprint in assumed.items():
             winner = winners.get(cid)
             if winner is not None and winner["fingerprint"] != fingerprint:
-                raise _Abort(f"command id {cid!r} was claimed first by another command")
+                raise Abort(f"command id {cid!r} was claimed first by another command")
 
     def _decided_at(self, ids: set[str]) -> dict[str, int]:
         """When each of these command ids was decided, for those that have a result."""
         known = self.store.get_many([_RES + i for i in ids])
         return {k[len(_RES) :]: int(v.get("decided_at_ms", 0)) for k, v in known.items()}
-
-    def _produce_results(
-        self, decisions: list[Decision], events: list[list[Box]], deliveries: _Deliveries
-    ) -> list[tuple[CommandResult, Box]]:
-        """Step 4: flush the decisions' events (their positions go into the results), then
-        produce one result per command on the results topic; each result with a box its
-        delivery report fills (the commit flushes them)."""
-        d = self.decider
-        self._flush(deliveries)
-        now_ms = int(time.time() * 1000)
-        results = [
-            self._result(decision, [_delivered(box) for box in boxes], now_ms)
-            for decision, boxes in zip(decisions, events, strict=True)
-        ]
-        out: list[tuple[CommandResult, Box]] = []
-        for decision, result in zip(decisions, results, strict=True):
-            box: Box = [None]
-            self._producer.produce(
-                d.results_topic,
-                result.encode(),
-                result.command_id.encode(),
-                partition=decision.record.partition,
-                on_delivery=_on_delivery(box, deliveries),
-            )
-            out.append((result, box))
-        return out
-
-    def _produce_events(
-        self, decisions: list[Decision], deliveries: _Deliveries
-    ) -> list[list[Box]]:
-        """Produce every accepted command's events to its partition; per decision, one box per
-        event that its delivery report fills with (partition, offset). A record refused as too
-        large, by the producer now or the broker later, is noted in `deliveries.too_large`."""
-        d = self.decider
-        out: list[list[Box]] = []
-        for decision in decisions:
-            record, boxes = decision.record, []
-            key = record.key.encode()
-            for type_name, data in decision.events:
-                box: Box = [None]
-                value = self.codec.encode(type_name, data)
-                headers = self._headers(type_name, record.command_id)
-                refused = _Refused(deliveries, record.position, type_name, key, value, headers)
-                try:
-                    self._producer.produce(
-                        d.events_topic,
-                        value,
-                        key,
-                        partition=record.partition,
-                        headers=headers,
-                        on_delivery=_on_delivery(box, deliveries, refused),
-                    )
-                except KafkaException as exc:  # refused at once: over message.max.bytes
-                    if exc.args[0].code() not in TOO_LARGE:
-                        raise
-                    refused(exc.args[0])
-                boxes.append(box)
-            out.append(boxes)
-        return out
-
-    def _result(self, decision: Decision, events: list[Where], now_ms: int) -> CommandResult:
-        d, record = self.decider, decision.record
-        return CommandResult(
-            command_id=record.command_id,
-            status="accepted" if decision.accepted else "rejected",
-            aggregate=d.name,
-            key=record.key,
-            type=record.command.type if record.command is not None else "",
-            events=tuple(
-                {"type": type_name, "topic": d.events_topic, "partition": p, "offset": o}
-                for (type_name, _data), (p, o) in zip(decision.events, events, strict=True)
-            ),
-            reason=decision.reason,
-            current_version=decision.current_version,
-            version=decision.version,
-            decided_at_ms=now_ms,
-            fingerprint=record.command.fingerprint if record.command is not None else "",
-            command_position={
-                "topic": record.topic,
-                "partition": record.partition,
-                "offset": record.offset,
-            },
-        )
-
-    def _flush(self, deliveries: _Deliveries) -> None:
-        remaining = self._producer.flush(30)
-        failures = deliveries.failures
-        if deliveries.too_large:  # decided again with the commands those records name rejected
-            renew = self._limits.learn()  # a new producer if it must batch less now
-            refusals = self._limits.refusals(deliveries.too_large)
-            reason = f"records of {len(deliveries.too_large)} command(s) refused as too large"
-            raise _Abort(f"{reason}: {failures[0]}", refusals=refusals, renew=renew)
-        if failures or remaining:
-            raise _Abort(failures[0] if failures else f"{remaining} records not acknowledged")
 
     def _send_offsets(self, msgs: list[Message]) -> None:
         nxt: dict[tuple[str, int], int] = {}
@@ -656,11 +518,6 @@ class CommandProcessor(CatchUp, BoundedTransactions):
             self._on_decided([r for r, _where in results])
 
 
-Where = tuple[int, int]  # (partition, offset) from a delivery report
-DeliveryCallback = Callable[[KafkaError | None, Message], None]
-Box = list[Where | None]
-
-
 def _record(msg: Message) -> CommandRecord:
     """A consumed command record, parsed; a malformed one is kept, to be rejected under its
     command id where one can be read (its sender asks for that id), else its position."""
@@ -681,45 +538,5 @@ def _close_quietly(consumer: Consumer) -> None:
         log.info("closing a replaced consumer: %s", exc)
 
 
-def _on_delivery(
-    box: Box, deliveries: _Deliveries, refused: Callable[[KafkaError], None] | None = None
-) -> DeliveryCallback:
-    def on_delivery(err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            box[0] = (msg.partition(), msg.offset())
-        elif refused is not None and err.code() in TOO_LARGE:
-            refused(err)
-        else:
-            deliveries.failures.append(str(err))
-
-    return on_delivery
-
-
-@dataclass(slots=True)
-class _Refused:
-    """Notes an event record refused as too large, with its weight as the limits count it."""
-
-    deliveries: _Deliveries
-    command: Position
-    type_name: str
-    key: bytes
-    value: bytes
-    headers: envelope.Headers
-
-    def __call__(self, err: KafkaError) -> None:
-        size = len(self.key) + len(self.value) + sum(len(n) + len(v) for n, v in self.headers)
-        self.deliveries.failures.append(f"{self.type_name} ({size} bytes) refused: {err}")
-        known = self.deliveries.too_large.get(self.command, ("", 0))
-        if size > known[1]:
-            self.deliveries.too_large[self.command] = (self.type_name, size)
-
-
 def _advance(offsets: dict[tuple[str, int], int], tp: tuple[str, int], offset: int) -> None:
     offsets[tp] = max(offsets.get(tp, 0), offset + 1)
-
-
-def _delivered(box: Box) -> Where:
-    """A delivery report's (partition, offset); the flush before this guarantees one."""
-    if box[0] is None:
-        raise _Abort("an event was flushed without a delivery report")
-    return box[0]
