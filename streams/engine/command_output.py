@@ -19,6 +19,10 @@ from refold.core.serde import Codec
 from refold.engine.command_limits import TOO_LARGE, Position, SizeLimits
 from refold.engine.decisions import Decision
 
+#: The longest rejection reason a result keeps: a decider's `Rejected` (or an exception in it)
+#: may say anything, and a result too large for a record would abort its batch at every try.
+MAX_REASON_CHARS = 4000
+
 Where = tuple[int, int]  # (partition, offset) from a delivery report
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 Box = list[Where | None]
@@ -145,7 +149,7 @@ class Output:
                 {"type": type_name, "topic": d.events_topic, "partition": p, "offset": o}
                 for (type_name, _data), (p, o) in zip(decision.events, events, strict=True)
             ),
-            reason=decision.reason,
+            reason=clipped(decision.reason),
             current_version=decision.current_version,
             version=decision.version,
             decided_at_ms=now_ms,
@@ -207,3 +211,10 @@ def delivered(box: Box) -> Where:
     if box[0] is None:
         raise Abort("an event was flushed without a delivery report")
     return box[0]
+
+
+def clipped(reason: str | None) -> str | None:
+    """`reason`, cut to MAX_REASON_CHARS characters (saying how many more there were)."""
+    if reason is None or len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return f"{reason[:MAX_REASON_CHARS]}... ({len(reason) - MAX_REASON_CHARS} more characters)"

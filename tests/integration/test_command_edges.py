@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from typing import Any
 from urllib.parse import quote
 
 from confluent_kafka import Producer
@@ -132,6 +133,39 @@ def test_an_event_the_topic_refuses_rejects_its_command_and_the_batch_goes_on(
     check_log_matches_results(events, read_results(config, vault.results_topic))
     assert balances(events)[a] == [0, 1, 11, 51, 111]  # opened, then 1, 10, 40, 60 exactly once
     assert balances(events)[b] == [0, 30]
+
+
+def test_a_rejection_reason_too_long_for_a_result_record_is_cut(
+    config: Config, vault: Decider, client: CommandClient
+) -> None:
+    """A decider may reject with any reason (or fail with any message); one of 1.2 MB made the
+    command's result larger than a record: the producer refused it, and the batch was aborted
+    and tried again for ever, every command of it pending. The reason is cut now."""
+    from refold.core.commands import Rejected
+    from refold.engine.worker import Worker
+
+    class Wordy(type(vault)):  # type: ignore[misc]
+        def decide_Deposit(self, command: Any, state: Any) -> Any:
+            if command.data.get("memo") == "wordy":
+                raise Rejected("no " * 400_000)
+            return super().decide_Deposit(command, state)
+
+    wordy = Wordy()
+    worker = Worker(config, [], deciders=[wordy])
+    worker.start()
+    try:
+        sent = [
+            client.send(wordy.name, "acc-1", "bank.OpenAccount", {"owner": "ada"}),
+            client.send(wordy.name, "acc-1", "bank.Deposit", {"amount_cents": 7, "memo": "wordy"}),
+            client.send(wordy.name, "acc-1", "bank.Deposit", {"amount_cents": 5}),
+        ]
+        opened, refused, deposit = (client.wait(cid, 60) for cid in sent)
+        outcome = (opened["status"], deposit["status"], deposit.get("version"))
+        assert outcome == ("accepted", "accepted", 2), (opened, deposit)
+        assert refused["status"] == "rejected", refused
+        assert refused["reason"] == "no " * 1333 + "n... (1196000 more characters)"
+    finally:
+        worker.stop()
 
 
 def test_a_batch_slower_than_the_poll_interval_is_decided_in_smaller_batches(
