@@ -138,6 +138,31 @@ class Command:
         return command
 
 
+def readable_id(
+    value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None
+) -> str | None:
+    """The command id of a command record that `Command.decode` refused, if one can be read:
+    its JSON `command_id` (a string), else its `ce_id` header (UTF-8 text); None if neither.
+    A malformed command's result is keyed by it, so its sender finds the rejection."""
+    try:
+        obj = json.loads(value or b"")
+    except (ValueError, RecursionError):
+        obj = None
+    header = next((raw for name, raw in headers or () if name == envelope.ID and raw), b"")
+    candidates = (
+        obj.get("command_id") if isinstance(obj, dict) else None,
+        header.decode("utf-8", "surrogateescape"),  # bytes that are no UTF-8: no text, below
+    )
+    for candidate in candidates:
+        if isinstance(candidate, str) and candidate:
+            try:
+                candidate.encode()  # a lone surrogate (JSON's \ud800, or bad bytes) is no id
+            except UnicodeEncodeError:
+                continue
+            return candidate
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """The one outcome of a command, as stored on the results topic and answered by the API.

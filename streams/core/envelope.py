@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from refold.core.ids import random_uuid
 
@@ -90,6 +91,30 @@ def headers(
     )
     out[ID_SLOT] = (ID, (id or random_uuid()).encode())
     return out
+
+
+def size(
+    type_name: str,
+    *,
+    source: str,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    content_type: str | None = AVRO,
+) -> int:
+    """The bytes (names and values) of the headers `headers` gives for these arguments and a
+    random id, without building them: what they add to a record against the size limits."""
+    total = _fixed_size(type_name, source, content_type)
+    for name, value in ((CORRELATION_ID, correlation_id), (CAUSATION_ID, causation_id)):
+        if value:
+            total += len(name) + len(value.encode())
+    return total
+
+
+@lru_cache(maxsize=1024)
+def _fixed_size(type_name: str, source: str, content_type: str | None) -> int:
+    # A random id and the current time have one length each (`now_rfc3339` is fixed-width).
+    built = headers(type_name, source=source, content_type=content_type)
+    return sum(len(name) + len(value) for name, value in built)
 
 
 def read(raw: RawHeaders | None) -> dict[str, str]:

@@ -28,8 +28,10 @@ MAGIC = b"\xc3\x01"
 #: A writer schema's encoding: single-object prefix, schema, strict check, generated encoder.
 _Writer = tuple[bytes, Any, Callable[[dict[str, Any]], None] | None, Encoder | None]
 HEADER_LEN = 10
-#: The largest encoded event (value + key) refold writes: Kafka's producer refuses records over
-#: 1,000,000 bytes (message.max.bytes), and the envelope headers need room.
+#: The largest event record refold writes: key and value, and the headers where they can grow
+#: (the command processor's carry the command id twice). Kafka's producer refuses records over
+#: 1,000,000 bytes (message.max.bytes, framing and headers included); fixed-size envelope
+#: headers fit in the rest.
 MAX_EVENT_BYTES = 900_000
 
 

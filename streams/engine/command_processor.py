@@ -24,7 +24,9 @@ Then for each batch of commands (up to `batch_size`), in ONE Kafka transaction:
    `expected_version` is rejected as a conflict; otherwise `decide` gives events or a rejection;
 4. produce the events to event partition p; while they travel, `send_offsets_to_transaction`
    for the command offsets with the consumer's group metadata (KIP-447: a processor that lost
-   the partition is fenced); flush the events (delivery reports give their offsets);
+   the partition is fenced); flush the events (delivery reports give their offsets; an event
+   record refused as too large aborts the batch, decided again with its command rejected:
+   refold.engine.command_limits);
 5. produce one result per command to results partition p (keyed by command id) and
    `commit_transaction`, which flushes them first (a failed delivery fails the commit);
 6. only then fold the events into the in-memory states and write states, results and offsets to
@@ -33,7 +35,9 @@ Then for each batch of commands (up to `batch_size`), in ONE Kafka transaction:
    the whole transaction in Kafka or none of it, and step 1 folds whatever is there.
 
 The transactional.id is stable per worker data directory, so a restarted worker fences its dead
-predecessor and aborts its open transaction at once.
+predecessor and aborts its open transaction at once. A batch decided and committed in longer than
+the consumer's max.poll.interval.ms fails (the consumer was put out of its group); it is decided
+again with its slow commands rejected, or in smaller batches (refold.engine.command_limits).
 """
 
 from __future__ import annotations
@@ -57,21 +61,21 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from refold.core import envelope
-from refold.core.commands import Command, CommandResult, Decider
+from refold.core.commands import Command, CommandResult, Decider, readable_id
 from refold.core.config import Config
-from refold.core.errors import CommandError, EncodeError, InputError
-from refold.core.serde import MAX_EVENT_BYTES, Codec, Event
+from refold.core.errors import CommandError, InputError
+from refold.core.serde import Codec, Event
 from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.command_catchup import AGG as _AGG
 from refold.engine.command_catchup import RES as _RES
 from refold.engine.command_catchup import CatchUp
+from refold.engine.command_limits import PollBudget, Position, SizeLimits
+from refold.engine.command_output import Abort, Box, Deliveries, Output
 from refold.engine.command_timing import StepTimes
 from refold.engine.decisions import (
     Aggregate,
     BatchDecision,
     CommandRecord,
-    Decision,
     decide_batch,
     fold,
 )
@@ -83,6 +87,7 @@ from refold.store.rocksdb import RocksStore
 log = logging.getLogger(__name__)
 
 MAX_CACHED = 100_000
+MAX_REFUSALS = 10_000
 
 
 def group_id(config: Config, name: str) -> str:
@@ -112,11 +117,7 @@ class ProcessorStats:
     assigned: tuple[int, ...] = ()
 
 
-class _Abort(Exception):
-    """The current transaction must be aborted (a delivery failed, an abortable Kafka error)."""
-
-
-class CommandProcessor(CatchUp, BoundedTransactions):
+class CommandProcessor(CatchUp, Output, BoundedTransactions):
     """Decides the commands of one aggregate type for the command partitions it owns."""
 
     def __init__(
@@ -135,9 +136,14 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         self.stats = ProcessorStats()
         #: milliseconds per step (refold.engine.command_timing), for /metrics
         self.timing = StepTimes()
-        self._batch_size = batch_size
         self._on_decided = on_decided
         self._source = f"refold://{socket.gethostname()}/commands/{self.name}"
+        self._limits = SizeLimits(config, decider.events_topic)
+        self._budget = PollBudget(config, batch_size)
+        #: how long each decision of the current batch took (for `PollBudget.overrun`)
+        self._timed: list[tuple[CommandRecord, float]] = []
+        #: commands to reject when their batch is decided again (refold.engine.command_limits)
+        self._refusals: dict[Position, str] = {}
         path = store_dir(config, self.name)
         instance = stable_instance_id(path)
         self.store = RocksStore.open(path)
@@ -204,6 +210,8 @@ class CommandProcessor(CatchUp, BoundedTransactions):
     def run(self) -> None:
         """Decide until `stop()`; any unexpected error ends the processor in state `failed`."""
         try:
+            if self._limits.learn():  # batches no larger than the event topic takes
+                self._producer = self._new_producer()
             # Fences a predecessor with the same transactional.id and aborts its open transaction.
             self._retrying("starting transactions", self._init_transactions)
             self._claims.start()
@@ -218,8 +226,9 @@ class CommandProcessor(CatchUp, BoundedTransactions):
                 first = self._consumer.poll(0.1)
                 if first is None:
                     continue
-                msgs = [first, *self._consumer.consume(self._batch_size - 1, 0)]
-                self._process(msgs)
+                more = self._budget.batch - 1
+                msgs = [first, *(self._consumer.consume(more, 0) if more else ())]
+                self._process(msgs, time.monotonic())
         except Exception as exc:
             log.exception("command processor %s failed", self.name)
             self.stats.state = "failed"
@@ -266,7 +275,8 @@ class CommandProcessor(CatchUp, BoundedTransactions):
 
     # -- deciding ---------------------------------------------------------------------------
 
-    def _process(self, msgs: list[Message]) -> None:
+    def _process(self, msgs: list[Message], polled: float) -> None:
+        """Decide and commit one batch consumed at `polled` (time.monotonic)."""
         good = []
         for msg in msgs:
             error = msg.error()
@@ -279,18 +289,57 @@ class CommandProcessor(CatchUp, BoundedTransactions):
                 log.warning("commands %s: consume error %s", self.name, error)
         if not good:
             return
+        self._timed = []
         try:
             self._transact(good)
-        except _Abort as exc:
-            self._recover(str(exc))
+        except Abort as exc:
+            self._refuse(exc.refusals)
+            self._overran(len(good), polled)
+            self._recover(str(exc), fatal=exc.renew)
         except Stuck as exc:
+            self._overran(len(good), polled)
             self._recover(str(exc), fatal=True)
         except KafkaException as exc:
+            self._overran(len(good), polled)
             self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
+        else:
+            self._budget.committed(len(good), time.monotonic() - polled)
+
+    def _overran(self, size: int, polled: float) -> None:
+        """After a failed batch: if it took longer than max.poll.interval.ms (the consumer was
+        kicked out of the group, which failed the batch), smaller batches or slow commands
+        rejected next time (refold.engine.command_limits)."""
+        elapsed = time.monotonic() - polled
+        if not self._budget.overran(elapsed):
+            return
+        refusals = self._budget.overrun(size, self._timed)
+        log.warning(
+            "commands %s: a batch of %d took %.1f s, past max.poll.interval.ms (%d ms); "
+            "next batches take at most %d",
+            self.name,
+            size,
+            elapsed,
+            self._budget.interval_ms,
+            self._budget.batch,
+        )
+        self._refuse(refusals)
 
     @property
     def _label(self) -> str:
         return f"commands {self.name}"
+
+    def _producer_settings(self) -> dict[str, object]:
+        batch = self._limits.batch_bytes()
+        return {} if batch is None else {"batch.size": batch}
+
+    def _refuse(self, refusals: dict[Position, str]) -> None:
+        """Remember commands to reject when their batch is decided again (bounded: a position
+        the partition moved past, or that went to another processor, is never asked for)."""
+        for at, reason in refusals.items():
+            log.warning("commands %s: rejecting the command at %s: %s", self.name, at, reason)
+        self._refusals.update(refusals)
+        while len(self._refusals) > MAX_REFUSALS:
+            del self._refusals[next(iter(self._refusals))]
 
     def _after_failed_try(self) -> None:
         # A reader whose metadata went stale in a failover may never recover it.
@@ -337,9 +386,11 @@ class CommandProcessor(CatchUp, BoundedTransactions):
             self._states_of({r.key for r in records}),
             decided_at,
             claims=known,
+            refused=self._refusals,
             horizon_ms=now_ms - self.decider.result_retention_ms,
             now_ms=now_ms,
         )
+        self._timed = batch.timed
         self.stats.duplicates += batch.duplicates
         self.stats.conflicts += batch.conflicts
         decided = time.time()
@@ -353,18 +404,20 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         timing.add("txn_begin", (step - decided) * 1000)
         # The offsets go first, while the events are on their way (round trips overlap);
         # the results are flushed by the commit itself (steps 4-5 in one less round trip).
-        failures: list[str] = []
-        events = self._produce_events(batch.decisions, failures)
+        deliveries = Deliveries()
+        events = self._produce_events(batch.decisions, deliveries)
         self._send_offsets(msgs)
         step = self._step("txn_offsets", step)
-        results = self._produce_results(batch.decisions, events, failures)
+        results = self._produce_results(batch.decisions, events, deliveries)
         step = self._step("txn_events", step)
         self._check_claims(claiming, assumed)
         step = self._step("claims_wait", step)
         self._bounded("commit_transaction", self._producer.commit_transaction)
         self._producer.poll(0)  # the results' delivery reports (the commit flushed them)
-        if failures:  # not reachable: a failed delivery fails the commit
-            log.warning("commands %s: committed, yet: %s", self.name, failures[0])
+        for record in records if self._refusals else ():
+            self._refusals.pop(record.position, None)
+        if deliveries.failures:  # not reachable: a failed delivery fails the commit
+            log.warning("commands %s: committed, yet: %s", self.name, deliveries.failures[0])
         step = self._step("txn_commit", step)
         timing.add("decided_to_committed", (step - decided) * 1000, len(batch.decisions))
         self._after_commit(batch, results)
@@ -375,16 +428,6 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         now = time.time()
         self.timing.add(name, (now - since) * 1000)
         return now
-
-    def _check_event(self, type_name: str, data: Any) -> None:
-        """decide_batch's check of each event: it encodes (strictly, as it will be produced)
-        and fits in a Kafka record. An event the producer refuses would abort the transaction
-        at every try and block its partition; this way it rejects its command."""
-        size = len(self.codec.encode(type_name, data))
-        if size > MAX_EVENT_BYTES:
-            raise EncodeError(
-                f"{type_name} is {size} bytes encoded; at most {MAX_EVENT_BYTES} fit in a record"
-            )
 
     def _states_of(self, keys: set[str]) -> dict[str, Aggregate]:
         """The committed state of each key that has one: cached, else stored. A key without is
@@ -400,7 +443,7 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         try:
             return self._claims.claim(ClaimRequest.of(c) for c in commands)
         except CommandError as exc:
-            raise _Abort(str(exc)) from exc
+            raise Abort(str(exc)) from exc
 
     def _check_claims(
         self, claiming: Future[dict[str, dict[str, Any]]] | None, assumed: dict[str, str]
@@ -412,97 +455,16 @@ class CommandProcessor(CatchUp, BoundedTransactions):
         decides it as the conflict it is."""
         if claiming is None:
             return
-        winners = claiming.result()  # the claim's own timeout bounds it; _Abort if it fails
+        winners = claiming.result()  # the claim's own timeout bounds it; Abort if it fails
         for cid, fingerprint in assumed.items():
             winner = winners.get(cid)
             if winner is not None and winner["fingerprint"] != fingerprint:
-                raise _Abort(f"command id {cid!r} was claimed first by another command")
+                raise Abort(f"command id {cid!r} was claimed first by another command")
 
     def _decided_at(self, ids: set[str]) -> dict[str, int]:
         """When each of these command ids was decided, for those that have a result."""
         known = self.store.get_many([_RES + i for i in ids])
         return {k[len(_RES) :]: int(v.get("decided_at_ms", 0)) for k, v in known.items()}
-
-    def _produce_results(
-        self, decisions: list[Decision], events: list[list[Box]], failures: list[str]
-    ) -> list[tuple[CommandResult, Box]]:
-        """Step 4: flush the decisions' events (their positions go into the results), then
-        produce one result per command on the results topic; each result with a box its
-        delivery report fills (the commit flushes them)."""
-        d = self.decider
-        self._flush(failures)
-        now_ms = int(time.time() * 1000)
-        results = [
-            self._result(decision, [_delivered(box) for box in boxes], now_ms)
-            for decision, boxes in zip(decisions, events, strict=True)
-        ]
-        out: list[tuple[CommandResult, Box]] = []
-        for decision, result in zip(decisions, results, strict=True):
-            box: Box = [None]
-            self._producer.produce(
-                d.results_topic,
-                result.encode(),
-                result.command_id.encode(),
-                partition=decision.record.partition,
-                on_delivery=_on_delivery(box, 0, failures),
-            )
-            out.append((result, box))
-        return out
-
-    def _produce_events(self, decisions: list[Decision], failures: list[str]) -> list[list[Box]]:
-        """Produce every accepted command's events to its partition; per decision, one box per
-        event that its delivery report fills with (partition, offset)."""
-        d = self.decider
-        out: list[list[Box]] = []
-        for decision in decisions:
-            record, boxes = decision.record, []
-            for type_name, data in decision.events:
-                box: Box = [None]
-                self._producer.produce(
-                    d.events_topic,
-                    self.codec.encode(type_name, data),
-                    record.key.encode(),
-                    partition=record.partition,
-                    headers=envelope.headers(
-                        type_name,
-                        source=self._source,
-                        correlation_id=record.command_id,
-                        causation_id=record.command_id,
-                    ),
-                    on_delivery=_on_delivery(box, 0, failures),
-                )
-                boxes.append(box)
-            out.append(boxes)
-        return out
-
-    def _result(self, decision: Decision, events: list[Where], now_ms: int) -> CommandResult:
-        d, record = self.decider, decision.record
-        return CommandResult(
-            command_id=record.command_id,
-            status="accepted" if decision.accepted else "rejected",
-            aggregate=d.name,
-            key=record.key,
-            type=record.command.type if record.command is not None else "",
-            events=tuple(
-                {"type": type_name, "topic": d.events_topic, "partition": p, "offset": o}
-                for (type_name, _data), (p, o) in zip(decision.events, events, strict=True)
-            ),
-            reason=decision.reason,
-            current_version=decision.current_version,
-            version=decision.version,
-            decided_at_ms=now_ms,
-            fingerprint=record.command.fingerprint if record.command is not None else "",
-            command_position={
-                "topic": record.topic,
-                "partition": record.partition,
-                "offset": record.offset,
-            },
-        )
-
-    def _flush(self, failures: list[str]) -> None:
-        remaining = self._producer.flush(30)
-        if failures or remaining:
-            raise _Abort(failures[0] if failures else f"{remaining} records not acknowledged")
 
     def _send_offsets(self, msgs: list[Message]) -> None:
         nxt: dict[tuple[str, int], int] = {}
@@ -556,20 +518,17 @@ class CommandProcessor(CatchUp, BoundedTransactions):
             self._on_decided([r for r, _where in results])
 
 
-Where = tuple[int, int]  # (partition, offset) from a delivery report
-DeliveryCallback = Callable[[KafkaError | None, Message], None]
-Box = list[Where | None]
-
-
 def _record(msg: Message) -> CommandRecord:
-    """A consumed command record, parsed; a malformed one is kept, to be rejected."""
-    try:
-        command, problem = Command.decode(msg.value(), msg.headers()), ""
-    except InputError as exc:
-        command, problem = None, f"malformed command: {exc}"
+    """A consumed command record, parsed; a malformed one is kept, to be rejected under its
+    command id where one can be read (its sender asks for that id), else its position."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    cid = command.command_id if command is not None else f"{topic}-{partition}-{offset}"
-    return CommandRecord(cid, command, problem, msg.key(), topic, partition, offset)
+    try:
+        command = Command.decode(msg.value(), msg.headers())
+    except InputError as exc:
+        cid = readable_id(msg.value(), msg.headers()) or f"{topic}-{partition}-{offset}"
+        problem = f"malformed command: {exc}"
+        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset)
+    return CommandRecord(command.command_id, command, "", msg.key(), topic, partition, offset)
 
 
 def _close_quietly(consumer: Consumer) -> None:
@@ -579,22 +538,5 @@ def _close_quietly(consumer: Consumer) -> None:
         log.info("closing a replaced consumer: %s", exc)
 
 
-def _on_delivery(box: Box, index: int, failures: list[str]) -> DeliveryCallback:
-    def on_delivery(err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            failures.append(str(err))
-        else:
-            box[index] = (msg.partition(), msg.offset())
-
-    return on_delivery
-
-
 def _advance(offsets: dict[tuple[str, int], int], tp: tuple[str, int], offset: int) -> None:
     offsets[tp] = max(offsets.get(tp, 0), offset + 1)
-
-
-def _delivered(box: Box) -> Where:
-    """A delivery report's (partition, offset); the flush before this guarantees one."""
-    if box[0] is None:
-        raise _Abort("an event was flushed without a delivery report")
-    return box[0]

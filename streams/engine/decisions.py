@@ -10,6 +10,7 @@ Rules, applied to a batch's commands in order (step 3 of the processor):
   `refold.engine.claims`) is a conflict: never decided here, no result of its own;
 - a malformed command, or one whose record key differs from its key, is rejected;
 - a command for a key the decider has no initial state for (`initial` raised) is rejected;
+- a command the processor refused (its events cannot be written) is rejected with the reason;
 - a stale `expected_version` is rejected as a conflict, with `current_version`;
 - otherwise `decide` sees the state left by the batch's earlier commands for the same key and
   gives events (schema-checked) or a rejection; a bug in it rejects that command only.
@@ -19,6 +20,7 @@ An aggregate's version is its event count; each emitted event adds one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +34,9 @@ log = logging.getLogger(__name__)
 
 #: An aggregate as the processor stores it: {"version": events folded, "state": decider state}.
 Aggregate = dict[str, Any]
-#: Raises EncodeError unless an event's data fits its type's schema (`Codec.check`).
-EventCheck = Callable[[str, Any], None]
+#: `check(command, type, data)` raises EncodeError unless the event `command` causes fits its
+#: type's schema and a Kafka record.
+EventCheck = Callable[[Command, str, Any], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,11 @@ class CommandRecord:
     topic: str
     partition: int
     offset: int
+
+    @property
+    def position(self) -> tuple[str, int, int]:
+        """Where the command record is: (topic, partition, offset)."""
+        return (self.topic, self.partition, self.offset)
 
     @property
     def key(self) -> str:
@@ -76,14 +84,16 @@ class Decision:
 @dataclass(slots=True)
 class BatchDecision:
     """A batch decided: its decisions in order, how many commands were duplicates or conflicts
-    (their id claimed by another command), and the states of the keys it touched before and
-    after (events folded at positions unknown yet)."""
+    (their id claimed by another command), the states of the keys it touched before and
+    after (events folded at positions unknown yet), and how long each command that was
+    decided took to decide (seconds)."""
 
     decisions: list[Decision] = field(default_factory=list)
     duplicates: int = 0
     conflicts: int = 0
     before: dict[str, Aggregate] = field(default_factory=dict)
     after: dict[str, Aggregate] = field(default_factory=dict)
+    timed: list[tuple[CommandRecord, float]] = field(default_factory=list)
 
 
 def new_aggregate(decider: Decider, key: str) -> Aggregate:
@@ -108,13 +118,16 @@ def decide_batch(
     decided_at: Mapping[str, int],
     *,
     claims: Mapping[str, str] | None = None,
+    refused: Mapping[tuple[str, int, int], str] | None = None,
     horizon_ms: float,
     now_ms: int,
 ) -> BatchDecision:
     """Decide `records` in order. `states` holds the committed state of each key (a key
     missing there has no events yet); `decided_at` maps command ids that already have a result
     to when they were decided; results older than `horizon_ms` no longer count; `claims` maps
-    command ids to the fingerprint of their first claim. The inputs are not modified."""
+    command ids to the fingerprint of their first claim; `refused` maps the positions of
+    commands to reject without deciding them to the reason (the processor learned that their
+    transaction cannot commit). The inputs are not modified."""
     batch = BatchDecision()
     seen: set[str] = set()
     for record in records:
@@ -137,7 +150,13 @@ def decide_batch(
                 continue
             batch.before[key] = committed
             batch.after[key] = _copy(committed)  # decisions must not touch committed states
+        refusal = refused.get(record.position) if refused else None
+        if refusal is not None:
+            batch.decisions.append(Decision(record, batch.after[key]["version"], reason=refusal))
+            continue
+        started = time.perf_counter()
         decision = decide_one(decider, check, record, batch.after[key])
+        batch.timed.append((record, time.perf_counter() - started))
         if decision.events:
             problem = _fold_decision(decider, batch.after, key, decision, now_ms)
             if problem is not None:  # the state the events leave could not be stored
@@ -219,7 +238,7 @@ def checked_events(
         # generator would be used up by the checks and leave an accepted command no events)
         specs = list(decider.decide(command, _copy(state)))
         for type_name, data in specs:
-            check(type_name, data)
+            check(command, type_name, data)
     except Rejected:
         raise
     except EncodeError as exc:

@@ -177,6 +177,10 @@ class BoundedTransactions:
                 self._after_failed_try()
                 self._stop.wait(pause)
 
+    def _producer_settings(self) -> dict[str, object]:
+        """Settings a stage requires of its producer beyond these (see `_new_producer`)."""
+        return {}
+
     def _new_producer(self) -> Producer:
         return clients.producer(
             self.config,
@@ -186,6 +190,7 @@ class BoundedTransactions:
             required={
                 "transaction.timeout.ms": TXN_TIMEOUT_MS,
                 "message.timeout.ms": TXN_TIMEOUT_MS,
+                **self._producer_settings(),
             },
         )
 

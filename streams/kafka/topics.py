@@ -117,6 +117,20 @@ class Topics:
                 hint="is the broker running? `refold broker status`",
             ) from exc
 
+    def max_message_bytes(self, topic: str, *, timeout: float = 10.0) -> int:
+        """The largest record batch the brokers take on `topic`: its `max.message.bytes`
+        (its own or the broker default it inherits). TopicError if it cannot be read."""
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        try:
+            futures = self._admin.describe_configs([resource], request_timeout=timeout)
+            entries = futures[resource].result(timeout=timeout)
+            return int(entries["max.message.bytes"].value)
+        except (KafkaException, KeyError, ValueError, TypeError) as exc:
+            raise TopicError(
+                f"cannot read max.message.bytes of topic {topic!r}: {exc}",
+                hint="reading a topic's configs needs DESCRIBE_CONFIGS on it",
+            ) from exc
+
     def broker_count(self) -> int:
         return len(self._admin.list_topics(timeout=10).brokers)
 

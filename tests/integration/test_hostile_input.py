@@ -350,8 +350,8 @@ def test_a_command_record_with_a_lone_surrogate_is_rejected_and_the_key_goes_on(
     try:
         opened = client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
         assert client.wait(opened, 60)["status"] == "accepted"
-        for offset in (0, 1):  # a malformed command's result is keyed by its position
-            result = client.wait(f"{vault.command_topic}-0-{offset}", 60, vault.name)
+        for cid in ("lone-1", "lone-2"):  # a malformed command's result is keyed by its id
+            result = client.wait(cid, 60, vault.name)
             assert result["status"] == "rejected", result
             assert "malformed command: command is not UTF-8 text" in result["reason"]
         assert worker.processors[vault.name].stats.state == "running"

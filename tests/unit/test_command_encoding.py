@@ -1,12 +1,14 @@
 """A command's fingerprint is computed once and is what it always was; a result's bytes are
-what `json.dumps(separators=(",", ":"), ensure_ascii=False)` gives (orjson, for speed)."""
+what `json.dumps(separators=(",", ":"), ensure_ascii=False)` gives (orjson, for speed); the id
+of a command record that does not parse is read where it can be."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
-from refold.core.commands import Command, CommandResult
+import pytest
+from refold.core.commands import Command, CommandResult, readable_id
 
 
 def _fresh_fingerprint(command: Command) -> str:
@@ -47,3 +49,21 @@ def test_a_result_encodes_as_compact_json_did() -> None:
     expected = json.dumps(result.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
     assert result.encode() == expected
     assert CommandResult.from_json(json.loads(result.encode())) == result
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "expected"),
+    [
+        (b'{"command_id": "c-1", "data": [1]}', [("ce_id", b"h-1")], "c-1"),
+        (b'{"command_id": 5, "data": [1]}', [("ce_id", b"h-1")], "h-1"),
+        (b'{"command_id": "", "key": 1}', [("ce_id", b"h-1")], "h-1"),
+        (b"\xff not JSON", [("ce_id", b"h-1")], "h-1"),
+        (b'["c-1"]', None, None),
+        (b'{"command_id": "\\ud800"}', [("ce_id", b"\xff")], None),  # no text: no id
+        (None, [("ce_id", None)], None),
+    ],
+)
+def test_the_id_of_a_malformed_command_is_read_where_it_can_be(
+    value: bytes | None, headers: list | None, expected: str | None
+) -> None:
+    assert readable_id(value, headers) == expected

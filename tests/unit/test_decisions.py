@@ -44,7 +44,7 @@ def open_account(key: str = "acc-1", balance: int = 0, version: int = 1) -> Aggr
     return {"version": version, "state": state}
 
 
-def accept_all(_type: str, _data: Any) -> None:
+def accept_all(_command: Command, _type: str, _data: Any) -> None:
     pass
 
 
@@ -204,7 +204,7 @@ def test_an_invalid_event_or_a_decider_bug_rejects_only_that_command() -> None:
                 raise ZeroDivisionError("unlucky")
             return super().decide_Deposit(command, state)
 
-    def no_memos(type_name: str, data: Any) -> None:
+    def no_memos(_command: Command, type_name: str, data: Any) -> None:
         if data.get("memo") == "bad":
             raise EncodeError(f"{type_name}: memo refused")
 

@@ -63,3 +63,24 @@ def test_command_envelope_round_trips_the_command_id() -> None:
     # A command whose JSON lacks its id takes it from the envelope.
     body = b'{"key": "acc-1", "type": "bank.Deposit", "data": {}}'
     assert Command.decode(body, headers).command_id == "cmd-1"
+
+
+def test_size_is_what_the_headers_weigh() -> None:
+    """`size` counts, without building them, what headers a record would carry (the command
+    processor checks an event's record against Kafka's limits with it)."""
+    for cid in (None, "c", "ü" * 300, "x" * 5000):
+        for content_type in (envelope.AVRO, None):
+            built = envelope.headers(
+                "bank.MoneyDeposited",
+                source="refold://h/commands/accounts",
+                correlation_id=cid,
+                causation_id=cid,
+                content_type=content_type,
+            )
+            assert envelope.size(
+                "bank.MoneyDeposited",
+                source="refold://h/commands/accounts",
+                correlation_id=cid,
+                causation_id=cid,
+                content_type=content_type,
+            ) == sum(len(name) + len(value) for name, value in built)
