@@ -204,7 +204,10 @@ def create_acls(folder: Path, bootstrap: str, app_id: str, timeout: float = 30.0
         wanted.extend((role, kind, name, pattern, o) for o in ops)
 
     app = f"{app_id}."
-    allow("worker", topic, "*", lit, op.READ, op.WRITE, op.DESCRIBE, op.CREATE)
+    # DESCRIBE_CONFIGS: a command processor reads its event topic's max.message.bytes, so an
+    # event too large for it rejects its command before any transaction (refold.engine.
+    # command_limits); without it each such event costs an aborted batch.
+    allow("worker", topic, "*", lit, op.READ, op.WRITE, op.DESCRIBE, op.CREATE, op.DESCRIBE_CONFIGS)
     allow("worker", group, app, pre, op.READ, op.DESCRIBE)
     allow("worker", txn, app, pre, op.WRITE, op.DESCRIBE)
     allow("worker", cluster, "kafka-cluster", lit, op.IDEMPOTENT_WRITE, op.DESCRIBE)
