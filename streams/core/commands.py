@@ -127,6 +127,11 @@ class Command:
             and (version is None or _is_int(version))
         ):
             raise InputError("command lacks command_id/key/type/data or has mistyped fields")
+        if not command_id or len(command_id) > MAX_COMMAND_ID:  # as the API refuses it
+            raise InputError(
+                f"command_id must be a non-empty string of at most {MAX_COMMAND_ID} characters, "
+                f"not one of {len(command_id)}"
+            )
         command = cls(
             command_id, str(obj.get("aggregate", "")), obj["key"], obj["type"], obj["data"], version
         )
@@ -154,7 +159,7 @@ def readable_id(
         header.decode("utf-8", "surrogateescape"),  # bytes that are no UTF-8: no text, below
     )
     for candidate in candidates:
-        if isinstance(candidate, str) and candidate:
+        if isinstance(candidate, str) and 0 < len(candidate) <= MAX_COMMAND_ID:
             try:
                 candidate.encode()  # a lone surrogate (JSON's \ud800, or bad bytes) is no id
             except UnicodeEncodeError:

@@ -9,6 +9,7 @@ import json
 
 import pytest
 from refold.core.commands import Command, CommandResult, readable_id
+from refold.core.errors import InputError
 
 
 def _fresh_fingerprint(command: Command) -> str:
@@ -61,9 +62,22 @@ def test_a_result_encodes_as_compact_json_did() -> None:
         (b'["c-1"]', None, None),
         (b'{"command_id": "\\ud800"}', [("ce_id", b"\xff")], None),  # no text: no id
         (None, [("ce_id", None)], None),
+        # longer than the API allows: no id to key a result by (but a header that fits is)
+        (json.dumps({"command_id": "x" * 201}).encode(), [("ce_id", b"h-1")], "h-1"),
+        (b"{}", [("ce_id", b"y" * 201)], None),
     ],
 )
 def test_the_id_of_a_malformed_command_is_read_where_it_can_be(
     value: bytes | None, headers: list | None, expected: str | None
 ) -> None:
     assert readable_id(value, headers) == expected
+
+
+def test_a_command_record_with_an_id_longer_than_the_api_allows_is_malformed() -> None:
+    body = {"key": "acc-1", "type": "bank.Deposit", "data": {"amount_cents": 1}}
+    fits = Command.decode(json.dumps({**body, "command_id": "c" * 200}).encode(), None)
+    assert fits.command_id == "c" * 200
+    with pytest.raises(InputError, match="at most 200 characters, not one of 100000"):
+        Command.decode(json.dumps({**body, "command_id": "c" * 100_000}).encode(), None)
+    with pytest.raises(InputError, match="at most 200 characters"):  # from the header too
+        Command.decode(json.dumps(body).encode(), [("ce_id", b"h" * 201)])
