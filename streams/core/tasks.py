@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from refold.core.config import BUNDLED_SCHEMAS
 from refold.core.errors import InputError, TaskError
-from refold.core.strict_json import strict_json
+from refold.core.strict_json import NOT_FINITE_HINT, not_finite, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +369,10 @@ def plan_batches(
 
 def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
     """What `split` divides a task's data into, or None: it runs whole. User code: a split that
-    raises, or answers anything but a list of JSON objects, leaves the task whole, and the log
-    says why (such an answer, taken as parts, stopped the queue's dispatcher for good: it read
-    the same intake record again at each start)."""
+    raises, or answers anything but a list of JSON objects (a NaN or an Infinity in a part: no
+    JSON form), leaves the task whole, and the log says why (such an answer, taken as parts,
+    stopped the queue's dispatcher for good: it read the same intake record again at each
+    start)."""
     try:
         parts = queue.split(task.data)
     except Exception:
@@ -385,10 +386,12 @@ def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
             queue.name, task.id, type(parts).__name__,
         )  # fmt: skip
         return None
-    try:
-        largest = max(len(json.dumps(part)) for part in parts)
+    try:  # NaN and Infinity too: json writes them as `NaN`, which strict readers refuse
+        largest = max(len(json.dumps(part, allow_nan=False)) for part in parts)
     except (TypeError, ValueError, RecursionError) as exc:
-        log.error("%s: a part of task %r is not JSON (%s); it runs whole", queue.name, task.id, exc)
+        where = _not_finite_part(list(parts)) if isinstance(exc, ValueError) else None
+        why = str(exc) if where is None else f"{where}: {NOT_FINITE_HINT}"
+        log.error("%s: a part of task %r is not JSON (%s); it runs whole", queue.name, task.id, why)
         return None
     if largest > MAX_DATA_BYTES:  # each part is a work item of its own: one Kafka record
         log.error(
@@ -397,3 +400,11 @@ def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
         )  # fmt: skip
         return None
     return list(parts)
+
+
+def _not_finite_part(parts: list[dict[str, Any]]) -> str | None:
+    """Where the first NaN or Infinity of split() parts is (`parts[1].qty = nan`), if any."""
+    try:
+        return not_finite(parts, "parts")
+    except RecursionError:  # too deep to say where
+        return None
