@@ -41,6 +41,7 @@ from refold.core.config import BUNDLED_SCHEMAS
 from refold.core.errors import InputError, SagaError, SagaStepsError
 from refold.core.projection import Projection
 from refold.core.serde import Event
+from refold.core.strict_json import strict_json
 
 #: The Avro schema of saga events, shipped in the package and loaded by every codec.
 SAGA_SCHEMAS = Path(BUNDLED_SCHEMAS) / "sagas"
@@ -144,7 +145,9 @@ class Start:
 
     @property
     def data_json(self) -> str:
-        return data_json(self.data)
+        """The data as canonical JSON; InputError naming where it has none: a NaN or an
+        Infinity (json wrote `NaN`, which strict readers refuse), a value json cannot encode."""
+        return strict_json(self.data, "data")
 
 
 def data_json(data: Any) -> str:

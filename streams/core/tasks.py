@@ -18,15 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from refold.core.config import BUNDLED_SCHEMAS
 from refold.core.errors import InputError, TaskError
+from refold.core.strict_json import NOT_FINITE_HINT, not_finite, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,9 @@ class Submission:
     data_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_json", _data_json(self.data))
+        # NaN and Infinity refused: an HTTP body cannot carry them (orjson refuses it), but
+        # the Python client and `refold task submit --data` wrote them as `NaN`.
+        object.__setattr__(self, "data_json", strict_json(self.data, "data"))
 
     @property
     def fingerprint(self) -> str:
@@ -251,52 +253,6 @@ class Submission:
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _data_json(data: dict[str, Any]) -> str:
-    """A submission's data as canonical JSON, or InputError when it has none: NaN and
-    Infinity (Python floats that JSON cannot carry: an HTTP body with them is refused as
-    invalid JSON, but the Python client and `refold task submit --data` wrote them as `NaN`,
-    which strict JSON readers refuse), values json cannot encode, loops."""
-    try:
-        return json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    except ValueError as exc:  # not finite (or a circular reference)
-        try:
-            where = _not_finite(data, "data")
-        except RecursionError:  # too deep to say where
-            where = None
-        if where is None:
-            raise InputError(f"data is not JSON: {exc}") from exc
-        raise InputError(
-            f"{where} is not JSON: NaN and Infinity have no JSON form; send null, a string "
-            "or a finite number instead"
-        ) from exc
-    except TypeError as exc:  # a datetime, a set, keys of several types...
-        raise InputError(f"data is not JSON: {exc}") from exc
-    except RecursionError:
-        raise InputError("data is not JSON: nested too deeply") from None
-
-
-def _not_finite(value: Any, path: str, seen: set[int] | None = None) -> str | None:
-    """Where the first NaN or Infinity of `value` is (`data.items[2].price = nan`), if any
-    (`seen`: the containers on the way, so a loop ends)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{path} = {value!r}"
-    if isinstance(value, dict):
-        children: Iterable[tuple[str, Any]] = ((f"{path}.{k}", v) for k, v in value.items())
-    elif isinstance(value, list | tuple):
-        children = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    seen = set() if seen is None else seen
-    if id(value) in seen:
-        return None
-    seen.add(id(value))
-    for where, child in children:
-        found = _not_finite(child, where, seen)
-        if found is not None:
-            return found
-    return None
 
 
 def fingerprint(key: str, data: Any) -> str:
@@ -413,9 +369,10 @@ def plan_batches(
 
 def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
     """What `split` divides a task's data into, or None: it runs whole. User code: a split that
-    raises, or answers anything but a list of JSON objects, leaves the task whole, and the log
-    says why (such an answer, taken as parts, stopped the queue's dispatcher for good: it read
-    the same intake record again at each start)."""
+    raises, or answers anything but a list of JSON objects (a NaN or an Infinity in a part: no
+    JSON form), leaves the task whole, and the log says why (such an answer, taken as parts,
+    stopped the queue's dispatcher for good: it read the same intake record again at each
+    start)."""
     try:
         parts = queue.split(task.data)
     except Exception:
@@ -429,10 +386,12 @@ def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
             queue.name, task.id, type(parts).__name__,
         )  # fmt: skip
         return None
-    try:
-        largest = max(len(json.dumps(part)) for part in parts)
+    try:  # NaN and Infinity too: json writes them as `NaN`, which strict readers refuse
+        largest = max(len(json.dumps(part, allow_nan=False)) for part in parts)
     except (TypeError, ValueError, RecursionError) as exc:
-        log.error("%s: a part of task %r is not JSON (%s); it runs whole", queue.name, task.id, exc)
+        where = _not_finite_part(list(parts)) if isinstance(exc, ValueError) else None
+        why = str(exc) if where is None else f"{where}: {NOT_FINITE_HINT}"
+        log.error("%s: a part of task %r is not JSON (%s); it runs whole", queue.name, task.id, why)
         return None
     if largest > MAX_DATA_BYTES:  # each part is a work item of its own: one Kafka record
         log.error(
@@ -441,3 +400,11 @@ def _parts(queue: TaskQueue, task: Task) -> list[dict[str, Any]] | None:
         )  # fmt: skip
         return None
     return list(parts)
+
+
+def _not_finite_part(parts: list[dict[str, Any]]) -> str | None:
+    """Where the first NaN or Infinity of split() parts is (`parts[1].qty = nan`), if any."""
+    try:
+        return not_finite(parts, "parts")
+    except RecursionError:  # too deep to say where
+        return None

@@ -15,7 +15,10 @@ key's value), so one dispatcher sees them all. The steps, in order:
    round trips no longer hold the records that arrive meanwhile. The next transaction begins
    only once that commit has returned; if it failed, the transaction is aborted, the window
    collected meanwhile is dropped, and the consumer goes back to the committed offsets, which
-   reads both windows again. A rebalance waits for a commit in flight first, so no commit spans
+   reads both windows again, after a pause (0.5 s, doubling to 30 s while transactions keep
+   failing: one the broker refuses every time, such as a work item over the work topic's
+   max.message.bytes, would otherwise be tried again at once, with a warning each time). A
+   rebalance waits for a commit in flight first, so no commit spans
    one. A crash before the commit returns aborts everything (read_committed readers never see
    it, and the intake records are read again from the committed offsets); after it, nothing is
    read again. So a task is neither dropped nor dispatched twice by the dispatcher; the batch
@@ -39,7 +42,12 @@ from refold.core.config import Config
 from refold.core.errors import DecodeError, TaskError
 from refold.core.serde import Codec
 from refold.core.tasks import STATUS, SUBMITTED, WORK_ITEM, Plan, Task, TaskQueue, plan_batches
-from refold.engine.transactions import stable_instance_id
+from refold.engine.transactions import (
+    RETRY_LOG_EVERY,
+    Backoff,
+    failure_kind,
+    stable_instance_id,
+)
 from refold.kafka import clients
 from refold.kafka.task_log import Acks, TaskLog, status_data
 
@@ -48,6 +56,8 @@ log = logging.getLogger(__name__)
 TXN_TIMEOUT_MS = 10_000
 #: The transactional producer's retry backoff (see __init__).
 RETRY_BACKOFF_MS = 5
+#: Transactions that keep failing are tried again after 0.5 s, doubling up to this.
+RETRY_CAP_S = 30.0
 
 
 @dataclass(slots=True)
@@ -90,6 +100,7 @@ class Dispatcher:
             required={"transaction.timeout.ms": TXN_TIMEOUT_MS, "message.timeout.ms": 9_000},
         )
         self._window: list[Message] = []
+        self._aborts = Backoff(first=0.5, cap=RETRY_CAP_S)  # transactions failing now
         # The last window's commit while the next window fills: its thread, and the error it
         # ended with, if any (see _settle).
         self._commit: tuple[threading.Thread, list[BaseException]] | None = None
@@ -160,7 +171,7 @@ class Dispatcher:
         try:
             self._transact(msgs, plan_batches(self.queue, tasks, prefix, texts), texts)
         except (KafkaException, TaskError) as exc:
-            self._recover(str(exc))
+            self._recover(exc)
 
     def _decode(self, msgs: list[Message]) -> tuple[list[Task], dict[str, str]]:
         """The tasks, and each one's data as the JSON text of its intake record (a whole
@@ -248,25 +259,47 @@ class Dispatcher:
         thread.join()
         self._commit = None
         if not failed:
+            aborted = self._aborts.succeeded()
+            if aborted:
+                log.info(
+                    "dispatcher %s: a transaction committed after %d aborted",
+                    self.queue.name,
+                    aborted,
+                )
             return True
         self._window = []
-        self._recover(f"commit failed: {failed[0]}")
+        self._recover(failed[0], "commit failed: ")
         return False
 
-    def _recover(self, reason: str) -> None:
-        """Abort and read the window again from the committed intake offsets."""
-        log.warning("dispatcher %s: transaction aborted: %s", self.queue.name, reason)
+    def _recover(self, exc: BaseException, what: str = "") -> None:
+        """Abort and read the window again from the committed intake offsets, after a pause:
+        0.5 s doubling to RETRY_CAP_S while transactions keep failing (back to 0.5 s once one
+        commits). Logged: the first failure of each kind, then every RETRY_LOG_EVERY-th
+        (`Backoff`); every abort is counted."""
+        pause, log_it = self._aborts.failed(failure_kind(exc))
+        if log_it:
+            log.warning(
+                "dispatcher %s: transaction aborted (%d in a row, trying again in %.1fs; "
+                "logged once per error and every %dth): %s%s",
+                self.queue.name,
+                self._aborts.failures,
+                pause,
+                RETRY_LOG_EVERY,
+                what,
+                exc,
+            )
         self.stats.aborts += 1
         try:
             self._producer.abort_transaction(30)
-        except KafkaException as exc:
-            if exc.args[0].fatal():
-                raise TaskError(f"dispatcher {self.queue.name}: cannot abort: {exc}") from exc
+        except KafkaException as abort:
+            if abort.args[0].fatal():
+                raise TaskError(f"dispatcher {self.queue.name}: cannot abort: {abort}") from abort
         assignment = self._consumer.assignment()
         for tp in self._consumer.committed(assignment, timeout=30):
             if tp.offset < 0:
                 tp.offset = OFFSET_BEGINNING
             self._consumer.seek(tp)
+        self._stop.wait(pause)
 
 
 def _work_task(task: Task, text: str | None = None) -> dict[str, Any]:

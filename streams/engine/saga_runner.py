@@ -82,8 +82,9 @@ PAGE = 1000
 SEND_TIMEOUT_S = 30.0
 FENCE = "refold.sagas.Fence"  # the type of the claim that fences a timed-out step's command
 CHAIN = 8  # decisions one sweep may chain for a saga (a transfer needs at most 2 in a row)
-#: Sagas whose unsendable commands a runner remembers at most, the oldest forgotten first.
-MAX_UNSENDABLE_SAGAS = 10_000
+#: Sagas a runner remembers command ids of, per kind (sent here, claimed by the processor,
+#: unsendable), at most: the oldest forgotten first (see `PerSaga`).
+MAX_SAGAS_REMEMBERED = 10_000
 
 
 @dataclass(slots=True)
@@ -100,33 +101,38 @@ class SagaRunnerStats:
     chained: int = 0  # decisions made on a decision of the same sweep (not a sweep later)
     errors: int = 0  # sweeps that failed (the broker unreachable...); the next one retries
     unsendable: int = 0  # sagas with commands answered here as rejected, not ended yet
+    sent_here: int = 0  # sagas with commands this runner sent, not ended yet
+    claimed: int = 0  # sagas with timed-out commands the processor claimed first, not ended yet
+    forgotten: int = 0  # sagas forgotten past MAX_SAGAS_REMEMBERED while not seen ended
     ready: tuple[int, ...] = ()  # the owned partitions whose state is caught up
 
 
-class Unsendable:
-    """Commands no record can carry (an aggregate the app cannot send to, too large, not
-    UTF-8), answered here as rejected since no processor ever will (a compensation would wait
-    for ever), per saga. Bounded: a saga's entries go once it has ended, or when another
-    worker drives its partition, and past `limit` sagas the oldest go first. (One forgotten
-    while its saga still waits on it is sent again, found unsendable again, remembered anew.)"""
+class PerSaga:
+    """What a runner remembers about the commands of the sagas it drives, per saga, bounded
+    for a runner that runs for months: a saga's entries go once a sweep sees it ended (nothing
+    of its is asked after that), or when another worker drives its partition, and past `limit`
+    sagas the oldest (first remembered) go first. What forgetting one too early costs is the
+    subclass's to say; it must cost work, never correctness."""
 
-    def __init__(self, limit: int = MAX_UNSENDABLE_SAGAS) -> None:
+    def __init__(self, limit: int = MAX_SAGAS_REMEMBERED) -> None:
         self._limit = limit
-        self._by_saga: dict[str, dict[str, dict[str, Any]]] = {}  # in the order first added
+        self._by_saga: dict[str, dict[str, Any]] = {}  # in the order first remembered
+        self.forgotten = 0  # sagas forgotten past the limit
 
     def __len__(self) -> int:
         """How many sagas have commands remembered."""
         return len(self._by_saga)
 
-    def add(self, saga_id: str, command_id: str, reason: str) -> None:
+    def _put(self, saga_id: str, command_id: str, value: Any) -> None:
         commands = self._by_saga.get(saga_id)
         if commands is None:
             while len(self._by_saga) >= self._limit:
                 del self._by_saga[next(iter(self._by_saga))]
+                self.forgotten += 1
             commands = self._by_saga[saga_id] = {}
-        commands[command_id] = {"status": "rejected", "reason": reason}
+        commands[command_id] = value
 
-    def get(self, saga_id: str, command_id: str) -> dict[str, Any] | None:
+    def _get(self, saga_id: str, command_id: str) -> Any:
         commands = self._by_saga.get(saga_id)
         return None if commands is None else commands.get(command_id)
 
@@ -137,6 +143,30 @@ class Unsendable:
     def keep(self, wanted: Callable[[str], bool]) -> None:
         """Forget the sagas `wanted` refuses (those of partitions this runner lost)."""
         self._by_saga = {s: c for s, c in self._by_saga.items() if wanted(s)}
+
+
+class Unsendable(PerSaga):
+    """Commands no record can carry (an aggregate the app cannot send to, too large, not
+    UTF-8), answered here as rejected since no processor ever will (a compensation would wait
+    for ever). One forgotten while its saga still waits on it is sent again, found unsendable
+    again, remembered anew."""
+
+    def add(self, saga_id: str, command_id: str, reason: str) -> None:
+        self._put(saga_id, command_id, {"status": "rejected", "reason": reason})
+
+    def get(self, saga_id: str, command_id: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self._get(saga_id, command_id)
+        return found
+
+
+class CommandIds(PerSaga):
+    """A set of command ids, per saga (see `PerSaga`)."""
+
+    def add(self, saga_id: str, command_id: str) -> None:
+        self._put(saga_id, command_id, True)
+
+    def has(self, saga_id: str, command_id: str) -> bool:
+        return self._get(saga_id, command_id) is not None
 
 
 class SagaRunner:
@@ -168,10 +198,17 @@ class SagaRunner:
         self._watermarks = clients.consumer(config, config.group("sagas", saga.name, "ends"))
         self._ends: dict[int, int] = {}  # owned partition -> its end when this runner got it
         self._ready: dict[int, int] = {}  # caught-up partition -> since when (epoch ms)
-        self._claimed: set[str] = set()  # timed-out commands the processor claimed first
+        #: Timed-out commands the processor claimed first: their result will come, so they
+        #: are not fenced again. One forgotten is claimed again (one more record on the claims
+        #: topic), the processor's first claim still wins, and it is remembered anew.
+        self._claimed = CommandIds()
         self._pending: dict[str, int] = {}  # saga id -> its event count when we last appended
-        self._sent_here: set[str] = set()  # command ids this process sent
+        #: Commands this runner sent: those a saga waits on that it did not send (a restart, a
+        #: rebalance, a send that failed) are re-sent once (3.). One forgotten while its saga
+        #: waits is re-sent: a duplicate the processor's claims answer with the first result.
+        self._sent_here = CommandIds()
         self._unsendable = Unsendable()  # commands answered here as rejected (see the class)
+        self._memories: tuple[PerSaga, ...] = (self._sent_here, self._claimed, self._unsendable)
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -221,7 +258,8 @@ class SagaRunner:
             for saga_id, state in page:
                 if state.get("status") in TERMINAL:
                     self._pending.pop(saga_id, None)
-                    self._unsendable.ended(saga_id)
+                    for memory in self._memories:
+                        memory.ended(saga_id)
                 else:
                     since = ready.get(self._partition(saga_id))
                     if since is not None:
@@ -233,6 +271,9 @@ class SagaRunner:
         acks.wait(self._producer, f"events of saga {self.saga.name!r}")
         self._send(outbox)
         self.stats.unsendable = len(self._unsendable)
+        self.stats.sent_here = len(self._sent_here)
+        self.stats.claimed = len(self._claimed)
+        self.stats.forgotten = sum(memory.forgotten for memory in self._memories)
         self.stats.sweeps += 1
 
     def _caught_up(self, runner: Serving) -> dict[int, int]:
@@ -243,9 +284,9 @@ class SagaRunner:
         for p in lost:
             del self._ends[p]
             self._ready.pop(p, None)
-            self._sent_here = {c for c in self._sent_here if not self._of(c, p)}
         if lost:
-            self._unsendable.keep(lambda saga_id: self._partition(saga_id) not in lost)
+            for memory in self._memories:
+                memory.keep(lambda saga_id: self._partition(saga_id) not in lost)
         for p in owned - set(self._ends):
             _low, high = self._watermarks.get_watermark_offsets(
                 TopicPartition(topic, p), timeout=10
@@ -259,10 +300,6 @@ class SagaRunner:
                     self._ready[p] = int(time.time() * 1000)
         self.stats.ready = tuple(sorted(self._ready))  # lost ones dropped above
         return {p: since for p, since in self._ready.items() if p in owned}
-
-    def _of(self, command_id: str, partition: int) -> bool:
-        saga_id = command_id.split("/", 1)[1].rsplit("/", 2)[0]
-        return self._partition(saga_id) == partition
 
     def _partition(self, saga_id: str) -> int:
         return murmur2_partition(saga_id.encode(), self._partitions)
@@ -287,7 +324,7 @@ class SagaRunner:
                 step = advance(self.saga, state, results, now_ms, since_ms=since_ms)
             except SagaStepsError as exc:  # this saga's bug: it fails, the others go on
                 step = steps_failed(self.saga, saga_id, exc, now_ms)
-            if step.fence is not None and not self._fenced(step.fence):
+            if step.fence is not None and not self._fenced(saga_id, step.fence):
                 break  # claimed by the processor: its result will come
             if step.dead is not None:
                 self._dead(saga_id, state, step.dead)
@@ -296,7 +333,7 @@ class SagaRunner:
                 self.stats.events += 1
             if step.events and saga_id not in self._pending:
                 self._pending[saga_id] = state["events"]  # the store's count, before them
-            resend = [out for out in step.waiting if out.command_id not in self._sent_here]
+            resend = [o for o in step.waiting if not self._sent_here.has(saga_id, o.command_id)]
             self.stats.resent += len(resend)
             outbox += [*step.commands, *resend]
             if not step.events or step.commands or step.waiting or step.fence is not None:
@@ -307,10 +344,10 @@ class SagaRunner:
             self.stats.chained += 1
         return outbox
 
-    def _fenced(self, out: Outgoing) -> bool:
+    def _fenced(self, saga_id: str, out: Outgoing) -> bool:
         """Claim a timed-out step's command id for nothing, so that no processor ever decides
         it; False when a processor claimed it first (it will be decided)."""
-        if out.command_id in self._claimed:
+        if self._claimed.has(saga_id, out.command_id):
             return False
         claims = self._claims(out.send.aggregate)
         if claims is None:  # an aggregate no decider of the app knows: nothing decides it
@@ -320,7 +357,7 @@ class SagaRunner:
         fence = Command(out.command_id, send.aggregate, send.key, FENCE, {})
         winner = claims.claim([ClaimRequest.of(fence)]).get(out.command_id)
         if winner is not None and winner.get("fingerprint") != fence.fingerprint:
-            self._claimed.add(out.command_id)
+            self._claimed.add(saga_id, out.command_id)
             self.stats.unfenced += 1
             return False
         self.stats.fenced += 1
@@ -342,7 +379,7 @@ class SagaRunner:
             send = out.send
             command = Command(out.command_id, send.aggregate, send.key, send.type, send.data)
             try:
-                futures.append((out, self._commands.append(command)))
+                futures.append((saga_id, out, self._commands.append(command)))
             except InputError as exc:  # a bad step: no processor will ever answer it
                 log.error("saga %s: cannot send %s: %s", self.saga.name, out.command_id, exc)
                 self._unsendable.add(saga_id, out.command_id, f"cannot be sent: {exc}")
@@ -352,9 +389,9 @@ class SagaRunner:
                 log.error("saga %s: cannot send %s: %s", self.saga.name, out.command_id, exc)
                 continue
             self._results.watch(out.command_id, lambda _r: self._wake.set())
-        for out, future in futures:
+        for saga_id, out, future in futures:
             future.result(SEND_TIMEOUT_S)
-            self._sent_here.add(out.command_id)
+            self._sent_here.add(saga_id, out.command_id)
             self.stats.commands += 1
 
 

@@ -32,6 +32,7 @@ from tests.integration.test_sagas import (
     _check,
     _fund,
     _plan,
+    _runner_until,
     assert_rebuilt_alike,
     events,
 )
@@ -187,13 +188,47 @@ def test_a_worker_without_the_command_processor_drives_and_fences_sagas(
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda item: sagas.start_saga(*item), plan.items()))
         states = sagas.states(list(plan))
-        stats = sagas.runner()
+        # every saga ended: the runner remembers no command of theirs (it kept them all)
+        stats = _runner_until(sagas, lambda r: r["sent_here"] == r["claimed"] == 0)
         assert processor.http("GET", f"/sagas/{saga}")[0] == 404  # no saga runs there
     finally:
         sagas.stop()
         processor.stop()
     _check(plan, states, events(config, vault.events_topic), accounts, timeouts=True)
     assert stats["fenced"] > 0, stats  # timed-out steps fenced from the saga's own worker
+    assert stats["forgotten"] == 0, stats  # none of them needed the limit
+
+
+@pytest.mark.timeout(400)
+def test_the_runner_remembers_a_saga_s_commands_while_it_runs_and_forgets_them_at_its_end(
+    config: Config, vault: Decider, client: CommandClient, unique, tmp_path: Path
+) -> None:
+    """The runner kept the id of every command it sent (to re-send only those it did not) and
+    of every timed-out one the processor had claimed before the fence (not to fence it
+    again) in sets that shrank only when a partition moved: they grew for the worker's life.
+    Here a saga's steps wait on a processor that takes 3 s per decision, past their 1 s
+    timeout: while the saga runs both are remembered, and once it ends neither is."""
+    saga = unique("transfers")
+    fast = Worker(config, vault, saga, tmp_path)
+    slow = Worker(config, vault, saga, tmp_path, decide_delay_s=3)
+    sagas = Worker(config, vault, saga, tmp_path, timeout_s=1)
+    try:
+        fast.start("fast", "--only", vault.name)  # funds the accounts at full speed
+        _fund(client, vault)
+        fast.stop()
+        slow.start("slow", "--only", vault.name)
+        sagas.start("sagas", "--only", f"sagas.{saga}")
+        sagas.start_saga("t-1", {"from": "acc-0", "to": "acc-1", "amount_cents": 5})
+        running = _runner_until(sagas, lambda r: r["sent_here"] == r["claimed"] == 1)
+        state = sagas.states(["t-1"], timeout=120)["t-1"]
+        ended = _runner_until(sagas, lambda r: r["sent_here"] == r["claimed"] == 0)
+    finally:
+        sagas.stop()
+        slow.stop()
+        fast.stop()
+    assert state["status"] == "completed", state  # the claimed steps were awaited, not fenced
+    assert running["unfenced"] >= 1 and ended["unfenced"] == 2, (running, ended)
+    assert (ended["commands"], ended["fenced"], ended["forgotten"]) == (2, 0, 0), ended
 
 
 @pytest.mark.timeout(400)

@@ -684,3 +684,51 @@ def test_a_saga_id_started_again_with_other_data_is_a_conflict_with_nothing_appe
         if data["kind"] == "started":
             started[key].append(json.loads(data["data"]))
     assert started == {"dup": [first], "py": [first]}, started
+
+
+@pytest.mark.timeout(300)
+def test_nan_and_infinity_in_start_data_are_refused_at_start_and_nothing_is_appended(
+    config: Config, vault: Decider, unique, tmp_path: Path
+) -> None:
+    """An HTTP body cannot carry them (orjson refuses it: 400 "invalid JSON"), but the Python
+    SagaClient took {"rate": float("nan")} and `refold saga start --data` took `NaN` (its
+    json.loads accepts it): the `started` event's data said `NaN`, which strict JSON readers
+    refuse. Now both are refused naming where (InputError; exit 2), before anything is
+    appended."""
+    from refold.core.errors import InputError
+    from refold.core.sagas import Start
+    from refold.kafka.saga_log import SagaClient, ensure_saga_topics
+
+    from tests.integration.apps.transfers import TestTransfers
+
+    saga = unique("transfers")
+    declared = type("S", (TestTransfers,), {"name": saga})()
+    ensure_saga_topics(Topics(config), {saga: declared})
+    transfer = {"from": "acc-0", "to": "acc-1", "amount_cents": 5}
+    hint = "is not JSON: NaN and Infinity have no JSON form; send null, a string or a finite"
+    python = SagaClient(config, {saga: declared})
+    try:
+        for data, where in (
+            ({**transfer, "rate": float("nan")}, "data.rate = nan"),
+            ({**transfer, "fees": [1, float("inf")]}, "data.fees[1] = inf"),
+        ):
+            with pytest.raises(InputError) as refused:
+                python.start(saga, python.prepare(saga, {"saga_id": "py", "data": data}))
+            assert str(refused.value).startswith(f"{where} {hint}"), refused.value
+            with pytest.raises(InputError, match="NaN and Infinity"):  # a Start made by hand
+                python.start(saga, Start("by-hand", data))
+        python.start(saga, python.prepare(saga, {"saga_id": "ok", "data": transfer}))
+    finally:
+        python.close()
+    env = {**Worker(config, vault, saga, tmp_path).env, "REFOLD_DATA_DIR": str(tmp_path / "cli")}
+    data = json.dumps({**transfer, "note": {"weight": float("-inf")}})  # says -Infinity
+    cli = subprocess.run(
+        [sys.executable, "-m", "refold.cli.main", "saga", "start", saga, "cli", "--data", data],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+    assert "-Infinity" in data and cli.returncode == 2, cli
+    assert cli.stderr.startswith(f"refold: error: data.note.weight = -inf {hint}"), cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    # Only the good start reached the log.
+    assert [(k, d["kind"]) for k, _t, d in events(config, f"{saga}.saga")] == [("ok", "started")]

@@ -7,14 +7,16 @@ call: which tasks ran, at which attempt).
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 from refold.core.config import Config
 
-from tests.integration.test_tasks import Processes
+from tests.integration.test_tasks import Processes, records
 
 APP = "tests.integration.apps.hostile_tasks"
 
@@ -80,18 +82,34 @@ def test_a_handler_that_raises_base_exceptions_or_returns_unwritable_results_fai
 def test_a_split_that_answers_no_list_of_dicts_runs_the_task_whole_and_the_queue_goes_on(
     config: Config, unique, tmp_path: Path
 ) -> None:
+    """A split whose parts hold a NaN is one of them: such parts were dispatched, each part's
+    data written as `NaN` in its work item and `dispatched` status (strict JSON readers refuse
+    it); the task now runs whole, and no record of the queue says `NaN`."""
     run = _run(config, unique, tmp_path)
+    ids = ["odd", "nan", "plain"]
     try:
         run.worker()
         run.task_worker("tw-a")
         run.submit("odd", {"split": True})
+        run.submit("nan", {"split": "nan"})
         run.submit("plain", {})
-        states = run.wait_ended(["odd", "plain"], timeout=60)
+        states = run.wait_ended(ids, timeout=60)
     finally:
         run.stop()
 
-    assert [states[t]["status"] for t in ("odd", "plain")] == ["succeeded"] * 2, states
-    assert states["odd"]["parts"] == [] and states["odd"]["result"] == {"handled": 1}
+    assert [states[t]["status"] for t in ids] == ["succeeded"] * 3, states
+    for task_id in ("odd", "nan"):
+        assert states[task_id]["parts"] == [], states[task_id]
+        assert states[task_id]["result"] == {"handled": 1}, states[task_id]
+    work = [task for _k, item in records(config, f"{run.queue}.work") for task in item["tasks"]]
+    assert sorted(task["task_id"] for task in work) == sorted(ids), work  # each whole, once
+    for topic in ("work", "status"):
+        for _key, value in records(config, f"{run.queue}.{topic}"):
+            orjson.loads(json.dumps(value, allow_nan=False))  # nothing that is not JSON
+            for task in value.get("tasks", [value]):
+                for text in (task.get("data"), task.get("result")):
+                    if isinstance(text, str):
+                        orjson.loads(text)  # a JSON text a strict reader takes
 
 
 def test_tasks_near_the_size_limit_with_one_merge_key_are_dispatched_in_records_that_fit(

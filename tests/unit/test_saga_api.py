@@ -3,12 +3,14 @@ against the bank's own decider (decided in memory) as the command processor woul
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 from refold import Command, Rejected
 from refold.core.errors import InputError, SagaError, SagaStepsError
 from refold.core.sagas import (
+    Start,
     apply_event,
     command_id,
     initial_state,
@@ -408,6 +410,32 @@ def test_a_saga_id_must_be_utf8_text() -> None:
     with pytest.raises(InputError, match="not UTF-8"):
         start_from_json(Transfers(), {"saga_id": "t-\udcff", "data": data})
     assert start_from_json(Transfers(), {"saga_id": "t-\u00e9\n", "data": data}).saga_id
+
+
+def test_start_data_with_nan_or_infinity_is_refused_naming_where() -> None:
+    """json.dumps wrote them as `NaN` into the `started` event (strict JSON readers refuse
+    it): the Python client and `refold saga start --data` (json.loads takes `NaN`) let them
+    through, in a field the saga does not declare or one declared float."""
+
+    class Rated(Transfers):
+        fields = {**Transfers.fields, "rate": float}
+
+    transfer = {"from": "a", "to": "b", "amount_cents": 5}
+    for data, where in (
+        ({**transfer, "rate": float("nan")}, "data.rate = nan"),
+        ({**transfer, "rate": 1.0, "fees": [0.5, float("-inf")]}, "data.fees[1] = -inf"),
+        ({**transfer, "rate": 1.0, "note": {"weight": float("inf")}}, "data.note.weight = inf"),
+    ):
+        with pytest.raises(InputError) as refused:
+            start_from_json(Rated(), {"saga_id": "r-1", "data": data})
+        assert str(refused.value) == (
+            f"{where} is not JSON: NaN and Infinity have no JSON form; send null, a string or "
+            "a finite number instead"
+        ), refused.value
+        with pytest.raises(InputError, match=f"^{re.escape(where)} is not JSON"):
+            _ = Start("r-1", data).data_json  # a Start made by hand, not by start_from_json
+    ok = start_from_json(Rated(), {"saga_id": "r-2", "data": {**transfer, "rate": 1e308}})
+    assert ok.data_json == '{"amount_cents":5,"from":"a","rate":1e+308,"to":"b"}'
 
 
 class Misdirected(Transfers):

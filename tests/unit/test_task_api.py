@@ -4,8 +4,10 @@ decisions. Oracles are computed here from the inputs."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import Counter
+from math import inf, nan
 from re import escape as re_escape
 
 import pytest
@@ -162,6 +164,32 @@ def test_a_merged_batch_stays_one_record_and_a_part_too_large_leaves_its_task_wh
 
     plan = plan_batches(Inflating(), tasks[:1], "x")
     assert plan.parents == {} and [b.tasks for b in plan.batches] == [(tasks[0],)]
+
+
+def test_a_split_with_nan_or_infinity_in_a_part_leaves_the_task_whole_and_says_where(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Such parts were dispatched: each part's data, made with json.dumps, said `NaN` in the
+    work item and the `dispatched` status, which strict JSON readers refuse. A part is one
+    more value of the user's split that cannot be written: a bad split, like one that is not
+    JSON at all."""
+
+    class NotFinite(Shipping):
+        def split(self, data):
+            return [{"qty": 1}, {"qty": 2, "weights": [0.5, data["bad"]]}]
+
+    tasks = [Task(f"t-{i}", f"t-{i}", {"bad": bad}) for i, bad in enumerate((nan, inf, -inf))]
+    with caplog.at_level(logging.ERROR, logger="refold.core.tasks"):
+        plan = plan_batches(NotFinite(), tasks, "x")
+    assert plan.parents == {}
+    assert [b.tasks for b in plan.batches] == [(t,) for t in tasks]  # each whole, as submitted
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"shipping: a part of task 't-{i}' is not JSON (parts[1].weights[1] = {bad}: NaN and "
+        "Infinity have no JSON form; send null, a string or a finite number instead); it runs "
+        "whole"
+        for i, bad in enumerate(("nan", "inf", "-inf"))
+    ], said
 
 
 def _fold(events: list[dict]) -> dict:

@@ -5,8 +5,8 @@ The handler appends one JSON line per call to REFOLD_TEST_TASK_LOG (which tasks 
 attempt). Task data steers it: `raise` names a BaseException to raise (`SystemExit`,
 `KeyboardInterrupt`); `result` a result it returns that cannot be written (`circular`: a dict
 that holds itself, `tuple-key`, `nan`, `huge`: 2 MB of JSON); `own_result` the same, as each task's
-`task.result`. `split` makes `split()` answer a dict instead of a list of them. Tasks
-with one `group` merge.
+`task.result`. `split` makes `split()` answer a dict instead of a list of them (`"nan"`:
+a list whose second part holds a NaN). Tasks with one `group` merge.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ class Hostile(TaskQueue):
     retry_backoff_s = 0.2
 
     def split(self, data: dict[str, Any]) -> Any:
+        if data.get("split") == "nan":
+            return [{"part": 1}, {"part": 2, "ratio": float("nan")}]
         return {"not": "a list"} if data.get("split") else None
 
     def handle(self, batch: list[Task]) -> Any:
