@@ -62,6 +62,18 @@ def live_version(config: Config, name: str) -> int | None:
     return on_disk[-1] if on_disk else None
 
 
+def pin_live(config: Config, name: str) -> int | None:
+    """Write down the version `live_version` names when no pointer exists yet (the newest on
+    disk), before another version's store is created: else that new store, however little it
+    holds, would be the newest on disk and taken for live without a swap. Returns the live
+    version (None: no version at all)."""
+    with _pointer_lock(config, name):
+        live = live_version(config, name)
+        if live is not None and _pointer(config, name) is None:
+            _write_pointer(config, name, live, [])
+        return live
+
+
 @contextlib.contextmanager
 def _pointer_lock(config: Config, name: str, *, create: bool = False) -> Iterator[None]:
     """Hold the projection's pointer lock: one read-modify-write of LIVE at a time, across

@@ -42,7 +42,14 @@ from refold.kafka import clients
 from refold.kafka.log import topic_partitions, watermarks
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.scratch import scratch_dir
-from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
+from refold.store.versions import (
+    dir_size,
+    live_version,
+    parts_path,
+    pin_live,
+    set_live,
+    store_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +286,7 @@ def replay(
     has no class for the live version (refold.engine.frozen), so its offsets never move.
     """
     name = projection.name
-    live = live_version(config, name)
+    live = pin_live(config, name)  # before v{version}'s store exists: it is not live unswapped
     if live == version:
         raise ProjectionError(
             f"v{version} of {name!r} is already live",

@@ -43,7 +43,7 @@ from refold.kafka.registry import codec_for
 from refold.kafka.topics import Topics, dead_letter_topic, internal_topics
 from refold.store.rocksdb import RocksStore
 from refold.store.scratch import scratch_dir, sweep
-from refold.store.versions import live_version, set_live, store_path
+from refold.store.versions import live_version, pin_live, set_live, store_path
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Worker:
         )
         for name, versions in self.versions.items():
             code = max(versions)
-            live = live_version(self.config, name)
+            live = pin_live(self.config, name)  # before a build creates the code's version
             if live is None:
                 set_live(self.config, name, code)
                 live = code
