@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import struct
 from pathlib import Path
 
 import rocksdict
-from refold.core.errors import StoreError
+from refold.core.errors import StoreError, StoreLocked
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,13 @@ def open_error(path: Path, exc: Exception) -> StoreError:
             hint="close the other RocksStore on this path first",
         )
     if "LOCK" in text:
-        return StoreError(
-            f"store {path} is locked by another process: {text}",
-            hint="another worker uses this data dir; give each worker its own REFOLD_DATA_DIR",
+        holder = lock_holder(path)
+        who = f"process {holder} ({describe_process(holder)})" if holder else "another process"
+        return StoreLocked(
+            f"store {path} is locked by {who}",
+            holder=holder,
+            hint="a replay or a worker is writing it: wait for it, or stop it; two workers need "
+            "a REFOLD_DATA_DIR each",
         )
     if text.startswith("Corruption"):
         return StoreError(
@@ -51,6 +58,43 @@ def open_error(path: Path, exc: Exception) -> StoreError:
             hint="move the directory aside and rebuild the projection from Kafka (refold replay)",
         )
     return StoreError(f"cannot open store {path}: {text}")
+
+
+# struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
+_FLOCK = "hhqqi4x"
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding the store's RocksDB LOCK (a POSIX record lock), or None
+    when no process holds it (or the kernel cannot tell). Never call it for a store this process
+    has open: closing any descriptor of the LOCK file would drop this process's lock."""
+    try:
+        fd = os.open(path / "LOCK", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        kind, _whence, _start, _len, pid = struct.unpack(
+            _FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, asked)
+        )
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+
+def describe_process(pid: int) -> str:
+    """A process's command line, shortened to what names it (`refold replay balances ...`)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "gone"
+    args = [a for a in args if a]
+    for i, arg in enumerate(args):  # from `refold` (or `-m refold.cli.main`) on
+        if arg.endswith("/refold") or arg == "refold" or arg == "refold.cli.main":
+            return " ".join(["refold", *args[i + 1 :]])[:120]
+    return " ".join(args)[:120]
 
 
 def cf_options(cache: rocksdict.Cache, write_buffer_mb: int, lz4: bool) -> rocksdict.Options:

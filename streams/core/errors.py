@@ -57,6 +57,15 @@ class StoreError(RefoldError):
     """A projection store could not be opened, read or written."""
 
 
+class StoreLocked(StoreError):
+    """Another process holds the store open for writing (RocksDB's LOCK): a worker, or a
+    replay building that version. `holder` is its pid, when the kernel tells it."""
+
+    def __init__(self, message: str, *, holder: int | None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.holder = holder
+
+
 class ProjectionError(RefoldError):
     """A projection is malformed, failed to import or failed while folding."""
 

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from confluent_kafka import Consumer, Producer
 from refold.core.config import Config
-from refold.core.errors import ProjectionError, StoreError, TopicError
+from refold.core.errors import ProjectionError, StoreLocked, TopicError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
 from refold.engine.membership import worker_id
@@ -40,6 +40,7 @@ from refold.engine.runner_writes import rebuild_writes
 from refold.engine.runtime import ProjectionRunner
 from refold.kafka import clients
 from refold.kafka.log import topic_partitions, watermarks
+from refold.store.rocks_open import describe_process, lock_holder
 from refold.store.rocksdb import RocksStore, Store
 from refold.store.scratch import scratch_dir
 from refold.store.versions import (
@@ -262,6 +263,7 @@ class ReplayResult:
     diff: DiffSummary | None
     swapped: bool
     parts: int = 1  # processes that folded the bulk of it
+    builder: int | None = None  # the pid of another process that built it, waited for
 
 
 def replay(
@@ -293,22 +295,34 @@ def replay(
             hint="bump the projection's `version` after changing its fold",
         )
     started = time.monotonic()
-    try:
-        store = RocksStore.open(store_path(config, name, version))
-    except StoreError:
-        # A worker already builds this version in the background: watch it instead.
-        return _attached(
-            config,
-            projection,
-            version,
-            live,
-            diff,
-            swap,
-            diff_path,
-            started,
-            catch_up_timeout,
-            live_frozen,
-        )
+    while True:
+        try:
+            store = RocksStore.open(store_path(config, name, version))
+            break
+        except StoreLocked as exc:
+            # A worker (in the background) or another replay builds this version: wait for it
+            # instead; if it goes away before catching up (Ctrl-C), build it here.
+            if progress is not None and exc.holder:
+                progress.write(
+                    f"v{version} of {name} is being built by process {exc.holder} "
+                    f"({describe_process(exc.holder)}): waiting for it to catch up\n"
+                )
+            attached = _attached(
+                config,
+                projection,
+                version,
+                live,
+                diff,
+                swap,
+                diff_path,
+                started,
+                catch_up_timeout,
+                live_frozen,
+                exc.holder,
+            )
+            if attached is not None:
+                return attached
+            log.info("%s v%d: its builder went away; building it here", name, version)
     live_view = open_view(config, name, live) if live else None
     build = _Build(config, codec, projection, version, store)
     try:
@@ -526,11 +540,14 @@ def _attached(
     started: float,
     timeout: float,
     live_frozen: bool = False,
-) -> ReplayResult:
+    builder: int | None = None,
+) -> ReplayResult | None:
     """The version's store is held by another process building it (a worker, or another
     replay): wait until it has folded exactly what the live version has (at least that, when
     the live version is frozen: the build does not stop there), then diff through read-only
-    views and move the pointer. Gives up when the build stops moving for `timeout`."""
+    views and move the pointer. Returns None, having done nothing, when no process holds the
+    store any more before it caught up (its `builder`, a pid, was stopped: the caller builds
+    it). Gives up when the build stops moving for `timeout` while it is still held."""
     name = projection.name
     new_view = open_view(config, name, version)
     live_view = open_view(config, name, live) if live else None
@@ -555,6 +572,8 @@ def _attached(
                 same = all(reached.get(tp, 0) >= o for tp, o in live_view.offsets().items())
             if same:
                 break
+            if builder is not None and lock_holder(store_path(config, name, version)) is None:
+                return None  # nobody builds it any more
             now = stored_offsets(config, name, version)  # parts included
             if now != last:
                 moved_at, last = time.monotonic(), now
@@ -578,4 +597,5 @@ def _attached(
             live_view.close()
     if swap:
         set_live(config, name, version)
-    return ReplayResult(version, folded, time.monotonic() - started, summary, swap)
+    took = time.monotonic() - started
+    return ReplayResult(version, folded, took, summary, swap, builder=builder)

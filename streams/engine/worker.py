@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from refold.core.app import load_deciders, load_sagas, load_task_queues, load_versions
 from refold.core.commands import CommandResult, Decider
 from refold.core.config import Config
-from refold.core.errors import ProjectionError
+from refold.core.errors import ProjectionError, StoreLocked
 from refold.core.projection import Projection
 from refold.core.sagas import saga_projection_name
 from refold.core.serde import Codec
@@ -121,6 +121,9 @@ class Worker:
         self._publisher_lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Code versions to build whose store another process holds (a `refold replay`):
+        # the watcher tries again until that process lets go. {name: (version, holder)}
+        self._held: dict[str, tuple[int, int | None]] = {}
         # Who folds each partition, lag, the broker's reachability: read by the query server.
         self.health = HealthMonitor(config, lambda: self.runners)
 
@@ -165,7 +168,7 @@ class Worker:
             self.runners[name] = serving
             if code > live:
                 log.info("%s: building v%d beside live v%d", name, code, live)
-                self._start_build(name, code, serving.store.offsets())
+                self._build_unless_held(name, code)
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
         self.health.start()
@@ -227,6 +230,23 @@ class Worker:
         self._threads.append(thread)
         thread.start()
         return feeder
+
+    def _build_unless_held(self, name: str, version: int) -> None:
+        """Build `version` beside the live one, unless another process holds its store (a
+        `refold replay` building it): then serve on and try again from the watcher."""
+        try:
+            self._start_build(name, version, self.runners[name].store.offsets())
+        except StoreLocked as exc:
+            if self._held.get(name) != (version, exc.holder):
+                log.warning(
+                    "%s: v%d is not built here while another process writes it: %s",
+                    name,
+                    version,
+                    exc,
+                )
+            self._held[name] = (version, exc.holder)
+            return
+        self._held.pop(name, None)
 
     def _start_build(self, name: str, version: int, live: dict[TP, int]) -> None:
         """Build `version` beside the live one. A build from scratch of at least
@@ -348,10 +368,16 @@ class Worker:
     # -- versions ---------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        locked: dict[str, str] = {}  # why a projection waits for another process, said once
         while not self._stopping.wait(0.3):
             for name in list(self.runners):
                 try:
                     self._follow_pointer(name)
+                    locked.pop(name, None)
+                except StoreLocked as exc:  # a replay still writes the version LIVE names
+                    if locked.get(name) != str(exc):
+                        log.warning("%s: following the LIVE pointer once free: %s", name, exc)
+                    locked[name] = str(exc)
                 except Exception:  # keep serving the current version; say why it did not move
                     log.exception("%s: could not follow the LIVE pointer", name)
 
@@ -359,6 +385,11 @@ class Worker:
         serving = self.runners[name]
         live = live_version(self.config, name)
         build = self.builds.get(name)
+        held = self._held.get(name)
+        if held is not None and held[0] == live:  # the process that built it swapped it in
+            del self._held[name]
+        elif held is not None and build is None:
+            self._build_unless_held(name, held[0])
         if live is not None and live != serving.version:
             self._switch(name, live)
         elif (

@@ -113,6 +113,9 @@ class Env:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
                 return
             except OSError:
+                if self.proc.poll() is not None:
+                    worker_log = (self.data_dir.parent / "worker.log").read_text(errors="replace")
+                    raise AssertionError(f"worker exited: {worker_log[-2000:]}") from None
                 time.sleep(0.2)
         raise AssertionError("worker HTTP did not come up")
 

@@ -12,7 +12,8 @@ import sys
 import time
 
 from refold.engine.rebuild import stored_offsets
-from refold.store.versions import live_version
+from refold.store.rocks_open import lock_holder
+from refold.store.versions import live_version, store_path
 
 from tests.integration.test_replay import Env, fold, publish, story
 
@@ -77,4 +78,105 @@ def test_ctrl_c_in_the_middle_of_a_fold_loses_no_event(config, ledger_topic, uni
 
     done = env.refold("1,2", "replay", env.name, "--quiet")
     assert done.returncode == 0, done.stderr
+    assert env.states(2)[0] == fold(events, buggy=False)
+
+
+def test_a_worker_deployed_while_a_replay_builds_serves_and_takes_the_build_over(
+    config, ledger_topic, unique, tmp_path
+):
+    """The deploy restarts the worker with v2's code while an operator's `refold replay`
+    builds v2. The worker must come up serving v1 (it exited: v2's store was locked); once the
+    operator stops the replay with Ctrl-C, the worker builds v2 itself, `replay --diff --swap`
+    waits for that build and names it, and every answer after the swap equals the oracle."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(12_000, seed=75)
+    publish(config, ledger_topic, events)
+    done = env.refold("1", "replay", env.name, "--quiet")
+    assert done.returncode == 0, done.stderr
+    buggy, fixed = fold(events, buggy=True), fold(events, buggy=False)
+
+    replay = slow_replay(env, "1,2", "--procs", "1", "--quiet", fold_s=0.005)
+    v2 = store_path(env.config, env.name, 2)
+    deadline = time.monotonic() + 60
+    while lock_holder(v2) != replay.pid:
+        assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
+        time.sleep(0.05)
+    try:
+        env.start_worker("1,2")
+        assert replay.poll() is None  # the worker came up while the replay held v2
+        for key in ("biz-001", "per-002"):
+            status, body = env.get(key)
+            assert status == 200 and body["state"] == buggy[key], body
+
+        os.killpg(replay.pid, signal.SIGINT)
+        _out, err = replay.communicate(timeout=60)
+        assert replay.returncode == 130, err
+        done = env.refold("1,2", "replay", env.name, "--diff", "--swap", "--quiet")
+        assert done.returncode == 0, done.stderr
+        assert f"built by process {env.proc.pid}" in done.stdout, done.stdout
+        changed = sum(1 for k in fixed if fixed[k] != buggy[k])
+        assert f"{changed} changed, 0 added, 0 removed" in done.stdout
+        assert live_version(env.config, env.name) == 2
+        deadline = time.monotonic() + 30
+        while env.get("biz-001")[1]["state"] != fixed["biz-001"]:
+            assert time.monotonic() < deadline, "HTTP did not switch to v2"
+            time.sleep(0.2)
+        assert {k: env.get(k)[1]["state"] for k in fixed} == fixed
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+        env.stop_worker()
+    assert env.states(2)[0] == fixed
+
+
+def test_two_replays_of_one_version_serialize_and_the_second_takes_over_a_stopped_first(
+    config, ledger_topic, unique, tmp_path
+):
+    """Two operators run `refold replay NAME --swap` at once. The second never writes the
+    store the first builds: it says which process builds it and waits; when the first is
+    stopped (Ctrl-C) before catching up, the second builds on from what the first stored,
+    swaps, and the result equals the oracle."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(12_000, seed=77)
+    publish(config, ledger_topic, events)
+    done = env.refold("1", "replay", env.name, "--quiet")
+    assert done.returncode == 0, done.stderr
+
+    first = slow_replay(env, "1,2", "--procs", "1", "--swap", "--quiet", fold_s=0.005)
+    v2 = store_path(env.config, env.name, 2)
+    deadline = time.monotonic() + 60
+    while lock_holder(v2) != first.pid:
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "refold.cli.main",
+            "replay",
+            env.name,
+            "--swap",
+            "--diff",
+            "--stall-timeout",
+            "20",
+        ],
+        env=env.env("1,2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = second.stderr.readline()  # the one line it says before waiting
+        assert f"v2 of {env.name} is being built by process {first.pid} (refold replay" in line
+        assert lock_holder(v2) == first.pid and live_version(env.config, env.name) == 1
+        os.killpg(first.pid, signal.SIGINT)
+        assert first.wait(60) == 130
+        out, err = second.communicate(timeout=120)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+    assert second.returncode == 0, err
+    assert "caught up with the live version" in out and "v2 is live" in out
+    assert live_version(env.config, env.name) == 2
     assert env.states(2)[0] == fold(events, buggy=False)
