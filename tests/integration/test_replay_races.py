@@ -9,12 +9,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 
 from refold.engine.rebuild import stored_offsets
+from refold.engine.timetravel import murmur2_partition
+from refold.engine.worker import SWITCH_GRACE_S
 from refold.store.rocks_open import lock_holder
 from refold.store.versions import live_version, store_path
 
+from tests.integration.test_projections import end_offsets
 from tests.integration.test_replay import Env, fold, publish, story
 
 
@@ -180,3 +186,65 @@ def test_two_replays_of_one_version_serialize_and_the_second_takes_over_a_stoppe
     assert "caught up with the live version" in out and "v2 is live" in out
     assert live_version(env.config, env.name) == 2
     assert env.states(2)[0] == fold(events, buggy=False)
+
+
+def test_a_read_your_writes_wait_across_a_swap_is_answered_by_the_new_version(
+    config, ledger_topic, unique, tmp_path
+):
+    """A client waits (min_offset, wait_ms) for an event that is published only after a swap
+    moved queries to v2 and v1 was stopped (SWITCH_GRACE_S later). The key and the scan it
+    asked for are answered by v2, with the event in them: not a 503 from v1's closed store."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(500, seed=79)
+    publish(config, ledger_topic, events)
+    done = env.refold("1", "replay", env.name, "--quiet")
+    assert done.returncode == 0, done.stderr
+    key = "biz-003"
+    partition = murmur2_partition(key.encode(), 4)
+    wanted = end_offsets(config, ledger_topic)[(ledger_topic, partition)]
+    wait = f"min_offset={partition}:{wanted}&wait_ms=25000"
+    asked = {
+        "key": f"http://127.0.0.1:{env.port}/projections/{env.name}/{key}?{wait}",
+        "scan": f"http://127.0.0.1:{env.port}/projections/{env.name}?prefix={key}&{wait}",
+    }
+    answers: dict[str, tuple[int, dict]] = {}
+
+    def ask(what: str) -> None:
+        try:
+            with urllib.request.urlopen(asked[what], timeout=40) as response:
+                answers[what] = (response.status, json.loads(response.read()))
+        except urllib.error.HTTPError as exc:
+            answers[what] = (exc.code, json.loads(exc.read() or b"{}"))
+
+    env.start_worker("1,2")
+    askers = [threading.Thread(target=ask, args=(what,)) for what in asked]
+    try:
+        env.wait_folded(2, end_offsets(config, ledger_topic))  # built by the worker
+        for asker in askers:
+            asker.start()
+        done = env.refold("1,2", "replay", env.name, "--swap", "--quiet")
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 30
+        while served_version(env) != 2:
+            assert time.monotonic() < deadline, "queries did not move to v2"
+            time.sleep(0.1)
+        time.sleep(SWITCH_GRACE_S + 1)  # v1 is stopped, its store closed
+        deposit = ("bank.MoneyDeposited", key, {"account_id": key, "amount_cents": 7, "memo": "w"})
+        publish(config, ledger_topic, [deposit])
+        for asker in askers:
+            asker.join(40)
+    finally:
+        env.stop_worker()
+    expected = fold([*events, deposit], buggy=False)[key]
+    status, body = answers["key"]
+    assert status == 200 and body["state"] == expected, body
+    assert body["position"][f"{ledger_topic}:{partition}"] > wanted
+    status, body = answers["scan"]
+    assert status == 200 and body["items"] == [{"key": key, "state": expected}], body
+
+
+def served_version(env: Env) -> int:
+    """The version the worker's queries read, as `GET /projections` says."""
+    url = f"http://127.0.0.1:{env.port}/projections"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return {p["name"]: p for p in json.loads(response.read())}[env.name]["version"]
