@@ -116,7 +116,8 @@ class Worker:
         self.runners: dict[str, Serving] = {}  # the live version of each projection
         self.builds: dict[str, ProjectionRunner] = {}  # newer code versions being built
         self._threads: list[threading.Thread] = []
-        self._retired: list[Serving] = []
+        self._retired: list[Serving] = []  # versions queries left, answering a while longer
+        self._retired_lock = threading.Lock()
         self._publisher: Publisher | None = None
         self._publisher_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -409,7 +410,7 @@ class Worker:
         if build is not None and build.version == version:
             new = self.builds.pop(name)
         else:
-            new = self._serve(name, version)
+            new = self._revive(name, version) or self._serve(name, version)
         deadline = time.monotonic() + 60
         while (
             not isinstance(new, FrozenVersion)  # it serves what it holds: nothing to wait for
@@ -421,10 +422,31 @@ class Worker:
             time.sleep(0.05)
         self.runners[name] = new
         log.info("%s: queries now read v%d (was v%d)", name, version, old.version)
-        self._retired.append(old)
-        timer = threading.Timer(SWITCH_GRACE_S, old.stop)
+        with self._retired_lock:
+            self._retired.append(old)
+        timer = threading.Timer(SWITCH_GRACE_S, self._stop_retired, args=(old,))
         timer.daemon = True
         timer.start()
+
+    def _revive(self, name: str, version: int) -> Serving | None:
+        """The version queries left less than SWITCH_GRACE_S ago, if that is `version`: still
+        open, answering and folding, it serves again (a swap rolled back at once; its store
+        cannot be opened a second time in this process meanwhile)."""
+        with self._retired_lock:
+            for runner in self._retired:
+                if runner.name == name and runner.version == version:
+                    self._retired.remove(runner)
+                    log.info("%s: v%d serves again, its grace not over", name, version)
+                    return runner
+        return None
+
+    def _stop_retired(self, runner: Serving) -> None:
+        """The grace is over: stop `runner`, unless queries came back to it meanwhile."""
+        with self._retired_lock:
+            if runner not in self._retired:
+                return
+            self._retired.remove(runner)
+        runner.stop()
 
 
 def _caught_up(new: Serving, old: Serving) -> bool:

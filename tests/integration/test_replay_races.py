@@ -18,7 +18,7 @@ from refold.engine.rebuild import stored_offsets
 from refold.engine.timetravel import murmur2_partition
 from refold.engine.worker import SWITCH_GRACE_S
 from refold.store.rocks_open import lock_holder
-from refold.store.versions import live_version, store_path
+from refold.store.versions import live_version, rollback, store_path
 
 from tests.integration.test_projections import end_offsets
 from tests.integration.test_replay import Env, fold, publish, story
@@ -248,3 +248,50 @@ def served_version(env: Env) -> int:
     url = f"http://127.0.0.1:{env.port}/projections"
     with urllib.request.urlopen(url, timeout=5) as response:
         return {p["name"]: p for p in json.loads(response.read())}[env.name]["version"]
+
+
+def test_a_rollback_right_after_a_swap_is_followed_at_once(config, ledger_topic, unique, tmp_path):
+    """Swap, then roll back within SWITCH_GRACE_S (the operator saw a bad number): v1 is still
+    open in the worker, answering and folding. The worker must serve it again at once, not fail
+    to open its store a second time (logged every 0.3 s until v1 had closed, while v2, rolled
+    back, kept answering); every answer meanwhile is a 200."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(500, seed=83)
+    publish(config, ledger_topic, events)
+    done = env.refold("1", "replay", env.name, "--quiet")
+    assert done.returncode == 0, done.stderr
+    env.start_worker("1,2")
+    failures: list = []
+    stop = threading.Event()
+
+    def query_loop() -> None:
+        while not stop.is_set():
+            status, body = env.get("biz-001")
+            if status != 200:
+                failures.append((status, body))
+
+    loop = threading.Thread(target=query_loop)
+    try:
+        env.wait_folded(2, end_offsets(config, ledger_topic))  # built by the worker
+        loop.start()
+        done = env.refold("1,2", "replay", env.name, "--swap", "--quiet")
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 30
+        while env.get("biz-001")[1].get("state") != fold(events, buggy=False)["biz-001"]:
+            assert time.monotonic() < deadline, "queries did not move to v2"
+            time.sleep(0.01)
+        rollback(env.config, env.name)  # what `refold rollback` does, without its start-up time
+        while served_version(env) != 1:
+            assert time.monotonic() < deadline, "queries did not move back to v1"
+            time.sleep(0.05)
+        while env.get("biz-001")[1].get("state") != fold(events, buggy=True)["biz-001"]:
+            assert time.monotonic() < deadline, "the reader processes did not follow"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        if loop.is_alive():
+            loop.join()
+        env.stop_worker()
+    worker_log = (env.data_dir.parent / "worker.log").read_text(errors="replace")
+    assert "could not follow the LIVE pointer" not in worker_log, worker_log[-3000:]
+    assert failures == []
