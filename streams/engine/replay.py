@@ -42,7 +42,7 @@ from refold.kafka import clients
 from refold.kafka.log import topic_partitions, watermarks
 from refold.store.rocks_open import describe_process, lock_holder
 from refold.store.rocksdb import RocksStore, Store
-from refold.store.scratch import scratch_dir
+from refold.store.scratch import scratch_dir, sweep
 from refold.store.versions import (
     dir_size,
     live_version,
@@ -288,6 +288,7 @@ def replay(
     has no class for the live version (refold.engine.frozen), so its offsets never move.
     """
     name = projection.name
+    sweep(scratch_dir(config.data_dir))  # the views of replays killed before (kill -9)
     live = pin_live(config, name)  # before v{version}'s store exists: it is not live unswapped
     if live == version:
         raise ProjectionError(
