@@ -507,12 +507,30 @@ def _follow(
 def _diff_to_file(
     config: Config, name: str, old: Store, new: Store, path: Path | None
 ) -> DiffSummary:
-    path = path or config.data_dir / "diffs" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
+    """The diff into `path`, else into a new file under the data dir's `diffs/`."""
+    if path is None:
+        out, path = _new_diff_file(config.data_dir / "diffs", name)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = path.open("w")
+    with out:
         summary = diff_stores(old, new, out)
     summary.path = path
     return summary
+
+
+def _new_diff_file(directory: Path, name: str) -> tuple[TextIO, Path]:
+    """`<name>-<time>.jsonl`, created here (not opened over another replay's diff of the same
+    second: `-2`, `-3`, ... then)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    path, n = directory / f"{stem}.jsonl", 1
+    while True:
+        try:
+            return path.open("x"), path
+        except FileExistsError:
+            n += 1
+            path = directory / f"{stem}-{n}.jsonl"
 
 
 def _routed_and_folded(
