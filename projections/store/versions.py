@@ -22,6 +22,7 @@ from pathlib import Path
 
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
+from refold.store.rocks_open import describe_process, lock_holder
 
 
 def projection_dir(config: Config, name: str) -> Path:
@@ -155,6 +156,13 @@ def _drop(config: Config, name: str, version: int) -> None:
     path = store_path(config, name, version)
     if not path.is_dir():
         raise ProjectionError(f"projection {name!r} has no version {version} on disk")
+    holder = lock_holder(path)
+    if holder is not None:  # its files would go from under a replay (or a worker) writing them
+        raise ProjectionError(
+            f"version {version} of {name!r} is open in process {holder} "
+            f"({describe_process(holder)})",
+            hint="wait for that replay to end, or stop it (or the worker), then drop",
+        )
     shutil.rmtree(path)
     shutil.rmtree(parts_path(config, name, version), ignore_errors=True)
     pointer = _pointer(config, name)

@@ -295,3 +295,29 @@ def test_a_rollback_right_after_a_swap_is_followed_at_once(config, ledger_topic,
     worker_log = (env.data_dir.parent / "worker.log").read_text(errors="replace")
     assert "could not follow the LIVE pointer" not in worker_log, worker_log[-3000:]
     assert failures == []
+
+
+def test_dropping_a_version_a_replay_builds_is_refused(config, ledger_topic, unique, tmp_path):
+    """`refold drop NAME --version 2` while a replay builds v2 would delete the files under a
+    writer, and the replay's --swap would then point LIVE at a store that is gone (a worker
+    opening it makes an empty one). It is refused naming the builder; the replay completes."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(2000, seed=85)
+    publish(config, ledger_topic, events)
+    done = env.refold("1", "replay", env.name, "--quiet")
+    assert done.returncode == 0, done.stderr
+    replay = slow_replay(env, "1,2", "--procs", "1", "--swap", "--quiet", fold_s=0.002)
+    v2 = store_path(env.config, env.name, 2)
+    try:
+        deadline = time.monotonic() + 60
+        while lock_holder(v2) != replay.pid:
+            assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
+            time.sleep(0.05)
+        done = env.refold("1,2", "drop", env.name, "--version", "2")
+        assert done.returncode != 0 and f"process {replay.pid}" in done.stderr, done.stderr
+        assert replay.wait(120) == 0, replay.communicate()
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+    assert live_version(env.config, env.name) == 2
+    assert env.states(2)[0] == fold(events, buggy=False)
