@@ -177,12 +177,14 @@ class Worker:
         self.tasks.start(self.runners)
         self.sagas.start(self.runners, self.processors)
 
-    def _serve(self, name: str, version: int) -> Serving:
+    def _serve(self, name: str, version: int, acted_below: dict[TP, int] | None = None) -> Serving:
         """A runner folding `version` with its own class, or, when the code has no class for
-        it, the version frozen at its stored offsets (never folded by another version's code)."""
+        it, the version frozen at its stored offsets (never folded by another version's code).
+        Events below `acted_below` (what the version served before it folded) reach it as
+        replay: that version's side effects for them happened already."""
         reason = frozen_reason(name, self.versions[name], version)
         if reason is None:
-            return self._start_runner(name, version)
+            return self._start_runner(name, version, acted_below)
         return FrozenVersion(self.config, name, version, reason)
 
     def _start_runner(
@@ -410,7 +412,8 @@ class Worker:
         if build is not None and build.version == version:
             new = self.builds.pop(name)
         else:
-            new = self._revive(name, version) or self._serve(name, version)
+            acted = {} if isinstance(old, FrozenVersion) else dict(old.stats.positions)
+            new = self._revive(name, version) or self._serve(name, version, acted)
         deadline = time.monotonic() + 60
         while (
             not isinstance(new, FrozenVersion)  # it serves what it holds: nothing to wait for

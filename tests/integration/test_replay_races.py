@@ -243,11 +243,11 @@ def test_a_read_your_writes_wait_across_a_swap_is_answered_by_the_new_version(
     assert status == 200 and body["items"] == [{"key": key, "state": expected}], body
 
 
-def served_version(env: Env) -> int:
+def served_version(env: Env, name: str | None = None) -> int:
     """The version the worker's queries read, as `GET /projections` says."""
     url = f"http://127.0.0.1:{env.port}/projections"
     with urllib.request.urlopen(url, timeout=5) as response:
-        return {p["name"]: p for p in json.loads(response.read())}[env.name]["version"]
+        return {p["name"]: p for p in json.loads(response.read())}[name or env.name]["version"]
 
 
 def test_a_rollback_right_after_a_swap_is_followed_at_once(config, ledger_topic, unique, tmp_path):
@@ -321,3 +321,40 @@ def test_dropping_a_version_a_replay_builds_is_refused(config, ledger_topic, uni
             replay.kill()
     assert live_version(env.config, env.name) == 2
     assert env.states(2)[0] == fold(events, buggy=False)
+
+
+def test_a_rollback_does_not_repeat_the_side_effects_of_what_it_catches_up(
+    config, ledger_topic, unique, tmp_path
+):
+    """After a swap, v2 acts on the events published meanwhile. A rollback catches v1 up on
+    them: they must reach v1 as replay (`event.replay`), or every notification that v2 sent for
+    them is sent again."""
+    env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
+    fx = f"{env.name}-fx"
+    before, during = story(300, seed=87), story(200, seed=88)
+    publish(config, ledger_topic, before)
+    env.start_worker("1")
+    try:
+        env.wait_folded(1, end_offsets(config, ledger_topic), name=fx)
+    finally:
+        env.stop_worker()
+    env.start_worker("1,2")
+    try:
+        env.wait_folded(2, end_offsets(config, ledger_topic), name=fx)  # built beside v1
+        done = env.refold("1,2", "replay", fx, "--swap", "--quiet")
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 30
+        while served_version(env, fx) != 2:
+            assert time.monotonic() < deadline, "queries did not move to v2"
+            time.sleep(0.1)
+        time.sleep(SWITCH_GRACE_S + 1)  # v1 stopped: from now on only v2 acts
+        publish(config, ledger_topic, during)
+        env.wait_folded(2, end_offsets(config, ledger_topic), name=fx)
+        done = env.refold("1,2", "rollback", fx)
+        assert done.returncode == 0, done.stderr
+        env.wait_folded(1, end_offsets(config, ledger_topic), name=fx)
+    finally:
+        env.stop_worker()
+    v1 = env.states(1, fx)[0]
+    assert sum(s["live_effects"] for s in v1.values()) == len(before)
+    assert sum(s["replayed"] for s in v1.values()) == len(during)
