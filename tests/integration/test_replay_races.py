@@ -66,7 +66,7 @@ def test_ctrl_c_in_the_middle_of_a_fold_loses_no_event(config, ledger_topic, uni
     """Ctrl-C lands while the replay folds a batch (most of its time). What the interrupted
     replay stored must be whole batches: the rerun resumes from it and equals the oracle."""
     env = Env(config, unique("repair"), ledger_topic, tmp_path / "data")
-    events = story(12_000, seed=73)
+    events = story(20_000, seed=73)  # 10 s of folds: time to act before it ends
     publish(config, ledger_topic, events)
     done = env.refold("1", "replay", env.name, "--quiet")
     assert done.returncode == 0, done.stderr
@@ -306,7 +306,7 @@ def test_dropping_a_version_a_replay_builds_is_refused(config, ledger_topic, uni
     publish(config, ledger_topic, events)
     done = env.refold("1", "replay", env.name, "--quiet")
     assert done.returncode == 0, done.stderr
-    replay = slow_replay(env, "1,2", "--procs", "1", "--swap", "--quiet", fold_s=0.002)
+    replay = slow_replay(env, "1,2", "--procs", "1", "--swap", "--quiet", fold_s=0.004)
     v2 = store_path(env.config, env.name, 2)
     try:
         deadline = time.monotonic() + 60
