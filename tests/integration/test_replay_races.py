@@ -117,6 +117,10 @@ def test_a_worker_deployed_while_a_replay_builds_serves_and_takes_the_build_over
         os.killpg(replay.pid, signal.SIGINT)
         _out, err = replay.communicate(timeout=60)
         assert replay.returncode == 130, err
+        deadline = time.monotonic() + 30
+        while lock_holder(v2) != env.proc.pid:  # the worker took the build over
+            assert time.monotonic() < deadline, "the worker did not take v2's build over"
+            time.sleep(0.05)
         done = env.refold("1,2", "replay", env.name, "--diff", "--swap", "--quiet")
         assert done.returncode == 0, done.stderr
         assert f"built by process {env.proc.pid}" in done.stdout, done.stdout
