@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from refold.core.config import Config
-from refold.engine import replay
+from refold.engine.diff import diff_to_file
 from refold.store.memory import MemoryStore
 
 
@@ -22,8 +22,8 @@ def test_two_diffs_in_the_same_second_get_a_file_each(
     old.commit({"acc-1": {"balance_cents": 5}}, {("t", 0): 1})
     new.commit({"acc-1": {"balance_cents": -5}}, {("t", 0): 1})
     monkeypatch.setattr(time, "strftime", lambda *_: "20261128T120000")
-    first = replay._diff_to_file(config, "balances", old, new, None)
-    second = replay._diff_to_file(config, "balances", old, new, None)
+    first = diff_to_file(config, "balances", old, new, None)
+    second = diff_to_file(config, "balances", old, new, None)
     assert first.path != second.path
     for summary in (first, second):
         assert summary.path is not None and summary.path.parent == tmp_path / "diffs"
