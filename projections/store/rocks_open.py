@@ -39,8 +39,9 @@ def key_range(
 def open_error(path: Path, exc: Exception) -> StoreError:
     text = str(exc)
     if "LOCK" in text and "lock hold by current process" in text:
-        return StoreError(
+        return StoreLocked(
             f"store {path} is already open in this process: {text}",
+            holder=None,  # (never lock_holder here: it would drop this process's own lock)
             hint="close the other RocksStore on this path first",
         )
     if "LOCK" in text:

@@ -58,8 +58,9 @@ class StoreError(RefoldError):
 
 
 class StoreLocked(StoreError):
-    """Another process holds the store open for writing (RocksDB's LOCK): a worker, or a
-    replay building that version. `holder` is its pid, when the kernel tells it."""
+    """The store is open for writing elsewhere (RocksDB's LOCK): in another process (a worker,
+    a replay building that version), whose pid `holder` is when the kernel tells it, or in this
+    one (`holder` None)."""
 
     def __init__(self, message: str, *, holder: int | None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
