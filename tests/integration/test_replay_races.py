@@ -72,13 +72,17 @@ def test_ctrl_c_in_the_middle_of_a_fold_loses_no_event(config, ledger_topic, uni
     assert done.returncode == 0, done.stderr
 
     replay = slow_replay(env, "1,2", "--procs", "1", "--quiet", fold_s=0.0005)
-    deadline = time.monotonic() + 60
-    while not stored_offsets(env.config, env.name, 2):  # a first write stored
-        assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next batches
-    os.killpg(replay.pid, signal.SIGINT)
-    _out, err = replay.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not stored_offsets(env.config, env.name, 2):  # a first write stored
+            assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next batches
+        os.killpg(replay.pid, signal.SIGINT)
+        _out, err = replay.communicate(timeout=60)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
     assert replay.returncode == 130, err
     assert 0 < sum(stored_offsets(env.config, env.name, 2).values()) < len(events)
 
