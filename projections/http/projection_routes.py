@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -137,7 +138,7 @@ class ProjectionReads:
         if forwarded is not None:  # another worker folds this key (refold.http.routing)
             return forwarded
         if request.query_string:
-            refused = await self._reach(runner, request)
+            runner, refused = await self._reach(runner, request)
             if refused is not None:
                 return refused
         try:
@@ -257,7 +258,7 @@ class ProjectionReads:
             limit = _count(query.get("limit", str(DEFAULT_LIMIT)), "limit", 1, MAX_LIMIT)
         except InputError as exc:
             return error(400, "bad query", str(exc))
-        refused = await self._reach(runner, request)
+        runner, refused = await self._reach(runner, request)
         if refused is not None:
             return refused
         prefix, after = query.get("prefix", ""), query.get("after")
@@ -301,14 +302,37 @@ class ProjectionReads:
             },
         )
 
-    async def _reach(self, runner: Serving, request: web.Request) -> web.Response | None:
-        """None once the runner folded the query's `min_offset`, else the 400/409 answer."""
+    async def _reach(
+        self, runner: Serving, request: web.Request
+    ) -> tuple[Serving, web.Response | None]:
+        """The runner to read once it folded the query's `min_offset` (and None), else the
+        400/409/503 answer. When queries move to another version while the request waits (a
+        swap or a rollback: the old version stops SWITCH_GRACE_S later, its store closed), the
+        wait goes on for what is left of `wait_ms` on the version queries read now, and the
+        answer comes from it."""
         query = request.query
         raw = query.get("min_offset")
         try:
             wait_ms = _count(query.get("wait_ms", "0"), "wait_ms", 0, MAX_WAIT_MS)
-            if raw is None:
-                return None
+        except InputError as exc:
+            return runner, error(400, "bad query", str(exc))
+        if raw is None:
+            return runner, None
+        deadline = time.monotonic() + wait_ms / 1000
+        while True:
+            key = request.match_info.get("key")
+            refused = await self._reach_on(runner, raw, key, wait_ms, deadline)
+            current = self.worker.runners.get(runner.name)
+            if current is None or current is runner:
+                return runner, refused
+            runner = current  # queries moved on while this request waited
+
+    async def _reach_on(
+        self, runner: Serving, raw: str, key: str | None, wait_ms: int, deadline: float
+    ) -> web.Response | None:
+        """None once `runner` folded `raw` (min_offset; for `key`, if one was asked), waiting
+        until `deadline` at most, else the 400/409/503 answer (`wait_ms` as asked)."""
+        try:
             wanted = _min_offset(runner, raw)
         except InputError as exc:
             return error(400, "bad query", str(exc))
@@ -319,8 +343,8 @@ class ProjectionReads:
                     self._waits,
                     routed.needed,
                     wanted,
-                    request.match_info.get("key"),
-                    wait_ms / 1000,
+                    key,
+                    max(0.0, deadline - time.monotonic()),
                 )
                 if found is None:
                     return error(
@@ -333,8 +357,9 @@ class ProjectionReads:
                 wanted = found
             if runner.reached(wanted):
                 return None
-            if wait_ms and await asyncio.get_running_loop().run_in_executor(
-                self._waits, runner.wait_for, wanted, wait_ms / 1000
+            left = deadline - time.monotonic()
+            if left > 0 and await asyncio.get_running_loop().run_in_executor(
+                self._waits, runner.wait_for, wanted, left
             ):
                 return None
         except StoreError as exc:

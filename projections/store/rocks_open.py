@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import rocksdict
-from refold.core.errors import StoreError
+from refold.core.errors import StoreError, StoreLocked
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,19 @@ def key_range(
 def open_error(path: Path, exc: Exception) -> StoreError:
     text = str(exc)
     if "LOCK" in text and "lock hold by current process" in text:
-        return StoreError(
+        return StoreLocked(
             f"store {path} is already open in this process: {text}",
+            holder=None,
             hint="close the other RocksStore on this path first",
         )
     if "LOCK" in text:
-        return StoreError(
-            f"store {path} is locked by another process: {text}",
-            hint="another worker uses this data dir; give each worker its own REFOLD_DATA_DIR",
+        holder = lock_holder(path)
+        who = f"process {holder} ({describe_process(holder)})" if holder else "another process"
+        return StoreLocked(
+            f"store {path} is locked by {who}",
+            holder=holder,
+            hint="a replay or a worker is writing it: wait for it, or stop it; two workers need "
+            "a REFOLD_DATA_DIR each",
         )
     if text.startswith("Corruption"):
         return StoreError(
@@ -51,6 +57,38 @@ def open_error(path: Path, exc: Exception) -> StoreError:
             hint="move the directory aside and rebuild the projection from Kafka (refold replay)",
         )
     return StoreError(f"cannot open store {path}: {text}")
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding the store's RocksDB LOCK (a POSIX record lock), from the
+    kernel's table of locks, or None when nobody holds it (or there is no /proc to ask). Read,
+    not asked with fcntl: closing a descriptor of the LOCK file would drop any lock this very
+    process holds on it."""
+    try:
+        lock = os.stat(path / "LOCK")
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    # "3: POSIX  ADVISORY  WRITE 8134 fe:00:10421751 0 EOF" (waiters read "3: -> POSIX ...")
+    where = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "POSIX" and fields[5] == where:
+            return int(fields[4]) if fields[4].isdigit() else None
+    return None
+
+
+def describe_process(pid: int) -> str:
+    """A process's command line, shortened to what names it (`refold replay balances ...`)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "gone"
+    args = [a for a in args if a]
+    for i, arg in enumerate(args):  # from `refold` (or `-m refold.cli.main`) on
+        if arg.endswith("/refold") or arg == "refold" or arg == "refold.cli.main":
+            return " ".join(["refold", *args[i + 1 :]])[:120]
+    return " ".join(args)[:120]
 
 
 def cf_options(cache: rocksdict.Cache, write_buffer_mb: int, lz4: bool) -> rocksdict.Options:

@@ -1,19 +1,28 @@
 """Projection versions on disk: one store per version, and the LIVE pointer queries follow.
 
 `$REFOLD_DATA_DIR/projections/<name>/LIVE` holds `{"version": N, "previous": [...]}`; it is
-replaced atomically (write a temp file, fsync, rename), so a reader sees the old pointer or the
-new one, never a torn one. `previous` is the stack `rollback` pops.
+replaced atomically (write a temp file of this writer's own, fsync, rename), so a reader sees the
+old pointer or the new one, never a torn one. `previous` is the stack `rollback` pops.
+
+Writers — `replay --swap`, `rollback`, `drop`, a worker's own swap — may run at the same moment in
+different processes: each reads, changes and replaces the pointer holding an exclusive lock on
+`LIVE.lock` beside it, so no change is lost and no writer replaces another's temp file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from refold.core.config import Config
 from refold.core.errors import ProjectionError
+from refold.store.rocks_open import describe_process, lock_holder
 
 
 def projection_dir(config: Config, name: str) -> Path:
@@ -54,30 +63,69 @@ def live_version(config: Config, name: str) -> int | None:
     return on_disk[-1] if on_disk else None
 
 
+def pin_live(config: Config, name: str) -> int | None:
+    """Write down the version `live_version` names when no pointer exists yet (the newest on
+    disk), before another version's store is created: else that new store, however little it
+    holds, would be the newest on disk and taken for live without a swap. Returns the live
+    version (None: no version at all)."""
+    with _pointer_lock(config, name):
+        live = live_version(config, name)
+        if live is not None and _pointer(config, name) is None:
+            _write_pointer(config, name, live, [])
+        return live
+
+
+@contextlib.contextmanager
+def _pointer_lock(config: Config, name: str, *, create: bool = False) -> Iterator[None]:
+    """Hold the projection's pointer lock: one read-modify-write of LIVE at a time, across
+    processes (the kernel releases it when its holder dies, even by kill -9). Without `create`,
+    a projection with no directory has no pointer to change: nothing is made for it."""
+    root = projection_dir(config, name)
+    if not create and not root.is_dir():
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "LIVE.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def _write_pointer(config: Config, name: str, version: int, previous: list[int]) -> None:
+    """Replace LIVE atomically (call it holding `_pointer_lock`)."""
     root = projection_dir(config, name)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "LIVE.tmp"
-    with tmp.open("w") as fh:
-        json.dump({"version": version, "previous": previous}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, root / "LIVE")
+    fd, tmp = tempfile.mkstemp(prefix="LIVE.", suffix=".tmp", dir=root)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"version": version, "previous": previous}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, root / "LIVE")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def set_live(config: Config, name: str, version: int) -> int | None:
     """Make `version` live; the old live version is remembered for rollback. Returns it."""
-    pointer = _pointer(config, name) or {}
-    old = pointer.get("version")
-    previous = [int(v) for v in pointer.get("previous", [])]  # type: ignore[attr-defined]
-    if old is not None and int(old) != version:  # type: ignore[call-overload]
-        previous.append(int(old))  # type: ignore[call-overload]
-    _write_pointer(config, name, version, previous)
+    with _pointer_lock(config, name, create=True):
+        pointer = _pointer(config, name) or {}
+        old = pointer.get("version")
+        previous = [int(v) for v in pointer.get("previous", [])]  # type: ignore[attr-defined]
+        if old is not None and int(old) != version:  # type: ignore[call-overload]
+            previous.append(int(old))  # type: ignore[call-overload]
+        _write_pointer(config, name, version, previous)
     return int(old) if old is not None else None  # type: ignore[call-overload]
 
 
 def rollback(config: Config, name: str) -> tuple[int, int]:
     """Make the previous live version live again; returns (from, to)."""
+    with _pointer_lock(config, name):
+        return _rollback(config, name)
+
+
+def _rollback(config: Config, name: str) -> tuple[int, int]:
     pointer = _pointer(config, name)
     previous = [int(v) for v in (pointer or {}).get("previous", [])]  # type: ignore[attr-defined]
     previous = [v for v in previous if store_path(config, name, v).is_dir()]
@@ -95,6 +143,11 @@ def rollback(config: Config, name: str) -> tuple[int, int]:
 
 def drop(config: Config, name: str, version: int) -> None:
     """Delete a version's store; the live one cannot be dropped."""
+    with _pointer_lock(config, name):
+        _drop(config, name, version)
+
+
+def _drop(config: Config, name: str, version: int) -> None:
     if live_version(config, name) == version:
         raise ProjectionError(
             f"version {version} of {name!r} is live",
@@ -103,6 +156,13 @@ def drop(config: Config, name: str, version: int) -> None:
     path = store_path(config, name, version)
     if not path.is_dir():
         raise ProjectionError(f"projection {name!r} has no version {version} on disk")
+    holder = lock_holder(path)
+    if holder is not None:  # its files would go from under a replay (or a worker) writing them
+        raise ProjectionError(
+            f"version {version} of {name!r} is open in process {holder} "
+            f"({describe_process(holder)})",
+            hint="wait for that replay to end, or stop it (or the worker), then drop",
+        )
     shutil.rmtree(path)
     shutil.rmtree(parts_path(config, name, version), ignore_errors=True)
     pointer = _pointer(config, name)

@@ -187,10 +187,16 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     )
     rate = result.folded / result.seconds if result.seconds else 0.0
     split = f", {result.parts} processes" if result.parts > 1 else ""
-    print(
-        f"{args.name} v{version}: folded {result.folded} events in {result.seconds:.1f} s "
-        f"({rate:,.0f} events/s{split}), caught up with the live version"
-    )
+    if result.builder is not None:  # another process folded it; this one waited
+        print(
+            f"{args.name} v{version}: built by process {result.builder} ({result.folded} events "
+            f"folded), caught up with the live version after {result.seconds:.1f} s"
+        )
+    else:
+        print(
+            f"{args.name} v{version}: folded {result.folded} events in {result.seconds:.1f} s "
+            f"({rate:,.0f} events/s{split}), caught up with the live version"
+        )
     if result.diff is not None:
         print(result.diff.describe())
         for row in result.diff.samples:

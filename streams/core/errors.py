@@ -57,6 +57,16 @@ class StoreError(RefoldError):
     """A projection store could not be opened, read or written."""
 
 
+class StoreLocked(StoreError):
+    """The store is open for writing elsewhere (RocksDB's LOCK): in another process (a worker,
+    a replay building that version), whose pid `holder` is when the kernel tells it, or in this
+    one (`holder` None)."""
+
+    def __init__(self, message: str, *, holder: int | None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.holder = holder
+
+
 class ProjectionError(RefoldError):
     """A projection is malformed, failed to import or failed while folding."""
 

@@ -9,21 +9,21 @@ offsets it reports and the states it returns belong to one moment.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from confluent_kafka import Consumer, Producer
 from refold.core.config import Config
-from refold.core.errors import ProjectionError, StoreError, TopicError
+from refold.core.errors import ProjectionError, StoreLocked, TopicError
 from refold.core.projection import Projection
 from refold.core.serde import Codec
+from refold.engine.diff import DiffSummary, diff_to_file
 from refold.engine.membership import worker_id
 from refold.engine.rebuild import (
     PARALLEL_MIN_EVENTS,
@@ -40,9 +40,17 @@ from refold.engine.runner_writes import rebuild_writes
 from refold.engine.runtime import ProjectionRunner
 from refold.kafka import clients
 from refold.kafka.log import topic_partitions, watermarks
+from refold.store.rocks_open import describe_process, lock_holder
 from refold.store.rocksdb import RocksStore, Store
-from refold.store.scratch import scratch_dir
-from refold.store.versions import dir_size, live_version, parts_path, set_live, store_path
+from refold.store.scratch import scratch_dir, sweep
+from refold.store.versions import (
+    dir_size,
+    live_version,
+    parts_path,
+    pin_live,
+    set_live,
+    store_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,73 +78,6 @@ class Plan:
         lines.append(f"  store size expected: ~{self.expected_bytes / 1e6:.1f} MB")
         lines.append(f"  {self.replaces}")
         return "\n".join(lines)
-
-
-@dataclass(slots=True)
-class DiffSummary:
-    added: int = 0
-    removed: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    path: Path | None = None
-    offsets: dict[TP, int] = field(default_factory=dict)
-    frozen_at: dict[TP, int] | None = None  # the live version's offsets, when it was frozen
-
-    def describe(self) -> str:
-        counts = (
-            f"{self.changed} changed, {self.added} added, {self.removed} removed, "
-            f"{self.unchanged} unchanged"
-        )
-        if self.frozen_at is None or self.frozen_at == self.offsets:
-            return f"diff at the same offsets: {counts}"
-        behind = sum(max(0, o - self.frozen_at.get(tp, 0)) for tp, o in self.offsets.items())
-        return (
-            f"diff against the frozen live version, {behind} events behind the new one "
-            f"(its changes count too): {counts}"
-        )
-
-
-def _page(store: Store, page: int = 5000) -> Iterator[tuple[str, Any]]:
-    after: str | None = None
-    while True:
-        rows = store.scan(after=after, limit=page)
-        yield from rows
-        if len(rows) < page:
-            return
-        after = rows[-1][0]
-
-
-def diff_stores(old: Store, new: Store, out: TextIO, samples: int = 5) -> DiffSummary:
-    """Merge-join both stores in key order; every difference is one JSON line in `out`."""
-    summary = DiffSummary()
-    a, b = _page(old), _page(new)
-    x, y = next(a, None), next(b, None)
-
-    def emit(change: str, key: str, before: Any, after: Any) -> None:
-        row = {"key": key, "change": change, "before": before, "after": after}
-        out.write(json.dumps(row) + "\n")
-        if len(summary.samples) < samples:
-            summary.samples.append(row)
-
-    while x is not None or y is not None:
-        if y is None or (x is not None and x[0] < y[0]):
-            assert x is not None
-            summary.removed += 1
-            emit("removed", x[0], x[1], None)
-            x = next(a, None)
-        elif x is None or y[0] < x[0]:
-            summary.added += 1
-            emit("added", y[0], None, y[1])
-            y = next(b, None)
-        else:
-            if x[1] == y[1]:
-                summary.unchanged += 1
-            else:
-                summary.changed += 1
-                emit("changed", x[0], x[1], y[1])
-            x, y = next(a, None), next(b, None)
-    return summary
 
 
 class Progress:
@@ -255,6 +196,7 @@ class ReplayResult:
     diff: DiffSummary | None
     swapped: bool
     parts: int = 1  # processes that folded the bulk of it
+    builder: int | None = None  # the pid of another process that built it, waited for
 
 
 def replay(
@@ -279,29 +221,42 @@ def replay(
     has no class for the live version (refold.engine.frozen), so its offsets never move.
     """
     name = projection.name
-    live = live_version(config, name)
+    sweep(scratch_dir(config.data_dir))  # the views of replays killed before (kill -9)
+    live = pin_live(config, name)  # before v{version}'s store exists: it is not live unswapped
     if live == version:
         raise ProjectionError(
             f"v{version} of {name!r} is already live",
             hint="bump the projection's `version` after changing its fold",
         )
     started = time.monotonic()
-    try:
-        store = RocksStore.open(store_path(config, name, version))
-    except StoreError:
-        # A worker already builds this version in the background: watch it instead.
-        return _attached(
-            config,
-            projection,
-            version,
-            live,
-            diff,
-            swap,
-            diff_path,
-            started,
-            catch_up_timeout,
-            live_frozen,
-        )
+    while True:
+        try:
+            store = RocksStore.open(store_path(config, name, version))
+            break
+        except StoreLocked as exc:
+            # A worker (in the background) or another replay builds this version: wait for it
+            # instead; if it goes away before catching up (Ctrl-C), build it here.
+            if progress is not None and exc.holder:
+                progress.write(
+                    f"v{version} of {name} is being built by process {exc.holder} "
+                    f"({describe_process(exc.holder)}): waiting for it to catch up\n"
+                )
+            attached = _attached(
+                config,
+                projection,
+                version,
+                live,
+                diff,
+                swap,
+                diff_path,
+                started,
+                catch_up_timeout,
+                live_frozen,
+                exc.holder,
+            )
+            if attached is not None:
+                return attached
+            log.info("%s v%d: its builder went away; building it here", name, version)
     live_view = open_view(config, name, live) if live else None
     build = _Build(config, codec, projection, version, store)
     try:
@@ -322,7 +277,7 @@ def replay(
             ends, target = build.follow(below, live_view, catch_up_timeout, goal)
         summary = None
         if diff and live_view is not None:
-            summary = _diff_to_file(config, name, live_view, store, diff_path)
+            summary = diff_to_file(config, name, live_view, store, diff_path)
             summary.offsets = dict(target) if rekeys else {tp: target.get(tp, 0) for tp in ends}
         folded = build.sample()[0]
     finally:
@@ -482,17 +437,6 @@ def _follow(
             return target
 
 
-def _diff_to_file(
-    config: Config, name: str, old: Store, new: Store, path: Path | None
-) -> DiffSummary:
-    path = path or config.data_dir / "diffs" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        summary = diff_stores(old, new, out)
-    summary.path = path
-    return summary
-
-
 def _routed_and_folded(
     config: Config, projection: Projection, version: int, view: Store, goal: dict[TP, int]
 ) -> bool:
@@ -519,11 +463,14 @@ def _attached(
     started: float,
     timeout: float,
     live_frozen: bool = False,
-) -> ReplayResult:
+    builder: int | None = None,
+) -> ReplayResult | None:
     """The version's store is held by another process building it (a worker, or another
     replay): wait until it has folded exactly what the live version has (at least that, when
     the live version is frozen: the build does not stop there), then diff through read-only
-    views and move the pointer. Gives up when the build stops moving for `timeout`."""
+    views and move the pointer. Returns None, having done nothing, when no process holds the
+    store any more before it caught up (its `builder`, a pid, was stopped: the caller builds
+    it). Gives up when the build stops moving for `timeout` while it is still held."""
     name = projection.name
     new_view = open_view(config, name, version)
     live_view = open_view(config, name, live) if live else None
@@ -548,6 +495,8 @@ def _attached(
                 same = all(reached.get(tp, 0) >= o for tp, o in live_view.offsets().items())
             if same:
                 break
+            if builder is not None and lock_holder(store_path(config, name, version)) is None:
+                return None  # nobody builds it any more
             now = stored_offsets(config, name, version)  # parts included
             if now != last:
                 moved_at, last = time.monotonic(), now
@@ -560,7 +509,7 @@ def _attached(
             time.sleep(0.2)
         summary = None
         if diff and live_view is not None:
-            summary = _diff_to_file(config, name, live_view, new_view, diff_path)
+            summary = diff_to_file(config, name, live_view, new_view, diff_path)
             summary.offsets = new_view.offsets()
             if live_frozen:
                 summary.frozen_at = live_view.offsets()
@@ -571,4 +520,5 @@ def _attached(
             live_view.close()
     if swap:
         set_live(config, name, version)
-    return ReplayResult(version, folded, time.monotonic() - started, summary, swap)
+    took = time.monotonic() - started
+    return ReplayResult(version, folded, took, summary, swap, builder=builder)

@@ -93,11 +93,18 @@ class RunnerWrites:
     _suspect_until: dict[TP, int]
     _uncommitted: dict[TP, int]
     _kafka_committed_at: float
+    _folding: bool
 
     def _write_pending_unless_failed(self, past_markers: bool = True) -> None:
         """Store the batches folded but not yet written (they are complete: folding happens
         between consume() calls). Not after a failure: the batch that failed may have left its
-        records in the pending write without their dead letters."""
+        records in the pending write without their dead letters. Not when a batch's fold was
+        cut short (`_folding`: Ctrl-C, an error raised through it): its pending offsets
+        already count records whose effect is not in the states (the stored offsets stay, and
+        the next run folds from them)."""
+        if self._folding:
+            log.info("%s v%d: a batch was cut short: not written", self.name, self.version)
+            return
         if self.stats.state != "failed" and self._pending.offsets:
             self._write_pending(past_markers)
 

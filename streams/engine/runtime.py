@@ -122,6 +122,10 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
         self._suspect_until: dict[TP, int] = {}
         self._dead_lettered: set[Where] = set()  # of those, already in the dead-letter topic
         self._careful = 0  # after a rewind, write every batch for this many records
+        # True while a batch is being folded: an exception that escapes the fold half-way
+        # (Ctrl-C in `refold replay`, a store error) leaves records of that batch counted in the
+        # pending write, and the consumer's position past all of them, without their effect.
+        self._folding = False
         self._next: dict[TP, int] = {}
         self._rekeys = projection.rekeys
         #: A re-keyed projection in a worker folds its repartition topic, not the source topics
@@ -328,6 +332,11 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
         return [first, *self._consumer.consume(self._batch_size - 1, 0)]
 
     def _process(self, msgs: list[Message]) -> None:
+        self._folding = True
+        self._process_batch(msgs)
+        self._folding = False
+
+    def _process_batch(self, msgs: list[Message]) -> None:
         pending = self._pending
         if not pending.batches:
             pending.since = time.monotonic()

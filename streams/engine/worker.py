@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from refold.core.app import load_deciders, load_sagas, load_task_queues, load_versions
 from refold.core.commands import CommandResult, Decider
 from refold.core.config import Config
-from refold.core.errors import ProjectionError
+from refold.core.errors import ProjectionError, StoreLocked
 from refold.core.projection import Projection
 from refold.core.sagas import saga_projection_name
 from refold.core.serde import Codec
@@ -43,7 +43,7 @@ from refold.kafka.registry import codec_for
 from refold.kafka.topics import Topics, dead_letter_topic, internal_topics
 from refold.store.rocksdb import RocksStore
 from refold.store.scratch import scratch_dir, sweep
-from refold.store.versions import live_version, set_live, store_path
+from refold.store.versions import live_version, pin_live, set_live, store_path
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,15 @@ class Worker:
         self.runners: dict[str, Serving] = {}  # the live version of each projection
         self.builds: dict[str, ProjectionRunner] = {}  # newer code versions being built
         self._threads: list[threading.Thread] = []
-        self._retired: list[Serving] = []
+        self._retired: list[Serving] = []  # versions queries left, answering a while longer
+        self._retired_lock = threading.Lock()
         self._publisher: Publisher | None = None
         self._publisher_lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Code versions to build whose store another process holds (a `refold replay`):
+        # the watcher tries again until that process lets go. {name: (version, holder)}
+        self._held: dict[str, tuple[int, int | None]] = {}
         # Who folds each partition, lag, the broker's reachability: read by the query server.
         self.health = HealthMonitor(config, lambda: self.runners)
 
@@ -157,7 +161,7 @@ class Worker:
         )
         for name, versions in self.versions.items():
             code = max(versions)
-            live = live_version(self.config, name)
+            live = pin_live(self.config, name)  # before a build creates the code's version
             if live is None:
                 set_live(self.config, name, code)
                 live = code
@@ -165,7 +169,7 @@ class Worker:
             self.runners[name] = serving
             if code > live:
                 log.info("%s: building v%d beside live v%d", name, code, live)
-                self._start_build(name, code, serving.store.offsets())
+                self._build_unless_held(name, code)
         self._watcher = threading.Thread(target=self._watch, name="live-watcher", daemon=True)
         self._watcher.start()
         self.health.start()
@@ -173,12 +177,14 @@ class Worker:
         self.tasks.start(self.runners)
         self.sagas.start(self.runners, self.processors)
 
-    def _serve(self, name: str, version: int) -> Serving:
+    def _serve(self, name: str, version: int, acted_below: dict[TP, int] | None = None) -> Serving:
         """A runner folding `version` with its own class, or, when the code has no class for
-        it, the version frozen at its stored offsets (never folded by another version's code)."""
+        it, the version frozen at its stored offsets (never folded by another version's code).
+        Events below `acted_below` (what the version served before it folded) reach it as
+        replay: that version's side effects for them happened already."""
         reason = frozen_reason(name, self.versions[name], version)
         if reason is None:
-            return self._start_runner(name, version)
+            return self._start_runner(name, version, acted_below)
         return FrozenVersion(self.config, name, version, reason)
 
     def _start_runner(
@@ -227,6 +233,23 @@ class Worker:
         self._threads.append(thread)
         thread.start()
         return feeder
+
+    def _build_unless_held(self, name: str, version: int) -> None:
+        """Build `version` beside the live one, unless another process holds its store (a
+        `refold replay` building it): then serve on and try again from the watcher."""
+        try:
+            self._start_build(name, version, self.runners[name].store.offsets())
+        except StoreLocked as exc:
+            if self._held.get(name) != (version, exc.holder):
+                log.warning(
+                    "%s: v%d is not built here while another process writes it: %s",
+                    name,
+                    version,
+                    exc,
+                )
+            self._held[name] = (version, exc.holder)
+            return
+        self._held.pop(name, None)
 
     def _start_build(self, name: str, version: int, live: dict[TP, int]) -> None:
         """Build `version` beside the live one. A build from scratch of at least
@@ -348,10 +371,16 @@ class Worker:
     # -- versions ---------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        locked: dict[str, str] = {}  # why a projection waits for another process, said once
         while not self._stopping.wait(0.3):
             for name in list(self.runners):
                 try:
                     self._follow_pointer(name)
+                    locked.pop(name, None)
+                except StoreLocked as exc:  # a replay still writes the version LIVE names
+                    if locked.get(name) != str(exc):
+                        log.warning("%s: following the LIVE pointer once free: %s", name, exc)
+                    locked[name] = str(exc)
                 except Exception:  # keep serving the current version; say why it did not move
                     log.exception("%s: could not follow the LIVE pointer", name)
 
@@ -359,6 +388,11 @@ class Worker:
         serving = self.runners[name]
         live = live_version(self.config, name)
         build = self.builds.get(name)
+        held = self._held.get(name)
+        if held is not None and held[0] == live:  # the process that built it swapped it in
+            del self._held[name]
+        elif held is not None and build is None:
+            self._build_unless_held(name, held[0])
         if live is not None and live != serving.version:
             self._switch(name, live)
         elif (
@@ -378,7 +412,8 @@ class Worker:
         if build is not None and build.version == version:
             new = self.builds.pop(name)
         else:
-            new = self._serve(name, version)
+            acted = {} if isinstance(old, FrozenVersion) else dict(old.stats.positions)
+            new = self._revive(name, version) or self._serve(name, version, acted)
         deadline = time.monotonic() + 60
         while (
             not isinstance(new, FrozenVersion)  # it serves what it holds: nothing to wait for
@@ -390,10 +425,31 @@ class Worker:
             time.sleep(0.05)
         self.runners[name] = new
         log.info("%s: queries now read v%d (was v%d)", name, version, old.version)
-        self._retired.append(old)
-        timer = threading.Timer(SWITCH_GRACE_S, old.stop)
+        with self._retired_lock:
+            self._retired.append(old)
+        timer = threading.Timer(SWITCH_GRACE_S, self._stop_retired, args=(old,))
         timer.daemon = True
         timer.start()
+
+    def _revive(self, name: str, version: int) -> Serving | None:
+        """The version queries left less than SWITCH_GRACE_S ago, if that is `version`: still
+        open, answering and folding, it serves again (a swap rolled back at once; its store
+        cannot be opened a second time in this process meanwhile)."""
+        with self._retired_lock:
+            for runner in self._retired:
+                if runner.name == name and runner.version == version:
+                    self._retired.remove(runner)
+                    log.info("%s: v%d serves again, its grace not over", name, version)
+                    return runner
+        return None
+
+    def _stop_retired(self, runner: Serving) -> None:
+        """The grace is over: stop `runner`, unless queries came back to it meanwhile."""
+        with self._retired_lock:
+            if runner not in self._retired:
+                return
+            self._retired.remove(runner)
+        runner.stop()
 
 
 def _caught_up(new: Serving, old: Serving) -> bool:

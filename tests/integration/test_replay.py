@@ -113,6 +113,9 @@ class Env:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
                 return
             except OSError:
+                if self.proc.poll() is not None:
+                    worker_log = (self.data_dir.parent / "worker.log").read_text(errors="replace")
+                    raise AssertionError(f"worker exited: {worker_log[-2000:]}") from None
                 time.sleep(0.2)
         raise AssertionError("worker HTTP did not come up")
 
@@ -283,11 +286,14 @@ def test_cli_rebuild_resumes_after_kill_9_and_dry_run_writes_nothing(
     partial = sum(env.states(2)[1].values())
     assert 0 < partial < len(events)
 
+    scratch = tmp_path / "data" / "scratch"
+    assert any(p.name.startswith(f"{proc.pid}-") for p in scratch.iterdir())  # its live view's
     done = env.refold("1,2", "replay", env.name, "--diff", "--quiet")
     assert done.returncode == 0, done.stderr
     assert env.states(2)[0] == fold(events, buggy=False)
     assert f"folded {len(events) - partial} events" in done.stdout
     assert live_version(env.config, env.name) == 1  # no --swap
+    assert not any(p.name.startswith(f"{proc.pid}-") for p in scratch.iterdir())  # swept
 
 
 def test_as_of_equals_an_independent_fold_up_to_that_time(config, ledger_topic, unique, tmp_path):

@@ -3,6 +3,9 @@ accounts (keys starting with "biz-") are counted as deposits. Version 2 fixes it
 exist is chosen by REPAIR_CODE_VERSIONS ("1", "1,2", or "2": v1's class gone), as a deploy
 would change the code.
 
+REPAIR_SLOW_S makes every fold of `Repair` take that long (a replay that is still running when
+the test acts on it; set only in the environment of the process meant to be slow).
+
 `Effects` stands for a processor with side effects: it counts the events it would act on
 (`live_effects`) and those it must not act on again because the live version already did
 (`event.replay`).
@@ -11,6 +14,7 @@ would change the code.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from refold import Event, Projection
@@ -18,6 +22,7 @@ from refold import Event, Projection
 NAME = os.environ.get("REPAIR_NAME", "repair")
 TOPIC = os.environ.get("REPAIR_TOPIC", "repair.events")
 CODE_VERSIONS = {int(v) for v in os.environ.get("REPAIR_CODE_VERSIONS", "1").split(",")}
+SLOW_S = float(os.environ.get("REPAIR_SLOW_S", "0"))
 
 
 class RepairV1(Projection):
@@ -29,6 +34,8 @@ class RepairV1(Projection):
         return {"balance_cents": 0, "events": 0}
 
     def apply(self, state: dict[str, Any], event: Event) -> dict[str, Any]:
+        if SLOW_S:
+            time.sleep(SLOW_S)
         amount = event.data["amount_cents"]
         if event.type == "bank.MoneyWithdrawn" and not self.counts_biz_withdrawals_as_deposits(
             event
