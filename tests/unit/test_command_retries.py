@@ -12,17 +12,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from refold.engine.command_processor import CommandProcessor, ProcessorStats
 
-
-class RecordedStop(threading.Event):
-    """A stop event whose waits return at once, recording how long they would have been."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pauses: list[float] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.pauses.append(timeout or 0.0)
-        return self.is_set()
+from tests.unit.recorded import RecordedStop
 
 
 class Reader:

@@ -13,6 +13,8 @@ from confluent_kafka import KafkaError, KafkaException
 from refold.engine.repartition import Repartitioner, RepartitionStats
 from refold.engine.transactions import RETRY_LOG_EVERY, Backoff, failure_kind
 
+from tests.unit.recorded import RecordedStop
+
 
 def test_the_pauses_double_from_half_a_second_to_the_cap_and_start_over_after_a_success() -> None:
     backoff = Backoff(first=0.5, cap=30.0)
@@ -38,18 +40,6 @@ def test_a_failure_s_kind_is_its_kafka_error_code_not_its_text() -> None:
     two = KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "base seq 2"))
     assert failure_kind(one) == failure_kind(two) == "MSG_SIZE_TOO_LARGE"
     assert failure_kind(TimeoutError("late")) == "TimeoutError"
-
-
-class RecordedStop(threading.Event):
-    """A stop event whose waits return at once, recording how long they would have been."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pauses: list[float] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.pauses.append(timeout or 0.0)
-        return self.is_set()
 
 
 class StandIn(Repartitioner):
