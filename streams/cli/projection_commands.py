@@ -172,19 +172,23 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     if args.dry_run:
         print(plan(config, projection, version).describe())
         return 0
-    result = replay(
-        config,
-        codec_for(config),
-        projection,
-        version,
-        diff=args.diff,
-        swap=args.swap,
-        diff_path=Path(args.diff_file) if args.diff_file else None,
-        progress=None if args.quiet else sys.stderr,
-        procs=args.procs,
-        catch_up_timeout=args.stall_timeout,
-        live_frozen=_live_frozen(config, args.name),
-    )
+    try:
+        result = replay(
+            config,
+            codec_for(config),
+            projection,
+            version,
+            diff=args.diff,
+            swap=args.swap,
+            diff_path=Path(args.diff_file) if args.diff_file else None,
+            progress=None if args.quiet else sys.stderr,
+            procs=args.procs,
+            catch_up_timeout=args.stall_timeout,
+            live_frozen=_live_frozen(config, args.name),
+        )
+    except KeyboardInterrupt:
+        _interrupted(config, args.name, version)
+        raise
     rate = result.folded / result.seconds if result.seconds else 0.0
     split = f", {result.parts} processes" if result.parts > 1 else ""
     if result.builder is not None:  # another process folded it; this one waited
@@ -208,6 +212,23 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     if result.swapped:
         print(f"v{version} is live (the previous version stays for `refold rollback {args.name}`)")
     return 0
+
+
+def _interrupted(config: Config, name: str, version: int) -> None:
+    """Say what an interrupted replay left: which version is live, and that what it folded
+    is kept for the next `refold replay` to resume from (only whole batches are stored)."""
+    from refold.store.versions import live_version
+
+    live = live_version(config, name)
+    if live == version:
+        state = "is live"
+    else:
+        state = "is not live" + ("" if live is None else f" (v{live} is)")
+    print(
+        f"interrupted: {name} v{version} {state}; what this replay folded is kept, and "
+        f"`refold replay {name}` resumes from it",
+        file=sys.stderr,
+    )
 
 
 def _live_frozen(config: Config, name: str) -> bool:

@@ -84,6 +84,7 @@ def test_ctrl_c_in_the_middle_of_a_fold_loses_no_event(config, ledger_topic, uni
         if replay.poll() is None:
             replay.kill()
     assert replay.returncode == 130, err
+    assert f"interrupted: {env.name} v2 is not live (v1 is); what this replay folded is kept" in err
     assert 0 < sum(stored_offsets(env.config, env.name, 2).values()) < len(events)
 
     done = env.refold("1,2", "replay", env.name, "--quiet")
