@@ -3,8 +3,9 @@ named `sagas.<name>`, folding `<name>.saga` with atomic offsets) and a `SagaRunn
 the sagas of the partitions this worker owns.
 
 The runner sweeps the state store every `interval_s` (and at once when a result it waits for
-arrives) and, for each saga not ended, asks the pure decision (`refold.core.sagas.advance`) what
-to do with the state and the command results known now. Its steps, in order:
+arrives) and, for each saga not ended, asks the pure decision
+(`refold.core.saga_decision.advance`) what to do with the state and the command results known
+now. Its steps, in order:
 
 1. the partition's state must be caught up: when the worker gets a saga partition, the runner
    notes the partition's end offset and does nothing for its sagas until the store has folded up
@@ -51,19 +52,17 @@ from refold.core.app import load_deciders
 from refold.core.commands import Command, Decider
 from refold.core.config import Config
 from refold.core.errors import CommandError, InputError, RefoldError, SagaStepsError
+from refold.core.saga_decision import Outgoing, advance, steps_failed
 from refold.core.sagas import (
     TERMINAL,
-    Outgoing,
     Saga,
     SagaStateProjection,
     Start,
-    advance,
     apply_event,
     public_state,
     saga_event,
     saga_projection,
     saga_projection_name,
-    steps_failed,
 )
 from refold.core.serde import Codec
 from refold.engine.claims import ClaimRequest, ClaimsIndex

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from refold import Command, Rejected
 from refold.core.errors import InputError, SagaError, SagaStepsError
+from refold.core.saga_decision import steps_failed
 from refold.core.sagas import (
     Start,
     apply_event,
@@ -17,7 +18,6 @@ from refold.core.sagas import (
     public_state,
     saga_projection,
     start_from_json,
-    steps_failed,
 )
 from refold.examples.bank import Accounts, Transfers
 from refold.sagas import Saga, Send, Step, advance
