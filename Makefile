@@ -20,8 +20,12 @@ jars: $(STAMP)
 
 # The whole suite against a real broker that the test session starts (or REFOLD_BOOTSTRAP_SERVERS).
 # The dashboard test renders the page in Debian's Chromium (installed here when missing).
+# TEST_PROCS pytest processes (pytest-xdist), each starting a broker of its own; most integration
+# tests wait (for a rebalance, a restart, a deadline), so two halve the wall time on 2 cores. A
+# module with a costly fixture (a cluster, the wheel) stays in one process: `xdist_group`.
+TEST_PROCS ?= 2
 test: jars chromium
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCS) --dist loadgroup --durations=25
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

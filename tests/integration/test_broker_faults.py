@@ -57,6 +57,8 @@ from tests.integration.test_commands import (
 from tests.integration.test_projections import WorkerProcess, events_for, oracle
 
 log = logging.getLogger(__name__)
+# One pytest process runs this module (`make test` runs two): its cluster starts once per run.
+pytestmark = pytest.mark.xdist_group("faults")
 
 PARTITIONS = 6
 ACCOUNTS = 12  # of the command load

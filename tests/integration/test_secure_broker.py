@@ -27,6 +27,8 @@ from refold.core.config import Config
 from tests.integration.test_commands import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# One pytest process runs this module (`make test` runs two): its clusters start once per run.
+pytestmark = pytest.mark.xdist_group("secure")
 BANK = "refold.examples.bank"
 
 
