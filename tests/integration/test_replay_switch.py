@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,13 +18,14 @@ from pathlib import Path
 
 from confluent_kafka import Consumer
 from refold.core.config import Config
+from refold.engine.rebuild import stored_offsets
 from refold.kafka.topics import Topics, event_topic
 from refold.store.rocks_open import lock_holder
 from refold.store.versions import live_version, pin_live, set_live, store_path
 
 from tests.integration.test_projections import end_offsets
 from tests.integration.test_replay import Env, fold, publish, story
-from tests.integration.test_replay_races import served_version
+from tests.integration.test_replay_races import served_version, slow_replay
 
 
 class SwitchEnv(Env):
@@ -244,3 +246,39 @@ def test_a_worker_waits_quietly_for_a_store_another_process_holds(
             holder.kill()
         env.stop_worker()
     assert env.states(2)[0] == fold(events, buggy=False)
+
+
+def test_an_interrupted_first_replay_leaves_no_version_live(config, ledger_topic, unique, tmp_path):
+    """The very first `refold replay` of a projection is stopped half-way (Ctrl-C). Its
+    half-built v1 must not count as live (it used to, as the only version on disk): the
+    replay says so, and a worker deployed with the next version's code alone serves that
+    version, folded by itself, rather than v1 frozen half-built for ever."""
+    env = SwitchEnv(config, unique("repair"), ledger_topic, tmp_path / "data")
+    events = story(20_000, seed=107)
+    publish(config, ledger_topic, events)
+    replay = slow_replay(env, "1", "--procs", "1", "--quiet", fold_s=0.0005)
+    try:
+        deadline = time.monotonic() + 60
+        while not stored_offsets(env.config, env.name, 1):  # a first write stored
+            assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
+            time.sleep(0.05)
+        os.killpg(replay.pid, signal.SIGINT)
+        _out, err = replay.communicate(timeout=60)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+    assert replay.returncode == 130, err
+    assert f"interrupted: {env.name} v1 is not live;" in err
+    assert 0 < sum(stored_offsets(env.config, env.name, 1).values()) < len(events)
+    assert live_version(env.config, env.name) is None
+
+    env.start_worker("2")
+    try:
+        assert served_version(env) == 2
+        env.wait_folded(2, end_offsets(config, ledger_topic))
+        fixed = fold(events, buggy=False)
+        assert {k: env.get(k)[1]["state"] for k in fixed} == fixed
+        assert env.listed()[env.name]["state"] == "running"
+    finally:
+        env.stop_worker()
+    assert live_version(env.config, env.name) == 2
