@@ -307,9 +307,9 @@ class ProjectionReads:
     ) -> tuple[Serving, web.Response | None]:
         """The runner to read once it folded the query's `min_offset` (and None), else the
         400/409/503 answer. When queries move to another version while the request waits (a
-        swap or a rollback: the old version stops SWITCH_GRACE_S later, its store closed), the
-        wait goes on for what is left of `wait_ms` on the version queries read now, and the
-        answer comes from it."""
+        swap or a rollback: the old version stops folding, and SWITCH_GRACE_S later its store
+        closes), the wait goes on for what is left of `wait_ms` on the version queries read
+        now, and the answer comes from it."""
         query = request.query
         raw = query.get("min_offset")
         try:
@@ -323,6 +323,14 @@ class ProjectionReads:
             key = request.match_info.get("key")
             refused = await self._reach_on(runner, raw, key, wait_ms, deadline)
             current = self.worker.runners.get(runner.name)
+            if (
+                current is runner
+                and refused is not None
+                and runner.stats.state == "retired"  # folds no more: queries move on at once
+                and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.02)
+                continue
             if current is None or current is runner:
                 return runner, refused
             runner = current  # queries moved on while this request waited
@@ -407,6 +415,8 @@ class ProjectionReads:
                 entry["rebuild"] = describe(build, marks)
             else:  # maybe by `refold replay`, in its own processes
                 entry["rebuild"] = describe_on_disk(config, r, marks)
+            # The version LIVE names, which queries read once it has caught up with this one.
+            entry["switch"] = self.worker.switch_status(r.name)
             out.append(entry)
         return out
 

@@ -43,20 +43,33 @@ def open_error(path: Path, exc: Exception) -> StoreError:
             hint="close the other RocksStore on this path first",
         )
     if "LOCK" in text:
-        holder = lock_holder(path)
-        who = f"process {holder} ({describe_process(holder)})" if holder else "another process"
-        return StoreLocked(
-            f"store {path} is locked by {who}",
-            holder=holder,
-            hint="a replay or a worker is writing it: wait for it, or stop it; two workers need "
-            "a REFOLD_DATA_DIR each",
-        )
+        return _locked(path, lock_holder(path))
     if text.startswith("Corruption"):
         return StoreError(
             f"store {path} is corrupted: {text}",
             hint="move the directory aside and rebuild the projection from Kafka (refold replay)",
         )
     return StoreError(f"cannot open store {path}: {text}")
+
+
+def _locked(path: Path, holder: int | None) -> StoreLocked:
+    who = f"process {holder} ({describe_process(holder)})" if holder else "another process"
+    return StoreLocked(
+        f"store {path} is locked by {who}",
+        holder=holder,
+        hint="a replay or a worker is writing it: wait for it, or stop it; two workers need "
+        "a REFOLD_DATA_DIR each",
+    )
+
+
+def refuse_if_locked(path: Path) -> None:
+    """Raise StoreLocked when another process holds the store's LOCK, without asking RocksDB:
+    a failed open moves the holder's info LOG aside first (LOG.old.*, only 3 kept), so a
+    process that retries, like a worker waiting for a replay's store, would erase the
+    holder's log every time."""
+    holder = lock_holder(path)
+    if holder is not None and holder != os.getpid():
+        raise _locked(path, holder)
 
 
 def lock_holder(path: Path) -> int | None:

@@ -42,7 +42,7 @@ from refold.store.encoding import (
     prefix_end,
     unstorable,
 )
-from refold.store.rocks_open import META_CF, key_range, open_rdict
+from refold.store.rocks_open import META_CF, key_range, open_rdict, refuse_if_locked
 from refold.store.scratch import make_scratch
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ class RocksStore:
             access = rocksdict.AccessType.read_only(False)
         else:
             path.mkdir(parents=True, exist_ok=True)
+            refuse_if_locked(path)
             access = rocksdict.AccessType.read_write()
         db = open_rdict(path, access, cache_mb, write_buffer_mb, secondary=False)
         log.info("opened store %s (read_only=%s, sync=%s)", path, read_only, sync)

@@ -55,22 +55,26 @@ def _pointer(config: Config, name: str) -> dict[str, object] | None:
 
 
 def live_version(config: Config, name: str) -> int | None:
-    """The version queries read: the LIVE pointer, else the only/newest version on disk."""
+    """The version queries read: the LIVE pointer, else the only/newest version on disk (a
+    pointer that names none says no version is live yet)."""
     pointer = _pointer(config, name)
     if pointer is not None:
-        return int(pointer["version"])  # type: ignore[call-overload]
+        version = pointer["version"]
+        return None if version is None else int(version)  # type: ignore[call-overload]
     on_disk = versions_on_disk(config, name)
     return on_disk[-1] if on_disk else None
 
 
-def pin_live(config: Config, name: str) -> int | None:
+def pin_live(config: Config, name: str, *, create: bool = False) -> int | None:
     """Write down the version `live_version` names when no pointer exists yet (the newest on
     disk), before another version's store is created: else that new store, however little it
-    holds, would be the newest on disk and taken for live without a swap. Returns the live
-    version (None: no version at all)."""
-    with _pointer_lock(config, name):
+    holds, would be the newest on disk and taken for live without a swap. With `create` (a
+    replay about to build the first version), a projection with no version at all gets a
+    pointer naming none: the store it builds is not live until the replay has completed it.
+    Returns the live version (None: none)."""
+    with _pointer_lock(config, name, create=create):
         live = live_version(config, name)
-        if live is not None and _pointer(config, name) is None:
+        if _pointer(config, name) is None and (live is not None or create):
             _write_pointer(config, name, live, [])
         return live
 
@@ -90,7 +94,7 @@ def _pointer_lock(config: Config, name: str, *, create: bool = False) -> Iterato
         yield
 
 
-def _write_pointer(config: Config, name: str, version: int, previous: list[int]) -> None:
+def _write_pointer(config: Config, name: str, version: int | None, previous: list[int]) -> None:
     """Replace LIVE atomically (call it holding `_pointer_lock`)."""
     root = projection_dir(config, name)
     root.mkdir(parents=True, exist_ok=True)
@@ -168,7 +172,7 @@ def _drop(config: Config, name: str, version: int) -> None:
     pointer = _pointer(config, name)
     if pointer is not None:
         previous = [int(v) for v in pointer.get("previous", []) if int(v) != version]  # type: ignore[attr-defined]
-        _write_pointer(config, name, int(pointer["version"]), previous)  # type: ignore[call-overload]
+        _write_pointer(config, name, live_version(config, name), previous)
 
 
 def dir_size(path: Path) -> int:

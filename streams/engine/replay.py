@@ -180,7 +180,7 @@ def plan(config: Config, projection: Projection, version: int) -> Plan:
     live_bytes = dir_size(store_path(config, projection.name, live)) if live else 0
     expected = live_bytes or events * 120
     if live is None:
-        replaces = f"no live version: v{version} becomes live when swapped"
+        replaces = f"no live version: v{version} becomes live once built"
     elif live == version:
         replaces = f"v{version} is already live: nothing to replace (bump `version` to rebuild)"
     else:
@@ -222,7 +222,9 @@ def replay(
     """
     name = projection.name
     sweep(scratch_dir(config.data_dir))  # the views of replays killed before (kill -9)
-    live = pin_live(config, name)  # before v{version}'s store exists: it is not live unswapped
+    # Before v{version}'s store exists: it is not live unswapped (nor, when no version is
+    # live yet, before this replay has completed it: a half-built version is never live).
+    live = pin_live(config, name, create=True)
     if live == version:
         raise ProjectionError(
             f"v{version} of {name!r} is already live",
@@ -284,7 +286,7 @@ def replay(
         build.close()
         if live_view is not None:
             live_view.close()
-    if swap:
+    if swap or live is None:  # (the first version is live once built)
         set_live(config, name, version)
     return ReplayResult(version, folded, time.monotonic() - started, summary, swap, split_over)
 
@@ -518,7 +520,7 @@ def _attached(
         new_view.close()
         if live_view is not None:
             live_view.close()
-    if swap:
+    if swap or live is None:  # (the first version is live once built)
         set_live(config, name, version)
     took = time.monotonic() - started
     return ReplayResult(version, folded, took, summary, swap, builder=builder)

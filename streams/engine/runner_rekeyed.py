@@ -8,7 +8,7 @@ the source partitions' readers already routed (a worker among others: refold.eng
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import Message
@@ -35,7 +35,7 @@ class RunnerRekeyed:
     _next: dict[TP, int]
     _bounds: dict[TP, int]
     _beyond: dict[TP, int]
-    _replay_below: Mapping[TP, int]
+    _replay_below: dict[TP, int]
 
     def _consume_error(self, msg: Message) -> None:
         raise NotImplementedError  # refold.engine.runtime

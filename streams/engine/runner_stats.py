@@ -15,7 +15,7 @@ BEHIND_S = 5.0
 class RunnerStats:
     """Counters and positions a runner publishes for status, metrics and read-your-writes."""
 
-    state: str = "starting"  # starting | running | stopped | failed
+    state: str = "starting"  # starting | running | retired (folds no more) | stopped | failed
     error: str | None = None
     folded: int = 0
     dead_letters: int = 0

@@ -155,6 +155,13 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
         self._kafka_committed_at = 0.0
         self._stop = threading.Event()
         self._changed = threading.Condition()
+        # A runner queries no longer read ends its fold but keeps its store open (`retire`).
+        self._retiring = False
+        self._ended = threading.Event()  # the fold thread has closed its consumer
+        self._store_lock = threading.Lock()
+        #: The runner of the version queries read, while this one is built or caught up beside
+        #: it: this one folds nothing that one has not folded (and acted on) yet (`_trail`).
+        self.trailing: ProjectionRunner | None = None
         #: Told the keys of every commit, after it (the task reconciler's index listens here).
         self.on_commit: Callable[[Iterable[str]], None] | None = None
         # `instance_id`: static membership (refold.engine.membership), given by the worker.
@@ -205,6 +212,8 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
                     continue
                 msgs = self._next_batch()
                 if msgs:
+                    if self.trailing is not None:
+                        self._trail(msgs)
                     self._process(msgs)
                 self._refresh_watermarks()
         except Exception as exc:
@@ -218,27 +227,97 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
         self.stats.error = f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
-        if self.stats.state != "failed":
+        """End the fold: store what is folded, commit, close the consumer; then the store,
+        unless the runner retires (`retire`: its store answers until `stop()`)."""
+        retiring = self._retiring
+        if self.stats.state != "failed" and not retiring:
             self.stats.state = "stopped"
+        final: dict[TP, int] | None = None
         try:
             self._write_pending_unless_failed()
+            final = dict(self.stats.positions)  # revoking on close empties them
             self._commit_to_kafka(list(self._uncommitted))
             self._consumer.close()
         except Exception:  # the store must still close; the group will expire the member
             log.exception("%s v%d: closing the consumer failed", self.name, self.version)
         finally:
+            if retiring:
+                if final is not None:
+                    self.stats.positions = final
+                self.stats.assigned = ()
+                if self.stats.state != "failed":
+                    self.stats.state = "retired"  # only once its positions are final
+            with self._store_lock:
+                keep = self._retiring
+                self._ended.set()
             try:
-                if self.routed is not None:
-                    self.routed.close()
-                self.store.close()
+                if not keep:
+                    self._close_store()
             finally:
                 with self._changed:
                     self._changed.notify_all()
 
+    def _close_store(self) -> None:
+        if self.routed is not None:
+            self.routed.close()
+        self.store.close()
+
     def stop(self) -> None:
+        """Stop folding and close the store (at once if the runner has retired)."""
         self._stop.set()
         if self.feeder is not None:
             self.feeder.stop()
+        with self._store_lock:
+            self._retiring = False
+            ended = self._ended.is_set()
+        if ended:
+            self._close_store()
+
+    def retire(self) -> None:
+        """Stop folding (and acting on events), keep answering: the fold thread stores what it
+        folded, closes its consumer and ends in state `retired` with its final positions; the
+        store stays open for the queries still reading it until `stop()`. For a version
+        queries left: the version they read now folds on from there, alone."""
+        with self._store_lock:
+            if self._ended.is_set():
+                return
+            self._retiring = True
+        self._stop.set()
+        if self.feeder is not None:
+            self.feeder.stop()
+
+    def ended(self, timeout: float) -> bool:
+        """Whether the fold thread has ended (waiting up to `timeout` seconds)."""
+        return self._ended.wait(timeout)
+
+    def _trail(self, msgs: list[Message]) -> None:
+        """Wait until `trailing` (the version queries read) has folded `msgs`, in the
+        partitions it folds, then take its positions as this runner's replay floor: it acted
+        on those events, so here they are `replay`. Once it no longer folds (retired at a
+        switch, failed, stopped), its final positions are the floor and this runner, acting
+        on what follows, stops trailing. A version being built or caught up thus never acts
+        on an event the serving one acts on, and never gets ahead of it to skip one."""
+        live = self.trailing
+        if live is None:
+            return
+        last: dict[TP, int] = {}
+        for msg in msgs:
+            if msg.error() is None:
+                last[(msg.topic(), msg.partition())] = msg.offset()
+        while True:
+            done = live.stats.state in ("retired", "stopped", "failed")
+            positions = live.stats.positions
+            if done or self._stop.is_set():
+                break
+            if all(positions.get(tp, offset + 1) > offset for tp, offset in last.items()):
+                break
+            self._stop.wait(0.005)
+        floor = self._replay_below
+        for tp, nxt in positions.items():
+            if nxt > floor.get(tp, 0):
+                floor[tp] = nxt
+        if done:
+            self.trailing = None
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 
@@ -541,7 +620,7 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
         with self._changed:
             while not self.reached(wanted):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.stats.state in ("stopped", "failed"):
+                if remaining <= 0 or self.stats.state in ("stopped", "failed", "retired"):
                     return False
                 self._changed.wait(remaining)
         return True
