@@ -45,6 +45,18 @@ def check_app_id(app_id: str) -> str:
     return app_id
 
 
+def _seconds(env: Mapping[str, str], name: str, default: str) -> float:
+    """The environment variable `name` as seconds between 0 and a day (exclusive)."""
+    raw = env.get(name) or default
+    try:
+        seconds = float(raw)
+        if not 0 < seconds < 86_400:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{name} must be seconds between 0 and 86400, not {raw!r}") from None
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Settings every refold component reads; see DESIGN.md for the environment variables."""
@@ -65,6 +77,9 @@ class Config:
     #: Seconds a command waits for a broker that does not answer before it gives up with an
     #: error (REFOLD_BROKER_TIMEOUT): `status`, `tail`, `query --as-of`, `publish`, `command`.
     broker_timeout_s: float = 30.0
+    #: Seconds one command's decision may run before the command processor gives it up and
+    #: rejects the command (REFOLD_DECIDE_TIMEOUT_S; refold.engine.command_watchdog).
+    decide_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -87,17 +102,10 @@ class Config:
             raise ConfigError(
                 f"REFOLD_REBUILD_WRITE_EVERY must be a positive number of events, not {raw_every!r}"
             ) from None
-        raw_timeout = env.get("REFOLD_BROKER_TIMEOUT") or "30"
-        try:
-            broker_timeout = float(raw_timeout)
-            if not 0 < broker_timeout < 86_400:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                f"REFOLD_BROKER_TIMEOUT must be seconds between 0 and 86400, not {raw_timeout!r}"
-            ) from None
+        broker_timeout = _seconds(env, "REFOLD_BROKER_TIMEOUT", "30")
         return cls(
             broker_timeout_s=broker_timeout,
+            decide_timeout_s=_seconds(env, "REFOLD_DECIDE_TIMEOUT_S", "30"),
             app_id=check_app_id(env.get("REFOLD_APP_ID") or DEFAULT_APP_ID),
             client_overrides=kafka_overrides(env),
             data_dir=data_dir,

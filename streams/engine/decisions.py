@@ -96,6 +96,16 @@ class BatchDecision:
     timed: list[tuple[CommandRecord, float]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Progress:
+    """Which command `decide_batch` is deciding, for a watchdog in another thread
+    (refold.engine.command_watchdog): its record and since when (time.monotonic), None between
+    commands; `cancelled` makes a batch whose decision was given up stop at the next command."""
+
+    current: tuple[CommandRecord, float] | None = None
+    cancelled: bool = False
+
+
 def new_aggregate(decider: Decider, key: str) -> Aggregate:
     """The aggregate of a key without events; CommandError when the decider's `initial` fails
     or gives a state that cannot be stored (a bug in user code must not stop the processor)."""
@@ -121,16 +131,22 @@ def decide_batch(
     refused: Mapping[tuple[str, int, int], str] | None = None,
     horizon_ms: float,
     now_ms: int,
+    progress: Progress | None = None,
 ) -> BatchDecision:
     """Decide `records` in order. `states` holds the committed state of each key (a key
     missing there has no events yet); `decided_at` maps command ids that already have a result
     to when they were decided; results older than `horizon_ms` no longer count; `claims` maps
     command ids to the fingerprint of their first claim; `refused` maps the positions of
     commands to reject without deciding them to the reason (the processor learned that their
-    transaction cannot commit). The inputs are not modified."""
+    transaction cannot commit). The inputs are not modified. `progress`, if given, says which
+    command is being decided (the decider's `initial`, `decide` and fold)."""
     batch = BatchDecision()
     seen: set[str] = set()
+    progress = progress or Progress()
     for record in records:
+        if progress.cancelled:  # given up by the watchdog: nobody reads this batch
+            break
+        progress.current = (record, time.monotonic())
         cid = record.command_id
         first = decided_at.get(cid)
         if cid in seen or (first is not None and first >= horizon_ms):
@@ -164,6 +180,7 @@ def decide_batch(
                 batch.after[key] = _refold(decider, batch.before[key], key, accepted, now_ms)
                 decision = Decision(record, decision.version - len(decision.events), reason=problem)
         batch.decisions.append(decision)
+    progress.current = None
     return batch
 
 

@@ -1,5 +1,6 @@
 """The command path at its edges, against the real broker: records the broker refuses, a
-decider slower than the consumer's poll interval, malformed commands and their ids.
+decider slower than the consumer's poll interval or one that never returns, malformed commands
+and their ids.
 
 Each test runs `refold worker` (tests/integration/apps/vault.py: the bank's rules on the test's
 own topics) and asks for results as a caller would, through `POST /commands` and
@@ -11,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
+import urllib.request
 from typing import Any
 from urllib.parse import quote
 
@@ -299,3 +302,85 @@ def test_an_event_whose_key_makes_its_record_too_large_rejects_its_command(
         "bank.AccountOpened",
         "bank.MoneyDeposited",
     ]
+
+
+def hang(client: CommandClient, vault: Decider, key: str) -> str:
+    """A command whose decision does not return (for a day: no test waits that long)."""
+    return client.send(vault.name, key, "bank.Deposit", {"amount_cents": 1, "memo": "sleep:86400"})
+
+
+def test_a_decide_that_never_returns_is_given_up_and_the_partitions_go_on(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """A decide stuck in one command held the processor's only thread: none of its partitions
+    was decided again, and nothing said why. Now the decision is given up after
+    REFOLD_DECIDE_TIMEOUT_S, the command rejected saying so, every other command decided once;
+    /healthz and /metrics show the thread left behind."""
+    a, b = two_keys_in_different_partitions()
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True)
+    worker.env["REFOLD_DECIDE_TIMEOUT_S"] = "3"
+    worker.start()
+    try:
+        worker.wait_http()
+        for key in (a, b):
+            opened = client.send(vault.name, key, "bank.OpenAccount", {"owner": key})
+            assert client.wait(opened, 60)["status"] == "accepted"
+        stuck = hang(client, vault, a)
+        sent = [client.send(vault.name, k, "bank.Deposit", {"amount_cents": c})
+                for k, c in ((a, 10), (b, 30), (a, 20))]  # fmt: skip
+        given_up = client.wait(stuck, 60)
+        assert given_up["status"] == "rejected", given_up
+        assert given_up["reason"].startswith("decide did not return within 3 s"), given_up
+        assert [client.wait(cid, 60)["status"] for cid in sent] == ["accepted"] * 3
+        later = client.wait(client.send(vault.name, a, "bank.Deposit", {"amount_cents": 100}), 60)
+        assert (later["status"], later["version"]) == ("accepted", 4), later
+        status, health = worker.http("GET", "/healthz")
+        assert (status, health["stuck_decisions"]) == (200, {vault.name: 1}), health
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/metrics") as response:
+            metrics = response.read().decode()
+        label = f'{{aggregate="{vault.name}"}}'
+        assert f"refold_command_decide_timeouts_total{label} 1\n" in metrics
+        assert f"refold_command_stuck_decisions{label} 1\n" in metrics
+    finally:
+        worker.stop()
+    assert "did not return within 3 s" in worker.log.read_text()
+    events = read_events(config, vault.events_topic)
+    results = check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert results[stuck]["status"] == "rejected"
+    assert balances(events)[a] == [0, 10, 30, 130]
+    assert balances(events)[b] == [0, 30]
+
+
+def test_a_decide_still_stuck_when_its_worker_is_killed_is_given_up_after_the_restart(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """kill -9 while a decision hangs, before its command's rejection is committed: the
+    restarted worker decides it again, gives it up again after the timeout and rejects it
+    once; the commands queued behind it are decided once."""
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True)
+    worker.env["REFOLD_DECIDE_TIMEOUT_S"] = "6"
+    worker.start()
+    worker.wait_http()
+    opened = client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+    assert client.wait(opened, 60)["status"] == "accepted"
+    stuck = hang(client, vault, "acc-1")
+    behind = client.send(vault.name, "acc-1", "bank.Deposit", {"amount_cents": 10})
+    time.sleep(2)  # the decision is under way, well within its 6 s
+    worker.kill9()
+    assert client.wait(stuck, 0.1)["status"] == "pending"
+    worker.start()
+    try:
+        given_up = client.wait(stuck, 90)
+        assert given_up["status"] == "rejected", given_up
+        assert given_up["reason"].startswith("decide did not return within 6 s"), given_up
+        assert client.wait(behind, 60)["status"] == "accepted"
+    finally:
+        worker.stop()
+    events = read_events(config, vault.events_topic)
+    results = check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert {cid: r["status"] for cid, r in results.items()} == {
+        opened: "accepted",
+        stuck: "rejected",
+        behind: "accepted",
+    }
+    assert balances(events)["acc-1"] == [0, 10]

@@ -33,6 +33,14 @@ def test_the_broker_timeout_defaults_to_30_s_and_names_the_variable_when_bad() -
             Config.from_env({"REFOLD_BROKER_TIMEOUT": bad})
 
 
+def test_the_decide_timeout_defaults_to_30_s_and_names_the_variable_when_bad() -> None:
+    assert Config.from_env({}).decide_timeout_s == 30.0
+    assert Config.from_env({"REFOLD_DECIDE_TIMEOUT_S": "2"}).decide_timeout_s == 2.0
+    for bad in ("0", "-1", "never"):
+        with pytest.raises(ConfigError, match="REFOLD_DECIDE_TIMEOUT_S"):
+            Config.from_env({"REFOLD_DECIDE_TIMEOUT_S": bad})
+
+
 def test_refold_kafka_variables_pass_through_to_every_client() -> None:
     config = Config.from_env(
         {
