@@ -64,7 +64,13 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from refold.core.commands import Command, CommandResult, Decider, readable_id
+from refold.core.commands import (
+    Command,
+    CommandResult,
+    Decider,
+    malformed_fingerprint,
+    readable_id,
+)
 from refold.core.config import Config
 from refold.core.errors import CommandError, InputError
 from refold.core.serde import Codec, Event
@@ -411,20 +417,19 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
                 timing.add("queued", started * 1000 - stamp)
         records = [_record(msg) for msg in msgs]
         decided_at = self._decided_at({r.command_id for r in records})
-        new = [
-            r.command
-            for r in records
-            if r.command and not r.problem and r.command_id not in decided_at
-        ]
+        new: dict[str, CommandRecord] = {}  # the first record of each new id, malformed or not
+        for r in records:
+            if r.command_id not in decided_at:
+                new.setdefault(r.command_id, r)
         # Claims travel while the batch is decided and its events sent (see _check_claims);
         # the decision assumes each new id is won by its command unless the index knows better.
-        claiming = self._claimer.submit(self._claim, new) if new else None
+        claiming = self._claimer.submit(self._claim, new.values()) if new else None
         known = {}
-        for command in new:
-            claim = self._claims.first(command.command_id)
+        for cid in new:
+            claim = self._claims.first(cid)
             if claim is not None:
-                known[command.command_id] = claim["fingerprint"]
-        assumed = {c.command_id: known.get(c.command_id, c.fingerprint) for c in new}
+                known[cid] = claim["fingerprint"]
+        assumed = {cid: known.get(cid, r.fingerprint) for cid, r in new.items()}
         now_ms = int(time.time() * 1000)
         states = self._states_of({r.key for r in records})
         batch = self._deciding.run(
@@ -488,11 +493,18 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
             self._cache[raw_key[len(_AGG) :]] = wrapper
         return {key: self._cache[key] for key in keys if key in self._cache}
 
-    def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
-        """The first claim of each new command id (refold.engine.claims); an index that cannot
-        answer aborts the batch, to be retried, rather than deciding without it."""
+    def _claim(self, records: Iterable[CommandRecord]) -> dict[str, dict[str, Any]]:
+        """The first claim of each new command id (refold.engine.claims), a malformed command's
+        too (else a well-formed command with its id could be decided on another partition, a
+        second result for one id); an index that cannot answer aborts the batch, to be
+        retried, rather than deciding without it."""
         try:
-            return self._claims.claim(ClaimRequest.of(c) for c in commands)
+            return self._claims.claim(
+                ClaimRequest(
+                    r.command_id, r.fingerprint, r.key, r.command.type if r.command else ""
+                )
+                for r in records
+            )
         except CommandError as exc:
             raise Abort(str(exc)) from exc
 
@@ -578,7 +590,8 @@ def _record(msg: Message) -> CommandRecord:
     except InputError as exc:
         cid = readable_id(msg.value(), msg.headers()) or f"{topic}-{partition}-{offset}"
         problem = f"malformed command: {exc}"
-        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset)
+        malformed = malformed_fingerprint(msg.value())
+        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset, malformed)
     return CommandRecord(command.command_id, command, "", msg.key(), topic, partition, offset)
 
 

@@ -7,7 +7,8 @@ Rules, applied to a batch's commands in order (step 3 of the processor):
 - a command id decided before (its result is within the idempotency window) or earlier in the
   same batch is a duplicate: no decision, nothing emitted, the first result stands;
 - a command whose id was first claimed by another command (another fingerprint, see
-  `refold.engine.claims`) is a conflict: never decided here, no result of its own;
+  `refold.engine.claims`; a malformed command's is that of its bytes) is a conflict: never
+  decided here, no result of its own;
 - a malformed command, or one whose record key differs from its key, is rejected;
 - a command for a key the decider has no initial state for (`initial` raised) is rejected;
 - a command the processor refused (its events cannot be written) is rejected with the reason;
@@ -42,7 +43,8 @@ EventCheck = Callable[[Command, str, Any], None]
 @dataclass(frozen=True, slots=True)
 class CommandRecord:
     """A command as read from its topic: the parsed command (None when malformed, with the
-    `problem`), the record's own key and its position."""
+    `problem` and the `malformed` fingerprint of its bytes), the record's own key and its
+    position."""
 
     command_id: str
     command: Command | None
@@ -51,6 +53,12 @@ class CommandRecord:
     topic: str
     partition: int
     offset: int
+    malformed: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """What its id is claimed with (refold.engine.claims), malformed or not."""
+        return self.command.fingerprint if self.command is not None else self.malformed
 
     @property
     def position(self) -> tuple[str, int, int]:
@@ -153,8 +161,8 @@ def decide_batch(
             batch.duplicates += 1
             continue
         seen.add(cid)
-        command, winner = record.command, (claims or {}).get(cid)
-        if command is not None and winner and winner != command.fingerprint:
+        winner = (claims or {}).get(cid)
+        if winner and winner != record.fingerprint:
             batch.conflicts += 1  # the id means another command: never executed here
             continue
         key = record.key

@@ -27,8 +27,10 @@ from confluent_kafka.admin import (
 )
 from refold.core.commands import Decider
 from refold.core.config import Config
+from refold.engine.timetravel import murmur2_partition
 from refold.kafka.command_client import CommandClient
 
+from tests.integration.conftest import PARTITIONS
 from tests.integration.test_command_ids import two_keys_in_different_partitions
 from tests.integration.test_commands import (
     WorkerProcess,
@@ -41,9 +43,11 @@ from tests.integration.test_commands import (
 WAIT = "?wait_ms=30000"
 
 
-def produce_raw(config: Config, topic: str, records: list[tuple[bytes, list]]) -> list[str]:
-    """Write command records around the API, as any Kafka client can (key `acc-1`, so they land
-    in its partition); their positions as `<topic>-<partition>-<offset>`."""
+def produce_raw(
+    config: Config, topic: str, records: list[tuple[bytes, list]], key: bytes = b"acc-1"
+) -> list[str]:
+    """Write command records around the API, as any Kafka client can (key `acc-1` unless told,
+    so they land in its partition); their positions as `<topic>-<partition>-<offset>`."""
     producer = Producer(
         {"bootstrap.servers": config.bootstrap_servers, "partitioner": "murmur2_random"}
     )
@@ -54,7 +58,7 @@ def produce_raw(config: Config, topic: str, records: list[tuple[bytes, list]]) -
         where.append(f"{msg.topic()}-{msg.partition()}-{msg.offset()}")
 
     for value, headers in records:
-        producer.produce(topic, value, b"acc-1", headers=headers, on_delivery=delivered)
+        producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
         producer.flush(30)  # one at a time: `where` is in the records' order
     return where
 
@@ -260,6 +264,66 @@ def test_a_malformed_command_is_answered_under_its_id_when_it_has_one(
         assert (status, deposit["status"], deposit["version"]) == (200, "accepted", 2), deposit
     finally:
         worker.stop()
+
+
+def keys_owned_by(workers: list[WorkerProcess], name: str) -> list[str]:
+    """Once the workers' processors share the command partitions, one key per worker in a
+    partition it decides (their `/dashboard.json`)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        owned = []
+        for worker in workers:
+            _status, page = worker.http("GET", "/dashboard.json")
+            owned += [set(c["partitions"]) for c in page["commands"] if c["name"] == name]
+        if all(owned) and len(set.union(*owned)) == sum(map(len, owned)) == PARTITIONS:
+            return [
+                next(k for i in range(999) if murmur2_partition((k := f"acc-{i}").encode(),
+                                                                PARTITIONS) in mine)
+                for mine in owned
+            ]  # fmt: skip
+        time.sleep(0.5)
+    raise AssertionError("the workers did not share the command partitions")
+
+
+def test_a_malformed_command_claims_its_id_so_no_other_worker_decides_it_again(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """A malformed command was rejected under its readable id without claiming it: a
+    well-formed command with that id on a partition another worker decides was then decided
+    as well (its deposit made), two results for one id. Now a malformed record claims its id
+    (with a fingerprint of its bytes) like any command: the later one is a conflict, never
+    executed; and a malformed record reusing an id won elsewhere gets no result of its own."""
+    workers = [WorkerProcess(config, vault, tmp_path / f"w{i}", http=True) for i in (1, 2)]
+    try:
+        for worker in workers:
+            worker.start().wait_http()
+        a, b = keys_owned_by(workers, vault.name)
+        for key in (a, b):
+            opened = client.send(vault.name, key, "bank.OpenAccount", {"owner": key})
+            assert client.wait(opened, 60)["status"] == "accepted"
+        bad = {"key": a, "type": "bank.Deposit", "data": [7]}  # the data is no object
+        record = [(json.dumps({**bad, "command_id": "m-1"}).encode(), [])]
+        produce_raw(config, vault.command_topic, record, key=a.encode())
+        assert client.wait("m-1", 60)["status"] == "rejected"
+        reused = client.send(vault.name, b, "bank.Deposit", {"amount_cents": 7}, command_id="m-1")
+        assert client.wait(reused, 60)["status"] == "conflict"
+        behind = client.send(vault.name, b, "bank.Deposit", {"amount_cents": 1})
+        assert client.wait(behind, 60)["status"] == "accepted"  # decided after the reused id
+        # the other way round: the well-formed one first, then a malformed one elsewhere
+        won = client.send(vault.name, a, "bank.Deposit", {"amount_cents": 5}, command_id="m-2")
+        assert client.wait(won, 60)["status"] == "accepted"
+        record = [(json.dumps({**bad, "command_id": "m-2"}).encode(), [])]
+        produce_raw(config, vault.command_topic, record, key=b.encode())
+        after = client.send(vault.name, b, "bank.Deposit", {"amount_cents": 3})
+        assert client.wait(after, 60)["status"] == "accepted"  # decided after the malformed one
+    finally:
+        for worker in workers:
+            worker.stop()
+    events = read_events(config, vault.events_topic)
+    results = check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert (results["m-1"]["key"], results["m-1"]["status"]) == (a, "rejected")
+    assert (results["m-2"]["key"], results["m-2"]["status"]) == (a, "accepted")
+    assert balances(events) == {a: [0, 5], b: [0, 1, 4]}
 
 
 def test_an_event_whose_key_makes_its_record_too_large_rejects_its_command(
