@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -25,6 +25,14 @@ KAFKA_PREFIX = "REFOLD_KAFKA_"
 DEFAULT_APP_ID = "refold"
 _APP_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _overridden_once: set[tuple[str, str]] = set()  # (property, user value) already warned about
+#: REFOLD_KAFKA_* settings that only the clients asking for them get (`Config.kafka(scoped=)`):
+#: `max.poll.interval.ms` is the command processor's batch budget (refold.engine.
+#: command_limits). Passed to every client, a value below librdkafka's session timeout (45 s)
+#: failed every consumer that keeps that default (claims, results and read-to-end readers) at
+#: creation ("`max.poll.interval.ms` must be >= `session.timeout.ms`"), a worker not starting
+#: at all; a low one put projection runners and dispatchers out of their groups whenever a
+#: batch took longer; and every producer and admin client logged it as ignored.
+SCOPED = frozenset({"max.poll.interval.ms"})
 
 
 def kafka_overrides(env: Mapping[str, str]) -> dict[str, str]:
@@ -142,19 +150,28 @@ class Config:
             ) from exc
 
     def kafka(
-        self, *, defaults: Mapping[str, object] | None = None, **required: object
+        self,
+        *,
+        defaults: Mapping[str, object] | None = None,
+        scoped: Collection[str] = (),
+        **required: object,
     ) -> dict[str, object]:
         """librdkafka settings for one client, layered (later wins): the connection; refold's
-        tuning `defaults` for the client's role; the user's REFOLD_KAFKA_* settings; and what
-        refold `required`s for correctness (group ids, isolation, transactions, acks). A user
-        setting that a required one overrides is logged once as a warning, naming both."""
+        tuning `defaults` for the client's role; the user's REFOLD_KAFKA_* settings, but for
+        the SCOPED ones unless the client names them in `scoped`; and what refold `required`s
+        for correctness (group ids, isolation, transactions, acks). A user setting that a
+        required one overrides is logged once as a warning, naming both."""
         conf: dict[str, object] = {
             "bootstrap.servers": self.bootstrap_servers,
             # librdkafka's own messages go through Python logging ("librdkafka"), not raw stderr.
             "logger": _LIBRDKAFKA_LOG,
         }
         conf.update(defaults or {})
-        conf.update(self.client_overrides)
+        conf.update(
+            (name, value)
+            for name, value in self.client_overrides.items()
+            if name not in SCOPED or name in scoped
+        )
         for name, value in required.items():
             user = self.client_overrides.get(name)
             differs = user is not None and str(user).lower() != str(value).lower()

@@ -186,7 +186,10 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
         return clients.consumer(
             self.config,
             group_id(self.config, self.name),
-            defaults={"session.timeout.ms": 10_000},
+            # no longer than the poll interval, which librdkafka requires (the broker's least
+            # session timeout is 6 s)
+            defaults={"session.timeout.ms": min(10_000, max(6_000, self._budget.interval_ms))},
+            poll_interval=True,  # the batch budget (refold.engine.command_limits)
             # No static membership (group.instance.id): when the group coordinator's node is
             # lost, librdkafka 2.16 heartbeats the new coordinator with an empty member id, is
             # fenced (FENCED_INSTANCE_ID, fatal for the consumer). A restarted worker waits for

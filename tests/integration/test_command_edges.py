@@ -448,3 +448,23 @@ def test_a_decide_still_stuck_when_its_worker_is_killed_is_given_up_after_the_re
         behind: "accepted",
     }
     assert balances(events)["acc-1"] == [0, 10]
+
+
+def test_a_poll_interval_below_the_session_timeout_is_the_command_processor_s_alone(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """REFOLD_KAFKA_MAX_POLL_INTERVAL_MS went to every client: at 7 s, below librdkafka's
+    45 s session timeout that the claims index, the readers and the results index keep, those
+    consumers could not be created ("`max.poll.interval.ms`must be >= `session.timeout.ms`")
+    and the worker did not start. It is the command processor's batch budget only now (its
+    session timeout follows it down); the other clients keep librdkafka's default."""
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True)
+    worker.env["REFOLD_KAFKA_MAX_POLL_INTERVAL_MS"] = "7000"
+    worker.start()
+    try:
+        worker.wait_http()
+        opened = client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+        assert client.wait(opened, 60)["status"] == "accepted"
+    finally:
+        worker.stop()
+    assert "must be >=" not in worker.log.read_text()
