@@ -12,9 +12,10 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
+from refold.core import inputs
 from refold.core.errors import InputError, PublishError, TopicError
 from refold.core.inputs import EventInput, event_from_json
-from refold.core.serde import MAX_EVENT_BYTES, Position
+from refold.core.serde import Position
 from refold.engine.worker import Worker
 from refold.http import answers
 from refold.http.answers import dumps as _dumps
@@ -63,13 +64,9 @@ class EventRoutes:
             event = event_from_json(obj, self.worker.codec)
         except InputError as exc:
             return _error(422, "invalid event", str(exc))
-        size = len(event.value) + len(event.key.encode())
-        if size > MAX_EVENT_BYTES:
-            return _error(
-                413,
-                "event too large",
-                f"the event is {size} bytes encoded; at most {MAX_EVENT_BYTES} fit in a record",
-            )
+        too_large = inputs.too_large(event, self.worker.publisher.source)
+        if too_large is not None:
+            return _error(413, "event too large", too_large)
         try:
             where = await asyncio.get_running_loop().run_in_executor(
                 self._publishing, self._publish, topic, event

@@ -197,7 +197,11 @@ class ProjectionReads:
             for name, d in worker.tasks.dispatchers.items()
             if name in reconcilers
         }
-        return answers.health(states, health.status(), health.summary(), sagas, commands, tasks)
+        summary = health.summary()
+        stuck = {n: p.stats.stuck_decisions for n, p in worker.processors.items()}
+        if any(stuck.values()):  # the partitions go on; a restart frees the threads
+            summary = {**summary, "stuck_decisions": stuck}
+        return answers.health(states, health.status(), summary, sagas, commands, tasks)
 
     async def _as_of(self, runner: Serving, key: str, when: str) -> web.Response:
         """`?as_of=ISO-TIME`: the key's events up to that time, folded from the log."""

@@ -168,6 +168,12 @@ def readable_id(
     return None
 
 
+def malformed_fingerprint(value: bytes | None) -> str:
+    """The fingerprint of a command record that does not parse, for claiming its id like any
+    command's: its bytes, hashed; never equal to a `Command.fingerprint`."""
+    return "malformed-" + hashlib.sha256(value or b"").hexdigest()[:22]
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """The one outcome of a command, as stored on the results topic and answered by the API.
@@ -188,7 +194,8 @@ class CommandResult:
     version: int | None = None
     decided_at_ms: int = 0
     command_position: dict[str, Any] = field(default_factory=dict)
-    #: The decided command's `Command.fingerprint` ("" for a malformed command).
+    #: The decided command's `Command.fingerprint` (`malformed_fingerprint` for a malformed
+    #: command's record; "" in results written before malformed commands were claimed).
     fingerprint: str = ""
 
     def to_json(self) -> dict[str, Any]:

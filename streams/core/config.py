@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -25,6 +25,14 @@ KAFKA_PREFIX = "REFOLD_KAFKA_"
 DEFAULT_APP_ID = "refold"
 _APP_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _overridden_once: set[tuple[str, str]] = set()  # (property, user value) already warned about
+#: REFOLD_KAFKA_* settings that only the clients asking for them get (`Config.kafka(scoped=)`):
+#: `max.poll.interval.ms` is the command processor's batch budget (refold.engine.
+#: command_limits). Passed to every client, a value below librdkafka's session timeout (45 s)
+#: failed every consumer that keeps that default (claims, results and read-to-end readers) at
+#: creation ("`max.poll.interval.ms` must be >= `session.timeout.ms`"), a worker not starting
+#: at all; a low one put projection runners and dispatchers out of their groups whenever a
+#: batch took longer; and every producer and admin client logged it as ignored.
+SCOPED = frozenset({"max.poll.interval.ms"})
 
 
 def kafka_overrides(env: Mapping[str, str]) -> dict[str, str]:
@@ -43,6 +51,18 @@ def check_app_id(app_id: str) -> str:
             hint="it prefixes consumer groups, transactional ids and internal topics",
         )
     return app_id
+
+
+def _seconds(env: Mapping[str, str], name: str, default: str) -> float:
+    """The environment variable `name` as seconds between 0 and a day (exclusive)."""
+    raw = env.get(name) or default
+    try:
+        seconds = float(raw)
+        if not 0 < seconds < 86_400:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{name} must be seconds between 0 and 86400, not {raw!r}") from None
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +85,9 @@ class Config:
     #: Seconds a command waits for a broker that does not answer before it gives up with an
     #: error (REFOLD_BROKER_TIMEOUT): `status`, `tail`, `query --as-of`, `publish`, `command`.
     broker_timeout_s: float = 30.0
+    #: Seconds one command's decision may run before the command processor gives it up and
+    #: rejects the command (REFOLD_DECIDE_TIMEOUT_S; refold.engine.command_watchdog).
+    decide_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -87,17 +110,10 @@ class Config:
             raise ConfigError(
                 f"REFOLD_REBUILD_WRITE_EVERY must be a positive number of events, not {raw_every!r}"
             ) from None
-        raw_timeout = env.get("REFOLD_BROKER_TIMEOUT") or "30"
-        try:
-            broker_timeout = float(raw_timeout)
-            if not 0 < broker_timeout < 86_400:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                f"REFOLD_BROKER_TIMEOUT must be seconds between 0 and 86400, not {raw_timeout!r}"
-            ) from None
+        broker_timeout = _seconds(env, "REFOLD_BROKER_TIMEOUT", "30")
         return cls(
             broker_timeout_s=broker_timeout,
+            decide_timeout_s=_seconds(env, "REFOLD_DECIDE_TIMEOUT_S", "30"),
             app_id=check_app_id(env.get("REFOLD_APP_ID") or DEFAULT_APP_ID),
             client_overrides=kafka_overrides(env),
             data_dir=data_dir,
@@ -134,19 +150,28 @@ class Config:
             ) from exc
 
     def kafka(
-        self, *, defaults: Mapping[str, object] | None = None, **required: object
+        self,
+        *,
+        defaults: Mapping[str, object] | None = None,
+        scoped: Collection[str] = (),
+        **required: object,
     ) -> dict[str, object]:
         """librdkafka settings for one client, layered (later wins): the connection; refold's
-        tuning `defaults` for the client's role; the user's REFOLD_KAFKA_* settings; and what
-        refold `required`s for correctness (group ids, isolation, transactions, acks). A user
-        setting that a required one overrides is logged once as a warning, naming both."""
+        tuning `defaults` for the client's role; the user's REFOLD_KAFKA_* settings, but for
+        the SCOPED ones unless the client names them in `scoped`; and what refold `required`s
+        for correctness (group ids, isolation, transactions, acks). A user setting that a
+        required one overrides is logged once as a warning, naming both."""
         conf: dict[str, object] = {
             "bootstrap.servers": self.bootstrap_servers,
             # librdkafka's own messages go through Python logging ("librdkafka"), not raw stderr.
             "logger": _LIBRDKAFKA_LOG,
         }
         conf.update(defaults or {})
-        conf.update(self.client_overrides)
+        conf.update(
+            (name, value)
+            for name, value in self.client_overrides.items()
+            if name not in SCOPED or name in scoped
+        )
         for name, value in required.items():
             user = self.client_overrides.get(name)
             differs = user is not None and str(user).lower() != str(value).lower()

@@ -13,6 +13,7 @@ of one type and only swaps the id); readers get the attributes back with `read`.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -91,6 +92,20 @@ def headers(
     )
     out[ID_SLOT] = (ID, (id or random_uuid()).encode())
     return out
+
+
+def default_source() -> str:
+    """The `ce_source` of events a publisher sends when it is given none: this host."""
+    return f"refold://{socket.gethostname()}"
+
+
+def record_size(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None
+) -> int:
+    """What a record weighs against Kafka's size limits, counted as Kafka counts it: key,
+    value and headers (names and values). Every size check of refold counts so."""
+    total = len(key or b"") + len(value or b"")
+    return total + sum(len(name.encode()) + len(raw or b"") for name, raw in headers or ())
 
 
 def size(

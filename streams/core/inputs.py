@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from refold.core import envelope
 from refold.core.errors import EncodeError, InputError, SchemaError
 from refold.core.fastencode import generate
 from refold.core.serde import MAGIC, MAX_EVENT_BYTES, Codec
@@ -126,12 +127,22 @@ def line_event(obj: Any, codec: Codec) -> EventInput | str:
     return too_large(event) or event
 
 
-def too_large(event: EventInput) -> str | None:
-    """Why no Kafka record carries `event`, or None."""
-    size = len(event.value) + len(event.key.encode())
+def too_large(event: EventInput, source: str | None = None) -> str | None:
+    """Why no Kafka record carries `event`, or None: counted as Kafka counts it, with the
+    envelope a publisher of `source` (by default: of this host, as `Publisher`'s) gives it."""
+    size = record_bytes(event, source)
     if size > MAX_EVENT_BYTES:
-        return f"the event is {size} bytes encoded; at most {MAX_EVENT_BYTES} fit in a record"
+        return (
+            f"the event is {size} bytes as a record (key, value and headers); "
+            f"at most {MAX_EVENT_BYTES} fit in a record"
+        )
     return None
+
+
+def record_bytes(event: EventInput, source: str | None = None) -> int:
+    """The record `event` makes when published (the envelope's id and time have one length)."""
+    headers = envelope.size(event.type, source=source or envelope.default_source())
+    return len(event.key.encode()) + len(event.value) + headers
 
 
 @dataclass(slots=True)
@@ -166,6 +177,8 @@ class LineEncoder:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self._specs: dict[str, _Spec | None] = {}
+        # what the fast path leaves for key and value: the envelope goes in the record too
+        self._room: dict[str, int] = {}
 
     def _spec(self, type_name: str) -> _Spec | None:
         """The field names and fast encoder of a known type; None for an unknown one."""
@@ -179,6 +192,8 @@ class LineEncoder:
             fast = generate(sv.schema, MAGIC + sv.fingerprint)
             reals = any(_REALS & set(_type_names(f["type"])) for f in sv.schema.get("fields", ()))
             self._specs[type_name] = (frozenset(event_type.field_names), fast or _never, reals)
+            source = envelope.default_source()
+            self._room[type_name] = MAX_EVENT_BYTES - envelope.size(type_name, source=source)
         return self._specs[type_name]
 
     def encode(self, chunk: bytes, first_line: int = 1) -> tuple[EncodedBatch, list[LineProblem]]:
@@ -208,7 +223,7 @@ class LineEncoder:
                             if (
                                 value is not None
                                 and not (spec[2] and big(raw))
-                                and len(value) + 4 * len(k) <= MAX_EVENT_BYTES
+                                and len(value) + 4 * len(k) <= self._room[t]
                             ):
                                 types.append(t)
                                 keys.append(k)

@@ -153,7 +153,7 @@ class Output:
             current_version=decision.current_version,
             version=decision.version,
             decided_at_ms=now_ms,
-            fingerprint=record.command.fingerprint if record.command is not None else "",
+            fingerprint=record.fingerprint,
             command_position={
                 "topic": record.topic,
                 "partition": record.partition,

@@ -38,6 +38,9 @@ The transactional.id is stable per worker data directory, so a restarted worker 
 predecessor and aborts its open transaction at once. A batch decided and committed in longer than
 the consumer's max.poll.interval.ms fails (the consumer was put out of its group); it is decided
 again with its slow commands rejected, or in smaller batches (refold.engine.command_limits).
+Each batch is decided in a thread of its own: a command whose decision does not return within
+REFOLD_DECIDE_TIMEOUT_S is given up and rejected, the rest decided again without it
+(refold.engine.command_watchdog).
 """
 
 from __future__ import annotations
@@ -61,7 +64,13 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from refold.core.commands import Command, CommandResult, Decider, readable_id
+from refold.core.commands import (
+    Command,
+    CommandResult,
+    Decider,
+    malformed_fingerprint,
+    readable_id,
+)
 from refold.core.config import Config
 from refold.core.errors import CommandError, InputError
 from refold.core.serde import Codec, Event
@@ -72,6 +81,7 @@ from refold.engine.command_catchup import CatchUp
 from refold.engine.command_limits import PollBudget, Position, SizeLimits
 from refold.engine.command_output import Abort, Box, Deliveries, Output
 from refold.engine.command_timing import StepTimes
+from refold.engine.command_watchdog import DecideHung, DecideThread
 from refold.engine.decisions import (
     Aggregate,
     BatchDecision,
@@ -112,6 +122,10 @@ class ProcessorStats:
     skipped_events: int = 0
     transactions: int = 0
     aborts: int = 0
+    #: decisions given up for running past REFOLD_DECIDE_TIMEOUT_S (their commands rejected)
+    decide_timeouts: int = 0
+    #: threads still stuck in such a decision (Python cannot stop them; a restart does)
+    stuck_decisions: int = 0
     #: failed steps tried again (catch-up, rewind, new producer, starting transactions)
     retries: int = 0
     assigned: tuple[int, ...] = ()
@@ -144,6 +158,10 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
         self._timed: list[tuple[CommandRecord, float]] = []
         #: commands to reject when their batch is decided again (refold.engine.command_limits)
         self._refusals: dict[Position, str] = {}
+        # The thread that decides each batch, watched (refold.engine.command_watchdog); the
+        # ones given up while stuck in a decision, until their call returns.
+        self._deciding = self._new_decide_thread()
+        self._abandoned: list[DecideThread] = []
         path = store_dir(config, self.name)
         instance = stable_instance_id(path)
         self.store = RocksStore.open(path)
@@ -168,7 +186,10 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
         return clients.consumer(
             self.config,
             group_id(self.config, self.name),
-            defaults={"session.timeout.ms": 10_000},
+            # no longer than the poll interval, which librdkafka requires (the broker's least
+            # session timeout is 6 s)
+            defaults={"session.timeout.ms": min(10_000, max(6_000, self._budget.interval_ms))},
+            poll_interval=True,  # the batch budget (refold.engine.command_limits)
             # No static membership (group.instance.id): when the group coordinator's node is
             # lost, librdkafka 2.16 heartbeats the new coordinator with an empty member id, is
             # fenced (FENCED_INSTANCE_ID, fatal for the consumer). A restarted worker waits for
@@ -223,6 +244,8 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
             self._subscribe()
             self.stats.state = "running"
             while not self._stop.is_set():
+                if self._abandoned:
+                    self._count_stuck()
                 first = self._consumer.poll(0.1)
                 if first is None:
                     continue
@@ -243,6 +266,7 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
         if self.stats.state != "failed":
             self.stats.state = "stopped"
         self._claimer.shutdown(wait=True)
+        self._deciding.close()
         for close in (
             self._consumer.close,
             self._reader.close,
@@ -299,6 +323,8 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
         except Stuck as exc:
             self._overran(len(good), polled)
             self._recover(str(exc), fatal=True)
+        except DecideHung as exc:
+            self._gave_up(exc)
         except KafkaException as exc:
             self._overran(len(good), polled)
             self._recover(str(exc.args[0]), fatal=exc.args[0].fatal())
@@ -323,6 +349,36 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
             self._budget.batch,
         )
         self._refuse(refusals)
+
+    def _new_decide_thread(self) -> DecideThread:
+        return DecideThread(f"decide-{self.name}", self.config.decide_timeout_s)
+
+    def _gave_up(self, hung: DecideHung) -> None:
+        """A decision ran past REFOLD_DECIDE_TIMEOUT_S: leave its thread behind (it holds no
+        client and no store), decide the batch again in a new one with that command rejected.
+        No transaction is open yet (decisions come before it); claims already sent stand."""
+        record = hung.record
+        log.error(
+            "commands %s: decide for command %r at %s[%d]@%d did not return within %g s; the "
+            "command is rejected and its thread left behind (Python cannot stop it), stuck "
+            "at:\n%s",
+            self.name,
+            record.command_id,
+            *record.position,
+            hung.timeout_s,
+            hung.stack,
+        )
+        self.stats.decide_timeouts += 1
+        self.stats.aborts += 1
+        self._abandoned.append(self._deciding)
+        self._deciding = self._new_decide_thread()
+        self._count_stuck()
+        self._refuse({record.position: hung.reason})
+        self._retrying("the rewind", self._rewind)
+
+    def _count_stuck(self) -> None:
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        self.stats.stuck_decisions = len(self._abandoned)
 
     @property
     def _label(self) -> str:
@@ -364,31 +420,34 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
                 timing.add("queued", started * 1000 - stamp)
         records = [_record(msg) for msg in msgs]
         decided_at = self._decided_at({r.command_id for r in records})
-        new = [
-            r.command
-            for r in records
-            if r.command and not r.problem and r.command_id not in decided_at
-        ]
+        new: dict[str, CommandRecord] = {}  # the first record of each new id, malformed or not
+        for r in records:
+            if r.command_id not in decided_at:
+                new.setdefault(r.command_id, r)
         # Claims travel while the batch is decided and its events sent (see _check_claims);
         # the decision assumes each new id is won by its command unless the index knows better.
-        claiming = self._claimer.submit(self._claim, new) if new else None
+        claiming = self._claimer.submit(self._claim, new.values()) if new else None
         known = {}
-        for command in new:
-            claim = self._claims.first(command.command_id)
+        for cid in new:
+            claim = self._claims.first(cid)
             if claim is not None:
-                known[command.command_id] = claim["fingerprint"]
-        assumed = {c.command_id: known.get(c.command_id, c.fingerprint) for c in new}
+                known[cid] = claim["fingerprint"]
+        assumed = {cid: known.get(cid, r.fingerprint) for cid, r in new.items()}
         now_ms = int(time.time() * 1000)
-        batch = decide_batch(
-            self.decider,
-            self._check_event,
-            records,
-            self._states_of({r.key for r in records}),
-            decided_at,
-            claims=known,
-            refused=self._refusals,
-            horizon_ms=now_ms - self.decider.result_retention_ms,
-            now_ms=now_ms,
+        states = self._states_of({r.key for r in records})
+        batch = self._deciding.run(
+            lambda progress: decide_batch(
+                self.decider,
+                self._check_event,
+                records,
+                states,
+                decided_at,
+                claims=known,
+                refused=self._refusals,
+                horizon_ms=now_ms - self.decider.result_retention_ms,
+                now_ms=now_ms,
+                progress=progress,
+            )
         )
         self._timed = batch.timed
         self.stats.duplicates += batch.duplicates
@@ -437,11 +496,18 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
             self._cache[raw_key[len(_AGG) :]] = wrapper
         return {key: self._cache[key] for key in keys if key in self._cache}
 
-    def _claim(self, commands: Iterable[Command]) -> dict[str, dict[str, Any]]:
-        """The first claim of each new command id (refold.engine.claims); an index that cannot
-        answer aborts the batch, to be retried, rather than deciding without it."""
+    def _claim(self, records: Iterable[CommandRecord]) -> dict[str, dict[str, Any]]:
+        """The first claim of each new command id (refold.engine.claims), a malformed command's
+        too (else a well-formed command with its id could be decided on another partition, a
+        second result for one id); an index that cannot answer aborts the batch, to be
+        retried, rather than deciding without it."""
         try:
-            return self._claims.claim(ClaimRequest.of(c) for c in commands)
+            return self._claims.claim(
+                ClaimRequest(
+                    r.command_id, r.fingerprint, r.key, r.command.type if r.command else ""
+                )
+                for r in records
+            )
         except CommandError as exc:
             raise Abort(str(exc)) from exc
 
@@ -527,7 +593,8 @@ def _record(msg: Message) -> CommandRecord:
     except InputError as exc:
         cid = readable_id(msg.value(), msg.headers()) or f"{topic}-{partition}-{offset}"
         problem = f"malformed command: {exc}"
-        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset)
+        malformed = malformed_fingerprint(msg.value())
+        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset, malformed)
     return CommandRecord(command.command_id, command, "", msg.key(), topic, partition, offset)
 
 

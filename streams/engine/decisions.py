@@ -7,7 +7,8 @@ Rules, applied to a batch's commands in order (step 3 of the processor):
 - a command id decided before (its result is within the idempotency window) or earlier in the
   same batch is a duplicate: no decision, nothing emitted, the first result stands;
 - a command whose id was first claimed by another command (another fingerprint, see
-  `refold.engine.claims`) is a conflict: never decided here, no result of its own;
+  `refold.engine.claims`; a malformed command's is that of its bytes) is a conflict: never
+  decided here, no result of its own;
 - a malformed command, or one whose record key differs from its key, is rejected;
 - a command for a key the decider has no initial state for (`initial` raised) is rejected;
 - a command the processor refused (its events cannot be written) is rejected with the reason;
@@ -42,7 +43,8 @@ EventCheck = Callable[[Command, str, Any], None]
 @dataclass(frozen=True, slots=True)
 class CommandRecord:
     """A command as read from its topic: the parsed command (None when malformed, with the
-    `problem`), the record's own key and its position."""
+    `problem` and the `malformed` fingerprint of its bytes), the record's own key and its
+    position."""
 
     command_id: str
     command: Command | None
@@ -51,6 +53,12 @@ class CommandRecord:
     topic: str
     partition: int
     offset: int
+    malformed: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """What its id is claimed with (refold.engine.claims), malformed or not."""
+        return self.command.fingerprint if self.command is not None else self.malformed
 
     @property
     def position(self) -> tuple[str, int, int]:
@@ -96,6 +104,16 @@ class BatchDecision:
     timed: list[tuple[CommandRecord, float]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Progress:
+    """Which command `decide_batch` is deciding, for a watchdog in another thread
+    (refold.engine.command_watchdog): its record and since when (time.monotonic), None between
+    commands; `cancelled` makes a batch whose decision was given up stop at the next command."""
+
+    current: tuple[CommandRecord, float] | None = None
+    cancelled: bool = False
+
+
 def new_aggregate(decider: Decider, key: str) -> Aggregate:
     """The aggregate of a key without events; CommandError when the decider's `initial` fails
     or gives a state that cannot be stored (a bug in user code must not stop the processor)."""
@@ -121,24 +139,30 @@ def decide_batch(
     refused: Mapping[tuple[str, int, int], str] | None = None,
     horizon_ms: float,
     now_ms: int,
+    progress: Progress | None = None,
 ) -> BatchDecision:
     """Decide `records` in order. `states` holds the committed state of each key (a key
     missing there has no events yet); `decided_at` maps command ids that already have a result
     to when they were decided; results older than `horizon_ms` no longer count; `claims` maps
     command ids to the fingerprint of their first claim; `refused` maps the positions of
     commands to reject without deciding them to the reason (the processor learned that their
-    transaction cannot commit). The inputs are not modified."""
+    transaction cannot commit). The inputs are not modified. `progress`, if given, says which
+    command is being decided (the decider's `initial`, `decide` and fold)."""
     batch = BatchDecision()
     seen: set[str] = set()
+    progress = progress or Progress()
     for record in records:
+        if progress.cancelled:  # given up by the watchdog: nobody reads this batch
+            break
+        progress.current = (record, time.monotonic())
         cid = record.command_id
         first = decided_at.get(cid)
         if cid in seen or (first is not None and first >= horizon_ms):
             batch.duplicates += 1
             continue
         seen.add(cid)
-        command, winner = record.command, (claims or {}).get(cid)
-        if command is not None and winner and winner != command.fingerprint:
+        winner = (claims or {}).get(cid)
+        if winner and winner != record.fingerprint:
             batch.conflicts += 1  # the id means another command: never executed here
             continue
         key = record.key
@@ -164,6 +188,7 @@ def decide_batch(
                 batch.after[key] = _refold(decider, batch.before[key], key, accepted, now_ms)
                 decision = Decision(record, decision.version - len(decision.events), reason=problem)
         batch.decisions.append(decision)
+    progress.current = None
     return batch
 
 

@@ -41,6 +41,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from refold.core import envelope
 from refold.core.config import Config
 from refold.core.errors import DecodeError
 from refold.core.projection import Projection
@@ -95,6 +96,13 @@ def ensure_repartition_topic(config: Config, projection: Projection, version: in
     count = max(topics.partitions(t) for t in projection.topics)
     topics.ensure([repartition_spec(topic, count)])
     return topic
+
+
+def routed_headers(msg: Message, event: Event) -> list[tuple[str, bytes | None]]:
+    """The headers of a routed record: the source record's, then the source event's position
+    and key (last: `source_of` looks there first)."""
+    source = f"{event.topic}:{event.partition}:{event.offset}:{event.key}".encode()
+    return [*(msg.headers() or ()), (SOURCE_HEADER, source)]
 
 
 def source_of(msg: Message) -> tuple[str, int, int, str] | None:
@@ -255,11 +263,16 @@ class Repartitioner(BoundedTransactions):
             else:
                 new[event.key] = key
             raw = key.encode()
-            # The routed record holds the new key, the value and the old key (its source
-            # header): one the producer refuses would abort every try of this transaction.
-            size = len(raw) + len(msg.value() or b"") + len(event.key)
+            # The routed record holds the new key, the value, the source record's headers and
+            # its own (the source event): one the producer refuses would abort every try of
+            # this transaction. Counted as Kafka counts it, headers too (a foreign record's
+            # may be large).
+            size = envelope.record_size(raw, msg.value(), routed_headers(msg, event))
             if size > MAX_EVENT_BYTES:
-                reason = f"the re-keyed record is {size} bytes; at most {MAX_EVENT_BYTES} fit"
+                reason = (
+                    f"the re-keyed record is {size} bytes (key, value and headers); "
+                    f"at most {MAX_EVENT_BYTES} fit"
+                )
                 dead.append((msg, f"{reason} in a record"))
                 continue
             routed.append((raw, msg, event))
@@ -379,21 +392,23 @@ class Repartitioner(BoundedTransactions):
         producer = self._producer
         producer.begin_transaction()
         for key, msg, event in routed:
-            source = f"{event.topic}:{event.partition}:{event.offset}:{event.key}".encode()
-            headers = msg.headers() or []
-            headers.append((SOURCE_HEADER, source))  # last: `source_of` looks there first
+            headers = routed_headers(msg, event)
             self._produce(self.topic, msg.value(), key, headers, msg.timestamp()[1])
         for msg, reason in dead:
             log.warning("%s: dead-lettering %s[%d]@%d: %s", self.name, *_where(msg), reason)
-            headers = [
-                *(msg.headers() or ()),
+            where = [
                 ("refold_dlq_reason", reason.encode()),
                 ("refold_dlq_projection", f"{self.projection.name}.v{self.version}".encode()),
                 ("refold_dlq_topic", msg.topic().encode()),
                 ("refold_dlq_partition", str(msg.partition()).encode()),
                 ("refold_dlq_offset", str(msg.offset()).encode()),
             ]
-            self._produce(self.dlq_topic, msg.value(), msg.key(), headers, 0)
+            value, headers = msg.value(), [*(msg.headers() or ()), *where]
+            size = envelope.record_size(msg.key(), value, headers)
+            if size > MAX_EVENT_BYTES:  # refused too, for ever: the position finds the bytes
+                dropped = f"value and headers left out: {size} bytes with them, over a record"
+                value, headers = None, [*where, ("refold_dlq_dropped", dropped.encode())]
+            self._produce(self.dlq_topic, value, msg.key(), headers, 0)
         offsets = [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
         metadata = self._consumer.consumer_group_metadata()
         send = producer.send_offsets_to_transaction

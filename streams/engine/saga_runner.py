@@ -81,9 +81,10 @@ PAGE = 1000
 SEND_TIMEOUT_S = 30.0
 FENCE = "refold.sagas.Fence"  # the type of the claim that fences a timed-out step's command
 CHAIN = 8  # decisions one sweep may chain for a saga (a transfer needs at most 2 in a row)
-#: Sagas a runner remembers command ids of, per kind (sent here, claimed by the processor,
-#: unsendable), at most: the oldest forgotten first (see `PerSaga`).
-MAX_SAGAS_REMEMBERED = 10_000
+#: Commands a sweep re-sends at most: those its sagas wait on that this runner did not send
+#: (after a restart, a rebalance, a send that failed). The rest go in the next sweeps, so a
+#: worker that takes over many waiting sagas re-sends each once, this many every 0.2 s.
+RESEND_PER_SWEEP = 1000
 
 
 @dataclass(slots=True)
@@ -102,53 +103,44 @@ class SagaRunnerStats:
     unsendable: int = 0  # sagas with commands answered here as rejected, not ended yet
     sent_here: int = 0  # sagas with commands this runner sent, not ended yet
     claimed: int = 0  # sagas with timed-out commands the processor claimed first, not ended yet
-    forgotten: int = 0  # sagas forgotten past MAX_SAGAS_REMEMBERED while not seen ended
+    resend_deferred: int = 0  # waiting commands left to re-send by a later sweep (the cap)
+    unfolded: int = 0  # sagas with events appended here that the fold does not show yet
     ready: tuple[int, ...] = ()  # the owned partitions whose state is caught up
 
 
 class PerSaga:
-    """What a runner remembers about the commands of the sagas it drives, per saga, bounded
-    for a runner that runs for months: a saga's entries go once a sweep sees it ended (nothing
-    of its is asked after that), or when another worker drives its partition, and past `limit`
-    sagas the oldest (first remembered) go first. What forgetting one too early costs is the
-    subclass's to say; it must cost work, never correctness."""
+    """What a runner remembers about the commands of the sagas it drives, per saga: bounded by
+    the open sagas of the partitions it drives (which each sweep reads anyway), for a runner
+    that runs for months. A saga's entries go once a sweep sees it ended, or no longer sees it
+    open in a partition it drives (`keep`: another worker drives it now). There is no fixed
+    limit: one (10,000 sagas, the oldest forgotten first) made a runner with more sagas
+    waiting than that re-send the forgotten ones on every sweep, remembering them anew in
+    place of others, for ever."""
 
-    def __init__(self, limit: int = MAX_SAGAS_REMEMBERED) -> None:
-        self._limit = limit
-        self._by_saga: dict[str, dict[str, Any]] = {}  # in the order first remembered
-        self.forgotten = 0  # sagas forgotten past the limit
+    def __init__(self) -> None:
+        self._by_saga: dict[str, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         """How many sagas have commands remembered."""
         return len(self._by_saga)
 
     def _put(self, saga_id: str, command_id: str, value: Any) -> None:
-        commands = self._by_saga.get(saga_id)
-        if commands is None:
-            while len(self._by_saga) >= self._limit:
-                del self._by_saga[next(iter(self._by_saga))]
-                self.forgotten += 1
-            commands = self._by_saga[saga_id] = {}
-        commands[command_id] = value
+        self._by_saga.setdefault(saga_id, {})[command_id] = value
 
     def _get(self, saga_id: str, command_id: str) -> Any:
         commands = self._by_saga.get(saga_id)
         return None if commands is None else commands.get(command_id)
 
-    def ended(self, saga_id: str) -> None:
-        """The saga has ended: nothing of its will be asked again."""
-        self._by_saga.pop(saga_id, None)
-
     def keep(self, wanted: Callable[[str], bool]) -> None:
-        """Forget the sagas `wanted` refuses (those of partitions this runner lost)."""
-        self._by_saga = {s: c for s, c in self._by_saga.items() if wanted(s)}
+        """Forget the sagas `wanted` refuses (ended, or of partitions this runner lost)."""
+        if any(not wanted(s) for s in self._by_saga):
+            self._by_saga = {s: c for s, c in self._by_saga.items() if wanted(s)}
 
 
 class Unsendable(PerSaga):
     """Commands no record can carry (an aggregate the app cannot send to, too large, not
     UTF-8), answered here as rejected since no processor ever will (a compensation would wait
-    for ever). One forgotten while its saga still waits on it is sent again, found unsendable
-    again, remembered anew."""
+    for ever)."""
 
     def add(self, saga_id: str, command_id: str, reason: str) -> None:
         self._put(saga_id, command_id, {"status": "rejected", "reason": reason})
@@ -198,14 +190,15 @@ class SagaRunner:
         self._ends: dict[int, int] = {}  # owned partition -> its end when this runner got it
         self._ready: dict[int, int] = {}  # caught-up partition -> since when (epoch ms)
         #: Timed-out commands the processor claimed first: their result will come, so they
-        #: are not fenced again. One forgotten is claimed again (one more record on the claims
-        #: topic), the processor's first claim still wins, and it is remembered anew.
+        #: are not fenced again.
         self._claimed = CommandIds()
-        self._pending: dict[str, int] = {}  # saga id -> its event count when we last appended
+        #: saga id -> its event count when we last appended (4.); pruned like the memories
+        self._pending: dict[str, int] = {}
         #: Commands this runner sent: those a saga waits on that it did not send (a restart, a
-        #: rebalance, a send that failed) are re-sent once (3.). One forgotten while its saga
-        #: waits is re-sent: a duplicate the processor's claims answer with the first result.
+        #: rebalance, a send that failed) are re-sent once (3.), at most RESEND_PER_SWEEP a
+        #: sweep (a duplicate the processor's claims answer with the first result).
         self._sent_here = CommandIds()
+        self._resends = RESEND_PER_SWEEP  # left in this sweep
         self._unsendable = Unsendable()  # commands answered here as rejected (see the class)
         self._memories: tuple[PerSaga, ...] = (self._sent_here, self._claimed, self._unsendable)
         self._wake = threading.Event()
@@ -251,28 +244,32 @@ class SagaRunner:
             return
         acks = Acks()
         outbox: list[tuple[str, Outgoing]] = []  # (saga id, command)
+        driven: set[str] = set()  # the open sagas of the partitions this runner drives
+        self._resends, self.stats.resend_deferred = RESEND_PER_SWEEP, 0
         after: str | None = None
         while True:
             page = runner.store.scan("", after, PAGE)
             for saga_id, state in page:
                 if state.get("status") in TERMINAL:
-                    self._pending.pop(saga_id, None)
-                    for memory in self._memories:
-                        memory.ended(saga_id)
-                else:
-                    since = ready.get(self._partition(saga_id))
-                    if since is not None:
-                        drive = self._drive(saga_id, state, now_ms, since, acks)
-                        outbox += [(saga_id, out) for out in drive]
+                    continue
+                since = ready.get(self._partition(saga_id))
+                if since is not None:
+                    driven.add(saga_id)
+                    drive = self._drive(saga_id, state, now_ms, since, acks)
+                    outbox += [(saga_id, out) for out in drive]
             if len(page) < PAGE:
                 break
             after = page[-1][0]
+        # What is remembered of sagas ended, gone or driven elsewhere now goes.
+        for memory in self._memories:
+            memory.keep(driven.__contains__)
+        self._pending = {s: n for s, n in self._pending.items() if s in driven}
         acks.wait(self._producer, f"events of saga {self.saga.name!r}")
         self._send(outbox)
         self.stats.unsendable = len(self._unsendable)
         self.stats.sent_here = len(self._sent_here)
         self.stats.claimed = len(self._claimed)
-        self.stats.forgotten = sum(memory.forgotten for memory in self._memories)
+        self.stats.unfolded = len(self._pending)
         self.stats.sweeps += 1
 
     def _caught_up(self, runner: Serving) -> dict[int, int]:
@@ -283,9 +280,12 @@ class SagaRunner:
         for p in lost:
             del self._ends[p]
             self._ready.pop(p, None)
-        if lost:
+        if lost:  # (a sweep prunes too, but sweeps nothing while no partition is ready)
             for memory in self._memories:
                 memory.keep(lambda saga_id: self._partition(saga_id) not in lost)
+            self._pending = {
+                s: n for s, n in self._pending.items() if self._partition(s) not in lost
+            }
         for p in owned - set(self._ends):
             _low, high = self._watermarks.get_watermark_offsets(
                 TopicPartition(topic, p), timeout=10
@@ -333,6 +333,9 @@ class SagaRunner:
             if step.events and saga_id not in self._pending:
                 self._pending[saga_id] = state["events"]  # the store's count, before them
             resend = [o for o in step.waiting if not self._sent_here.has(saga_id, o.command_id)]
+            self.stats.resend_deferred += max(0, len(resend) - self._resends)
+            resend = resend[: self._resends]  # the rest in a later sweep
+            self._resends -= len(resend)
             self.stats.resent += len(resend)
             outbox += [*step.commands, *resend]
             if not step.events or step.commands or step.waiting or step.fence is not None:

@@ -266,10 +266,20 @@ def metrics_text(
             "Events read back that the decider could not fold or whose state could not be stored.",
             "skipped_events",
         ),
+        (
+            "refold_command_decide_timeouts_total",
+            "Decisions given up past REFOLD_DECIDE_TIMEOUT_S, their commands rejected.",
+            "decide_timeouts",
+        ),
+        (
+            "refold_command_stuck_decisions",
+            "Threads still stuck in a decision that was given up (a restart frees them).",
+            "stuck_decisions",
+        ),
     ):
         family(
             name,
-            "counter",
+            "gauge" if name == "refold_command_stuck_decisions" else "counter",
             doc,
             [({"aggregate": n}, getattr(p.stats, attr)) for n, p in sorted(processors.items())],
         )

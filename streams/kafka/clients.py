@@ -68,7 +68,8 @@ def producer(
     if transactional_id is not None:
         needed["transactional.id"] = transactional_id
         tuning.update(TRANSACTIONAL_TUNING)
-    return Producer(config.kafka(defaults={**tuning, **(defaults or {})}, **needed))
+    tuning.update(defaults or {})
+    return Producer(config.kafka(defaults=tuning, scoped=(), **needed))
 
 
 def consumer(
@@ -77,8 +78,11 @@ def consumer(
     *,
     defaults: Mapping[str, object] | None = None,
     required: Mapping[str, object] | None = None,
+    poll_interval: bool = False,
 ) -> Consumer:
     """A consumer in `group` (build it with `config.group(...)`), offsets kept by the caller.
+    `poll_interval`: the user's REFOLD_KAFKA_MAX_POLL_INTERVAL_MS applies (the command
+    processor's consumer); every other keeps librdkafka's 300 s (`refold.core.config.SCOPED`).
 
     Consumers long-poll (librdkafka's `fetch.wait.max.ms`, 500 ms): a waiting fetch is answered
     as soon as a record lands (read_committed: as soon as its transaction commits), 0.1-0.8 ms
@@ -86,7 +90,8 @@ def consumer(
     but a fetch request every few ms per idle consumer: an idle bank worker sent 617 fetches/s,
     which held 16% of a core of the broker (5% with long polls)."""
     needed: dict[str, object] = {**CONSUMER_REQUIRED, "group.id": group, **(required or {})}
-    return Consumer(config.kafka(defaults=defaults, **needed))
+    scoped = ("max.poll.interval.ms",) if poll_interval else ()
+    return Consumer(config.kafka(defaults=defaults, scoped=scoped, **needed))
 
 
 #: What every share consumer needs: refold acknowledges each record itself.
@@ -99,7 +104,7 @@ def share_consumer(
     """A share consumer in `group` (`config.group(...)`). The group's own settings (offset
     reset, isolation, record lock) are group configs, set through the admin client."""
     needed: dict[str, object] = {**SHARE_CONSUMER_REQUIRED, "group.id": group}
-    return ShareConsumer(config.kafka(defaults=defaults, **needed))
+    return ShareConsumer(config.kafka(defaults=defaults, scoped=(), **needed))
 
 
 def admin(config: Config, **defaults: object) -> AdminClient:

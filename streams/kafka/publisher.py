@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -99,7 +98,7 @@ class Publisher:
         producer_conf: dict[str, object] | None = None,
     ) -> None:
         codec = self.codec = codec or codec_for(config)
-        self.source = source or f"refold://{socket.gethostname()}"
+        self.source = source or envelope.default_source()
         self._topics = Topics(config)
         self._registry = SchemaRegistry(config, codec.catalog)
         # Event ids: a random per-publisher prefix and a counter, unique per source as CloudEvents

@@ -1,5 +1,6 @@
 """The command path at its edges, against the real broker: records the broker refuses, a
-decider slower than the consumer's poll interval, malformed commands and their ids.
+decider slower than the consumer's poll interval or one that never returns, malformed commands
+and their ids.
 
 Each test runs `refold worker` (tests/integration/apps/vault.py: the bank's rules on the test's
 own topics) and asks for results as a caller would, through `POST /commands` and
@@ -11,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
+import urllib.request
 from typing import Any
 from urllib.parse import quote
 
@@ -24,8 +27,10 @@ from confluent_kafka.admin import (
 )
 from refold.core.commands import Decider
 from refold.core.config import Config
+from refold.engine.timetravel import murmur2_partition
 from refold.kafka.command_client import CommandClient
 
+from tests.integration.conftest import PARTITIONS
 from tests.integration.test_command_ids import two_keys_in_different_partitions
 from tests.integration.test_commands import (
     WorkerProcess,
@@ -38,9 +43,11 @@ from tests.integration.test_commands import (
 WAIT = "?wait_ms=30000"
 
 
-def produce_raw(config: Config, topic: str, records: list[tuple[bytes, list]]) -> list[str]:
-    """Write command records around the API, as any Kafka client can (key `acc-1`, so they land
-    in its partition); their positions as `<topic>-<partition>-<offset>`."""
+def produce_raw(
+    config: Config, topic: str, records: list[tuple[bytes, list]], key: bytes = b"acc-1"
+) -> list[str]:
+    """Write command records around the API, as any Kafka client can (key `acc-1` unless told,
+    so they land in its partition); their positions as `<topic>-<partition>-<offset>`."""
     producer = Producer(
         {"bootstrap.servers": config.bootstrap_servers, "partitioner": "murmur2_random"}
     )
@@ -51,7 +58,7 @@ def produce_raw(config: Config, topic: str, records: list[tuple[bytes, list]]) -
         where.append(f"{msg.topic()}-{msg.partition()}-{msg.offset()}")
 
     for value, headers in records:
-        producer.produce(topic, value, b"acc-1", headers=headers, on_delivery=delivered)
+        producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
         producer.flush(30)  # one at a time: `where` is in the records' order
     return where
 
@@ -259,6 +266,66 @@ def test_a_malformed_command_is_answered_under_its_id_when_it_has_one(
         worker.stop()
 
 
+def keys_owned_by(workers: list[WorkerProcess], name: str) -> list[str]:
+    """Once the workers' processors share the command partitions, one key per worker in a
+    partition it decides (their `/dashboard.json`)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        owned = []
+        for worker in workers:
+            _status, page = worker.http("GET", "/dashboard.json")
+            owned += [set(c["partitions"]) for c in page["commands"] if c["name"] == name]
+        if all(owned) and len(set.union(*owned)) == sum(map(len, owned)) == PARTITIONS:
+            return [
+                next(k for i in range(999) if murmur2_partition((k := f"acc-{i}").encode(),
+                                                                PARTITIONS) in mine)
+                for mine in owned
+            ]  # fmt: skip
+        time.sleep(0.5)
+    raise AssertionError("the workers did not share the command partitions")
+
+
+def test_a_malformed_command_claims_its_id_so_no_other_worker_decides_it_again(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """A malformed command was rejected under its readable id without claiming it: a
+    well-formed command with that id on a partition another worker decides was then decided
+    as well (its deposit made), two results for one id. Now a malformed record claims its id
+    (with a fingerprint of its bytes) like any command: the later one is a conflict, never
+    executed; and a malformed record reusing an id won elsewhere gets no result of its own."""
+    workers = [WorkerProcess(config, vault, tmp_path / f"w{i}", http=True) for i in (1, 2)]
+    try:
+        for worker in workers:
+            worker.start().wait_http()
+        a, b = keys_owned_by(workers, vault.name)
+        for key in (a, b):
+            opened = client.send(vault.name, key, "bank.OpenAccount", {"owner": key})
+            assert client.wait(opened, 60)["status"] == "accepted"
+        bad = {"key": a, "type": "bank.Deposit", "data": [7]}  # the data is no object
+        record = [(json.dumps({**bad, "command_id": "m-1"}).encode(), [])]
+        produce_raw(config, vault.command_topic, record, key=a.encode())
+        assert client.wait("m-1", 60)["status"] == "rejected"
+        reused = client.send(vault.name, b, "bank.Deposit", {"amount_cents": 7}, command_id="m-1")
+        assert client.wait(reused, 60)["status"] == "conflict"
+        behind = client.send(vault.name, b, "bank.Deposit", {"amount_cents": 1})
+        assert client.wait(behind, 60)["status"] == "accepted"  # decided after the reused id
+        # the other way round: the well-formed one first, then a malformed one elsewhere
+        won = client.send(vault.name, a, "bank.Deposit", {"amount_cents": 5}, command_id="m-2")
+        assert client.wait(won, 60)["status"] == "accepted"
+        record = [(json.dumps({**bad, "command_id": "m-2"}).encode(), [])]
+        produce_raw(config, vault.command_topic, record, key=b.encode())
+        after = client.send(vault.name, b, "bank.Deposit", {"amount_cents": 3})
+        assert client.wait(after, 60)["status"] == "accepted"  # decided after the malformed one
+    finally:
+        for worker in workers:
+            worker.stop()
+    events = read_events(config, vault.events_topic)
+    results = check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert (results["m-1"]["key"], results["m-1"]["status"]) == (a, "rejected")
+    assert (results["m-2"]["key"], results["m-2"]["status"]) == (a, "accepted")
+    assert balances(events) == {a: [0, 5], b: [0, 1, 4]}
+
+
 def test_an_event_whose_key_makes_its_record_too_large_rejects_its_command(
     config: Config, vault: Decider, tmp_path
 ) -> None:
@@ -299,3 +366,105 @@ def test_an_event_whose_key_makes_its_record_too_large_rejects_its_command(
         "bank.AccountOpened",
         "bank.MoneyDeposited",
     ]
+
+
+def hang(client: CommandClient, vault: Decider, key: str) -> str:
+    """A command whose decision does not return (for a day: no test waits that long)."""
+    return client.send(vault.name, key, "bank.Deposit", {"amount_cents": 1, "memo": "sleep:86400"})
+
+
+def test_a_decide_that_never_returns_is_given_up_and_the_partitions_go_on(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """A decide stuck in one command held the processor's only thread: none of its partitions
+    was decided again, and nothing said why. Now the decision is given up after
+    REFOLD_DECIDE_TIMEOUT_S, the command rejected saying so, every other command decided once;
+    /healthz and /metrics show the thread left behind."""
+    a, b = two_keys_in_different_partitions()
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True)
+    worker.env["REFOLD_DECIDE_TIMEOUT_S"] = "3"
+    worker.start()
+    try:
+        worker.wait_http()
+        for key in (a, b):
+            opened = client.send(vault.name, key, "bank.OpenAccount", {"owner": key})
+            assert client.wait(opened, 60)["status"] == "accepted"
+        stuck = hang(client, vault, a)
+        sent = [client.send(vault.name, k, "bank.Deposit", {"amount_cents": c})
+                for k, c in ((a, 10), (b, 30), (a, 20))]  # fmt: skip
+        given_up = client.wait(stuck, 60)
+        assert given_up["status"] == "rejected", given_up
+        assert given_up["reason"].startswith("decide did not return within 3 s"), given_up
+        assert [client.wait(cid, 60)["status"] for cid in sent] == ["accepted"] * 3
+        later = client.wait(client.send(vault.name, a, "bank.Deposit", {"amount_cents": 100}), 60)
+        assert (later["status"], later["version"]) == ("accepted", 4), later
+        status, health = worker.http("GET", "/healthz")
+        assert (status, health["stuck_decisions"]) == (200, {vault.name: 1}), health
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/metrics") as response:
+            metrics = response.read().decode()
+        label = f'{{aggregate="{vault.name}"}}'
+        assert f"refold_command_decide_timeouts_total{label} 1\n" in metrics
+        assert f"refold_command_stuck_decisions{label} 1\n" in metrics
+    finally:
+        worker.stop()
+    assert "did not return within 3 s" in worker.log.read_text()
+    events = read_events(config, vault.events_topic)
+    results = check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert results[stuck]["status"] == "rejected"
+    assert balances(events)[a] == [0, 10, 30, 130]
+    assert balances(events)[b] == [0, 30]
+
+
+def test_a_decide_still_stuck_when_its_worker_is_killed_is_given_up_after_the_restart(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """kill -9 while a decision hangs, before its command's rejection is committed: the
+    restarted worker decides it again, gives it up again after the timeout and rejects it
+    once; the commands queued behind it are decided once."""
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True)
+    worker.env["REFOLD_DECIDE_TIMEOUT_S"] = "6"
+    worker.start()
+    worker.wait_http()
+    opened = client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+    assert client.wait(opened, 60)["status"] == "accepted"
+    stuck = hang(client, vault, "acc-1")
+    behind = client.send(vault.name, "acc-1", "bank.Deposit", {"amount_cents": 10})
+    time.sleep(2)  # the decision is under way, well within its 6 s
+    worker.kill9()
+    assert client.wait(stuck, 0.1)["status"] == "pending"
+    worker.start()
+    try:
+        given_up = client.wait(stuck, 90)
+        assert given_up["status"] == "rejected", given_up
+        assert given_up["reason"].startswith("decide did not return within 6 s"), given_up
+        assert client.wait(behind, 60)["status"] == "accepted"
+    finally:
+        worker.stop()
+    events = read_events(config, vault.events_topic)
+    results = check_log_matches_results(events, read_results(config, vault.results_topic))
+    assert {cid: r["status"] for cid, r in results.items()} == {
+        opened: "accepted",
+        stuck: "rejected",
+        behind: "accepted",
+    }
+    assert balances(events)["acc-1"] == [0, 10]
+
+
+def test_a_poll_interval_below_the_session_timeout_is_the_command_processor_s_alone(
+    config: Config, vault: Decider, client: CommandClient, tmp_path
+) -> None:
+    """REFOLD_KAFKA_MAX_POLL_INTERVAL_MS went to every client: at 7 s, below librdkafka's
+    45 s session timeout that the claims index, the readers and the results index keep, those
+    consumers could not be created ("`max.poll.interval.ms`must be >= `session.timeout.ms`")
+    and the worker did not start. It is the command processor's batch budget only now (its
+    session timeout follows it down); the other clients keep librdkafka's default."""
+    worker = WorkerProcess(config, vault, tmp_path / "w", http=True)
+    worker.env["REFOLD_KAFKA_MAX_POLL_INTERVAL_MS"] = "7000"
+    worker.start()
+    try:
+        worker.wait_http()
+        opened = client.send(vault.name, "acc-1", "bank.OpenAccount", {"owner": "ada"})
+        assert client.wait(opened, 60)["status"] == "accepted"
+    finally:
+        worker.stop()
+    assert "must be >=" not in worker.log.read_text()

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from refold import Event
+from refold.core import envelope
 from refold.core.config import Config
 from refold.engine.repartition import Repartitioner, repartition_topic
 from refold.engine.replay import replay
@@ -279,6 +281,46 @@ def test_an_event_too_large_once_re_keyed_is_dead_lettered_and_the_rest_routed(
     [dead] = dead_letters(config, name)
     assert (dead["key"], dead["offset"]) == ("acc-big", 0), dead
     assert "the re-keyed record is 960" in dead["reason"], dead
+
+
+def test_a_record_whose_headers_make_it_too_large_re_keyed_is_dead_lettered_without_them(
+    config: Config, unique: Any
+) -> None:
+    """The routing counted key, value and the old key, not the source record's headers: a
+    record another client wrote with 1 MB of headers (its value small) passed, the producer
+    refused the routed record and the transaction was aborted and tried again for good; its
+    dead letter, carrying the same headers, would have been refused as well. Now the routing
+    counts headers as Kafka does, and a dead letter no record can carry keeps the reason and
+    the position, not the bytes (they stay at that position)."""
+    topic, name = unique("bank"), unique("owners")
+    Topics(config).ensure([event_topic(topic, partitions=1), *internal_topics(config)])
+    codec = codec_for(config)
+    deposit = {"account_id": "acc-1", "amount_cents": 5, "memo": ""}
+    with Publisher(config, codec) as publisher:
+        opened = {"account_id": "acc-1", "owner": "ada"}
+        publisher.publish_many(topic, [("bank.AccountOpened", "acc-1", opened)])
+        producer = Producer(
+            {"bootstrap.servers": config.bootstrap_servers, "message.max.bytes": 1_040_000}
+        )
+        headers = envelope.headers("bank.AccountOpened", source="elsewhere")
+        headers.append(("x-trace", b"t" * 1_005_000))
+        value = codec.encode("bank.AccountOpened", {"account_id": "acc-big", "owner": "eve"})
+        producer.produce(topic, value, b"acc-big", headers=headers)
+        assert producer.flush(30) == 0
+        publisher.publish_many(topic, [("bank.MoneyDeposited", "acc-1", deposit)])
+    v1, _v2 = _classes(name, topic)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        runner = worker.runners[name]
+        want = {"ada": {"accounts": {"acc-1": 5}, "total_cents": 5}}
+        _until(lambda: _states(runner.store) == want, 60, "the events after it were routed")
+    finally:
+        worker.stop()
+    [dead] = dead_letters(config, name)
+    assert (dead["key"], dead["offset"], dead["value_hex"]) == ("acc-big", 1, ""), dead
+    assert "the re-keyed record is 1005" in dead["reason"], dead
+    assert "bytes (key, value and headers); at most 900000 fit" in dead["reason"], dead
 
 
 def test_a_routing_transaction_the_broker_refuses_backs_off_says_so_once_and_then_goes_on(

@@ -33,6 +33,29 @@ def test_the_broker_timeout_defaults_to_30_s_and_names_the_variable_when_bad() -
             Config.from_env({"REFOLD_BROKER_TIMEOUT": bad})
 
 
+def test_the_decide_timeout_defaults_to_30_s_and_names_the_variable_when_bad() -> None:
+    assert Config.from_env({}).decide_timeout_s == 30.0
+    assert Config.from_env({"REFOLD_DECIDE_TIMEOUT_S": "2"}).decide_timeout_s == 2.0
+    for bad in ("0", "-1", "never"):
+        with pytest.raises(ConfigError, match="REFOLD_DECIDE_TIMEOUT_S"):
+            Config.from_env({"REFOLD_DECIDE_TIMEOUT_S": bad})
+
+
+def test_the_max_poll_interval_goes_only_to_the_clients_that_ask_for_it() -> None:
+    """It is the command processor's batch budget; passed to every client it made consumers
+    with librdkafka's 45 s session timeout refuse to be created, and producers warn."""
+    config = Config.from_env(
+        {
+            "REFOLD_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "REFOLD_KAFKA_MAX_POLL_INTERVAL_MS": "7000",
+            "REFOLD_KAFKA_CLIENT_ID": "shop",
+        }
+    )
+    assert "max.poll.interval.ms" not in config.kafka()
+    assert config.kafka()["client.id"] == "shop"
+    assert config.kafka(scoped=("max.poll.interval.ms",))["max.poll.interval.ms"] == "7000"
+
+
 def test_refold_kafka_variables_pass_through_to_every_client() -> None:
     config = Config.from_env(
         {

@@ -14,6 +14,7 @@ from pathlib import Path
 import fastavro
 import orjson
 import pytest
+from refold.core import envelope
 from refold.core.catalog import Catalog
 from refold.core.fastencode import generate
 from refold.core.inputs import LineEncoder, events_from_lines
@@ -160,19 +161,25 @@ def test_line_encoder_accepts_and_refuses_what_the_reference_does(codec: Codec) 
 
 def test_a_line_too_large_for_a_record_is_a_problem_of_its_line(codec: Codec) -> None:
     """The producer refuses a record over 1,000,000 bytes only once the lines before it are
-    sent: the file was published in part. It is refused with the file's other problems now."""
+    sent: the file was published in part. It is refused with the file's other problems now,
+    counted as the command processor counts an event: key, value and the envelope's headers
+    (key and value alone were counted)."""
 
     def line(key: str, memo_bytes: int) -> bytes:
         data = {"account_id": key, "amount_cents": 1, "memo": "m" * memo_bytes}
         return orjson.dumps({"type": "bank.MoneyDeposited", "key": key, "data": data})
 
+    # "d": key and value fit, the envelope's headers tip it over (as the producer counts it)
     lines = [line("a", 5), line("b", 1_100_000), line("c", 899_000), line("k" * 460_000, 10)]
+    lines.append(line("d", 899_900))
     reference, expected_problems = events_from_lines(lines, codec)
     batch, problems = LineEncoder(codec).encode(b"\n".join(lines) + b"\n")
     assert problems == expected_problems
-    assert [p.line for p in problems] == [2, 4]
-    assert (
-        problems[0].reason == "the event is 1100018 bytes encoded; at most 900000 fit in a record"
+    assert [p.line for p in problems] == [2, 4, 5]
+    headers = envelope.size("bank.MoneyDeposited", source=envelope.default_source())
+    assert problems[0].reason == (
+        f"the event is {1_100_018 + headers} bytes as a record (key, value and headers); "
+        "at most 900000 fit in a record"
     )
     assert batch.keys == [e.key for e in reference] == ["a", "c"]
 
