@@ -198,4 +198,7 @@ def dead_letter(msg: Message) -> dict[str, Any]:
         "key": (msg.key() or b"").decode("utf-8", "replace"),
         "value_hex": (msg.value() or b"").hex(),
         "dlq_offset": msg.offset(),
+        # Set when the record was too large to dead-letter whole: what is left out, and that it
+        # stays at the position above.
+        "dropped": h.get("refold_dlq_dropped"),
     }
