@@ -269,16 +269,7 @@ def test_an_event_too_large_once_re_keyed_is_dead_lettered_and_the_rest_routed(
     codec = codec_for(config)
     with Publisher(config, codec) as publisher:
         publisher.publish_many(topic, events)
-    v1, _v2 = _classes(name, topic)
-    worker = Worker(config, [v1()], codec=codec)
-    worker.start()
-    try:
-        runner = worker.runners[name]
-        want = {"ada": {"accounts": {"acc-1": 5}, "total_cents": 5}}
-        _until(lambda: _states(runner.store) == want, 60, "the events after it were routed")
-    finally:
-        worker.stop()
-    [dead] = dead_letters(config, name)
+    dead = _routed_past_the_big_one(config, codec, name, topic)
     assert (dead["key"], dead["offset"]) == ("acc-big", 0), dead
     assert "the re-keyed record is 960" in dead["reason"], dead
 
@@ -308,16 +299,7 @@ def test_a_record_whose_headers_make_it_too_large_re_keyed_is_dead_lettered_with
         producer.produce(topic, value, b"acc-big", headers=headers)
         assert producer.flush(30) == 0
         publisher.publish_many(topic, [("bank.MoneyDeposited", "acc-1", deposit)])
-    v1, _v2 = _classes(name, topic)
-    worker = Worker(config, [v1()], codec=codec)
-    worker.start()
-    try:
-        runner = worker.runners[name]
-        want = {"ada": {"accounts": {"acc-1": 5}, "total_cents": 5}}
-        _until(lambda: _states(runner.store) == want, 60, "the events after it were routed")
-    finally:
-        worker.stop()
-    [dead] = dead_letters(config, name)
+    dead = _routed_past_the_big_one(config, codec, name, topic)
     assert (dead["key"], dead["offset"], dead["value_hex"]) == ("acc-big", 1, ""), dead
     assert "the re-keyed record is 1005" in dead["reason"], dead
     assert "bytes (key, value and headers); at most 900000 fit" in dead["reason"], dead
@@ -380,3 +362,19 @@ def test_a_routing_transaction_the_broker_refuses_backs_off_says_so_once_and_the
     aborts = router.stats.aborts
     said = [r.getMessage() for r in caplog.records if "committed after" in r.getMessage()]
     assert said == [f"{router.name}: a transaction committed after {aborts} aborted"], said
+
+
+def _routed_past_the_big_one(config: Config, codec: Any, name: str, topic: str) -> dict[str, Any]:
+    """Run v1 of `name` over `topic` until ada's account (the events after the too-large
+    record) is folded; the one dead letter of `name`."""
+    v1, _v2 = _classes(name, topic)
+    worker = Worker(config, [v1()], codec=codec)
+    worker.start()
+    try:
+        runner = worker.runners[name]
+        want = {"ada": {"accounts": {"acc-1": 5}, "total_cents": 5}}
+        _until(lambda: _states(runner.store) == want, 60, "the events after it were routed")
+    finally:
+        worker.stop()
+    [dead] = dead_letters(config, name)
+    return dead

@@ -62,6 +62,26 @@ def slow_replay(env: Env, versions: str, *args: str, fold_s: float) -> subproces
     )
 
 
+def interrupt_after_a_write(
+    env: Env, replay: subprocess.Popen, version: int, then_s: float = 0.0
+) -> str:
+    """Ctrl-C to `replay` once it has stored a first write of `version` (and `then_s` more);
+    asserts it exited 130 and returns what it said on stderr."""
+    try:
+        deadline = time.monotonic() + 60
+        while not stored_offsets(env.config, env.name, version):  # a first write stored
+            assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
+            time.sleep(0.05)
+        time.sleep(then_s)
+        os.killpg(replay.pid, signal.SIGINT)
+        _out, err = replay.communicate(timeout=60)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+    assert replay.returncode == 130, err
+    return err
+
+
 def test_ctrl_c_in_the_middle_of_a_fold_loses_no_event(config, ledger_topic, unique, tmp_path):
     """Ctrl-C lands while the replay folds a batch (most of its time). What the interrupted
     replay stored must be whole batches: the rerun resumes from it and equals the oracle."""
@@ -72,18 +92,7 @@ def test_ctrl_c_in_the_middle_of_a_fold_loses_no_event(config, ledger_topic, uni
     assert done.returncode == 0, done.stderr
 
     replay = slow_replay(env, "1,2", "--procs", "1", "--quiet", fold_s=0.0005)
-    try:
-        deadline = time.monotonic() + 60
-        while not stored_offsets(env.config, env.name, 2):  # a first write stored
-            assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the next batches
-        os.killpg(replay.pid, signal.SIGINT)
-        _out, err = replay.communicate(timeout=60)
-    finally:
-        if replay.poll() is None:
-            replay.kill()
-    assert replay.returncode == 130, err
+    err = interrupt_after_a_write(env, replay, 2, then_s=0.3)  # into the next batches
     assert f"interrupted: {env.name} v2 is not live (v1 is); what this replay folded is kept" in err
     assert 0 < sum(stored_offsets(env.config, env.name, 2).values()) < len(events)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,11 @@ from refold.store.versions import live_version, pin_live, set_live, store_path
 
 from tests.integration.test_projections import end_offsets
 from tests.integration.test_replay import Env, fold, publish, story
-from tests.integration.test_replay_races import served_version, slow_replay
+from tests.integration.test_replay_races import (
+    interrupt_after_a_write,
+    served_version,
+    slow_replay,
+)
 
 
 class SwitchEnv(Env):
@@ -257,17 +260,7 @@ def test_an_interrupted_first_replay_leaves_no_version_live(config, ledger_topic
     events = story(20_000, seed=107)
     publish(config, ledger_topic, events)
     replay = slow_replay(env, "1", "--procs", "1", "--quiet", fold_s=0.0005)
-    try:
-        deadline = time.monotonic() + 60
-        while not stored_offsets(env.config, env.name, 1):  # a first write stored
-            assert time.monotonic() < deadline and replay.poll() is None, replay.communicate()
-            time.sleep(0.05)
-        os.killpg(replay.pid, signal.SIGINT)
-        _out, err = replay.communicate(timeout=60)
-    finally:
-        if replay.poll() is None:
-            replay.kill()
-    assert replay.returncode == 130, err
+    err = interrupt_after_a_write(env, replay, 1)
     assert f"interrupted: {env.name} v1 is not live;" in err
     assert 0 < sum(stored_offsets(env.config, env.name, 1).values()) < len(events)
     assert live_version(env.config, env.name) is None
