@@ -109,6 +109,7 @@ class RunnerConsumer(RunnerWrites):
         self._next.clear()
         self._uncommitted.clear()  # the new owner commits the stored offsets on assignment
         self._set_owned(())
+        self.stats.joined = False
         closing = threading.Thread(
             target=self._close_replaced, args=(old,), name=f"close-{self.name}", daemon=True
         )
@@ -134,6 +135,7 @@ class RunnerConsumer(RunnerWrites):
                 self._uncommitted[key] = stored[key]
         consumer.incremental_assign(partitions)
         self._publish_assignment(consumer)
+        self.stats.joined = True  # (called with no partitions too: a member given none)
         log.info("%s v%d assigned %s", self.name, self.version, [str(p) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -24,6 +24,7 @@ class RunnerStats:
     rejoins: int = 0  # consumers replaced (`ProjectionRunner.rejoin`)
     positions: dict[TP, int] = field(default_factory=dict)  # next offset per owned partition
     assigned: tuple[TP, ...] = ()
+    joined: bool = False  # the group has assigned this consumer its share (none, maybe)
     high_watermarks: dict[TP, int] = field(default_factory=dict)
     last_commit_ms: float = 0.0
     # Refreshed about once a second by the fold thread (`_refresh_watermarks`), each a new object:

@@ -642,9 +642,10 @@ def _behind(new: Serving, old: Serving) -> int | None:
 
 def _reached_here(new: Serving, folded: dict[TP, int]) -> bool:
     """Whether `new` has folded `folded` in the partitions it folds here (other workers fold
-    the others); not before it has been given any."""
+    the others); not before its group has given it its share, which may be none (more workers
+    than partitions): then it has nothing to catch up on here."""
     owned = set(new.stats.assigned)
-    return bool(owned) and new.reached({tp: o for tp, o in folded.items() if tp in owned})
+    return new.stats.joined and new.reached({tp: o for tp, o in folded.items() if tp in owned})
 
 
 def _folded(runner: Serving) -> dict[TP, int]:
