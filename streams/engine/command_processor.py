@@ -65,14 +65,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 from refold.core.commands import (
-    Command,
     CommandResult,
     Decider,
-    malformed_fingerprint,
-    readable_id,
 )
 from refold.core.config import Config
-from refold.core.errors import CommandError, InputError
+from refold.core.errors import CommandError
 from refold.core.serde import Codec, Event
 from refold.engine.claims import ClaimRequest, ClaimsIndex
 from refold.engine.command_catchup import AGG as _AGG
@@ -88,6 +85,7 @@ from refold.engine.decisions import (
     CommandRecord,
     decide_batch,
     fold,
+    record_of,
 )
 from refold.engine.transactions import BoundedTransactions, Stuck, stable_instance_id
 from refold.kafka import clients
@@ -418,7 +416,7 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
             kind, stamp = msg.timestamp()
             if kind:  # the command's produce time (CreateTime) -> its consume
                 timing.add("queued", started * 1000 - stamp)
-        records = [_record(msg) for msg in msgs]
+        records = [record_of(msg) for msg in msgs]
         decided_at = self._decided_at({r.command_id for r in records})
         new: dict[str, CommandRecord] = {}  # the first record of each new id, malformed or not
         for r in records:
@@ -582,20 +580,6 @@ class CommandProcessor(CatchUp, Output, BoundedTransactions):
         self.stats.transactions += 1
         if self._on_decided is not None:
             self._on_decided([r for r, _where in results])
-
-
-def _record(msg: Message) -> CommandRecord:
-    """A consumed command record, parsed; a malformed one is kept, to be rejected under its
-    command id where one can be read (its sender asks for that id), else its position."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    try:
-        command = Command.decode(msg.value(), msg.headers())
-    except InputError as exc:
-        cid = readable_id(msg.value(), msg.headers()) or f"{topic}-{partition}-{offset}"
-        problem = f"malformed command: {exc}"
-        malformed = malformed_fingerprint(msg.value())
-        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset, malformed)
-    return CommandRecord(command.command_id, command, "", msg.key(), topic, partition, offset)
 
 
 def _close_quietly(consumer: Consumer) -> None:

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from refold.core.commands import Command, Decider, EventSpec, Rejected
+from confluent_kafka import Message
+from refold.core.commands import (
+    Command,
+    Decider,
+    EventSpec,
+    Rejected,
+    malformed_fingerprint,
+    readable_id,
+)
 from refold.core.errors import CommandError, EncodeError, InputError
 from refold.core.serde import Event
 
@@ -292,3 +300,17 @@ def copy_state(value: Any) -> Any:
 
 
 _copy = copy_state
+
+
+def record_of(msg: Message) -> CommandRecord:
+    """A consumed command record, parsed; a malformed one is kept, to be rejected under its
+    command id where one can be read (its sender asks for that id), else its position."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    try:
+        command = Command.decode(msg.value(), msg.headers())
+    except InputError as exc:
+        cid = readable_id(msg.value(), msg.headers()) or f"{topic}-{partition}-{offset}"
+        problem = f"malformed command: {exc}"
+        malformed = malformed_fingerprint(msg.value())
+        return CommandRecord(cid, None, problem, msg.key(), topic, partition, offset, malformed)
+    return CommandRecord(command.command_id, command, "", msg.key(), topic, partition, offset)

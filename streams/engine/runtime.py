@@ -51,6 +51,7 @@ from refold.engine.runner_consumer import RunnerConsumer
 from refold.engine.runner_poison import Poison, RunnerPoison
 from refold.engine.runner_rekeyed import RunnerRekeyed
 from refold.engine.runner_stats import TP, Behind, RunnerStats
+from refold.engine.runner_trail import RunnerTrail
 from refold.engine.runner_writes import COMMIT_EVERY, COMMIT_INTERVAL_S, PendingWrite, Where
 from refold.kafka.log import end_offsets, topic_partitions
 from refold.store.rocksdb import RocksStore, Store
@@ -73,7 +74,7 @@ def dead_letter_topic_name(config: Config, name: str) -> str:
     return config.dead_letter_topic(name)
 
 
-class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
+class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed, RunnerTrail):
     """Runs one projection version: a consumer in group `refold.<name>.v<version>` and a store."""
 
     def __init__(
@@ -256,68 +257,6 @@ class ProjectionRunner(RunnerConsumer, RunnerPoison, RunnerRekeyed):
             finally:
                 with self._changed:
                     self._changed.notify_all()
-
-    def _close_store(self) -> None:
-        if self.routed is not None:
-            self.routed.close()
-        self.store.close()
-
-    def stop(self) -> None:
-        """Stop folding and close the store (at once if the runner has retired)."""
-        self._stop.set()
-        if self.feeder is not None:
-            self.feeder.stop()
-        with self._store_lock:
-            self._retiring = False
-            ended = self._ended.is_set()
-        if ended:
-            self._close_store()
-
-    def retire(self) -> None:
-        """Stop folding (and acting on events), keep answering: the fold thread stores what it
-        folded, closes its consumer and ends in state `retired` with its final positions; the
-        store stays open for the queries still reading it until `stop()`. For a version
-        queries left: the version they read now folds on from there, alone."""
-        with self._store_lock:
-            if self._ended.is_set():
-                return
-            self._retiring = True
-        self._stop.set()
-        if self.feeder is not None:
-            self.feeder.stop()
-
-    def ended(self, timeout: float) -> bool:
-        """Whether the fold thread has ended (waiting up to `timeout` seconds)."""
-        return self._ended.wait(timeout)
-
-    def _trail(self, msgs: list[Message]) -> None:
-        """Wait until `trailing` (the version queries read) has folded `msgs`, in the
-        partitions it folds, then take its positions as this runner's replay floor: it acted
-        on those events, so here they are `replay`. Once it no longer folds (retired at a
-        switch, failed, stopped), its final positions are the floor and this runner, acting
-        on what follows, stops trailing. A version being built or caught up thus never acts
-        on an event the serving one acts on, and never gets ahead of it to skip one."""
-        live = self.trailing
-        if live is None:
-            return
-        last: dict[TP, int] = {}
-        for msg in msgs:
-            if msg.error() is None:
-                last[(msg.topic(), msg.partition())] = msg.offset()
-        while True:
-            done = live.stats.state in ("retired", "stopped", "failed")
-            positions = live.stats.positions
-            if done or self._stop.is_set():
-                break
-            if all(positions.get(tp, offset + 1) > offset for tp, offset in last.items()):
-                break
-            self._stop.wait(0.005)
-        floor = self._replay_below
-        for tp, nxt in positions.items():
-            if nxt > floor.get(tp, 0):
-                floor[tp] = nxt
-        if done:
-            self.trailing = None
 
     # -- bounded folding (rebuilds) ---------------------------------------------------------
 

@@ -16,7 +16,7 @@ import urllib.request
 
 from refold.engine.rebuild import stored_offsets
 from refold.engine.timetravel import murmur2_partition
-from refold.engine.worker import SWITCH_GRACE_S
+from refold.engine.version_switch import SWITCH_GRACE_S
 from refold.store.rocks_open import lock_holder
 from refold.store.versions import live_version, rollback, store_path
 
