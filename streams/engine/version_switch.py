@@ -3,7 +3,7 @@
 The LIVE pointer names a version queries do not read yet (a swap, a rollback, a build that
 caught up): the worker's watcher (refold.engine.worker) calls `_switch` once per tick. The target
 is started (or taken from the builds, or revived within its grace) and trails the serving
-version (refold.engine.runtime, `trailing`); once it keeps pace, the serving version retires
+version (refold.engine.runner_trail, `trailing`); once it keeps pace, the serving version retires
 (stops folding and acting, its store still answering); once the target has folded all it did,
 queries read the target and the old version answers SWITCH_GRACE_S more. Until then queries read
 the serving version, however long that takes (`switch_status` says why); a failed target leaves

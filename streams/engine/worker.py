@@ -11,7 +11,7 @@ each watcher tick takes one step of each projection's switch and never waits for
 A version queries do not read (a build, a switch's target) trails the one they read: it folds
 nothing that one has not folded, so every event it folds then reaches it as `replay`; at the
 switch the old version retires (stops folding, its store answering a while longer) and the new
-one folds on from there, acting alone (refold.engine.runtime, `trailing`).
+one folds on from there, acting alone (refold.engine.runner_trail, `trailing`).
 
 A store is folded only by its own version's code: a version to serve whose class the code lacks
 is frozen (refold.engine.frozen), answering at its last offsets while nothing folds into it.

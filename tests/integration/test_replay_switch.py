@@ -15,7 +15,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 from refold.core.config import Config
 from refold.engine.rebuild import stored_offsets
 from refold.kafka.topics import Topics, event_topic
@@ -106,17 +106,17 @@ def test_queries_stay_on_the_old_version_until_the_new_one_caught_up_and_others_
         env.stop_worker()
 
 
-def notifications(config: Config, topic: str) -> Counter[str]:
-    """How many times each event position was acted on (see apps/repair.py, REPAIR_FX_TOPIC)."""
+def notifications(config: Config, topic: str, start: int = 0) -> Counter[str]:
+    """How many times each event position was acted on, from offset `start` of the (one-
+    partition) notifications topic on (see apps/repair.py, REPAIR_FX_TOPIC)."""
     consumer = Consumer(
         {
             "bootstrap.servers": config.bootstrap_servers,
-            "group.id": f"count-{topic}",
-            "auto.offset.reset": "earliest",
+            "group.id": "unused",
             "enable.partition.eof": True,
         }
     )
-    consumer.subscribe([topic])
+    consumer.assign([TopicPartition(topic, 0, start)])
     seen: Counter[str] = Counter()
     try:
         deadline = time.monotonic() + 30

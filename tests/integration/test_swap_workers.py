@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from refold.store.versions import set_live
 
 from tests.integration.test_projections import end_offsets
 from tests.integration.test_replay import fold, publish, story
-from tests.integration.test_replay_switch import SwitchEnv
+from tests.integration.test_replay_switch import SwitchEnv, notifications
 
 WORKERS = 3
 PARTITIONS = 2
@@ -80,26 +79,6 @@ def _sent_from(config: Config, topic: str) -> int:
         return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
     finally:
         consumer.close()
-
-
-def _notifications(config: Config, topic: str, start: int) -> Counter[str]:
-    """How many times each event position was acted on from `start` of the notifications
-    topic on (see apps/repair.py, REPAIR_FX_TOPIC)."""
-    consumer = _consumer(config)
-    consumer.assign([TopicPartition(topic, 0, start)])
-    seen: Counter[str] = Counter()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            msg = consumer.poll(1.0)
-            if msg is None:
-                continue
-            if msg.error() is not None:
-                break  # the end of the only partition
-            seen[msg.key().decode()] += 1
-    finally:
-        consumer.close()
-    return seen
 
 
 class Publishing:
@@ -213,7 +192,7 @@ def test_every_worker_follows_a_swap_even_one_given_no_partition(
     strict=True,
     reason="a version being built trails the live one only in the partitions both fold in "
     "the same worker: where the groups of v1 and v2 split the partitions differently, v2 "
-    "acts on events v1 acts on in another worker (refold.engine.runtime `_trail`)",
+    "acts on events v1 acts on in another worker (refold.engine.runner_trail `_trail`)",
 )
 @pytest.mark.timeout(300)
 def test_each_event_is_acted_on_once_when_the_versions_groups_split_partitions_differently(
@@ -247,7 +226,7 @@ def test_each_event_is_acted_on_once_when_the_versions_groups_split_partitions_d
     finally:
         for w in workers:
             w.stop_worker()
-    sent = _notifications(config, notify, counted_from)
+    sent = notifications(config, notify, counted_from)
     after = {f"{t}:{p}:{o}" for (t, p), end in ends.items() for o in range(marked[t, p], end)}
     twice = {where: n for where, n in sent.items() if n > 1}
     assert not twice, f"{len(twice)} events acted on more than once, e.g. {sorted(twice)[:5]}"
