@@ -62,6 +62,16 @@ def slow_replay(env: Env, versions: str, *args: str, fold_s: float) -> subproces
     )
 
 
+def until_every_key_reads(env: Env, expected: dict, timeout_s: float = 30.0) -> None:
+    """Wait until every key of `expected` is answered with its state: after a switch every
+    reader process moves to the new version, each when it has opened it (for that moment,
+    reads over different connections may answer from either version)."""
+    deadline = time.monotonic() + timeout_s
+    while (served := {k: env.get(k)[1]["state"] for k in expected}) != expected:
+        assert time.monotonic() < deadline, f"not every key reads the new version: {served}"
+        time.sleep(0.2)
+
+
 def interrupt_after_a_write(
     env: Env, replay: subprocess.Popen, version: int, then_s: float = 0.0
 ) -> str:
@@ -141,12 +151,7 @@ def test_a_worker_deployed_while_a_replay_builds_serves_and_takes_the_build_over
         changed = sum(1 for k in fixed if fixed[k] != buggy[k])
         assert f"{changed} changed, 0 added, 0 removed" in done.stdout
         assert live_version(env.config, env.name) == 2
-        # Every reader process moves to v2 (each opens it when the worker says so: for that
-        # moment, reads over different connections may answer from either version).
-        deadline = time.monotonic() + 30
-        while (served := {k: env.get(k)[1]["state"] for k in fixed}) != fixed:
-            assert time.monotonic() < deadline, f"HTTP did not switch to v2: {served}"
-            time.sleep(0.2)
+        until_every_key_reads(env, fixed)
     finally:
         if replay.poll() is None:
             replay.kill()

@@ -28,6 +28,7 @@ from tests.integration.test_replay_races import (
     interrupt_after_a_write,
     served_version,
     slow_replay,
+    until_every_key_reads,
 )
 
 
@@ -99,7 +100,7 @@ def test_queries_stay_on_the_old_version_until_the_new_one_caught_up_and_others_
         while served_version(env) != 2:
             assert time.monotonic() < deadline, "queries did not move to v2 once it caught up"
             time.sleep(0.2)
-        assert {k: env.get(k)[1]["state"] for k in fixed} == fixed
+        until_every_key_reads(env, fixed)
         assert env.listed()[env.name]["switch"] is None
     finally:
         hold.unlink(missing_ok=True)  # (a fold held in it would hold the worker's exit)
